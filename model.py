@@ -1,0 +1,322 @@
+"""The Llama 3 / 3.1 / 3.2 architecture, read top to bottom as a spec.
+
+Parameter names follow Meta's reference implementation so that a Meta checkpoint loads by name:
+tok_embeddings, layers.N.attention.{wq,wk,wv,wo}, layers.N.feed_forward.{w1,w2,w3},
+layers.N.attention_norm, layers.N.ffn_norm, norm, output.
+
+RoPE uses Meta's layout: each head's dimensions are rotated in interleaved pairs (0,1), (2,3), ...
+HF checkpoints store q/k permuted for the "rotate half" layout; model_utils undoes that on import.
+
+Architecture only: no process groups, no devices, no logging, no checkpoint policy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None = n_heads (multi-head attention)
+    vocab_size: int = 128256
+    multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: float | None = None
+    ffn_hidden_dim: int | None = None  # explicit SwiGLU hidden size (HF configs give it); overrides the rule
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    # Llama 3.1 scaling: {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    rope_scaling: dict | None = None
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    attn_impl: str = "auto"  # "sdpa" | "math" | "auto" (sdpa on CUDA, explicit matmul+softmax on CPU)
+    extra: dict = field(default_factory=dict)  # free-form provenance, never read by the model
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(f"head_dim={self.dim // self.n_heads} must be even for RoPE")
+        if self.attn_impl not in ("auto", "sdpa", "math"):
+            raise ValueError(f"attn_impl={self.attn_impl!r}; expected auto, sdpa or math")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """SwiGLU hidden size: Meta's rule (2/3 * 4d, times the multiplier, rounded up) unless given."""
+        if self.ffn_hidden_dim is not None:
+            return self.ffn_hidden_dim
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelArgs:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32 (as Meta and HF do), then cast back before the gain.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,), with Llama 3.1 scaling when configured.
+
+    Llama 3.1 scaling (Meta's apply_scaling): wavelengths longer than original_ctx/low_freq_factor are
+    divided by `factor`, shorter than original_ctx/high_freq_factor are kept, and the band between is
+    interpolated linearly in 1/wavelength.
+    """
+    hd = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    sc = args.rope_scaling
+    if sc:
+        factor = float(sc["factor"])
+        low, high = float(sc.get("low_freq_factor", 1.0)), float(sc.get("high_freq_factor", 4.0))
+        old_ctx = float(sc.get("original_max_position_embeddings", 8192))
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        interpolated = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(
+            wavelen > low_wavelen,
+            inv_freq / factor,
+            torch.where(wavelen < high_wavelen, inv_freq, interpolated),
+        )
+    return inv_freq.float()
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions (B, T) long -> cos, sin (B, T, 1, head_dim/2) in fp32."""
+    angles = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
+    return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x (B, T, H, hd) by the angles in cos/sin (B, T, 1, hd/2)."""
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Static per-layer key/value cache, allocated on demand by Transformer.setup_caches."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, Hkv, T, hd) at [start, start+T) and return the filled prefix [0, start+T)."""
+        end = start + k.shape[2]
+        self.k[: k.shape[0], :, start:end] = k
+        self.v[: v.shape[0], :, start:end] = v
+        return self.k[: k.shape[0], :, :end], self.v[: v.shape[0], :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.attn_impl = args.attn_impl
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask: torch.Tensor | None, start_pos: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
+        if self.cache is not None:
+            k, v = self.cache.update(start_pos, k, v)  # (B, Hkv, S, hd)
+        y = attention(q, k, v, mask, self._impl(x))  # (B, H, T, hd)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _impl(self, x: torch.Tensor) -> str:
+        if self.attn_impl != "auto":
+            return self.attn_impl
+        # On CPU, explicit matmul + softmax beats SDPA's math kernel in bf16 (see bench/); SDPA elsewhere.
+        return "sdpa" if x.device.type != "cpu" else "math"
+
+
+def attention(q, k, v, mask: torch.Tensor | None, impl: str) -> torch.Tensor:
+    """q (B, H, T, hd); k, v (B, Hkv, S, hd); mask None (= causal, T == S) or bool (B|1, 1, T, S)."""
+    n_rep = q.shape[1] // k.shape[1]
+    if impl == "sdpa":
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_rep > 1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=n_rep > 1)
+    if n_rep > 1:
+        k = k.repeat_interleave(n_rep, dim=1)
+        v = v.repeat_interleave(n_rep, dim=1)
+    T, S = q.shape[2], k.shape[2]
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, T, S)
+    if mask is None:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).type_as(q) @ v
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, mask, start_pos: int = 0) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
+        self.cache_len = 0
+
+    # ---- initialization -------------------------------------------------------------------------
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """N(0, std) for embeddings and projections; the two residual-stream writers of each block
+        (wo, w2) get std / sqrt(2 * n_layers) so the residual variance stays O(1) with depth
+        (GPT-2 / nanoGPT); norms start at 1. Tied output shares the embedding init."""
+        resid_std = std / math.sqrt(2 * self.args.n_layers)
+        for name, p in self.named_parameters():
+            if p.ndim == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                nn.init.normal_(p, 0.0, resid_std, generator=generator)
+            else:
+                nn.init.normal_(p, 0.0, std, generator=generator)
+        self.inv_freq = rope_frequencies(self.args).to(self.inv_freq.device)
+
+    # ---- KV cache ---------------------------------------------------------------------------------
+    def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype=None, device=None) -> None:
+        """Allocate a static KV cache; forward() then appends at start_pos."""
+        w = self.tok_embeddings.weight
+        dtype = dtype or w.dtype
+        device = device or w.device
+        for layer in self.layers:
+            attn = layer.attention
+            attn.cache = KVCache(max_batch_size, attn.n_kv_heads, max_seq_len, attn.head_dim, dtype, device)
+        self.cache_len = max_seq_len
+
+    def clear_caches(self) -> None:
+        for layer in self.layers:
+            layer.attention.cache = None
+        self.cache_len = 0
+
+    # ---- forward ------------------------------------------------------------------------------------
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        start_pos: int = 0,
+        *,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, V) in the compute dtype.
+
+        start_pos: index of tokens[:, 0] in the KV cache (decoding); 0 for training.
+        positions: (B, T) RoPE positions; default start_pos + arange(T).
+        doc_ids:   (B, T) document index of each token for packed sequences: attention stays inside a
+                   document and positions restart at 0 for each one (training only).
+        key_mask:  (B, S) bool, False for padding keys (left-padded generation); S = start_pos + T.
+        return_hidden: return the final normed hidden states (B, T, dim) instead of logits.
+        """
+        B, T = tokens.shape
+        device = tokens.device
+        mask = None
+        if doc_ids is not None:
+            same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+            mask = (same_doc & causal)[:, None]  # (B, 1, T, T)
+            if positions is None:
+                positions = _positions_within_documents(doc_ids)
+        if positions is None:
+            positions = torch.arange(start_pos, start_pos + T, device=device).expand(B, T)
+        if key_mask is not None or (self.cache_len and mask is None and (start_pos > 0 or T > 1)):
+            S = start_pos + T
+            causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(start_pos)  # (T, S)
+            mask = causal[None, None].expand(B, 1, T, S)
+            if key_mask is not None:
+                mask = mask & key_mask[:, None, None, :S]
+                # a query that is itself padding would see no key at all: let it see itself
+                own = torch.zeros(T, S, dtype=torch.bool, device=device)
+                own[torch.arange(T), start_pos + torch.arange(T)] = True
+                mask = mask | own[None, None]
+        cos, sin = rope_cos_sin(self.inv_freq, positions)
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, start_pos)
+        h = self.norm(h)
+        if return_hidden:
+            return h
+        return self.output(h)  # (B, T, V)
+
+
+def _positions_within_documents(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids (non-decreasing along T) -> position of each token inside its document."""
+    B, T = doc_ids.shape
+    idx = torch.arange(T, device=doc_ids.device).expand(B, T)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    start_idx = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - start_idx
