@@ -1,0 +1,380 @@
+"""HellaSwag: rendering and scoring the way lm-evaluation-harness does it, batched and rank-aware.
+
+Rendering (lm-eval `tasks/hellaswag/utils.py`, `process_docs` + `preprocess`):
+    context  = preprocess(activity_label + ": " + ctx_a + " " + ctx_b.capitalize())
+    endings  = [preprocess(e) for e in endings]
+    each ending is scored as the continuation " " + ending (lm-eval's target_delimiter " ").
+
+Tokenization (lm-eval HFLM `_encode_pair`, causal backend): trailing spaces of the context move to
+the continuation; then whole = encode(context + continuation), ctx = encode(context) and the
+continuation tokens are whole[len(ctx):]. A BOS token is prepended to the context when `add_bos`
+(see `resolve_add_bos`); lm-eval's HF backend adds it only with `add_bos_token=True`.
+
+Scores per example (ll_i = summed log-likelihood of ending i's tokens given the context):
+    acc            argmax ll_i
+    acc_norm       argmax ll_i / len(ending_i)       characters of the preprocessed ending, without
+                                                    the leading space (lm-eval `process_results`)
+    acc_token_norm argmax ll_i / n_tokens(ending_i)  nanoGPT / llm.c's per-token mean, reported apart
+Ties go to the first ending, as numpy's argmax does.
+
+Batching: `batch_size` examples -> 4 * batch_size sequences packed into ONE right-padded forward.
+Padding sits after every real token, so causal attention keeps it out of the positions that count.
+
+Distributed: example i goes to rank i % world_size; every rank runs the same number of batches
+(short ranks pad with weight-0 copies, which FSDP needs and which are never counted); the counts are
+summed with all_reduce when torch.distributed is initialized.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from errors import UserError, run_cli
+
+DEFAULT_DATA = "data/hellaswag/hellaswag_val.jsonl"
+REQUIRED_FIELDS = ("activity_label", "ctx_a", "ctx_b", "endings", "label")
+
+
+# ---- rendering ---------------------------------------------------------------------------------------
+def preprocess(text: str) -> str:
+    """lm-eval's HellaSwag cleanup: the brackets are WikiHow artifacts ("[title]", "[step]", ...)."""
+    text = text.strip()
+    text = text.replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+@dataclass
+class Example:
+    context: str  # rendered query, e.g. "Roof shingle removal: A man is sitting on a roof. He"
+    endings: list[str]  # 4 preprocessed endings, no leading space
+    label: int
+
+
+def render(doc: dict[str, Any]) -> Example:
+    """One HellaSwag record (official jsonl or HF `Rowan/hellaswag`, label int or str) -> Example."""
+    ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
+    return Example(
+        context=preprocess(doc["activity_label"] + ": " + ctx),
+        endings=[preprocess(e) for e in doc["endings"]],
+        label=int(doc["label"]),
+    )
+
+
+def validate_record(doc: Any, where: str) -> dict[str, Any]:
+    """Check one decoded record; raise UserError naming `where` (file:line) and the problem."""
+    if not isinstance(doc, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(doc).__name__}")
+    missing = [k for k in REQUIRED_FIELDS if k not in doc]
+    if missing:
+        raise UserError(f"{where}: missing field(s) {', '.join(missing)}; a HellaSwag record needs "
+                        f"{', '.join(REQUIRED_FIELDS)}")
+    for k in ("activity_label", "ctx_a", "ctx_b"):
+        if not isinstance(doc[k], str):
+            raise UserError(f"{where}: field {k!r} must be a string, got {type(doc[k]).__name__}")
+    endings = doc["endings"]
+    if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
+        raise UserError(f"{where}: 'endings' must be a list of 4 strings")
+    try:
+        label = int(doc["label"])
+    except (TypeError, ValueError):
+        label = -1
+    if isinstance(doc["label"], bool) or not 0 <= label < 4:
+        raise UserError(f"{where}: 'label' must be 0..3 (int or numeric string), got {doc['label']!r}")
+    return doc
+
+
+def read_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[dict[str, Any]]:
+    """Read and validate a HellaSwag jsonl (blank lines skipped); the first `limit` records."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"HellaSwag file {p} does not exist; create it with `python load_hellaswag_dataset.py "
+                        f"--source FILE` (or --demo) or pass --data FILE")
+    docs: list[dict[str, Any]] = []
+    with p.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if limit is not None and len(docs) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{p}:{lineno}: not valid JSON ({e.msg}); fix or remove that line") from None
+            docs.append(validate_record(doc, f"{p}:{lineno}"))
+    return docs
+
+
+def load_examples(path: str | os.PathLike, limit: int | None = None) -> list[Example]:
+    return [render(d) for d in read_jsonl(path, limit)]
+
+
+# ---- tokenization ----------------------------------------------------------------------------------------
+def resolve_add_bos(tokenizer: Any, add_bos: bool | None) -> bool:
+    """add_bos=None means the tokenizer's convention: its own `add_bos` flag when it states one (HF
+    `add_bos_token`, GGUF `tokenizer.ggml.add_bos_token`), else True when it has a BOS token (Llama 3
+    prepends <|begin_of_text|>; our pretraining starts every document with BOS)."""
+    if add_bos is not None:
+        return add_bos
+    flag = getattr(tokenizer, "add_bos", None)
+    if isinstance(flag, bool):
+        return flag
+    return getattr(tokenizer, "bos_id", None) is not None
+
+
+def encode_pair(tokenizer: Any, context: str, continuation: str, add_bos: bool) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) split exactly like lm-eval's HFLM._encode_pair."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = tokenizer.encode(context + continuation, bos=False, eos=False)
+    ctx = tokenizer.encode(context, bos=False, eos=False)
+    cont = whole[len(ctx):]
+    if add_bos:
+        ctx = [tokenizer.bos_id] + ctx
+    return ctx, cont
+
+
+@dataclass
+class _Encoded:
+    ctx: list[int]
+    conts: list[list[int]]  # 4 continuations
+    char_lens: list[int]  # len(ending), lm-eval's acc_norm divisor
+    label: int
+    weight: int  # 1 = counted, 0 = padding example of a short rank
+
+
+def _encode(tokenizer: Any, ex: Example, add_bos: bool, weight: int) -> _Encoded:
+    pairs = [encode_pair(tokenizer, ex.context, " " + e, add_bos) for e in ex.endings]
+    for e, (_, cont) in zip(ex.endings, pairs):
+        if not cont:
+            raise UserError(f"ending {e!r} of context {ex.context[:60]!r} encodes to no tokens")
+    return _Encoded(pairs[0][0], [c for _, c in pairs], [len(e) for e in ex.endings], ex.label, weight)
+
+
+# ---- scoring -------------------------------------------------------------------------------------------
+def _first_argmax(values: list[float]) -> int:
+    best = 0
+    for i, v in enumerate(values):
+        if v > values[best]:
+            best = i
+    return best
+
+
+def _output_head(model: torch.nn.Module) -> torch.nn.Module | None:
+    """Our plain Transformer can return hidden states: project only the ending positions (the LM head
+    over all positions is most of the memory at vocab 128k). Wrapped models take the generic path."""
+    from model import Transformer
+
+    return model.output if type(model) is Transformer else None
+
+
+@torch.no_grad()
+def score_batch(model: torch.nn.Module, batch: list[_Encoded], device: torch.device, dtype: torch.dtype | None,
+                max_len: int | None, pad_id: int) -> list[tuple[list[float], list[int]]]:
+    """One right-padded forward over 4*len(batch) sequences -> per example (summed ll, n tokens) x 4."""
+    seqs, spans = [], []  # spans: (first target index, n continuation tokens) in the input frame
+    for enc in batch:
+        for cont in enc.conts:
+            full = enc.ctx + cont
+            if max_len is not None and len(full) > max_len + 1:
+                full = full[-(max_len + 1):]  # keep the end, as lm-eval does
+            inp = full[:-1]
+            seqs.append(inp)
+            spans.append((len(inp) - len(cont), len(cont)))
+    T = max(len(s) for s in seqs)
+    tokens = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    targets = torch.zeros_like(tokens)
+    sel = torch.zeros_like(tokens, dtype=torch.bool)
+    for i, (s, (start, n)) in enumerate(zip(seqs, spans)):
+        tokens[i, : len(s)] = torch.tensor(s)
+        cont = batch[i // 4].conts[i % 4]
+        targets[i, start : start + n] = torch.tensor(cont)
+        sel[i, start : start + n] = True
+    tokens, targets, sel = tokens.to(device), targets.to(device), sel.to(device)
+    use_autocast = dtype is not None and dtype != next(model.parameters()).dtype
+    with torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
+        head = _output_head(model)
+        if head is not None:
+            h = model(tokens, return_hidden=True)  # (N, T, dim)
+            logits = head(h[sel])  # (M, V), M = number of ending tokens in the batch
+        else:
+            logits = model(tokens)[sel]  # (N, T, V) -> (M, V)
+    logp = F.log_softmax(logits.float(), dim=-1).gather(-1, targets[sel][:, None])[:, 0]  # (M,)
+    per_seq = torch.zeros(len(seqs), dtype=torch.float64, device=device)
+    row = torch.arange(len(seqs), device=device)[:, None].expand_as(sel)[sel]  # (M,) sequence of each token
+    per_seq.index_add_(0, row, logp.double())
+    lls = per_seq.tolist()
+    return [(lls[4 * j : 4 * j + 4], [len(c) for c in enc.conts]) for j, enc in enumerate(batch)]
+
+
+def _dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return (dist.get_rank() if rank is None else rank, dist.get_world_size() if world_size is None else world_size)
+    return (rank or 0, world_size or 1)
+
+
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    examples: list[Example],
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+    add_bos: bool | None = None,
+) -> dict[str, float | int]:
+    """Score `examples` -> {"acc", "acc_norm", "acc_token_norm", "n"} (see the module doc).
+
+    batch_size: examples per forward (4x sequences). dtype: compute dtype via autocast when it differs
+    from the model's (None = the model's). rank/world_size: this process's share (example i goes to
+    rank i % world_size); when torch.distributed is initialized the counts are summed over ranks and
+    every rank returns the global result. add_bos: see resolve_add_bos (None = tokenizer convention).
+    """
+    import torch.distributed as dist
+
+    if batch_size < 1:
+        raise UserError(f"batch_size={batch_size}; expected >= 1")
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
+    bos = resolve_add_bos(tokenizer, add_bos)
+    if bos and getattr(tokenizer, "bos_id", None) is None:
+        raise UserError("add_bos=True but the tokenizer has no BOS token; pass add_bos=False")
+    pad_id = getattr(tokenizer, "pad_id", None)
+    pad_id = pad_id if isinstance(pad_id, int) and pad_id >= 0 else 0  # any id: padding never counts
+    max_len = getattr(getattr(getattr(model, "module", model), "args", None), "max_seq_len", None)
+
+    mine = examples[rank::world_size]
+    per_rank = math.ceil(len(examples) / world_size) if examples else 0
+    encoded = [_encode(tokenizer, ex, bos, 1) for ex in mine]
+    if examples and len(encoded) < per_rank:  # equal batch counts on every rank; copies never counted
+        pad = _encode(tokenizer, examples[0], bos, 0)
+        encoded += [pad] * (per_rank - len(encoded))
+    # longest first (as lm-eval orders requests): similar lengths share a batch, less padding
+    encoded.sort(key=lambda e: -(len(e.ctx) + max(len(c) for c in e.conts)))
+
+    was_training = model.training
+    model.eval()
+    counts = [0.0, 0.0, 0.0, 0.0]  # acc, acc_norm, acc_token_norm, n
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(examples), desc="hellaswag", unit="ex", dynamic_ncols=True)
+    try:
+        for b in range(0, len(encoded), batch_size):
+            batch = encoded[b : b + batch_size]
+            for enc, (lls, ntoks) in zip(batch, score_batch(model, batch, device, dtype, max_len, pad_id)):
+                if not enc.weight:
+                    continue
+                counts[0] += _first_argmax(lls) == enc.label
+                counts[1] += _first_argmax([ll / c for ll, c in zip(lls, enc.char_lens)]) == enc.label
+                counts[2] += _first_argmax([ll / n for ll, n in zip(lls, ntoks)]) == enc.label
+                counts[3] += 1
+            if bar is not None:
+                bar.update(min(len(batch) * world_size, len(examples) - bar.n))
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    if dist.is_available() and dist.is_initialized() and world_size > 1:
+        t = torch.tensor(counts, dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        counts = t.tolist()
+    n = int(counts[3])
+    if n == 0:
+        return {"acc": float("nan"), "acc_norm": float("nan"), "acc_token_norm": float("nan"), "n": 0}
+    return {"acc": counts[0] / n, "acc_norm": counts[1] / n, "acc_token_norm": counts[2] / n, "n": n}
+
+
+_EXAMPLES_CACHE: dict[tuple[str, int | None], list[Example]] = {}
+
+
+def hellaswag_hook(model: torch.nn.Module, tokenizer: Any, path: str | os.PathLike, limit: int | None = None,
+                   batch_size: int = 8, dtype: torch.dtype | None = None, add_bos: bool | None = None,
+                   progress: bool = False) -> dict[str, float | int]:
+    """For the training loop: every rank calls it; the first `limit` examples of `path` (read once and
+    cached) are split over the ranks of the initialized process group; returns the global metrics."""
+    key = (str(path), limit)
+    if key not in _EXAMPLES_CACHE:
+        _EXAMPLES_CACHE[key] = load_examples(path, limit)
+    rank, world = _dist_info(None, None)
+    return evaluate(model, tokenizer, _EXAMPLES_CACHE[key], batch_size=batch_size, dtype=dtype,
+                    rank=rank, world_size=world, progress=progress and rank == 0, add_bos=add_bos)
+
+
+# ---- CLI ------------------------------------------------------------------------------------------------------
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="HellaSwag acc / acc_norm (lm-evaluation-harness definitions) "
+                                             "of any model source; prints one JSON line.")
+    ap.add_argument("--model", required=True, help="checkpoint dir, Meta dir, HF dir or .gguf file")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer source (default: the model source)")
+    ap.add_argument("--data", default=DEFAULT_DATA, help=f"HellaSwag jsonl (default {DEFAULT_DATA})")
+    ap.add_argument("--limit", type=int, default=None, help="evaluate the first N examples")
+    ap.add_argument("--batch-size", type=int, default=8, help="examples per forward (x4 sequences)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute dtype")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: auto)")
+    ap.add_argument("--add-bos", choices=("auto", "yes", "no"), default="auto",
+                    help="prepend BOS to the context; auto = the tokenizer's convention")
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    if a.limit is not None and a.limit < 1:
+        raise UserError(f"--limit {a.limit}; expected a positive number of examples")
+
+    import model_utils
+    import tokenizer as tokenizer_mod
+
+    device = a.device or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
+                          else "cpu")
+    examples = load_examples(a.data, a.limit)
+    if not examples:
+        raise UserError(f"{a.data} holds no examples")
+    rank, world = _maybe_init_distributed(device)
+    if world > 1 and device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    model, _ = model_utils.load_model(a.model, device=device, dtype=DTYPES[a.dtype])
+    tok = tokenizer_mod.load_tokenizer(a.tokenizer or a.model)
+    add_bos = {"auto": None, "yes": True, "no": False}[a.add_bos]
+    t0 = time.perf_counter()
+    res = evaluate(model, tok, examples, batch_size=a.batch_size, device=device, rank=rank, world_size=world,
+                   progress=not a.no_progress, add_bos=add_bos)
+    res["seconds"] = round(time.perf_counter() - t0, 3)
+    res["add_bos"] = resolve_add_bos(tok, add_bos)
+    if rank == 0:
+        print(json.dumps(res), flush=True)
+    return 0
+
+
+def _maybe_init_distributed(device: str) -> tuple[int, int]:
+    """Under torchrun (WORLD_SIZE > 1) join a process group: gloo on CPU, nccl on CUDA."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return _dist_info(None, None)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    run_cli(main)
