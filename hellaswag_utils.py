@@ -159,7 +159,7 @@ class _Encoded:
 
 def _encode(tokenizer: Any, ex: Example, add_bos: bool, weight: int) -> _Encoded:
     pairs = [encode_pair(tokenizer, ex.context, " " + e, add_bos) for e in ex.endings]
-    for e, (_, cont) in zip(ex.endings, pairs):
+    for e, (_, cont) in zip(ex.endings, pairs, strict=True):
         if not cont:
             raise UserError(f"ending {e!r} of context {ex.context[:60]!r} encodes to no tokens")
     return _Encoded(pairs[0][0], [c for _, c in pairs], [len(e) for e in ex.endings], ex.label, weight)
@@ -199,7 +199,7 @@ def score_batch(model: torch.nn.Module, batch: list[_Encoded], device: torch.dev
     tokens = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     targets = torch.zeros_like(tokens)
     sel = torch.zeros_like(tokens, dtype=torch.bool)
-    for i, (s, (start, n)) in enumerate(zip(seqs, spans)):
+    for i, (s, (start, n)) in enumerate(zip(seqs, spans, strict=True)):
         tokens[i, : len(s)] = torch.tensor(s)
         cont = batch[i // 4].conts[i % 4]
         targets[i, start : start + n] = torch.tensor(cont)
@@ -282,12 +282,12 @@ def evaluate(
     try:
         for b in range(0, len(encoded), batch_size):
             batch = encoded[b : b + batch_size]
-            for enc, (lls, ntoks) in zip(batch, score_batch(model, batch, device, dtype, max_len, pad_id)):
+            for enc, (lls, ntoks) in zip(batch, score_batch(model, batch, device, dtype, max_len, pad_id), strict=True):
                 if not enc.weight:
                     continue
                 counts[0] += _first_argmax(lls) == enc.label
-                counts[1] += _first_argmax([ll / c for ll, c in zip(lls, enc.char_lens)]) == enc.label
-                counts[2] += _first_argmax([ll / n for ll, n in zip(lls, ntoks)]) == enc.label
+                counts[1] += _first_argmax([ll / c for ll, c in zip(lls, enc.char_lens, strict=True)]) == enc.label
+                counts[2] += _first_argmax([ll / n for ll, n in zip(lls, ntoks, strict=True)]) == enc.label
                 counts[3] += 1
             if bar is not None:
                 bar.update(min(len(batch) * world_size, len(examples) - bar.n))
