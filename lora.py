@@ -218,7 +218,9 @@ def lora_config(model: nn.Module) -> dict:
         raise UserError("LoRA: the model has no adapters; call apply_lora first")
     settings = {(m.rank, m.alpha, m.dropout_p) for _, m in mods}
     if len(settings) != 1:
-        raise UserError(f"LoRA: adapters use mixed settings {sorted(settings)}; only a uniform setting is supported")
+        raise UserError(
+            f"LoRA: adapters use mixed settings {sorted(settings)}; only a uniform setting is supported"
+        )
     rank, alpha, dropout = settings.pop()
     targets = list(dict.fromkeys(name.rsplit(".", 1)[-1] for name, _ in mods))
     return {"targets": targets, "rank": rank, "alpha": alpha, "dropout": dropout}
@@ -303,7 +305,9 @@ def _hf_module_name(name: str) -> str:
         return "lm_head"
     parts = name.split(".")
     if len(parts) != 4 or parts[0] != "layers" or parts[3] not in HF_NAMES:
-        raise UserError(f"LoRA: no PEFT/HF name for module {name!r}; PEFT export supports {list(HF_NAMES)} and output")
+        raise UserError(
+            f"LoRA: no PEFT/HF name for module {name!r}; PEFT export supports {list(HF_NAMES)} and output"
+        )
     parent, proj = HF_NAMES[parts[3]]
     return f"model.layers.{parts[1]}.{parent}.{proj}"
 
@@ -369,14 +373,20 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Mo
 
     d = Path(adapter_dir)
     if not (d / PEFT_CONFIG).is_file():
-        raise UserError(f"LoRA: {d / PEFT_CONFIG} not found; point to a directory written by PEFT save_pretrained")
+        raise UserError(
+            f"LoRA: {d / PEFT_CONFIG} not found; point to a directory written by PEFT save_pretrained"
+        )
     cfg = json.loads((d / PEFT_CONFIG).read_text())
     where = d / PEFT_CONFIG
     if cfg.get("peft_type") != "LORA":
-        raise UserError(f"LoRA: {where} has peft_type={cfg.get('peft_type')!r}; only LORA adapters are supported")
+        raise UserError(
+            f"LoRA: {where} has peft_type={cfg.get('peft_type')!r}; only LORA adapters are supported"
+        )
     for key in ("use_rslora", "use_dora"):
         if cfg.get(key):
-            raise UserError(f"LoRA: {where} sets {key}=true, which this project does not implement; retrain without it")
+            raise UserError(
+                f"LoRA: {where} sets {key}=true, which this project does not implement; retrain without it"
+            )
     for key in ("rank_pattern", "alpha_pattern", "layers_to_transform", "modules_to_save"):
         if cfg.get(key):
             raise UserError(f"LoRA: {where} sets {key}; only a uniform adapter on whole layers is supported")
@@ -385,9 +395,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Mo
     hf_to_attr = {proj: attr for attr, (_, proj) in HF_NAMES.items()} | {"lm_head": "output"}
     tm = cfg.get("target_modules")
     if not isinstance(tm, list) or any(t not in hf_to_attr for t in tm):
-        raise UserError(
-            f"LoRA: {where} has target_modules={tm!r}; expected a list of {sorted(hf_to_attr)}"
-        )
+        raise UserError(f"LoRA: {where} has target_modules={tm!r}; expected a list of {sorted(hf_to_attr)}")
     targets = [hf_to_attr[t] for t in tm]
     rank, alpha, dropout = int(cfg["r"]), float(cfg["lora_alpha"]), float(cfg.get("lora_dropout", 0.0))
     if not any(True for _ in lora_modules(model)):
@@ -409,7 +417,9 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Mo
         for ours, theirs in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
             key = f"{hf}.{theirs}.weight"
             if key not in peft_sd:
-                raise UserError(f"LoRA: {d / PEFT_WEIGHTS} has no tensor {key}; the adapter does not fit this model")
+                raise UserError(
+                    f"LoRA: {d / PEFT_WEIGHTS} has no tensor {key}; the adapter does not fit this model"
+                )
             t = peft_sd[key]
             if ours == "lora_b" and heads is not None and t.shape == m.lora_b.shape:
                 t = _rope_unpermute(t, heads)
