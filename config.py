@@ -1,0 +1,370 @@
+"""`.env` + `--env-file` + `KEY=VALUE` overrides -> typed, validated, grouped settings.
+
+Precedence, lowest to highest: table default < MODEL_PRESET < process environment (known keys only)
+< env file < command-line `KEY=VALUE`. Unknown keys warn with the closest valid key; a bad value fails
+before any work starts, naming the key, the value, where it came from and what was expected.
+Importing this module reads nothing.
+
+    cfg = load_config(".env", {"MAX_STEPS": "10"})
+    cfg.training.max_lr, cfg["MAX_LR"], cfg.model_args(vocab_size=...)
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from errors import UserError, run_cli
+from settings_table import ALIASES, BY_KEY, GROUPS, PRESETS, SETTINGS, Setting
+
+_TRUE = {"1", "true", "yes", "on", "y", "t"}
+_FALSE = {"0", "false", "no", "off", "n", "f"}
+
+
+class Config:
+    """Resolved settings. Access by group (`cfg.training.max_lr`) or by key (`cfg["MAX_LR"]`)."""
+
+    def __init__(self, values: dict[str, Any], sources: dict[str, str]):
+        self._values = values
+        self._sources = sources
+        for group in GROUPS:
+            ns = SimpleNamespace(**{s.key.lower(): values[s.key] for s in SETTINGS if s.group == group})
+            setattr(self, group, ns)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._values.get(key, default)
+
+    def source(self, key: str) -> str:
+        return self._sources.get(key, "default")
+
+    def to_dict(self, include_secrets: bool = False) -> dict[str, Any]:
+        """Every resolved setting; secrets are dropped unless asked for (never saved or logged)."""
+        return {k: v for k, v in self._values.items() if include_secrets or not BY_KEY[k].secret}
+
+    def replace(self, **updates: Any) -> Config:
+        values = dict(self._values)
+        for k, v in updates.items():
+            if k not in BY_KEY:
+                raise KeyError(k)
+            values[k] = v
+        return Config(values, {**self._sources, **{k: "code" for k in updates}})
+
+    def model_args(self, vocab_size: int | None = None):
+        """ModelArgs from the model group; VOCAB_SIZE=0 takes `vocab_size` (the tokenizer's)."""
+        from model import ModelArgs
+
+        m = self.model
+        vocab = m.vocab_size or vocab_size
+        if not vocab:
+            raise UserError("VOCAB_SIZE is 0 and no tokenizer vocabulary was given: set VOCAB_SIZE or a tokenizer")
+        try:
+            return ModelArgs(
+                dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, vocab_size=vocab,
+                multiple_of=m.multiple_of, ffn_dim_multiplier=m.ffn_dim_multiplier,
+                ffn_hidden_dim=m.ffn_hidden_dim or None, norm_eps=m.norm_eps, rope_theta=m.rope_theta,
+                rope_scaling=m.rope_scaling, max_seq_len=m.max_seq_len, tie_embeddings=m.tie_embeddings,
+                attn_impl=self.system.attn_impl,
+            )
+        except ValueError as e:
+            raise UserError(f"model settings do not form a valid model: {e}; fix DIM/N_HEADS/N_KV_HEADS") from None
+
+    def summary(self) -> str:
+        """Grouped, aligned listing of every setting and where it came from (secrets masked)."""
+        lines = []
+        for group in GROUPS:
+            lines.append(f"[{group}]")
+            for s in (s for s in SETTINGS if s.group == group):
+                v = self._values[s.key]
+                shown = ("***" if v else "") if s.secret else json.dumps(v) if not isinstance(v, str) else v
+                src = self.source(s.key)
+                lines.append(f"  {s.key:<36} = {shown}" + ("" if src == "default" else f"   ({src})"))
+        return "\n".join(lines)
+
+
+# ---- parsing -----------------------------------------------------------------------------------
+
+
+def parse_env_file(path: str | os.PathLike) -> list[tuple[str, str, int]]:
+    """Lines of `KEY=VALUE` (optionally `export `, quotes, `# comments`) -> [(key, raw value, line no)]."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"env file {str(path)!r} does not exist: pass an existing file to --env-file "
+                        f"(start from .env.example)")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"env file {str(path)!r} is not UTF-8 text: save it as UTF-8") from None
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        s = line.strip()
+        if not s or s.startswith("#"):
+            continue
+        if s.startswith("export "):
+            s = s[len("export "):].lstrip()
+        if "=" not in s:
+            raise UserError(f"{path}:{n}: expected KEY=VALUE, got {line.strip()[:60]!r}: fix or comment out the line")
+        key, raw = s.split("=", 1)
+        key = key.strip()
+        if not key.replace("_", "").isalnum() or not key.isascii():
+            raise UserError(f"{path}:{n}: {key[:40]!r} is not a valid key name: use letters, digits and _")
+        out.append((key, _unquote(raw.strip(), f"{path}:{n}"), n))
+    return out
+
+
+def _unquote(raw: str, where: str) -> str:
+    if raw[:1] in ("'", '"'):
+        q = raw[0]
+        end = raw.find(q, 1)
+        if end < 0:
+            raise UserError(f"{where}: unterminated {q} quote in value {raw[:60]!r}: close the quote")
+        rest = raw[end + 1:].strip()
+        if rest and not rest.startswith("#"):
+            raise UserError(f"{where}: unexpected text {rest[:40]!r} after the quoted value: remove it")
+        inner = raw[1:end]
+        return inner.encode().decode("unicode_escape") if q == '"' and "\\" in inner else inner
+    # unquoted: an inline comment starts at " #"
+    cut = raw.find(" #")
+    return (raw[:cut] if cut >= 0 else raw).strip()
+
+
+def convert(setting: Setting, raw: Any, where: str) -> Any:
+    """Raw string (or already-typed value) -> typed, range-checked value, or a UserError."""
+    k, kind = setting.key, setting.kind
+
+    def bad(expected: str) -> UserError:
+        return UserError(f"{k}={raw!r} ({where}): expected {expected}")
+
+    if not isinstance(raw, str):
+        value = raw
+    elif kind == "int":
+        try:
+            f = float(raw.replace("_", ""))
+            if not f.is_integer():
+                raise ValueError
+            value = int(f)
+        except (ValueError, OverflowError):
+            raise bad("an integer, e.g. 1000") from None
+    elif kind == "float":
+        try:
+            value = float(raw.replace("_", ""))
+        except ValueError:
+            raise bad("a number, e.g. 3e-4") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise bad("a finite number")
+    elif kind == "bool":
+        low = raw.strip().lower()
+        if low not in _TRUE | _FALSE:
+            raise bad("true or false")
+        value = low in _TRUE
+    elif kind == "str":
+        value = raw
+    elif kind in ("list", "floats"):
+        value = _parse_list(raw, float if kind == "floats" else str)
+        if value is None:
+            raise bad('a JSON list, e.g. ["wq", "wv"], or comma-separated values' if kind == "list"
+                      else "a JSON list of numbers, e.g. [0.9, 0.95]")
+    elif kind == "json":
+        if raw.strip() in ("", "none", "None", "null"):
+            value = None
+        else:
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                raise bad('a JSON object, e.g. {"factor": 8}, or empty') from None
+            if not isinstance(value, dict):
+                raise bad("a JSON object or empty")
+    else:  # pragma: no cover - table error
+        raise AssertionError(f"unknown kind {kind} for {k}")
+    if setting.choices is not None and value not in setting.choices:
+        raise bad("one of " + ", ".join(map(str, setting.choices)))
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if setting.min is not None and value < setting.min:
+            raise bad(f"a value >= {setting.min:g}")
+        if setting.max is not None and value > setting.max:
+            raise bad(f"a value <= {setting.max:g}")
+    return value
+
+
+def _parse_list(raw: str, item: type) -> list | None:
+    s = raw.strip()
+    if s.startswith("["):
+        try:
+            v = json.loads(s)
+        except json.JSONDecodeError:
+            try:  # the seed wrote Python-style lists with single quotes
+                v = json.loads(s.replace("'", '"'))
+            except json.JSONDecodeError:
+                return None
+        if not isinstance(v, list):
+            return None
+    else:
+        v = [x for x in (p.strip() for p in s.replace(",", " ").split()) if x]
+    try:
+        out = [item(x) for x in v]
+    except (TypeError, ValueError):
+        return None
+    if item is str and any(not x for x in out):
+        return None
+    return out
+
+
+def closest_key(key: str) -> str | None:
+    match = difflib.get_close_matches(key, list(BY_KEY) + list(ALIASES), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def _warn_unknown(key: str, where: str) -> None:
+    hint = closest_key(key)
+    msg = f"unknown setting {key} ({where}) is ignored" + (f"; did you mean {hint}?" if hint else "")
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+def load_config(env_file: str | None = None, overrides: dict[str, str] | None = None,
+                use_environ: bool = True) -> Config:
+    """Resolve settings. env_file None reads ./.env when it exists; overrides are KEY -> raw string."""
+    raw: dict[str, tuple[Any, str]] = {}  # key -> (raw value, where it came from)
+    if use_environ:
+        for key in BY_KEY:
+            if key in os.environ:
+                raw[key] = (os.environ[key], "environment")
+    if env_file is None and Path(".env").is_file():
+        env_file = ".env"
+    if env_file is not None:
+        for key, value, n in parse_env_file(env_file):
+            _put(raw, key, value, f"{env_file}:{n}")
+    for key, value in (overrides or {}).items():
+        _put(raw, key, value, "command line")
+
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    preset_name = convert(BY_KEY["MODEL_PRESET"], raw["MODEL_PRESET"][0], raw["MODEL_PRESET"][1]) \
+        if "MODEL_PRESET" in raw else ""
+    if preset_name and preset_name not in PRESETS:
+        raise UserError(f"MODEL_PRESET={preset_name!r} ({raw['MODEL_PRESET'][1]}): expected one of "
+                        + ", ".join(PRESETS))
+    preset = PRESETS.get(preset_name, {})
+    for s in SETTINGS:
+        if s.key in raw:
+            value, where = raw[s.key]
+            values[s.key], sources[s.key] = convert(s, value, where), where
+        elif s.key in preset:
+            values[s.key], sources[s.key] = preset[s.key], f"preset {preset_name}"
+        else:
+            values[s.key] = s.default
+    if values["USE_MUON"] and "OPTIMIZER" not in raw:
+        values["OPTIMIZER"], sources["OPTIMIZER"] = "muon", "USE_MUON"
+    _cross_check(values, sources)
+    return Config(values, sources)
+
+
+def _put(raw: dict, key: str, value: str, where: str) -> None:
+    key = ALIASES.get(key, key)
+    if key not in BY_KEY:
+        _warn_unknown(key, where)
+        return
+    raw[key] = (value, where)
+
+
+def _cross_check(v: dict[str, Any], src: dict[str, str]) -> None:
+    def where(k: str) -> str:
+        return src.get(k, "default")
+
+    if v["DIM"] % v["N_HEADS"]:
+        raise UserError(f"DIM={v['DIM']} ({where('DIM')}) is not divisible by N_HEADS={v['N_HEADS']} "
+                        f"({where('N_HEADS')}): choose DIM a multiple of N_HEADS")
+    if v["N_HEADS"] % v["N_KV_HEADS"]:
+        raise UserError(f"N_HEADS={v['N_HEADS']} is not divisible by N_KV_HEADS={v['N_KV_HEADS']} "
+                        f"({where('N_KV_HEADS')}): N_KV_HEADS must divide N_HEADS")
+    if (v["DIM"] // v["N_HEADS"]) % 2:
+        raise UserError(f"head size DIM/N_HEADS={v['DIM'] // v['N_HEADS']} is odd: RoPE needs an even head size")
+    if v["MIN_LR"] > v["MAX_LR"]:
+        raise UserError(f"MIN_LR={v['MIN_LR']} ({where('MIN_LR')}) is above MAX_LR={v['MAX_LR']}: "
+                        "set MIN_LR <= MAX_LR")
+    if len(v["ADAMW_BETAS"]) != 2 or not all(0 <= b < 1 for b in v["ADAMW_BETAS"]):
+        raise UserError(f"ADAMW_BETAS={v['ADAMW_BETAS']} ({where('ADAMW_BETAS')}): expected two numbers in [0, 1)")
+    if v["IS_MODEL_DISTILLATION"] and not (v["TEACHER_MODEL_CHECKPOINT"] or v["TEACHER_CACHE_PATH"]):
+        raise UserError("IS_MODEL_DISTILLATION=true but TEACHER_MODEL_CHECKPOINT is empty: set the teacher "
+                        "(any model source) or TEACHER_CACHE_PATH")
+    if v["IS_MODEL_DISTILLATION"] and v["TRAINING_STAGE"] == "dpo":
+        raise UserError("IS_MODEL_DISTILLATION=true with TRAINING_STAGE=dpo: distillation combines with "
+                        "pretrain or instruct only")
+    allowed = {"wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"}
+    bad = [t for t in v["LORA_TARGET_MODULES"] if t not in allowed]
+    if bad:
+        raise UserError(f"LORA_TARGET_MODULES has {bad} ({where('LORA_TARGET_MODULES')}): expected names from "
+                        + " ".join(sorted(allowed)))
+
+
+# ---- command line ----------------------------------------------------------------------------------
+
+
+def split_overrides(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Pull `KEY=VALUE` arguments (upper-case KEY) out of argv; return (overrides, the other args)."""
+    overrides, rest = {}, []
+    for a in argv:
+        key, sep, value = a.partition("=")
+        if sep and key and key.replace("_", "").isalnum() and key.isupper() and not a.startswith("-"):
+            overrides[key] = value
+        else:
+            rest.append(a)
+    return overrides, rest
+
+
+def add_env_file_arg(parser) -> None:
+    parser.add_argument("--env-file", default=None, help="settings file (default: ./.env when present)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override any setting")
+
+
+def config_from_args(args) -> Config:
+    """For argparse CLIs built with add_env_file_arg: args.env_file + args.overrides -> Config."""
+    overrides, rest = split_overrides(list(getattr(args, "overrides", []) or []))
+    if rest:
+        raise UserError(f"unexpected argument {rest[0]!r}: settings are given as KEY=VALUE (e.g. MAX_STEPS=10)")
+    return load_config(args.env_file, overrides)
+
+
+def env_example() -> str:
+    """The text of .env.example: every key, grouped, with its help and default."""
+    out = ["# Every setting, grouped. Copy to .env and edit; KEY=VALUE on the command line overrides.",
+           "# Generated by `python config.py example > .env.example` from settings_table.py.", ""]
+    for group in GROUPS:
+        out.append(f"# ---- {group} " + "-" * (60 - len(group)))
+        for s in (s for s in SETTINGS if s.group == group):
+            out.append(f"# {s.help}" + (f" [{' | '.join(map(str, s.choices))}]" if s.choices else ""))
+            d = s.default
+            text = "" if d is None else json.dumps(d) if isinstance(d, (list, dict)) else \
+                str(d).lower() if isinstance(d, bool) else str(d)
+            if isinstance(d, str) and (" " in d or not d):
+                text = shlex.quote(d) if d else ""
+            out.append(f"{s.key}={text}")
+        out.append("")
+    return "\n".join(out)
+
+
+def _main() -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Show resolved settings or write .env.example")
+    p.add_argument("command", choices=["show", "example"], help="show: print resolved settings; example: "
+                   "print .env.example")
+    p.add_argument("--env-file", default=None)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    a = p.parse_args()
+    if a.command == "example":
+        print(env_example())
+        return 0
+    print(config_from_args(a).summary())
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(_main)

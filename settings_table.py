@@ -1,0 +1,226 @@
+"""Every setting the project reads: key, group, type, default, help — one table, one source of truth.
+
+`config.py` parses and validates against this table; `.env.example` is generated from it
+(`python config.py example > .env.example`) and a test keeps the two in sync.
+Key names follow the seed system so an existing `.env` carries over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    group: str
+    kind: str  # int | float | bool | str | list | floats | json | optint
+    default: Any
+    help: str
+    choices: tuple | None = None
+    min: float | None = None
+    max: float | None = None
+    secret: bool = False
+
+
+S = Setting
+SETTINGS: list[Setting] = [
+    # ---- model -------------------------------------------------------------------------------
+    S("MODEL_PRESET", "model", "str", "", "named size (debug, tiny, small, 125m, 350m, 1b, smollm2-135m, "
+      "llama3.2-1b, llama3.2-3b, llama3.1-8b, llama3.1-70b); explicit model keys below override it"),
+    S("DIM", "model", "int", 768, "model width", min=8),
+    S("N_LAYERS", "model", "int", 16, "number of transformer blocks", min=1),
+    S("N_HEADS", "model", "int", 16, "attention heads", min=1),
+    S("N_KV_HEADS", "model", "int", 8, "key/value heads (GQA); = N_HEADS for multi-head attention", min=1),
+    S("VOCAB_SIZE", "model", "int", 0, "0 = the tokenizer's vocabulary size", min=0),
+    S("MULTIPLE_OF", "model", "int", 1024, "SwiGLU hidden size is rounded up to a multiple of this", min=1),
+    S("FFN_DIM_MULTIPLIER", "model", "float", 1.0, "multiplier on the 8/3*DIM SwiGLU hidden size", min=0.01),
+    S("FFN_HIDDEN_DIM", "model", "int", 0, "explicit SwiGLU hidden size; 0 = derive from the rule above", min=0),
+    S("NORM_EPS", "model", "float", 1e-5, "RMSNorm epsilon", min=0.0),
+    S("ROPE_THETA", "model", "float", 500000.0, "RoPE base frequency", min=1.0),
+    S("ROPE_SCALING", "model", "json", None, "Llama 3.1 rope scaling as JSON, e.g. {\"factor\": 8, "
+      "\"low_freq_factor\": 1, \"high_freq_factor\": 4, \"original_max_position_embeddings\": 8192}; empty = none"),
+    S("TIE_EMBEDDINGS", "model", "bool", False, "share the input embedding with the output projection"),
+    S("MAX_SEQ_LEN", "model", "int", 1024, "training context length in tokens", min=2),
+    S("INIT_FROM", "model", "str", "", "start weights: empty = random init (pretrain) or the previous stage's "
+      "latest checkpoint; else a checkpoint dir, Meta dir, HF dir/hub id or .gguf file"),
+    # ---- tokenizer / chat --------------------------------------------------------------------
+    S("TOKENIZER_CHECKPOINT_PATH", "tokenizer", "str", "./tokenizer.model",
+      "tiktoken-format file, HF tokenizer dir/hub id, or .gguf; 'model' = the tokenizer of INIT_FROM"),
+    S("HUGGINGFACE_TOKENIZER", "tokenizer", "bool", False, "seed compatibility: treat the tokenizer path as HF"),
+    S("IGNORE_INDEX", "tokenizer", "int", -100, "label value ignored by the loss"),
+    S("SYSTEM_PROMPT", "tokenizer", "str", "You are a helpful AI assistant", "system prompt for chat data"),
+    # ---- data preparation --------------------------------------------------------------------
+    S("HF_HOME", "data", "str", "./cache", "Hugging Face datasets / hub cache"),
+    S("HF_PRETRAIN_DATASET_MIX_FILE", "data", "str", "", "JSON mix file for pretraining data (seed format)"),
+    S("HF_INSTRUCT_DATASET_MIX_FILE", "data", "str", "", "JSON mix file for instruction data"),
+    S("HF_DPO_DATASET_MIX_FILE", "data", "str", "", "JSON mix file for preference data"),
+    S("HF_PRETRAIN_DATASET_TARGET_PATH", "data", "str", "data/pretrain", "where pretraining shards are written"),
+    S("HF_INSTRUCT_DATASET_TARGET_PATH", "data", "str", "data/instruct", "where SFT shards are written"),
+    S("HF_DPO_DATASET_TARGET_PATH", "data", "str", "data/dpo", "where DPO shards are written"),
+    S("NUMBER_OF_CPU_PROCESSES", "data", "int", 0, "tokenization workers; 0 = automatic (half the cores)", min=0),
+    S("SHARD_SIZE", "data", "int", 10_000_000, "tokens per shard", min=1024),
+    S("VAL_FRACTION", "data", "float", 0.01, "fraction of documents (hash-split) kept for validation",
+      min=0.0, max=0.5),
+    S("MAX_TURNS", "data", "int", 0, "keep at most this many turns per conversation; 0 = all", min=0),
+    # ---- data loading ------------------------------------------------------------------------
+    S("PRETRAIN_DATALOADER_ROOT_PATH", "data", "str", "data/pretrain", "pretraining shards read by train.py"),
+    S("INSTRUCT_DATALOADER_ROOT_PATH", "data", "str", "data/instruct", "SFT shards read by train.py"),
+    S("DPO_DATALOADER_ROOT_PATH", "data", "str", "data/dpo", "DPO shards read by train.py"),
+    S("SFT_BATCHING", "data", "str", "padded", "padded (right padding) or packed (document masking)",
+      choices=("padded", "packed")),
+    S("VERIFY_DATA", "data", "bool", False, "check every shard's sha256 against its manifest at start"),
+    # ---- training ------------------------------------------------------------------------------
+    S("TRAINING_STAGE", "training", "str", "pretrain", "pretrain | instruct | dpo",
+      choices=("pretrain", "instruct", "dpo")),
+    S("SEED", "training", "int", 42, "seed for init, data order and dropout"),
+    S("TRAINING_PRECISION", "training", "str", "bf16", "bf16 (autocast, fp32 master weights) | fp16 (GradScaler) "
+      "| fp32", choices=("bf16", "fp16", "fp32")),
+    S("TOTAL_BATCH_SIZE", "training", "int", 524288, "tokens per optimizer step (all ranks, all micro-steps)",
+      min=1),
+    S("MAX_BATCH_SIZE", "training", "int", 4, "micro-batch size in sequences per rank", min=1),
+    S("MAX_STEPS", "training", "int", -1, "optimizer steps; -1 = one pass over the training data", min=-1),
+    S("OPTIMIZER", "training", "str", "adamw", "adamw | sgd | muon (Muon on matrices, AdamW on the rest)",
+      choices=("adamw", "sgd", "muon")),
+    S("MAX_LR", "training", "float", 0.0018, "peak learning rate", min=0.0),
+    S("MIN_LR", "training", "float", 0.00018, "final learning rate", min=0.0),
+    S("WARMUP_STEPS", "training", "int", 715, "linear warmup steps", min=0),
+    S("LR_SCHEDULE", "training", "str", "cosine", "cosine (with linear warmup) | wsd (warmup-stable-decay)",
+      choices=("cosine", "wsd", "constant")),
+    S("WSD_DECAY_FRACTION", "training", "float", 0.2, "wsd: fraction of steps spent decaying", min=0.0, max=1.0),
+    S("WEIGHT_DECAY", "training", "float", 0.1, "decoupled weight decay (matrices only)", min=0.0),
+    S("ADAMW_BETAS", "training", "floats", [0.9, 0.95], "AdamW betas as a JSON list"),
+    S("ADAMW_EPS", "training", "float", 1e-8, "AdamW epsilon", min=0.0),
+    S("ADAMW_USE_FUSED", "training", "bool", True, "fused AdamW kernel when the device has one"),
+    S("SGD_MOMENTUM", "training", "float", 0.9, "SGD momentum", min=0.0, max=1.0),
+    S("USE_MUON", "training", "bool", False, "seed compatibility: true = OPTIMIZER=muon"),
+    S("MUON_MAX_LR", "training", "float", 0.02, "Muon peak learning rate", min=0.0),
+    S("MUON_MIN_LR", "training", "float", 0.002, "Muon final learning rate", min=0.0),
+    S("MUON_WEIGHT_DECAY", "training", "float", 0.0, "Muon weight decay", min=0.0),
+    S("MUON_MOMENTUM", "training", "float", 0.95, "Muon Nesterov momentum", min=0.0, max=1.0),
+    S("MUON_WARMUP_STEPS", "training", "int", -1, "Muon warmup; -1 = WARMUP_STEPS", min=-1),
+    S("GRAD_CLIP", "training", "float", 1.0, "clip the global grad norm to this; 0 = off", min=0.0),
+    S("MAX_NONFINITE_STEPS", "training", "int", 3, "stop after this many non-finite steps in a row", min=1),
+    # ---- early stopping / checkpoints ----------------------------------------------------------
+    S("EARLY_STOPPING_PATIENCE", "checkpoint", "int", 3, "validations without improvement before stopping; "
+      "0 = off", min=0),
+    S("EARLY_STOPPING_PATIENCE_SKIP_STEPS", "checkpoint", "int", 0, "steps before early stopping counts", min=0),
+    S("EARLY_STOPPING_MIN_DELTA", "checkpoint", "float", 0.0, "improvement smaller than this does not count",
+      min=0.0),
+    S("SAVE_CHECKPOINTS", "checkpoint", "bool", True, "write checkpoints at all"),
+    S("SAVE_EVERY_X_STEPS", "checkpoint", "int", 500, "periodic checkpoint; 0 = only on validation improvement",
+      min=0),
+    S("SAVE_BEST_ONLY", "checkpoint", "bool", False, "only write a checkpoint when validation improves"),
+    S("MAX_NUMBER_CHECKPOINTS", "checkpoint", "int", 2, "periodic checkpoints kept (the best is kept besides)",
+      min=1),
+    S("PRETRAIN_SAVE_CHECKPOINTS_PATH", "checkpoint", "str", "checkpoints", "root; pretrain/ is appended"),
+    S("INSTRUCT_SAVE_CHECKPOINTS_PATH", "checkpoint", "str", "checkpoints", "root; instruct/ is appended"),
+    S("DPO_SAVE_CHECKPOINTS_PATH", "checkpoint", "str", "checkpoints", "root; dpo/ is appended"),
+    S("PRETRAIN_LOAD_CHECKPOINTS_PATH", "checkpoint", "str", "", "seed compatibility: root to resume pretraining "
+      "from; empty = the save path"),
+    S("INSTRUCT_LOAD_CHECKPOINTS_PATH", "checkpoint", "str", "", "root to resume SFT from; empty = save path"),
+    S("DPO_LOAD_CHECKPOINTS_PATH", "checkpoint", "str", "", "root to resume DPO from; empty = save path"),
+    # ---- evaluation ----------------------------------------------------------------------------
+    S("VALIDATE_EVERY_X_STEPS", "eval", "int", 200, "validation cadence (and after the last step); 0 = off",
+      min=0),
+    S("VAL_STEPS", "eval", "int", 100, "validation micro-batches per rank", min=1),
+    S("HELLASWAG_EVERY_X_STEPS", "eval", "int", -1, "HellaSwag cadence; -1 = off", min=-1),
+    S("HELLASWAG_NUMBER_OF_EXAMPLES", "eval", "int", 100, "HellaSwag examples per evaluation", min=1),
+    S("HELLASWAG_PATH", "eval", "str", "data/hellaswag/hellaswag_val.jsonl", "HellaSwag jsonl"),
+    S("GENERATE_EVERY_X_STEPS", "eval", "int", 200, "sample from TEST_PROMPTS_FILE; 0 = off", min=0),
+    S("MAX_TEST_GEN_LEN", "eval", "int", 64, "tokens sampled per test prompt", min=1),
+    S("TEST_PROMPTS_FILE", "eval", "str", "test_prompts.json", "JSON with keys pretrain / instruct / dpo"),
+    # ---- post-training -------------------------------------------------------------------------
+    S("IS_MODEL_DISTILLATION", "distill", "bool", False, "add a distillation term (pretrain or instruct)"),
+    S("TEACHER_MODEL_CHECKPOINT", "distill", "str", "", "teacher: any load_model source"),
+    S("DISTILLATION_TEMPERATURE", "distill", "float", 2.0, "softmax temperature T", min=0.01),
+    S("DISTILLATION_ALPHA", "distill", "float", 0.5, "loss = (1-a)*CE + a*T^2*KL(teacher||student)",
+      min=0.0, max=1.0),
+    S("TEACHER_PRECISION", "distill", "str", "fp32", "teacher weights dtype", choices=("fp32", "bf16", "fp16")),
+    S("TEACHER_CACHE_PATH", "distill", "str", "", "precomputed teacher top-k log-probs (objectives.py "
+      "cache-teacher); empty = run the teacher live"),
+    S("TEACHER_CACHE_TOP_K", "distill", "int", 64, "log-probs kept per position in the teacher cache", min=1),
+    S("DPO_BETA", "dpo", "float", 0.1, "DPO inverse temperature beta", min=0.0),
+    S("DPO_LOSS_TYPE", "dpo", "str", "sigmoid", "sigmoid | hinge | ipo", choices=("sigmoid", "hinge", "ipo")),
+    S("DPO_LABEL_SMOOTHING", "dpo", "float", 0.0, "conservative DPO label smoothing", min=0.0, max=0.5),
+    S("DPO_REFERENCE_LOGPS_PATH", "dpo", "str", "", "precomputed reference log-probs; empty = compute live"),
+    S("LORA_ENABLED", "lora", "bool", False, "train low-rank adapters instead of all weights"),
+    S("LORA_RANK", "lora", "int", 16, "adapter rank r", min=1),
+    S("LORA_ALPHA", "lora", "float", 8.0, "adapter scaling is alpha / r", min=0.0),
+    S("LORA_DROPOUT", "lora", "float", 0.05, "dropout on the adapter path only", min=0.0, max=1.0),
+    S("LORA_TARGET_MODULES", "lora", "list", ["wq", "wk", "wv", "wo", "w1", "w3"],
+      "linear layers that get adapters (wq wk wv wo w1 w2 w3 output)"),
+    # ---- performance / distribution --------------------------------------------------------------
+    S("DEVICE", "system", "str", "auto", "auto (cuda -> mps -> cpu) | cpu | cuda | mps",
+      choices=("auto", "cpu", "cuda", "mps")),
+    S("USE_TORCH_COMPILE", "system", "bool", False, "torch.compile each block"),
+    S("USE_FSDP", "system", "bool", False, "FSDP2 fully_shard per block instead of DDP"),
+    S("ACTIVATION_CHECKPOINTING", "system", "bool", False, "recompute block activations in backward"),
+    S("ATTN_IMPL", "system", "str", "auto", "auto | sdpa | math", choices=("auto", "sdpa", "math")),
+    S("PEAK_FLOPS", "system", "float", 0.0, "peak FLOP/s per device for MFU; 0 = from the device table",
+      min=0.0),
+    S("TORCH_PROFILER_ENABLED", "system", "bool", False, "profile a few steps with torch.profiler"),
+    S("TORCH_PROFILER_SCHEDULE_SKIP_FIRST", "system", "int", 10, "profiler: steps skipped first", min=0),
+    S("TORCH_PROFILER_SCHEDULE_WAIT", "system", "int", 1, "profiler schedule wait", min=0),
+    S("TORCH_PROFILER_SCHEDULE_WARMUP", "system", "int", 1, "profiler schedule warmup", min=0),
+    S("TORCH_PROFILER_SCHEDULE_ACTIVE", "system", "int", 3, "profiler schedule active", min=1),
+    S("TORCH_PROFILER_SCHEDULE_REPEAT", "system", "int", 1, "profiler schedule repeat", min=0),
+    S("TORCH_PROFILER_TENSORBOARD_ENABLED", "system", "bool", False, "write a TensorBoard trace"),
+    S("TORCH_PROFILER_TENSORBOARD_LOG_PATH", "system", "str", "runs/profiler", "trace directory"),
+    # ---- logging -----------------------------------------------------------------------------------
+    S("RUN_DIR", "logging", "str", "", "metrics.jsonl, plots and W&B offline dir; empty = runs/<stage>"),
+    S("LOG_EVERY_X_STEPS", "logging", "int", 1, "console/metrics cadence", min=1),
+    S("WANDB_ENABLED", "logging", "bool", False, "log to Weights & Biases (WANDB_MODE=offline works)"),
+    S("WANDB_PROJECT_NAME", "logging", "str", "llama3-train", "W&B project"),
+    S("WANDB_RUN_NAME", "logging", "str", "", "W&B run name; empty = automatic"),
+    S("WANDB_ENTITY", "logging", "str", "", "W&B entity (team)"),
+    S("WANDB_API_KEY", "secrets", "str", "", "W&B key (never printed)", secret=True),
+    S("HF_TOKEN", "secrets", "str", "", "Hugging Face token (never printed)", secret=True),
+]
+
+# Later seed versions named the AdamW settings with a prefix; they map onto ours.
+ALIASES: dict[str, str] = {
+    "ADAMW_MAX_LR": "MAX_LR",
+    "ADAMW_MIN_LR": "MIN_LR",
+    "ADAMW_WEIGHT_DECAY": "WEIGHT_DECAY",
+    "ADAMW_WARMUP_STEPS": "WARMUP_STEPS",
+}
+
+# Presets set model keys (and a sensible context length); explicit keys override them.
+PRESETS: dict[str, dict[str, Any]] = {
+    "debug": dict(DIM=64, N_LAYERS=2, N_HEADS=4, N_KV_HEADS=2, MULTIPLE_OF=32, FFN_DIM_MULTIPLIER=1.0,
+                  ROPE_THETA=10000.0, MAX_SEQ_LEN=64, TIE_EMBEDDINGS=False),
+    "tiny": dict(DIM=256, N_LAYERS=8, N_HEADS=8, N_KV_HEADS=4, MULTIPLE_OF=64, FFN_DIM_MULTIPLIER=1.0,
+                 ROPE_THETA=10000.0, MAX_SEQ_LEN=256, TIE_EMBEDDINGS=True),
+    "small": dict(DIM=512, N_LAYERS=8, N_HEADS=8, N_KV_HEADS=8, FFN_HIDDEN_DIM=1536, ROPE_THETA=10000.0,
+                  MAX_SEQ_LEN=512, TIE_EMBEDDINGS=False),
+    "125m": dict(DIM=768, N_LAYERS=12, N_HEADS=12, N_KV_HEADS=12, MULTIPLE_OF=256, FFN_DIM_MULTIPLIER=1.0,
+                 ROPE_THETA=500000.0, MAX_SEQ_LEN=1024, TIE_EMBEDDINGS=True),
+    "350m": dict(DIM=1024, N_LAYERS=24, N_HEADS=16, N_KV_HEADS=4, MULTIPLE_OF=256, FFN_DIM_MULTIPLIER=1.0,
+                 ROPE_THETA=500000.0, MAX_SEQ_LEN=1024, TIE_EMBEDDINGS=True),
+    "1b": dict(DIM=2048, N_LAYERS=22, N_HEADS=32, N_KV_HEADS=4, MULTIPLE_OF=256, FFN_DIM_MULTIPLIER=1.0,
+               ROPE_THETA=500000.0, MAX_SEQ_LEN=2048, TIE_EMBEDDINGS=False),
+    "smollm2-135m": dict(DIM=576, N_LAYERS=30, N_HEADS=9, N_KV_HEADS=3, FFN_HIDDEN_DIM=1536, VOCAB_SIZE=49152,
+                         ROPE_THETA=100000.0, NORM_EPS=1e-5, MAX_SEQ_LEN=2048, TIE_EMBEDDINGS=True),
+    "llama3.2-1b": dict(DIM=2048, N_LAYERS=16, N_HEADS=32, N_KV_HEADS=8, MULTIPLE_OF=256, FFN_DIM_MULTIPLIER=1.5,
+                        VOCAB_SIZE=128256, ROPE_THETA=500000.0, TIE_EMBEDDINGS=True, MAX_SEQ_LEN=8192,
+                        ROPE_SCALING={"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 8192}),
+    "llama3.2-3b": dict(DIM=3072, N_LAYERS=28, N_HEADS=24, N_KV_HEADS=8, MULTIPLE_OF=256, FFN_DIM_MULTIPLIER=1.0,
+                        VOCAB_SIZE=128256, ROPE_THETA=500000.0, TIE_EMBEDDINGS=True, MAX_SEQ_LEN=8192,
+                        ROPE_SCALING={"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 8192}),
+    "llama3.1-8b": dict(DIM=4096, N_LAYERS=32, N_HEADS=32, N_KV_HEADS=8, MULTIPLE_OF=1024, FFN_DIM_MULTIPLIER=1.3,
+                        VOCAB_SIZE=128256, ROPE_THETA=500000.0, TIE_EMBEDDINGS=False, MAX_SEQ_LEN=8192,
+                        ROPE_SCALING={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 8192}),
+    "llama3.1-70b": dict(DIM=8192, N_LAYERS=80, N_HEADS=64, N_KV_HEADS=8, MULTIPLE_OF=4096,
+                         FFN_DIM_MULTIPLIER=1.3, VOCAB_SIZE=128256, ROPE_THETA=500000.0, TIE_EMBEDDINGS=False,
+                         MAX_SEQ_LEN=8192,
+                         ROPE_SCALING={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 8192}),
+}
+
+BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
+GROUPS: tuple[str, ...] = tuple(dict.fromkeys(s.group for s in SETTINGS))
