@@ -257,6 +257,24 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Replace every LoRALinear by a plain nn.Linear holding the same base Parameter, merged with the
+    adapter first when `merge` (PEFT's merge_and_unload), else dropping it. The result has exactly the
+    base model's state-dict keys, so model_utils.export_hf / export_meta take it. Returns the model."""
+    if merge:
+        _check_mergeable(model)
+    for name, m in list(lora_modules(model)):
+        if merge:
+            m.merge()
+        else:
+            m.unmerge()
+        plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        plain.weight, plain.bias = m.weight, m.bias
+        parent = _unwrap(model).get_submodule(name.rpartition(".")[0]) if "." in name else _unwrap(model)
+        setattr(parent, name.rpartition(".")[2], plain)
+    return model
+
+
 @contextmanager
 def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model: adapters off inside the block, previous switches restored on exit, even on
@@ -273,20 +291,6 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
 
 
 # ---- PEFT format -----------------------------------------------------------------------------------
-
-
-def _rope_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta interleaved-pair rows -> HF rotate-half rows, per head; w (n_heads * head_dim, k)."""
-    out, k = w.shape
-    hd = out // n_heads
-    return w.view(n_heads, hd // 2, 2, k).transpose(1, 2).reshape(out, k)
-
-
-def _rope_unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Inverse of _rope_permute: HF rotate-half rows -> Meta interleaved-pair rows."""
-    out, k = w.shape
-    hd = out // n_heads
-    return w.view(n_heads, 2, hd // 2, k).transpose(1, 2).reshape(out, k)
 
 
 def _rope_heads(model: nn.Module, attr: str) -> int | None:
@@ -325,6 +329,8 @@ def save_peft_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model: 
     permutation as the base weight's (A acts on the input side and is unchanged)."""
     from safetensors.torch import save_file
 
+    from model_utils import _permute_rotate_half  # the one q/k permutation the HF export uses
+
     cfg = lora_config(model)
     tensors: dict[str, torch.Tensor] = {}
     for name, m in lora_modules(model):
@@ -332,7 +338,7 @@ def save_peft_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model: 
         a, b = m.lora_a.detach(), m.lora_b.detach()
         heads = _rope_heads(model, name.rsplit(".", 1)[-1])
         if heads is not None:
-            b = _rope_permute(b, heads)
+            b = _permute_rotate_half(b, heads)
         tensors[f"{hf}.lora_A.weight"] = a.cpu().contiguous().clone()
         tensors[f"{hf}.lora_B.weight"] = b.cpu().contiguous().clone()
     config = {
@@ -370,6 +376,8 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Mo
     settings if the model has none yet, else checks they agree; then copies A and B (q/k B rows
     un-permuted back to Meta's RoPE layout). Returns the model."""
     from safetensors.torch import load_file
+
+    from model_utils import _unpermute_rotate_half
 
     d = Path(adapter_dir)
     if not (d / PEFT_CONFIG).is_file():
@@ -422,7 +430,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Mo
                 )
             t = peft_sd[key]
             if ours == "lora_b" and heads is not None and t.shape == m.lora_b.shape:
-                t = _rope_unpermute(t, heads)
+                t = _unpermute_rotate_half(t, heads)
             sd[f"{name}.{ours}"] = t
     load_lora_state_dict(model, sd)
     return model

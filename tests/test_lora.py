@@ -235,3 +235,13 @@ def test_peft_loads_our_adapter_on_our_hf_export(tmp_path):
     fresh.eval()
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), ours, rtol=0, atol=1e-6)
+
+    # merge-and-unload gives a plain model (base keys only) whose HF export is the adapted model
+    base_keys = set(tiny_model(seed=7).state_dict())
+    lora.unload_lora(fresh, merge=True)
+    assert set(fresh.state_dict()) == base_keys
+    assert not any(isinstance(m, lora.LoRALinear) for m in fresh.modules())
+    model_utils.export_hf(fresh, args, tmp_path / "merged")
+    merged_hf = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged_hf(input_ids=x).logits, ours, rtol=0, atol=1e-4)
