@@ -1,0 +1,659 @@
+"""Tokenizers: tiktoken-format BPE with Llama 3 specials, HF / GGUF tokenizers, chat rendering with loss masks,
+and byte-level BPE training into a tiktoken-format file.
+
+Every backend has one interface (`Tokenizer`): `encode(text, bos, eos, allowed_special)`, `decode(ids)`,
+`bos_id`, `eos_id`, `eot_id`, `pad_id`, `vocab_size`, `identity()`. Plain text never becomes a special token
+unless the caller allows it (`allowed_special={"<|eot_id|>"}` or `"all"`): text that merely looks like
+`<|eot_id|>` is encoded as ordinary bytes, so training data cannot forge control tokens.
+
+    python tokenizer.py train --vocab-size 8192 --out tokenizer.model     # the committed file
+    python tokenizer.py encode --tokenizer tokenizer.model --text "Hello world"
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import heapq
+import json
+import os
+import re
+import sys
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from errors import UserError, run_cli
+
+# Meta's Llama 3 pre-tokenizer: contractions, letter runs, 1-3 digit groups, punctuation, newlines, spaces.
+LLAMA3_PAT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+NUM_SPECIAL_TOKENS = 256
+# Names and order exactly as Meta's Llama 3 tokenizer, so Meta's tokenizer.model drops in with its ids.
+LLAMA3_SPECIAL_TOKENS = [
+    "<|begin_of_text|>", "<|end_of_text|>",
+    "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+    "<|reserved_special_token_2|>", "<|reserved_special_token_3|>",
+    "<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>",
+] + [f"<|reserved_special_token_{i}|>" for i in range(5, NUM_SPECIAL_TOKENS - 5)]
+# The padding id: the slot Llama 3.1 later named <|finetune_right_pad_id|>; never produced by text.
+LLAMA3_PAD_TOKEN = "<|reserved_special_token_2|>"
+# tiktoken's regex engine panics past ~400k chars or very long runs without a (non-)space switch
+# (openai/tiktoken#195); split like Meta's reference does. Decoding the pieces concatenates exactly.
+TIKTOKEN_MAX_ENCODE_CHARS = 400_000
+MAX_NO_WHITESPACES_CHARS = 25_000
+END_OF_TURN_NAMES = ("<|eot_id|>", "<|im_end|>", "<end_of_turn>", "<|end|>")
+
+AllowedSpecial = Literal["all"] | Iterable[str]
+
+
+def _sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Tokenizer:
+    """The common interface. Subclasses implement `_ordinary(text) -> (ids, char_starts)` and `decode`."""
+
+    kind: str
+    source: str
+    special_tokens: dict[str, int]
+    vocab_size: int
+    bos_id: int | None
+    eos_id: int | None
+    eot_id: int | None
+    pad_id: int | None
+    chat_template: str | None = None
+    _sha256: str | None = None
+
+    @property
+    def n_words(self) -> int:
+        return self.vocab_size
+
+    def _ordinary(self, text: str) -> tuple[list[int], list[int]]:  # ids, start char of each id
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def _sha256_of_source(self) -> str:
+        return _sha256_file(self.source)
+
+    def __reduce__(self):  # worker processes re-load from the source instead of pickling native objects
+        return (load_tokenizer, (self.source,))
+
+    def _split_special(self, text: str, allowed_special: AllowedSpecial) -> list[tuple[str, int | None]]:
+        """Cut text at allowed special strings: [(piece, None) for text, (name, id) for a special]."""
+        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
+        if not allowed:
+            return [(text, None)]
+        unknown = allowed - set(self.special_tokens)
+        if unknown:
+            raise ValueError(f"allowed_special names tokens this tokenizer does not have: {sorted(unknown)[:5]}")
+        pattern = "|".join(re.escape(s) for s in sorted(allowed, key=len, reverse=True))
+        out: list[tuple[str, int | None]] = []
+        pos = 0
+        for m in re.finditer(pattern, text):
+            if m.start() > pos:
+                out.append((text[pos:m.start()], None))
+            out.append((m.group(), self.special_tokens[m.group()]))
+            pos = m.end()
+        if pos < len(text):
+            out.append((text[pos:], None))
+        return out
+
+    def encode_with_offsets(self, text: str, allowed_special: AllowedSpecial = ()) -> tuple[list[int], list[int]]:
+        """Token ids and, for each, the index in `text` of the first character it covers."""
+        ids: list[int] = []
+        starts: list[int] = []
+        pos = 0
+        for piece, special_id in self._split_special(text, allowed_special):
+            if special_id is not None:
+                ids.append(special_id)
+                starts.append(pos)
+            else:
+                piece_ids, piece_starts = self._ordinary(piece)
+                ids += piece_ids
+                starts += [pos + s for s in piece_starts]
+            pos += len(piece)
+        return ids, starts
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False,
+               allowed_special: AllowedSpecial = ()) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects str, got {type(text).__name__}")
+        ids = self.encode_with_offsets(text, allowed_special)[0]
+        if bos:
+            ids.insert(0, self._require(self.bos_id, "bos_id"))
+        if eos:
+            ids.append(self._require(self.eos_id, "eos_id"))
+        return ids
+
+    def _require(self, token_id: int | None, name: str) -> int:
+        if token_id is None:
+            raise UserError(f"tokenizer {self.source} has no {name}; use a tokenizer that defines one")
+        return token_id
+
+    def identity(self) -> dict[str, Any]:
+        """What data manifests record so shards can be checked against the tokenizer that reads them."""
+        if self._sha256 is None:
+            self._sha256 = self._sha256_of_source()
+        return {"kind": self.kind, "source": self.source, "sha256": self._sha256, "vocab_size": self.vocab_size,
+                "bos_id": self.bos_id, "eos_id": self.eos_id, "eot_id": self.eot_id, "pad_id": self.pad_id}
+
+    def _set_turn_ids(self) -> None:
+        self.eot_id = next((self.special_tokens[n] for n in END_OF_TURN_NAMES if n in self.special_tokens),
+                           self.eos_id)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(kind={self.kind!r}, source={self.source!r}, vocab_size={self.vocab_size})"
+
+
+# ----------------------------------------------------------------------------------------------- tiktoken
+
+
+def read_tiktoken_file(path: str | Path) -> dict[bytes, int]:
+    """Parse `base64(token_bytes) rank` lines (Meta's and OpenAI's format)."""
+    ranks: dict[bytes, int] = {}
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError as e:
+                raise UserError(f"{path}:{lineno} is not a tiktoken BPE line (`base64 rank`): {e}; "
+                                "pass a tiktoken tokenizer.model, an HF tokenizer dir or a .gguf file") from None
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise UserError(f"{path}: ranks are not 0..{len(ranks) - 1} without gaps; the file is corrupt")
+    return ranks
+
+
+def write_tiktoken_file(ranks: dict[bytes, int], path: str | Path) -> None:
+    """Write atomically (tmp + rename) so a crash never leaves half a tokenizer."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+            f.write(base64.b64encode(token) + b" " + str(rank).encode() + b"\n")
+    os.replace(tmp, path)
+
+
+def _split_long_runs(s: str, max_run: int) -> Iterator[str]:
+    """Cut `s` so no piece holds more than `max_run` consecutive spaces or non-spaces (Meta's workaround)."""
+    run, run_is_space, start = 0, s[:1].isspace(), 0
+    for i, ch in enumerate(s):
+        is_space = ch.isspace()
+        if is_space != run_is_space:
+            run, run_is_space = 1, is_space
+        else:
+            run += 1
+            if run > max_run:
+                yield s[start:i]
+                start, run = i, 1
+    yield s[start:]
+
+
+class TiktokenTokenizer(Tokenizer):
+    kind = "tiktoken"
+
+    def __init__(self, path: str | Path):
+        import tiktoken
+
+        self.source = str(Path(path).resolve())
+        ranks = read_tiktoken_file(path)
+        n_base = len(ranks)
+        self.special_tokens = {name: n_base + i for i, name in enumerate(LLAMA3_SPECIAL_TOKENS)}
+        self.model = tiktoken.Encoding(name=Path(path).name, pat_str=LLAMA3_PAT, mergeable_ranks=ranks,
+                                       special_tokens=self.special_tokens)
+        self.vocab_size = n_base + NUM_SPECIAL_TOKENS
+        self.bos_id = self.special_tokens["<|begin_of_text|>"]
+        self.eos_id = self.special_tokens["<|end_of_text|>"]
+        self.pad_id = self.special_tokens[LLAMA3_PAD_TOKEN]
+        self._set_turn_ids()
+
+    def _ordinary(self, text: str) -> tuple[list[int], list[int]]:
+        ids: list[int] = []
+        for i in range(0, len(text), TIKTOKEN_MAX_ENCODE_CHARS):
+            for piece in _split_long_runs(text[i:i + TIKTOKEN_MAX_ENCODE_CHARS], MAX_NO_WHITESPACES_CHARS):
+                ids += self.model.encode_ordinary(piece)
+        return ids, self.model.decode_with_offsets(ids)[1]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.model.decode(list(ids))
+
+
+# ------------------------------------------------------------------------------------------- HF and GGUF
+
+_HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                       "vocab.json", "merges.txt", "chat_template.jinja")
+
+
+class HFTokenizer(Tokenizer):
+    """A `tokenizers.Tokenizer` plus the special ids and chat template from its config or GGUF metadata."""
+
+    def __init__(self, backend: Any, *, kind: str, source: str, bos: int | None, eos: int | None,
+                 pad: int | None, chat_template: str | None):
+        self.kind, self.source, self.chat_template = kind, source, chat_template
+        self.backend = backend
+        # Special tokens in plain text are tokenized as text; `_split_special` decides what may be special.
+        self.backend.encode_special_tokens = True
+        self.special_tokens = {t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self.bos_id, self.eos_id = bos, eos
+        self.pad_id = pad if pad is not None else eos
+        self._set_turn_ids()
+
+    def _ordinary(self, text: str) -> tuple[list[int], list[int]]:
+        enc = self.backend.encode(text, add_special_tokens=False)
+        return list(enc.ids), [start for start, _ in enc.offsets]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=False)
+
+    def _sha256_of_source(self) -> str:
+        path = Path(self.source)
+        if path.is_file():
+            return _sha256_file(path)
+        h = hashlib.sha256()  # a dir: hash of (name, file hash) over the tokenizer files it has
+        for name in _HF_TOKENIZER_FILES:
+            if (path / name).is_file():
+                h.update(f"{name}\0{_sha256_file(path / name)}\n".encode())
+        return h.hexdigest()
+
+
+def _from_transformers(source: str, kind: str, **kwargs: Any) -> HFTokenizer:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as e:
+        where = "a local dir" if Path(source).exists() else "the Hugging Face hub (offline, or no such repo?)"
+        raise UserError(f"could not load tokenizer {source!r} from {where}: {str(e).splitlines()[0]}; pass a "
+                        "tiktoken tokenizer.model, a dir with tokenizer.json, or a .gguf file") from None
+    if not getattr(tok, "is_fast", False):
+        raise UserError(f"tokenizer {source!r} has no fast (tokenizers) backend; convert it to tokenizer.json")
+    backend = tok.backend_tokenizer.__class__.from_str(tok.backend_tokenizer.to_str())  # private copy
+    src = str(Path(source).resolve() / kwargs["gguf_file"]) if "gguf_file" in kwargs else (
+        str(Path(source).resolve()) if Path(source).exists() else source)
+    return HFTokenizer(backend, kind=kind, source=src, bos=tok.bos_token_id, eos=tok.eos_token_id,
+                       pad=tok.pad_token_id, chat_template=tok.chat_template)
+
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
+    """The key/value header of a GGUF file (v2/v3, little-endian), without touching the tensors.
+
+    A plain sequential parse: `gguf.GGUFReader` builds a numpy view per array element and needs ~2 s for a
+    49k-token vocabulary; this needs ~0.1 s.
+    """
+    import struct
+
+    with open(path, "rb") as f:
+        def scalar(fmt: str) -> Any:
+            return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+        def string() -> str:
+            return f.read(scalar("<Q")).decode("utf-8", errors="replace")
+
+        def value(vtype: int) -> Any:
+            if vtype == 8:
+                return string()
+            if vtype == 9:
+                item_type, n = scalar("<I"), scalar("<Q")
+                return [value(item_type) for _ in range(n)]
+            if vtype not in _GGUF_SCALARS:
+                raise UserError(f"{path}: unknown GGUF metadata type {vtype}; is the file corrupt?")
+            return scalar(_GGUF_SCALARS[vtype])
+
+        if f.read(4) != b"GGUF":
+            raise UserError(f"{path} is not a GGUF file (bad magic); pass a .gguf model file")
+        version = scalar("<I")
+        if version not in (2, 3):
+            raise UserError(f"{path}: GGUF version {version} is not supported (2 or 3 expected)")
+        _n_tensors, n_kv = scalar("<Q"), scalar("<Q")
+        meta: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = string()
+            meta[key] = value(scalar("<I"))
+        return meta
+
+
+def _from_gguf(path: Path) -> HFTokenizer:
+    """Build the byte-level BPE that llama.cpp would use, straight from the GGUF metadata (no weights read)."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as RawTokenizer
+
+    meta = read_gguf_metadata(path)
+    model = meta.get("tokenizer.ggml.model")
+    if model != "gpt2":  # SentencePiece-style vocabularies: let transformers' converter handle them
+        return _from_transformers(str(path.parent), "gguf", gguf_file=path.name)
+    tokens: list[str] = meta.get("tokenizer.ggml.tokens")
+    types: list[int] = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    llama3_style = pre in ("llama-bpe", "llama3", "smaug-bpe")
+    # Llama 3 vocabularies follow tiktoken semantics: a pre-token that is itself in the vocab is kept whole.
+    backend = RawTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                                      ignore_merges=llama3_style))
+    if llama3_style:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_PAT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    # token_type 3 = control (special), 4 = user-defined (matched in text but not special), per GGUF spec.
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, k in zip(tokens, types, strict=True) if k == 3])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False)
+                        for t, k in zip(tokens, types, strict=True) if k == 4])
+    return HFTokenizer(backend, kind="gguf", source=str(path.resolve()),
+                       bos=meta.get("tokenizer.ggml.bos_token_id"),
+                       eos=meta.get("tokenizer.ggml.eos_token_id"),
+                       pad=meta.get("tokenizer.ggml.padding_token_id"),
+                       chat_template=meta.get("tokenizer.chat_template"))
+
+
+def _looks_like_tiktoken(path: Path) -> bool:
+    with open(path, "rb") as f:
+        parts = f.readline().split()
+    return len(parts) == 2 and parts[1].isdigit() and re.fullmatch(rb"[A-Za-z0-9+/=]+", parts[0]) is not None
+
+
+def load_tokenizer(source: str | Path | Tokenizer) -> Tokenizer:
+    """A tiktoken `tokenizer.model` (or a Meta dir holding one), an HF tokenizer dir or hub id, or a `.gguf`."""
+    if isinstance(source, Tokenizer):
+        return source
+    path = Path(source)
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return _from_gguf(path)
+        if path.name == "tokenizer.json" or path.name == "tokenizer_config.json":
+            return _from_transformers(str(path.parent), "hf")
+        if _looks_like_tiktoken(path):
+            return TiktokenTokenizer(path)
+        raise UserError(f"{path} is neither a tiktoken BPE file, a tokenizer.json nor a .gguf file")
+    if path.is_dir():
+        if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+            return _from_transformers(str(path), "hf")
+        if (path / "tokenizer.model").is_file() and _looks_like_tiktoken(path / "tokenizer.model"):
+            return TiktokenTokenizer(path / "tokenizer.model")
+        raise UserError(f"{path} holds no tokenizer.json, tokenizer_config.json or tiktoken tokenizer.model")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) and not str(source).startswith("."):
+        return _from_transformers(str(source), "hf")
+    raise UserError(f"tokenizer {str(source)!r} not found: pass a tokenizer.model path, an HF dir or hub id "
+                    "(org/name), or a .gguf file")
+
+
+# -------------------------------------------------------------------------------------------- chat format
+
+Message = dict[str, str]
+
+
+def _render_template(template: str, messages: list[Message], add_generation_prompt: bool,
+                     tok: Tokenizer) -> str:
+    """Render a chat template the way transformers does (sandboxed jinja2, trim/lstrip blocks)."""
+    from datetime import datetime
+
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise UserError(f"chat template rejected the conversation: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
+    names = {v: k for k, v in tok.special_tokens.items()}
+    try:
+        return env.from_string(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=names.get(tok.bos_id, ""), eos_token=names.get(tok.eos_id, ""))
+    except jinja2.TemplateError as e:
+        raise UserError(f"chat template of {tok.source} failed: {e}") from None
+
+
+class ChatFormat:
+    """Conversation -> (ids, loss_mask); the mask is 1 exactly on assistant content and its end-of-turn token.
+
+    style "llama3": Meta's format built from ids (`<|begin_of_text|>` then per message
+    `<|start_header_id|>role<|end_header_id|>\\n\\n` + content.strip() + `<|eot_id|>`).
+    style "template": the tokenizer's own jinja chat template (e.g. ChatML); assistant spans are found by
+    rendering prefixes of the conversation, so the mask is exact for any prefix-stable template.
+    """
+
+    def __init__(self, tok: Tokenizer, style: Literal["llama3", "template"] | None = None):
+        self.tok = tok
+        has_llama3 = all(t in tok.special_tokens for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
+        self.style = style or ("template" if tok.chat_template else "llama3" if has_llama3 else None)
+        if self.style == "template" and not tok.chat_template or self.style == "llama3" and not has_llama3:
+            raise UserError(f"tokenizer {tok.source} has neither a chat template nor Llama 3 header tokens; "
+                            "use a chat-capable tokenizer for SFT/DPO")
+
+    # Llama 3 style ------------------------------------------------------------------------------------
+    def encode_header(self, role: str) -> list[int]:
+        sp = self.tok.special_tokens
+        return [sp["<|start_header_id|>"], *self.tok.encode(role), sp["<|end_header_id|>"], *self.tok.encode("\n\n")]
+
+    def encode_message(self, message: Message) -> tuple[list[int], list[int]]:
+        """One Llama 3 turn; mask covers the content and <|eot_id|> of assistant turns."""
+        header = self.encode_header(message["role"])
+        body = self.tok.encode(message["content"].strip()) + [self.tok.special_tokens["<|eot_id|>"]]
+        train = int(message["role"] == "assistant")
+        return header + body, [0] * len(header) + [train] * len(body)
+
+    # both styles --------------------------------------------------------------------------------------
+    def encode_dialog(self, messages: Sequence[Message],
+                      add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise UserError(f"message {i} must be a dict with str 'role' and 'content', got {m!r:.80}")
+        if self.style == "llama3":
+            ids, mask = [self.tok.special_tokens["<|begin_of_text|>"]], [0]
+            for m in messages:
+                m_ids, m_mask = self.encode_message(m)
+                ids += m_ids
+                mask += m_mask
+            if add_generation_prompt:
+                header = self.encode_header("assistant")
+                ids += header
+                mask += [0] * len(header)
+            return ids, mask
+        return self._encode_with_template(list(messages), add_generation_prompt)
+
+    def _encode_with_template(self, messages: list[Message], add_generation_prompt: bool):
+        template = self.tok.chat_template
+        assert template is not None
+        full = _render_template(template, messages, add_generation_prompt, self.tok)
+        spans = []  # [start, end) character span of each assistant reply (content + end-of-turn + any suffix)
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prompt = _render_template(template, messages[:i], True, self.tok)
+            upto = _render_template(template, messages[:i + 1], False, self.tok)
+            if not (upto.startswith(prompt) and full.startswith(upto)):
+                raise UserError(f"chat template of {self.tok.source} is not prefix-stable at message {i}; "
+                                "cannot derive an exact loss mask for it")
+            spans.append((len(prompt), len(upto)))
+        ids, starts = self.tok.encode_with_offsets(full, allowed_special="all")
+        mask = [0] * len(ids)
+        stops = {self.tok.eot_id, self.tok.eos_id}
+        for lo, hi in spans:
+            for j, s in enumerate(starts):
+                if lo <= s < hi:
+                    mask[j] = 1
+                    if ids[j] in stops:  # the end-of-turn is trained; what follows it (e.g. "\n") is not
+                        break
+        return ids, mask
+
+
+def visualize_mask(tok: Tokenizer, ids: Sequence[int], mask: Sequence[int], file: Any = None) -> str:
+    """Print tokens with trained ones (mask=1) in green and the rest dim; returns the plain rendering."""
+    out, plain = [], []
+    for i, m in zip(ids, mask, strict=True):
+        piece = tok.decode([i])
+        plain.append(f"[{piece}]" if m else piece)
+        out.append(f"\033[92m{piece}\033[0m" if m else f"\033[2m{piece}\033[0m")
+    print("".join(out), file=file or sys.stdout)
+    return "".join(plain)
+
+
+# ------------------------------------------------------------------------------------------- BPE training
+
+
+def embedded_corpus() -> Iterator[str]:
+    """English text every Python install has, in a fixed order (it varies only with the Python version):
+    1. each `pydoc_data.topics.topics` entry, sorted by key;
+    2. for each top-level stdlib module in sorted(sys.stdlib_module_names) that is a .py file or package
+       (private `_x` modules skipped), one document: its module, class and function docstrings in source order,
+       read with `ast` from the stdlib directory (nothing is imported, so no module side effects).
+    """
+    import ast
+    import sysconfig
+
+    from pydoc_data.topics import topics
+
+    for key in sorted(topics):
+        yield topics[key]
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in sorted(sys.stdlib_module_names):
+        if name.startswith("_"):
+            continue
+        for candidate in (stdlib / f"{name}.py", stdlib / name / "__init__.py"):
+            if candidate.is_file():
+                tree = ast.parse(candidate.read_text(encoding="utf-8"))
+                docs = [ast.get_docstring(n) for n in _defs_in_order(tree)]
+                text = "\n\n".join(d for d in docs if d)
+                if text:
+                    yield text
+                break
+
+
+def _defs_in_order(node: Any) -> Iterator[Any]:
+    import ast
+
+    if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+        yield node
+    for child in ast.iter_child_nodes(node):
+        yield from _defs_in_order(child)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, progress: bool = True) -> dict[bytes, int]:
+    """Byte-level BPE over Llama 3 pre-tokens -> tiktoken ranks (256 single bytes first, then merges in order).
+
+    Each step merges the most frequent adjacent pair; ties go to the smallest (left id, right id), so the
+    result depends only on the text. Pair counts are updated incrementally for the words a merge touches.
+    """
+    import regex
+    from tqdm import tqdm
+
+    if vocab_size < 256:
+        raise UserError(f"--vocab-size {vocab_size} is below 256 (the single bytes); use e.g. 8192")
+    pat = regex.compile(LLAMA3_PAT)
+    word_counts: Counter[str] = Counter()
+    for text in texts:
+        word_counts.update(pat.findall(text))
+    words = [list(w.encode("utf-8")) for w in sorted(word_counts)]  # sorted: order-independent of input dicts
+    freqs = [word_counts[w] for w in sorted(word_counts)]
+    vocab = [bytes([b]) for b in range(256)]
+    index = {b: i for i, b in enumerate(vocab)}
+    pair_counts: Counter[tuple[int, int]] = Counter()
+    where: dict[tuple[int, int], set[int]] = {}
+    for w, (word, f) in enumerate(zip(words, freqs, strict=True)):
+        for pair in zip(word, word[1:], strict=False):
+            pair_counts[pair] += f
+            where.setdefault(pair, set()).add(w)
+    heap = [(-c, a, b) for (a, b), c in pair_counts.items()]
+    heapq.heapify(heap)
+    bar = tqdm(total=vocab_size - 256, desc="bpe merges", disable=not progress)
+    while len(vocab) < vocab_size and heap:
+        neg, a, b = heapq.heappop(heap)
+        if pair_counts.get((a, b), 0) != -neg or neg == 0:
+            continue  # stale heap entry
+        merged = vocab[a] + vocab[b]
+        new = index.get(merged)
+        if new is None:  # the same bytes can arise from another split; tiktoken maps both to one rank
+            new = index[merged] = len(vocab)
+            vocab.append(merged)
+            bar.update(1)
+        touched: set[tuple[int, int]] = set()
+        for w in sorted(where.pop((a, b), ())):
+            word, f = words[w], freqs[w]
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and word[i] == a and word[i + 1] == b:
+                    out.append(new)
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            if len(out) == len(word):
+                continue
+            for pair in zip(word, word[1:], strict=False):
+                pair_counts[pair] -= f
+                touched.add(pair)
+            for pair in zip(out, out[1:], strict=False):
+                pair_counts[pair] += f
+                where.setdefault(pair, set()).add(w)
+                touched.add(pair)
+            words[w] = out
+        for pair in touched:
+            c = pair_counts[pair]
+            if c > 0 and pair != (a, b):
+                heapq.heappush(heap, (-c, *pair))
+            elif c <= 0:
+                del pair_counts[pair]
+    bar.close()
+    return {tok: rank for rank, tok in enumerate(vocab)}
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    tr = sub.add_parser("train", help="train a byte-level BPE and write a tiktoken-format file")
+    tr.add_argument("--input", nargs="*", default=None,
+                    help="UTF-8 text files (default: the embedded corpus, see embedded_corpus())")
+    tr.add_argument("--vocab-size", type=int, required=True,
+                    help="BPE ranks incl. the 256 single bytes; 256 special tokens are added on top when loading")
+    tr.add_argument("--out", required=True, help="output path, e.g. tokenizer.model")
+    en = sub.add_parser("encode", help="print the ids of --text")
+    en.add_argument("--tokenizer", required=True, help="tokenizer.model, HF dir / hub id, or .gguf file")
+    en.add_argument("--text", required=True)
+    en.add_argument("--allow-special", action="store_true", help="let special-token strings become specials")
+    en.add_argument("--bos", action="store_true")
+    args = parser.parse_args(argv)
+    if args.cmd == "encode":
+        tok = load_tokenizer(args.tokenizer)
+        print(json.dumps(tok.encode(args.text, bos=args.bos, allowed_special="all" if args.allow_special else ())))
+        return 0
+    if args.input:
+        for f in args.input:
+            if not Path(f).is_file():
+                raise UserError(f"--input {f} does not exist; pass UTF-8 text files or omit --input")
+        texts: Iterable[str] = (Path(f).read_text(encoding="utf-8") for f in args.input)
+        what = f"{len(args.input)} file(s)"
+    else:
+        texts, what = embedded_corpus(), "the embedded corpus"
+    ranks = train_bpe(texts, args.vocab_size, progress=sys.stderr.isatty())
+    write_tiktoken_file(ranks, args.out)
+    print(f"wrote {args.out}: {len(ranks)} ranks (+{NUM_SPECIAL_TOKENS} specials) from {what}, "
+          f"sha256 {_sha256_file(args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
