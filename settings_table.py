@@ -148,7 +148,7 @@ SETTINGS: list[Setting] = [
     S("LORA_ENABLED", "lora", "bool", False, "train low-rank adapters instead of all weights"),
     S("LORA_RANK", "lora", "int", 16, "adapter rank r", min=1),
     S("LORA_ALPHA", "lora", "float", 8.0, "adapter scaling is alpha / r", min=0.0),
-    S("LORA_DROPOUT", "lora", "float", 0.05, "dropout on the adapter path only", min=0.0, max=1.0),
+    S("LORA_DROPOUT", "lora", "float", 0.05, "dropout on the adapter path only (< 1)", min=0.0, max=0.99),
     S("LORA_TARGET_MODULES", "lora", "list", ["wq", "wk", "wv", "wo", "w1", "w3"],
       "linear layers that get adapters (wq wk wv wo w1 w2 w3 output)"),
     # ---- performance / distribution --------------------------------------------------------------
