@@ -132,14 +132,23 @@ def _load_tokenizer(source: str):
 
 
 def encode_prompt(tok, text: str, chat: bool, system: str | None = None) -> list[int]:
-    """Plain prompts get BOS when the tokenizer has one; chat prompts go through ChatFormat."""
+    """Plain prompts get BOS for Llama-style tokenizers; chat prompts go through ChatFormat."""
     if chat:
         import tokenizer as tokenizer_mod
 
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
         ids, _ = tokenizer_mod.ChatFormat(tok).encode_dialog(messages, add_generation_prompt=True)
         return list(ids)
-    return list(tok.encode(text, bos=getattr(tok, "bos_id", None) is not None))
+    return list(tok.encode(text, bos=_wants_bos(tok)))
+
+
+def _wants_bos(tok) -> bool:
+    """Llama-style tokenizers start every document with BOS; ChatML ones (SmolLM2: BOS = <|im_start|>) do not."""
+    bos = getattr(tok, "bos_id", None)
+    if bos is None:
+        return False
+    names = {i: n for n, i in getattr(tok, "special_tokens", {}).items()}
+    return getattr(tok, "kind", None) == "tiktoken" or names.get(bos) in ("<|begin_of_text|>", "<s>", "<bos>")
 
 
 def main() -> int:

@@ -456,21 +456,25 @@ def _stop_ids(tokenizer) -> list[int]:
 
 
 def _save_tokenizer(tokenizer, out: Path) -> None:
-    """HF-backed tokenizers: save_pretrained. tiktoken-backed: copy the tokenizer.model file (what
-    Meta ships; HF's Llama 3 converter turns it into tokenizer.json). Anything else: skipped."""
-    if hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(out)
+    """tokenizer.py's HF/GGUF backends (a `tokenizers.Tokenizer` in .backend): tokenizer.json plus a
+    tokenizer_config.json with the special tokens and chat template, which AutoTokenizer loads.
+    tiktoken backend: a copy of the tokenizer.model file (Meta's format; transformers' Llama 3 converter
+    turns it into tokenizer.json). Anything else is skipped with a note."""
+    backend = getattr(tokenizer, "backend", None)
+    if hasattr(backend, "save") and hasattr(backend, "id_to_token"):
+        backend.save(str(out / "tokenizer.json"))
+        name = lambda i: None if i is None else backend.id_to_token(i)
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name(tokenizer.bos_id),
+               "eos_token": name(tokenizer.eos_id), "pad_token": name(getattr(tokenizer, "pad_id", None)),
+               "add_bos_token": False, "clean_up_tokenization_spaces": False}
+        if getattr(tokenizer, "chat_template", None):
+            cfg["chat_template"] = tokenizer.chat_template
+        (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         return
-    for attr in ("hf", "hf_tokenizer", "backend", "_tok"):
-        inner = getattr(tokenizer, attr, None)
-        if hasattr(inner, "save_pretrained"):
-            inner.save_pretrained(out)
-            return
-    for attr in ("model_path", "path", "source"):
-        p = getattr(tokenizer, attr, None)
-        if p and Path(p).is_file() and Path(p).suffix != ".gguf":
-            shutil.copy(p, out / "tokenizer.model")
-            return
+    src = Path(getattr(tokenizer, "source", "") or "")
+    if getattr(tokenizer, "kind", None) == "tiktoken" and src.is_file():
+        shutil.copy(src, out / "tokenizer.model")
+        return
     print(f"note: tokenizer {type(tokenizer).__name__} cannot be saved in HF format; export has weights only")
 
 
