@@ -8,28 +8,165 @@ The loop (train.py) never names an objective. For each optimizer step it
      average gradients), so the step's loss is normalized by the whole step's count — not a mean of
      micro-batch means (which would over-weight short micro-batches in SFT).
 `loss()` therefore returns SUMS over units; metrics are sums too and are divided by N when logged.
-Frozen helpers (a teacher, a DPO reference) are built in `setup()` and never wrapped in DDP.
+
+Frozen helpers (a distillation teacher, a DPO reference) are built in `setup()`, which must be called
+with the UNWRAPPED model, before DDP/FSDP/compile: the DPO reference is a deep copy of that model
+(or, under LoRA, the same model with adapters disabled) and is never wrapped in DDP. `setup()`
+returns a dict of banner lines ({"teacher_memory_mb": ...}) for the loop to print.
+
+Pure loss functions (DESIGN §3): `sequence_logps`, `dpo_loss`, `distillation_loss` (mean over masked
+positions), `distillation_loss_sum`, `topk_distillation_loss_sum`.
+
+CLI (precompute frozen-model outputs once, keyed by the loader's `sample_index`):
+    python objectives.py cache-teacher --teacher SRC --data DIR --out DIR --top-k K [--env-file F] [KEY=VALUE ...]
+    python objectives.py cache-reference --reference SRC --data DIR --out DIR [--env-file F] [KEY=VALUE ...]
 """
 
 from __future__ import annotations
 
+import copy
+import sys
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import lora
+from errors import UserError
+
 IGNORE_INDEX = -100
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ---- pure loss functions ----------------------------------------------------------------------------
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast half precisions to fp32 for softmax/log-sum-exp; keep fp64 (gradcheck) as it is."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Summed next-token cross-entropy in fp32. logits (B, T, V), labels (B, T) already shifted."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index,
+    return F.cross_entropy(_at_least_fp32(logits.flatten(0, 1)), labels.flatten(), ignore_index=ignore_index,
                            reduction="sum")
 
 
 def count_targets(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> int:
     return int((labels != ignore_index).sum())
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """log p(response | prompt) per row: (B,). logits (B, T, V); labels (B, T) already shifted (logits[:, t]
+    predicts labels[:, t]) and `ignore_index` everywhere but response tokens, so prompt and padding add
+    exactly 0 (the seed summed over padding). Computed in fp32 even under bf16 autocast."""
+    B, T, _ = logits.shape
+    nll = F.cross_entropy(_at_least_fp32(logits.flatten(0, 1)), labels.flatten(), ignore_index=ignore_index,
+                          reduction="none")  # (B*T,), 0 where ignored
+    return -nll.view(B, T).sum(-1)
+
+
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float,
+             label_smoothing: float = 0.0, loss_type: str = "sigmoid",
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair preference losses (B,) and the implicit rewards beta * log(pi / ref) (B,) (detached).
+
+    With h = (log pi(y_w) - log pi(y_l)) - (log ref(y_w) - log ref(y_l)):
+      sigmoid: -(1 - eps) log s(beta h) - eps log s(-beta h)   DPO (Rafailov et al. 2023, eq. 7);
+               eps > 0 is conservative DPO (Mitchell 2023, "cDPO"): labels flipped with probability eps
+      hinge:   max(0, 1 - beta h)                                SLiC-style hinge (Zhao et al. 2023)
+      ipo:     (h - 1 / (2 beta))^2                              IPO (Azar et al. 2023, eq. 17)
+    All inputs are the log-probs the caller passes (the DPO objective passes SUMMED response log-probs
+    for every type, as the IPO paper defines it; TRL length-averages them for IPO).
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise UserError(f"DPO_LOSS_TYPE={loss_type!r}: expected one of {', '.join(DPO_LOSS_TYPES)}")
+    h = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)  # (B,)
+    if loss_type == "sigmoid":
+        losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "hinge":
+        losses = torch.relu(1.0 - beta * h)
+    else:
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def distillation_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+                          temperature: float) -> torch.Tensor:
+    """T^2 * sum over masked positions of KL(softmax(teacher/T) || softmax(student/T)) (Hinton et al. 2015;
+    T^2 keeps the gradient scale independent of T). logits (B, T, V); mask (B, T) bool. fp32 math."""
+    s = _at_least_fp32(student_logits[mask]) / temperature  # (N, V), only positions that count
+    t = _at_least_fp32(teacher_logits[mask]).to(s.dtype) / temperature
+    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)  # (N,)
+    return temperature**2 * kl.sum()
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """T^2 * KL(teacher || student) AVERAGED over masked positions (mean per target token; 0 if none)."""
+    n = mask.sum().clamp(min=1)
+    return distillation_loss_sum(student_logits, teacher_logits, mask, temperature) / n
+
+
+def topk_distillation_loss_sum(student_logits: torch.Tensor, teacher_topk_logps: torch.Tensor,
+                               teacher_topk_ids: torch.Tensor, mask: torch.Tensor, temperature: float
+                               ) -> torch.Tensor:
+    """The cached-teacher approximation of `distillation_loss_sum`: both distributions are restricted to
+    the teacher's top-k tokens and renormalized there, then T^2 * KL over that support. Exact when the
+    teacher's mass outside its top-k is 0; the student gets no KD signal about tokens outside the top-k
+    (the CE term still covers them). teacher_topk_* (B, T, K) hold T=1 log-probs; dividing by T and
+    renormalizing gives exactly the tempered teacher restricted to the support."""
+    s = _at_least_fp32(student_logits[mask])  # (N, V)
+    ids = teacher_topk_ids[mask].long()  # (N, K)
+    s_k = F.log_softmax(s.gather(-1, ids) / temperature, -1)  # (N, K)
+    t_k = F.log_softmax(teacher_topk_logps[mask].to(s.dtype) / temperature, -1)
+    kl = F.kl_div(s_k, t_k, log_target=True, reduction="none").sum(-1)
+    return temperature**2 * kl.sum()
+
+
+# ---- objectives ------------------------------------------------------------------------------------
+
+
+def _logits(model: nn.Module, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (B, T, V) from our Transformer or a transformers model (which returns an output object)."""
+    if doc_ids is not None:
+        out = model(input_ids, doc_ids=doc_ids)
+    else:
+        out = model(input_ids)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def _vocab_size(model: nn.Module) -> int:
+    m = lora._unwrap(model)
+    args = getattr(m, "args", None) or getattr(m, "config", None)
+    return int(args.vocab_size)
+
+
+def _memory_bytes(model: nn.Module) -> int:
+    seen: dict[int, int] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        seen[id(t)] = t.numel() * t.element_size()  # tied weights counted once
+    return sum(seen.values())
+
+
+def _freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _require_unwrapped(model: nn.Module) -> None:
+    if isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
+        raise RuntimeError("Objective.setup() must receive the unwrapped model, before DDP/FSDP/torch.compile: "
+                           "frozen helpers are copies of it and must never be wrapped")
 
 
 class Objective:
@@ -41,8 +178,10 @@ class Objective:
     def __init__(self, cfg: Any = None):
         self.cfg = cfg
 
-    def setup(self, model: nn.Module, tokenizer: Any, device: torch.device) -> None:
-        """Build frozen helpers (teacher, reference). Default: none."""
+    def setup(self, model: nn.Module, tokenizer: Any, device: torch.device) -> dict[str, Any]:
+        """Build frozen helpers (teacher, reference) from the UNWRAPPED model, before parallelizing.
+        Returns banner facts for the loop to print (empty when there are no helpers)."""
+        return {}
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         """How many normalizing units (target tokens by default) this micro-batch holds."""
@@ -78,17 +217,388 @@ class SupervisedFineTuning(LanguageModeling):
     name, batch_format = "instruct", "sft"
 
 
+class Distillation(Objective):
+    """A language-modeling objective plus a knowledge-distillation term, per target token:
+
+        loss_sum = (1 - alpha) * CE_sum + alpha * T^2 * KL_sum(teacher || student)
+
+    both summed over the positions whose label is not IGNORE_INDEX, so units (target tokens) and the
+    step normalization are the base objective's. The teacher is frozen (eval, no grad, TEACHER_PRECISION)
+    and never wrapped in DDP; with TEACHER_CACHE_PATH the term reads precomputed top-k teacher log-probs
+    by `batch["sample_index"]` instead (see topk_distillation_loss_sum for the approximation).
+    Validation stays the plain CE of the base objective, so val curves compare with and without KD.
+    """
+
+    def __init__(self, cfg: Any, base: LanguageModeling, teacher: nn.Module | None = None):
+        super().__init__(cfg)
+        self.base = base
+        self.name, self.batch_format = f"{base.name}+distill", base.batch_format
+        d = cfg.distill
+        self.alpha, self.temperature = float(d.distillation_alpha), float(d.distillation_temperature)
+        self.teacher: nn.Module | None = teacher
+        self.cache = None
+        self.teacher_memory_bytes = 0
+
+    def setup(self, model, tokenizer, device):
+        _require_unwrapped(model)
+        d = self.cfg.distill
+        student_vocab = _vocab_size(model)
+        if d.teacher_cache_path:
+            self.cache = TeacherCache(d.teacher_cache_path)
+            teacher_vocab, where = self.cache.vocab_size, f"TEACHER_CACHE_PATH={d.teacher_cache_path}"
+            self.teacher_memory_bytes = 0
+            info = {"teacher": f"cache {d.teacher_cache_path} (top-{self.cache.top_k})"}
+        else:
+            dtype = PRECISIONS[d.teacher_precision]
+            if self.teacher is None:
+                import model_utils
+
+                self.teacher, _ = model_utils.load_model(d.teacher_model_checkpoint, device=device, dtype=dtype)
+            else:
+                self.teacher.to(device=device, dtype=dtype)
+            _freeze(self.teacher)
+            teacher_vocab, where = _vocab_size(self.teacher), f"TEACHER_MODEL_CHECKPOINT={d.teacher_model_checkpoint}"
+            self.teacher_memory_bytes = _memory_bytes(self.teacher)
+            info = {"teacher": d.teacher_model_checkpoint or type(self.teacher).__name__,
+                    "teacher_precision": d.teacher_precision}
+        if teacher_vocab != student_vocab:
+            raise UserError(f"distillation: the teacher's vocabulary has {teacher_vocab} tokens ({where}) but the "
+                            f"student's has {student_vocab}: both must use the same tokenizer")
+        info["teacher_memory_mb"] = round(self.teacher_memory_bytes / 2**20, 1)
+        return info
+
+    def units(self, batch):
+        return self.base.units(batch)
+
+    def kd_sum(self, student_logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """alpha-free T^2 * KL summed over target positions, from the live teacher or the cache."""
+        mask = batch["labels"] != IGNORE_INDEX  # (B, T)
+        if self.cache is not None:
+            if "sample_index" not in batch:
+                raise UserError("TEACHER_CACHE_PATH is set but the loader's batches carry no 'sample_index'; "
+                                "unset TEACHER_CACHE_PATH to run the teacher live")
+            logps, ids = self.cache.lookup(batch["sample_index"], student_logits.device)  # (B, T, K) each
+            if logps.shape[1] != student_logits.shape[1]:
+                raise UserError(f"teacher cache rows hold {logps.shape[1]} positions, batches {student_logits.shape[1]}"
+                                ": rebuild the cache with the same MAX_SEQ_LEN")
+            return topk_distillation_loss_sum(student_logits, logps, ids, mask, self.temperature)
+        with torch.no_grad():
+            teacher_logits = _logits(self.teacher, batch["input_ids"], batch.get("doc_ids"))
+        return distillation_loss_sum(student_logits, teacher_logits, mask, self.temperature)
+
+    def loss(self, model, batch):
+        logits = model(batch["input_ids"], doc_ids=batch.get("doc_ids"))  # (B, T, V)
+        ce = cross_entropy_sum(logits, batch["labels"])
+        kd = self.kd_sum(logits, batch)
+        loss_sum = (1.0 - self.alpha) * ce + self.alpha * kd
+        return loss_sum, {"ce": ce.detach(), "kd": kd.detach()}
+
+    def eval_loss(self, model, batch):
+        return self.base.eval_loss(model, batch)
+
+
+class DirectPreferenceOptimization(Objective):
+    """DPO on (prompt, chosen, rejected) pairs; units = pairs.
+
+    Chosen and rejected go through the policy in ONE concatenated forward (2B rows). The reference is a
+    frozen deep copy of the starting model made in setup() (eval, no grad, never in DDP), or — when the
+    model carries LoRA adapters — the same model with adapters disabled (no second copy; torchtune's
+    trick). With DPO_REFERENCE_LOGPS_PATH the reference log-probs are read by batch["sample_index"].
+    """
+
+    name, batch_format = "dpo", "dpo"
+
+    def __init__(self, cfg: Any):
+        super().__init__(cfg)
+        d = cfg.dpo
+        self.beta, self.label_smoothing, self.loss_type = float(d.dpo_beta), float(d.dpo_label_smoothing), d.dpo_loss_type
+        self.reference: nn.Module | None = None
+        self.base_model: nn.Module | None = None  # the unwrapped policy, for the adapters-off reference pass
+        self.ref_cache = None
+
+    def setup(self, model, tokenizer, device):
+        _require_unwrapped(model)
+        path = self.cfg.dpo.dpo_reference_logps_path
+        if path:
+            self.ref_cache = ReferenceCache(path)
+            return {"reference": f"precomputed log-probs {path}", "reference_memory_mb": 0.0}
+        if any(True for _ in lora.lora_modules(model)):
+            self.base_model = model
+            return {"reference": "policy with LoRA adapters disabled", "reference_memory_mb": 0.0}
+        self.reference = _freeze(copy.deepcopy(model))
+        return {"reference": "frozen copy of the initial policy",
+                "reference_memory_mb": round(_memory_bytes(self.reference) / 2**20, 1)}
+
+    def units(self, batch):
+        return int(batch["chosen_input_ids"].shape[0])
+
+    @staticmethod
+    def _concat(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])  # (2B, T)
+        labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])  # (2B, T)
+        return ids, labels
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict[str, torch.Tensor], ids: torch.Tensor, labels: torch.Tensor
+                        ) -> torch.Tensor:
+        """Reference log-probs (2B,) = [chosen; rejected]."""
+        if self.ref_cache is not None:
+            if "sample_index" not in batch:
+                raise UserError("DPO_REFERENCE_LOGPS_PATH is set but the loader's batches carry no 'sample_index'; "
+                                "unset it to run the reference live")
+            c, r = self.ref_cache.lookup(batch["sample_index"], ids.device)
+            return torch.cat([c, r])
+        if self.reference is not None:
+            return sequence_logps(_logits(self.reference, ids), labels)
+        if self.base_model is None:
+            raise RuntimeError("DirectPreferenceOptimization.setup() was not called before loss()")
+        with lora.disable_lora(self.base_model):
+            return sequence_logps(_logits(self.base_model, ids), labels)
+
+    def _forward(self, model: nn.Module, batch: dict[str, torch.Tensor]):
+        ids, labels = self._concat(batch)
+        B = batch["chosen_input_ids"].shape[0]
+        policy = sequence_logps(_logits(model, ids), labels)  # (2B,) fp32
+        ref = self.reference_logps(batch, ids, labels)
+        losses, cr, rr = dpo_loss(policy[:B], policy[B:], ref[:B], ref[B:], self.beta, self.label_smoothing,
+                                  self.loss_type)
+        return losses, cr, rr, policy.detach()
+
+    def loss(self, model, batch):
+        losses, cr, rr, policy = self._forward(model, batch)
+        B = cr.shape[0]
+        metrics = {
+            "rewards_chosen": cr.sum(), "rewards_rejected": rr.sum(),
+            "reward_accuracy": (cr > rr).float().sum(), "reward_margin": (cr - rr).sum(),
+            "logps_chosen": policy[:B].sum(), "logps_rejected": policy[B:].sum(),
+        }
+        return losses.sum(), metrics
+
+    def eval_loss(self, model, batch):
+        with torch.no_grad():
+            losses, *_ = self._forward(model, batch)
+        return losses.sum(), self.units(batch)
+
+
 OBJECTIVES: dict[str, type[Objective]] = {
     "pretrain": Pretrain,
     "instruct": SupervisedFineTuning,
+    "dpo": DirectPreferenceOptimization,
+}
+# Terms that wrap a stage's objective, keyed by the boolean setting (cfg group, attribute) that turns them on.
+WRAPPERS: dict[tuple[str, str], type[Distillation]] = {
+    ("distill", "is_model_distillation"): Distillation,
 }
 
 
 def build_objective(cfg: Any) -> Objective:
-    """The objective for cfg.training.training_stage (a table lookup; no stage logic in the loop)."""
+    """The objective for cfg.training.training_stage, wrapped by every enabled term (table lookups)."""
     stage = cfg.training.training_stage
     if stage not in OBJECTIVES:
-        from errors import UserError
-
         raise UserError(f"TRAINING_STAGE={stage!r} has no objective yet: expected one of {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[stage](cfg)
+    objective = OBJECTIVES[stage](cfg)
+    for (group, key), wrapper in WRAPPERS.items():
+        if getattr(getattr(cfg, group), key):
+            if not isinstance(objective, LanguageModeling):
+                raise UserError(f"{key.upper()}=true combines with pretrain or instruct, not TRAINING_STAGE={stage}")
+            objective = wrapper(cfg, objective)
+    return objective
+
+
+
+
+# ---- precomputed frozen-model outputs (teacher top-k, DPO reference log-probs) ----------------------
+# A cache is a directory: manifest.json + .npy arrays whose first axis is the loader's `sample_index`
+# (a sample's id within its split, independent of seed, epoch and world size), so any run over the
+# same shards reads the right rows whatever its batch geometry. Written into <out>.tmp, then renamed.
+
+CACHE_FORMAT = "llama3-objectives-cache-v1"
+
+
+def _read_cache_manifest(path: str, kind: str, setting: str) -> dict[str, Any]:
+    import json
+    from pathlib import Path
+
+    f = Path(path) / "manifest.json"
+    if not f.is_file():
+        raise UserError(f"{setting}={path}: no manifest.json there; build it with `python objectives.py "
+                        f"cache-{kind} ...` or unset {setting}")
+    m = json.loads(f.read_text())
+    if m.get("format") != CACHE_FORMAT or m.get("kind") != kind:
+        raise UserError(f"{setting}={path} is not a {kind} cache of this version ({m.get('format')}, "
+                        f"{m.get('kind')}); rebuild it with `python objectives.py cache-{kind}`")
+    return m
+
+
+def _rows(index: torch.Tensor, n: int, path: str) -> Any:
+    idx = index.cpu().long().numpy()
+    if idx.min() < 0 or idx.max() >= n:
+        raise UserError(f"cache {path} has {n} samples but a batch asks for sample {int(idx.max())}: the cache was "
+                        "built from other shards; rebuild it for this data")
+    return idx
+
+
+class TeacherCache:
+    """Reads top-k teacher log-probs: lookup(sample_index (B,)) -> (logps (B, T, K) fp32, ids (B, T, K) long)."""
+
+    def __init__(self, path: str):
+        import numpy as np
+
+        self.path, self.manifest = path, _read_cache_manifest(path, "teacher", "TEACHER_CACHE_PATH")
+        self.vocab_size, self.top_k = int(self.manifest["vocab_size"]), int(self.manifest["top_k"])
+        self.logps = np.load(f"{path}/topk_logps.npy", mmap_mode="r")  # (N, T, K) float16
+        self.ids = np.load(f"{path}/topk_ids.npy", mmap_mode="r")  # (N, T, K) uint16 | int32
+
+    def lookup(self, sample_index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        import numpy as np
+
+        idx = _rows(sample_index, self.logps.shape[0], self.path)
+        logps = torch.from_numpy(np.ascontiguousarray(self.logps[idx])).float()
+        ids = torch.from_numpy(np.ascontiguousarray(self.ids[idx]).astype(np.int64))
+        return logps.to(device), ids.to(device)
+
+
+class ReferenceCache:
+    """Reads DPO reference log-probs: lookup(sample_index (B,)) -> (chosen (B,), rejected (B,)) fp32."""
+
+    def __init__(self, path: str):
+        import numpy as np
+
+        self.path, self.manifest = path, _read_cache_manifest(path, "reference", "DPO_REFERENCE_LOGPS_PATH")
+        self.logps = np.load(f"{path}/ref_logps.npy", mmap_mode="r")  # (N, 2) float32
+
+    def lookup(self, sample_index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.from_numpy(self.logps[_rows(sample_index, self.logps.shape[0], self.path)].copy())
+        return rows[:, 0].to(device), rows[:, 1].to(device)
+
+
+def _cache_loader(cfg: Any, kind: str, data: str, batch_size: int, tok: Any):
+    import dataloaders
+
+    return dataloaders.build_loader(
+        kind, data, "train", seq_len=cfg["MAX_SEQ_LEN"], micro_batch=batch_size, global_batch=batch_size,
+        rank=0, world_size=1, seed=cfg["SEED"], pad_id=tok.pad_id,
+        packed=kind == "sft" and cfg["SFT_BATCHING"] == "packed", tokenizer_identity=tok.identity())
+
+
+def build_cache(kind: str, cfg: Any, model_source: str, data: str, out: str, top_k: int = 64,
+                batch_size: int = 8, device: str = "cpu", model: nn.Module | None = None) -> dict[str, Any]:
+    """Run a frozen model once over one epoch of the train split and store, per `sample_index`, either the
+    teacher's top-k T=1 log-probs at every position (kind "teacher") or the reference's summed response
+    log-probs of chosen and rejected (kind "reference"). Returns the manifest."""
+    import json
+    import os
+    import shutil
+    import time
+    from pathlib import Path
+
+    import numpy as np
+    from tqdm import tqdm
+
+    import model_utils
+    import tokenizer as tokenizer_mod
+
+    if model is None:
+        dtype = PRECISIONS[cfg["TEACHER_PRECISION"]] if kind == "teacher" else torch.float32
+        model, _ = model_utils.load_model(model_source, device=device, dtype=dtype)
+    model = _freeze(model)
+    tok = tokenizer_mod.load_tokenizer(cfg["TOKENIZER_CHECKPOINT_PATH"])
+    if kind == "teacher" and cfg["TRAINING_STAGE"] not in ("pretrain", "instruct"):
+        raise UserError(f"cache-teacher: TRAINING_STAGE={cfg['TRAINING_STAGE']}; distillation data is pretrain or instruct")
+    batch_format = "dpo" if kind == "reference" else OBJECTIVES[cfg["TRAINING_STAGE"]].batch_format
+    loader = _cache_loader(cfg, batch_format, data, batch_size, tok)
+    n, T, V = loader.samples_per_epoch, cfg["MAX_SEQ_LEN"], _vocab_size(model)
+    if kind == "teacher" and V != tok.vocab_size:
+        raise UserError(f"cache-teacher: the teacher's vocabulary has {V} tokens but the tokenizer "
+                        f"{cfg['TOKENIZER_CHECKPOINT_PATH']} has {tok.vocab_size}: use the student's tokenizer")
+    top_k = min(top_k, V)
+    final, tmp = Path(out), Path(f"{out}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if kind == "teacher":
+        logps_arr = np.lib.format.open_memmap(tmp / "topk_logps.npy", "w+", np.float16, (n, T, top_k))
+        ids_arr = np.lib.format.open_memmap(tmp / "topk_ids.npy", "w+", np.uint16 if V <= 65536 else np.int32,
+                                            (n, T, top_k))
+    else:
+        ref_arr = np.zeros((n, 2), np.float32)
+    filled = np.zeros(n, bool)
+    t0, bar = time.time(), tqdm(total=n, desc=f"cache-{kind}", unit="sample")
+    with torch.no_grad():
+        for _ in range(2 * (n + batch_size - 1) // batch_size):  # one epoch; a partial last batch may wrap
+            if filled.all():
+                break
+            batch = loader.next_batch()
+            if "sample_index" not in batch:
+                raise UserError("the data loader provides no 'sample_index'; caches need dataloaders.py with it")
+            idx = batch["sample_index"].numpy()
+            new = ~filled[idx]
+            if not new.any():
+                continue
+            if kind == "teacher":
+                doc_ids = batch["doc_ids"].to(device) if "doc_ids" in batch else None
+                logits = _logits(model, batch["input_ids"].to(device), doc_ids)
+                lp = F.log_softmax(logits.float(), -1)  # (B, T, V), T=1: the loss applies its temperature
+                vals, ids = lp.topk(top_k, dim=-1)  # (B, T, K)
+                logps_arr[idx[new]] = vals[torch.from_numpy(new)].cpu().numpy().astype(np.float16)
+                ids_arr[idx[new]] = ids[torch.from_numpy(new)].cpu().numpy().astype(ids_arr.dtype)
+            else:
+                ids, labels = DirectPreferenceOptimization._concat({k: v.to(device) for k, v in batch.items()})
+                lp = sequence_logps(_logits(model, ids), labels).cpu().numpy()  # (2B,)
+                B = len(idx)
+                ref_arr[idx[new], 0], ref_arr[idx[new], 1] = lp[:B][new], lp[B:][new]
+            filled[idx[new]] = True
+            bar.update(int(new.sum()))
+    bar.close()
+    if not filled.all():
+        shutil.rmtree(tmp)
+        raise UserError(f"cache-{kind}: the loader never produced {int((~filled).sum())} of {n} sample indices; "
+                        "sample_index must cover 0..samples_per_epoch-1")
+    if kind == "teacher":
+        logps_arr.flush()
+        ids_arr.flush()
+        del logps_arr, ids_arr
+    else:
+        np.save(tmp / "ref_logps.npy", ref_arr)
+    manifest = {"format": CACHE_FORMAT, "kind": kind, "model": str(model_source), "data": str(data),
+                "batch_format": batch_format, "split": "train", "n_samples": n, "seq_len": T, "vocab_size": V,
+                "top_k": top_k if kind == "teacher" else None, "tokenizer": tok.identity(),
+                "seconds": round(time.time() - t0, 1)}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    print(f"cache-{kind}: {n} samples x {T} positions -> {final} in {manifest['seconds']} s")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    import config
+
+    overrides, rest = config.split_overrides(list(sys.argv[1:] if argv is None else argv))
+    p = argparse.ArgumentParser(prog="objectives.py", description="Precompute frozen-model outputs for training.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for cmd, who in (("cache-teacher", "--teacher"), ("cache-reference", "--reference")):
+        s = sub.add_parser(cmd, help=f"run {who[2:]} once over the train shards and store its outputs")
+        s.add_argument(who, dest="model", required=True, help="any model_utils.load_model source")
+        s.add_argument("--data", required=True, help="shard root (the loader's root: train/ val/ manifest.json)")
+        s.add_argument("--out", required=True, help="cache directory to write")
+        s.add_argument("--batch-size", type=int, default=8)
+        s.add_argument("--device", default="cpu")
+        s.add_argument("--env-file", default=None, help="settings file (default: ./.env when present)")
+        if cmd == "cache-teacher":
+            s.add_argument("--top-k", type=int, default=None, help="default: TEACHER_CACHE_TOP_K")
+    args = p.parse_args(rest)
+    cfg = config.load_config(args.env_file, overrides)
+    kind = "teacher" if args.cmd == "cache-teacher" else "reference"
+    top_k = getattr(args, "top_k", None) or cfg["TEACHER_CACHE_TOP_K"]
+    build_cache(kind, cfg, args.model, args.data, args.out, top_k=top_k, batch_size=args.batch_size,
+                device=args.device)
+    return 0
+
+
+if __name__ == "__main__":
+    from errors import run_cli
+
+    run_cli(main)
