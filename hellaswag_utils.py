@@ -7,8 +7,9 @@ Rendering (lm-eval `tasks/hellaswag/utils.py`, `process_docs` + `preprocess`):
 
 Tokenization (lm-eval HFLM `_encode_pair`, causal backend): trailing spaces of the context move to
 the continuation; then whole = encode(context + continuation), ctx = encode(context) and the
-continuation tokens are whole[len(ctx):]. A BOS token is prepended to the context when `add_bos`
-(see `resolve_add_bos`); lm-eval's HF backend adds it only with `add_bos_token=True`.
+continuation tokens are whole[len(ctx):]. A BOS token is prepended to the context when `add_bos`;
+the default (None) follows the tokenizer's convention, as lm-eval 0.4.13's HF backend does unless it
+is given `add_bos_token=` (older lm-eval releases passed add_special_tokens=False: no BOS).
 
 Scores per example (ll_i = summed log-likelihood of ending i's tokens given the context):
     acc            argmax ll_i
@@ -123,15 +124,31 @@ def load_examples(path: str | os.PathLike, limit: int | None = None) -> list[Exa
 
 # ---- tokenization ----------------------------------------------------------------------------------------
 def resolve_add_bos(tokenizer: Any, add_bos: bool | None) -> bool:
-    """add_bos=None means the tokenizer's convention: its own `add_bos` flag when it states one (HF
-    `add_bos_token`, GGUF `tokenizer.ggml.add_bos_token`), else True when it has a BOS token (Llama 3
-    prepends <|begin_of_text|>; our pretraining starts every document with BOS)."""
+    """add_bos=None means the tokenizer's own convention, which is also lm-eval 0.4.13's default (its HF
+    backend calls tokenizer.encode with the tokenizer's default add_special_tokens):
+      - an explicit boolean `tokenizer.add_bos` attribute wins;
+      - no BOS token -> False;
+      - a GGUF tokenizer -> its `tokenizer.ggml.add_bos_token` flag (SmolLM2: False);
+      - an HF (`tokenizers`) backend -> whether its post-processor prepends BOS (Llama 3: yes);
+      - otherwise (tiktoken, Llama 3 / our own) -> True: <|begin_of_text|> starts every document.
+    """
     if add_bos is not None:
         return add_bos
     flag = getattr(tokenizer, "add_bos", None)
     if isinstance(flag, bool):
         return flag
-    return getattr(tokenizer, "bos_id", None) is not None
+    bos = getattr(tokenizer, "bos_id", None)
+    if bos is None:
+        return False
+    source = str(getattr(tokenizer, "source", ""))
+    if getattr(tokenizer, "kind", None) == "gguf" and source.endswith(".gguf") and Path(source).is_file():
+        from tokenizer import read_gguf_metadata
+
+        return bool(read_gguf_metadata(source).get("tokenizer.ggml.add_bos_token", True))
+    backend = getattr(tokenizer, "backend", None)
+    if backend is not None and hasattr(backend, "encode"):
+        return backend.encode("a", add_special_tokens=True).ids[:1] == [bos]
+    return True
 
 
 def encode_pair(tokenizer: Any, context: str, continuation: str, add_bos: bool) -> tuple[list[int], list[int]]:
