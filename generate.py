@@ -67,9 +67,12 @@ def generate(
     stop_ids: Sequence[int] = (),
     seed: int | None = None,
     pad_id: int = 0,
-) -> list[list[int]]:
+    return_logits: bool = False,
+) -> list[list[int]] | tuple[list[list[int]], torch.Tensor]:
     """Continue each prompt; returns the new tokens per row, cut before the first stop id (the stop
-    token itself is not included). Uses a KV cache sized to the longest prompt + max_new_tokens."""
+    token itself is not included). Uses a KV cache sized to the longest prompt + max_new_tokens.
+    return_logits: also return the fp32 logits (B, n_steps, V) each new token was sampled from
+    (for tests and debugging)."""
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens={max_new_tokens} must be >= 0")
     if top_k is not None and top_k < 1:
@@ -88,6 +91,7 @@ def generate(
     full_mask[:, :L] = key_mask
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
     out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
+    step_logits: list[torch.Tensor] = []
     done = torch.zeros(B, dtype=torch.bool, device=device)
     next_pos = positions[:, -1:] + 1  # (B, 1)
     was_training = model.training
@@ -97,6 +101,8 @@ def generate(
         logits = model(tokens, 0, positions=positions, key_mask=full_mask[:, :L])[:, -1]  # (B, V)
         n = 0
         for n in range(max_new_tokens):
+            if return_logits:
+                step_logits.append(logits.float())
             nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             out[:, n] = nxt
             done |= torch.isin(nxt, stop)
@@ -113,6 +119,9 @@ def generate(
     for row in out[:, :n].tolist():
         cut = next((i for i, t in enumerate(row) if t in stop_set), len(row))
         results.append(row[:cut])
+    if return_logits:
+        V = model.args.vocab_size
+        return results, torch.stack(step_logits, 1) if step_logits else torch.empty(B, 0, V)
     return results
 
 

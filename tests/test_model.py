@@ -1,0 +1,116 @@
+"""model.py against transformers' LlamaForCausalLM, weights moved by model_utils' production converters;
+KV-cache decoding and document packing against plain full forwards."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from generate import generate, left_pad
+from model import ModelArgs, Transformer
+from model_utils import export_hf, load_model
+
+CONFIGS = {
+    "mha": dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
+    "gqa": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+    "tied": dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True),
+    # original context 16 < test length, so all three frequency bands of the 3.1 rule are exercised
+    "rope_llama31": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+}
+
+
+def hf_config(**kw) -> LlamaConfig:
+    base = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, rms_norm_eps=1e-5,
+                rope_theta=10000.0, max_position_embeddings=128, initializer_range=0.1)
+    return LlamaConfig(**{**base, **kw})
+
+
+def random_hf_model(cfg: LlamaConfig, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # norms start at 1: randomize them so a mis-mapped norm cannot hide
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def random_ours(args: ModelArgs, seed: int = 0) -> Transformer:
+    model = Transformer(args)
+    model.init_weights(std=0.1, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_hf_checkpoint_loads_with_same_logits(name, tmp_path):
+    hf = random_hf_model(hf_config(**CONFIGS[name]))
+    hf.save_pretrained(tmp_path)
+    ours, args = load_model(tmp_path)
+    assert args.tie_embeddings == hf.config.tie_word_embeddings
+    assert (args.rope_scaling is not None) == ("rope_scaling" in CONFIGS[name])
+    tokens = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(tokens).logits
+        got = ours(tokens)
+    assert (got - ref).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_export_hf_reloads_in_transformers_with_same_logits(name, tmp_path):
+    kw = CONFIGS[name]
+    sc = kw.get("rope_scaling")
+    args = ModelArgs(dim=64, n_layers=2, n_heads=kw["num_attention_heads"], n_kv_heads=kw["num_key_value_heads"],
+                     vocab_size=97, ffn_hidden_dim=96, rope_theta=10000.0, max_seq_len=128,
+                     tie_embeddings=kw["tie_word_embeddings"],
+                     rope_scaling={k: v for k, v in sc.items() if k != "rope_type"} if sc else None)
+    ours = random_ours(args)
+    export_hf(ours, args, tmp_path / "hf")
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    if args.tie_embeddings:
+        assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    tokens = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = hf(tokens).logits
+        got = ours(tokens)
+    assert (got - ref).abs().max().item() < 1e-4
+
+
+def test_kv_cache_decoding_equals_full_forward():
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=32, rope_theta=10000.0)
+    model = random_ours(args, seed=3)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(1, 97, (11,), generator=g).tolist(), torch.randint(1, 97, (4,), generator=g).tolist()]
+    steps = 32
+    new, cached_logits = generate(model, prompts, steps, return_logits=True)  # greedy, no stop ids
+    assert [len(r) for r in new] == [steps, steps] and cached_logits.shape == (2, steps, 97)
+    assert model.layers[0].attention.cache is None  # caches are released
+
+    # the same padded sequence in one forward, no cache: padding hidden by key_mask, positions per row
+    tokens, key_mask, positions = left_pad([p + n for p, n in zip(prompts, new, strict=True)])
+    L = max(len(p) for p in prompts)
+    with torch.no_grad():
+        full = model(tokens, positions=positions, key_mask=key_mask)  # (B, L+steps, V)
+    assert (full[:, L - 1: L - 1 + steps] - cached_logits).abs().max().item() < 1e-4
+
+    # and padding is invisible: the short row alone, unpadded, gives the same logits
+    with torch.no_grad():
+        alone = model(torch.tensor([prompts[1] + new[1]]))
+    assert (alone[0, len(prompts[1]) - 1: len(prompts[1]) - 1 + steps] - cached_logits[1]).abs().max().item() < 1e-4
+
+
+def test_doc_ids_packing_equals_separate_forwards():
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=32)
+    model = random_ours(args, seed=5)
+    g = torch.Generator().manual_seed(6)
+    docs = [torch.randint(0, 97, (n,), generator=g) for n in (7, 12, 5)]
+    packed = torch.cat(docs)[None]  # (1, 24)
+    doc_ids = torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)])[None]
+    with torch.no_grad():
+        got = model(packed, doc_ids=doc_ids)[0]
+        ref = torch.cat([model(d[None])[0] for d in docs])
+    assert (got - ref).abs().max().item() < 1e-5
