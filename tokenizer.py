@@ -521,7 +521,6 @@ def embedded_corpus() -> Iterator[str]:
     """
     import ast
     import sysconfig
-
     from pydoc_data.topics import topics
 
     for key in sorted(topics):
