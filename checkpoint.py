@@ -1,0 +1,297 @@
+"""Training-state checkpoints: atomic save, retention, resume (DESIGN §5). Never unpickles on load.
+
+Layout: `<root>/<stage>/step_NNNNNNN/` holding
+  model.safetensors       full, unsharded weights with model.py's names (tied output stored once);
+                          a LoRA run stores the adapters only (+ the base model's identity in config.json)
+  optimizer.safetensors   optimizer tensors keyed `state/<param name>/<slot>` (FQN keys: any world size,
+  optimizer.json          DDP or FSDP2 resumes it) + JSON for param groups, scalars, GradScaler, schedule
+  trainer_state.json      step, tokens, dataloader state, RNG states, best val, early stopping, parent
+  config.json             {"model_args", "settings", "lora"?, "base_model"?}
+and `<root>/<stage>/latest` (and `best`) — one-line text files naming a step dir, replaced atomically
+after the directory is complete. A checkpoint is written into `.tmp-step_*`, fsynced, then renamed:
+a crash leaves `latest` on the previous complete checkpoint.
+
+Every rank calls save()/gather (FSDP2 gathers are collectives); rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import distributed as D
+from errors import UserError
+
+STEP_RE = re.compile(r"^step_(\d{7,})$")
+MODEL_FILE, OPTIM_FILE, OPTIM_JSON = "model.safetensors", "optimizer.safetensors", "optimizer.json"
+STATE_FILE, CONFIG_FILE = "trainer_state.json", "config.json"
+_DCP_FULL = dict(full_state_dict=True, cpu_offload=True)
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def stage_root(cfg: Any, stage: str, for_loading: bool = False) -> Path:
+    """`<STAGE>_SAVE_CHECKPOINTS_PATH/<stage>` (loading: `<STAGE>_LOAD_CHECKPOINTS_PATH` when set)."""
+    key = stage.upper()
+    base = (cfg.get(f"{key}_LOAD_CHECKPOINTS_PATH") if for_loading else "") or cfg[f"{key}_SAVE_CHECKPOINTS_PATH"]
+    return Path(base) / stage
+
+
+def resolve(spec: str, root: Path) -> Path:
+    """A checkpoint dir, a step name inside `root`, or `latest` / `best` -> the directory."""
+    if spec in ("latest", "best"):
+        ptr = root / spec
+        if not ptr.is_file():
+            raise UserError(f"no {spec!r} checkpoint in {root}: train with SAVE_CHECKPOINTS=true first or "
+                            "pass a checkpoint directory")
+        path = root / ptr.read_text().strip()
+    else:
+        path = Path(spec) if Path(spec).is_dir() else root / spec
+    if not (path / STATE_FILE).is_file() and not (path / CONFIG_FILE).is_file():
+        raise UserError(f"checkpoint {spec!r} not found (looked at {path}): pass a step_NNNNNNN dir, a name "
+                        f"in {root}, or latest")
+    return path
+
+
+# ---- gathering state (collective) ------------------------------------------------------------------------
+
+
+def full_model_state(model: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """The unsharded CPU state dict with model.py's names (every rank must call it under FSDP2)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(**_DCP_FULL))
+    if getattr(getattr(model, "args", None), "tie_embeddings", False):
+        sd.pop("output.weight", None)  # the same tensor as tok_embeddings.weight
+    if trainable_only:
+        keep = {n for n, p in model.named_parameters() if p.requires_grad}
+        sd = {k: v for k, v in sd.items() if k in keep}
+    return {k: v.detach().contiguous() for k, v in sd.items()}
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(**_DCP_FULL))
+
+
+def _flatten_optimizer(osd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """{"state": {fqn: {slot: tensor|number}}, "param_groups": [...]} -> (tensors, JSON rest)."""
+    tensors, scalars = {}, {}
+    for fqn, slots in osd["state"].items():
+        for slot, v in slots.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"state/{fqn}/{slot}"] = v.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(fqn, {})[slot] = v
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in osd["param_groups"]]
+    return tensors, {"scalars": scalars, "param_groups": groups}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[str, dict] = {fqn: dict(s) for fqn, s in meta["scalars"].items()}
+    for key, t in tensors.items():
+        _, rest = key.split("/", 1)
+        fqn, slot = rest.rsplit("/", 1)
+        state.setdefault(fqn, {})[slot] = t
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+# ---- RNG -----------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    st = {"torch": torch.get_rng_state().tolist(), "python": _listify(random.getstate()),
+          "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    if torch.cuda.is_available():
+        st["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(torch.tensor(st["torch"], dtype=torch.uint8))
+    v, internal, gauss = st["python"]
+    random.setstate((v, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = st["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in st and torch.cuda.is_available() and len(st["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in st["cuda"]])
+
+
+def _listify(x: Any) -> Any:
+    return [_listify(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+# ---- writing -------------------------------------------------------------------------------------------
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=1, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return o.item() if o.numel() == 1 else o.tolist()
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON-serializable: {type(o).__name__}")
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Atomic text-file replace: write tmp, fsync, rename over."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def config_sha(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
+         trainer_state: dict, config: dict, lora: bool = False, best: bool = False,
+         keep: int = 2, extra_optimizer_json: dict | None = None) -> Path | None:
+    """Write `<root>/step_NNNNNNN` atomically, move `latest` (and `best` when best) to it, apply retention.
+    Collective: every rank calls it; rank 0 writes; returns the path on rank 0 (None elsewhere)."""
+    msd = full_model_state(model, trainable_only=lora)
+    osd = full_optimizer_state(model, optimizer) if optimizer is not None else None
+    out = None
+    if D.is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-step_*"):  # leftovers of a crashed save
+            shutil.rmtree(stale, ignore_errors=True)
+        name = step_name(step)
+        tmp = root / f".tmp-{name}-{os.getpid()}"
+        tmp.mkdir()
+        try:
+            save_file(msd, str(tmp / MODEL_FILE), metadata={"format": "pt", "lora_only": str(lora)})
+            if osd is not None:
+                tensors, meta = _flatten_optimizer(osd)
+                save_file(tensors, str(tmp / OPTIM_FILE))
+                write_json(tmp / OPTIM_JSON, {**meta, **(extra_optimizer_json or {})})
+            write_json(tmp / CONFIG_FILE, config)
+            write_json(tmp / STATE_FILE, trainer_state)
+            for f in tmp.iterdir():
+                _fsync_file(f)
+            _fsync_dir(tmp)
+            out = root / name
+            if out.exists():  # re-saving a step (e.g. after --start-step): replace the old copy
+                old = root / f".tmp-old-{name}-{os.getpid()}"
+                os.replace(out, old)
+                shutil.rmtree(old)
+            os.replace(tmp, out)
+            _fsync_dir(root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _replace_text(root / "latest", name + "\n")  # last: only complete checkpoints are pointed at
+        if best:
+            _replace_text(root / "best", name + "\n")
+        apply_retention(root, keep)
+    D.barrier()
+    return out
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_RE.match(p.name))] \
+        if root.is_dir() else []
+    return sorted(found)
+
+
+def apply_retention(root: Path, keep: int) -> list[Path]:
+    """Keep the newest `keep` step dirs plus the one `best` names; delete the rest. Returns deleted."""
+    ckpts = list_checkpoints(root)
+    protected = {p.name for _, p in ckpts[-keep:]}
+    for ptr in ("best", "latest"):
+        if (root / ptr).is_file():
+            protected.add((root / ptr).read_text().strip())
+    deleted = [p for _, p in ckpts if p.name not in protected]
+    for p in deleted:
+        shutil.rmtree(p)
+    return deleted
+
+
+# ---- loading -------------------------------------------------------------------------------------------
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path} ({e}); the checkpoint is incomplete or corrupt: pick another") from e
+
+
+def load_model_weights(path: Path, model: nn.Module) -> None:
+    """Copy model.safetensors into an unwrapped model (before parallelize). A LoRA checkpoint fills only
+    the adapters (the base came from INIT_FROM). Any shape or name mismatch -> UserError naming it."""
+    sd = load_file(str(path / MODEL_FILE))
+    own = model.state_dict()
+    lora_only = bool(read_json(path / CONFIG_FILE).get("lora")) if (path / CONFIG_FILE).is_file() else False
+    tied = getattr(getattr(model, "args", None), "tie_embeddings", False)
+    expected = {k for k in own if not (tied and k == "output.weight")}
+    if lora_only:
+        expected = {k for k in expected if k.endswith((".lora_a", ".lora_b"))}
+    missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - set(own))
+    if missing or unexpected:
+        raise UserError(f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]}; use the model settings (and LoRA settings) it was trained with")
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise UserError(f"checkpoint {path}: tensor {k} has shape {tuple(v.shape)} but the model has "
+                            f"{tuple(own[k].shape)}; use the model settings the checkpoint was trained with")
+    with torch.no_grad():
+        for k, v in sd.items():
+            own[k].copy_(v)
+
+
+def load_optimizer(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Load optimizer tensors + groups into the (possibly sharded) optimizer; returns optimizer.json extras
+    (GradScaler state, schedule). The saved state is full and FQN-keyed, so any world size loads it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if not (path / OPTIM_FILE).is_file():
+        raise UserError(f"checkpoint {path} has no optimizer state: resume with --reset-optimizer")
+    meta = read_json(path / OPTIM_JSON)
+    osd = _unflatten_optimizer(load_file(str(path / OPTIM_FILE)), meta)
+    try:
+        set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True))
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise UserError(f"optimizer state in {path} does not fit this run ({str(e)[:120]}); a different "
+                        "OPTIMIZER or LoRA setting? resume with --reset-optimizer") from e
+    return {k: v for k, v in meta.items() if k not in ("scalars", "param_groups")}
+
+
+def read_trainer_state(path: Path) -> dict:
+    return read_json(path / STATE_FILE)

@@ -1,0 +1,220 @@
+"""torchrun environment -> process group, rank helpers, and ONE function that turns a built model into
+the training model (activation checkpointing -> torch.compile -> FSDP2 or DDP, in that order).
+
+Single process (plain `python train.py`) needs no process group; every helper then answers for a world
+of one. Multi-node needs nothing special: torchrun (--nnodes/--node_rank/--master_addr/--master_port or
+--rdzv-backend c10d) exports RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT and env:// reads them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from errors import UserError
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+
+def select_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
+    """DEVICE: auto picks cuda -> mps -> cpu; an explicit device that is missing is a user error."""
+    if preference == "auto":
+        if torch.cuda.is_available():
+            preference = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            preference = "mps"
+        else:
+            preference = "cpu"
+    if preference == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("DEVICE=cuda but torch sees no CUDA device: install a CUDA build of torch or set DEVICE=cpu")
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if preference == "mps" and not torch.backends.mps.is_available():
+        raise UserError("DEVICE=mps but MPS is not available: set DEVICE=cpu")
+    return torch.device(preference)
+
+
+def init_distributed(device_preference: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
+    """Read torchrun's env; start the process group when WORLD_SIZE > 1 (nccl on CUDA, gloo otherwise)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = select_device(device_preference, local_rank)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs: dict[str, Any] = {}
+        if device.type == "cuda":
+            kwargs["device_id"] = device  # binds the communicator to this GPU eagerly
+        dist.init_process_group(backend=backend, init_method="env://", timeout=timedelta(seconds=timeout_s),
+                                **kwargs)
+    return DistInfo(rank, local_rank, world, device)
+
+
+def destroy() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---- rank helpers -------------------------------------------------------------------------------------
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (identity in one process); returns t."""
+    if is_dist():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if is_dist():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def sum_floats(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few Python numbers over ranks in one collective (float64 so token counts stay exact)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    return all_reduce_sum(t).tolist()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is True on any (e.g. 'a signal arrived'): all ranks then act together."""
+    return bool(all_reduce_max(torch.tensor([float(flag)], device=device)).item())
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+# ---- wrapping -----------------------------------------------------------------------------------------
+
+
+def _checkpoint_block(block: nn.Module) -> None:
+    """Recompute the block's activations in backward. Patches the instance's forward (instead of a wrapper
+    module) so parameter names — and therefore checkpoints — are unchanged."""
+    from torch.utils.checkpoint import checkpoint
+
+    inner = block.forward
+
+    def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+
+    block.forward = forward
+
+
+def parallelize(model: nn.Module, cfg: Any, device: torch.device) -> nn.Module:
+    """Apply, in this order (torchtitan's): activation checkpointing per block -> torch.compile per block
+    -> FSDP2 (fully_shard per block, then the root) or DDP (root) when world_size > 1.
+
+    Returns the module to call in the loop. Parameter names of `model` are unchanged by every step
+    (compile and fully_shard work in place; DDP's `.module` is the original model), so the caller keeps
+    using `model` for state dicts. With USE_FSDP in a single process, FSDP2 still shards over a world of
+    one — useful to test the code path."""
+    s = cfg.system
+    blocks = list(model.layers)
+    if s.activation_checkpointing:
+        for b in blocks:
+            _checkpoint_block(b)
+    if s.use_torch_compile:
+        for b in blocks:
+            b.compile()  # in place: keeps names; per block compiles once and reuses the graph
+    if s.use_fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if not is_dist():
+            raise UserError("USE_FSDP=true needs a process group: launch with torchrun (even --nproc_per_node 1)")
+        # fp32 master weights; compute dtype comes from autocast in the loop, gradients reduced in fp32
+        mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
+        for b in blocks:
+            fully_shard(b, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        return model
+    if world_size() > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [device.index] if device.type == "cuda" else None
+        return DDP(model, device_ids=ids)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model (names as in model.py) under DDP."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(unwrap(model), FSDPModule)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, sync: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce on non-final micro-steps (DDP no_sync; FSDP2 requires_gradient_sync)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel) and not sync:
+        with model.no_sync():
+            yield
+        return
+    if is_fsdp(model):
+        model.set_requires_gradient_sync(sync)
+    yield
+
+
+def grad_norm_and_clip(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """The global L2 norm of all gradients (before clipping), clipping to max_norm when > 0.
+
+    FSDP2 gradients are DTensors sharded over ranks: get_total_norm returns a DTensor holding a partial
+    norm per rank; full_tensor() reduces it to the true global norm before any clipping decision."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    if max_norm > 0 and torch.isfinite(total):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total

@@ -1,0 +1,155 @@
+"""Rank-aware logging: a console line per step, `<RUN_DIR>/metrics.jsonl` (one JSON object per event,
+DESIGN §5), Weights & Biases when enabled (WANDB_MODE=offline works), a start-up banner, a loss-curve
+PNG and a one-line summary at the end. Only rank 0 writes anything; other ranks' calls are no-ops."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Dense peak FLOP/s per device for MFU, by (device name substring, dtype). Override with PEAK_FLOPS.
+# GPU figures are the vendors' dense (no sparsity) tensor-core numbers; the CPU entry is what a big
+# matmul reaches on this project's 2-core AVX-512-bf16 machines (DESIGN §7), not a datasheet value.
+PEAK_FLOPS_TABLE: dict[tuple[str, str], float] = {
+    ("H100", "bf16"): 989e12, ("H100", "fp16"): 989e12, ("H100", "fp32"): 67e12,
+    ("A100", "bf16"): 312e12, ("A100", "fp16"): 312e12, ("A100", "fp32"): 19.5e12,
+    ("L40S", "bf16"): 362e12, ("L40S", "fp16"): 362e12, ("L40S", "fp32"): 91.6e12,
+    ("A10", "bf16"): 125e12, ("A10", "fp16"): 125e12, ("A10", "fp32"): 31.2e12,
+    ("RTX 4090", "bf16"): 165e12, ("RTX 4090", "fp16"): 165e12, ("RTX 4090", "fp32"): 82.6e12,
+    ("cpu", "bf16"): 8e11, ("cpu", "fp16"): 1.8e11, ("cpu", "fp32"): 1.8e11,
+}
+
+
+def peak_flops(device: torch.device, precision: str, override: float = 0.0) -> float | None:
+    """Peak FLOP/s of one device from the table (None when unknown: MFU is then not reported)."""
+    if override > 0:
+        return override
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    for (key, prec), value in PEAK_FLOPS_TABLE.items():
+        if prec == precision and key.lower() in name.lower():
+            return value
+    return None
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=5, cwd=Path(__file__).resolve().parent).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Logger:
+    """console + metrics.jsonl + W&B. `log(event)` takes a flat dict with a "step" key."""
+
+    def __init__(self, run_dir: str | os.PathLike, is_main: bool, config: dict | None = None,
+                 wandb_enabled: bool = False, wandb_project: str = "", wandb_run_name: str = "",
+                 wandb_entity: str = "", resume: bool = False):
+        self.is_main = is_main
+        self.run_dir = Path(run_dir)
+        self.history: list[dict] = []
+        self.wandb = None
+        self._t0 = time.time()
+        if not is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # append on resume so one run directory holds the whole curve
+        self._file = open(self.run_dir / "metrics.jsonl", "a" if resume else "w", buffering=1)
+        if wandb_enabled:
+            import wandb
+
+            self.wandb = wandb.init(project=wandb_project or None, name=wandb_run_name or None,
+                                    entity=wandb_entity or None, dir=str(self.run_dir), config=config or {},
+                                    reinit="finish_previous")
+
+    def print(self, *args: Any) -> None:
+        if self.is_main:
+            print(*args, flush=True)
+
+    def log(self, event: dict[str, Any], console: bool = False) -> None:
+        if not self.is_main:
+            return
+        clean = {k: _plain(v) for k, v in event.items()}
+        self.history.append(clean)
+        self._file.write(json.dumps(clean) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in clean.items() if k != "step" and isinstance(v, (int, float))},
+                           step=clean["step"])
+        if console:
+            print(format_event(clean), flush=True)
+
+    def banner(self, lines: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        width = max(len(k) for k in lines)
+        print("=" * 80)
+        for k, v in lines.items():
+            print(f"{k:<{width}} : {v}")
+        print("=" * 80, flush=True)
+
+    def plot_loss(self, name: str = "loss.png") -> Path | None:
+        """Training (and validation) loss against step as a PNG in the run dir."""
+        if not self.is_main:
+            return None
+        train = [(e["step"], e["loss"]) for e in self.history if "loss" in e]
+        val = [(e["step"], e["val_loss"]) for e in self.history if "val_loss" in e]
+        if not train and not val:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if train:
+            ax.plot(*zip(*train, strict=True), label="train", lw=1)
+        if val:
+            ax.plot(*zip(*val, strict=True), "o-", label="validation", lw=1.5)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = self.run_dir / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+    def close(self) -> None:
+        if not self.is_main:
+            return
+        self._file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf; keep the fact visible
+    return v
+
+
+def format_event(e: dict[str, Any]) -> str:
+    """One aligned console line: `step    12 | loss 5.4321 | lr 3.00e-04 | norm 0.812 | 12,345 tok/s | mfu 3.1%`."""
+    parts = [f"step {e['step']:>6}"]
+    fmt = {"loss": "loss {:.4f}", "val_loss": "val_loss {:.4f}", "lr": "lr {:.2e}", "grad_norm": "norm {:.3f}",
+           "tokens_per_s": "{:,.0f} tok/s", "mfu": "mfu {:.1%}", "dt_ms": "{:.0f} ms",
+           "hellaswag_acc_norm": "hellaswag acc_norm {:.4f}", "hellaswag_acc": "acc {:.4f}",
+           "nonfinite_steps": "nonfinite {}"}
+    for k, f in fmt.items():
+        if k in e and e[k] is not None and not isinstance(e[k], str):
+            parts.append(f.format(e[k]))
+    return " | ".join(parts)
