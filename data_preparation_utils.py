@@ -1,0 +1,560 @@
+"""Offline data preparation: streaming parallel tokenization into atomic, resumable, verified shards.
+
+On-disk format (one directory per prepared dataset; `kind` is pretrain | sft | dpo):
+
+    <dir>/manifest.json                  written last, atomically; "complete": true
+    <dir>/{train,val}/data_NNNNNN.npy    tokens, 1-D, uint16 when the vocabulary fits else uint32
+    sft adds   mask_NNNNNN.npy (uint8, aligned with data_) and offsets_NNNNNN.npy (int64, n+1 example starts)
+    dpo writes prompt_/chosen_/rejected_NNNNNN.npy and offsets_NNNNNN.npy (int64, (n+1, 3) starts per array)
+    <dir>/progress.json                  the resume journal, present only while a preparation is unfinished
+
+Pretrain: every document is BOS + tokens + EOS; shards hold exactly `shard_size` tokens (the last one less),
+so documents may span shard boundaries. SFT/DPO: an example never spans shards; a shard closes when the next
+example would take it past `shard_size` tokens.
+
+Train/val split: hash(split seed, document text / canonical JSON record) -> val when below `val_fraction`;
+it depends on nothing but the document, so adding data never moves an old document to the other side.
+
+Resumability: after every shard the journal records, per split, the finished shards and the input position
+reached (index of the first input record not wholly in a finished shard, and how many of its tokens are).
+A re-run with the same settings skips what is done and ends with exactly the shards and manifest an
+uninterrupted run writes. Records of a split before that split's position are not re-tokenized.
+
+Parallelism: `NUMBER_OF_CPU_PROCESSES` workers (0 = half the cores, at least 1); chunks of records go to a
+multiprocessing pool and come back in order, with a bounded number in flight so the input is streamed,
+never held in RAM. One worker encodes in-process (no pool).
+
+    python data_preparation_utils.py verify DIR [--tokenizer tokenizer.model] [--check-hashes]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from errors import UserError, run_cli
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+JOURNAL = "progress.json"
+SPLITS = ("train", "val")
+# role -> file prefix, per kind; "tokens" is the array counted against shard_size for pretrain/sft.
+SHARD_FILES: dict[str, dict[str, str]] = {
+    "pretrain": {"tokens": "data"},
+    "sft": {"tokens": "data", "mask": "mask", "offsets": "offsets"},
+    "dpo": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "offsets": "offsets"},
+}
+TOKEN_ROLES = {"pretrain": ("tokens",), "sft": ("tokens",), "dpo": ("prompt", "chosen", "rejected")}
+
+
+def auto_workers(n: int) -> int:
+    """NUMBER_OF_CPU_PROCESSES: 0 means half the cores (at least 1); the seed crashed on 0."""
+    return n if n > 0 else max(1, (os.cpu_count() or 2) // 2)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def split_of(key: str, seed: int, val_fraction: float) -> str:
+    """Deterministic split: the first 8 bytes of blake2b(seed, text) as a fraction of 2**64."""
+    h = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8, key=str(seed).encode()[:64])
+    return "val" if int.from_bytes(h.digest(), "big") < val_fraction * 2.0**64 else "train"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `path.tmp`, fsync, rename: readers see the old file or the whole new one, never a part."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def save_npy(path: Path, arr: np.ndarray) -> dict[str, Any]:
+    """Atomically write one .npy; returns its manifest entry (path relative to the dataset dir later)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    data = buf.getvalue()
+    atomic_write(path, data)
+    return {"shape": list(arr.shape), "dtype": str(arr.dtype), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------- encoding
+
+
+class Malformed(NamedTuple):
+    """An input record that could not be parsed (e.g. a bad jsonl line): skipped and counted."""
+
+    where: str
+    text: str
+    reason: str
+
+
+# Same limits as tokenizer.TiktokenTokenizer: within them one encode_ordinary call equals tok.encode.
+_LONG_RUN = re.compile(r"\s{25001}|\S{25001}")
+
+
+def plain_encoder(tok: Any) -> Callable[[str], list[int]]:
+    """text -> ids without specials; for tiktoken a direct `encode_ordinary` (tok.encode also computes
+    character offsets, which pretraining does not need), falling back to tok.encode for texts whose
+    chunking would differ. Equal to tok.encode(text) in every case (tested)."""
+    model = getattr(tok, "model", None)
+    if getattr(tok, "kind", "") == "tiktoken" and hasattr(model, "encode_ordinary"):
+        max_chars = getattr(sys.modules.get("tokenizer"), "TIKTOKEN_MAX_ENCODE_CHARS", 400_000)
+
+        def encode(text: str) -> list[int]:
+            if len(text) <= max_chars and not _LONG_RUN.search(text):
+                return model.encode_ordinary(text)
+            return tok.encode(text)
+
+        return encode
+    return tok.encode
+
+
+class PretrainEncoder:
+    """Plain-text document -> BOS + ids + EOS. Runs in the worker processes."""
+
+    kind = "pretrain"
+
+    def __init__(self, tok: Any):
+        self.tok = tok
+        self.dtype = token_dtype(tok.vocab_size)
+        self._encode: Callable[[str], list[int]] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"tok": self.tok, "dtype": self.dtype, "_encode": None}
+
+    def split_key(self, record: str) -> str:
+        return record
+
+    def __call__(self, record: str) -> tuple[dict[str, np.ndarray] | None, str | None]:
+        if not isinstance(record, str) or not record:
+            return None, "empty"
+        if self._encode is None:
+            self._encode = plain_encoder(self.tok)
+        ids = self._encode(record)
+        out = np.empty(len(ids) + 2, dtype=self.dtype)
+        out[0], out[-1] = self.tok.bos_id, self.tok.eos_id
+        out[1:-1] = ids
+        return {"tokens": out}, None
+
+
+def record_key(record: Any) -> str:
+    """Split key of a structured record: its canonical JSON."""
+    return record if isinstance(record, str) else json.dumps(record, sort_keys=True, ensure_ascii=False)
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(encoder: Any, seed: int, val_fraction: float) -> None:
+    _WORKER.update(encoder=encoder, seed=seed, val_fraction=val_fraction)
+
+
+def _encode_chunk(start: int, records: list[Any], resume_from: dict[str, int]) -> list[tuple | None]:
+    """-> per record (split, arrays or None, event or None, warning or None), or None if already done."""
+    enc, seed, frac = _WORKER["encoder"], _WORKER["seed"], _WORKER["val_fraction"]
+    out: list[tuple | None] = []
+    for i, rec in enumerate(records, start):
+        if isinstance(rec, Malformed):
+            split = split_of(rec.text, seed, frac)
+            out.append(None if i < resume_from[split] else
+                       (split, None, "malformed", f"{rec.where}: {rec.reason}; skipped"))
+            continue
+        split = split_of(enc.split_key(rec), seed, frac)
+        if i < resume_from[split]:
+            out.append(None)
+            continue
+        arrays, event = enc(rec)
+        out.append((split, arrays, event, None))
+    return out
+
+
+def _chunks(records: Iterator[Any], start: int, max_records: int, max_chars: int) -> Iterator[tuple[int, list]]:
+    chunk: list[Any] = []
+    chars = 0
+    for rec in records:
+        chunk.append(rec)
+        chars += len(rec) if isinstance(rec, str) else 256
+        if len(chunk) >= max_records or chars >= max_chars:
+            yield start, chunk
+            start += len(chunk)
+            chunk, chars = [], 0
+    if chunk:
+        yield start, chunk
+
+
+def _encoded_stream(records: Iterator[Any], start: int, encoder: Any, workers: int, seed: int,
+                    val_fraction: float, resume_from: dict[str, int]) -> Iterator[tuple[int, tuple | None]]:
+    """(record index, result) in input order. Pool.imap would read ahead without bound (its feeder thread
+    drains the input), so at most 2 chunks per worker are in flight here."""
+    chunks = _chunks(records, start, max_records=1024, max_chars=1 << 20)
+    if workers <= 1:
+        _init_worker(encoder, seed, val_fraction)
+        for s, chunk in chunks:
+            yield from enumerate(_encode_chunk(s, chunk, resume_from), s)
+        return
+    import multiprocessing as mp
+
+    with mp.get_context().Pool(workers, initializer=_init_worker,
+                               initargs=(encoder, seed, val_fraction)) as pool:
+        pending: deque = deque()
+        for s, chunk in chunks:
+            pending.append((s, pool.apply_async(_encode_chunk, (s, chunk, resume_from))))
+            if len(pending) >= 2 * workers:
+                s0, res = pending.popleft()
+                yield from enumerate(res.get(), s0)
+        while pending:
+            s0, res = pending.popleft()
+            yield from enumerate(res.get(), s0)
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+
+class ShardWriter:
+    """Buffers one split's encoded records and writes shards; `state()` is what the journal stores."""
+
+    def __init__(self, root: Path, kind: str, split: str, shard_size: int, state: dict[str, Any] | None):
+        self.root, self.kind, self.split, self.shard_size = root, kind, split, shard_size
+        st = state or {"shards": [], "next_doc": 0, "skip": 0, "documents": 0, "stats": {}}
+        self.shards: list[dict] = st["shards"]
+        self.next_doc, self.resume_skip = st["next_doc"], st["skip"]
+        self.documents, self.stats = st["documents"], dict(st["stats"])
+        self.committed = st
+        self.buffer: list[dict[str, np.ndarray]] = []
+        self.buffered = 0
+        self.on_shard: Callable[[], None] = lambda: None
+        (root / split).mkdir(parents=True, exist_ok=True)
+
+    def state(self) -> dict[str, Any]:
+        return self.committed
+
+    def count(self, event: str | None) -> None:
+        if event:
+            self.stats[event] = self.stats.get(event, 0) + 1
+
+    def add(self, i: int, arrays: dict[str, np.ndarray], event: str | None) -> None:
+        if self.kind == "pretrain":
+            self._add_stream(i, arrays["tokens"], event)
+            return
+        n = sum(len(arrays[r]) for r in TOKEN_ROLES[self.kind])
+        if self.buffer and self.buffered + n > self.shard_size:
+            self._close(next_doc=i, skip=0, documents=self.documents, stats=self.stats)
+        self.count(event)
+        self.documents += 1
+        self.buffer.append(arrays)
+        self.buffered += n
+
+    def _add_stream(self, i: int, tokens: np.ndarray, event: str | None) -> None:
+        pos = self.resume_skip if i == self.next_doc else 0  # tokens already in finished shards
+        self.count(event)
+        self.documents += 1
+        while pos < len(tokens):
+            take = min(len(tokens) - pos, self.shard_size - self.buffered)
+            self.buffer.append({"tokens": tokens[pos:pos + take]})
+            self.buffered += take
+            pos += take
+            if self.buffered == self.shard_size:
+                done = pos == len(tokens)
+                self._close(next_doc=i + 1 if done else i, skip=0 if done else pos,
+                            documents=self.documents - (0 if done else 1), stats=self.stats)
+
+    def finish(self, n_records: int) -> None:
+        if self.buffer:
+            self._close(next_doc=n_records, skip=0, documents=self.documents, stats=self.stats)
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        parts = self.buffer
+        if self.kind == "pretrain":
+            return {"tokens": np.concatenate([p["tokens"] for p in parts])}
+        roles = TOKEN_ROLES[self.kind] + (("mask",) if self.kind == "sft" else ())
+        out = {r: np.concatenate([p[r] for p in parts]) for r in roles}
+        lengths = np.array([[len(p[r]) for r in TOKEN_ROLES[self.kind]] for p in parts], dtype=np.int64)
+        offsets = np.zeros((len(parts) + 1, lengths.shape[1]), dtype=np.int64)
+        np.cumsum(lengths, axis=0, out=offsets[1:])
+        out["offsets"] = offsets[:, 0] if self.kind == "sft" else offsets
+        return out
+
+    def _close(self, next_doc: int, skip: int, documents: int, stats: dict[str, int]) -> None:
+        index = len(self.shards)
+        arrays = self._arrays()
+        files = {}
+        for role, prefix in SHARD_FILES[self.kind].items():
+            rel = f"{self.split}/{prefix}_{index:06d}.npy"
+            files[role] = {"path": rel, **save_npy(self.root / rel, arrays[role])}
+        entry = {"index": index, "tokens": int(self.buffered), "files": files}
+        if self.kind != "pretrain":
+            entry["examples"] = len(self.buffer)
+        self.shards.append(entry)
+        self.buffer, self.buffered = [], 0
+        self.committed = {"shards": list(self.shards), "next_doc": next_doc, "skip": skip,
+                          "documents": documents, "stats": dict(stats)}
+        self.on_shard()
+
+
+def _clean(root: Path) -> None:
+    """Remove only what a preparation writes (never a whole directory the user may have pointed at)."""
+    for split in SPLITS:
+        for p in (root / split).glob("*.npy*"):
+            p.unlink()
+    for name in (MANIFEST, JOURNAL):
+        (root / name).unlink(missing_ok=True)
+
+
+def prepare(kind: str, records: Iterable[Any], out_dir: str | Path, encoder: Any, *, tokenizer_identity: dict,
+            source: str, seed: int, val_fraction: float, shard_size: int, workers: int = 0,
+            options: dict[str, Any] | None = None, overwrite: bool = False, progress: bool = True,
+            fail_after_shards: int | None = None) -> dict[str, Any]:
+    """Tokenize `records` (an iterable read lazily, in a fixed order) into shards under out_dir; returns the
+    manifest. A re-run after an interruption resumes; a finished dir with the same settings is left as is.
+    `fail_after_shards` is a test hook: raise after that many shards have been journaled."""
+    from tqdm import tqdm
+
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    workers = auto_workers(workers)
+    dtype = token_dtype(tokenizer_identity["vocab_size"])
+    fingerprint = {"format_version": FORMAT_VERSION, "kind": kind, "tokenizer": tokenizer_identity,
+                   "dtype": str(dtype), "source": source, "split_seed": seed, "val_fraction": val_fraction,
+                   "shard_size": shard_size, "options": options or {}}
+    fp_json = json.loads(json.dumps(fingerprint))
+    manifest_path, journal_path = root / MANIFEST, root / JOURNAL
+    if overwrite:
+        _clean(root)
+    if manifest_path.is_file():
+        old = json.loads(manifest_path.read_text())
+        if {k: old.get(k) for k in fp_json} == fp_json and old.get("complete"):
+            print(f"{root}: already prepared with these settings; nothing to do", file=sys.stderr)
+            return old
+        raise UserError(f"{root} already holds data prepared with other settings ({MANIFEST}); "
+                        "pass --overwrite or choose another output directory")
+    journal = json.loads(journal_path.read_text()) if journal_path.is_file() else None
+    if journal is not None and journal["fingerprint"] != fp_json:
+        raise UserError(f"{root} holds an unfinished preparation with other settings ({JOURNAL}); "
+                        "re-run it with its settings, or pass --overwrite to start over")
+    for split in SPLITS:
+        for tmp in (root / split).glob("*.tmp"):
+            tmp.unlink()
+    writers = {s: ShardWriter(root, kind, s, shard_size, journal["splits"][s] if journal else None)
+               for s in SPLITS}
+    shards_written = 0
+
+    def write_journal() -> None:
+        nonlocal shards_written
+        body = {"fingerprint": fp_json, "splits": {s: w.state() for s, w in writers.items()}}
+        atomic_write(journal_path, json.dumps(body).encode())
+        shards_written += 1
+        if fail_after_shards is not None and shards_written >= fail_after_shards:
+            raise RuntimeError(f"test hook: stopping after {shards_written} shards")
+
+    for w in writers.values():
+        w.on_shard = write_journal
+    resume_from = {s: w.next_doc for s, w in writers.items()}
+    start = min(resume_from.values())
+    if start:
+        print(f"{root}: resuming at input record {start}", file=sys.stderr)
+    t0 = time.perf_counter()
+    n_records, n_tokens, warned = start, 0, 0
+    bar = tqdm(desc=f"tokenizing {kind}", unit=" doc", disable=not progress, dynamic_ncols=True, initial=start)
+    last_postfix = t0
+    for i, result in _encoded_stream(iter(islice(records, start, None)), start, encoder, workers, seed,
+                                     val_fraction, resume_from):
+        n_records = i + 1
+        bar.update(1)
+        if result is None:
+            continue
+        split, arrays, event, warning = result
+        w = writers[split]
+        if warning and warned < 10:
+            warned += 1
+            tqdm.write(f"warning: {warning}" + (" (further warnings suppressed)" if warned == 10 else ""),
+                       file=sys.stderr)
+        if arrays is None:
+            w.count(event)
+        else:
+            w.add(i, arrays, event)
+            n_tokens += sum(len(arrays[r]) for r in TOKEN_ROLES[kind])
+        now = time.perf_counter()
+        if now - last_postfix > 0.5:
+            bar.set_postfix_str(f"{n_tokens / (now - t0):,.0f} tok/s")
+            last_postfix = now
+    bar.close()
+    for w in writers.values():
+        w.finish(n_records)
+    manifest = dict(fp_json, complete=True, splits={})
+    for s, w in writers.items():
+        manifest["splits"][s] = {"documents": w.documents, "tokens": sum(e["tokens"] for e in w.shards),
+                                 "stats": w.stats, "shards": w.shards}
+    atomic_write(manifest_path, json.dumps(manifest, indent=1).encode())
+    journal_path.unlink(missing_ok=True)
+    dt = time.perf_counter() - t0
+    tr, va = manifest["splits"]["train"], manifest["splits"]["val"]
+    stats = {k: tr["stats"].get(k, 0) + va["stats"].get(k, 0) for k in {**tr["stats"], **va["stats"]}}
+    print(f"prepared {kind}: {tr['documents'] + va['documents']:,} records (train {tr['documents']:,} / val "
+          f"{va['documents']:,}), {tr['tokens'] + va['tokens']:,} tokens in {len(tr['shards']) + len(va['shards'])} "
+          f"shards ({dtype}) -> {root} in {dt:.1f} s ({n_tokens / max(dt, 1e-9):,.0f} tok/s this run)"
+          + "".join(f", {k} {v:,}" for k, v in sorted(stats.items())), file=sys.stderr)
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------ checking
+
+
+def tokenizer_label(identity: dict[str, Any] | None) -> str:
+    if not identity:
+        return "an unknown tokenizer"
+    return (f"{Path(str(identity.get('source', '?'))).name} ({identity.get('kind')}, vocab "
+            f"{identity.get('vocab_size')}, sha256 {str(identity.get('sha256'))[:12]})")
+
+
+_IDENTITY_KEYS = ("sha256", "vocab_size", "bos_id", "eos_id", "eot_id", "pad_id")
+
+
+def same_tokenizer(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Same file content and special ids; the path may differ (a moved tokenizer is still the same)."""
+    return all(a.get(k) == b.get(k) for k in _IDENTITY_KEYS)
+
+
+def _seed_manifest(root: Path) -> dict[str, Any]:
+    """The seed's manifest-less pretrain shards (<dir>/{train,val}/data_*.npy, uint32): described, with a warning."""
+    splits = {}
+    dtype = None
+    for split in SPLITS:
+        shards = []
+        for i, p in enumerate(sorted((root / split).glob("data_*.npy"))):
+            arr = _open_npy(p)
+            dtype = dtype or str(arr.dtype)
+            shards.append({"index": i, "tokens": int(arr.shape[0]),
+                           "files": {"tokens": {"path": f"{split}/{p.name}", "shape": list(arr.shape),
+                                                "dtype": str(arr.dtype), "sha256": None}}})
+        splits[split] = {"documents": None, "tokens": sum(s["tokens"] for s in shards), "stats": {},
+                         "shards": shards}
+    print(f"warning: {root} has no {MANIFEST} (seed-format shards): the tokenizer cannot be checked; "
+          "re-run load_pretrain_dataset.py to get a manifest", file=sys.stderr)
+    return {"format_version": 0, "kind": "pretrain", "tokenizer": None, "dtype": dtype, "complete": True,
+            "splits": splits}
+
+
+def _open_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise UserError(f"shard {path} is truncated or corrupt ({str(e).splitlines()[0]}); delete the dataset "
+                        "dir and re-run the preparation") from None
+
+
+def read_manifest(root: str | Path) -> dict[str, Any]:
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"data dir {root} does not exist; run the matching load_*_dataset.py to prepare it")
+    path = root / MANIFEST
+    if not path.is_file():
+        if any((root / s).glob("data_*.npy") for s in SPLITS):
+            return _seed_manifest(root)
+        hint = " (a preparation is unfinished: re-run it to resume)" if (root / JOURNAL).is_file() else ""
+        raise UserError(f"{root} has no {MANIFEST}{hint}; run the matching load_*_dataset.py to prepare it")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e}); re-run the preparation") from None
+    if manifest.get("format_version") != FORMAT_VERSION or not manifest.get("complete"):
+        raise UserError(f"{path}: format version {manifest.get('format_version')} / complete="
+                        f"{manifest.get('complete')}; re-run the preparation with this version of the repo")
+    return manifest
+
+
+def verify(root: str | Path, tokenizer_identity: dict[str, Any] | None = None, check_hashes: bool = False,
+           kind: str | None = None) -> dict[str, Any]:
+    """The training-start check; returns the manifest or raises UserError (one line, names what to do)."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    if kind is not None and manifest["kind"] != kind:
+        raise UserError(f"{root} holds {manifest['kind']} data but this run needs {kind} data; point the "
+                        "*_DATALOADER_ROOT_PATH setting at a dir prepared by the right load_*_dataset.py")
+    data_tok = manifest.get("tokenizer")
+    if tokenizer_identity is not None and data_tok is not None:
+        if not same_tokenizer(data_tok, tokenizer_identity):
+            raise UserError(f"{root} was tokenized with {tokenizer_label(data_tok)} but training uses "
+                            f"{tokenizer_label(tokenizer_identity)}; re-run the data preparation with "
+                            f"TOKENIZER_CHECKPOINT_PATH={tokenizer_identity.get('source')}")
+    vocab = (tokenizer_identity or data_tok or {}).get("vocab_size")
+    if vocab is not None and np.iinfo(np.dtype(manifest["dtype"])).max < vocab - 1:
+        raise UserError(f"{root}: token dtype {manifest['dtype']} cannot hold ids of a {vocab}-token vocabulary; "
+                        "re-run the preparation with the training tokenizer")
+    for split in SPLITS:
+        for shard in manifest["splits"][split]["shards"]:
+            for f in shard["files"].values():
+                path = root / f["path"]
+                if not path.is_file():
+                    raise UserError(f"shard {path} listed in {root / MANIFEST} is missing; re-run the preparation")
+                arr = _open_npy(path)
+                if list(arr.shape) != f["shape"] or str(arr.dtype) != f["dtype"]:
+                    raise UserError(f"shard {path} has shape {list(arr.shape)} {arr.dtype}, the manifest says "
+                                    f"{f['shape']} {f['dtype']}; re-run the preparation")
+                if check_hashes and f.get("sha256") and sha256_file(path) != f["sha256"]:
+                    raise UserError(f"shard {path} does not match its sha256 in the manifest (corrupted); "
+                                    "re-run the preparation")
+    return manifest
+
+
+def _main() -> int:
+    p = argparse.ArgumentParser(description="Check a prepared dataset dir against a tokenizer.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    v = sub.add_parser("verify", help="manifest, tokenizer identity, shard sizes (and hashes)")
+    v.add_argument("dir")
+    v.add_argument("--tokenizer", default=None, help="the training tokenizer (any tokenizer.load_tokenizer source)")
+    v.add_argument("--kind", default=None, choices=sorted(SHARD_FILES))
+    v.add_argument("--check-hashes", action="store_true")
+    args = p.parse_args()
+    identity = None
+    if args.tokenizer:
+        import tokenizer
+
+        identity = tokenizer.load_tokenizer(args.tokenizer).identity()
+    m = verify(args.dir, identity, args.check_hashes, args.kind)
+    n = sum(len(m["splits"][s]["shards"]) for s in SPLITS)
+    print(f"ok: {args.dir} ({m['kind']}, {n} shards, train {m['splits']['train']['tokens']:,} / val "
+          f"{m['splits']['val']['tokens']:,} tokens, {tokenizer_label(m.get('tokenizer'))})")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(_main)
