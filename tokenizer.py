@@ -77,7 +77,7 @@ class Tokenizer:
     def n_words(self) -> int:
         return self.vocab_size
 
-    def _ordinary(self, text: str) -> tuple[list[int], list[int]]:  # ids, start char of each id
+    def _ordinary(self, text: str, offsets: bool) -> tuple[list[int], list[int]]:  # ids, start char of each
         raise NotImplementedError
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -91,16 +91,20 @@ class Tokenizer:
 
     def _split_special(self, text: str, allowed_special: AllowedSpecial) -> list[tuple[str, int | None]]:
         """Cut text at allowed special strings: [(piece, None) for text, (name, id) for a special]."""
-        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
+        allowed = frozenset(self.special_tokens if allowed_special == "all" else allowed_special)
         if not allowed:
             return [(text, None)]
-        unknown = allowed - set(self.special_tokens)
-        if unknown:
-            raise ValueError(f"allowed_special names tokens this tokenizer does not have: {sorted(unknown)[:5]}")
-        pattern = "|".join(re.escape(s) for s in sorted(allowed, key=len, reverse=True))
+        cache = self.__dict__.setdefault("_special_patterns", {})  # compiled once per allowed set
+        pattern = cache.get(allowed)
+        if pattern is None:
+            unknown = allowed - set(self.special_tokens)
+            if unknown:
+                raise ValueError(f"allowed_special names tokens this tokenizer lacks: {sorted(unknown)[:5]}")
+            pattern = re.compile("|".join(re.escape(s) for s in sorted(allowed, key=len, reverse=True)))
+            cache[allowed] = pattern
         out: list[tuple[str, int | None]] = []
         pos = 0
-        for m in re.finditer(pattern, text):
+        for m in pattern.finditer(text):
             if m.start() > pos:
                 out.append((text[pos:m.start()], None))
             out.append((m.group(), self.special_tokens[m.group()]))
@@ -109,7 +113,8 @@ class Tokenizer:
             out.append((text[pos:], None))
         return out
 
-    def encode_with_offsets(self, text: str, allowed_special: AllowedSpecial = ()) -> tuple[list[int], list[int]]:
+    def encode_with_offsets(self, text: str, allowed_special: AllowedSpecial = (),
+                            offsets: bool = True) -> tuple[list[int], list[int]]:
         """Token ids and, for each, the index in `text` of the first character it covers."""
         ids: list[int] = []
         starts: list[int] = []
@@ -119,7 +124,7 @@ class Tokenizer:
                 ids.append(special_id)
                 starts.append(pos)
             else:
-                piece_ids, piece_starts = self._ordinary(piece)
+                piece_ids, piece_starts = self._ordinary(piece, offsets)
                 ids += piece_ids
                 starts += [pos + s for s in piece_starts]
             pos += len(piece)
@@ -129,7 +134,7 @@ class Tokenizer:
                allowed_special: AllowedSpecial = ()) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
-        ids = self.encode_with_offsets(text, allowed_special)[0]
+        ids = self.encode_with_offsets(text, allowed_special, offsets=False)[0]
         if bos:
             ids.insert(0, self._require(self.bos_id, "bos_id"))
         if eos:
@@ -220,12 +225,15 @@ class TiktokenTokenizer(Tokenizer):
         self.pad_id = self.special_tokens[LLAMA3_PAD_TOKEN]
         self._set_turn_ids()
 
-    def _ordinary(self, text: str) -> tuple[list[int], list[int]]:
-        ids: list[int] = []
-        for i in range(0, len(text), TIKTOKEN_MAX_ENCODE_CHARS):
-            for piece in _split_long_runs(text[i:i + TIKTOKEN_MAX_ENCODE_CHARS], MAX_NO_WHITESPACES_CHARS):
-                ids += self.model.encode_ordinary(piece)
-        return ids, self.model.decode_with_offsets(ids)[1]
+    def _ordinary(self, text: str, offsets: bool) -> tuple[list[int], list[int]]:
+        if len(text) <= MAX_NO_WHITESPACES_CHARS:  # common case: no run can be too long
+            ids = self.model.encode_ordinary(text)
+        else:
+            ids = []
+            for i in range(0, len(text), TIKTOKEN_MAX_ENCODE_CHARS):
+                for piece in _split_long_runs(text[i:i + TIKTOKEN_MAX_ENCODE_CHARS], MAX_NO_WHITESPACES_CHARS):
+                    ids += self.model.encode_ordinary(piece)
+        return ids, self.model.decode_with_offsets(ids)[1] if offsets else []
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.model.decode(list(ids))
@@ -252,7 +260,7 @@ class HFTokenizer(Tokenizer):
         self.pad_id = pad if pad is not None else eos
         self._set_turn_ids()
 
-    def _ordinary(self, text: str) -> tuple[list[int], list[int]]:
+    def _ordinary(self, text: str, offsets: bool) -> tuple[list[int], list[int]]:
         enc = self.backend.encode(text, add_special_tokens=False)
         return list(enc.ids), [start for start, _ in enc.offsets]
 
