@@ -482,10 +482,38 @@ def _cache_loader(cfg: Any, kind: str, data: str, batch_size: int, tok: Any):
 
 
 def build_cache(kind: str, cfg: Any, model_source: str, data: str, out: str, top_k: int = 64,
-                batch_size: int = 8, device: str = "cpu", model: nn.Module | None = None) -> dict[str, Any]:
-    """Run a frozen model once over one epoch of the train split and store, per `sample_index`, either the
-    teacher's top-k T=1 log-probs at every position (kind "teacher") or the reference's summed response
-    log-probs of chosen and rejected (kind "reference"). Returns the manifest."""
+                batch_size: int = 8, device: str = "cpu") -> dict[str, Any]:
+    """Run a frozen model once over one epoch of the train shards (the loader's own samples, world size 1)
+    and store its outputs per `sample_index` (see write_cache). Returns the manifest."""
+    import model_utils
+    import tokenizer as tokenizer_mod
+
+    if kind == "teacher" and cfg["TRAINING_STAGE"] not in ("pretrain", "instruct"):
+        raise UserError(f"cache-teacher: TRAINING_STAGE={cfg['TRAINING_STAGE']}; distillation data is pretrain "
+                        "or instruct: set TRAINING_STAGE to the stage the cache is for")
+    dtype = PRECISIONS[cfg["TEACHER_PRECISION"]] if kind == "teacher" else torch.float32
+    model, _ = model_utils.load_model(model_source, device=device, dtype=dtype)
+    tok = tokenizer_mod.load_tokenizer(cfg["TOKENIZER_CHECKPOINT_PATH"])
+    if kind == "teacher" and _vocab_size(model) != tok.vocab_size:
+        raise UserError(f"cache-teacher: the teacher's vocabulary has {_vocab_size(model)} tokens but the tokenizer "
+                        f"{cfg['TOKENIZER_CHECKPOINT_PATH']} has {tok.vocab_size}: use the student's tokenizer")
+    batch_format = "dpo" if kind == "reference" else OBJECTIVES[cfg["TRAINING_STAGE"]].batch_format
+    loader = _cache_loader(cfg, batch_format, data, batch_size, tok)
+    n = loader.samples_per_epoch
+    batches = (loader.next_batch() for _ in range(2 * ((n + batch_size - 1) // batch_size)))
+    meta = {"model": str(model_source), "data": str(data), "batch_format": batch_format, "split": "train",
+            "tokenizer": tok.identity()}
+    return write_cache(kind, model, batches, n, cfg["MAX_SEQ_LEN"], out, top_k=top_k, device=device, meta=meta)
+
+
+def write_cache(kind: str, model: nn.Module, batches: Any, n: int, seq_len: int, out: str, top_k: int = 64,
+                device: str | torch.device = "cpu", meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Store a frozen model's outputs for samples 0..n-1, read from `batches` (dicts with "sample_index"
+    (B,) and the loader's keys; extra batches past the first full cover are skipped):
+      kind "teacher":   top-k T=1 log-probs and their token ids at every position, (n, seq_len, K)
+                        (float16 values; uint16 ids when the vocabulary fits);
+      kind "reference": summed response log-probs of chosen and rejected, (n, 2) float32.
+    Written into <out>.tmp, renamed to <out> when complete. Returns the manifest."""
     import json
     import os
     import shutil
@@ -495,79 +523,61 @@ def build_cache(kind: str, cfg: Any, model_source: str, data: str, out: str, top
     import numpy as np
     from tqdm import tqdm
 
-    import model_utils
-    import tokenizer as tokenizer_mod
-
-    if model is None:
-        dtype = PRECISIONS[cfg["TEACHER_PRECISION"]] if kind == "teacher" else torch.float32
-        model, _ = model_utils.load_model(model_source, device=device, dtype=dtype)
-    model = _freeze(model)
-    tok = tokenizer_mod.load_tokenizer(cfg["TOKENIZER_CHECKPOINT_PATH"])
-    if kind == "teacher" and cfg["TRAINING_STAGE"] not in ("pretrain", "instruct"):
-        raise UserError(f"cache-teacher: TRAINING_STAGE={cfg['TRAINING_STAGE']}; distillation data is pretrain or instruct")
-    batch_format = "dpo" if kind == "reference" else OBJECTIVES[cfg["TRAINING_STAGE"]].batch_format
-    loader = _cache_loader(cfg, batch_format, data, batch_size, tok)
-    n, T, V = loader.samples_per_epoch, cfg["MAX_SEQ_LEN"], _vocab_size(model)
-    if kind == "teacher" and V != tok.vocab_size:
-        raise UserError(f"cache-teacher: the teacher's vocabulary has {V} tokens but the tokenizer "
-                        f"{cfg['TOKENIZER_CHECKPOINT_PATH']} has {tok.vocab_size}: use the student's tokenizer")
+    model, V = _freeze(model), _vocab_size(model)
     top_k = min(top_k, V)
     final, tmp = Path(out), Path(f"{out}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     if kind == "teacher":
-        logps_arr = np.lib.format.open_memmap(tmp / "topk_logps.npy", "w+", np.float16, (n, T, top_k))
+        logps_arr = np.lib.format.open_memmap(tmp / "topk_logps.npy", "w+", np.float16, (n, seq_len, top_k))
         ids_arr = np.lib.format.open_memmap(tmp / "topk_ids.npy", "w+", np.uint16 if V <= 65536 else np.int32,
-                                            (n, T, top_k))
+                                            (n, seq_len, top_k))
     else:
         ref_arr = np.zeros((n, 2), np.float32)
     filled = np.zeros(n, bool)
     t0, bar = time.time(), tqdm(total=n, desc=f"cache-{kind}", unit="sample")
     with torch.no_grad():
-        for _ in range(2 * (n + batch_size - 1) // batch_size):  # one epoch; a partial last batch may wrap
+        for batch in batches:
+            if "sample_index" not in batch:
+                raise UserError("the data loader provides no 'sample_index'; caches need batches that carry it")
+            idx = batch["sample_index"].cpu().numpy()
+            new = ~filled[idx]
+            if new.any():
+                rows, keep = idx[new], torch.from_numpy(new)
+                if kind == "teacher":
+                    doc_ids = batch["doc_ids"].to(device) if "doc_ids" in batch else None
+                    logits = _logits(model, batch["input_ids"].to(device), doc_ids)
+                    vals, ids = F.log_softmax(logits.float(), -1).topk(top_k, dim=-1)  # (B, T, K); loss applies T
+                    logps_arr[rows] = vals[keep].cpu().numpy().astype(np.float16)
+                    ids_arr[rows] = ids[keep].cpu().numpy().astype(ids_arr.dtype)
+                else:
+                    ids, labels = DirectPreferenceOptimization._concat({k: v.to(device) for k, v in batch.items()})
+                    lp = sequence_logps(_logits(model, ids), labels).cpu().numpy()  # (2B,)
+                    B = len(idx)
+                    ref_arr[rows, 0], ref_arr[rows, 1] = lp[:B][new], lp[B:][new]
+                filled[rows] = True
+                bar.update(int(new.sum()))
             if filled.all():
                 break
-            batch = loader.next_batch()
-            if "sample_index" not in batch:
-                raise UserError("the data loader provides no 'sample_index'; caches need dataloaders.py with it")
-            idx = batch["sample_index"].numpy()
-            new = ~filled[idx]
-            if not new.any():
-                continue
-            if kind == "teacher":
-                doc_ids = batch["doc_ids"].to(device) if "doc_ids" in batch else None
-                logits = _logits(model, batch["input_ids"].to(device), doc_ids)
-                lp = F.log_softmax(logits.float(), -1)  # (B, T, V), T=1: the loss applies its temperature
-                vals, ids = lp.topk(top_k, dim=-1)  # (B, T, K)
-                logps_arr[idx[new]] = vals[torch.from_numpy(new)].cpu().numpy().astype(np.float16)
-                ids_arr[idx[new]] = ids[torch.from_numpy(new)].cpu().numpy().astype(ids_arr.dtype)
-            else:
-                ids, labels = DirectPreferenceOptimization._concat({k: v.to(device) for k, v in batch.items()})
-                lp = sequence_logps(_logits(model, ids), labels).cpu().numpy()  # (2B,)
-                B = len(idx)
-                ref_arr[idx[new], 0], ref_arr[idx[new], 1] = lp[:B][new], lp[B:][new]
-            filled[idx[new]] = True
-            bar.update(int(new.sum()))
     bar.close()
     if not filled.all():
         shutil.rmtree(tmp)
-        raise UserError(f"cache-{kind}: the loader never produced {int((~filled).sum())} of {n} sample indices; "
-                        "sample_index must cover 0..samples_per_epoch-1")
+        raise UserError(f"cache-{kind}: the batches never produced {int((~filled).sum())} of {n} sample indices; "
+                        "sample_index must cover 0..n-1")
     if kind == "teacher":
         logps_arr.flush()
         ids_arr.flush()
         del logps_arr, ids_arr
     else:
         np.save(tmp / "ref_logps.npy", ref_arr)
-    manifest = {"format": CACHE_FORMAT, "kind": kind, "model": str(model_source), "data": str(data),
-                "batch_format": batch_format, "split": "train", "n_samples": n, "seq_len": T, "vocab_size": V,
-                "top_k": top_k if kind == "teacher" else None, "tokenizer": tok.identity(),
+    manifest = {"format": CACHE_FORMAT, "kind": kind, **(meta or {}), "n_samples": n, "seq_len": seq_len,
+                "vocab_size": V, "top_k": top_k if kind == "teacher" else None,
                 "seconds": round(time.time() - t0, 1)}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    print(f"cache-{kind}: {n} samples x {T} positions -> {final} in {manifest['seconds']} s")
+    print(f"cache-{kind}: {n} samples x {seq_len} positions -> {final} in {manifest['seconds']} s")
     return manifest
 
 

@@ -390,3 +390,30 @@ def test_teacher_cache_reader_gives_the_topk_loss(tmp_path):
                                                         "vocab_size": 50, "top_k": K}))
     with pytest.raises(UserError, match=r"50 tokens.*32"):
         distill_objective(TEACHER_CACHE_PATH=tmp_path).setup(student, None, torch.device("cpu"))
+
+
+def test_write_cache_round_trip_and_atomicity(tmp_path):
+    teacher = tiny_model(1)
+    g = torch.Generator().manual_seed(5)
+    data = torch.randint(0, 32, (6, 8), generator=g)  # 6 samples, in a shuffled order, batch 4 (last wraps)
+    order = [4, 1, 5, 0, 3, 2, 4, 1]
+    batches = [{"input_ids": data[order[i:i + 4]], "sample_index": torch.tensor(order[i:i + 4])} for i in (0, 4)]
+    m = obj.write_cache("teacher", teacher, iter(batches), 6, 8, str(tmp_path / "c"), top_k=4)
+    assert m["n_samples"] == 6 and m["top_k"] == 4 and m["vocab_size"] == 32
+    assert not (tmp_path / "c.tmp").exists()
+    logps, ids = obj.TeacherCache(str(tmp_path / "c")).lookup(torch.tensor([2, 5]), torch.device("cpu"))
+    with torch.no_grad():
+        want_v, want_i = F.log_softmax(teacher(data[[2, 5]]), -1).topk(4, -1)
+    torch.testing.assert_close(logps, want_v, atol=1e-2, rtol=1e-3)  # float16 storage
+    assert torch.equal(ids, want_i)
+    # a cover that misses samples fails and leaves nothing behind
+    with pytest.raises(UserError, match="never produced 2 of 6"):
+        obj.write_cache("teacher", teacher, iter(batches[:1]), 6, 8, str(tmp_path / "d"), top_k=4)
+    assert not (tmp_path / "d").exists() and not (tmp_path / "d.tmp").exists()
+    # reference cache: rows equal the live reference log-probs
+    batch = {**dpo_batch(B=3), "sample_index": torch.tensor([2, 0, 1])}
+    obj.write_cache("reference", teacher, iter([batch]), 3, 10, str(tmp_path / "r"))
+    c, r = obj.ReferenceCache(str(tmp_path / "r")).lookup(torch.tensor([2, 0, 1]), torch.device("cpu"))
+    ids, labels = obj.DirectPreferenceOptimization._concat(batch)
+    want = obj.sequence_logps(teacher(ids), labels)
+    torch.testing.assert_close(torch.cat([c, r]), want)
