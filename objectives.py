@@ -322,7 +322,9 @@ class DirectPreferenceOptimization(Objective):
         if path:
             self.ref_cache = ReferenceCache(path)
             return {"reference": f"precomputed log-probs {path}", "reference_memory_mb": 0.0}
-        if any(True for _ in lora.lora_modules(model)):
+        # LoRA may be applied after setup() (apply_lora swaps modules inside this same object), so the
+        # setting decides: the reference is then this model with its adapters switched off.
+        if self.cfg.lora.lora_enabled or any(True for _ in lora.lora_modules(model)):
             self.base_model = model
             return {"reference": "policy with LoRA adapters disabled", "reference_memory_mb": 0.0}
         self.reference = _freeze(copy.deepcopy(model))
@@ -352,6 +354,9 @@ class DirectPreferenceOptimization(Objective):
             return sequence_logps(_logits(self.reference, ids), labels)
         if self.base_model is None:
             raise RuntimeError("DirectPreferenceOptimization.setup() was not called before loss()")
+        if not any(True for _ in lora.lora_modules(self.base_model)):
+            raise RuntimeError("LORA_ENABLED=true but the model has no adapters: apply_lora must run on the model "
+                               "given to setup(); without adapters the policy would be its own reference")
         with lora.disable_lora(self.base_model):
             return sequence_logps(_logits(self.base_model, ids), labels)
 

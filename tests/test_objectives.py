@@ -241,9 +241,11 @@ def test_dpo_objective_matches_dpo_loss_on_explicit_logps():
 def test_dpo_lora_reference_is_the_base_with_adapters_off():
     model, batch = tiny_model(), dpo_batch()
     base_logps = obj.sequence_logps(model(batch["chosen_input_ids"]), batch["chosen_labels"]).detach()
-    lora.apply_lora(model, ["wq", "wv", "w1"], rank=4, alpha=8.0)
     o = obj.build_objective(cfg_for(TRAINING_STAGE="dpo", LORA_ENABLED="true"))
-    info = o.setup(model, None, torch.device("cpu"))
+    info = o.setup(model, None, torch.device("cpu"))  # the loop applies LoRA after setup(), in place
+    with pytest.raises(RuntimeError, match="no adapters"):
+        o.loss(model, batch)
+    lora.apply_lora(model, ["wq", "wv", "w1"], rank=4, alpha=8.0)
     assert o.reference is None and info["reference_memory_mb"] == 0.0  # no second copy
     with torch.no_grad():
         for _, m in lora.lora_modules(model):
