@@ -1,0 +1,169 @@
+"""Preference data -> DPO shards: prompt / chosen / rejected token arrays with offsets (same manifest).
+
+    python load_dpo_dataset.py                                     # the offline demo preference set
+    python load_dpo_dataset.py --dataset Anthropic/hh-rlhf --split train
+    python load_dpo_dataset.py --dataset prefs.jsonl MAX_SEQ_LEN=1024
+
+Record formats (per record):
+- fields: {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}; a message list
+  response uses its final message, which must be the assistant's; without "prompt", two message lists
+  share everything but their final assistant message (the shared prefix is the prompt);
+- hh-rlhf: {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}: the transcripts share all
+  text up to the last "\\n\\nAssistant:"; that prefix is the prompt (parsed into user/assistant turns).
+Rendering (tokenizer.ChatFormat): prompt ids = the dialog with the generation prompt (assistant header);
+response ids = what the full dialog adds after the prompt, up to and including the end-of-turn token.
+SYSTEM_PROMPT is prepended when the prompt has none (empty = none). A pair whose prompt + longer response
+exceeds MAX_SEQ_LEN tokens is dropped (`dropped_too_long`); unparseable pairs count as `invalid`, pairs
+with identical responses as `identical`; bad jsonl lines are skipped and counted (`malformed`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from typing import Any
+
+import numpy as np
+
+import data_preparation_utils as dpu
+from errors import run_cli
+from load_instruct_dataset import DEMO_MIN_VAL_FRACTION, ROLES
+from load_pretrain_dataset import common_args, mix_records, open_dataset, parse_cli, shard_size_for
+
+Messages = list[dict[str, str]]
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def parse_hh(transcript: str) -> Messages | None:
+    """"\\n\\nHuman: a\\n\\nAssistant: b" -> [{"user", a}, {"assistant", b}]."""
+    parts = _HH_TURN.split(transcript)
+    if parts[0].strip() or len(parts) < 3:
+        return None
+    return [{"role": "user" if who == "Human" else "assistant", "content": text.strip()}
+            for who, text in zip(parts[1::2], parts[2::2], strict=True)]
+
+
+def _messages(value: Any) -> Messages | None:
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list):
+        return None
+    out = []
+    for m in value:
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or str(m.get("role")).lower() not in ROLES:
+            return None
+        out.append({"role": ROLES[str(m["role"]).lower()], "content": m["content"]})
+    return out
+
+
+def _response(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    msgs = _messages(value)
+    return msgs[-1]["content"] if msgs and msgs[-1]["role"] == "assistant" else None
+
+
+def to_pair(record: Any) -> tuple[Messages, str, str] | None:
+    """-> (prompt messages, chosen text, rejected text) or None."""
+    if not isinstance(record, dict) or "chosen" not in record or "rejected" not in record:
+        return None
+    chosen, rejected = record["chosen"], record["rejected"]
+    if "prompt" in record:
+        prompt = _messages(record["prompt"])
+        c, r = _response(chosen), _response(rejected)
+        return (prompt, c, r) if prompt and c is not None and r is not None else None
+    if isinstance(chosen, str) and isinstance(rejected, str):  # hh-rlhf transcripts
+        cut_c, cut_r = chosen.rfind("\n\nAssistant:"), rejected.rfind("\n\nAssistant:")
+        if cut_c < 0 or chosen[:cut_c] != rejected[:cut_r]:
+            return None
+        prompt = parse_hh(chosen[:cut_c])
+        n = len("\n\nAssistant:")
+        return (prompt, chosen[cut_c + n:].strip(), rejected[cut_r + n:].strip()) if prompt else None
+    mc, mr = _messages(chosen), _messages(rejected)
+    if not mc or not mr or mc[:-1] != mr[:-1] or len(mc) < 2:
+        return None
+    c, r = _response(chosen), _response(rejected)
+    return (mc[:-1], c, r) if c is not None and r is not None else None
+
+
+class DPOEncoder:
+    """Record -> {"prompt", "chosen", "rejected"} ids (or None + the reason). Runs in the worker processes."""
+
+    kind = "dpo"
+
+    def __init__(self, tok: Any, system_prompt: str, max_seq_len: int):
+        self.tok, self.system_prompt, self.max_seq_len = tok, system_prompt, max_seq_len
+        self.dtype = dpu.token_dtype(tok.vocab_size)
+        self._chat = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_chat": None}
+
+    def split_key(self, record: Any) -> str:
+        return dpu.record_key(record)
+
+    def render(self, prompt: Messages, chosen: str, rejected: str) -> tuple[list[int], list[int], list[int]] | None:
+        if self._chat is None:
+            import tokenizer
+
+            self._chat = tokenizer.ChatFormat(self.tok)
+        prompt_ids, _ = self._chat.encode_dialog(prompt, add_generation_prompt=True)
+        responses = []
+        for text in (chosen, rejected):
+            ids, mask = self._chat.encode_dialog([*prompt, {"role": "assistant", "content": text}])
+            last = max(i for i, m in enumerate(mask) if m) if any(mask) else -1
+            if ids[:len(prompt_ids)] != prompt_ids or last < len(prompt_ids):
+                return None  # a template that is not prefix-stable, or an empty reply
+            responses.append(ids[len(prompt_ids):last + 1])
+        return prompt_ids, responses[0], responses[1]
+
+    def __call__(self, record: Any) -> tuple[dict[str, np.ndarray] | None, str | None]:
+        pair = to_pair(record)
+        if pair is None or not pair[1].strip() or not pair[2].strip() or pair[0][-1]["role"] == "assistant":
+            return None, "invalid"
+        prompt, chosen, rejected = pair
+        if chosen.strip() == rejected.strip():
+            return None, "identical"
+        if self.system_prompt and not any(m["role"] == "system" for m in prompt):
+            prompt = [{"role": "system", "content": self.system_prompt}, *prompt]
+        rendered = self.render(prompt, chosen, rejected)
+        if rendered is None:
+            return None, "invalid"
+        p, c, r = rendered
+        if len(p) + max(len(c), len(r)) > self.max_seq_len:
+            return None, "dropped_too_long"
+        return {"prompt": np.asarray(p, self.dtype), "chosen": np.asarray(c, self.dtype),
+                "rejected": np.asarray(r, self.dtype)}, None
+
+
+def main(argv: list[str] | None = None) -> int:
+    import tokenizer
+
+    parser = argparse.ArgumentParser(description="Render preference pairs into DPO shards.")
+    common_args(parser)
+    args, cfg = parse_cli(parser, argv)
+    mix_file = args.mix or cfg["HF_DPO_DATASET_MIX_FILE"]
+    mix, val_fraction = None, cfg["VAL_FRACTION"]
+    if args.dataset:
+        records, desc = open_dataset(args.dataset, args.name, args.split)
+    elif mix_file:
+        records, desc, mix = mix_records(mix_file, None)
+    else:
+        import demo_data
+
+        records = demo_data.demo_preference_set()
+        desc = f"demo preference set (demo_data.py, Python {sys.version.split()[0]})"
+        val_fraction = max(val_fraction, DEMO_MIN_VAL_FRACTION)
+    tok = tokenizer.load_tokenizer(cfg["TOKENIZER_CHECKPOINT_PATH"])
+    options = {"system_prompt": cfg["SYSTEM_PROMPT"], "max_seq_len": cfg["MAX_SEQ_LEN"]}
+    dpu.prepare("dpo", records, args.out or cfg["HF_DPO_DATASET_TARGET_PATH"],
+                DPOEncoder(tok, cfg["SYSTEM_PROMPT"], cfg["MAX_SEQ_LEN"]), tokenizer_identity=tok.identity(),
+                source=desc, seed=cfg["SEED"], val_fraction=val_fraction, shard_size=shard_size_for(cfg, mix),
+                workers=cfg["NUMBER_OF_CPU_PROCESSES"], options=options, overwrite=args.overwrite,
+                progress=not args.no_progress)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
