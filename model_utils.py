@@ -206,12 +206,32 @@ def load_model(source: str | os.PathLike, device: str | torch.device = "cpu",
 def _load_ours(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
-    args = ModelArgs.from_dict(_read_json(path / "config.json")["model_args"])
+    cfg = _read_json(path / "config.json")
+    args = ModelArgs.from_dict(cfg["model_args"])
     weights = path / "model.safetensors"
     if not weights.is_file():
-        raise UserError(f"{path} has config.json but no model.safetensors (a LoRA-only checkpoint?); "
-                        "merge the adapter into its base model first or point at a full checkpoint")
-    return args, load_file(weights)
+        raise UserError(f"{path} has config.json but no model.safetensors; the checkpoint is incomplete")
+    sd = load_file(weights)
+    if cfg.get("lora"):  # adapters only: rebuild the base, then merge the adapters into it
+        sd = _merge_lora_checkpoint(path, cfg, sd)
+    return args, sd
+
+
+def _merge_lora_checkpoint(path: Path, cfg: dict, adapters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    import lora
+
+    base_src = (cfg.get("base_model") or {}).get("source")
+    if not base_src:
+        raise UserError(f"LoRA checkpoint {path} does not name its base model (config.json base_model.source)")
+    try:
+        base, _ = load_model(base_src)
+    except UserError as e:
+        raise UserError(f"LoRA checkpoint {path}: its base model {base_src!r} did not load ({e})") from e
+    spec = cfg["lora"]
+    lora.apply_lora(base, targets=spec["targets"], rank=spec["rank"], alpha=spec["alpha"], dropout=0.0)
+    lora.load_lora_state_dict(base, adapters)
+    lora.unload_lora(base, merge=True)  # plain nn.Linear layers again, W + scaling * B A
+    return {k: v.detach() for k, v in base.state_dict().items()}
 
 
 def _args_from_hf_config(cfg: dict, where: Path) -> ModelArgs:

@@ -119,6 +119,30 @@ def test_our_checkpoint_layout_and_latest_pointer(tmp_path):
         assert loaded.output.weight is loaded.tok_embeddings.weight
 
 
+def test_lora_only_checkpoint_loads_merged_onto_its_base(tmp_path):
+    import lora
+
+    model, args = tiny_model()
+    export_meta(model, args, tmp_path / "base")
+    lora.apply_lora(model, targets=["wq", "wv", "w2"], rank=4, alpha=8.0)
+    with torch.no_grad():
+        for p in lora.lora_parameters(model):
+            p.normal_(0, 0.2, generator=torch.Generator().manual_seed(1))
+        ref = model(TOKENS)
+    step = tmp_path / "sft" / "step_0000010"
+    step.mkdir(parents=True)
+    from safetensors.torch import save_file
+
+    save_file(lora.lora_state_dict(model), str(step / "model.safetensors"))
+    conf = {"model_args": args.to_dict(), "lora": lora.lora_config(model),
+            "base_model": {"source": str(tmp_path / "base")}}
+    (step / "config.json").write_text(json.dumps(conf))
+    loaded, _ = load_model(step)
+    assert not list(lora.lora_modules(loaded))
+    with torch.no_grad():
+        assert (loaded(TOKENS) - ref).abs().max().item() < 1e-4  # merged vs unmerged rounding
+
+
 def test_sharded_hf_checkpoint(tmp_path):
     cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
