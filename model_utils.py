@@ -435,7 +435,13 @@ class _AtomicDir:
 
 
 def _cpu_state(model: Transformer) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    """The plain Llama weights on CPU; anything else (LoRA adapters, wrappers) is a clear error."""
+    sd = model.state_dict()
+    extra = sorted(set(sd) - set(_hf_name_map(model.args.n_layers)))
+    if extra:
+        raise UserError(f"cannot export: the model has non-Llama tensors {extra[:3]}; merge LoRA adapters "
+                        "first (lora.unload_lora(model)) and export the unwrapped model")
+    return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
 
 
 def export_hf(model: Transformer, args: ModelArgs, out_dir: str | os.PathLike, tokenizer=None) -> Path:

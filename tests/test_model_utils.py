@@ -155,6 +155,51 @@ def test_sharded_hf_checkpoint(tmp_path):
         assert (ours(TOKENS) - hf(TOKENS).logits).abs().max().item() < 1e-4
 
 
+def test_pytorch_model_bin_checkpoint(tmp_path):
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(1)
+    hf = LlamaForCausalLM(cfg).eval()
+    cfg.save_pretrained(tmp_path)
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    ours, _ = load_model(tmp_path)
+    with torch.no_grad():
+        assert (ours(TOKENS) - hf(TOKENS).logits).abs().max().item() < 1e-4
+
+
+def test_export_hf_with_tokenizer_loads_in_autotokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    import tokenizer as tokenizer_mod
+    from model_utils import export_hf
+
+    tok = tokenizer_mod.load_tokenizer(smollm2_gguf())
+    args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=tok.vocab_size, multiple_of=32, tie_embeddings=True)
+    model = Transformer(args)
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    export_hf(model, args, tmp_path / "hf", tokenizer=tok)
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "The capital of France is Paris. Ünïcode, 12345 and  spaces!"
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+    msgs = [{"role": "user", "content": "hi"}]
+    rendered = hf_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    ids, _ = tokenizer_mod.ChatFormat(tok).encode_dialog(msgs, add_generation_prompt=True)
+    assert rendered == tok.decode(ids)
+    gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == tok.eos_id and hf_tok.eos_token_id == tok.eos_id
+
+
+def test_info_cli_in_process(tmp_path, capsys, monkeypatch):
+    import model_utils
+
+    model, args = tiny_model()
+    export_meta(model, args, tmp_path / "meta")
+    monkeypatch.setattr(sys, "argv", ["model_utils.py", "info", "--model", str(tmp_path / "meta")])
+    assert model_utils.main() == 0
+    out = capsys.readouterr().out
+    assert f"parameters: {count_parameters(model):,}" in out and '"n_kv_heads": 2' in out
+
+
 def test_hf_head_dim_mismatch_is_a_user_error(tmp_path):
     cfg = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "head_dim": 32, "num_hidden_layers": 1,
            "intermediate_size": 96, "vocab_size": 96}
