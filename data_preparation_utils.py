@@ -487,7 +487,7 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
         raise UserError(f"data dir {root} does not exist; run the matching load_*_dataset.py to prepare it")
     path = root / MANIFEST
     if not path.is_file():
-        if any((root / s).glob("data_*.npy") for s in SPLITS):
+        if any(any((root / s).glob("data_*.npy")) for s in SPLITS):
             return _seed_manifest(root)
         hint = " (a preparation is unfinished: re-run it to resume)" if (root / JOURNAL).is_file() else ""
         raise UserError(f"{root} has no {MANIFEST}{hint}; run the matching load_*_dataset.py to prepare it")
