@@ -252,8 +252,8 @@ def build_loader(kind: str, root: str | Path, split: str, *, seq_len: int, micro
         longest = int(data.lengths.max() if kind == "sft" else
                       (data.lengths[:, 0] + data.lengths[:, 1:].max(axis=1)).max())
         if longest - 1 > seq_len:
-            raise UserError(f"{root}/{split} has examples of {longest} tokens but MAX_SEQ_LEN={seq_len} holds "
-                            f"{seq_len + 1}; re-run the preparation with MAX_SEQ_LEN={seq_len} (examples are "
-                            "never cut at load time)")
+            raise UserError(f"{root}/{split} has examples of {longest} tokens, longer than MAX_SEQ_LEN={seq_len} "
+                            f"allows; re-run the preparation with MAX_SEQ_LEN={seq_len} (examples are never cut "
+                            "at load time)")
     return Loader(kind, data, split, seq_len, micro_batch, global_batch, rank, world_size, seed,
                   0 if pad_id is None else pad_id, packed)
