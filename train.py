@@ -383,9 +383,12 @@ def make_profiler(cfg: config.Config, run_dir: Path):
 def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_args(sys.argv[1:] if argv is None else argv)
     info = D.init_distributed(cfg.system.device)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         return train(cfg, args, info)
     finally:
+        for s, h in handlers.items():  # StopSignal replaced them; matters when called in-process (tests)
+            signal.signal(s, h)
         D.destroy()
 
 
