@@ -253,6 +253,33 @@ def test_unsupported_gguf_architecture_is_a_user_error(tmp_path):
         load_model(path)
 
 
+def test_gguf_rope_freqs_recover_llama31_scaling(tmp_path):
+    """llama.cpp stores Llama 3.1 scaling as per-frequency divisors (convert_hf_to_gguf.py,
+    LlamaModel.generate_extra_tensors); recompute them by that rule and recover the four numbers."""
+    import math
+
+    from model_utils import _rope_scaling_from_factors
+
+    args = ModelArgs(dim=256, n_heads=2, n_layers=1, vocab_size=8, rope_theta=500000.0)
+    factor, low, high, old = 8.0, 1.0, 4.0, 8192
+    divisors = []
+    for i in range(0, 128, 2):
+        freq = 1.0 / (500000.0 ** (i / 128))
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            divisors.append(1.0)
+        elif wavelen > old / low:
+            divisors.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            divisors.append(1 / ((1 - smooth) / factor + smooth))
+    got = _rope_scaling_from_factors(args, torch.tensor(divisors), tmp_path / "x.gguf")
+    assert got == {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192}
+    with pytest.raises(UserError):
+        _rope_scaling_from_factors(args, torch.tensor(divisors) * 1.5, tmp_path / "x.gguf")
+
+
 # ---- counts -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("tie", [False, True])
 def test_counts_against_transformers_and_hand_formula(tie):
