@@ -313,22 +313,40 @@ def test_wandb_offline_run_has_config_and_history(tmp_path, pretrain_data, monke
                   SAVE_CHECKPOINTS="false", WANDB_RUN_NAME="t")
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    cfg_text = (runs[0] / "files" / "config.yaml").read_text()
-    assert "MAX_STEPS" in cfg_text and "TOTAL_BATCH_SIZE" in cfg_text
-    from wandb.sdk.internal import datastore
     from wandb.proto import wandb_internal_pb2
 
-    ds = datastore.DataStore()
-    ds.open_for_scan(str(next(runs[0].glob("*.wandb"))))
-    steps = []
-    while (data := ds.scan_data()) is not None:
+    config_keys, steps = set(), []
+    for data in _wandb_records(next(runs[0].glob("*.wandb"))):
         rec = wandb_internal_pb2.Record()
         rec.ParseFromString(data)
-        if rec.WhichOneof("record_type") == "history":
-            items = {i.key: json.loads(i.value_json) for i in rec.history.item}
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            config_keys |= {i.key for i in rec.run.config.update}
+        elif kind == "history":
+            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
             if "loss" in items:
                 steps.append(items["_step"])
+    assert {"MAX_STEPS", "TOTAL_BATCH_SIZE", "MODEL_PRESET"} <= config_keys
     assert steps == [1, 2, 3]
+
+
+def _wandb_records(path: Path) -> list[bytes]:
+    """Records of a .wandb file: a 7-byte header (':W&B', magic, version), then the LevelDB log format
+    (32 KiB blocks; chunks of crc32 (4) + length (2, LE) + type (1: full, 2: first, 3: middle, 4: last))."""
+    data, out, pos, block, parts = path.read_bytes(), [], 7, 32768, b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer too small for a header: padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0 and length == 0:
+            break
+        parts = chunk if kind in (1, 2) else parts + chunk
+        if kind in (1, 4):
+            out.append(parts)
+    return out
 
 
 def test_lora_run_saves_adapters_and_base_identity(tmp_path, pretrain_data):
