@@ -460,7 +460,7 @@ def _seed_manifest(root: Path) -> dict[str, Any]:
     for split in SPLITS:
         shards = []
         for i, p in enumerate(sorted((root / split).glob("data_*.npy"))):
-            arr = _open_npy(p)
+            arr = open_shard(p)
             dtype = dtype or str(arr.dtype)
             shards.append({"index": i, "tokens": int(arr.shape[0]),
                            "files": {"tokens": {"path": f"{split}/{p.name}", "shape": list(arr.shape),
@@ -473,7 +473,7 @@ def _seed_manifest(root: Path) -> dict[str, Any]:
             "splits": splits}
 
 
-def _open_npy(path: Path) -> np.ndarray:
+def open_shard(path: Path) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
@@ -525,7 +525,7 @@ def verify(root: str | Path, tokenizer_identity: dict[str, Any] | None = None, c
                 path = root / f["path"]
                 if not path.is_file():
                     raise UserError(f"shard {path} listed in {root / MANIFEST} is missing; re-run the preparation")
-                arr = _open_npy(path)
+                arr = open_shard(path)
                 if list(arr.shape) != f["shape"] or str(arr.dtype) != f["dtype"]:
                     raise UserError(f"shard {path} has shape {list(arr.shape)} {arr.dtype}, the manifest says "
                                     f"{f['shape']} {f['dtype']}; re-run the preparation")

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_preparation_utils import _open_npy, verify
+from data_preparation_utils import open_shard, verify
 from errors import UserError
 
 IGNORE_INDEX = -100
@@ -44,7 +44,7 @@ class _Shards:
         self.arrays: dict[str, list[np.ndarray]] = {}
         for shard in shards:
             for role, f in shard["files"].items():
-                self.arrays.setdefault(role, []).append(_open_npy(root / f["path"]))
+                self.arrays.setdefault(role, []).append(open_shard(root / f["path"]))
 
 
 class _Pretrain:

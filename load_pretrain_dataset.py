@@ -178,6 +178,7 @@ def embedded_source() -> tuple[Iterator[str], str]:
 
 def common_args(parser: argparse.ArgumentParser) -> None:
     """Flags shared by the three dataset CLIs (besides --env-file and KEY=VALUE overrides)."""
+    parser.epilog = "Any setting may follow as KEY=VALUE (e.g. SHARD_SIZE=1000000 NUMBER_OF_CPU_PROCESSES=4)."
     parser.add_argument("--env-file", default=None, help="settings file (default: ./.env when present)")
     parser.add_argument("--dataset", default=None, help="HF hub id, or a local file / dir / glob")
     parser.add_argument("--name", default=None, help="HF dataset config name")

@@ -102,7 +102,7 @@ def main() -> int:
             t_ours, n_ours = time_prep(tok, docs, w, out)
             rows.append((w, mb / t_raw, n_raw / t_raw, mb / t_ours, n_ours / t_ours, t_raw / t_ours))
         t_load, t_step = loader_vs_step(out, tok)
-    print(f"\n| workers | raw tiktoken MB/s | raw tok/s | ours MB/s | ours tok/s | ours / raw |")
+    print("\n| workers | raw tiktoken MB/s | raw tok/s | ours MB/s | ours tok/s | ours / raw |")
     print("|---|---|---|---|---|---|")
     for w, rm, rt, om, ot, ratio in rows:
         print(f"| {w} | {rm:.2f} | {rt:,.0f} | {om:.2f} | {ot:,.0f} | {ratio:.0%} |")
