@@ -28,8 +28,15 @@ import numpy as np
 
 import data_preparation_utils as dpu
 from errors import run_cli
-from load_instruct_dataset import DEMO_MIN_VAL_FRACTION, ROLES
-from load_pretrain_dataset import common_args, mix_records, open_dataset, parse_cli, shard_size_for
+from load_instruct_dataset import ROLES
+from load_pretrain_dataset import (
+    DEMO_MIN_VAL_FRACTION,
+    common_args,
+    mix_records,
+    open_dataset,
+    parse_cli,
+    shard_size_for,
+)
 
 Messages = list[dict[str, str]]
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")

@@ -30,7 +30,14 @@ import numpy as np
 
 import data_preparation_utils as dpu
 from errors import run_cli
-from load_pretrain_dataset import common_args, mix_records, open_dataset, parse_cli, shard_size_for
+from load_pretrain_dataset import (
+    DEMO_MIN_VAL_FRACTION,
+    common_args,
+    mix_records,
+    open_dataset,
+    parse_cli,
+    shard_size_for,
+)
 
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
          "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant"}
@@ -135,9 +142,6 @@ def demo_source() -> tuple[list[dict], str]:
 
     return demo_data.demo_instruct_set(), f"demo instruct set (demo_data.py, Python {sys.version.split()[0]})"
 
-
-# Demo sets are a few hundred records: at least this val fraction so the demo has a validation split.
-DEMO_MIN_VAL_FRACTION = 0.05
 
 
 def main(argv: list[str] | None = None) -> int:

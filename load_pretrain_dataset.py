@@ -15,7 +15,8 @@ Sources (also used by load_instruct_dataset.py and load_dpo_dataset.py):
   by `weight` over the sources not yet exhausted, so the order is reproducible.
 Settings: TOKENIZER_CHECKPOINT_PATH, HF_PRETRAIN_DATASET_TARGET_PATH (or --out), HF_PRETRAIN_DATASET_MIX_FILE,
 SHARD_SIZE (explicit setting wins over the mix file's), VAL_FRACTION, SEED (split seed),
-NUMBER_OF_CPU_PROCESSES.
+NUMBER_OF_CPU_PROCESSES. The embedded corpus and the demo SFT/DPO sets hold a few hundred documents, so
+they use max(VAL_FRACTION, 0.05) to get a usable validation split.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ import data_preparation_utils as dpu
 from errors import UserError, run_cli
 
 TEXT_SUFFIXES = (".txt", ".md")
+# The embedded corpus and demo sets have a few hundred documents: at least this val fraction, so the
+# offline demo gets a validation split worth the name (real datasets use VAL_FRACTION as given).
+DEMO_MIN_VAL_FRACTION = 0.05
 SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".json", ".parquet")
 
 
@@ -212,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-field", default="text", help="field holding the text in jsonl/parquet/HF records")
     args, cfg = parse_cli(parser, argv)
     mix_file = args.mix or cfg["HF_PRETRAIN_DATASET_MIX_FILE"]
-    mix = None
+    mix, val_fraction = None, cfg["VAL_FRACTION"]
     if args.dataset:
         records, desc = open_dataset(args.dataset, args.name, args.split)
         records = with_text_field(records, args.text_field, desc)
@@ -221,9 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         records, desc, mix = mix_records(mix_file, args.text_field)
     else:
         records, desc = embedded_source()
+        val_fraction = max(val_fraction, DEMO_MIN_VAL_FRACTION)
     tok = tokenizer.load_tokenizer(cfg["TOKENIZER_CHECKPOINT_PATH"])
     dpu.prepare("pretrain", records, args.out or cfg["HF_PRETRAIN_DATASET_TARGET_PATH"], dpu.PretrainEncoder(tok),
-                tokenizer_identity=tok.identity(), source=desc, seed=cfg["SEED"], val_fraction=cfg["VAL_FRACTION"],
+                tokenizer_identity=tok.identity(), source=desc, seed=cfg["SEED"], val_fraction=val_fraction,
                 shard_size=shard_size_for(cfg, mix), workers=cfg["NUMBER_OF_CPU_PROCESSES"],
                 overwrite=args.overwrite, progress=not args.no_progress)
     return 0
