@@ -429,6 +429,11 @@ class _AtomicDir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in self.tmp.iterdir():  # mkdtemp makes 0700; give the result the usual permissions
+            f.chmod(0o666 & ~umask)
+        self.tmp.chmod(0o777 & ~umask)
         if self.out.exists():
             self.out.rmdir()
         os.replace(self.tmp, self.out)
