@@ -1,0 +1,128 @@
+"""Distributed training on CPU (gloo): DDP and FSDP2 over 2 processes give the single-process losses and
+grad norms for the same TOTAL_BATCH_SIZE; their checkpoints resume in ONE process (2 -> 1); two
+torchrun launches as two nodes (--master_addr, or c10d rendezvous) train and checkpoint."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_train import (
+    ROOT,
+    free_port,
+    make_pretrain_data,
+    read_metrics,
+    run_inprocess,
+    settings,
+    subprocess_env,
+    torchrun,
+)
+
+import distributed as D
+from errors import UserError
+
+# GRAD_CLIP below the natural norm (~0.7-1.3) so clipping is active: a wrong (per-shard) norm under
+# FSDP2 would change the update and the losses after step 1.
+COMMON = dict(MAX_STEPS=5, GRAD_CLIP=0.5, VALIDATE_EVERY_X_STEPS=0, SAVE_EVERY_X_STEPS=3, MAX_NUMBER_CHECKPOINTS=3)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_pretrain_data(tmp_path_factory.mktemp("ddata") / "pretrain")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data):
+    """One process, 2 micro-steps of 4 sequences per step."""
+    tmp = tmp_path_factory.mktemp("ref")
+    return {e["step"]: e for e in run_inprocess(tmp, data, **COMMON) if "loss" in e}
+
+
+def _steps(run_dir) -> dict[int, dict]:
+    return {e["step"]: e for e in read_metrics(run_dir) if "loss" in e}
+
+
+def _assert_same(got: dict[int, dict], ref: dict[int, dict], steps) -> None:
+    for s in steps:
+        assert got[s]["loss"] == pytest.approx(ref[s]["loss"], abs=1e-4), (s, got[s], ref[s])
+        assert got[s]["grad_norm"] == pytest.approx(ref[s]["grad_norm"], rel=1e-4), (s, got[s], ref[s])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_processes_match_one_and_resume_in_one(tmp_path, data, reference, fsdp):
+    (tmp_path / "two").mkdir()
+    torchrun(tmp_path / "two", data, 2, USE_FSDP=str(fsdp).lower(), **COMMON)
+    two = _steps(tmp_path / "two" / "run")
+    assert two[1]["grad_norm"] > COMMON["GRAD_CLIP"]  # clipping was active
+    _assert_same(two, reference, range(1, 6))
+    # the 2-process checkpoint (full, unsharded state) resumes in a single process: steps 4, 5 again
+    ck = tmp_path / "two" / "ck" / "pretrain" / "step_0000003"
+    run_inprocess(tmp_path / "one", data, "--pretrain_checkpoint", str(ck), **COMMON)
+    one = _steps(tmp_path / "one" / "run")
+    assert sorted(one) == [4, 5]
+    _assert_same(one, reference, [4, 5])
+
+
+def _launch_node(tmp, data, launcher: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, "--nnodes=2", "--nproc_per_node=1",
+           str(ROOT / "train.py"), *settings(tmp, data, **COMMON)]
+    return subprocess.Popen(cmd, cwd=tmp, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rendezvous", ["master_addr", "c10d"])
+def test_two_nodes_train_and_checkpoint(tmp_path, data, reference, rendezvous):
+    port = free_port()
+    procs = []
+    for node in (0, 1):
+        if rendezvous == "master_addr":
+            launcher = [f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}"]
+        else:
+            launcher = ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=test-job"]
+        # both nodes share one checkpoint directory (as on a shared file system); only global rank 0 writes
+        procs.append(_launch_node(tmp_path, data, launcher))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outs)
+    got = _steps(tmp_path / "run")
+    _assert_same(got, reference, range(1, 6))
+    root = tmp_path / "ck" / "pretrain"
+    assert (root / "latest").read_text().strip() == "step_0000005"
+    assert (root / "step_0000003" / "model.safetensors").is_file()
+
+
+# ---- single-process helpers --------------------------------------------------------------------------
+
+
+def test_world_of_one_helpers():
+    assert D.rank() == 0 and D.world_size() == 1 and D.is_main()
+    t = torch.tensor([3.0])
+    assert D.all_reduce_sum(t) is t and t.item() == 3.0
+    assert D.sum_floats([1.5, 2.0], torch.device("cpu")) == [1.5, 2.0]
+    assert D.any_rank(True, torch.device("cpu")) and not D.any_rank(False, torch.device("cpu"))
+    D.barrier()
+
+
+def test_device_selection():
+    assert D.select_device("cpu") == torch.device("cpu")
+    assert D.select_device("auto").type in ("cuda", "mps", "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="DEVICE=cuda"):
+            D.select_device("cuda")
+
+
+def test_fsdp_without_process_group_is_a_user_error(tmp_path, data):
+    with pytest.raises(UserError, match="USE_FSDP=true needs a process group"):
+        run_inprocess(tmp_path, data, USE_FSDP="true", MAX_STEPS=1)
+
+
+def test_grad_norm_matches_reference_and_clips():
+    ps = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))]
+    ps[0].grad = torch.tensor([3.0, 0.0, 0.0])
+    ps[1].grad = torch.tensor([[0.0, 4.0], [0.0, 0.0]])
+    norm = D.grad_norm_and_clip(ps, max_norm=1.0)
+    assert float(norm) == pytest.approx(5.0)  # sqrt(3^2 + 4^2), before clipping
+    assert float(torch.cat([p.grad.flatten() for p in ps]).norm()) == pytest.approx(1.0, rel=1e-5)
