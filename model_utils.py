@@ -182,8 +182,8 @@ def _download_hub(repo_id: str) -> Path:
 
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
     except Exception as e:  # offline, unknown repo, gated repo ...
-        raise UserError(f"could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}); "
-                        "download it elsewhere and pass the local path") from e
+        raise UserError(f"{repo_id!r} is not an existing path and could not be fetched as a Hugging Face hub "
+                        f"id ({type(e).__name__}; offline?); check the path, or download it and pass the local path") from e
 
 
 def _read_json(path: Path) -> dict:
