@@ -230,6 +230,15 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
         self.cache_len = 0
 
+    def _apply(self, fn, recurse: bool = True):
+        # .to(dtype) / .to_empty() / .cuda() must not degrade or discard the RoPE frequencies: they are
+        # always recomputed in fp32 on the new device (bf16 inv_freq drifts at long positions).
+        super()._apply(fn, recurse)
+        device = self.tok_embeddings.weight.device
+        if device.type != "meta":
+            self.inv_freq = rope_frequencies(self.args).to(device)
+        return self
+
     # ---- initialization -------------------------------------------------------------------------
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
         """N(0, std) for embeddings and projections; the two residual-stream writers of each block

@@ -114,3 +114,20 @@ def test_doc_ids_packing_equals_separate_forwards():
         got = model(packed, doc_ids=doc_ids)[0]
         ref = torch.cat([model(d[None])[0] for d in docs])
     assert (got - ref).abs().max().item() < 1e-5
+
+
+def test_rope_frequencies_stay_fp32_after_dtype_casts_and_meta_init():
+    import torch as _t
+
+    from model import ModelArgs as _A
+    from model import Transformer as _T
+    from model import rope_frequencies
+
+    args = _A(dim=64, n_layers=1, n_heads=4, vocab_size=50, rope_theta=500000.0)
+    ref = rope_frequencies(args)
+    m = _T(args).to(_t.bfloat16)
+    assert m.inv_freq.dtype == _t.float32 and _t.equal(m.inv_freq, ref)
+    with _t.device("meta"):
+        lazy = _T(args)
+    lazy.to_empty(device="cpu")  # FSDP-style deferred init: buffers come back as garbage unless recomputed
+    assert _t.equal(lazy.inv_freq, ref)
