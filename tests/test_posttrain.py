@@ -4,8 +4,6 @@ gradient), DPO learns the embedded preference set, and the pretrain -> SFT -> DP
 from __future__ import annotations
 
 import json
-import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +115,73 @@ def test_sft_gradient_reaches_only_assistant_content_and_eot(sft_data, packed, d
                     seen += 1
         model.zero_grad(set_to_none=True)
     assert seen >= len(CHATS)
+
+
+# ---- the chain through train.py ------------------------------------------------------------------------
+
+
+def _prepare(kind: str, records: list, out: Path, encoder) -> Path:
+    tok = tk.load_tokenizer(str(ROOT / "tokenizer.model"))
+    dpu.prepare(kind, records, out, encoder, tokenizer_identity=tok.identity(), source=f"test {kind}", seed=0,
+                val_fraction=0.1, shard_size=1 << 20, workers=1, progress=False)
+    return out
+
+
+def _train(tmp: Path, stage: str, **kw) -> list[dict]:
+    from test_train import read_metrics, subprocess_env
+
+    run = tmp / f"run_{stage}"
+    settings = {"TOKENIZER_CHECKPOINT_PATH": str(ROOT / "tokenizer.model"), "TRAINING_STAGE": stage,
+                "MAX_STEPS": "5", "SAVE_EVERY_X_STEPS": "5", "VALIDATE_EVERY_X_STEPS": "5", "RUN_DIR": str(run),
+                "TEST_PROMPTS_FILE": str(ROOT / "test_prompts.json"), **{k: str(v) for k, v in kw.items()}}
+    for s in ("PRETRAIN", "INSTRUCT", "DPO"):  # every stage saves to and finds its parent under tmp/ck
+        settings[f"{s}_SAVE_CHECKPOINTS_PATH"] = str(tmp / "ck")
+    cmd = [sys.executable, str(ROOT / "train.py"), "--env-file", str(ROOT / "configs" / "debug.env"),
+           *[f"{k}={v}" for k, v in settings.items()]]
+    p = subprocess.run(cmd, cwd=tmp, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return read_metrics(run)
+
+
+def _latest(tmp: Path, stage: str) -> tuple[Path, dict]:
+    d = tmp / "ck" / stage
+    steps = sorted(p for p in d.iterdir() if p.name.startswith("step_"))
+    assert steps, f"no {stage} checkpoint in {d}"
+    return steps[-1], json.loads((steps[-1] / "trainer_state.json").read_text())
+
+
+@pytest.mark.slow
+def test_chain_pretrain_sft_dpo_through_train_py(tmp_path):
+    from test_train import make_pretrain_data
+
+    import demo_data
+    from load_dpo_dataset import DPOEncoder
+
+    tok = tk.load_tokenizer(str(ROOT / "tokenizer.model"))
+    pre = make_pretrain_data(tmp_path / "data" / "pretrain", n_docs=200)
+    sft = _prepare("sft", demo_data.demo_instruct_set(max_chars=120), tmp_path / "data" / "sft",
+                   SFTEncoder(tok, "", 0, 64))
+    dpo = _prepare("dpo", demo_data.demo_preference_set(max_chars=100), tmp_path / "data" / "dpo",
+                   DPOEncoder(tok, "", 64))
+
+    m_pre = _train(tmp_path, "pretrain", PRETRAIN_DATALOADER_ROOT_PATH=pre)
+    ck_pre, st_pre = _latest(tmp_path, "pretrain")
+    m_sft = _train(tmp_path, "instruct", INSTRUCT_DATALOADER_ROOT_PATH=sft)
+    ck_sft, st_sft = _latest(tmp_path, "instruct")
+    m_dpo = _train(tmp_path, "dpo", DPO_DATALOADER_ROOT_PATH=dpo, DPO_BETA=0.1)
+    ck_dpo, st_dpo = _latest(tmp_path, "dpo")
+
+    # lineage: each stage starts from the previous stage's checkpoint and records it
+    assert (st_pre["stage"], st_sft["stage"], st_dpo["stage"]) == ("pretrain", "instruct", "dpo")
+    assert st_pre["parent"] is None
+    assert Path(st_sft["parent"]).resolve() == ck_pre.resolve()
+    assert Path(st_dpo["parent"]).resolve() == ck_sft.resolve()
+    assert st_dpo["step"] == 5
+
+    losses = {name: [e["loss"] for e in m if "loss" in e] for name, m in
+              (("pretrain", m_pre), ("sft", m_sft), ("dpo", m_dpo))}
+    # SFT continues from the pretrained weights: its first loss is far below uniform (ln 8448 = 9.04)
+    assert losses["pretrain"][0] > 8.5 and losses["sft"][0] < losses["pretrain"][0]
+    # DPO's first step is taken with policy == reference: the loss is exactly ln 2, then it falls
+    assert abs(losses["dpo"][0] - torch.log(torch.tensor(2.0)).item()) < 1e-4
+    assert min(losses["dpo"][1:]) < losses["dpo"][0]
