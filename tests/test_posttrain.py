@@ -185,3 +185,52 @@ def test_chain_pretrain_sft_dpo_through_train_py(tmp_path):
     # DPO's first step is taken with policy == reference: the loss is exactly ln 2, then it falls
     assert abs(losses["dpo"][0] - torch.log(torch.tensor(2.0)).item()) < 1e-4
     assert min(losses["dpo"][1:]) < losses["dpo"][0]
+
+
+# ---- DPO learns preferences ------------------------------------------------------------------------------
+
+
+def test_dpo_twenty_steps_learn_the_preference_pairs(tmp_path):
+    """20 DPO steps (debug-sized model, the real shards -> loader -> objective path) on 16 pairs of the embedded
+    preference set: reward accuracy on those pairs goes from 0 (policy == reference: all rewards 0) to >= 0.9 and
+    the DPO loss falls from ln 2. In-sample on purpose: the demo set's rejected answer is another topic's text,
+    so ranking UNSEEN pairs needs prompt conditioning that a random tiny model does not acquire in 20 steps
+    (measured: held-out accuracy 0.42 after 10-20 steps; see the report)."""
+    import demo_data
+    from load_dpo_dataset import DPOEncoder
+
+    tok = tk.load_tokenizer(str(ROOT / "tokenizer.model"))
+    records = demo_data.demo_preference_set(max_chars=100)[:16]
+    root = tmp_path / "dpo"
+    dpu.prepare("dpo", records, root, DPOEncoder(tok, "", 64), tokenizer_identity=tok.identity(), source="16 pairs",
+                seed=0, val_fraction=0.0, shard_size=1 << 20, workers=1, progress=False)
+    loader = dataloaders.build_loader("dpo", root, "train", seq_len=64, micro_batch=8, global_batch=8, rank=0,
+                                      world_size=1, seed=0, pad_id=tok.pad_id, tokenizer_identity=tok.identity())
+    n = loader.samples_per_epoch
+    assert n >= 12
+    cfg = config.load_config(None, {"MODEL_PRESET": "debug", "TRAINING_STAGE": "dpo", "DPO_BETA": "0.1"})
+    torch.manual_seed(0)
+    model = Transformer(cfg.model_args(tok.vocab_size))
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    objective = obj.build_objective(cfg)
+    objective.setup(model, tok, torch.device("cpu"))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+
+    def accuracy_and_loss() -> tuple[float, float]:
+        every = dataloaders.build_loader("dpo", root, "train", seq_len=64, micro_batch=n, global_batch=n, rank=0,
+                                         world_size=1, seed=0, pad_id=tok.pad_id).next_batch()
+        with torch.no_grad():
+            loss, m = objective.loss(model, every)
+        return m["reward_accuracy"].item() / n, loss.item() / n
+
+    acc0, loss0 = accuracy_and_loss()
+    assert acc0 == 0.0 and abs(loss0 - 0.6931472) < 1e-5
+    for _ in range(20):
+        batch = loader.next_batch()
+        loss_sum, _ = objective.loss(model, batch)
+        (loss_sum / objective.units(batch)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    acc, loss = accuracy_and_loss()
+    print(f"DPO 20 steps on {n} pairs: reward accuracy {acc0:.2f} -> {acc:.2f}, loss {loss0:.4f} -> {loss:.4f}")
+    assert acc >= 0.9 and loss < 0.5
