@@ -190,6 +190,7 @@ def test_chain_pretrain_sft_dpo_through_train_py(tmp_path):
 # ---- DPO learns preferences ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_dpo_twenty_steps_learn_the_preference_pairs(tmp_path):
     """20 DPO steps (debug-sized model, the real shards -> loader -> objective path) on 16 pairs of the embedded
     preference set: reward accuracy on those pairs goes from 0 (policy == reference: all rewards 0) to >= 0.9 and
