@@ -595,7 +595,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="objectives.py", description="Precompute frozen-model outputs for training.")
     sub = p.add_subparsers(dest="cmd", required=True)
     for cmd, who in (("cache-teacher", "--teacher"), ("cache-reference", "--reference")):
-        s = sub.add_parser(cmd, help=f"run {who[2:]} once over the train shards and store its outputs")
+        s = sub.add_parser(cmd, help=f"run {who[2:]} once over the train shards and store its outputs",
+                           epilog="Settings (MAX_SEQ_LEN, SEED, TOKENIZER_CHECKPOINT_PATH, TRAINING_STAGE, "
+                           "SFT_BATCHING, TEACHER_PRECISION ...) may follow as KEY=VALUE.")
         s.add_argument(who, dest="model", required=True, help="any model_utils.load_model source")
         s.add_argument("--data", required=True, help="shard root (the loader's root: train/ val/ manifest.json)")
         s.add_argument("--out", required=True, help="cache directory to write")
