@@ -30,6 +30,7 @@ def straight(tmp_path_factory, data):
     return tmp, m
 
 
+@pytest.mark.slow
 def test_resume_equals_not_stopping(tmp_path, data, straight):
     tmp, m = straight
     ck = tmp / "ck" / "pretrain" / "step_0000010"

@@ -132,6 +132,7 @@ def test_train_py_names_no_objective_or_stage():
 GOLDEN = [9.060979, 8.917345, 8.662725, 8.399837, 8.142227, 7.961138, 7.767975, 7.624467, 7.524125, 7.46571]
 
 
+@pytest.mark.slow
 def test_golden_loss_debug_fp32(tmp_path, pretrain_data):
     metrics = run_inprocess(tmp_path, pretrain_data, SAVE_CHECKPOINTS="false")
     losses = [train_losses(metrics)[s] for s in range(1, 11)]
