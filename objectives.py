@@ -137,6 +137,9 @@ def topk_distillation_loss_sum(student_logits: torch.Tensor, teacher_topk_logps:
 def _logits(model: nn.Module, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Logits (B, T, V) from our Transformer or a transformers model (which returns an output object)."""
     if doc_ids is not None:
+        if not hasattr(lora._unwrap(model), "layers"):  # a transformers model has no document masking
+            raise UserError("packed SFT batches (SFT_BATCHING=packed) need a teacher of this project's "
+                            "architecture: load it with model_utils (any source) or use SFT_BATCHING=padded")
         out = model(input_ids, doc_ids=doc_ids)
     else:
         out = model(input_ids)
