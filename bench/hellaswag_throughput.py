@@ -60,6 +60,8 @@ from lm_eval import simple_evaluate
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 hf_dir, task_dir, limit, bs, add_bos = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+import torch
+torch.set_num_threads(int(sys.argv[6]))
 kw = {} if add_bos == "auto" else {"add_bos_token": add_bos == "yes"}
 lm = HFLM(pretrained=hf_dir, dtype="float32", device="cpu", batch_size=bs, **kw)
 tm = TaskManager(include_path=task_dir)
@@ -121,7 +123,12 @@ def main() -> int:
     ap.add_argument("--lm-eval-venv", default=str(Path.home() / ".cache" / "llama3-train" /
                                                   f"lm-eval-{LM_EVAL_VERSION}"))
     ap.add_argument("--skip-lm-eval", action="store_true")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for every evaluator incl. lm-eval (default: torch's); 1 gives stable "
+                         "numbers on a busy machine")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     import model_utils
     import tokenizer as tokenizer_mod
@@ -158,7 +165,7 @@ def main() -> int:
         (tmp / "driver.py").write_text(LM_EVAL_DRIVER)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         r = subprocess.run([str(py), str(tmp / "driver.py"), str(hf_dir), str(task_dir), str(len(examples)),
-                            str(a.batch_size), "yes" if add_bos else "no"], capture_output=True, text=True,
+                            str(a.batch_size), "yes" if add_bos else "no", str(torch.get_num_threads())], capture_output=True, text=True,
                            env=env)
         line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
         if r.returncode or not line:
