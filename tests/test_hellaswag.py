@@ -328,3 +328,29 @@ def test_demo_set_is_deterministic_and_valid() -> None:
         assert d["split_type"] == "demo" and d["source_id"].startswith("demo:pydoc_data.topics/")
         assert len(set(d["endings"])) == 4
     assert len({d["label"] for d in a}) == 4
+
+
+def test_cli_end_to_end_matches_in_process(tmp_path: Path) -> None:
+    # A tiny model exported as an HF dir + the project's tiktoken tokenizer: the CLI's JSON line must equal
+    # evaluate() on the same weights (tiktoken convention: BOS prepended).
+    import model_utils
+    import tokenizer as tokenizer_mod
+
+    tok = tokenizer_mod.load_tokenizer(ROOT / "tokenizer.model")
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size, multiple_of=16,
+                     max_seq_len=256)
+    model = Transformer(args)
+    model.init_weights(std=0.3, generator=torch.Generator().manual_seed(0))
+    model_utils.export_hf(model, args, tmp_path / "hf")
+    loaded, _ = model_utils.load_model(tmp_path / "hf")
+    want = hs.evaluate(loaded, tok, hs.load_examples(GOLDEN), batch_size=2, progress=False)
+    r = subprocess.run([sys.executable, str(ROOT / "hellaswag_utils.py"), "--model", str(tmp_path / "hf"),
+                        "--tokenizer", str(ROOT / "tokenizer.model"), "--data", str(GOLDEN), "--batch-size", "2"],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert {k: got[k] for k in want} == want and got["add_bos"] is True and got["seconds"] > 0
+    r = subprocess.run([sys.executable, str(ROOT / "hellaswag_utils.py"), "--model", str(tmp_path / "hf"),
+                        "--tokenizer", str(ROOT / "tokenizer.model"), "--data", str(tmp_path / "missing.jsonl")],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert r.returncode == 2 and "missing.jsonl does not exist" in r.stderr
