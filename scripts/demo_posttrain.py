@@ -48,6 +48,37 @@ def metrics(run_dir: Path) -> tuple[list[float], list[float]]:
     return [r["loss"] for r in rows if "loss" in r], [r["val_loss"] for r in rows if "val_loss" in r]
 
 
+def held_out_loss(settings: dict[str, str], model_source: str) -> float:
+    """The validation loss train.py would report (same loader, VAL_STEPS, objective) for a model source; used
+    for the value BEFORE training, since the loop validates after updates only."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    import config
+    import dataloaders
+    import model_utils
+    import objectives
+    import tokenizer
+
+    cfg = config.load_config(None, settings)
+    tok = tokenizer.load_tokenizer(cfg["TOKENIZER_CHECKPOINT_PATH"])
+    model, _ = model_utils.load_model(model_source)
+    objective = objectives.build_objective(cfg)
+    objective.setup(model, tok, torch.device("cpu"))
+    stage = cfg["TRAINING_STAGE"].upper()
+    val = dataloaders.build_loader(objective.batch_format, cfg[f"{stage}_DATALOADER_ROOT_PATH"], "val",
+                                   seq_len=cfg["MAX_SEQ_LEN"], micro_batch=cfg["MAX_BATCH_SIZE"],
+                                   global_batch=cfg["MAX_BATCH_SIZE"], rank=0, world_size=1, seed=cfg["SEED"],
+                                   pad_id=tok.pad_id, packed=cfg["SFT_BATCHING"] == "packed",
+                                   tokenizer_identity=tok.identity())
+    total, units = 0.0, 0
+    with torch.no_grad():
+        for _ in range(cfg["VAL_STEPS"]):
+            loss_sum, n = objective.eval_loss(model, val.next_batch())
+            total, units = total + float(loss_sum), units + n
+    return total / max(units, 1)
+
+
 def verdict(name: str, what: str, before: float, after: float) -> bool:
     ok = after < before
     print(f"  {name}: {what} {before:.4f} -> {after:.4f}  {'(falls: OK)' if ok else '(did NOT fall)'}")
@@ -70,8 +101,11 @@ def main() -> int:
               "TEST_PROMPTS_FILE": str(ROOT / "test_prompts.json"), "NUMBER_OF_CPU_PROCESSES": "1",
               **{f"{s}_SAVE_CHECKPOINTS_PATH": str(work / "checkpoints") for s in ("PRETRAIN", "INSTRUCT", "DPO")}}
 
-    def kv(**extra: str) -> list[str]:
-        return [f"{k}={v}" for k, v in {**common, **{k: str(v) for k, v in extra.items()}}.items()]
+    def settings(**extra: object) -> dict[str, str]:
+        return {**common, **{k: str(v) for k, v in extra.items()}}
+
+    def kv(**extra: object) -> list[str]:
+        return [f"{k}={v}" for k, v in settings(**extra).items()]
 
     lora = dict(LORA_ENABLED="true", LORA_RANK=8, LORA_ALPHA=16, LORA_DROPOUT=0.0,
                 LORA_TARGET_MODULES="wq,wk,wv,wo,w1,w3")
@@ -83,10 +117,12 @@ def main() -> int:
     print("1/3 LoRA-SFT of SmolLM2-135M-Instruct on the embedded instruct set")
     run(["load_instruct_dataset.py", "--out", str(work / "data" / "instruct"), "--no-progress",
          *kv(MAX_SEQ_LEN=256)], log)
-    run(["train.py", *kv(TRAINING_STAGE="instruct", INIT_FROM=teacher, INSTRUCT_DATALOADER_ROOT_PATH=work / "data" /
-                         "instruct", RUN_DIR=work / "runs" / "sft", **lora, **chat)], log)
-    loss, _ = metrics(work / "runs" / "sft")
-    ok.append(verdict("SFT", "train loss (mean of first 2 -> last 2 steps)", sum(loss[:2]) / 2, sum(loss[-2:]) / 2))
+    sft = dict(TRAINING_STAGE="instruct", INIT_FROM=teacher, INSTRUCT_DATALOADER_ROOT_PATH=work / "data" / "instruct",
+               RUN_DIR=work / "runs" / "sft", **lora, **chat)
+    before = held_out_loss(settings(**sft), teacher)
+    run(["train.py", *kv(**sft)], log)
+    loss, val = metrics(work / "runs" / "sft")
+    ok.append(verdict("SFT", "held-out CE of the assistant tokens (base model -> after SFT)", before, val[-1]))
 
     print("2/3 DPO (LoRA, reference = SFT model with adapters off) on the embedded preference set")
     run(["load_dpo_dataset.py", "--out", str(work / "data" / "dpo"), "--no-progress", *kv(MAX_SEQ_LEN=256)], log)
