@@ -253,12 +253,18 @@ def read_json(path: Path) -> dict:
         raise UserError(f"cannot read {path} ({e}); the checkpoint is incomplete or corrupt: pick another") from e
 
 
-def load_model_weights(path: Path, model: nn.Module) -> None:
+def load_model_weights(path: Path, model: nn.Module, base_config_sha: str | None = None) -> None:
     """Copy model.safetensors into an unwrapped model (before parallelize). A LoRA checkpoint fills only
-    the adapters (the base came from INIT_FROM). Any shape or name mismatch -> UserError naming it."""
+    the adapters; its base (from INIT_FROM) must be the one it was trained on (`base_config_sha`, the sha
+    of the base's model args). Any shape or name mismatch -> UserError naming it."""
     sd = load_file(str(path / MODEL_FILE))
     own = model.state_dict()
-    lora_only = bool(read_json(path / CONFIG_FILE).get("lora")) if (path / CONFIG_FILE).is_file() else False
+    conf = read_json(path / CONFIG_FILE) if (path / CONFIG_FILE).is_file() else {}
+    lora_only = bool(conf.get("lora"))
+    saved_base = conf.get("base_model") or {}
+    if lora_only and base_config_sha and saved_base.get("config_sha") not in (None, base_config_sha):
+        raise UserError(f"LoRA checkpoint {path} was trained on base {saved_base.get('source')!r} with other model "
+                        "settings than the current INIT_FROM: set INIT_FROM to that base model")
     tied = getattr(getattr(model, "args", None), "tie_embeddings", False)
     expected = {k for k in own if not (tied and k == "output.weight")}
     if lora_only:

@@ -206,7 +206,8 @@ def train(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) -> int
     state: dict[str, Any] = dict(step=0, tokens_seen=0, stage=stage, parent=init_source or None, best_val=None,
                                  best_step=None, bad_validations=0, nonfinite_total=0, nonfinite_in_a_row=0)
     if resume_dir is not None:
-        ckpt.load_model_weights(resume_dir, model)  # before wrapping: FSDP2 then shards loaded weights
+        # before wrapping: FSDP2 then shards the loaded weights
+        ckpt.load_model_weights(resume_dir, model, base_config_sha=ckpt.config_sha(margs.to_dict()))
         if not args.reset_optimizer:
             state.update(ckpt.read_trainer_state(resume_dir))
     if args.start_step is not None:

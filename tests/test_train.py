@@ -363,3 +363,27 @@ def test_lora_run_saves_adapters_and_base_identity(tmp_path, pretrain_data):
     assert conf["lora"]["rank"] == 4 and conf["base_model"]["source"] == str(base)
     state = json.loads((ck / "trainer_state.json").read_text())
     assert state["parent"] == str(base)
+    # resuming the adapters on the same base continues; on another base it is refused
+    common = dict(VALIDATE_EVERY_X_STEPS=0, LORA_ENABLED="true", LORA_RANK=4, LORA_ALPHA=8, LORA_DROPOUT=0.0,
+                  MAX_LR=1e-2, MAX_STEPS=4)
+    m = run_inprocess(tmp_path / "lora2", pretrain_data, "--pretrain_checkpoint", str(ck), INIT_FROM=base, **common)
+    assert sorted(train_losses(m)) == [4]
+    import shutil
+
+    from errors import UserError
+
+    other = shutil.copytree(base, tmp_path / "other_base")
+    with pytest.raises(UserError, match="trained on base"):
+        run_inprocess(tmp_path / "lora3", pretrain_data, "--pretrain_checkpoint", str(ck), INIT_FROM=other, **common)
+
+
+def test_eval_hooks_hellaswag_and_samples(tmp_path, pretrain_data, capsys):
+    hs = ROOT / "tests" / "fixtures" / "hellaswag_golden.jsonl"
+    m = run_inprocess(tmp_path, pretrain_data, MAX_STEPS=2, VALIDATE_EVERY_X_STEPS=0, SAVE_CHECKPOINTS="false",
+                      HELLASWAG_EVERY_X_STEPS=2, HELLASWAG_PATH=hs, HELLASWAG_NUMBER_OF_EXAMPLES=4,
+                      GENERATE_EVERY_X_STEPS=2, MAX_TEST_GEN_LEN=4)
+    ev = [e for e in m if "hellaswag_acc_norm" in e]
+    assert len(ev) == 1 and ev[0]["step"] == 2 and 0.0 <= ev[0]["hellaswag_acc_norm"] <= 1.0
+    out = capsys.readouterr().out
+    prompts = json.loads((ROOT / "test_prompts.json").read_text())["pretrain"]
+    assert out.count("sample |") == len(prompts) and repr(prompts[0]) in out
