@@ -126,3 +126,13 @@ def test_grad_norm_matches_reference_and_clips():
     norm = D.grad_norm_and_clip(ps, max_norm=1.0)
     assert float(norm) == pytest.approx(5.0)  # sqrt(3^2 + 4^2), before clipping
     assert float(torch.cat([p.grad.flatten() for p in ps]).norm()) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path, data, reference):
+    got = {e["step"]: e for e in run_inprocess(tmp_path, data, ACTIVATION_CHECKPOINTING="true", **COMMON) if "loss" in e}
+    for s in range(1, 6):
+        assert got[s]["loss"] == pytest.approx(reference[s]["loss"], abs=1e-6)
+    import model_utils
+
+    sd = model_utils.load_model(tmp_path / "ck" / "pretrain" / "step_0000005")[0].state_dict()
+    assert "layers.0.attention.wq.weight" in sd  # names unchanged by the recompute patch
