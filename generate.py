@@ -96,7 +96,7 @@ def generate(
     next_pos = positions[:, -1:] + 1  # (B, 1)
     was_training = model.training
     model.eval()
-    model.setup_caches(B, total)
+    model.setup_caches(B, total, fuse_projections=True)  # frozen weights during generation
     try:
         logits = model(tokens, 0, positions=positions, key_mask=full_mask[:, :L])[:, -1]  # (B, V)
         n = 0

@@ -158,12 +158,19 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.cache: KVCache | None = None
+        self.wqkv: torch.Tensor | None = None  # inference-only concatenation, see Transformer.setup_caches
 
     def forward(self, x, cos, sin, mask: torch.Tensor | None, start_pos: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.wqkv is not None:  # one matmul instead of three (decoding is bound by per-kernel overhead)
+            nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            q, k, v = F.linear(x, self.wqkv).split((nq, nkv, nkv), dim=-1)
+            q = q.view(B, T, self.n_heads, self.head_dim)
+            k, v = k.view(B, T, self.n_kv_heads, self.head_dim), v.view(B, T, self.n_kv_heads, self.head_dim)
+        else:
+            q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+            k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+            v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         if self.cache is not None:
@@ -221,8 +228,12 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+        self.w13: torch.Tensor | None = None  # inference-only [w1; w3], see Transformer.setup_caches
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w13 is not None:
+            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -278,19 +289,35 @@ class Transformer(nn.Module):
         self.inv_freq = rope_frequencies(self.args).to(self.inv_freq.device)
 
     # ---- KV cache ---------------------------------------------------------------------------------
-    def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype=None, device=None) -> None:
-        """Allocate a static KV cache; forward() then appends at start_pos."""
+    def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype=None, device=None,
+                     fuse_projections: bool = False) -> None:
+        """Allocate a static KV cache; forward() then appends at start_pos.
+
+        fuse_projections: also concatenate wq|wk|wv and w1|w3 of each block into one weight each (a
+        temporary copy, dropped by clear_caches), so a decode step runs 4 matmuls per block instead of
+        7. Only for inference with frozen weights: the copy does not see later weight updates, and
+        blocks whose projections are not plain nn.Linear (LoRA) are left unfused.
+        """
         w = self.tok_embeddings.weight
         dtype = dtype or w.dtype
         device = device or w.device
         for layer in self.layers:
             attn = layer.attention
             attn.cache = KVCache(max_batch_size, attn.n_kv_heads, max_seq_len, attn.head_dim, dtype, device)
+            ff = layer.feed_forward
+            if fuse_projections and all(type(m) is nn.Linear for m in (attn.wq, attn.wk, attn.wv)):
+                with torch.no_grad():
+                    attn.wqkv = torch.cat((attn.wq.weight, attn.wk.weight, attn.wv.weight))
+            if fuse_projections and all(type(m) is nn.Linear for m in (ff.w1, ff.w3)):
+                with torch.no_grad():
+                    ff.w13 = torch.cat((ff.w1.weight, ff.w3.weight))
         self.cache_len = max_seq_len
 
     def clear_caches(self) -> None:
         for layer in self.layers:
             layer.attention.cache = None
+            layer.attention.wqkv = None
+            layer.feed_forward.w13 = None
         self.cache_len = 0
 
     # ---- forward ------------------------------------------------------------------------------------

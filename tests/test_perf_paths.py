@@ -151,3 +151,25 @@ def test_fused_ce_no_grad_and_all_ignored():
     loss = fused_linear_cross_entropy_sum(hh, w, torch.full((4,), -100))
     loss.backward()
     assert loss.item() == 0.0 and hh.grad.abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])
+def test_fast_decode_equals_full_recompute(tiny_model, dtype, tol):
+    """generate() (KV cache, fused qkv / w1|w3 projections, float-bias SDPA) vs the plain path: the whole
+    sequence re-run through forward() without a cache at every step, unfused."""
+    m = tiny_model.to(dtype)
+    try:
+        prompts = [[5, 9, 11, 200, 3], [17, 4]]
+        outs, logits = generate(m, prompts, 6, return_logits=True)
+        assert all(layer.attention.wqkv is None and layer.feed_forward.w13 is None for layer in m.layers)
+        for i, (p, o) in enumerate(zip(prompts, outs, strict=True)):
+            seq = list(p)
+            for n in range(6):
+                with torch.no_grad():
+                    ref = m(torch.tensor([seq]))[0, -1].float()
+                torch.testing.assert_close(logits[i, n], ref, atol=tol, rtol=tol)
+                if dtype == torch.float32:
+                    assert o[n] == int(ref.argmax())
+                seq.append(o[n])
+    finally:
+        tiny_model.to(torch.float32)
