@@ -1,0 +1,160 @@
+"""Run every benchmark and print ONE markdown table (also written to bench/results.md).
+
+    python bench/run_all.py [--quick] [--timeout 300] [--out bench/results.md]
+
+Jobs (each in its own subprocess, each with a timeout so one slow job cannot eat the budget):
+training step vs transformers (bench/train_throughput.py) on `small` and `smollm2-135m`, bf16, eager and
+torch.compile; greedy generation vs transformers generate (bench/generate_throughput.py) on SmolLM2-135M
+and `tiny`; data preparation vs raw tiktoken (bench/data_prep.py); HellaSwag evaluator vs a per-ending
+loop (bench/hellaswag_throughput.py, lm-eval skipped: it needs its own venv). --quick shrinks every job
+(shorter sequences, fewer rounds) for a smoke run; the targets are only judged on the full settings.
+Figures are ratios measured side by side inside one process; absolute numbers drift with machine load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def run(cmd: list[str], timeout: float) -> tuple[str, str]:
+    """-> (stdout, status) where status is "ok", "timeout" or "failed (rc N)"."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
+           "TOKENIZERS_PARALLELISM": "false"}
+    t0 = time.perf_counter()
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        print(f"  timeout after {timeout:.0f}s: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+        return out, "timeout"
+    print(f"  {time.perf_counter() - t0:5.0f}s rc={r.returncode}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    if r.returncode:
+        print(r.stderr[-1500:], file=sys.stderr)
+        return r.stdout, f"failed (rc {r.returncode})"
+    return r.stdout, "ok"
+
+
+def json_lines(text: str) -> list[dict]:
+    out = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return out
+
+
+def md_rows(text: str) -> list[list[str]]:
+    """Data rows of the markdown tables a bench printed (header and separator rows dropped)."""
+    rows = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in text.splitlines() if ln.startswith("|")]
+    return [r for r in rows if not set("".join(r)) <= set("-: ") and not r[0].lower().startswith(("workers",
+                                                                                                  "evaluator"))]
+
+
+def verdict(ok: bool | None) -> str:
+    return "—" if ok is None else ("yes" if ok else "**no**")
+
+
+def train_rows(a: argparse.Namespace, table: list[tuple]) -> None:
+    for preset in ("small", "smollm2-135m"):
+        for compile_ in (False, True):
+            vocab = "32000" if preset == "small" else "49152"
+            cmd = [PY, "bench/train_throughput.py", "--preset", preset, "--precision", "bf16", "--vocab", vocab,
+                   "--json", "--batch", "1" if a.quick else "2", "--rounds", "2" if a.quick else "3",
+                   "--steps", "1" if a.quick else "2", *(["--seq", "128"] if a.quick else []),
+                   *(["--seq", "512"] if preset == "smollm2-135m" and not a.quick else []),
+                   *(["--compile"] if compile_ else [])]
+            out, status = run(cmd, a.timeout * (2 if compile_ else 1))
+            setting = f"{preset} bf16 {'compiled' if compile_ else 'eager'}"
+            res = json_lines(out)
+            if not res:
+                table.append(("train tokens/s", setting, status, "", "", "≥ 1.5×", verdict(None)))
+                continue
+            r = res[-1]
+            ratio = r["ratio_ours_over_hf"]
+            table.append(("train tokens/s", setting, f"{r['ours_tokens_per_s']:,.0f}", f"{r['hf_tokens_per_s']:,.0f}",
+                          f"{ratio:.2f}×", "≥ 1.5×", verdict(ratio >= 1.5)))
+            mfu_target = preset == "small"
+            table.append(("train MFU (of bf16 matmul peak)", setting, f"{r['ours_mfu']:.1%}", f"{r['hf_mfu']:.1%}",
+                          f"peak {r['matmul_peak_tflops'] * 1e3:.0f} GFLOP/s", "≥ 50%" if mfu_target else "",
+                          verdict(r["ours_mfu"] >= 0.5) if mfu_target else "—"))
+            mo, mh = r["ours_peak_memory_mb"], r["hf_peak_memory_mb"]
+            table.append(("train peak memory MB", setting, f"{mo:,.0f}", f"{mh:,.0f}", f"{mo / mh:.2f}×",
+                          "≤ 1×", verdict(mo <= mh)))
+
+
+def generate_rows(a: argparse.Namespace, table: list[tuple]) -> None:
+    cmd = [PY, "bench/generate_throughput.py", "--json", "--models", "smollm2", "tiny",
+           "--new-tokens", "16" if a.quick else "64", "--rounds", "2" if a.quick else "3"]
+    out, status = run(cmd, a.timeout * 3)
+    rows = json_lines(out)
+    if not rows:
+        table.append(("generate tokens/s", "all", status, "", "", "", verdict(None)))
+    for r in rows:
+        target = r["model"] == "smollm2" and r["batch"] == 1 and r["dtype"] == "bf16"
+        table.append(("generate tokens/s (greedy)", f"{r['model']} {r['dtype']} batch {r['batch']}",
+                      f"{r['ours_tokens_per_s']:.1f}", f"{r['hf_tokens_per_s']:.1f}", f"{r['ratio']:.2f}×",
+                      "≥ 1.5×" if target else "", verdict(r["ratio"] >= 1.5) if target else "—"))
+
+
+def data_prep_rows(a: argparse.Namespace, table: list[tuple]) -> None:
+    out, status = run([PY, "bench/data_prep.py", "--mb", "2" if a.quick else "10"], a.timeout)
+    rows = md_rows(out)
+    if not rows:
+        table.append(("data prep MB/s", "", status, "", "", "", verdict(None)))
+    for r in rows:  # | workers | raw MB/s | raw tok/s | ours MB/s | ours tok/s | ours / raw |
+        table.append(("data prep MB/s (vs raw tiktoken)", f"{r[0]} worker(s)", r[3], r[1], r[5], "", "—"))
+
+
+def hellaswag_rows(a: argparse.Namespace, table: list[tuple]) -> None:
+    out, status = run([PY, "bench/hellaswag_throughput.py", "--skip-lm-eval", "--repeats", "1",
+                       "--limit", "8" if a.quick else "32"], a.timeout)
+    rows = md_rows(out)
+    if not rows:
+        table.append(("hellaswag examples/s", "", status, "", "", "", verdict(None)))
+    ours = next((r for r in rows if r[0].startswith("ours: batched, shared")), None)
+    for r in rows:  # | evaluator | examples/s | seconds | acc | acc_norm | speedup of ours |
+        if r is not ours and ours is not None:
+            table.append(("hellaswag examples/s", f"ours vs {r[0]}", ours[1], r[1], r[5], "", "—"))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: smaller shapes, fewer rounds")
+    p.add_argument("--timeout", type=float, default=240.0, help="seconds per job (compiled jobs get 2x)")
+    p.add_argument("--only", nargs="+", default=["train", "generate", "data_prep", "hellaswag"],
+                   choices=["train", "generate", "data_prep", "hellaswag"])
+    p.add_argument("--out", default=str(ROOT / "bench" / "results.md"))
+    a = p.parse_args()
+    t0 = time.perf_counter()
+    table: list[tuple] = []
+    jobs = {"train": train_rows, "generate": generate_rows, "data_prep": data_prep_rows, "hellaswag": hellaswag_rows}
+    for name in a.only:
+        print(f"[{name}]", file=sys.stderr, flush=True)
+        jobs[name](a, table)
+    lines = ["| benchmark | setting | ours | reference (transformers / raw / loop) | ratio | target | met |",
+             "|---|---|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in table]
+    header = (f"bench/run_all.py{' --quick' if a.quick else ''}: {time.strftime('%Y-%m-%d %H:%M')}, "
+              f"{os.cpu_count()} CPUs, {time.perf_counter() - t0:.0f}s total")
+    text = header + "\n\n" + "\n".join(lines) + "\n"
+    print(text)
+    out = Path(a.out)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
