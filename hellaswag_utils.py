@@ -18,8 +18,11 @@ Scores per example (ll_i = summed log-likelihood of ending i's tokens given the 
     acc_token_norm argmax ll_i / n_tokens(ending_i)  nanoGPT / llm.c's per-token mean, reported apart
 Ties go to the first ending, as numpy's argmax does.
 
-Batching: `batch_size` examples -> 4 * batch_size sequences packed into ONE right-padded forward.
-Padding sits after every real token, so causal attention keeps it out of the positions that count.
+Batching: `batch_size` examples per step. Our plain Transformer computes each context ONCE for its four
+endings (score_batch_shared_context: left-padded contexts fill a KV cache, whose rows are repeated for
+the 4*batch_size right-padded endings); any other model (DDP/FSDP/compiled wrappers, HF models) gets
+the 4*batch_size full sequences packed into one right-padded forward (score_batch). Both equal one
+forward per ending (tests/test_hellaswag.py); only ending positions go through the LM head.
 
 Distributed: example i goes to rank i % world_size; every rank runs the same number of batches
 (short ranks pad with weight-0 copies, which FSDP needs and which are never counted); the counts are
