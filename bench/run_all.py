@@ -89,8 +89,8 @@ def train_rows(a: argparse.Namespace, table: list[tuple]) -> None:
                           f"peak {r['matmul_peak_tflops'] * 1e3:.0f} GFLOP/s", "≥ 50%" if mfu_target else "",
                           verdict(r["ours_mfu"] >= 0.5) if mfu_target else "—"))
             mo, mh = r["ours_peak_memory_mb"], r["hf_peak_memory_mb"]
-            table.append(("train peak memory MB", setting, f"{mo:,.0f}", f"{mh:,.0f}", f"{mo / mh:.2f}×",
-                          "≤ 1×", verdict(mo <= mh)))
+            table.append(("train peak memory MB", setting, f"{mo:,.0f}", f"{mh:,.0f}",
+                          f"{mo / mh:.2f}×" if mh > 0 else "n/a (RSS growth 0)", "≤ 1×", verdict(mo <= mh)))
 
 
 def generate_rows(a: argparse.Namespace, table: list[tuple]) -> None:
@@ -141,7 +141,10 @@ def main() -> int:
     jobs = {"train": train_rows, "generate": generate_rows, "data_prep": data_prep_rows, "hellaswag": hellaswag_rows}
     for name in a.only:
         print(f"[{name}]", file=sys.stderr, flush=True)
-        jobs[name](a, table)
+        try:
+            jobs[name](a, table)
+        except Exception as e:  # one broken bench must not lose the others' rows
+            table.append((name, "", f"error: {type(e).__name__}: {e}", "", "", "", verdict(None)))
     lines = ["| benchmark | setting | ours | reference (transformers / raw / loop) | ratio | target | met |",
              "|---|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in table]
