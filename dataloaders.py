@@ -16,6 +16,15 @@ training); sft padded = one example per row, right-padded; sft packed = rows fil
 the epoch's order) with whole examples, `doc_ids` numbering them within the row; dpo = one pair.
 An example is never cut here: the preparation guarantees it fits MAX_SEQ_LEN, and a loader whose T is
 too small for the longest example refuses to start.
+
+`sample_index` (B,) long, in every batch except packed SFT: each row's id within its split, i.e. its index
+into the unshuffled sample list (window number for pretrain, example number for padded SFT, pair number for
+DPO). It depends on the data only, not on seed, epoch, world size or resume, and one epoch covers
+0..samples_per_epoch-1 exactly once; precomputed frozen-model outputs (objectives.py teacher/reference
+caches) are keyed by it. A packed SFT row holds several examples and has no single id, so packed batches
+carry no sample_index: caches need SFT_BATCHING=padded (their readers say so). Every row is a real sample
+(steps run across epoch boundaries instead of padding), so no row is a filler; PAD_SAMPLE_INDEX (-1) is
+reserved for one should a caller ever pad a batch, and cache readers refuse it.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from data_preparation_utils import open_shard, verify
 from errors import UserError
 
 IGNORE_INDEX = -100
+PAD_SAMPLE_INDEX = -1  # reserved sample_index of a filler row (the loader itself never makes one)
 DATA_KIND = {"pretrain": "pretrain", "sft": "sft", "dpo": "dpo"}
 
 
@@ -192,9 +202,10 @@ class Loader:
         samples = self._samples()
         B, T = self.B, self.T
         if self.kind == "pretrain":
-            x = np.stack([self.data.window(int(self._order(e)[0][o])) for e, o in samples]).astype(np.int64)
-            x = torch.from_numpy(x)  # (B, T+1)
-            return {"input_ids": x[:, :-1].contiguous(), "labels": x[:, 1:].contiguous()}
+            index = [int(self._order(e)[0][o]) for e, o in samples]
+            x = torch.from_numpy(np.stack([self.data.window(i) for i in index]).astype(np.int64))  # (B, T+1)
+            return {"input_ids": x[:, :-1].contiguous(), "labels": x[:, 1:].contiguous(),
+                    "sample_index": torch.tensor(index, dtype=torch.long)}
         if self.kind == "dpo":
             return self._dpo([int(self._order(e)[0][o]) for e, o in samples])
         ids = np.full((B, T), self.pad_id, dtype=np.int64)
@@ -216,6 +227,8 @@ class Loader:
         out = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
         if self.packed:
             out["doc_ids"] = torch.from_numpy(doc_ids)
+        else:  # one example per row: its example number (packed rows have none, see the module docstring)
+            out["sample_index"] = torch.tensor([int(self._order(e)[0][o]) for e, o in samples], dtype=torch.long)
         return out
 
     def _dpo(self, indices: list[int]) -> dict[str, torch.Tensor]:
@@ -231,6 +244,7 @@ class Loader:
                 ids[b, :n] = seq[:-1]
                 labels[b, p - 1:n] = seq[p:]  # targets are the response tokens only
             out[f"{name}_input_ids"], out[f"{name}_labels"] = torch.from_numpy(ids), torch.from_numpy(labels)
+        out["sample_index"] = torch.tensor(indices, dtype=torch.long)  # (B,) pair numbers
         return out
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import data_preparation_utils as dpu
 import dataloaders as dl
@@ -180,3 +181,93 @@ def test_loader_is_fast(data, tok):
     for _ in range(50):
         ld.next_batch()
     assert (time.perf_counter() - t0) / 50 < 0.005  # a tiny-preset train step takes ~1 s on this CPU
+
+
+# ---- sample_index: a row's id within its split (what precomputed teacher/reference caches are keyed by) ----
+
+
+def _split_arrays(root: Path, split: str) -> dict[str, list[np.ndarray]]:
+    """The split's shard arrays read with plain np.load from the manifest (independent of the loader)."""
+    m = dpu.read_manifest(root)
+    out: dict[str, list[np.ndarray]] = {}
+    for s in m["splits"][split]["shards"]:
+        for role, f in s["files"].items():
+            out.setdefault(role, []).append(np.load(root / f["path"]))
+    return out
+
+
+def expected_sample(data: Path, kind: str, i: int, T: int) -> dict[str, list[int]]:
+    """Sample number i of the unshuffled train split, laid out as the loader's row (independent of it)."""
+    if kind == "pretrain":
+        stream = np.concatenate(_split_arrays(data / "pretrain", "train")["tokens"]).astype(np.int64)
+        return {"input_ids": stream[i * T:i * T + T].tolist(), "labels": stream[i * T + 1:i * T + T + 1].tolist()}
+    arrays = _split_arrays(data / kind, "train")
+    examples = []  # every example of every shard, in file order
+    for s, offsets in enumerate(arrays["offsets"]):
+        for j in range(len(offsets) - 1):
+            if kind == "sft":
+                lo, hi = int(offsets[j]), int(offsets[j + 1])
+                examples.append((arrays["tokens"][s][lo:hi].tolist(),))
+            else:
+                examples.append(tuple(arrays[r][s][int(offsets[j, c]):int(offsets[j + 1, c])].tolist()
+                                      for c, r in enumerate(("prompt", "chosen", "rejected"))))
+    if kind == "sft":
+        tok = examples[i][0]
+        return {"input_ids": tok[:-1]}
+    p, c, _ = examples[i]
+    return {"chosen_input_ids": (p + c)[:-1]}
+
+
+def _steps_with_index(data, tok, kind, world, steps, state=None):
+    loaders = [loader(data, tok, kind, rank=r, world=world) for r in range(world)]
+    for ld in loaders:
+        if state is not None:
+            ld.load_state_dict(state)
+    out = []
+    for _ in range(steps):
+        idx = []
+        for _m in range(G // (B * world)):
+            for ld in loaders:
+                batch = ld.next_batch()
+                assert batch["sample_index"].dtype == torch.long and batch["sample_index"].shape == (B,)
+                idx += batch["sample_index"].tolist()
+        out.append(idx)
+    return out, loaders
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "sft", "dpo"])
+def test_sample_index_is_world_size_independent_and_survives_resume(data, tok, kind):
+    ref, _ = _steps_with_index(data, tok, kind, 1, 12)
+    for world in (2, 4):
+        assert _steps_with_index(data, tok, kind, world, 12)[0] == ref
+    _, two = _steps_with_index(data, tok, kind, 2, 5)
+    for world in (1, 2, 4):  # resume from a 2-rank state under any world size
+        assert _steps_with_index(data, tok, kind, world, 7, state=two[0].state_dict())[0] == ref[5:]
+    # independent of the seed: a different seed visits the same ids in another order
+    other = dl.build_loader(kind, data / kind, "train", seq_len=64 if kind == "pretrain" else 256, micro_batch=B,
+                            global_batch=G, rank=0, world_size=1, seed=99, pad_id=tok.pad_id)
+    n = other.samples_per_epoch
+    seen = [i for _ in range(-(-n // B)) for i in other.next_batch()["sample_index"].tolist()][:n]
+    assert sorted(seen) == list(range(n))  # one epoch covers 0..n-1 exactly once
+    flat = [i for step in ref for i in step]
+    first = flat[:n]  # seed 3's first epoch (or its start): distinct ids in range, another order than seed 99's
+    assert len(set(first)) == len(first) and set(first) <= set(range(n)) and seen[:len(first)] != first
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "sft", "dpo"])
+def test_batch_rows_are_the_samples_their_index_names(data, tok, kind):
+    T = 64 if kind == "pretrain" else 256
+    ld = loader(data, tok, kind, b=4, g=4)
+    for _ in range(6):
+        batch = ld.next_batch()
+        for b, i in enumerate(batch["sample_index"].tolist()):
+            for key, want in expected_sample(data, kind, i, T).items():
+                got = batch[key][b].tolist()
+                assert got[:len(want)] == want and all(t == tok.pad_id for t in got[len(want):])
+
+
+def test_val_sample_index_is_sequential_and_packed_rows_have_none(data, tok):
+    val = loader(data, tok, "sft", "val", b=2, g=2)
+    got = [i for _ in range(val.samples_per_epoch // 2) for i in val.next_batch()["sample_index"].tolist()]
+    assert got == list(range(len(got)))
+    assert "sample_index" not in loader(data, tok, "sft", packed=True).next_batch()
