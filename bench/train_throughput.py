@@ -7,7 +7,8 @@ One training step = forward (autocast for bf16) -> summed CE / targets -> backwa
 machine load hits both alike); the median step time per model gives tokens/s. MFU uses the
 6N + 12LdT FLOPs per token (model_utils.flops_per_token) against the matmul peak measured in the same
 run (a large matmul in the same dtype). Peak memory per model is measured in a fresh subprocess each
-(CUDA: max_memory_allocated; CPU: growth of the process's max RSS over the post-import baseline).
+(CUDA: max_memory_allocated; CPU: growth of the process's peak RSS, VmHWM, over the post-import
+baseline).
 """
 
 from __future__ import annotations
@@ -100,11 +101,9 @@ def matmul_peak(precision: str, device: torch.device, n: int = 2048, reps: int =
 
 def memory_probe(name: str, a: argparse.Namespace) -> int:
     """Peak bytes of 2 training steps of one model, measured in this (fresh) process."""
-    import resource
-
     device = torch.device(a.device)
     args = model_args(a.preset, a.vocab, a.seq)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _hwm_kib()
     pair = build_pair(args, device)
     model = pair[0] if name == "ours" else pair[1]
     del pair
@@ -118,7 +117,16 @@ def memory_probe(name: str, a: argparse.Namespace) -> int:
         step(x, x)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024  # KiB on Linux
+    return (_hwm_kib() - base) * 1024
+
+
+def _hwm_kib() -> int:
+    """Peak resident set of this process (VmHWM). Not ru_maxrss: that one survives fork+exec, so a child
+    would report its parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only); run on CUDA or Linux")
 
 
 def main() -> int:
