@@ -116,18 +116,39 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 
 def topk_distillation_loss_sum(student_logits: torch.Tensor, teacher_topk_logps: torch.Tensor,
-                               teacher_topk_ids: torch.Tensor, mask: torch.Tensor, temperature: float
-                               ) -> torch.Tensor:
-    """The cached-teacher approximation of `distillation_loss_sum`: both distributions are restricted to
-    the teacher's top-k tokens and renormalized there, then T^2 * KL over that support. Exact when the
-    teacher's mass outside its top-k is 0; the student gets no KD signal about tokens outside the top-k
-    (the CE term still covers them). teacher_topk_* (B, T, K) hold T=1 log-probs; dividing by T and
-    renormalizing gives exactly the tempered teacher restricted to the support."""
-    s = _at_least_fp32(student_logits[mask])  # (N, V)
+                               teacher_topk_ids: torch.Tensor, mask: torch.Tensor, temperature: float,
+                               teacher_tail_logps: torch.Tensor | None = None) -> torch.Tensor:
+    """The cached-teacher approximation of `distillation_loss_sum`: T^2 * KL between the two distributions
+    coarsened to K + 1 outcomes, the teacher's top-k tokens plus one "tail" bucket holding all other mass:
+
+        KL ~= sum_i p_i log(p_i / q_i) + p_tail log(p_tail / q_tail),  p_tail = 1 - sum_i p_i, q_tail likewise
+
+    with p = softmax(teacher / T), q = softmax(student / T). Exact when K = V; otherwise never above the exact
+    KL (log-sum inequality: merging outcomes cannot increase a KL) and missing only p_tail * KL of the two
+    distributions inside the tail, small when the teacher is peaked. Unlike renormalizing both over the top-k,
+    the student is pushed to move mass out of the tail it over-weights. q_tail is a log-sum-exp over the
+    complement of the top-k (exact, no 1 - sum cancellation).
+
+    teacher_topk_logps (B, T, K): log p_i of the TEMPERED teacher, log_softmax(teacher_logits / T) at its top-k
+    ids (the same ids as at T = 1: scaling by 1/T keeps the order); teacher_tail_logps (B, T): log p_tail if
+    known exactly (the cache stores it), else log(1 - sum p_i) clamped at 0 mass. student_logits (B, T, V) raw.
+    """
+    s = _at_least_fp32(student_logits[mask]) / temperature  # (N, V), only positions that count
     ids = teacher_topk_ids[mask].long()  # (N, K)
-    s_k = F.log_softmax(s.gather(-1, ids) / temperature, -1)  # (N, K)
-    t_k = F.log_softmax(teacher_topk_logps[mask].to(s.dtype) / temperature, -1)
-    kl = F.kl_div(s_k, t_k, log_target=True, reduction="none").sum(-1)
+    lse = torch.logsumexp(s, -1)  # (N,)
+    log_q = s.gather(-1, ids) - lse[:, None]  # (N, K)
+    log_p = teacher_topk_logps[mask].to(s.dtype)  # (N, K)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (N,)
+    if ids.shape[-1] < s.shape[-1]:  # a non-empty complement: add the tail bucket
+        log_q_tail = torch.logsumexp(s.scatter(-1, ids, float("-inf")), -1) - lse  # (N,)
+        if teacher_tail_logps is None:
+            p_tail = (1.0 - log_p.exp().sum(-1)).clamp(min=0.0)  # (N,)
+            log_p_tail = torch.log(p_tail)
+        else:
+            log_p_tail = teacher_tail_logps[mask].to(s.dtype)
+            p_tail = log_p_tail.exp()
+        # 0 * log 0 = 0: a teacher with no tail mass adds nothing (and no NaN through the -inf)
+        kl = kl + torch.where(p_tail > 0, p_tail * (log_p_tail.clamp(min=-1e30) - log_q_tail), 0.0)
     return temperature**2 * kl.sum()
 
 
@@ -228,7 +249,8 @@ class Distillation(Objective):
     both summed over the positions whose label is not IGNORE_INDEX, so units (target tokens) and the
     step normalization are the base objective's. The teacher is frozen (eval, no grad, TEACHER_PRECISION)
     and never wrapped in DDP; with TEACHER_CACHE_PATH the term reads precomputed top-k teacher log-probs
-    by `batch["sample_index"]` instead (see topk_distillation_loss_sum for the approximation).
+    by `batch["sample_index"]` instead (top-k + tail-bucket KL, see topk_distillation_loss_sum; the cache holds
+    the teacher at DISTILLATION_TEMPERATURE, so it is built for one T; packed SFT rows have no sample_index).
     Validation stays the plain CE of the base objective, so val curves compare with and without KD.
     """
 
@@ -247,7 +269,14 @@ class Distillation(Objective):
         d = self.cfg.distill
         student_vocab = _vocab_size(model)
         if d.teacher_cache_path:
+            if self.base.batch_format == "sft" and self.cfg.data.sft_batching == "packed":
+                raise UserError("TEACHER_CACHE_PATH is keyed by sample_index, which packed SFT rows do not have: "
+                                "set SFT_BATCHING=padded (for the cache build too) or unset TEACHER_CACHE_PATH")
             self.cache = TeacherCache(d.teacher_cache_path)
+            if abs(self.cache.temperature - self.temperature) > 1e-9:
+                raise UserError(f"TEACHER_CACHE_PATH={d.teacher_cache_path} holds log-probs at temperature "
+                                f"{self.cache.temperature} but DISTILLATION_TEMPERATURE={self.temperature}: rebuild "
+                                "the cache with this DISTILLATION_TEMPERATURE or use the cache's")
             teacher_vocab, where = self.cache.vocab_size, f"TEACHER_CACHE_PATH={d.teacher_cache_path}"
             self.teacher_memory_bytes = 0
             info = {"teacher": f"cache {d.teacher_cache_path} (top-{self.cache.top_k})"}
@@ -278,13 +307,13 @@ class Distillation(Objective):
         mask = batch["labels"] != IGNORE_INDEX  # (B, T)
         if self.cache is not None:
             if "sample_index" not in batch:
-                raise UserError("TEACHER_CACHE_PATH is set but the loader's batches carry no 'sample_index'; "
-                                "unset TEACHER_CACHE_PATH to run the teacher live")
-            logps, ids = self.cache.lookup(batch["sample_index"], student_logits.device)  # (B, T, K) each
+                raise UserError("TEACHER_CACHE_PATH is set but the batches carry no 'sample_index' (packed SFT rows "
+                                "have none): use SFT_BATCHING=padded, or unset TEACHER_CACHE_PATH to run the teacher live")
+            logps, ids, tail = self.cache.lookup(batch["sample_index"], student_logits.device)  # (B,T,K)x2, (B,T)
             if logps.shape[1] != student_logits.shape[1]:
                 raise UserError(f"teacher cache rows hold {logps.shape[1]} positions, batches {student_logits.shape[1]}"
                                 ": rebuild the cache with the same MAX_SEQ_LEN")
-            return topk_distillation_loss_sum(student_logits, logps, ids, mask, self.temperature)
+            return topk_distillation_loss_sum(student_logits, logps, ids, mask, self.temperature, tail)
         with torch.no_grad():
             teacher_logits = _logits(self.teacher, batch["input_ids"], batch.get("doc_ids"))
         return distillation_loss_sum(student_logits, teacher_logits, mask, self.temperature)
@@ -440,30 +469,41 @@ def _read_cache_manifest(path: str, kind: str, setting: str) -> dict[str, Any]:
 
 def _rows(index: torch.Tensor, n: int, path: str) -> Any:
     idx = index.cpu().long().numpy()
-    if idx.min() < 0 or idx.max() >= n:
+    if idx.min() < 0:
+        raise UserError(f"cache {path}: a batch row has sample_index {int(idx.min())} (a filler row, not a sample); "
+                        "cached outputs exist only for real samples: do not pad batches when using a cache")
+    if idx.max() >= n:
         raise UserError(f"cache {path} has {n} samples but a batch asks for sample {int(idx.max())}: the cache was "
                         "built from other shards; rebuild it for this data")
     return idx
 
 
 class TeacherCache:
-    """Reads top-k teacher log-probs: lookup(sample_index (B,)) -> (logps (B, T, K) fp32, ids (B, T, K) long)."""
+    """Reads the tempered teacher's top-k: lookup(sample_index (B,)) -> (logps (B, T, K) fp32, ids (B, T, K) long,
+    tail_logps (B, T) fp32), all of log_softmax(teacher_logits / temperature) (see write_cache)."""
 
     def __init__(self, path: str):
         import numpy as np
 
         self.path, self.manifest = path, _read_cache_manifest(path, "teacher", "TEACHER_CACHE_PATH")
+        if "temperature" not in self.manifest:
+            raise UserError(f"TEACHER_CACHE_PATH={path} is an older teacher cache without its temperature and tail "
+                            "mass; rebuild it with `python objectives.py cache-teacher ...`")
         self.vocab_size, self.top_k = int(self.manifest["vocab_size"]), int(self.manifest["top_k"])
+        self.temperature = float(self.manifest["temperature"])
         self.logps = np.load(f"{path}/topk_logps.npy", mmap_mode="r")  # (N, T, K) float16
         self.ids = np.load(f"{path}/topk_ids.npy", mmap_mode="r")  # (N, T, K) uint16 | int32
+        self.tail = np.load(f"{path}/tail_logps.npy", mmap_mode="r")  # (N, T) float32
 
-    def lookup(self, sample_index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def lookup(self, sample_index: torch.Tensor, device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         import numpy as np
 
         idx = _rows(sample_index, self.logps.shape[0], self.path)
         logps = torch.from_numpy(np.ascontiguousarray(self.logps[idx])).float()
         ids = torch.from_numpy(np.ascontiguousarray(self.ids[idx]).astype(np.int64))
-        return logps.to(device), ids.to(device)
+        tail = torch.from_numpy(np.ascontiguousarray(self.tail[idx])).float()
+        return logps.to(device), ids.to(device), tail.to(device)
 
 
 class ReferenceCache:
@@ -499,6 +539,9 @@ def build_cache(kind: str, cfg: Any, model_source: str, data: str, out: str, top
     if kind == "teacher" and cfg["TRAINING_STAGE"] not in ("pretrain", "instruct"):
         raise UserError(f"cache-teacher: TRAINING_STAGE={cfg['TRAINING_STAGE']}; distillation data is pretrain "
                         "or instruct: set TRAINING_STAGE to the stage the cache is for")
+    if kind == "teacher" and cfg["TRAINING_STAGE"] == "instruct" and cfg["SFT_BATCHING"] == "packed":
+        raise UserError("cache-teacher: SFT_BATCHING=packed rows hold several examples and have no sample_index to "
+                        "key a cache by: build and train with SFT_BATCHING=padded")
     dtype = PRECISIONS[cfg["TEACHER_PRECISION"]] if kind == "teacher" else torch.float32
     model, _ = model_utils.load_model(model_source, device=device, dtype=dtype)
     tok = tokenizer_mod.load_tokenizer(cfg["TOKENIZER_CHECKPOINT_PATH"])
@@ -511,15 +554,21 @@ def build_cache(kind: str, cfg: Any, model_source: str, data: str, out: str, top
     batches = (loader.next_batch() for _ in range(2 * ((n + batch_size - 1) // batch_size)))
     meta = {"model": str(model_source), "data": str(data), "batch_format": batch_format, "split": "train",
             "tokenizer": tok.identity()}
-    return write_cache(kind, model, batches, n, cfg["MAX_SEQ_LEN"], out, top_k=top_k, device=device, meta=meta)
+    return write_cache(kind, model, batches, n, cfg["MAX_SEQ_LEN"], out, top_k=top_k, device=device, meta=meta,
+                       temperature=cfg["DISTILLATION_TEMPERATURE"])
 
 
 def write_cache(kind: str, model: nn.Module, batches: Any, n: int, seq_len: int, out: str, top_k: int = 64,
-                device: str | torch.device = "cpu", meta: dict[str, Any] | None = None) -> dict[str, Any]:
+                device: str | torch.device = "cpu", meta: dict[str, Any] | None = None,
+                temperature: float = 1.0) -> dict[str, Any]:
     """Store a frozen model's outputs for samples 0..n-1, read from `batches` (dicts with "sample_index"
     (B,) and the loader's keys; extra batches past the first full cover are skipped):
-      kind "teacher":   top-k T=1 log-probs and their token ids at every position, (n, seq_len, K)
-                        (float16 values; uint16 ids when the vocabulary fits);
+      kind "teacher":   of the TEMPERED teacher log_softmax(logits / temperature) at every position: the top-k
+                        log-probs (n, seq_len, K) float16 with their ids (uint16 when the vocabulary fits), and
+                        the log of the mass outside the top-k (n, seq_len) float32, exact (a log-sum-exp over
+                        the complement). Stored at one T (in the manifest; the objective checks it equals
+                        DISTILLATION_TEMPERATURE) because top-k values at T = 1 cannot give the tail mass at
+                        another T; the ids are the same for every T.
       kind "reference": summed response log-probs of chosen and rejected, (n, 2) float32.
     Written into <out>.tmp, renamed to <out> when complete. Returns the manifest."""
     import json
@@ -540,6 +589,7 @@ def write_cache(kind: str, model: nn.Module, batches: Any, n: int, seq_len: int,
         logps_arr = np.lib.format.open_memmap(tmp / "topk_logps.npy", "w+", np.float16, (n, seq_len, top_k))
         ids_arr = np.lib.format.open_memmap(tmp / "topk_ids.npy", "w+", np.uint16 if V <= 65536 else np.int32,
                                             (n, seq_len, top_k))
+        tail_arr = np.lib.format.open_memmap(tmp / "tail_logps.npy", "w+", np.float32, (n, seq_len))
     else:
         ref_arr = np.zeros((n, 2), np.float32)
     filled = np.zeros(n, bool)
@@ -554,10 +604,14 @@ def write_cache(kind: str, model: nn.Module, batches: Any, n: int, seq_len: int,
                 rows, keep = idx[new], torch.from_numpy(new)
                 if kind == "teacher":
                     doc_ids = batch["doc_ids"].to(device) if "doc_ids" in batch else None
-                    logits = _logits(model, batch["input_ids"].to(device), doc_ids)
-                    vals, ids = F.log_softmax(logits.float(), -1).topk(top_k, dim=-1)  # (B, T, K); loss applies T
-                    logps_arr[rows] = vals[keep].cpu().numpy().astype(np.float16)
+                    z = _logits(model, batch["input_ids"].to(device), doc_ids).float() / temperature  # (B, T, V)
+                    lse = torch.logsumexp(z, -1)  # (B, T)
+                    vals, ids = z.topk(top_k, dim=-1)  # (B, T, K)
+                    tail = (torch.logsumexp(z.scatter_(-1, ids, float("-inf")), -1) - lse if top_k < V
+                            else torch.full_like(lse, float("-inf")))  # (B, T) log mass outside the top-k
+                    logps_arr[rows] = (vals - lse[..., None])[keep].cpu().numpy().astype(np.float16)
                     ids_arr[rows] = ids[keep].cpu().numpy().astype(ids_arr.dtype)
+                    tail_arr[rows] = tail[keep].cpu().numpy()
                 else:
                     ids, labels = DirectPreferenceOptimization._concat({k: v.to(device) for k, v in batch.items()})
                     lp = sequence_logps(_logits(model, ids), labels).cpu().numpy()  # (2B,)
@@ -573,13 +627,15 @@ def write_cache(kind: str, model: nn.Module, batches: Any, n: int, seq_len: int,
         raise UserError(f"cache-{kind}: the batches never produced {int((~filled).sum())} of {n} sample indices; "
                         "sample_index must cover 0..n-1")
     if kind == "teacher":
-        logps_arr.flush()
-        ids_arr.flush()
-        del logps_arr, ids_arr
+        for arr in (logps_arr, ids_arr, tail_arr):
+            arr.flush()
+        del logps_arr, ids_arr, tail_arr, arr
     else:
         np.save(tmp / "ref_logps.npy", ref_arr)
     manifest = {"format": CACHE_FORMAT, "kind": kind, **(meta or {}), "n_samples": n, "seq_len": seq_len,
                 "vocab_size": V, "top_k": top_k if kind == "teacher" else None,
+                **({"temperature": float(temperature), "values": "log_softmax(logits / temperature): top-k and "
+                    "log of the mass outside it"} if kind == "teacher" else {}),
                 "seconds": round(time.time() - t0, 1)}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     if final.exists():

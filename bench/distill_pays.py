@@ -1,12 +1,16 @@
 """Does knowledge distillation pay? A `tiny`-shaped student with SmolLM2's tokenizer, trained on the
-embedded corpus three ways with the same steps, data order, seed and optimizer:
+embedded corpus several ways with the same steps, data order, seed and optimizer:
 
-    ce        plain next-token cross-entropy (objectives.Pretrain)
-    kd-live   (1 - a) CE + a T^2 KL(teacher || student), teacher = SmolLM2-135M-Instruct run every step
-    kd-cache  the same with the teacher's top-k log-probs precomputed once (objectives.write_cache) and
-              read by sample index (renormalized top-k KL: the approximation in topk_distillation_loss_sum)
+    ce               plain next-token cross-entropy (objectives.Pretrain)
+    kd-live          (1 - a) CE + a T^2 KL(teacher || student), teacher = SmolLM2-135M-Instruct run every step
+    kd-cache         the same with the teacher's top-k precomputed once by `python objectives.py cache-teacher`
+                     over the shards and read by the loader's sample_index (top-k + tail-bucket KL)
+    kd-cache-renorm  the same cache, but both distributions renormalized over the top-k only (the former
+                     approximation, kept here for comparison)
 
-Reports held-out cross-entropy (documents never trained on) and time per step; writes a JSON next to it.
+The training data goes the production way: documents -> pretrain shards (data_preparation_utils) ->
+dataloaders.build_loader (batches with sample_index) -> objective. Reports held-out cross-entropy
+(documents never trained on) and time per step; writes a JSON next to it.
 
     python bench/distill_pays.py [--steps 60] [--batch 8] [--seq-len 64] [--top-k 64] [--alpha 0.5] [--temperature 1]
 """
@@ -17,6 +21,8 @@ import argparse
 import importlib.util
 import json
 import math
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import config  # noqa: E402
+import data_preparation_utils as dpu  # noqa: E402
+import dataloaders  # noqa: E402
 import model_utils  # noqa: E402
 import objectives  # noqa: E402
 import tokenizer as tk  # noqa: E402
@@ -54,6 +62,26 @@ def windows(tok, docs: list[str], n: int, T: int) -> torch.Tensor:
     return torch.tensor(stream[:need], dtype=torch.long).view(n, T + 1)
 
 
+def docs_for(tok, docs: list[str], n: int, T: int) -> list[str]:
+    """The first documents whose BOS+doc+EOS stream holds n windows of T+1 tokens (windows start every T)."""
+    need, total, out = n * T + 1, 0, []
+    for d in docs:
+        out.append(d)
+        total += len(tok.encode(d)) + 2
+        if total >= need:
+            return out
+    sys.exit(f"error: the corpus holds {total} tokens, {need} needed; lower --steps/--batch/--seq-len")
+
+
+def renormalized_topk_kl_sum(student_logits, teacher_topk_logps, teacher_topk_ids, mask, temperature, tail=None):
+    """The former cache approximation: teacher and student renormalized over the teacher's top-k ids."""
+    s = objectives._at_least_fp32(student_logits[mask]) / temperature  # (N, V)
+    ids = teacher_topk_ids[mask].long()
+    s_k = torch.log_softmax(s.gather(-1, ids), -1)  # (N, K)
+    t_k = torch.log_softmax(teacher_topk_logps[mask].to(s.dtype), -1)  # tempered log-probs, renormalized
+    return temperature**2 * (t_k.exp() * (t_k - s_k)).sum()
+
+
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     if step < warmup:
         return lr * (step + 1) / warmup
@@ -73,9 +101,18 @@ def held_out_ce(model, val: torch.Tensor) -> float:
     return total / n
 
 
-def run(name: str, cfg, args, margs, train: torch.Tensor, order: np.ndarray, val: torch.Tensor,
-        teacher=None) -> dict:
+def run(name: str, cfg, args, margs, make_loader, val: torch.Tensor, teacher=None) -> dict:
     objective = objectives.build_objective(cfg)
+    if name == "kd-cache-renorm":
+        objectives.topk_distillation_loss_sum, saved = renormalized_topk_kl_sum, objectives.topk_distillation_loss_sum
+    try:
+        return _run(name, objective, args, margs, make_loader(), val, teacher)
+    finally:
+        if name == "kd-cache-renorm":
+            objectives.topk_distillation_loss_sum = saved
+
+
+def _run(name: str, objective, args, margs, loader, val: torch.Tensor, teacher=None) -> dict:
     torch.manual_seed(args.seed)
     model = Transformer(margs)
     model.init_weights(generator=torch.Generator().manual_seed(args.seed))
@@ -85,9 +122,7 @@ def run(name: str, cfg, args, margs, train: torch.Tensor, order: np.ndarray, val
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     curve, times = [], []
     for step in range(args.steps):
-        idx = torch.from_numpy(order[step * args.batch:(step + 1) * args.batch])
-        x = train[idx]
-        batch = {"input_ids": x[:, :-1], "labels": x[:, 1:], "sample_index": idx}
+        batch = loader.next_batch()  # input_ids, labels, sample_index
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         t0 = time.perf_counter()
@@ -121,7 +156,7 @@ def main() -> int:
     p.add_argument("--val-windows", type=int, default=48)
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--teacher-precision", default="fp32", choices=("fp32", "bf16"))
-    p.add_argument("--runs", default="ce,kd-live,kd-cache")
+    p.add_argument("--runs", default="ce,kd-live,kd-cache,kd-cache-renorm")
     p.add_argument("--out", default=str(Path(__file__).with_name("results") / "distill_pays.json"))
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -131,43 +166,64 @@ def main() -> int:
     docs = list(tk.embedded_corpus())
     held = [d for i, d in enumerate(docs) if i % 20 == 0]  # whole documents the student never sees
     T, n_train = args.seq_len, args.steps * args.batch
-    train = windows(tok, [d for i, d in enumerate(docs) if i % 20], n_train, T)
     val = windows(tok, held, args.val_windows, T)
-    order = np.random.default_rng(args.seed).permutation(n_train)
-    base = {"MODEL_PRESET": "tiny", "MAX_SEQ_LEN": str(T), "TRAINING_STAGE": "pretrain",
+    work = Path(tempfile.mkdtemp(prefix="distill_pays_"))
+    data = work / "pretrain"
+    dpu.prepare("pretrain", docs_for(tok, [d for i, d in enumerate(docs) if i % 20], n_train, T), data,
+                dpu.PretrainEncoder(tok), tokenizer_identity=tok.identity(), source="embedded corpus", seed=0,
+                val_fraction=0.0, shard_size=1 << 20, workers=1, progress=False)
+
+    def make_loader():
+        return dataloaders.build_loader("pretrain", data, "train", seq_len=T, micro_batch=args.batch,
+                                        global_batch=args.batch, rank=0, world_size=1, seed=args.seed,
+                                        pad_id=tok.pad_id, tokenizer_identity=tok.identity())
+
+    base = {"MODEL_PRESET": "tiny", "MAX_SEQ_LEN": str(T), "TRAINING_STAGE": "pretrain", "SEED": str(args.seed),
             "DISTILLATION_ALPHA": str(args.alpha), "DISTILLATION_TEMPERATURE": str(args.temperature),
-            "TEACHER_PRECISION": args.teacher_precision, "TEACHER_MODEL_CHECKPOINT": gguf}
+            "TEACHER_PRECISION": args.teacher_precision, "TEACHER_MODEL_CHECKPOINT": gguf,
+            "TOKENIZER_CHECKPOINT_PATH": gguf}
     margs = config.load_config(None, base).model_args(tok.vocab_size)
     print(f"student: tiny preset, {model_utils.count_parameters(Transformer(margs)) / 1e6:.1f} M params, "
-          f"vocab {tok.vocab_size}; {args.steps} steps x {args.batch} x {T} tokens; held-out {len(val)} windows")
+          f"vocab {tok.vocab_size}; {args.steps} steps x {args.batch} x {T} tokens from "
+          f"{make_loader().samples_per_epoch} windows of shards; held-out {len(val)} windows")
     runs = args.runs.split(",")
     results: dict = {"settings": vars(args), "teacher": Path(gguf).name}
     teacher = None
-    if "kd-live" in runs or "kd-cache" in runs:
+    if "kd-live" in runs:
         dtype = objectives.PRECISIONS[args.teacher_precision]
         teacher, _ = model_utils.load_model(gguf, dtype=dtype)
         results["teacher_held_out_ce"] = held_out_ce(teacher, val)
         print(f"teacher held-out ce {results['teacher_held_out_ce']:.4f}")
     if "ce" in runs:
-        results["ce"] = run("ce", config.load_config(None, base), args, margs, train, order, val)
+        results["ce"] = run("ce", config.load_config(None, base), args, margs, make_loader, val)
     if "kd-live" in runs:
         cfg = config.load_config(None, {**base, "IS_MODEL_DISTILLATION": "true"})
-        results["kd-live"] = run("kd-live", cfg, args, margs, train, order, val, teacher=teacher)
-    if "kd-cache" in runs:
-        with tempfile.TemporaryDirectory() as tmp:
-            batches = ({"input_ids": train[i:i + args.batch, :-1], "sample_index": torch.arange(i, i + args.batch)}
-                       for i in range(0, n_train, args.batch))
-            t0 = time.perf_counter()
-            objectives.write_cache("teacher", teacher, batches, n_train, T, f"{tmp}/cache", top_k=args.top_k)
-            results["cache_build_s"] = time.perf_counter() - t0
-            cfg = config.load_config(None, {**base, "IS_MODEL_DISTILLATION": "true",
-                                            "TEACHER_CACHE_PATH": f"{tmp}/cache"})
-            results["kd-cache"] = run("kd-cache", cfg, args, margs, train, order, val)
+        results["kd-live"] = run("kd-live", cfg, args, margs, make_loader, val, teacher=teacher)
+        teacher = None
+    cached = [r for r in runs if r.startswith("kd-cache")]
+    if cached:
+        cache = work / "teacher_cache"
+        cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "objectives.py"), "cache-teacher",
+               "--teacher", gguf, "--data", str(data), "--out", str(cache), "--top-k", str(args.top_k),
+               *[f"{k}={v}" for k, v in base.items() if k != "TEACHER_MODEL_CHECKPOINT"]]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=work, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        results["cache_build_s"] = time.perf_counter() - t0  # includes loading the GGUF teacher
+        cfg = config.load_config(None, {**base, "IS_MODEL_DISTILLATION": "true", "TEACHER_CACHE_PATH": str(cache)})
+        for r in cached:
+            results[r] = run(r, cfg, args, margs, make_loader, val)
+    if "ce" in results and "kd-live" in results:
+        gain = results["ce"]["held_out_ce"] - results["kd-live"]["held_out_ce"]
+        for r in cached:
+            results[r]["share_of_live_kd_gain"] = (results["ce"]["held_out_ce"] - results[r]["held_out_ce"]) / gain
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     line = ", ".join(f"{r} {results[r]['held_out_ce']:.4f} ({results[r]['ms_per_step']:.0f} ms/step)"
                      for r in runs if r in results)
     print(f"held-out CE after {args.steps} steps: {line}; results in {args.out}")
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

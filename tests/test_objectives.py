@@ -161,9 +161,8 @@ def test_distillation_zero_when_student_equals_teacher():
     x = torch.randn(3, 4, 50) * 5
     mask = torch.ones(3, 4, dtype=torch.bool)
     assert obj.distillation_loss(x, x.clone(), mask, 2.0).abs().item() < 1e-6
-    k = obj.topk_distillation_loss_sum(x, F.log_softmax(x, -1).topk(8, -1).values,
-                                       F.log_softmax(x, -1).topk(8, -1).indices, mask, 2.0)
-    assert k.abs().item() < 1e-5
+    vals, ids = F.log_softmax(x / 2.0, -1).topk(8, -1)  # the tempered teacher's top 8
+    assert obj.topk_distillation_loss_sum(x, vals, ids, mask, 2.0).abs().item() < 1e-5
 
 
 def test_distillation_gradient_matches_finite_differences():
@@ -173,26 +172,75 @@ def test_distillation_gradient_matches_finite_differences():
     mask = torch.tensor([[1, 0, 1], [1, 1, 0]], dtype=torch.bool)
     assert torch.autograd.gradcheck(lambda x: obj.distillation_loss(x, t, mask, 2.0), (s,))
     ids = t.topk(3, -1).indices
-    tl = F.log_softmax(t, -1).gather(-1, ids)
+    lt = F.log_softmax(t / 1.5, -1)
+    tl, tail = lt.gather(-1, ids), torch.logsumexp(lt.scatter(-1, ids, float("-inf")), -1)
     assert torch.autograd.gradcheck(lambda x: obj.topk_distillation_loss_sum(x, tl, ids, mask, 1.5), (s,))
+    assert torch.autograd.gradcheck(lambda x: obj.topk_distillation_loss_sum(x, tl, ids, mask, 1.5, tail), (s,))
+    ids6 = t.topk(6, -1).indices  # k = V: no tail bucket, still a clean gradient
+    assert torch.autograd.gradcheck(
+        lambda x: obj.topk_distillation_loss_sum(x, lt.gather(-1, ids6), ids6, mask, 1.5), (s,))
     # masked-out positions get exactly zero gradient
     obj.distillation_loss(s, t, mask, 2.0).backward()
     assert s.grad[~mask].abs().max() == 0 and s.grad[mask].abs().max() > 0
 
 
-def test_topk_distillation_is_renormalized_kl_over_support():
+def ref_topk_tail_kl_sum(student, teacher, mask, T, k):
+    """T^2 * sum over masked positions of the KL between teacher and student coarsened to the teacher's top-k
+    tokens plus one bucket for everything else (plain Python, from the full tempered softmaxes)."""
+    total = 0.0
+    for b in range(student.shape[0]):
+        for t in range(student.shape[1]):
+            if not mask[b, t]:
+                continue
+            ps = _softmax([x / T for x in student[b, t].tolist()])
+            pt = _softmax([x / T for x in teacher[b, t].tolist()])
+            top = sorted(range(len(pt)), key=lambda i: -pt[i])[:k]
+            total += sum(pt[i] * math.log(pt[i] / ps[i]) for i in top)
+            rest_t = sum(v for i, v in enumerate(pt) if i not in top)
+            rest_s = sum(v for i, v in enumerate(ps) if i not in top)
+            if rest_t > 0:
+                total += rest_t * math.log(rest_t / rest_s)
+    return T * T * total
+
+
+def _tempered_topk(t: torch.Tensor, k: int, T: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lt = F.log_softmax(t.double() / T, -1)
+    vals, ids = lt.topk(k, -1)
+    return vals, ids, torch.logsumexp(lt.scatter(-1, ids, float("-inf")), -1)
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0, 0.7])
+def test_topk_tail_distillation_exact_at_k_equal_vocab_and_a_lower_bound_below(T):
     g = torch.Generator().manual_seed(0)
-    s, t = torch.randn(1, 2, 9, generator=g), torch.randn(1, 2, 9, generator=g)
-    mask = torch.ones(1, 2, dtype=torch.bool)
-    lt = F.log_softmax(t, -1)
-    # k = V: exactly the full KL
-    vals, ids = lt.topk(9, -1)
-    full = obj.distillation_loss_sum(s, t, mask, 2.0)
-    torch.testing.assert_close(obj.topk_distillation_loss_sum(s, vals, ids, mask, 2.0), full)
-    # k = 3: the full formula applied to both distributions restricted to the teacher's top 3
-    vals, ids = lt.topk(3, -1)
-    want = ref_kl_sum(s.gather(-1, ids), t.gather(-1, ids), mask, 2.0)
-    assert obj.topk_distillation_loss_sum(s, vals, ids, mask, 2.0).item() == pytest.approx(want, rel=1e-5)
+    s, t = torch.randn(2, 3, 9, generator=g, dtype=torch.float64) * 2, torch.randn(2, 3, 9, generator=g,
+                                                                                  dtype=torch.float64) * 2
+    mask = torch.tensor([[1, 1, 0], [1, 0, 1]], dtype=torch.bool)
+    exact = ref_kl_sum(s, t, mask, T)
+    vals, ids, _ = _tempered_topk(t, 9, T)
+    assert obj.topk_distillation_loss_sum(s, vals, ids, mask, T).item() == pytest.approx(exact, rel=1e-10)
+    for k in (1, 3, 6):
+        vals, ids, tail = _tempered_topk(t, k, T)
+        want = ref_topk_tail_kl_sum(s, t, mask, T, k)
+        got = obj.topk_distillation_loss_sum(s, vals, ids, mask, T, tail).item()
+        assert got == pytest.approx(want, rel=1e-9) and got <= exact + 1e-12
+        # without the stored tail it is recovered as 1 - sum p_i (same value up to rounding)
+        assert obj.topk_distillation_loss_sum(s, vals, ids, mask, T).item() == pytest.approx(want, rel=1e-8)
+
+
+def test_topk_tail_distillation_is_close_for_a_peaked_teacher_unlike_renormalizing():
+    g = torch.Generator().manual_seed(1)
+    V, k = 200, 8
+    s = torch.randn(4, 6, V, generator=g, dtype=torch.float64) * 2
+    t = torch.randn(4, 6, V, generator=g, dtype=torch.float64)
+    t[..., :4] += 9.0  # a peaked teacher: ~95% of its mass on four tokens, the rest spread thin
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    exact = ref_kl_sum(s, t, mask, 1.0)
+    vals, ids, tail = _tempered_topk(t, k, 1.0)
+    got = obj.topk_distillation_loss_sum(s, vals, ids, mask, 1.0, tail).item()
+    assert got <= exact and got > 0.97 * exact
+    # renormalizing both over the top-k (the former approximation) drops the student's tail mass entirely
+    renorm = ref_kl_sum(s.gather(-1, ids), t.gather(-1, ids), mask, 1.0)
+    assert abs(renorm - exact) > 5 * abs(got - exact)
 
 
 # ---- DPO objective --------------------------------------------------------------------------------------
@@ -307,8 +355,8 @@ def lm_batch(B=2, T=8, vocab=32, seed=3):
 
 
 def distill_objective(stage="pretrain", **kv):
-    cfg = cfg_for(TRAINING_STAGE=stage, IS_MODEL_DISTILLATION="true", TEACHER_MODEL_CHECKPOINT="in-memory",
-                  DISTILLATION_ALPHA=0.3, DISTILLATION_TEMPERATURE=2.0, **kv)
+    cfg = cfg_for(**{"TRAINING_STAGE": stage, "IS_MODEL_DISTILLATION": "true", "TEACHER_MODEL_CHECKPOINT": "in-memory",
+                     "DISTILLATION_ALPHA": 0.3, "DISTILLATION_TEMPERATURE": 2.0, **kv})
     return obj.build_objective(cfg)
 
 
@@ -371,27 +419,37 @@ def test_teacher_cache_reader_gives_the_topk_loss(tmp_path):
     student, teacher, batch = tiny_model(0), tiny_model(1), lm_batch()
     K, index = 5, torch.tensor([3, 0])
     with torch.no_grad():
-        vals, ids = F.log_softmax(teacher(batch["input_ids"]), -1).topk(K, -1)  # (B, T, K)
-    lp = np.zeros((4, 8, K), np.float16)
-    ii = np.zeros((4, 8, K), np.uint16)
-    lp[index.numpy()], ii[index.numpy()] = vals.numpy(), ids.numpy()
+        vals, ids, tail = (x.float() for x in _tempered_topk(teacher(batch["input_ids"]), K, 2.0))  # (B,T,K)x2, (B,T)
+    lp, ii, tl = np.zeros((4, 8, K), np.float16), np.zeros((4, 8, K), np.uint16), np.zeros((4, 8), np.float32)
+    lp[index.numpy()], ii[index.numpy()], tl[index.numpy()] = vals.numpy(), ids.numpy(), tail.numpy()
     np.save(tmp_path / "topk_logps.npy", lp)
     np.save(tmp_path / "topk_ids.npy", ii)
-    (tmp_path / "manifest.json").write_text(json.dumps({"format": obj.CACHE_FORMAT, "kind": "teacher",
-                                                        "vocab_size": 32, "top_k": K}))
+    np.save(tmp_path / "tail_logps.npy", tl)
+    manifest = {"format": obj.CACHE_FORMAT, "kind": "teacher", "vocab_size": 32, "top_k": K, "temperature": 2.0}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     o = distill_objective(TEACHER_CACHE_PATH=tmp_path)
     info = o.setup(student, None, torch.device("cpu"))
     assert o.teacher is None and info["teacher_memory_mb"] == 0.0
     loss, m = o.loss(student, {**batch, "sample_index": index})
     mask = batch["labels"] != -100
-    want = obj.topk_distillation_loss_sum(student(batch["input_ids"]), vals, ids, mask, 2.0)
-    assert m["kd"].item() == pytest.approx(want.item(), rel=2e-3)  # fp16 storage of the log-probs
-    with pytest.raises(UserError, match="sample_index"):
-        o.loss(student, batch)
-    (tmp_path / "manifest.json").write_text(json.dumps({"format": obj.CACHE_FORMAT, "kind": "teacher",
-                                                        "vocab_size": 50, "top_k": K}))
-    with pytest.raises(UserError, match=r"50 tokens.*32"):
-        distill_objective(TEACHER_CACHE_PATH=tmp_path).setup(student, None, torch.device("cpu"))
+    want = ref_topk_tail_kl_sum(student(batch["input_ids"]).detach(), teacher(batch["input_ids"]).detach(), mask,
+                                2.0, K)
+    assert m["kd"].item() == pytest.approx(want, rel=2e-3)  # fp16 storage of the log-probs
+    with pytest.raises(UserError, match="SFT_BATCHING=padded"):
+        o.loss(student, batch)  # no sample_index (a packed SFT batch)
+    with pytest.raises(UserError, match="filler row"):
+        o.loss(student, {**batch, "sample_index": torch.tensor([3, -1])})
+    with pytest.raises(UserError, match="SFT_BATCHING=padded"):
+        distill_objective("instruct", TEACHER_CACHE_PATH=tmp_path, SFT_BATCHING="packed").setup(
+            student, None, torch.device("cpu"))
+    with pytest.raises(UserError, match=r"temperature 2.0 but DISTILLATION_TEMPERATURE=1.0"):
+        distill_objective(TEACHER_CACHE_PATH=tmp_path, DISTILLATION_TEMPERATURE=1.0).setup(
+            student, None, torch.device("cpu"))
+    for bad, match in (({"vocab_size": 50}, r"50 tokens.*32"), ({"temperature": None}, "older teacher cache")):
+        m = {**manifest, **bad}
+        (tmp_path / "manifest.json").write_text(json.dumps({k: v for k, v in m.items() if v is not None}))
+        with pytest.raises(UserError, match=match):
+            distill_objective(TEACHER_CACHE_PATH=tmp_path).setup(student, None, torch.device("cpu"))
 
 
 def test_write_cache_round_trip_and_atomicity(tmp_path):
@@ -400,14 +458,16 @@ def test_write_cache_round_trip_and_atomicity(tmp_path):
     data = torch.randint(0, 32, (6, 8), generator=g)  # 6 samples, in a shuffled order, batch 4 (last wraps)
     order = [4, 1, 5, 0, 3, 2, 4, 1]
     batches = [{"input_ids": data[order[i:i + 4]], "sample_index": torch.tensor(order[i:i + 4])} for i in (0, 4)]
-    m = obj.write_cache("teacher", teacher, iter(batches), 6, 8, str(tmp_path / "c"), top_k=4)
-    assert m["n_samples"] == 6 and m["top_k"] == 4 and m["vocab_size"] == 32
+    m = obj.write_cache("teacher", teacher, iter(batches), 6, 8, str(tmp_path / "c"), top_k=4, temperature=1.5)
+    assert m["n_samples"] == 6 and m["top_k"] == 4 and m["vocab_size"] == 32 and m["temperature"] == 1.5
     assert not (tmp_path / "c.tmp").exists()
-    logps, ids = obj.TeacherCache(str(tmp_path / "c")).lookup(torch.tensor([2, 5]), torch.device("cpu"))
+    logps, ids, tail = obj.TeacherCache(str(tmp_path / "c")).lookup(torch.tensor([2, 5]), torch.device("cpu"))
     with torch.no_grad():
-        want_v, want_i = F.log_softmax(teacher(data[[2, 5]]), -1).topk(4, -1)
-    torch.testing.assert_close(logps, want_v, atol=1e-2, rtol=1e-3)  # float16 storage
+        p = F.softmax(teacher(data[[2, 5]]).double() / 1.5, -1)  # (2, 8, V) tempered teacher
+    want_p, want_i = p.topk(4, -1)
+    torch.testing.assert_close(logps.exp().double(), want_p, atol=2e-3, rtol=2e-3)  # float16 log-probs
     assert torch.equal(ids, want_i)
+    torch.testing.assert_close(tail.exp().double(), 1 - want_p.sum(-1), atol=1e-6, rtol=1e-5)  # exact tail mass
     # a cover that misses samples fails and leaves nothing behind
     with pytest.raises(UserError, match="never produced 2 of 6"):
         obj.write_cache("teacher", teacher, iter(batches[:1]), 6, 8, str(tmp_path / "d"), top_k=4)
