@@ -479,3 +479,71 @@ def test_write_cache_round_trip_and_atomicity(tmp_path):
     ids, labels = obj.DirectPreferenceOptimization._concat(batch)
     want = obj.sequence_logps(teacher(ids), labels)
     torch.testing.assert_close(torch.cat([c, r]), want)
+
+
+# ---- the teacher cache end to end: shards -> `objectives.py cache-teacher` -> loader batches -> KD term -----
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["pretrain", "instruct"])
+def test_cache_teacher_cli_over_shards_feeds_the_distillation_term(tmp_path, stage):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+    from test_train import subprocess_env
+
+    import data_preparation_utils as dpu
+    import dataloaders
+    import demo_data
+    import tokenizer as tk
+    from load_instruct_dataset import SFTEncoder
+
+    root = Path(__file__).resolve().parents[1]
+    tok = tk.load_tokenizer(str(root / "tokenizer.model"))
+    T, kind = 48, "pretrain" if stage == "pretrain" else "sft"
+    kw = dict(tokenizer_identity=tok.identity(), source="test", seed=0, val_fraction=0.0, shard_size=1 << 16,
+              workers=1, progress=False)
+    if kind == "pretrain":
+        from pydoc_data.topics import topics
+
+        dpu.prepare("pretrain", [topics[k] for k in sorted(topics)[:3]], tmp_path / "data", dpu.PretrainEncoder(tok),
+                    **kw)
+    else:
+        dpu.prepare("sft", demo_data.demo_instruct_set(60, modules=False)[:20], tmp_path / "data",
+                    SFTEncoder(tok, "", 0, T), **kw)
+    teacher = tiny_model(1, vocab=tok.vocab_size)
+    (tmp_path / "teacher").mkdir()
+    save_file({k: v.contiguous() for k, v in teacher.state_dict().items() if k != "output.weight"
+               or not teacher.args.tie_embeddings}, str(tmp_path / "teacher" / "model.safetensors"))
+    (tmp_path / "teacher" / "config.json").write_text(json.dumps({"model_args": teacher.args.to_dict(),
+                                                                  "settings": {}}))
+    settings = [f"TRAINING_STAGE={stage}", f"MAX_SEQ_LEN={T}", "SEED=5", "DISTILLATION_TEMPERATURE=2.0",
+                f"TOKENIZER_CHECKPOINT_PATH={root / 'tokenizer.model'}"]
+    cmd = [sys.executable, str(root / "objectives.py"), "cache-teacher", "--teacher", str(tmp_path / "teacher"),
+           "--data", str(tmp_path / "data"), "--out", str(tmp_path / "cache"), "--top-k", "16", "--batch-size", "4"]
+    p = subprocess.run(cmd + settings, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    if stage == "instruct":  # packed rows have no sample_index: refused with one line, exit 2, nothing written
+        bad = subprocess.run(cmd[:-6] + ["--out", str(tmp_path / "c2")] + settings + ["SFT_BATCHING=packed"],
+                             cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and "SFT_BATCHING=padded" in bad.stderr and not (tmp_path / "c2").exists()
+
+    # training reads it under another seed and world size: rows are found by sample_index, not by position
+    o = distill_objective(stage, TEACHER_CACHE_PATH=tmp_path / "cache", MAX_SEQ_LEN=T)
+    student = tiny_model(0, vocab=tok.vocab_size)
+    o.setup(student, tok, torch.device("cpu"))
+    ld = dataloaders.build_loader(kind, tmp_path / "data", "train", seq_len=T, micro_batch=3, global_batch=6, rank=1,
+                                  world_size=2, seed=77, pad_id=tok.pad_id, tokenizer_identity=tok.identity())
+    checked = 0
+    for _ in range(3):
+        batch = ld.next_batch()
+        _, m = o.loss(student, batch)
+        with torch.no_grad():  # the same term from the live teacher on the same rows (float64)
+            vals, ids, tail = _tempered_topk(teacher(batch["input_ids"]), 16, 2.0)
+            want = obj.topk_distillation_loss_sum(student(batch["input_ids"]).double(), vals, ids,
+                                                  batch["labels"] != -100, 2.0, tail)
+        assert m["kd"].item() == pytest.approx(want.item(), rel=3e-3)  # float16 log-probs in the cache
+        checked += int((batch["labels"] != -100).sum())
+    assert checked > 0
