@@ -28,7 +28,7 @@ test-fast: setup
 demo: setup
 	$(PY) load_pretrain_dataset.py --env-file configs/cpu-demo.env
 	$(PY) train.py --env-file configs/cpu-demo.env
-	$(PY) generate.py --model checkpoints/pretrain/latest --prompt "The Python language" --max-new-tokens 48
+	$(PY) generate.py --model checkpoints/pretrain/latest --prompt "The Python language" --max-new-tokens 48 --temperature 0.8 --top-k 50 --seed 0
 
 demo-posttrain: setup
 	bash scripts/demo_posttrain.sh

@@ -156,6 +156,9 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, Path]:
     if path.is_file():
         if path.suffix == ".gguf":
             return "gguf", path
+        target = _pointer_target(path)
+        if target is not None:  # checkpoints/<stage>/latest or best: a one-line pointer to a step dir
+            return resolve_source(target)
         raise UserError(f"model source {path} is a file but not a .gguf; pass a checkpoint directory, a "
                         "Meta or HF directory, or a .gguf file")
     if (path / "latest").is_file() and not (path / "config.json").exists():
@@ -171,6 +174,18 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, Path]:
         return "gguf", ggufs[0]
     raise UserError(f"{path} holds no model: expected config.json (ours or HF), params.json + "
                     "consolidated.*.pth (Meta), a `latest` pointer, or one .gguf file")
+
+
+def _pointer_target(path: Path) -> Path | None:
+    """The step directory a `latest`/`best` pointer file names, or None if `path` is not such a file."""
+    if path.stat().st_size > 4096:
+        return None
+    try:
+        name = path.read_text(encoding="utf-8").strip()
+    except (UnicodeDecodeError, OSError):
+        return None
+    target = Path(name) if Path(name).is_absolute() else path.parent / name
+    return target if name and "\n" not in name and target.is_dir() else None
 
 
 def _download_hub(repo_id: str) -> Path:

@@ -113,7 +113,7 @@ def test_our_checkpoint_layout_and_latest_pointer(tmp_path):
     save_model(model, str(step / "model.safetensors"))  # stores the tied matrix once
     (step / "config.json").write_text(json.dumps({"model_args": args.to_dict(), "settings": {}}))
     (tmp_path / "pretrain" / "latest").write_text("step_0000100\n")
-    for src in (step, tmp_path / "pretrain"):
+    for src in (step, tmp_path / "pretrain", tmp_path / "pretrain" / "latest"):  # dir, stage root, pointer file
         loaded, largs = load_model(src)
         assert same_weights(model, loaded) and largs.tie_embeddings
         assert loaded.output.weight is loaded.tok_embeddings.weight
