@@ -12,6 +12,7 @@ after the directory is complete. A checkpoint is written into `.tmp-step_*`, fsy
 a crash leaves `latest` on the previous complete checkpoint.
 
 Every rank calls save()/gather (FSDP2 gathers are collectives); rank 0 writes.
+Test-only: FAULT_INJECT_KILL_IN_CHECKPOINT_WRITE (see _inject_kill) kills the process inside a save.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import random
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -190,13 +192,14 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
     out = None
     if D.is_main():
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-step_*"):  # leftovers of a crashed save
-            shutil.rmtree(stale, ignore_errors=True)
+        for stale in [*root.glob(".tmp-*"), *root.glob(".*.tmp-*")]:  # leftovers of a killed save
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         name = step_name(step)
         tmp = root / f".tmp-{name}-{os.getpid()}"
         tmp.mkdir()
         try:
             save_file(msd, str(tmp / MODEL_FILE), metadata={"format": "pt", "lora_only": str(lora)})
+            _inject_kill(step, "tmp")
             if osd is not None:
                 tensors, meta = _flatten_optimizer(osd)
                 save_file(tensors, str(tmp / OPTIM_FILE))
@@ -216,12 +219,29 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        _inject_kill(step, "renamed")  # complete dir, `latest` not moved yet
         _replace_text(root / "latest", name + "\n")  # last: only complete checkpoints are pointed at
         if best:
             _replace_text(root / "best", name + "\n")
         apply_retention(root, keep)
     D.barrier()
     return out
+
+
+def latest_name(root: Path) -> str | None:
+    """The step dir `latest` names, or None (no complete checkpoint yet)."""
+    ptr = root / "latest"
+    return ptr.read_text().strip() if ptr.is_file() else None
+
+
+def _inject_kill(step: int, phase: str) -> None:
+    """TEST-ONLY fault injection: FAULT_INJECT_KILL_IN_CHECKPOINT_WRITE="<step>:<phase>" SIGKILLs this process
+    inside the save of that step — phase `tmp` (model file written into the temp dir, the rest not) or
+    `renamed` (step dir complete, `latest` not yet moved) — so tests can prove a kill never leaves `latest` on
+    a partial checkpoint. Read only here; never set it in a real run."""
+    spec = os.environ.get("FAULT_INJECT_KILL_IN_CHECKPOINT_WRITE", "")
+    if spec and spec == f"{step}:{phase}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:

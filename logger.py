@@ -64,7 +64,10 @@ class Logger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # append on resume so one run directory holds the whole curve
-        self._file = open(self.run_dir / "metrics.jsonl", "a" if resume else "w", buffering=1)
+        path = self.run_dir / "metrics.jsonl"
+        if resume:
+            _drop_partial_line(path)
+        self._file = open(path, "a" if resume else "w", buffering=1)
         if wandb_enabled:
             import wandb
 
@@ -134,6 +137,16 @@ class Logger:
             self.wandb = None
 
 
+def _drop_partial_line(path: Path) -> None:
+    """A process killed mid-write (kill -9) can leave half a JSON line at the end: cut it before appending."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 def _plain(v: Any) -> Any:
     if isinstance(v, torch.Tensor):
         v = v.item()
@@ -152,4 +165,11 @@ def format_event(e: dict[str, Any]) -> str:
     for k, f in fmt.items():
         if k in e and e[k] is not None and not isinstance(e[k], str):
             parts.append(f.format(e[k]))
+    # anything else numeric (an objective's metrics: ce, kd, rewards_chosen, reward_accuracy, ...)
+    for k, v in e.items():
+        if k not in fmt and k not in _NOT_ON_CONSOLE and isinstance(v, float):
+            parts.append(f"{k} {v:.4g}")
     return " | ".join(parts)
+
+
+_NOT_ON_CONSOLE = ("step", "tokens")

@@ -177,6 +177,10 @@ SETTINGS: list[Setting] = [
     S("WANDB_ENTITY", "logging", "str", "", "W&B entity (team)"),
     S("WANDB_API_KEY", "secrets", "str", "", "W&B key (never printed)", secret=True),
     S("HF_TOKEN", "secrets", "str", "", "Hugging Face token (never printed)", secret=True),
+    S("LOSS_SPIKE_ZSCORE", "training", "float", 0.0, "skip an update whose loss is more than this many standard "
+      "deviations above the mean of the last LOSS_SPIKE_WINDOW steps (counts toward MAX_NONFINITE_STEPS); 0 = off",
+      min=0.0),
+    S("LOSS_SPIKE_WINDOW", "training", "int", 50, "accepted steps the loss-spike guard averages over", min=2),
 ]
 
 # Later seed versions named the AdamW settings with a prefix; they map onto ours.

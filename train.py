@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -63,11 +64,17 @@ def starting_point(cfg: config.Config, args: argparse.Namespace) -> tuple[Path |
     """-> (checkpoint dir to resume this stage from or None, weight source for a fresh model or '').
     INIT_FROM empty in a later stage means the previous stage's latest checkpoint."""
     stage = cfg.training.training_stage
+    if elastic_restart_count() > 0:  # torchelastic restarted the workers: continue the stage's latest checkpoint
+        try:
+            path = ckpt.resolve("latest", ckpt.stage_root(cfg, stage))
+            return path, cfg.model.init_from or resumed_parent(path)
+        except UserError:
+            pass  # nothing saved yet: start as the first attempt did
     if args.checkpoint:
         ck_stage, spec = args.checkpoint
         path = ckpt.resolve(spec, ckpt.stage_root(cfg, ck_stage, for_loading=True))
         if ck_stage == stage:
-            return path, cfg.model.init_from
+            return path, cfg.model.init_from or resumed_parent(path)
         return None, str(path)
     if cfg.model.init_from or STAGES.index(stage) == 0:
         return None, cfg.model.init_from
@@ -77,6 +84,24 @@ def starting_point(cfg: config.Config, args: argparse.Namespace) -> tuple[Path |
     except UserError:
         raise UserError(f"TRAINING_STAGE={stage} starts from a trained model but INIT_FROM is empty and no "
                         f"{prev} checkpoint exists: set INIT_FROM (any model source)") from None
+
+
+def elastic_restart_count() -> int:
+    """How often torchelastic (torchrun --max-restarts) restarted this worker group; 0 on the first attempt."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def resumed_parent(path: Path) -> str:
+    """The weights a resumed run was started from (its recorded parent, or a LoRA run's base model), so the
+    model is rebuilt from them BEFORE objective.setup(): a DPO reference (or the LoRA base) must be the
+    starting model, not random init. '' = the run started from random init."""
+    state = ckpt.read_trainer_state(path) if (path / ckpt.STATE_FILE).is_file() else {}
+    conf = ckpt.read_json(path / ckpt.CONFIG_FILE) if (path / ckpt.CONFIG_FILE).is_file() else {}
+    parent = (conf.get("base_model") or {}).get("source") or state.get("parent") or ""
+    if parent and not Path(parent).exists() and Path(parent).is_absolute():
+        raise UserError(f"checkpoint {path} was started from {parent}, which no longer exists; the resumed run "
+                        "needs those weights (DPO reference / LoRA base): set INIT_FROM to a copy of them")
+    return str(parent)
 
 
 def load_tokenizer(cfg: config.Config, init_source: str):
@@ -149,6 +174,38 @@ class StopSignal:
         self.received = signum
 
 
+class SpikeGuard:
+    """Optional loss-spike guard (LOSS_SPIKE_ZSCORE > 0): a step whose loss lies more than z standard
+    deviations above the mean of the last LOSS_SPIKE_WINDOW accepted steps is skipped like a non-finite one.
+    Needs a full window first. Off (never a spike) by default."""
+
+    def __init__(self, zscore: float, window: int) -> None:
+        self.z, self.window, self.history = zscore, window, []  # type: float, int, list[float]
+
+    def is_spike(self, loss: float) -> bool:
+        if self.z <= 0 or len(self.history) < self.window:
+            return False
+        mean = sum(self.history) / len(self.history)
+        std = math.sqrt(sum((x - mean) ** 2 for x in self.history) / len(self.history))
+        return loss > mean + self.z * max(std, 1e-8)
+
+    def accept(self, loss: float) -> None:
+        if self.z > 0:
+            self.history = (self.history + [loss])[-self.window:]
+
+
+def inject_rank_exit(step: int, rank: int) -> None:
+    """TEST-ONLY fault injection: FAULT_INJECT_RANK_EXIT_AT_STEP="<rank>:<step>" makes that rank die (exit 1,
+    no cleanup) during that step, on the first attempt only (TORCHELASTIC_RESTART_COUNT == 0), so a test can
+    check that torchrun --max-restarts resumes from the latest checkpoint. Never set it in a real run."""
+    spec = os.environ.get("FAULT_INJECT_RANK_EXIT_AT_STEP", "")
+    if spec and elastic_restart_count() == 0:
+        r, s = (int(x) for x in spec.split(":"))
+        if (r, s) == (rank, step + 1):
+            print(f"fault injection: rank {rank} exits during step {step + 1}", file=sys.stderr, flush=True)
+            os._exit(1)
+
+
 # ---- evaluation --------------------------------------------------------------------------------------
 
 
@@ -204,7 +261,8 @@ def train(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) -> int
         lora.apply_lora(model, cfg.lora.lora_target_modules, cfg.lora.lora_rank, cfg.lora.lora_alpha,
                         cfg.lora.lora_dropout)
     state: dict[str, Any] = dict(step=0, tokens_seen=0, stage=stage, parent=init_source or None, best_val=None,
-                                 best_step=None, bad_validations=0, nonfinite_total=0, nonfinite_in_a_row=0)
+                                 best_step=None, bad_validations=0, nonfinite_total=0, nonfinite_in_a_row=0,
+                                 spike_steps=0)
     if resume_dir is not None:
         # before wrapping: FSDP2 then shards the loaded weights
         ckpt.load_model_weights(resume_dir, model, base_config_sha=ckpt.config_sha(margs.to_dict()))
@@ -269,6 +327,7 @@ def train(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) -> int
                   best=best, keep=c.max_number_checkpoints, extra_optimizer_json=extra)
 
     stopper = StopSignal()
+    spikes = SpikeGuard(t.loss_spike_zscore, t.loss_spike_window)
     prof = make_profiler(cfg, run_dir)
     first, step, loss_val, t_start = True, state["step"], float("nan"), time.time()
     while True:
@@ -320,30 +379,46 @@ def train(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) -> int
         n_units = D.sum_floats([local_units], device)[0]
         scale = info.world_size / max(n_units, 1)  # DDP/FSDP average over ranks: undo, then / step's units
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        metric_sums: dict[str, torch.Tensor] = {}  # the objective's per-unit metrics, summed like the loss
         for m, batch in enumerate(batches):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with D.gradient_sync(wrapped, sync=m == accum - 1):
                 with autocast():
-                    micro_sum, _ = objective.loss(wrapped, batch)
+                    micro_sum, micro_metrics = objective.loss(wrapped, batch)
                 loss = micro_sum * scale
                 (scaler.scale(loss) if scaler is not None else loss).backward()
             loss_sum += micro_sum.detach()
-        loss_val = D.sum_floats([float(loss_sum)], device)[0] / max(n_units, 1)
+            for k, v in (micro_metrics or {}).items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().double()
+        # one collective for the loss and every metric (same sorted keys on every rank)
+        names = sorted(metric_sums)
+        reduced = D.sum_floats([float(loss_sum)] + [float(metric_sums[k]) for k in names], device)
+        loss_val = reduced[0] / max(n_units, 1)
+        step_metrics = {k: v / max(n_units, 1) for k, v in zip(names, reduced[1:], strict=True)}
+        inject_rank_exit(step, info.rank)
         if scaler is not None:
             scaler.unscale_(optimizer)
         norm = float(D.grad_norm_and_clip(params, t.grad_clip))
         finite = math.isfinite(loss_val) and (math.isfinite(norm) or scaler is not None)
-        if finite:
+        spike = finite and spikes.is_spike(loss_val)
+        if finite and not spike:
             (scaler.step(optimizer), scaler.update()) if scaler is not None else optimizer.step()
             state["nonfinite_in_a_row"] = 0
+            spikes.accept(loss_val)
         else:
-            state["nonfinite_total"] += 1
+            # skipped: the weights and optimizer moments stay those of the last good step
+            kind = "loss spike" if spike else "non-finite"
+            state["spike_steps" if spike else "nonfinite_total"] = state.get("spike_steps" if spike else
+                                                                             "nonfinite_total", 0) + 1
             state["nonfinite_in_a_row"] += 1
-            log.print(f"step {step}: non-finite loss {loss_val} / grad norm {norm}: update skipped "
+            log.print(f"step {step}: {kind} (loss {loss_val} / grad norm {norm}): update skipped "
                       f"({state['nonfinite_in_a_row']} in a row)")
             if state["nonfinite_in_a_row"] >= t.max_nonfinite_steps:
-                raise UserError(f"loss or gradients were non-finite for {state['nonfinite_in_a_row']} steps in a "
-                                f"row (step {step}): lower MAX_LR, enable GRAD_CLIP or use TRAINING_PRECISION=bf16/fp32")
+                kept = ckpt.latest_name(save_root) if D.is_main() else None
+                raise UserError(f"loss or gradients were {kind} for {state['nonfinite_in_a_row']} steps in a row "
+                                f"(step {step}); stopped without saving, last good checkpoint kept: "
+                                f"{save_root / kept if kept else 'none'}; lower MAX_LR, enable GRAD_CLIP or use "
+                                "TRAINING_PRECISION=bf16/fp32, then resume from it")
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -356,7 +431,9 @@ def train(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) -> int
         if step % cfg.logging.log_every_x_steps == 0 or step == max_steps:
             log.log({"step": step, "loss": loss_val, "lr": lr, "tokens": state["tokens_seen"], "tokens_per_s": tps,
                      "mfu": fpt * tps / (peak * info.world_size) if peak else None, "grad_norm": norm,
-                     "dt_ms": dt * 1000, "nonfinite_steps": state["nonfinite_total"]}, console=True)
+                     "dt_ms": dt * 1000, "nonfinite_steps": state["nonfinite_total"], **step_metrics,
+                     **({"spike_steps": state.get("spike_steps", 0)} if t.loss_spike_zscore > 0 else {})},
+                    console=True)
     if prof is not None:
         prof.stop()
     log.plot_loss()

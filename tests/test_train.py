@@ -387,3 +387,107 @@ def test_eval_hooks_hellaswag_and_samples(tmp_path, pretrain_data, capsys):
     out = capsys.readouterr().out
     prompts = json.loads((ROOT / "test_prompts.json").read_text())["pretrain"]
     assert out.count("sample |") == len(prompts) and repr(prompts[0]) in out
+
+
+# ---- objective metrics in the step record; DPO resume keeps the reference ---------------------------------
+
+
+def make_parent(out: Path, seed: int = 7) -> Path:
+    """A checkpoint dir of ours holding a debug-sized model that differs from the loop's random init (other
+    seed, perturbed norms): a run started from it and one started from random init give different numbers."""
+    import checkpoint as ckpt
+    import config
+    from model import Transformer
+
+    cfg = config.load_config(str(ROOT / "configs" / "debug.env"))
+    model = Transformer(cfg.model_args(8448))
+    model.init_weights(generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.mul_(1.5)
+    ckpt.save(out, 0, model, None, trainer_state={"step": 0, "parent": None},
+              config={"model_args": model.args.to_dict(), "settings": cfg.to_dict()})
+    return out / "step_0000000"
+
+
+@pytest.fixture(scope="module")
+def dpo_data(tmp_path_factory) -> Path:
+    import data_preparation_utils as dpu
+    import demo_data
+    import tokenizer
+    from load_dpo_dataset import DPOEncoder
+
+    tok = tokenizer.load_tokenizer(TOKENIZER)
+    out = tmp_path_factory.mktemp("dpo") / "dpo"
+    dpu.prepare("dpo", demo_data.demo_preference_set(max_chars=100), out, DPOEncoder(tok, "", 64),
+                tokenizer_identity=tok.identity(), source="demo pairs", seed=0, val_fraction=0.0,
+                shard_size=1 << 20, workers=1, progress=False)
+    return out
+
+
+def test_distillation_metrics_logged_per_target(tmp_path, pretrain_data):
+    """ce and kd are logged per target token; with the teacher = the student's starting weights the step-1 KL
+    is 0 and ce is the parent's plain cross-entropy on the step's 8 sequences (computed here independently)."""
+    import dataloaders
+    import model_utils
+    import objectives
+    import tokenizer
+
+    parent = make_parent(tmp_path / "parent")
+    m = run_inprocess(tmp_path, pretrain_data, MAX_STEPS=2, VALIDATE_EVERY_X_STEPS=0, SAVE_CHECKPOINTS="false",
+                      INIT_FROM=parent, IS_MODEL_DISTILLATION="true", TEACHER_MODEL_CHECKPOINT=parent,
+                      DISTILLATION_ALPHA=0.3)
+    steps = {e["step"]: e for e in m if "loss" in e}
+    for e in steps.values():
+        assert e["loss"] == pytest.approx(0.7 * e["ce"] + 0.3 * e["kd"], rel=1e-6)
+    assert abs(steps[1]["kd"]) < 1e-6 and steps[2]["kd"] > 1e-6
+    tok = tokenizer.load_tokenizer(TOKENIZER)
+    loader = dataloaders.build_loader("pretrain", pretrain_data, "train", seq_len=64, micro_batch=8, global_batch=8,
+                                      rank=0, world_size=1, seed=1337, pad_id=0, tokenizer_identity=tok.identity())
+    b = loader.next_batch()
+    model, _ = model_utils.load_model(str(parent))
+    with torch.no_grad():
+        ce = float(objectives.cross_entropy_sum(model(b["input_ids"]), b["labels"])) / b["labels"].numel()
+    assert steps[1]["ce"] == pytest.approx(ce, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_dpo_metrics_and_resume_rebuilds_reference_from_parent(tmp_path, dpo_data, capsys):
+    """DPO 5 steps straight vs 3 steps + resume (INIT_FROM empty): same losses and metrics to 1e-6, so the
+    resumed run's reference is the parent's weights, not random init. Step 1 (policy == reference): loss
+    ln 2, rewards 0; logps_chosen is the parent's mean log p(chosen) over the step's pairs (independent)."""
+    import dataloaders
+    import model_utils
+    import objectives
+    import tokenizer
+
+    parent = make_parent(tmp_path / "parent")
+    kw = dict(TRAINING_STAGE="dpo", DPO_DATALOADER_ROOT_PATH=dpo_data, DPO_SAVE_CHECKPOINTS_PATH=tmp_path / "ck",
+              MAX_STEPS=5, SAVE_EVERY_X_STEPS=3, VALIDATE_EVERY_X_STEPS=0, MAX_LR=1e-2)
+    straight = {e["step"]: e for e in run_inprocess(tmp_path / "a", dpo_data, INIT_FROM=parent, **kw) if "loss" in e}
+    out = capsys.readouterr().out
+    assert "reward_accuracy" in out and "rewards_chosen" in out  # on the console line too
+    s1 = straight[1]
+    assert s1["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert s1["rewards_chosen"] == s1["rewards_rejected"] == s1["reward_margin"] == s1["reward_accuracy"] == 0
+    for e in straight.values():
+        assert e["reward_margin"] == pytest.approx(e["rewards_chosen"] - e["rewards_rejected"], abs=1e-6)
+        assert 0.0 <= e["reward_accuracy"] <= 1.0 and (e["reward_accuracy"] * 8) == pytest.approx(
+            round(e["reward_accuracy"] * 8))  # a fraction of the step's 8 pairs
+    assert straight[5]["reward_accuracy"] > 0
+    tok = tokenizer.load_tokenizer(TOKENIZER)
+    b = dataloaders.build_loader("dpo", dpo_data, "train", seq_len=64, micro_batch=8, global_batch=8, rank=0,
+                                 world_size=1, seed=1337, pad_id=tok.pad_id).next_batch()
+    model, _ = model_utils.load_model(str(parent))
+    with torch.no_grad():
+        chosen = objectives.sequence_logps(model(b["chosen_input_ids"]), b["chosen_labels"])
+    assert s1["logps_chosen"] == pytest.approx(float(chosen.mean()), rel=1e-5)
+
+    ck = tmp_path / "ck" / "dpo" / "step_0000003"
+    resumed = {e["step"]: e for e in run_inprocess(tmp_path / "b", dpo_data, "--dpo_checkpoint", str(ck), INIT_FROM="",
+                                                   **kw) if "loss" in e}
+    assert sorted(resumed) == [4, 5]
+    for s in (4, 5):
+        for k in ("loss", "rewards_chosen", "rewards_rejected", "logps_chosen", "reward_accuracy"):
+            assert resumed[s][k] == pytest.approx(straight[s][k], abs=1e-6), (s, k)
