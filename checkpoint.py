@@ -258,8 +258,10 @@ def apply_retention(root: Path, keep: int) -> list[Path]:
         if (root / ptr).is_file():
             protected.add((root / ptr).read_text().strip())
     deleted = [p for _, p in ckpts if p.name not in protected]
-    for p in deleted:
-        shutil.rmtree(p)
+    for p in deleted:  # rename first: a kill during the delete leaves a hidden .tmp-* dir, never a partial step_*
+        doomed = p.with_name(f".tmp-del-{p.name}")
+        os.replace(p, doomed)
+        shutil.rmtree(doomed)
     return deleted
 
 
@@ -273,11 +275,22 @@ def read_json(path: Path) -> dict:
         raise UserError(f"cannot read {path} ({e}); the checkpoint is incomplete or corrupt: pick another") from e
 
 
+def load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """safetensors only (a format that cannot carry code); a file that is not one -> UserError, never unpickled."""
+    try:
+        return load_file(str(file))
+    except FileNotFoundError:
+        raise UserError(f"{file} is missing; the checkpoint is incomplete: pick another") from None
+    except Exception as e:  # SafetensorError (bad header, truncated), OSError
+        raise UserError(f"{file} is not a valid safetensors file ({str(e)[:100]}); the checkpoint is corrupt or "
+                        "not ours: pick another (pickled .pt/.bin files are never loaded from checkpoints)") from None
+
+
 def load_model_weights(path: Path, model: nn.Module, base_config_sha: str | None = None) -> None:
     """Copy model.safetensors into an unwrapped model (before parallelize). A LoRA checkpoint fills only
     the adapters; its base (from INIT_FROM) must be the one it was trained on (`base_config_sha`, the sha
     of the base's model args). Any shape or name mismatch -> UserError naming it."""
-    sd = load_file(str(path / MODEL_FILE))
+    sd = load_tensors(path / MODEL_FILE)
     own = model.state_dict()
     conf = read_json(path / CONFIG_FILE) if (path / CONFIG_FILE).is_file() else {}
     lora_only = bool(conf.get("lora"))
@@ -310,7 +323,7 @@ def load_optimizer(path: Path, model: nn.Module, optimizer: torch.optim.Optimize
     if not (path / OPTIM_FILE).is_file():
         raise UserError(f"checkpoint {path} has no optimizer state: resume with --reset-optimizer")
     meta = read_json(path / OPTIM_JSON)
-    osd = _unflatten_optimizer(load_file(str(path / OPTIM_FILE)), meta)
+    osd = _unflatten_optimizer(load_tensors(path / OPTIM_FILE), meta)
     try:
         set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True))
     except (KeyError, ValueError, RuntimeError) as e:

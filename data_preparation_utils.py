@@ -30,6 +30,7 @@ never held in RAM. One worker encodes in-process (no pool).
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import io
 import json
@@ -91,11 +92,18 @@ def _fsync_dir(path: Path) -> None:
 def atomic_write(path: Path, data: bytes) -> None:
     """Write `path.tmp`, fsync, rename: readers see the old file or the whole new one, never a part."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)  # never leave a partial file behind, not even a *.tmp
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"disk full while writing {path} ({e.strerror}); free space (or choose another output "
+                            "directory) and re-run the same command: it resumes from the last finished shard") from None
+        raise
     _fsync_dir(path.parent)
 
 

@@ -60,9 +60,25 @@ def init_distributed(device_preference: str = "auto", timeout_s: float = 1800.0)
         kwargs: dict[str, Any] = {}
         if device.type == "cuda":
             kwargs["device_id"] = device  # binds the communicator to this GPU eagerly
-        dist.init_process_group(backend=backend, init_method="env://", timeout=timedelta(seconds=timeout_s),
-                                **kwargs)
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        if restart > 0:
+            # torchelastic restarted the workers on the same store: the previous attempt's keys (e.g. gloo's
+            # peer addresses) are still in it, and a new rank can read a dead peer's address and fail or hang.
+            # A key prefix per attempt isolates them.
+            kwargs["store"] = dist.PrefixStore(f"attempt_{restart}/", _tcp_store(rank, world, timeout_s))
+            kwargs.update(rank=rank, world_size=world)
+        else:
+            kwargs["init_method"] = "env://"
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kwargs)
     return DistInfo(rank, local_rank, world, device)
+
+
+def _tcp_store(rank: int, world: int, timeout_s: float) -> dist.Store:
+    """A client of the rendezvous store torchrun exported (MASTER_ADDR/MASTER_PORT); rank 0 hosts it unless the
+    elastic agent does (TORCHELASTIC_USE_AGENT_STORE=True, the torchrun default)."""
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                         is_master=rank == 0 and not agent, timeout=timedelta(seconds=timeout_s))
 
 
 def destroy() -> None:
