@@ -20,6 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from test_train import (
     ROOT,
     TOKENIZER,
@@ -563,3 +566,142 @@ def test_chat_jsonl_malformed_lines_are_skipped_and_counted(tmp_path):
     assert m["splits"]["train"]["documents"] == 3
     assert m["splits"]["train"]["stats"].get("malformed") == 2
     assert "malformed 2" in p.stderr
+
+
+# ---- security: loading weights never executes code --------------------------------------------------------
+
+
+class _Evil:
+    marker = ""
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def _evil_pickle(path: Path, marker: Path) -> None:
+    _Evil.marker = str(marker)
+    torch.save({"tok_embeddings.weight": _Evil()}, path)
+
+
+@pytest.fixture(scope="module")
+def our_checkpoint(tmp_path_factory, data) -> Path:
+    tmp = tmp_path_factory.mktemp("ours")
+    run_inprocess(tmp, data, MAX_STEPS=1, VALIDATE_EVERY_X_STEPS=0)
+    return tmp / "ck" / "pretrain" / "step_0000001"
+
+
+def test_malicious_pickle_in_our_checkpoint_dir_never_runs(tmp_path, data, our_checkpoint):
+    import shutil
+
+    import model_utils
+
+    marker = tmp_path / "pwned"
+    d = Path(shutil.copytree(our_checkpoint, tmp_path / "ck"))
+    for name in ("model.pt", "pytorch_model.bin", "optimizer.pt", "training_args.bin"):  # never read
+        _evil_pickle(d / name, marker)
+    model_utils.load_model(d)
+    ckpt.load_model_weights(d, model_utils.load_model(d)[0])
+    assert not marker.exists()
+    _evil_pickle(d / "model.safetensors", marker)  # a pickle disguised as the weights file
+    with pytest.raises(UserError, match="not a valid safetensors file"):
+        ckpt.load_model_weights(d, model_utils.load_model(our_checkpoint)[0])
+    with pytest.raises(Exception):  # noqa: B017 - model_utils' own message; the point is: no code ran
+        model_utils.load_model(d)
+    assert not marker.exists()
+
+
+def test_malicious_pickle_in_hf_bin_is_refused(tmp_path, our_checkpoint):
+    import model_utils
+
+    model, args = model_utils.load_model(our_checkpoint)
+    hf = tmp_path / "hf"
+    model_utils.export_hf(model, args, hf)
+    for f in hf.glob("*.safetensors*"):
+        f.unlink()
+    marker = tmp_path / "pwned"
+    _evil_pickle(hf / "pytorch_model.bin", marker)
+    with pytest.raises(UserError, match="weights_only"):
+        model_utils.load_model(hf)
+    assert not marker.exists()
+
+
+def test_no_unsafe_deserialization_in_the_code():
+    """Every torch.load passes weights_only=True; no pickle.load / np.load(allow_pickle=True) anywhere."""
+    import re as _re
+
+    for f in sorted(ROOT.glob("*.py")):
+        src = f.read_text()
+        for m in _re.finditer(r"torch\.load\(([^)]*)\)", src):
+            assert "weights_only=True" in m.group(1), f"{f.name}: {m.group(0)}"
+        assert not _re.search(r"pickle\.loads?\(|allow_pickle=True|dill\.|joblib\.load", src), f.name
+
+
+# ---- fuzzing the readers: only documented, clear errors ---------------------------------------------------
+
+_LINES = st.one_of(
+    st.text(max_size=80),
+    st.builds(lambda k, v: f"{k}={v}", st.sampled_from(["MAX_STEPS", "DIM", "MAX_LR", "LORA_TARGET_MODULES",
+                                                        "ROPE_SCALING", "USE_FSDP", "ADAMW_BETAS", "export X", "1A",
+                                                        "TRAINING_STAGE", "MAX_STEP"]),
+              st.text(max_size=30)),
+    st.sampled_from(["# c", "", "A='unterminated", 'B="x\\q"', "C='a' b", "=", "K=1 # note", "\ufeffK=1"]),
+)
+
+
+@hsettings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(_LINES, max_size=8))
+def test_fuzz_env_file_only_user_errors(tmp_path, lines):
+    import config
+
+    env = tmp_path / "f.env"
+    env.write_bytes("\n".join(lines).encode("utf-8", errors="replace"))  # lone surrogates -> "?"
+    try:
+        config.parse_env_file(env)
+        config.load_config(str(env), use_environ=False)
+    except UserError as e:
+        assert "\n" not in str(e)
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+                     lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=10), c, max_size=4),
+                     max_leaves=12)
+_KEYS = ["messages", "conversations", "role", "content", "from", "value", "prompt", "chosen", "rejected",
+         "instruction", "output", "input", "ctx", "ctx_a", "ctx_b", "endings", "label", "activity_label", "text"]
+_RECORD = st.dictionaries(st.sampled_from(_KEYS), _JSON | st.lists(st.dictionaries(st.sampled_from(_KEYS), _JSON,
+                                                                                   max_size=3), max_size=3),
+                          max_size=5)
+_JSONL = st.lists(st.one_of(_RECORD.map(json.dumps), st.text(max_size=40), _JSON.map(json.dumps)), max_size=6)
+
+
+@pytest.fixture(scope="module")
+def encoders():
+    import tokenizer
+    from load_dpo_dataset import DPOEncoder
+    from load_instruct_dataset import SFTEncoder
+
+    tok = tokenizer.load_tokenizer(TOKENIZER)
+    return SFTEncoder(tok, "sys", 0, 64), DPOEncoder(tok, "", 64)
+
+
+@hsettings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=_JSONL)
+def test_fuzz_jsonl_readers_only_skip_or_user_error(tmp_path, encoders, lines):
+    """Chat / DPO jsonl: every line is a record or a counted Malformed, and the encoders return (arrays | None,
+    event) for any record. HellaSwag: records validate or a UserError names file:line."""
+    import data_preparation_utils as dpu
+    import hellaswag_utils
+    from load_pretrain_dataset import iter_local
+
+    f = tmp_path / "x.jsonl"
+    f.write_bytes("\n".join(lines).encode("utf-8", errors="replace"))
+    for rec in iter_local([f]):
+        if isinstance(rec, dpu.Malformed):
+            assert rec.where.startswith(f"{f}:")
+            continue
+        for enc in encoders:
+            arrays, event = enc(rec)
+            assert (arrays is None and event) or isinstance(arrays, dict)  # skipped with a reason, or encoded
+    try:
+        hellaswag_utils.read_jsonl(f)
+    except UserError as e:
+        assert str(e).startswith(f"{f}:") and "\n" not in str(e)
