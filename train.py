@@ -93,14 +93,14 @@ def elastic_restart_count() -> int:
 
 def resumed_parent(path: Path) -> str:
     """The weights a resumed run was started from (its recorded parent, or a LoRA run's base model), so the
-    model is rebuilt from them BEFORE objective.setup(): a DPO reference (or the LoRA base) must be the
+    model is rebuilt from them BEFORE objective.setup(): a frozen reference copy (or the LoRA base) must be the
     starting model, not random init. '' = the run started from random init."""
     state = ckpt.read_trainer_state(path) if (path / ckpt.STATE_FILE).is_file() else {}
     conf = ckpt.read_json(path / ckpt.CONFIG_FILE) if (path / ckpt.CONFIG_FILE).is_file() else {}
     parent = (conf.get("base_model") or {}).get("source") or state.get("parent") or ""
     if parent and not Path(parent).exists() and Path(parent).is_absolute():
         raise UserError(f"checkpoint {path} was started from {parent}, which no longer exists; the resumed run "
-                        "needs those weights (DPO reference / LoRA base): set INIT_FROM to a copy of them")
+                        "needs those weights (frozen reference / LoRA base): set INIT_FROM to a copy of them")
     return str(parent)
 
 

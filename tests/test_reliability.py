@@ -278,6 +278,7 @@ def test_nonfinite_stop_keeps_the_last_good_checkpoint(tmp_path, data, monkeypat
     assert sorted(resumed) == [5, 6] and all(math.isfinite(v) for v in resumed.values())
 
 
+@pytest.mark.slow
 def test_loss_spike_guard_skips_a_spike_and_is_off_by_default(tmp_path, data, monkeypatch):
     spike = lambda n: n in (11, 12)  # noqa: E731 - the 6th update's micro-steps: loss x 10
     _patch_loss(monkeypatch, spike, 10.0)
