@@ -176,6 +176,17 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, Path]:
                     "consolidated.*.pth (Meta), a `latest` pointer, or one .gguf file")
 
 
+def _load_safetensors(path: Path) -> dict:
+    """safetensors -> state dict; a damaged or non-safetensors file is a UserError naming it (never unpickled)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable safetensors file ({e}); re-export or re-download it") from None
+
+
 def _pointer_target(path: Path) -> Path | None:
     """The step directory a `latest`/`best` pointer file names, or None if `path` is not such a file."""
     if path.stat().st_size > 4096:
@@ -219,14 +230,13 @@ def load_model(source: str | os.PathLike, device: str | torch.device = "cpu",
 
 
 def _load_ours(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
 
     cfg = _read_json(path / "config.json")
     args = ModelArgs.from_dict(cfg["model_args"])
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise UserError(f"{path} has config.json but no model.safetensors; the checkpoint is incomplete")
-    sd = load_file(weights)
+    sd = _load_safetensors(weights)
     if cfg.get("lora"):  # adapters only: rebuild the base, then merge the adapters into it
         sd = _merge_lora_checkpoint(path, cfg, sd)
     return args, sd
@@ -292,9 +302,7 @@ def _load_hf(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     sd: dict[str, torch.Tensor] = {}
     for f in files:
         if f.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd.update(load_file(f))
+            sd.update(_load_safetensors(f))
         else:
             sd.update(_torch_load(f))
     return args, hf_to_ours(sd, args)

@@ -316,3 +316,20 @@ def test_cli_export_and_errors(tmp_path):
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "generation_config.json",
                                                                     "model.safetensors"]
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # no partial output left behind
+
+
+def test_pickle_disguised_as_safetensors_is_a_user_error_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    step = tmp_path / "step_0000001"
+    step.mkdir()
+    _, args = tiny_model()
+    (step / "config.json").write_text(json.dumps({"model_args": args.to_dict(), "settings": {}}))
+    torch.save({"tok_embeddings.weight": Evil()}, step / "model.safetensors")
+    with pytest.raises(UserError, match="not a readable safetensors file"):
+        load_model(step)
+    assert not marker.exists()
