@@ -176,9 +176,9 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     a = ap.parse_args()
 
-    from model_utils import DTYPES, load_model
+    from model_utils import DTYPES, load_model, tokenizer_source
 
-    tok = _load_tokenizer(a.tokenizer or a.model)
+    tok = _load_tokenizer(a.tokenizer or tokenizer_source(a.model))
     model, _ = load_model(a.model, device=a.device, dtype=DTYPES[a.dtype])
     prompts = [encode_prompt(tok, p, a.chat, a.system) for p in a.prompt]
     stop = [i for i in (getattr(tok, "eos_id", None), getattr(tok, "eot_id", None)) if i is not None]

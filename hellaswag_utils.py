@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     if world > 1 and device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     model, _ = model_utils.load_model(a.model, device=device, dtype=DTYPES[a.dtype])
-    tok = tokenizer_mod.load_tokenizer(a.tokenizer or a.model)
+    tok = tokenizer_mod.load_tokenizer(a.tokenizer or model_utils.tokenizer_source(a.model))
     add_bos = {"auto": None, "yes": True, "no": False}[a.add_bos]
     t0 = time.perf_counter()
     res = evaluate(model, tok, examples, batch_size=a.batch_size, device=device, rank=rank, world_size=world,

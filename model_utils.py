@@ -197,6 +197,25 @@ def smollm2_gguf(install: bool = True) -> Path:
     return Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
 
 
+def tokenizer_source(source: str | os.PathLike) -> str:
+    """Where the tokenizer of a model source lives: our checkpoints name the tokenizer they were trained
+    with (settings TOKENIZER_CHECKPOINT_PATH; `model` = the tokenizer of INIT_FROM); Meta, HF and GGUF
+    sources carry their own."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        return str(source)
+    kind, resolved = resolve_source(path)
+    if kind != "ours":
+        return str(resolved)
+    settings = _read_json(resolved / "config.json").get("settings", {})
+    tok = settings.get("TOKENIZER_CHECKPOINT_PATH", "")
+    if tok == "model" and settings.get("INIT_FROM"):
+        return tokenizer_source(settings["INIT_FROM"])
+    if not tok or tok == "model":
+        raise UserError(f"{resolved}/config.json does not name its tokenizer: pass --tokenizer PATH")
+    return tok
+
+
 def _load_safetensors(path: Path) -> dict:
     """safetensors -> state dict; a damaged or non-safetensors file is a UserError naming it (never unpickled)."""
     from safetensors import SafetensorError

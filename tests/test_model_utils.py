@@ -321,3 +321,24 @@ def test_pickle_disguised_as_safetensors_is_a_user_error_and_never_runs(tmp_path
     with pytest.raises(UserError, match="not a readable safetensors file"):
         load_model(step)
     assert not marker.exists()
+
+
+def test_tokenizer_source_follows_our_checkpoints_to_their_tokenizer(tmp_path):
+    from model_utils import tokenizer_source
+
+    model, args = tiny_model()
+    parent = tmp_path / "pretrain" / "step_0000005"
+    parent.mkdir(parents=True)
+    save_model(model, str(parent / "model.safetensors"))
+    (parent / "config.json").write_text(json.dumps({"model_args": args.to_dict(),
+                                                    "settings": {"TOKENIZER_CHECKPOINT_PATH": "my/tok.model"}}))
+    (tmp_path / "pretrain" / "latest").write_text("step_0000005\n")
+    child = tmp_path / "instruct" / "step_0000003"
+    child.mkdir(parents=True)
+    save_model(model, str(child / "model.safetensors"))
+    (child / "config.json").write_text(json.dumps({"model_args": args.to_dict(), "settings": {
+        "TOKENIZER_CHECKPOINT_PATH": "model", "INIT_FROM": str(tmp_path / "pretrain" / "latest")}}))
+    assert tokenizer_source(tmp_path / "pretrain" / "latest") == "my/tok.model"
+    assert tokenizer_source(child) == "my/tok.model"  # 'model' = the tokenizer of the run it started from
+    gguf = smollm2_gguf()
+    assert tokenizer_source(gguf) == str(gguf)  # other sources carry their own tokenizer
