@@ -184,6 +184,30 @@ class PretrainEncoder:
         return {"tokens": out}, None
 
 
+class ChatEncoder:
+    """Shared part of the SFT and DPO encoders: the tokenizer, the ChatFormat built lazily in each worker
+    process (it is not sent through pickling), and the record's split key."""
+
+    def __init__(self, tok: Any, system_prompt: str, max_seq_len: int):
+        self.tok, self.system_prompt, self.max_seq_len = tok, system_prompt, max_seq_len
+        self.dtype = token_dtype(tok.vocab_size)
+        self._chat = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_chat": None}
+
+    def split_key(self, record: Any) -> str:
+        return record_key(record)
+
+    @property
+    def chat(self) -> Any:
+        if self._chat is None:
+            import tokenizer
+
+            self._chat = tokenizer.ChatFormat(self.tok)
+        return self._chat
+
+
 def record_key(record: Any) -> str:
     """Split key of a structured record: its canonical JSON."""
     return record if isinstance(record, str) else json.dumps(record, sort_keys=True, ensure_ascii=False)

@@ -94,31 +94,16 @@ def to_pair(record: Any) -> tuple[Messages, str, str] | None:
     return (mc[:-1], c, r) if c is not None and r is not None else None
 
 
-class DPOEncoder:
+class DPOEncoder(dpu.ChatEncoder):
     """Record -> {"prompt", "chosen", "rejected"} ids (or None + the reason). Runs in the worker processes."""
 
     kind = "dpo"
 
-    def __init__(self, tok: Any, system_prompt: str, max_seq_len: int):
-        self.tok, self.system_prompt, self.max_seq_len = tok, system_prompt, max_seq_len
-        self.dtype = dpu.token_dtype(tok.vocab_size)
-        self._chat = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_chat": None}
-
-    def split_key(self, record: Any) -> str:
-        return dpu.record_key(record)
-
     def render(self, prompt: Messages, chosen: str, rejected: str) -> tuple[list[int], list[int], list[int]] | None:
-        if self._chat is None:
-            import tokenizer
-
-            self._chat = tokenizer.ChatFormat(self.tok)
-        prompt_ids, _ = self._chat.encode_dialog(prompt, add_generation_prompt=True)
+        prompt_ids, _ = self.chat.encode_dialog(prompt, add_generation_prompt=True)
         responses = []
         for text in (chosen, rejected):
-            ids, mask = self._chat.encode_dialog([*prompt, {"role": "assistant", "content": text}])
+            ids, mask = self.chat.encode_dialog([*prompt, {"role": "assistant", "content": text}])
             last = max(i for i, m in enumerate(mask) if m) if any(mask) else -1
             if ids[:len(prompt_ids)] != prompt_ids or last < len(prompt_ids):
                 return None  # a template that is not prefix-stable, or an empty reply

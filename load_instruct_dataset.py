@@ -93,29 +93,17 @@ def prepare_conversation(msgs: list[dict[str, str]], system_prompt: str, max_tur
     return msgs
 
 
-class SFTEncoder:
+class SFTEncoder(dpu.ChatEncoder):
     """Record -> {"tokens", "mask"} (or None + the reason). Runs in the worker processes."""
 
     kind = "sft"
 
     def __init__(self, tok: Any, system_prompt: str, max_turns: int, max_seq_len: int, fmt: str = "auto"):
-        self.tok, self.system_prompt, self.max_turns, self.max_seq_len, self.fmt = (
-            tok, system_prompt, max_turns, max_seq_len, fmt)
-        self.dtype = dpu.token_dtype(tok.vocab_size)
-        self._chat = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_chat": None}
-
-    def split_key(self, record: Any) -> str:
-        return dpu.record_key(record)
+        super().__init__(tok, system_prompt, max_seq_len)
+        self.max_turns, self.fmt = max_turns, fmt
 
     def encode(self, msgs: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-        if self._chat is None:
-            import tokenizer
-
-            self._chat = tokenizer.ChatFormat(self.tok)
-        return self._chat.encode_dialog(msgs)
+        return self.chat.encode_dialog(msgs)
 
     def __call__(self, record: Any) -> tuple[dict[str, np.ndarray] | None, str | None]:
         msgs = to_messages(record, self.fmt)

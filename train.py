@@ -390,9 +390,9 @@ def train(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) -> int
             loss_sum += micro_sum.detach()
             for k, v in (micro_metrics or {}).items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().double()
-        # one collective for the loss and every metric (same sorted keys on every rank)
+        # one collective and one host sync for the loss and every metric (same sorted keys on every rank)
         names = sorted(metric_sums)
-        reduced = D.sum_floats([float(loss_sum)] + [float(metric_sums[k]) for k in names], device)
+        reduced = D.all_reduce_sum(torch.stack([loss_sum, *(metric_sums[k] for k in names)])).tolist()
         loss_val = reduced[0] / max(n_units, 1)
         step_metrics = {k: v / max(n_units, 1) for k, v in zip(names, reduced[1:], strict=True)}
         inject_rank_exit(step, info.rank)
