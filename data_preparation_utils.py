@@ -35,7 +35,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import sys
 import time
 from collections import deque
@@ -135,27 +134,6 @@ class Malformed(NamedTuple):
     reason: str
 
 
-# Same limits as tokenizer.TiktokenTokenizer: within them one encode_ordinary call equals tok.encode.
-_LONG_RUN = re.compile(r"\s{25001}|\S{25001}")
-
-
-def plain_encoder(tok: Any) -> Callable[[str], list[int]]:
-    """text -> ids without specials; for tiktoken a direct `encode_ordinary` (tok.encode also computes
-    character offsets, which pretraining does not need), falling back to tok.encode for texts whose
-    chunking would differ. Equal to tok.encode(text) in every case (tested)."""
-    model = getattr(tok, "model", None)
-    if getattr(tok, "kind", "") == "tiktoken" and hasattr(model, "encode_ordinary"):
-        max_chars = getattr(sys.modules.get("tokenizer"), "TIKTOKEN_MAX_ENCODE_CHARS", 400_000)
-
-        def encode(text: str) -> list[int]:
-            if len(text) <= max_chars and not _LONG_RUN.search(text):
-                return model.encode_ordinary(text)
-            return tok.encode(text)
-
-        return encode
-    return tok.encode
-
-
 class PretrainEncoder:
     """Plain-text document -> BOS + ids + EOS. Runs in the worker processes."""
 
@@ -164,10 +142,9 @@ class PretrainEncoder:
     def __init__(self, tok: Any):
         self.tok = tok
         self.dtype = token_dtype(tok.vocab_size)
-        self._encode: Callable[[str], list[int]] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"tok": self.tok, "dtype": self.dtype, "_encode": None}
+        return {"tok": self.tok, "dtype": self.dtype}
 
     def split_key(self, record: str) -> str:
         return record
@@ -175,9 +152,7 @@ class PretrainEncoder:
     def __call__(self, record: str) -> tuple[dict[str, np.ndarray] | None, str | None]:
         if not isinstance(record, str) or not record:
             return None, "empty"
-        if self._encode is None:
-            self._encode = plain_encoder(self.tok)
-        ids = self._encode(record)
+        ids = self.tok.encode(record)
         out = np.empty(len(ids) + 2, dtype=self.dtype)
         out[0], out[-1] = self.tok.bos_id, self.tok.eos_id
         out[1:-1] = ids

@@ -47,6 +47,8 @@ TIKTOKEN_MAX_ENCODE_CHARS = 400_000
 MAX_NO_WHITESPACES_CHARS = 25_000
 END_OF_TURN_NAMES = ("<|eot_id|>", "<|im_end|>", "<end_of_turn>", "<|end|>")
 
+_TOO_LONG_RUN = re.compile(rf"\s{{{MAX_NO_WHITESPACES_CHARS + 1}}}|\S{{{MAX_NO_WHITESPACES_CHARS + 1}}}")
+
 AllowedSpecial = Literal["all"] | Iterable[str]
 
 
@@ -225,8 +227,9 @@ class TiktokenTokenizer(Tokenizer):
         self._set_turn_ids()
 
     def _ordinary(self, text: str, offsets: bool) -> tuple[list[int], list[int]]:
-        if len(text) <= MAX_NO_WHITESPACES_CHARS:  # common case: no run can be too long
-            ids = self.model.encode_ordinary(text)
+        if len(text) <= MAX_NO_WHITESPACES_CHARS or (len(text) <= TIKTOKEN_MAX_ENCODE_CHARS
+                                                     and not _TOO_LONG_RUN.search(text)):
+            ids = self.model.encode_ordinary(text)  # common case: one call (no run is long enough to split)
         else:
             ids = []
             for i in range(0, len(text), TIKTOKEN_MAX_ENCODE_CHARS):
