@@ -650,7 +650,7 @@ def main() -> int:
     if a.format == "meta":
         export_meta(model, args, a.out, n_shards=a.shards)
     else:
-        export_hf(model, args, a.out, tokenizer=_try_tokenizer(a.tokenizer or a.model, required=bool(a.tokenizer)))
+        export_hf(model, args, a.out, tokenizer=_try_tokenizer(a.tokenizer or tokenizer_source(a.model), required=bool(a.tokenizer)))
     print(f"exported {count_parameters(model):,} parameters from {a.model} to {a.out} ({a.format})")
     return 0
 

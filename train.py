@@ -111,9 +111,9 @@ def load_tokenizer(cfg: config.Config, init_source: str):
     if src == "model":
         if not init_source:
             raise UserError("TOKENIZER_CHECKPOINT_PATH=model needs INIT_FROM (or a checkpoint flag) to take it from")
-        saved = Path(init_source) / "config.json"  # our checkpoints name the tokenizer they trained with
-        settings = json.loads(saved.read_text()).get("settings", {}) if saved.is_file() else {}
-        src = settings.get("TOKENIZER_CHECKPOINT_PATH", init_source)
+        import model_utils
+
+        src = model_utils.tokenizer_source(init_source)  # our checkpoints name the tokenizer they trained with
     return tk.load_tokenizer(src)
 
 

@@ -62,8 +62,9 @@ def test_lora_only_adapters_are_optimized():
     cfg = _cfg()
     model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=50))
     lora.apply_lora(model, ["wq", "wv"], rank=2, alpha=4.0)
-    params = [p for g in optim.param_groups(model, cfg) for p in g["params"]]
-    assert len(params) == 4 and all(p.requires_grad for p in params)
+    params = {id(p) for g in optim.param_groups(model, cfg) for p in g["params"]}
+    adapters = {id(p) for n, p in model.named_parameters() if n.endswith((".lora_a", ".lora_b"))}
+    assert len(adapters) == 4 and params == adapters
 
 
 def test_adamw_matches_torch_reference_with_decay_groups():

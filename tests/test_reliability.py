@@ -80,7 +80,7 @@ def _check_checkpoints(root: Path) -> int:
         assert ckpt.read_trainer_state(d)["step"] == step
     name = ckpt.latest_name(root)
     if name is None:
-        assert not steps or steps == [(steps[0][0], steps[0][1])]  # killed before the first pointer move
+        assert len(steps) <= 1  # killed before the first pointer move: at most the one step dir being published
         return 0
     latest = ckpt.resolve("latest", root)
     assert latest.name in {d.name for _, d in steps}
