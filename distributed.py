@@ -97,10 +97,6 @@ def rank() -> int:
     return dist.get_rank() if is_dist() else 0
 
 
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
 def world_size() -> int:
     return dist.get_world_size() if is_dist() else 1
 
@@ -136,14 +132,6 @@ def sum_floats(values: list[float], device: torch.device) -> list[float]:
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if it is True on any (e.g. 'a signal arrived'): all ranks then act together."""
     return bool(all_reduce_max(torch.tensor([float(flag)], device=device)).item())
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    if not is_dist():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 # ---- wrapping -----------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from errors import UserError, run_cli
+from generate import left_pad
 
 DEFAULT_DATA = "data/hellaswag/hellaswag_val.jsonl"
 REQUIRED_FIELDS = ("activity_label", "ctx_a", "ctx_b", "endings", "label")
@@ -257,14 +258,7 @@ def score_batch_shared_context(model: torch.nn.Module, batch: list[_Encoded], de
     Lc = max(ctx_lens)
     conts = [c for e in batch for c in e.conts]  # 4k, example-major
     Le = max(len(c) for c in conts) - 1  # ending inputs exclude the last token
-    ctx_tok = torch.zeros(k, Lc, dtype=torch.long)
-    ctx_mask = torch.zeros(k, Lc, dtype=torch.bool)
-    for i, e in enumerate(batch):
-        ctx_tok[i, Lc - len(e.ctx):] = torch.tensor(e.ctx)
-        ctx_mask[i, Lc - len(e.ctx):] = True
-    pad = torch.tensor([Lc - n for n in ctx_lens])  # (k,)
-    ctx_pos = (torch.arange(Lc)[None] - pad[:, None]).clamp(min=0)  # (k, Lc)
-    ctx_tok, ctx_mask, ctx_pos = ctx_tok.to(device), ctx_mask.to(device), ctx_pos.to(device)
+    ctx_tok, ctx_mask, ctx_pos = (t.to(device) for t in left_pad([e.ctx for e in batch]))  # (k, Lc) each
     w = next(model.parameters())
     use_autocast = dtype is not None and dtype != w.dtype
     model.setup_caches(4 * k, Lc + max(Le, 0), dtype=dtype if use_autocast else w.dtype, device=device)

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +58,6 @@ class Logger:
         self.run_dir = Path(run_dir)
         self.history: list[dict] = []
         self.wandb = None
-        self._t0 = time.time()
         if not is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)

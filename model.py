@@ -286,7 +286,6 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, 0.0, resid_std, generator=generator)
             else:
                 nn.init.normal_(p, 0.0, std, generator=generator)
-        self.inv_freq = rope_frequencies(self.args).to(self.inv_freq.device)
 
     # ---- KV cache ---------------------------------------------------------------------------------
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype=None, device=None,

@@ -143,7 +143,6 @@ def build_model(args: ModelArgs, state_dict: dict[str, torch.Tensor], device: st
             raise UserError(f"tensor {k} in {where} has shape {tuple(state_dict[k].shape)}, the config "
                             f"implies {tuple(p.shape)}; the config and weights disagree")
     model.load_state_dict(state_dict, strict=False)
-    model.inv_freq = rope_frequencies(args).to(device)  # always fp32, never the weight dtype
     return model.eval()
 
 
