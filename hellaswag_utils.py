@@ -18,11 +18,12 @@ Scores per example (ll_i = summed log-likelihood of ending i's tokens given the 
     acc_token_norm argmax ll_i / n_tokens(ending_i)  nanoGPT / llm.c's per-token mean, reported apart
 Ties go to the first ending, as numpy's argmax does.
 
-Batching: `batch_size` examples per step. Our plain Transformer computes each context ONCE for its four
-endings (score_batch_shared_context: left-padded contexts fill a KV cache, whose rows are repeated for
-the 4*batch_size right-padded endings); any other model (DDP/FSDP/compiled wrappers, HF models) gets
-the 4*batch_size full sequences packed into one right-padded forward (score_batch). Both equal one
-forward per ending (tests/test_hellaswag.py); only ending positions go through the LM head.
+Batching: `batch_size` examples per step, sorted by length. Our plain Transformer computes each context
+ONCE for its four endings (score_batch_tree: one row per example holds the context and the four endings
+side by side, with a tree-shaped attention mask and per-ending RoPE positions, so there is no padding
+between endings); any other model (DDP/FSDP/compiled wrappers, HF models) gets the 4*batch_size full
+sequences packed into one right-padded forward (score_batch). Both equal one forward per ending
+(tests/test_hellaswag.py); only scored positions go through the LM head, in chunks.
 
 Distributed: example i goes to rank i % world_size; every rank runs the same number of batches
 (short ranks pad with weight-0 copies, which FSDP needs and which are never counted); the counts are
@@ -242,57 +243,76 @@ def score_batch(model: torch.nn.Module, batch: list[_Encoded], device: torch.dev
     return [(lls[4 * j : 4 * j + 4], [len(c) for c in enc.conts]) for j, enc in enumerate(batch)]
 
 
-@torch.no_grad()
-def score_batch_shared_context(model: torch.nn.Module, batch: list[_Encoded], device: torch.device,
-                               dtype: torch.dtype | None) -> list[tuple[list[float], list[int]]]:
-    """Same numbers as score_batch, computing each context once instead of four times (our Transformer).
+HEAD_CHUNK = 1024  # positions per LM-head matmul: bounds the (positions, vocab) logits in memory
 
-    Pass 1: the k contexts, left-padded (key_mask hides the padding, RoPE positions start at 0 at the
-    first real token), fill a KV cache; the last position predicts every ending's first token.
-    Pass 2: the cache rows are repeated 4x and the 4k endings (minus their last token), right-padded,
-    attend to their own context through it. Right padding never precedes a real token, so it is
-    invisible to every position that counts.
+
+def _target_logprobs(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor,
+                     which: torch.Tensor) -> torch.Tensor:
+    """log p(targets[j] | position which[j]) for hidden states h (M, dim), in chunks of positions so the
+    (positions, vocab) logits stay bounded in memory."""
+    out = torch.empty(len(targets), dtype=torch.float32, device=h.device)
+    for a in range(0, len(h), HEAD_CHUNK):
+        logp = F.log_softmax(head(h[a : a + HEAD_CHUNK]).float(), dim=-1)  # (m, V)
+        j = ((which >= a) & (which < a + HEAD_CHUNK)).nonzero()[:, 0]
+        out[j] = logp[which[j] - a, targets[j]]
+    return out
+
+
+@torch.no_grad()
+def score_batch_tree(model: torch.nn.Module, batch: list[_Encoded], device: torch.device,
+                     dtype: torch.dtype | None) -> list[tuple[list[float], list[int]]]:
+    """Same numbers as score_batch, each context computed once and no padding between endings (our
+    Transformer): one row per example holds the context followed by the four endings' input tokens,
+
+        tokens     ctx_0 .. ctx_c-1 | e1_0 .. e1_n1-2 | e2_0 .. | e3_0 .. | e4_0 ..
+        positions  0 .. c-1         | c .. c+n1-2     | c ..    | c ..    | c ..
+
+    and an attention mask in which an ending token sees the context and the earlier tokens of its own
+    ending only (a tree: what one forward per ending would see, at the same RoPE positions). The last
+    context position predicts every ending's first token; ending token j predicts token j+1. Rows are
+    right-padded to the longest in the batch (examples arrive sorted by length, so padding is small).
     """
-    k, heads = len(batch), model.output
-    ctx_lens = [len(e.ctx) for e in batch]
-    Lc = max(ctx_lens)
-    conts = [c for e in batch for c in e.conts]  # 4k, example-major
-    Le = max(len(c) for c in conts) - 1  # ending inputs exclude the last token
-    ctx_tok, ctx_mask, ctx_pos = (t.to(device) for t in left_pad([e.ctx for e in batch]))  # (k, Lc) each
+    k = len(batch)
+    rows_tok, rows_seg = [], []
+    for e in batch:
+        toks, seg = list(e.ctx), [0] * len(e.ctx)
+        for i, c in enumerate(e.conts, 1):
+            toks += c[:-1]
+            seg += [i] * (len(c) - 1)
+        rows_tok.append(toks)
+        rows_seg.append(seg)
+    T = max(map(len, rows_tok))
+    tokens = torch.zeros(k, T, dtype=torch.long)
+    segment = torch.full((k, T), -1, dtype=torch.long)  # 0 = context, 1..4 = ending, -1 = padding
+    positions = torch.zeros(k, T, dtype=torch.long)
+    which, targets, owner = [], [], []  # per scored token: flat (row * T + position), target id, 4*row+ending
+    for r, (e, toks, seg) in enumerate(zip(batch, rows_tok, rows_seg, strict=True)):
+        n, c = len(toks), len(e.ctx)
+        tokens[r, :n] = torch.tensor(toks)
+        segment[r, :n] = torch.tensor(seg)
+        positions[r, :c] = torch.arange(c)
+        off = c
+        for i, cont in enumerate(e.conts):
+            m = len(cont) - 1
+            positions[r, off : off + m] = torch.arange(c, c + m)
+            src = [r * T + c - 1] + list(range(r * T + off, r * T + off + m))  # predicts cont[0], cont[1], ...
+            which += src
+            targets += cont
+            owner += [4 * r + i] * len(cont)
+            off += m
+    q, kk = segment[:, :, None], segment[:, None, :]  # query, key
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    mask = causal & ((kk == 0) | (kk == q))  # padding queries see the context and earlier padding: no NaN
+    uniq, inverse = torch.tensor(which).unique(return_inverse=True)  # the last context position is shared
     w = next(model.parameters())
     use_autocast = dtype is not None and dtype != w.dtype
-    model.setup_caches(4 * k, Lc + max(Le, 0), dtype=dtype if use_autocast else w.dtype, device=device)
-    try:
-        with torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
-            h = model(ctx_tok, positions=ctx_pos, key_mask=ctx_mask, return_hidden=True)  # (k, Lc, dim)
-            first = F.log_softmax(heads(h[:, -1]).float(), dim=-1)  # (k, V): predicts token 0 of each ending
-            if Le > 0:
-                for layer in model.layers:  # share the context: cache rows (k) -> (4k), example-major
-                    c = layer.attention.cache
-                    c.k[: 4 * k, :, :Lc] = c.k[:k, :, :Lc].repeat_interleave(4, dim=0)
-                    c.v[: 4 * k, :, :Lc] = c.v[:k, :, :Lc].repeat_interleave(4, dim=0)
-                end_tok = torch.zeros(4 * k, Le, dtype=torch.long)
-                for r, c in enumerate(conts):
-                    end_tok[r, : len(c) - 1] = torch.tensor(c[:-1])
-                key_mask = torch.cat([ctx_mask.repeat_interleave(4, dim=0),
-                                      torch.ones(4 * k, Le, dtype=torch.bool, device=device)], dim=1)
-                end_pos = torch.tensor(ctx_lens).repeat_interleave(4)[:, None] + torch.arange(Le)[None]
-                he = model(end_tok.to(device), start_pos=Lc, positions=end_pos.to(device), key_mask=key_mask,
-                           return_hidden=True)  # (4k, Le, dim)
-                sel = torch.zeros(4 * k, Le, dtype=torch.bool)
-                tgt = torch.zeros(4 * k, Le, dtype=torch.long)
-                for r, c in enumerate(conts):
-                    sel[r, : len(c) - 1] = True
-                    tgt[r, : len(c) - 1] = torch.tensor(c[1:])
-                sel, tgt = sel.to(device), tgt.to(device)
-                rest = F.log_softmax(heads(he[sel]).float(), dim=-1).gather(-1, tgt[sel][:, None])[:, 0]  # (M,)
-                rows = torch.arange(4 * k, device=device)[:, None].expand_as(sel)[sel]
-    finally:
-        model.clear_caches()
-    firsts = torch.tensor([c[0] for c in conts], device=device)
-    per_row = first.repeat_interleave(4, dim=0).gather(-1, firsts[:, None])[:, 0].double()  # (4k,)
-    if Le > 0:
-        per_row.index_add_(0, rows, rest.double())
+    with torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
+        h = model(tokens.to(device), positions=positions.to(device), attn_mask=mask.to(device),
+                  return_hidden=True)  # (k, T, dim)
+        logp = _target_logprobs(model.output, h.reshape(k * T, -1)[uniq.to(device)],
+                                torch.tensor(targets, device=device), inverse.to(device))
+    per_row = torch.zeros(4 * k, dtype=torch.float64, device=device)
+    per_row.index_add_(0, torch.tensor(owner, device=device), logp.double())
     lls = per_row.tolist()
     return [(lls[4 * j : 4 * j + 4], [len(c) for c in e.conts]) for j, e in enumerate(batch)]
 
@@ -324,7 +344,7 @@ def evaluate(
     from the model's (None = the model's). rank/world_size: this process's share (example i goes to
     rank i % world_size); when torch.distributed is initialized the counts are summed over ranks and
     every rank returns the global result. add_bos: see resolve_add_bos (None = tokenizer convention).
-    shared_context: our Transformer computes each context once for its 4 endings (KV cache); False (or
+    shared_context: our Transformer computes each context once for its 4 endings (tree rows); False (or
     any other model) packs the 4 full sequences into one forward. Both give the same numbers.
     """
     import torch.distributed as dist
@@ -347,8 +367,10 @@ def evaluate(
     if examples and len(encoded) < per_rank:  # equal batch counts on every rank; copies never counted
         pad = _encode(tokenizer, examples[0], bos, 0)
         encoded += [pad] * (per_rank - len(encoded))
-    # longest first (as lm-eval orders requests): similar lengths share a batch, less padding
-    encoded.sort(key=lambda e: -(len(e.ctx) + max(len(c) for c in e.conts)))
+    # longest first (as lm-eval orders requests): similar lengths share a batch, less padding. The
+    # length is that of the tree row (context + all endings) or of the longest full sequence.
+    tree = shared_context and _output_head(model) is not None
+    encoded.sort(key=lambda e: -(len(e.ctx) + (sum(map(len, e.conts)) if tree else max(map(len, e.conts)))))
 
     was_training = model.training
     model.eval()
@@ -362,8 +384,8 @@ def evaluate(
         for b in range(0, len(encoded), batch_size):
             batch = encoded[b : b + batch_size]
             fits = max_len is None or all(len(e.ctx) + max(map(len, e.conts)) <= max_len + 1 for e in batch)
-            if shared_context and fits and _output_head(model) is not None and not model.cache_len:
-                scored = score_batch_shared_context(model, batch, device, dtype)
+            if tree and fits and not model.cache_len:
+                scored = score_batch_tree(model, batch, device, dtype)
             else:
                 scored = score_batch(model, batch, device, dtype, max_len, pad_id)
             for enc, (lls, ntoks) in zip(batch, scored, strict=True):

@@ -145,8 +145,8 @@ def test_batched_equals_one_forward_per_ending(add_bos: bool) -> None:
     for (lls, ntoks), rows in zip(got, ref, strict=True):
         assert ntoks == [n for _, n in rows]
         assert lls == pytest.approx([ll for ll, _ in rows], abs=1e-4)
-    shared = hs.score_batch_shared_context(model, encoded, torch.device("cpu"), None)  # context once, KV cache
-    for (lls, ntoks), rows in zip(shared, ref, strict=True):
+    tree = hs.score_batch_tree(model, encoded, torch.device("cpu"), None)  # context once, tree mask
+    for (lls, ntoks), rows in zip(tree, ref, strict=True):
         assert ntoks == [n for _, n in rows]
         assert lls == pytest.approx([ll for ll, _ in rows], abs=1e-4)
     want = reference_metrics(ref, exs)
@@ -171,8 +171,8 @@ class FixedLogProbs(torch.nn.Module):
         return self.table.float().expand(*tokens.shape, -1)  # (B, T, V); log_softmax gives back the table
 
 
-def test_shared_context_with_one_token_endings() -> None:
-    # " x" merges to one token: that ending has no input tokens of its own in the second pass
+def test_tree_rows_with_one_token_endings() -> None:
+    # " x" merges to one token: that ending has no input tokens of its own in the row
     model, tok = tiny_model(seed=1), ByteTokenizer(merges=(" x", " yy"))
     exs = [hs.Example("Short.", ["x", "yy", "x y", "zzz zz"], 0),
            hs.Example("A much longer context than the other one.", ["x", "x", "yy", "q"], 2)]
@@ -180,11 +180,11 @@ def test_shared_context_with_one_token_endings() -> None:
         ref = reference_scores(model, tok, exs, True)
     assert ref[0][0][1] == 1  # a one-token continuation
     enc = [hs._encode(tok, e, True, 1) for e in exs]
-    for (lls, _), rows in zip(hs.score_batch_shared_context(model, enc, torch.device("cpu"), None), ref,
+    for (lls, _), rows in zip(hs.score_batch_tree(model, enc, torch.device("cpu"), None), ref,
                               strict=True):
         assert lls == pytest.approx([ll for ll, _ in rows], abs=1e-4)
     one = [hs._encode(tok, hs.Example("Ctx.", ["x", "x", "x", "x"], 0), True, 1)]  # every ending 1 token
-    lls, _ = hs.score_batch_shared_context(model, one, torch.device("cpu"), None)[0]
+    lls, _ = hs.score_batch_tree(model, one, torch.device("cpu"), None)[0]
     assert lls == pytest.approx([reference_scores(model, tok, [hs.Example("Ctx.", ["x"] * 4, 0)], True)[0][0][0]] * 4,
                                 abs=1e-4)
 

@@ -70,18 +70,24 @@ def test_attention_gradients_sdpa_equal_math():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_rope_matches_pairwise_complex_rotation():
+def test_rope_matches_the_published_pairwise_rotation():
     args = ModelArgs(dim=32, n_heads=2, vocab_size=11, rope_theta=10000.0)
     inv = model_mod.rope_frequencies(args)
     pos = torch.tensor([[0, 3, 17, 1000]])
     x = torch.randn(1, 4, 2, 16, generator=torch.Generator().manual_seed(2))
-    cos, sin = model_mod.rope_cos_sin(inv, pos)
-    out = model_mod.apply_rope(x, cos, sin)
-    # independent reference: pair (x[2i], x[2i+1]) as a complex number times e^{i * pos * inv_freq[i]}
-    z = torch.view_as_complex(x.double().reshape(1, 4, 2, 8, 2).contiguous())
-    rot = torch.polar(torch.ones(4, 8, dtype=torch.float64), pos[0, :, None].double() * inv.double())
-    ref = torch.view_as_real(z * rot[None, :, None, :]).flatten(-2)
+    out = model_mod.apply_rope(x, model_mod.rope_rotations(inv, pos))
+    # independent reference, element by element in float64 (RoFormer eq. 34 on interleaved pairs):
+    # out[2i] = x[2i] cos(p w_i) - x[2i+1] sin(p w_i), out[2i+1] = x[2i+1] cos(p w_i) + x[2i] sin(p w_i)
+    ref = torch.empty(1, 4, 2, 16, dtype=torch.float64)
+    for t in range(4):
+        for h in range(2):
+            for i in range(8):
+                a = pos[0, t].item() * inv[i].item()  # w_i = theta^(-2i/d), checked just below
+                x0, x1 = x[0, t, h, 2 * i].double(), x[0, t, h, 2 * i + 1].double()
+                ref[0, t, h, 2 * i] = x0 * math.cos(a) - x1 * math.sin(a)
+                ref[0, t, h, 2 * i + 1] = x1 * math.cos(a) + x0 * math.sin(a)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(inv.double(), 10000.0 ** (-torch.arange(0, 16, 2, dtype=torch.float64) / 16))
 
 
 @pytest.fixture(scope="module")
