@@ -146,7 +146,7 @@ def main() -> int:
     rows = []
     ours, t_ours = timed(lambda: hs.evaluate(model, tok, examples, batch_size=a.batch_size, progress=False,
                                              add_bos=add_bos), a.repeats)
-    rows.append(("ours: batched, shared context", ours, t_ours))
+    rows.append(("ours: batched, context once (tree rows)", ours, t_ours))
     packed, t_packed = timed(lambda: hs.evaluate(model, tok, examples, batch_size=a.batch_size, progress=False,
                                                  add_bos=add_bos, shared_context=False), a.repeats)
     rows.append(("ours: batched, 4 full rows/example", packed, t_packed))
