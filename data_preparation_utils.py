@@ -152,7 +152,7 @@ class PretrainEncoder:
     def __call__(self, record: str) -> tuple[dict[str, np.ndarray] | None, str | None]:
         if not isinstance(record, str) or not record:
             return None, "empty"
-        ids = self.tok.encode(record)
+        ids = self.tok.encode_array(record)
         out = np.empty(len(ids) + 2, dtype=self.dtype)
         out[0], out[-1] = self.tok.bos_id, self.tok.eos_id
         out[1:-1] = ids

@@ -173,6 +173,35 @@ def test_long_inputs_round_trip(own):
     assert own.decode(ids) == text
 
 
+def test_encode_array_equals_encode(own):
+    # the data-prep fast path (tiktoken's numpy buffer) gives encode()'s ids: plain text, special-token
+    # text (plain text unless allowed), the over-long split, empty
+    texts = list(T.embedded_corpus())[:20] + ["<|begin_of_text|>hi<|eot_id|> x", "x" * 30_000 + " end", ""]
+    for text in texts:
+        arr = own.encode_array(text)
+        assert arr.dtype.kind == "u" and arr.tolist() == own.encode(text)
+    assert own.encode_array("<|eot_id|>").tolist() != [own.special_tokens["<|eot_id|>"]]
+
+
+def test_long_run_probe_never_misses_a_run():
+    # the cheap probe may say "maybe" for a run of h+1..2h characters, but must say yes for every run of
+    # more than max_run characters: checked against a full scan on random space/word texts
+    import random
+    import re
+
+    rng = random.Random(0)
+    for max_run in (1, 2, 3, 6, 7):
+        full = re.compile(rf"\s{{{max_run + 1}}}|\S{{{max_run + 1}}}")
+        for _ in range(3000):
+            text = "".join(rng.choice(" \tab\u00e9\n") * rng.randint(1, 2 * max_run + 3)
+                           for _ in range(rng.randint(0, 8)))
+            if full.search(text):
+                assert T._may_hold_long_run(text, max_run), (max_run, text)
+    assert not T._may_hold_long_run("word " * 20_000)
+    assert T._may_hold_long_run("word " * 10 + "x" * 25_001 + " end")
+    assert T._may_hold_long_run("x" * 10 + " " * 25_001)
+
+
 def test_round_trip_property(own):
     from hypothesis import given, settings
     from hypothesis import strategies as st
