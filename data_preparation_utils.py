@@ -41,7 +41,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -132,6 +132,40 @@ class Malformed(NamedTuple):
     where: str
     text: str
     reason: str
+
+
+def iter_jsonl(source: str | os.PathLike | Iterable[str], *, name: str | None = None, errors: str = "strict",
+               malformed: Literal["raise", "yield"] = "raise",
+               hint: str | None = "fix or remove that line") -> Iterator[tuple[int, Any]]:
+    """(line number, decoded value) for every non-blank line of a jsonl file (a path) or of lines already read.
+
+    malformed="raise" (HellaSwag: a benchmark with a hole in it is another benchmark): a line that is not valid
+    JSON stops the read with UserError `NAME:LINE: not valid JSON (why); HINT`; the caller validates values.
+    malformed="yield" (pretrain / chat data: one bad line in a million should not stop a long job): such a
+    line, or a value that is not a JSON object, comes out as a Malformed record, to be skipped and counted.
+    `errors` is open()'s decoding policy for a path ("replace" keeps a long job going past bad bytes)."""
+    if isinstance(source, str | os.PathLike):
+        with open(source, encoding="utf-8", errors=errors) as f:
+            yield from _jsonl_lines(f, str(source) if name is None else name, malformed, hint)
+    else:
+        yield from _jsonl_lines(source, "<lines>" if name is None else name, malformed, hint)
+
+
+def _jsonl_lines(lines: Iterable[str], name: str, malformed: str, hint: str | None) -> Iterator[tuple[int, Any]]:
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            if malformed == "raise":
+                raise UserError(f"{name}:{lineno}: not valid JSON ({e.msg})" + (f"; {hint}" if hint else "")) from None
+            yield lineno, Malformed(f"{name}:{lineno}", line, f"not valid JSON ({e.msg})")
+            continue
+        if malformed == "yield" and not isinstance(value, dict):
+            yield lineno, Malformed(f"{name}:{lineno}", line, "not a JSON object")
+            continue
+        yield lineno, value
 
 
 class PretrainEncoder:

@@ -108,19 +108,13 @@ def read_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[dict[s
     if not p.is_file():
         raise UserError(f"HellaSwag file {p} does not exist; create it with `python load_hellaswag_dataset.py "
                         f"--source FILE` (or --demo) or pass --data FILE")
-    docs: list[dict[str, Any]] = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if limit is not None and len(docs) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{p}:{lineno}: not valid JSON ({e.msg}); fix or remove that line") from None
-            docs.append(validate_record(doc, f"{p}:{lineno}"))
-    return docs
+    from itertools import islice
+
+    from data_preparation_utils import iter_jsonl
+
+    # islice never reads the line after the limit-th record, so a bad line past the limit does not fail.
+    lines = islice(iter_jsonl(p), None if limit is None else max(limit, 0))
+    return [validate_record(doc, f"{p}:{lineno}") for lineno, doc in lines]
 
 
 def load_examples(path: str | os.PathLike, limit: int | None = None) -> list[Example]:

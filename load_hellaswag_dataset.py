@@ -31,6 +31,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from data_preparation_utils import iter_jsonl
 from errors import UserError, run_cli
 from hellaswag_utils import DEFAULT_DATA, validate_record
 
@@ -60,16 +61,9 @@ def normalize(doc: dict[str, Any], where: str, index: int) -> dict[str, Any]:
 
 def read_local_jsonl(path: Path) -> list[dict[str, Any]]:
     """Every line of a jsonl file, validated; a bad line fails naming path:line."""
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove that line") from None
-            records.append(normalize(doc, f"{path}:{lineno}", len(records)))
+    records: list[dict[str, Any]] = []
+    for lineno, doc in iter_jsonl(path):
+        records.append(normalize(doc, f"{path}:{lineno}", len(records)))
     if not records:
         raise UserError(f"{path} holds no records; expected HellaSwag jsonl, one JSON object per line")
     return records
@@ -107,14 +101,9 @@ def download(url: str, timeout: float = 20.0) -> list[dict[str, Any]]:
         raise UserError(f"could not download {url} ({type(e).__name__}: {e}); without network, download "
                         f"hellaswag_val.jsonl elsewhere and pass it with --source FILE "
                         f"(or --demo for offline demo data)") from None
-    records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{url}:{lineno}: not valid JSON ({e.msg})") from None
-            records.append(normalize(doc, f"{url}:{lineno}", len(records)))
+    records: list[dict[str, Any]] = []
+    for lineno, doc in iter_jsonl(text.splitlines(), name=url, hint=None):
+        records.append(normalize(doc, f"{url}:{lineno}", len(records)))
     return records
 
 

@@ -66,19 +66,8 @@ def iter_local(files: list[Path]) -> Iterator[Any]:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
                 yield from batch.to_pylist()
         else:
-            with open(f, encoding="utf-8", errors="replace") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        yield dpu.Malformed(f"{f}:{lineno}", line, f"not valid JSON ({e.msg})")
-                        continue
-                    if not isinstance(rec, dict):
-                        yield dpu.Malformed(f"{f}:{lineno}", line, "not a JSON object")
-                        continue
-                    yield rec
+            for _, rec in dpu.iter_jsonl(f, errors="replace", malformed="yield"):
+                yield rec
 
 
 def iter_hub(dataset_id: str, name: str | None, split: str) -> Iterator[dict]:
