@@ -88,8 +88,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `path.tmp`, fsync, rename: readers see the old file or the whole new one, never a part."""
+def atomic_write(path: Path, data: bytes, *, rerun_note: str = ": it resumes from the last finished shard") -> None:
+    """Write `path.tmp`, fsync, rename: readers see the old file or the whole new one, never a part.
+    `rerun_note` ends the disk-full message (what re-running the command does)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
@@ -101,7 +102,7 @@ def atomic_write(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)  # never leave a partial file behind, not even a *.tmp
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise UserError(f"disk full while writing {path} ({e.strerror}); free space (or choose another output "
-                            "directory) and re-run the same command: it resumes from the last finished shard") from None
+                            f"directory) and re-run the same command{rerun_note}") from None
         raise
     _fsync_dir(path.parent)
 

@@ -26,12 +26,11 @@ import os
 import random
 import re
 import sys
-import tempfile
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from data_preparation_utils import iter_jsonl
+from data_preparation_utils import atomic_write, iter_jsonl
 from errors import UserError, run_cli
 from hellaswag_utils import DEFAULT_DATA, validate_record
 
@@ -187,19 +186,11 @@ def build_demo(n: int = 500, seed: int = 1234, n_prefix_words: int = 3) -> list[
 
 # ---- output ------------------------------------------------------------------------------------------------
 def write_jsonl_atomic(records: list[dict[str, Any]], out: str | os.PathLike) -> Path:
+    """The official fields of every record, one JSON line each, written atomically (no partial file ever)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps({k: r[k] for k in OUT_FIELDS}, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = "".join(json.dumps({k: r[k] for k in OUT_FIELDS}, ensure_ascii=False) + "\n" for r in records)
+    atomic_write(out, text.encode("utf-8"), rerun_note="")
     return out
 
 
