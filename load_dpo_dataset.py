@@ -29,14 +29,7 @@ import numpy as np
 import data_preparation_utils as dpu
 from errors import run_cli
 from load_instruct_dataset import ROLES
-from load_pretrain_dataset import (
-    DEMO_MIN_VAL_FRACTION,
-    common_args,
-    mix_records,
-    open_dataset,
-    parse_cli,
-    shard_size_for,
-)
+from load_pretrain_dataset import common_args, parse_cli, prepare_from_cli
 
 Messages = list[dict[str, str]]
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -129,31 +122,20 @@ class DPOEncoder(dpu.ChatEncoder):
                 "rejected": np.asarray(r, self.dtype)}, None
 
 
-def main(argv: list[str] | None = None) -> int:
-    import tokenizer
+def demo_source() -> tuple[list[dict], str]:
+    import demo_data
 
+    return demo_data.demo_preference_set(), f"demo preference set (demo_data.py, Python {sys.version.split()[0]})"
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Render preference pairs into DPO shards.")
     common_args(parser)
     args, cfg = parse_cli(parser, argv)
-    mix_file = args.mix or cfg["HF_DPO_DATASET_MIX_FILE"]
-    mix, val_fraction = None, cfg["VAL_FRACTION"]
-    if args.dataset:
-        records, desc = open_dataset(args.dataset, args.name, args.split)
-    elif mix_file:
-        records, desc, mix = mix_records(mix_file, None)
-    else:
-        import demo_data
-
-        records = demo_data.demo_preference_set()
-        desc = f"demo preference set (demo_data.py, Python {sys.version.split()[0]})"
-        val_fraction = max(val_fraction, DEMO_MIN_VAL_FRACTION)
-    tok = tokenizer.load_tokenizer(cfg["TOKENIZER_CHECKPOINT_PATH"])
     options = {"system_prompt": cfg["SYSTEM_PROMPT"], "max_seq_len": cfg["MAX_SEQ_LEN"]}
-    dpu.prepare("dpo", records, args.out or cfg["HF_DPO_DATASET_TARGET_PATH"],
-                DPOEncoder(tok, cfg["SYSTEM_PROMPT"], cfg["MAX_SEQ_LEN"]), tokenizer_identity=tok.identity(),
-                source=desc, seed=cfg["SEED"], val_fraction=val_fraction, shard_size=shard_size_for(cfg, mix),
-                workers=cfg["NUMBER_OF_CPU_PROCESSES"], options=options, overwrite=args.overwrite,
-                progress=not args.no_progress)
+    prepare_from_cli("dpo", args, cfg, mix_key="HF_DPO_DATASET_MIX_FILE", out_key="HF_DPO_DATASET_TARGET_PATH",
+                     demo=demo_source, options=options,
+                     make_encoder=lambda tok: DPOEncoder(tok, cfg["SYSTEM_PROMPT"], cfg["MAX_SEQ_LEN"]))
     return 0
 
 

@@ -30,14 +30,7 @@ import numpy as np
 
 import data_preparation_utils as dpu
 from errors import run_cli
-from load_pretrain_dataset import (
-    DEMO_MIN_VAL_FRACTION,
-    common_args,
-    mix_records,
-    open_dataset,
-    parse_cli,
-    shard_size_for,
-)
+from load_pretrain_dataset import common_args, parse_cli, prepare_from_cli
 
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
          "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant"}
@@ -131,31 +124,17 @@ def demo_source() -> tuple[list[dict], str]:
     return demo_data.demo_instruct_set(), f"demo instruct set (demo_data.py, Python {sys.version.split()[0]})"
 
 
-
 def main(argv: list[str] | None = None) -> int:
-    import tokenizer
-
     parser = argparse.ArgumentParser(description="Render chat data into SFT shards (ids + loss mask).")
     common_args(parser)
     parser.add_argument("--format", default="auto", choices=FORMATS, help="record format (default: per record)")
     args, cfg = parse_cli(parser, argv)
-    mix_file = args.mix or cfg["HF_INSTRUCT_DATASET_MIX_FILE"]
-    mix, val_fraction = None, cfg["VAL_FRACTION"]
-    if args.dataset:
-        records, desc = open_dataset(args.dataset, args.name, args.split)
-    elif mix_file:
-        records, desc, mix = mix_records(mix_file, None)
-    else:
-        records, desc = demo_source()
-        val_fraction = max(val_fraction, DEMO_MIN_VAL_FRACTION)
-    tok = tokenizer.load_tokenizer(cfg["TOKENIZER_CHECKPOINT_PATH"])
     options = {"system_prompt": cfg["SYSTEM_PROMPT"], "max_turns": cfg["MAX_TURNS"],
                "max_seq_len": cfg["MAX_SEQ_LEN"], "format": args.format}
-    encoder = SFTEncoder(tok, cfg["SYSTEM_PROMPT"], cfg["MAX_TURNS"], cfg["MAX_SEQ_LEN"], args.format)
-    dpu.prepare("sft", records, args.out or cfg["HF_INSTRUCT_DATASET_TARGET_PATH"], encoder,
-                tokenizer_identity=tok.identity(), source=desc, seed=cfg["SEED"], val_fraction=val_fraction,
-                shard_size=shard_size_for(cfg, mix), workers=cfg["NUMBER_OF_CPU_PROCESSES"], options=options,
-                overwrite=args.overwrite, progress=not args.no_progress)
+    prepare_from_cli("sft", args, cfg, mix_key="HF_INSTRUCT_DATASET_MIX_FILE", out_key="HF_INSTRUCT_DATASET_TARGET_PATH",
+                     demo=demo_source, options=options,
+                     make_encoder=lambda tok: SFTEncoder(tok, cfg["SYSTEM_PROMPT"], cfg["MAX_TURNS"],
+                                                         cfg["MAX_SEQ_LEN"], args.format))
     return 0
 
 

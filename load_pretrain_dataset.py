@@ -26,7 +26,7 @@ import glob
 import json
 import random
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -197,29 +197,41 @@ def shard_size_for(cfg: Any, mix: dict[str, Any] | None) -> int:
     return int(cfg["SHARD_SIZE"])
 
 
-def main(argv: list[str] | None = None) -> int:
+def prepare_from_cli(kind: str, args: argparse.Namespace, cfg: Any, *, mix_key: str, out_key: str,
+                     demo: Callable[[], tuple[Iterable[Any], str]], make_encoder: Callable[[Any], Any],
+                     text_field: str | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the three dataset CLIs share after parsing: pick the records (--dataset, else --mix or the `mix_key`
+    setting, else the offline demo set), load the tokenizer, write the shards. text_field None keeps dict
+    records (SFT/DPO); the demo set gets at least DEMO_MIN_VAL_FRACTION."""
     import tokenizer
 
+    mix_file = args.mix or cfg[mix_key]
+    mix, val_fraction = None, cfg["VAL_FRACTION"]
+    if args.dataset:
+        records, desc = open_dataset(args.dataset, args.name, args.split)
+        if text_field is not None:
+            records = with_text_field(records, text_field, desc)
+            desc += f" text_field={text_field}"
+    elif mix_file:
+        records, desc, mix = mix_records(mix_file, text_field)
+    else:
+        records, desc = demo()
+        val_fraction = max(val_fraction, DEMO_MIN_VAL_FRACTION)
+    tok = tokenizer.load_tokenizer(cfg["TOKENIZER_CHECKPOINT_PATH"])
+    return dpu.prepare(kind, records, args.out or cfg[out_key], make_encoder(tok), tokenizer_identity=tok.identity(),
+                       source=desc, seed=cfg["SEED"], val_fraction=val_fraction, shard_size=shard_size_for(cfg, mix),
+                       workers=cfg["NUMBER_OF_CPU_PROCESSES"], options=options, overwrite=args.overwrite,
+                       progress=not args.no_progress)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Tokenize pretraining text into shards with a manifest.")
     common_args(parser)
     parser.add_argument("--text-field", default="text", help="field holding the text in jsonl/parquet/HF records")
     args, cfg = parse_cli(parser, argv)
-    mix_file = args.mix or cfg["HF_PRETRAIN_DATASET_MIX_FILE"]
-    mix, val_fraction = None, cfg["VAL_FRACTION"]
-    if args.dataset:
-        records, desc = open_dataset(args.dataset, args.name, args.split)
-        records = with_text_field(records, args.text_field, desc)
-        desc += f" text_field={args.text_field}"
-    elif mix_file:
-        records, desc, mix = mix_records(mix_file, args.text_field)
-    else:
-        records, desc = embedded_source()
-        val_fraction = max(val_fraction, DEMO_MIN_VAL_FRACTION)
-    tok = tokenizer.load_tokenizer(cfg["TOKENIZER_CHECKPOINT_PATH"])
-    dpu.prepare("pretrain", records, args.out or cfg["HF_PRETRAIN_DATASET_TARGET_PATH"], dpu.PretrainEncoder(tok),
-                tokenizer_identity=tok.identity(), source=desc, seed=cfg["SEED"], val_fraction=val_fraction,
-                shard_size=shard_size_for(cfg, mix), workers=cfg["NUMBER_OF_CPU_PROCESSES"],
-                overwrite=args.overwrite, progress=not args.no_progress)
+    prepare_from_cli("pretrain", args, cfg, mix_key="HF_PRETRAIN_DATASET_MIX_FILE",
+                     out_key="HF_PRETRAIN_DATASET_TARGET_PATH", demo=embedded_source,
+                     make_encoder=dpu.PretrainEncoder, text_field=args.text_field)
     return 0
 
 
