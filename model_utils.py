@@ -1,14 +1,10 @@
 """Getting models in and out: load our checkpoints, Meta, Hugging Face and GGUF; export HF and Meta;
 parameter and FLOP counts.
 
-Every loader ends in the same place: a state dict with Meta's parameter names (model.py) and the
-interleaved-pair RoPE layout Meta uses for wq/wk. Conversions:
-- HF stores wq/wk permuted for its "rotate half" RoPE; `hf_to_ours` / `ours_to_hf` hold the one
-  rename table and undo / redo that permutation (the inverse of HF's convert_llama_weights_to_hf).
-- llama.cpp's converter applies exactly the inverse of HF's permutation to q/k, so GGUF files hold
-  Meta's layout already and load by rename only (tests/test_model_utils.py proves it against
-  transformers' own GGUF loader).
-- Meta model-parallel shards are concatenated along the dimension each layer was split on.
+`load_model` detects the source kind and ends every load in the same place: a state dict with Meta's
+parameter names (model.py) and the interleaved-pair RoPE layout Meta uses for wq/wk. The foreign formats
+(HF, Meta, GGUF readers, the q/k permutation, HF and Meta export) live in model_formats.py and are
+re-exported here, so `model_utils.export_hf` etc. keep working.
 
 CLI:
     python model_utils.py export --model SOURCE --format hf|meta --out DIR [--shards N] [--dtype D]
@@ -20,104 +16,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import re
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from errors import UserError, run_cli
-from model import ModelArgs, Transformer, rope_frequencies
+from model import ModelArgs, Transformer
+from model_formats import (  # noqa: F401  (the unused names are re-exported: they lived here before)
+    _load_gguf,
+    _load_hf,
+    _load_meta,
+    _load_safetensors,
+    _permute_rotate_half,
+    _read_json,
+    _rope_scaling_from_factors,
+    _unpermute_rotate_half,
+    export_hf,
+    export_meta,
+    hf_to_ours,
+    ours_to_hf,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-# ---- name tables --------------------------------------------------------------------------------
-# (ours, HF) per-layer suffixes; "{i}" is the layer index.
-_HF_LAYER = [
-    ("attention.wq.weight", "self_attn.q_proj.weight"),
-    ("attention.wk.weight", "self_attn.k_proj.weight"),
-    ("attention.wv.weight", "self_attn.v_proj.weight"),
-    ("attention.wo.weight", "self_attn.o_proj.weight"),
-    ("feed_forward.w1.weight", "mlp.gate_proj.weight"),
-    ("feed_forward.w3.weight", "mlp.up_proj.weight"),
-    ("feed_forward.w2.weight", "mlp.down_proj.weight"),
-    ("attention_norm.weight", "input_layernorm.weight"),
-    ("ffn_norm.weight", "post_attention_layernorm.weight"),
-]
-_HF_TOP = [
-    ("tok_embeddings.weight", "model.embed_tokens.weight"),
-    ("norm.weight", "model.norm.weight"),
-    ("output.weight", "lm_head.weight"),
-]
-_GGUF_LAYER = {
-    "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
-    "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1", "ffn_up": "feed_forward.w3",
-    "ffn_down": "feed_forward.w2", "attn_norm": "attention_norm", "ffn_norm": "ffn_norm",
-}
-_GGUF_TOP = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
-# Meta model parallelism: column-parallel layers are split on dim 0 (output features), row-parallel
-# layers (wo, w2) on dim 1 (input features); norms are replicated. tok_embeddings is special-cased.
-_META_SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
-
-
-def _hf_name_map(n_layers: int) -> dict[str, str]:
-    m = dict(_HF_TOP)
-    for i in range(n_layers):
-        for ours, hf in _HF_LAYER:
-            m[f"layers.{i}.{ours}"] = f"model.layers.{i}.{hf}"
-    return m
-
-
-def _permute_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta (interleaved pairs) -> HF (rotate-half) row order of a q/k projection (n_heads*hd, dim)."""
-    rows, cols = w.shape
-    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def _unpermute_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """HF (rotate-half) -> Meta (interleaved pairs); the exact inverse of _permute_rotate_half."""
-    rows, cols = w.shape
-    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def hf_to_ours(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    """HF LlamaForCausalLM names + rotate-half q/k -> our names + Meta q/k layout."""
-    to_ours = {hf: ours for ours, hf in _hf_name_map(args.n_layers).items()}
-    out = {}
-    for name, t in state_dict.items():
-        if name.endswith("rotary_emb.inv_freq"):  # a buffer some old checkpoints saved; recomputed
-            continue
-        if name not in to_ours:
-            raise UserError(f"unexpected tensor {name!r} in the HF checkpoint; only the plain Llama "
-                            "architecture (no biases, no extra modules) is supported")
-        ours = to_ours[name]
-        if ours.endswith("attention.wq.weight"):
-            t = _unpermute_rotate_half(t, args.n_heads)
-        elif ours.endswith("attention.wk.weight"):
-            t = _unpermute_rotate_half(t, args.n_kv_heads)
-        out[ours] = t
-    if args.tie_embeddings:
-        out.pop("output.weight", None)
-    return out
-
-
-def ours_to_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    """Our names + Meta q/k layout -> HF names + rotate-half q/k. A tied output is stored once
-    (as embed_tokens), which is what HF expects with tie_word_embeddings=True."""
-    to_hf = _hf_name_map(args.n_layers)
-    out = {}
-    for name, t in state_dict.items():
-        if args.tie_embeddings and name == "output.weight":
-            continue
-        if name.endswith("attention.wq.weight"):
-            t = _permute_rotate_half(t, args.n_heads)
-        elif name.endswith("attention.wk.weight"):
-            t = _permute_rotate_half(t, args.n_kv_heads)
-        out[to_hf[name]] = t
-    return out
 
 
 # ---- building -------------------------------------------------------------------------------------
@@ -215,15 +137,6 @@ def tokenizer_source(source: str | os.PathLike) -> str:
     return tok
 
 
-def _load_safetensors(path: Path) -> dict:
-    """safetensors -> state dict; a damaged or non-safetensors file is a UserError naming it (never unpickled)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path} is not a readable safetensors file ({e}); re-export or re-download it") from None
 
 
 def _pointer_target(path: Path) -> Path | None:
@@ -251,11 +164,6 @@ def _download_hub(repo_id: str) -> Path:
                         f"id ({type(e).__name__}; offline?); check the path, or download it and pass the local path") from e
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e}); fix or re-create the file") from e
 
 
 # ---- loaders ----------------------------------------------------------------------------------------
@@ -298,307 +206,23 @@ def _merge_lora_checkpoint(path: Path, cfg: dict, adapters: dict[str, torch.Tens
     return {k: v.detach() for k, v in base.state_dict().items()}
 
 
-def _args_from_hf_config(cfg: dict, where: Path) -> ModelArgs:
-    if cfg.get("model_type", "llama") != "llama":
-        raise UserError(f"{where}/config.json has model_type={cfg.get('model_type')!r}; only llama is supported")
-    for key in ("attention_bias", "mlp_bias"):
-        if cfg.get(key):
-            raise UserError(f"{where}/config.json sets {key}=true; biases are not part of Llama 3")
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise UserError(f"{where}/config.json has hidden_act={cfg['hidden_act']!r}; Llama uses silu")
-    dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    if cfg.get("head_dim") not in (None, dim // n_heads):
-        raise UserError(f"{where}/config.json has head_dim={cfg['head_dim']} but hidden_size/num_heads="
-                        f"{dim // n_heads}; model.py requires head_dim == dim / n_heads")
-    rope = dict(cfg.get("rope_parameters") or {})  # transformers >= 5 keeps theta and scaling here
-    scaling = cfg.get("rope_scaling") or rope
-    rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
-    if rope_type not in ("default", "llama3"):
-        raise UserError(f"{where}/config.json uses rope_type={rope_type!r}; only default and llama3 are supported")
-    rope_scaling = None
-    if rope_type == "llama3":
-        rope_scaling = {k: scaling[k] for k in
-                        ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
-    return ModelArgs(
-        dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
-        n_kv_heads=cfg.get("num_key_value_heads") or n_heads, vocab_size=cfg["vocab_size"],
-        ffn_hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-5),
-        rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)), rope_scaling=rope_scaling,
-        max_seq_len=cfg.get("max_position_embeddings", 2048),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-    )
 
 
-def _load_hf(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    args = _args_from_hf_config(_read_json(path / "config.json"), path)
-    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (path / index).is_file():
-            files = sorted({path / f for f in _read_json(path / index)["weight_map"].values()})
-            break
-    if not files:
-        raise UserError(f"{path} has config.json but no *.safetensors or pytorch_model*.bin weights")
-    sd: dict[str, torch.Tensor] = {}
-    for f in files:
-        if f.suffix == ".safetensors":
-            sd.update(_load_safetensors(f))
-        else:
-            sd.update(_torch_load(f))
-    return args, hf_to_ours(sd, args)
 
 
-def _torch_load(f: Path) -> dict[str, torch.Tensor]:
-    """Tensors only: weights_only refuses arbitrary pickled objects (code execution on load)."""
-    try:
-        try:
-            return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:  # legacy (non-zip) files cannot be memory-mapped
-            if "mmap" not in str(e):
-                raise
-            return torch.load(f, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UserError(f"{f} contains pickled objects other than tensors; refusing to load it "
-                        "(weights_only=True). Only load checkpoints from sources you trust, converted to "
-                        "plain tensors or safetensors") from e
 
 
-def _meta_merge(shards: list[dict[str, torch.Tensor]], dim: int) -> dict[str, torch.Tensor]:
-    if len(shards) == 1:
-        return dict(shards[0])
-    out = {}
-    for name, t in shards[0].items():
-        if t.ndim < 2:  # norms are replicated on every rank
-            out[name] = t
-            continue
-        short = name.split(".")[-2]
-        if short == "tok_embeddings":
-            # Llama 3 splits the vocabulary (dim 0); Llama 2 split the embedding (dim 1).
-            split = 0 if t.shape[1] == dim else 1
-        elif short in _META_SPLIT_DIM:
-            split = _META_SPLIT_DIM[short]
-        else:
-            raise UserError(f"unknown tensor {name!r} in the Meta shards; cannot tell how it was split")
-        out[name] = torch.cat([s[name] for s in shards], dim=split)
-    return out
 
 
-def _load_meta(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    params = _read_json(path / "params.json")
-    files = sorted(path.glob("consolidated.*.pth"))
-    if not files:
-        raise UserError(f"{path} has params.json but no consolidated.*.pth shards")
-    sd = _meta_merge([_torch_load(f) for f in files], params["dim"])
-    sd.pop("rope.freqs", None)  # Llama 2 saved its RoPE table; we recompute it
-    sidecar = path / "model_args.json"  # written by export_meta: restores fields Meta does not store
-    if sidecar.is_file():
-        return ModelArgs.from_dict(_read_json(sidecar)), sd
-    rope_scaling = None
-    if params.get("use_scaled_rope"):
-        rope_scaling = {"factor": params.get("rope_scaling_factor", 8.0), "low_freq_factor": 1.0,
-                        "high_freq_factor": params.get("rope_high_freq_factor", 4.0),
-                        "original_max_position_embeddings": 8192}
-    w1, emb = sd["layers.0.feed_forward.w1.weight"], sd["tok_embeddings.weight"]
-    args = ModelArgs(
-        dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
-        n_kv_heads=params.get("n_kv_heads"), vocab_size=emb.shape[0],  # Llama 2 params say -1
-        multiple_of=params.get("multiple_of", 256), ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
-        norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 10000.0),
-        rope_scaling=rope_scaling, max_seq_len=8192 if rope_scaling is None else 131072,
-        tie_embeddings="output.weight" not in sd or torch.equal(sd["output.weight"], emb),
-    )
-    if args.hidden_dim != w1.shape[0]:  # trust the weights over the multiple_of rule
-        args.ffn_hidden_dim = w1.shape[0]
-    return args, sd
 
 
-def _load_gguf(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    import gguf
-    import numpy as np
-    from tqdm import tqdm
-
-    reader = gguf.GGUFReader(str(path))
-
-    def meta(key: str, default=None):
-        field = reader.fields.get(key)
-        return default if field is None else field.contents()
-
-    arch = meta("general.architecture")
-    if arch != "llama":
-        raise UserError(f"{path} has architecture {arch!r}; only 'llama' GGUF files are supported")
-    sd, rope_freqs = {}, None
-    for t in tqdm(reader.tensors, desc=f"dequantizing {path.name}", unit="tensor", leave=False):
-        # np.array copies: F32 tensors come back as read-only views of the memory-mapped file
-        w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
-        if t.name == "rope_freqs.weight":
-            rope_freqs = w
-            continue
-        m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", t.name)
-        if m and m.group(2) in _GGUF_LAYER:
-            sd[f"layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}.weight"] = w
-        elif t.name.removesuffix(".weight") in _GGUF_TOP:
-            sd[_GGUF_TOP[t.name.removesuffix(".weight")] + ".weight"] = w
-        else:
-            raise UserError(f"unexpected tensor {t.name!r} in {path}; not a plain Llama GGUF")
-    dim, n_heads = meta("llama.embedding_length"), meta("llama.attention.head_count")
-    if meta("llama.rope.dimension_count", dim // n_heads) != dim // n_heads:
-        raise UserError(f"{path}: rope dimension {meta('llama.rope.dimension_count')} != head_dim "
-                        f"{dim // n_heads}; partial RoPE is not supported")
-    args = ModelArgs(
-        dim=dim, n_layers=meta("llama.block_count"), n_heads=n_heads,
-        n_kv_heads=meta("llama.attention.head_count_kv", n_heads), vocab_size=sd["tok_embeddings.weight"].shape[0],
-        ffn_hidden_dim=meta("llama.feed_forward_length"),
-        norm_eps=float(meta("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(meta("llama.rope.freq_base", 10000.0)),
-        max_seq_len=meta("llama.context_length", 2048), tie_embeddings="output.weight" not in sd,
-    )
-    if rope_freqs is not None:
-        args.rope_scaling = _rope_scaling_from_factors(args, rope_freqs, path)
-    return args, sd
 
 
-def _rope_scaling_from_factors(args: ModelArgs, factors: torch.Tensor, path: Path) -> dict:
-    """llama.cpp stores Llama 3.1 scaling as per-frequency divisors, not the four numbers; recover them
-    assuming Meta's low/high factors and original context, and check the result reproduces the divisors."""
-    scaling = {"factor": float(factors.max()), "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
-    base = ModelArgs(**{**args.to_dict(), "rope_scaling": None})
-    got = rope_frequencies(base) / rope_frequencies(ModelArgs(**{**args.to_dict(), "rope_scaling": scaling}))
-    if not torch.allclose(got, factors, rtol=1e-3):
-        raise UserError(f"{path}: its rope_freqs are not Llama 3.1 scaling with Meta's defaults; unsupported")
-    return scaling
 
 
 _LOADERS: dict[str, Callable[[Path], tuple[ModelArgs, dict[str, torch.Tensor]]]] = {
     "ours": _load_ours, "meta": _load_meta, "hf": _load_hf, "gguf": _load_gguf,
 }
-
-
-# ---- export -----------------------------------------------------------------------------------------
-class _AtomicDir:
-    """Write into a temp dir next to `out`, rename it into place only if the block succeeds."""
-
-    def __init__(self, out: str | os.PathLike):
-        self.out = Path(out)
-
-    def __enter__(self) -> Path:
-        if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
-            raise UserError(f"output {self.out} already exists and is not empty; choose another --out or remove it")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        umask = os.umask(0)
-        os.umask(umask)
-        for f in self.tmp.iterdir():  # mkdtemp makes 0700; give the result the usual permissions
-            f.chmod(0o666 & ~umask)
-        self.tmp.chmod(0o777 & ~umask)
-        if self.out.exists():
-            self.out.rmdir()
-        os.replace(self.tmp, self.out)
-
-
-def _cpu_state(model: Transformer) -> dict[str, torch.Tensor]:
-    """The plain Llama weights on CPU; anything else (LoRA adapters, wrappers) is a clear error."""
-    sd = model.state_dict()
-    extra = sorted(set(sd) - set(_hf_name_map(model.args.n_layers)))
-    if extra:
-        raise UserError(f"cannot export: the model has non-Llama tensors {extra[:3]}; merge LoRA adapters "
-                        "first (lora.unload_lora(model)) and export the unwrapped model")
-    return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
-
-
-def export_hf(model: Transformer, args: ModelArgs, out_dir: str | os.PathLike, tokenizer=None) -> Path:
-    """Write an HF LlamaForCausalLM directory (config.json, model.safetensors, generation_config.json,
-    and the tokenizer when it can be saved) that transformers loads with the same logits."""
-    from safetensors.torch import save_file
-
-    sd = {k: v.clone() for k, v in ours_to_hf(_cpu_state(model), args).items()}  # clone: no shared storage
-    dtype = next(iter(sd.values())).dtype
-    bos, eos = getattr(tokenizer, "bos_id", None), _stop_ids(tokenizer)
-    rope_parameters = {"rope_type": "default", "rope_theta": args.rope_theta}
-    if args.rope_scaling:
-        rope_parameters.update(rope_type="llama3", **args.rope_scaling)
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": args.dim, "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim, "vocab_size": args.vocab_size,
-        "intermediate_size": args.hidden_dim, "rms_norm_eps": args.norm_eps, "hidden_act": "silu",
-        "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": args.tie_embeddings,
-        "attention_bias": False, "mlp_bias": False,
-        # both spellings: transformers < 5 reads rope_theta/rope_scaling, >= 5 reads rope_parameters
-        "rope_theta": args.rope_theta,
-        "rope_scaling": {"rope_type": "llama3", **args.rope_scaling} if args.rope_scaling else None,
-        "rope_parameters": rope_parameters,
-        "bos_token_id": bos, "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
-        "torch_dtype": str(dtype).removeprefix("torch."), "dtype": str(dtype).removeprefix("torch."),
-    }
-    gen = {"bos_token_id": bos, "eos_token_id": config["eos_token_id"], "do_sample": False}
-    with _AtomicDir(out_dir) as tmp:
-        save_file(sd, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        if tokenizer is not None:
-            _save_tokenizer(tokenizer, tmp)
-    return Path(out_dir)
-
-
-def _stop_ids(tokenizer) -> list[int]:
-    ids = [getattr(tokenizer, a, None) for a in ("eos_id", "eot_id")]
-    return list(dict.fromkeys(i for i in ids if i is not None))
-
-
-def _save_tokenizer(tokenizer, out: Path) -> None:
-    """tokenizer.py's HF/GGUF backends (a `tokenizers.Tokenizer` in .backend): tokenizer.json plus a
-    tokenizer_config.json with the special tokens and chat template, which AutoTokenizer loads.
-    tiktoken backend: a copy of the tokenizer.model file (Meta's format; transformers' Llama 3 converter
-    turns it into tokenizer.json). Anything else is skipped with a note."""
-    backend = getattr(tokenizer, "backend", None)
-    if hasattr(backend, "save") and hasattr(backend, "id_to_token"):
-        backend.save(str(out / "tokenizer.json"))
-        name = lambda i: None if i is None else backend.id_to_token(i)
-        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name(tokenizer.bos_id),
-               "eos_token": name(tokenizer.eos_id), "pad_token": name(getattr(tokenizer, "pad_id", None)),
-               "add_bos_token": False, "clean_up_tokenization_spaces": False}
-        if getattr(tokenizer, "chat_template", None):
-            cfg["chat_template"] = tokenizer.chat_template
-        (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        return
-    src = Path(getattr(tokenizer, "source", "") or "")
-    if getattr(tokenizer, "kind", None) == "tiktoken" and src.is_file():
-        shutil.copy(src, out / "tokenizer.model")
-        return
-    print(f"note: tokenizer {type(tokenizer).__name__} cannot be saved in HF format; export has weights only")
-
-
-def export_meta(model: Transformer, args: ModelArgs, out_dir: str | os.PathLike, n_shards: int = 1) -> Path:
-    """Write Meta's layout: params.json + consolidated.NN.pth, split into n_shards model-parallel
-    shards the way Meta's fairscale layers split them (Llama 3: tok_embeddings on the vocab dim).
-    model_args.json keeps fields params.json has no key for (max_seq_len, explicit ffn size, tying)."""
-    if n_shards < 1 or args.n_kv_heads % n_shards or args.vocab_size % n_shards or args.hidden_dim % n_shards:
-        raise UserError(f"n_shards={n_shards} must divide n_kv_heads={args.n_kv_heads}, "
-                        f"vocab_size={args.vocab_size} and the FFN size {args.hidden_dim}")
-    sd = _cpu_state(model)  # Meta's checkpoints always hold output.weight, tied or not
-    params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
-              "vocab_size": args.vocab_size, "multiple_of": args.multiple_of,
-              "ffn_dim_multiplier": args.ffn_dim_multiplier, "norm_eps": args.norm_eps, "rope_theta": args.rope_theta}
-    if args.rope_scaling:
-        params.update(use_scaled_rope=True, rope_scaling_factor=args.rope_scaling["factor"])
-    with _AtomicDir(out_dir) as tmp:
-        for r in range(n_shards):
-            shard = {}
-            for name, t in sd.items():
-                short = name.split(".")[-2]
-                split = 0 if short == "tok_embeddings" else _META_SPLIT_DIM.get(short)
-                shard[name] = t if t.ndim < 2 or split is None else t.chunk(n_shards, dim=split)[r].clone()
-            torch.save(shard, tmp / f"consolidated.{r:02d}.pth")
-        (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
-        extra = {k: v for k, v in args.to_dict().items() if k != "extra"}
-        (tmp / "model_args.json").write_text(json.dumps(extra, indent=2) + "\n")
-    return Path(out_dir)
 
 
 # ---- counting ---------------------------------------------------------------------------------------
