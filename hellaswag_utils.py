@@ -47,7 +47,6 @@ import torch
 import torch.nn.functional as F
 
 from errors import UserError, run_cli
-from generate import left_pad
 
 DEFAULT_DATA = "data/hellaswag/hellaswag_val.jsonl"
 REQUIRED_FIELDS = ("activity_label", "ctx_a", "ctx_b", "endings", "label")

@@ -220,16 +220,37 @@ class Objective:
         return cross_entropy_sum(logits, batch["labels"]).detach(), self.units(batch)
 
 
+def fused_head_weight(model: nn.Module) -> torch.Tensor | None:
+    """The output weight when the LM head and the loss can be fused (fused_ce): our Transformer, bare or
+    under DDP / torch.compile, with a plain nn.Linear head. None under FSDP (the weight is a sharded
+    DTensor that only the module's own forward gathers), with a LoRA-wrapped head, or for other models."""
+    from model import Transformer
+
+    m = lora._unwrap(model)
+    if type(m) is Transformer and type(m.output) is nn.Linear:  # FSDP2 swaps in a subclass: excluded
+        return m.output.weight
+    return None
+
+
 class LanguageModeling(Objective):
     """Next-token cross-entropy on every target whose label is not IGNORE_INDEX.
 
     Pretraining labels every position; SFT labels only assistant content and its end-of-turn token
-    (the loader writes IGNORE_INDEX elsewhere), so the same loss serves both.
+    (the loader writes IGNORE_INDEX elsewhere), so the same loss serves both. Where fused_head_weight
+    allows, the model returns hidden states and fused_ce computes head + loss in chunks: the (B, T, V)
+    logits, their fp32 copy and their gradient are never materialized (same loss and gradients).
     """
 
     def loss(self, model, batch):
-        logits = model(batch["input_ids"], doc_ids=batch.get("doc_ids"))  # (B, T, V)
-        loss_sum = cross_entropy_sum(logits, batch["labels"])
+        weight = fused_head_weight(model)
+        if weight is not None:
+            from fused_ce import fused_linear_cross_entropy_sum
+
+            h = model(batch["input_ids"], doc_ids=batch.get("doc_ids"), return_hidden=True)  # (B, T, dim)
+            loss_sum = fused_linear_cross_entropy_sum(h, weight, batch["labels"])
+        else:
+            logits = model(batch["input_ids"], doc_ids=batch.get("doc_ids"))  # (B, T, V)
+            loss_sum = cross_entropy_sum(logits, batch["labels"])
         return loss_sum, {"ce": loss_sum.detach()}
 
 

@@ -360,6 +360,31 @@ def distill_objective(stage="pretrain", **kv):
     return obj.build_objective(cfg)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_language_modeling_fused_head_equals_plain_cross_entropy(tied):
+    # LanguageModeling.loss fuses the LM head with the loss for our bare Transformer; the loss and every
+    # gradient must equal torch's cross-entropy over the full logits (IGNORE_INDEX positions excluded)
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32, multiple_of=16,
+                                  max_seq_len=16, tie_embeddings=tied))
+    model.init_weights(std=0.3, generator=torch.Generator().manual_seed(3))
+    assert obj.fused_head_weight(model) is model.output.weight
+    batch = lm_batch()
+    loss, _ = obj.Pretrain().loss(model, batch)
+    loss.backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    ref = F.cross_entropy(model(batch["input_ids"]).flatten(0, 1), batch["labels"].flatten(), reduction="sum",
+                          ignore_index=-100)
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(fused[n], p.grad, atol=2e-5, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+    # a LoRA-wrapped head (and any non-Transformer model) takes the plain path
+    lora.apply_lora(model, targets=["output"], rank=2, alpha=4.0)
+    assert obj.fused_head_weight(model) is None
+
+
 def test_build_objective_wraps_lm_stages_with_distillation():
     o = distill_objective("instruct")
     assert isinstance(o, obj.Distillation) and isinstance(o.base, obj.SupervisedFineTuning)
