@@ -225,20 +225,24 @@ def test_gguf_logits_match_transformers_gguf_loader(smollm2):
     assert diff < 1e-3
 
 
-def test_unsupported_gguf_architecture_is_a_user_error(tmp_path):
+def tiny_gguf(path: Path, arch: str) -> Path:
+    """A one-tensor GGUF file of the given architecture (also used by test_reliability_inputs.py)."""
     import gguf
     import numpy as np
 
-    path = tmp_path / "tiny.gguf"
-    w = gguf.GGUFWriter(str(path), arch="mamba")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(1)
     w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return path
+
+
+def test_unsupported_gguf_architecture_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="mamba"):
-        load_model(path)
+        load_model(tiny_gguf(tmp_path / "tiny.gguf", "mamba"))
 
 
 def test_gguf_rope_freqs_recover_llama31_scaling(tmp_path):

@@ -16,6 +16,7 @@ import torch
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
+from test_model_utils import tiny_gguf
 from test_reliability import _prepare, _run
 from test_train import ROOT, TOKENIZER, make_pretrain_data, run_inprocess, subprocess_env
 
@@ -148,24 +149,10 @@ def test_train_bad_data_and_checkpoints_are_user_errors(tmp_path, data, broken_d
     assert "not a valid safetensors file" in msg
 
 
-def _gguf(path: Path, arch: str) -> Path:
-    import gguf
-    import numpy as np
-
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
 def test_gguf_of_an_unsupported_architecture_is_refused(tmp_path, data):
     import model_utils
 
-    f = _gguf(tmp_path / "gpt2.gguf", "gpt2")
+    f = tiny_gguf(tmp_path / "gpt2.gguf", "gpt2")
     with pytest.raises(UserError, match="architecture 'gpt2'"):
         model_utils.load_model(f)
     assert "architecture 'gpt2'" in _train_error(tmp_path / "t", data, INIT_FROM=f)
