@@ -122,7 +122,7 @@ def hellaswag_rows(a: argparse.Namespace, table: list[tuple]) -> None:
     rows = md_rows(out)
     if not rows:
         table.append(("hellaswag examples/s", "", status, "", "", "", verdict(None)))
-    ours = next((r for r in rows if r[0].startswith("ours: batched, shared")), None)
+    ours = next((r for r in rows if r[0].startswith("ours: batched, context once")), None)
     for r in rows:  # | evaluator | examples/s | seconds | acc | acc_norm | speedup of ours |
         if r is not ours and ours is not None:
             table.append(("hellaswag examples/s", f"ours vs {r[0]}", ours[1], r[1], r[5], "", "—"))
