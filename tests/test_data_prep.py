@@ -243,6 +243,19 @@ def test_sft_overlong_loses_whole_trailing_turns_or_is_dropped(tok):
     assert lid.SFTEncoder(tok, "", 0, len(first) - 1)({"messages": dialog}) == (None, "dropped_too_long")
     assert lid.SFTEncoder(tok, "", 3, 10_000)({"messages": dialog})[0]["tokens"].tolist() == first.tolist()  # MAX_TURNS
     assert lid.SFTEncoder(tok, "", 0, 100)({"messages": [{"role": "user", "content": "x"}]}) == (None, "invalid")
+    # 6 exchanges of different lengths: for every budget, the kept prefix is the longest whole-exchange
+    # prefix that fits (checked against encoding each prefix directly)
+    long = [m for k in range(6) for m in ({"role": "user", "content": f"q{k} " * (3 + 7 * k % 5)},
+                                          {"role": "assistant", "content": f"a{k} " * (2 + 5 * k % 4)})]
+    prefix = [len(lid.SFTEncoder(tok, "", 0, 10_000)({"messages": long[:2 * k]})[0]["tokens"]) for k in range(1, 7)]
+    for budget in range(prefix[0] - 1, prefix[-1] + 1):
+        got, event = lid.SFTEncoder(tok, "", 0, budget)({"messages": long})
+        fits = [k for k, n in enumerate(prefix, 1) if n <= budget]
+        if not fits:
+            assert (got, event) == (None, "dropped_too_long")
+        else:
+            assert len(got["tokens"]) == prefix[fits[-1] - 1]
+            assert event == (None if fits[-1] == 6 else "truncated")
 
 
 def test_instruct_cli_skips_and_counts_malformed_lines(tok, tmp_path, capsys):

@@ -1,0 +1,258 @@
+"""Precomputed frozen-model outputs for training: the teacher top-k cache (distillation) and the DPO
+reference log-probs, and their CLI (`python objectives.py cache-teacher|cache-reference`, which calls
+main() here). Split from objectives.py, which re-exports these names; the objectives read the caches
+through TeacherCache / ReferenceCache."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from errors import UserError
+from objectives import (
+    OBJECTIVES,
+    PRECISIONS,
+    DirectPreferenceOptimization,
+    _freeze,
+    _logits,
+    _vocab_size,
+    sequence_logps,
+)
+
+# ---- precomputed frozen-model outputs (teacher top-k, DPO reference log-probs) ----------------------
+# A cache is a directory: manifest.json + .npy arrays whose first axis is the loader's `sample_index`
+# (a sample's id within its split, independent of seed, epoch and world size), so any run over the
+# same shards reads the right rows whatever its batch geometry. Written into <out>.tmp, then renamed.
+
+CACHE_FORMAT = "llama3-objectives-cache-v1"
+
+
+def _read_cache_manifest(path: str, kind: str, setting: str) -> dict[str, Any]:
+    import json
+    from pathlib import Path
+
+    f = Path(path) / "manifest.json"
+    if not f.is_file():
+        raise UserError(f"{setting}={path}: no manifest.json there; build it with `python objectives.py "
+                        f"cache-{kind} ...` or unset {setting}")
+    m = json.loads(f.read_text())
+    if m.get("format") != CACHE_FORMAT or m.get("kind") != kind:
+        raise UserError(f"{setting}={path} is not a {kind} cache of this version ({m.get('format')}, "
+                        f"{m.get('kind')}); rebuild it with `python objectives.py cache-{kind}`")
+    return m
+
+
+def _rows(index: torch.Tensor, n: int, path: str) -> Any:
+    idx = index.cpu().long().numpy()
+    if idx.min() < 0:
+        raise UserError(f"cache {path}: a batch row has sample_index {int(idx.min())} (a filler row, not a sample); "
+                        "cached outputs exist only for real samples: do not pad batches when using a cache")
+    if idx.max() >= n:
+        raise UserError(f"cache {path} has {n} samples but a batch asks for sample {int(idx.max())}: the cache was "
+                        "built from other shards; rebuild it for this data")
+    return idx
+
+
+class TeacherCache:
+    """Reads the tempered teacher's top-k: lookup(sample_index (B,)) -> (logps (B, T, K) fp32, ids (B, T, K) long,
+    tail_logps (B, T) fp32), all of log_softmax(teacher_logits / temperature) (see write_cache)."""
+
+    def __init__(self, path: str):
+        import numpy as np
+
+        self.path, self.manifest = path, _read_cache_manifest(path, "teacher", "TEACHER_CACHE_PATH")
+        if "temperature" not in self.manifest:
+            raise UserError(f"TEACHER_CACHE_PATH={path} is an older teacher cache without its temperature and tail "
+                            "mass; rebuild it with `python objectives.py cache-teacher ...`")
+        self.vocab_size, self.top_k = int(self.manifest["vocab_size"]), int(self.manifest["top_k"])
+        self.temperature = float(self.manifest["temperature"])
+        self.logps = np.load(f"{path}/topk_logps.npy", mmap_mode="r")  # (N, T, K) float16
+        self.ids = np.load(f"{path}/topk_ids.npy", mmap_mode="r")  # (N, T, K) uint16 | int32
+        self.tail = np.load(f"{path}/tail_logps.npy", mmap_mode="r")  # (N, T) float32
+
+    def lookup(self, sample_index: torch.Tensor, device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        import numpy as np
+
+        idx = _rows(sample_index, self.logps.shape[0], self.path)
+        logps = torch.from_numpy(np.ascontiguousarray(self.logps[idx])).float()
+        ids = torch.from_numpy(np.ascontiguousarray(self.ids[idx]).astype(np.int64))
+        tail = torch.from_numpy(np.ascontiguousarray(self.tail[idx])).float()
+        return logps.to(device), ids.to(device), tail.to(device)
+
+
+class ReferenceCache:
+    """Reads DPO reference log-probs: lookup(sample_index (B,)) -> (chosen (B,), rejected (B,)) fp32."""
+
+    def __init__(self, path: str):
+        import numpy as np
+
+        self.path, self.manifest = path, _read_cache_manifest(path, "reference", "DPO_REFERENCE_LOGPS_PATH")
+        self.logps = np.load(f"{path}/ref_logps.npy", mmap_mode="r")  # (N, 2) float32
+
+    def lookup(self, sample_index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.from_numpy(self.logps[_rows(sample_index, self.logps.shape[0], self.path)].copy())
+        return rows[:, 0].to(device), rows[:, 1].to(device)
+
+
+def _cache_loader(cfg: Any, kind: str, data: str, batch_size: int, tok: Any):
+    import dataloaders
+
+    return dataloaders.build_loader(
+        kind, data, "train", seq_len=cfg["MAX_SEQ_LEN"], micro_batch=batch_size, global_batch=batch_size,
+        rank=0, world_size=1, seed=cfg["SEED"], pad_id=tok.pad_id,
+        packed=kind == "sft" and cfg["SFT_BATCHING"] == "packed", tokenizer_identity=tok.identity())
+
+
+def build_cache(kind: str, cfg: Any, model_source: str, data: str, out: str, top_k: int = 64,
+                batch_size: int = 8, device: str = "cpu") -> dict[str, Any]:
+    """Run a frozen model once over one epoch of the train shards (the loader's own samples, world size 1)
+    and store its outputs per `sample_index` (see write_cache). Returns the manifest."""
+    import model_utils
+    import tokenizer as tokenizer_mod
+
+    if kind == "teacher" and cfg["TRAINING_STAGE"] not in ("pretrain", "instruct"):
+        raise UserError(f"cache-teacher: TRAINING_STAGE={cfg['TRAINING_STAGE']}; distillation data is pretrain "
+                        "or instruct: set TRAINING_STAGE to the stage the cache is for")
+    if kind == "teacher" and cfg["TRAINING_STAGE"] == "instruct" and cfg["SFT_BATCHING"] == "packed":
+        raise UserError("cache-teacher: SFT_BATCHING=packed rows hold several examples and have no sample_index to "
+                        "key a cache by: build and train with SFT_BATCHING=padded")
+    dtype = PRECISIONS[cfg["TEACHER_PRECISION"]] if kind == "teacher" else torch.float32
+    model, _ = model_utils.load_model(model_source, device=device, dtype=dtype)
+    tok = tokenizer_mod.load_tokenizer(cfg["TOKENIZER_CHECKPOINT_PATH"])
+    if kind == "teacher" and _vocab_size(model) != tok.vocab_size:
+        raise UserError(f"cache-teacher: the teacher's vocabulary has {_vocab_size(model)} tokens but the tokenizer "
+                        f"{cfg['TOKENIZER_CHECKPOINT_PATH']} has {tok.vocab_size}: use the student's tokenizer")
+    batch_format = "dpo" if kind == "reference" else OBJECTIVES[cfg["TRAINING_STAGE"]].batch_format
+    loader = _cache_loader(cfg, batch_format, data, batch_size, tok)
+    n = loader.samples_per_epoch
+    batches = (loader.next_batch() for _ in range(2 * ((n + batch_size - 1) // batch_size)))
+    meta = {"model": str(model_source), "data": str(data), "batch_format": batch_format, "split": "train",
+            "tokenizer": tok.identity()}
+    return write_cache(kind, model, batches, n, cfg["MAX_SEQ_LEN"], out, top_k=top_k, device=device, meta=meta,
+                       temperature=cfg["DISTILLATION_TEMPERATURE"])
+
+
+def write_cache(kind: str, model: nn.Module, batches: Any, n: int, seq_len: int, out: str, top_k: int = 64,
+                device: str | torch.device = "cpu", meta: dict[str, Any] | None = None,
+                temperature: float = 1.0) -> dict[str, Any]:
+    """Store a frozen model's outputs for samples 0..n-1, read from `batches` (dicts with "sample_index"
+    (B,) and the loader's keys; extra batches past the first full cover are skipped):
+      kind "teacher":   of the TEMPERED teacher log_softmax(logits / temperature) at every position: the top-k
+                        log-probs (n, seq_len, K) float16 with their ids (uint16 when the vocabulary fits), and
+                        the log of the mass outside the top-k (n, seq_len) float32, exact (a log-sum-exp over
+                        the complement). Stored at one T (in the manifest; the objective checks it equals
+                        DISTILLATION_TEMPERATURE) because top-k values at T = 1 cannot give the tail mass at
+                        another T; the ids are the same for every T.
+      kind "reference": summed response log-probs of chosen and rejected, (n, 2) float32.
+    Written into <out>.tmp, renamed to <out> when complete. Returns the manifest."""
+    import json
+    import os
+    import shutil
+    import time
+    from pathlib import Path
+
+    import numpy as np
+    from tqdm import tqdm
+
+    model, V = _freeze(model), _vocab_size(model)
+    top_k = min(top_k, V)
+    final, tmp = Path(out), Path(f"{out}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if kind == "teacher":
+        logps_arr = np.lib.format.open_memmap(tmp / "topk_logps.npy", "w+", np.float16, (n, seq_len, top_k))
+        ids_arr = np.lib.format.open_memmap(tmp / "topk_ids.npy", "w+", np.uint16 if V <= 65536 else np.int32,
+                                            (n, seq_len, top_k))
+        tail_arr = np.lib.format.open_memmap(tmp / "tail_logps.npy", "w+", np.float32, (n, seq_len))
+    else:
+        ref_arr = np.zeros((n, 2), np.float32)
+    filled = np.zeros(n, bool)
+    t0, bar = time.time(), tqdm(total=n, desc=f"cache-{kind}", unit="sample")
+    with torch.no_grad():
+        for batch in batches:
+            if "sample_index" not in batch:
+                raise UserError("the data loader provides no 'sample_index'; caches need batches that carry it")
+            idx = batch["sample_index"].cpu().numpy()
+            new = ~filled[idx]
+            if new.any():
+                rows, keep = idx[new], torch.from_numpy(new)
+                if kind == "teacher":
+                    doc_ids = batch["doc_ids"].to(device) if "doc_ids" in batch else None
+                    z = _logits(model, batch["input_ids"].to(device), doc_ids).float() / temperature  # (B, T, V)
+                    lse = torch.logsumexp(z, -1)  # (B, T)
+                    vals, ids = z.topk(top_k, dim=-1)  # (B, T, K)
+                    tail = (torch.logsumexp(z.scatter_(-1, ids, float("-inf")), -1) - lse if top_k < V
+                            else torch.full_like(lse, float("-inf")))  # (B, T) log mass outside the top-k
+                    logps_arr[rows] = (vals - lse[..., None])[keep].cpu().numpy().astype(np.float16)
+                    ids_arr[rows] = ids[keep].cpu().numpy().astype(ids_arr.dtype)
+                    tail_arr[rows] = tail[keep].cpu().numpy()
+                else:
+                    ids, labels = DirectPreferenceOptimization._concat({k: v.to(device) for k, v in batch.items()})
+                    lp = sequence_logps(_logits(model, ids), labels).cpu().numpy()  # (2B,)
+                    B = len(idx)
+                    ref_arr[rows, 0], ref_arr[rows, 1] = lp[:B][new], lp[B:][new]
+                filled[rows] = True
+                bar.update(int(new.sum()))
+            if filled.all():
+                break
+    bar.close()
+    if not filled.all():
+        shutil.rmtree(tmp)
+        raise UserError(f"cache-{kind}: the batches never produced {int((~filled).sum())} of {n} sample indices; "
+                        "sample_index must cover 0..n-1")
+    if kind == "teacher":
+        for arr in (logps_arr, ids_arr, tail_arr):
+            arr.flush()
+        del logps_arr, ids_arr, tail_arr, arr
+    else:
+        np.save(tmp / "ref_logps.npy", ref_arr)
+    manifest = {"format": CACHE_FORMAT, "kind": kind, **(meta or {}), "n_samples": n, "seq_len": seq_len,
+                "vocab_size": V, "top_k": top_k if kind == "teacher" else None,
+                **({"temperature": float(temperature), "values": "log_softmax(logits / temperature): top-k and "
+                    "log of the mass outside it"} if kind == "teacher" else {}),
+                "seconds": round(time.time() - t0, 1)}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    print(f"cache-{kind}: {n} samples x {seq_len} positions -> {final} in {manifest['seconds']} s")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    import config
+
+    overrides, rest = config.split_overrides(list(sys.argv[1:] if argv is None else argv))
+    p = argparse.ArgumentParser(prog="objectives.py", description="Precompute frozen-model outputs for training.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for cmd, who in (("cache-teacher", "--teacher"), ("cache-reference", "--reference")):
+        s = sub.add_parser(cmd, help=f"run {who[2:]} once over the train shards and store its outputs",
+                           epilog="Settings (MAX_SEQ_LEN, SEED, TOKENIZER_CHECKPOINT_PATH, TRAINING_STAGE, "
+                           "SFT_BATCHING, TEACHER_PRECISION ...) may follow as KEY=VALUE.")
+        s.add_argument(who, dest="model", required=True, help="any model_utils.load_model source")
+        s.add_argument("--data", required=True, help="shard root (the loader's root: train/ val/ manifest.json)")
+        s.add_argument("--out", required=True, help="cache directory to write")
+        s.add_argument("--batch-size", type=int, default=8)
+        s.add_argument("--device", default="cpu")
+        s.add_argument("--env-file", default=None, help="settings file (default: ./.env when present)")
+        if cmd == "cache-teacher":
+            s.add_argument("--top-k", type=int, default=None, help="default: TEACHER_CACHE_TOP_K")
+    args = p.parse_args(rest)
+    cfg = config.load_config(args.env_file, overrides)
+    kind = "teacher" if args.cmd == "cache-teacher" else "reference"
+    top_k = getattr(args, "top_k", None) or cfg["TEACHER_CACHE_TOP_K"]
+    build_cache(kind, cfg, args.model, args.data, args.out, top_k=top_k, batch_size=args.batch_size,
+                device=args.device)
+    return 0
+
+
+if __name__ == "__main__":
+    from errors import run_cli
+
+    run_cli(main)
