@@ -341,7 +341,8 @@ class Distillation(Objective):
         return distillation_loss_sum(student_logits, teacher_logits, mask, self.temperature)
 
     def loss(self, model, batch):
-        logits = model(batch["input_ids"], doc_ids=batch.get("doc_ids"))  # (B, T, V)
+        # one fp32 copy of the student logits serves both terms (each would otherwise upcast its own)
+        logits = _at_least_fp32(model(batch["input_ids"], doc_ids=batch.get("doc_ids")))  # (B, T, V)
         ce = cross_entropy_sum(logits, batch["labels"])
         kd = self.kd_sum(logits, batch)
         loss_sum = (1.0 - self.alpha) * ce + self.alpha * kd
