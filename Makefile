@@ -31,7 +31,7 @@ demo: setup
 	$(PY) generate.py --model checkpoints/pretrain/latest --prompt "The Python language" --max-new-tokens 48 --temperature 0.8 --top-k 50 --seed 0
 
 demo-posttrain: setup
-	bash scripts/demo_posttrain.sh
+	PY=$(PY) bash scripts/demo_posttrain.sh
 
 bench: setup
 	$(PY) bench/run_all.py
