@@ -121,8 +121,6 @@ def save_npy(path: Path, arr: np.ndarray) -> dict[str, Any]:
     return {"shape": list(arr.shape), "dtype": str(arr.dtype), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-
-
 # ---------------------------------------------------------------------------------------- encoding
 
 

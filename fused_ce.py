@@ -4,8 +4,12 @@ The plain path materializes the logits (N, V) in the compute dtype, an fp32 copy
 fp32 log-softmax for backward and the gradient of the logits: for N = 1024 tokens and V = 49152 that is
 four tensors of 100-200 MB. Here the rows are processed in chunks and, because the loss is a scalar,
 the gradients w.r.t. the hidden states and the output weight are computed during the forward pass
-(softmax - one_hot is all backward needs); backward only scales them by the incoming gradient. Peak
-extra memory is one chunk of logits, and no matmul is recomputed.
+(softmax - one_hot is all backward needs); backward only scales them by the incoming gradient. No
+matmul is recomputed; what is held from forward to backward is the (V, d) fp32 weight gradient and the
+(N, d) hidden gradient instead of the logits, so it saves memory once N (tokens) exceeds about 0.4 d
+(objectives.fused_loss_weight applies that rule). Under fp16 the per-logit gradient is rounded to fp16
+before a loss scale could reach it: use the full logits with fp16 + GradScaler. Without grad mode only
+the loss is computed.
 
     loss_sum = fused_linear_cross_entropy_sum(hidden, model.output.weight, labels)
 
@@ -31,15 +35,18 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int,
-                chunk_size: int) -> torch.Tensor:
+                chunk_size: int, grad_enabled: bool) -> torch.Tensor:
         dt = _compute_dtype(hidden)
         h = hidden.reshape(-1, hidden.shape[-1]).to(dt)  # (N, d)
         w = weight.to(dt)  # (V, d)
         y = labels.reshape(-1)  # (N,)
         N = h.shape[0]
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        # forward runs with grad mode off, so the caller's mode comes in as an argument: no gradient work
+        # under torch.no_grad()
+        need_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         grad_h = torch.empty_like(h) if need_grad else None
-        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[1] else None
+        grad_w = (torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+                  if need_grad and ctx.needs_input_grad[1] else None)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for s in range(0, N, chunk_size):
             hc, yc = h[s:s + chunk_size], y[s:s + chunk_size]
@@ -71,7 +78,7 @@ class _FusedLinearCE(torch.autograd.Function):
             gh = (grad_h * grad_out).to(h_dtype).reshape(h_shape)
         if ctx.needs_input_grad[1]:
             gw = (grad_w * grad_out).to(w_dtype)
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None
 
 
 def fused_linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -83,4 +90,4 @@ def fused_linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, l
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
-    return _FusedLinearCE.apply(hidden, weight, labels, ignore_index, chunk_size)
+    return _FusedLinearCE.apply(hidden, weight, labels, ignore_index, chunk_size, torch.is_grad_enabled())

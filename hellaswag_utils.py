@@ -174,6 +174,8 @@ class _Encoded:
 
 def _encode(tokenizer: Any, ex: Example, add_bos: bool, weight: int) -> _Encoded:
     pairs = [encode_pair(tokenizer, ex.context, " " + e, add_bos) for e in ex.endings]
+    if not pairs[0][0]:  # nothing would predict the first ending token
+        raise UserError(f"context {ex.context!r} encodes to no tokens and add_bos is off: give a context or --add-bos yes")
     for e, (_, cont) in zip(ex.endings, pairs, strict=True):
         if not cont:
             raise UserError(f"ending {e!r} of context {ex.context[:60]!r} encodes to no tokens")

@@ -107,17 +107,26 @@ class SFTEncoder(dpu.ChatEncoder):
         event = None
         if len(ids) > self.max_seq_len:
             # Longest prefix ending with an assistant reply that fits; the first exchange is the last resort.
-            # A longer prefix never encodes shorter, so a binary search over the candidate ends finds it in
-            # O(log turns) encodes instead of one per dropped message.
+            # Llama 3 format: each message encodes on its own, so a longer prefix never encodes shorter and a
+            # binary search finds it in O(log turns) encodes. A jinja template may re-render earlier turns
+            # depending on the last one, so there every candidate is tried from the longest down.
             ends = [i for i, m in enumerate(msgs) if m["role"] == "assistant"][:-1]
-            lo, hi, best = 0, len(ends) - 1, None  # best: (ids, mask) of the longest fitting prefix so far
-            while lo <= hi:
-                mid = (lo + hi) // 2
-                cand = self.encode(msgs[:ends[mid] + 1])
-                if len(cand[0]) <= self.max_seq_len:
-                    best, lo = cand, mid + 1
-                else:
-                    hi = mid - 1
+            best = None  # (ids, mask) of the longest fitting prefix
+            if self.chat.style == "llama3":
+                lo, hi = 0, len(ends) - 1
+                while lo <= hi:
+                    mid = (lo + hi) // 2
+                    cand = self.encode(msgs[:ends[mid] + 1])
+                    if len(cand[0]) <= self.max_seq_len:
+                        best, lo = cand, mid + 1
+                    else:
+                        hi = mid - 1
+            else:
+                for end in reversed(ends):
+                    cand = self.encode(msgs[:end + 1])
+                    if len(cand[0]) <= self.max_seq_len:
+                        best = cand
+                        break
             if best is None:
                 return None, "dropped_too_long"
             (ids, mask), event = best, "truncated"

@@ -137,8 +137,6 @@ def tokenizer_source(source: str | os.PathLike) -> str:
     return tok
 
 
-
-
 def _pointer_target(path: Path) -> Path | None:
     """The step directory a `latest`/`best` pointer file names, or None if `path` is not such a file."""
     if path.stat().st_size > 4096:
@@ -162,8 +160,6 @@ def _download_hub(repo_id: str) -> Path:
     except Exception as e:  # offline, unknown repo, gated repo ...
         raise UserError(f"{repo_id!r} is not an existing path and could not be fetched as a Hugging Face hub "
                         f"id ({type(e).__name__}; offline?); check the path, or download it and pass the local path") from e
-
-
 
 
 # ---- loaders ----------------------------------------------------------------------------------------
@@ -204,20 +200,6 @@ def _merge_lora_checkpoint(path: Path, cfg: dict, adapters: dict[str, torch.Tens
     lora.load_lora_state_dict(base, adapters)
     lora.unload_lora(base, merge=True)  # plain nn.Linear layers again, W + scaling * B A
     return {k: v.detach() for k, v in base.state_dict().items()}
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 _LOADERS: dict[str, Callable[[Path], tuple[ModelArgs, dict[str, torch.Tensor]]]] = {

@@ -221,27 +221,44 @@ class Objective:
 
 def fused_head_weight(model: nn.Module) -> torch.Tensor | None:
     """The output weight when the LM head and the loss can be fused (fused_ce): our Transformer, bare or
-    under DDP / torch.compile, with a plain nn.Linear head. None under FSDP (the weight is a sharded
-    DTensor that only the module's own forward gathers), with a LoRA-wrapped head, or for other models."""
+    under DDP / torch.compile, with a plain nn.Linear head. None for FSDP2 (fully_shard swaps the root's
+    class, and its output weight is a sharded DTensor only the module's own forward gathers), for a
+    LoRA-wrapped head and for other models."""
     from model import Transformer
 
     m = lora._unwrap(model)
-    if type(m) is Transformer and type(m.output) is nn.Linear:  # FSDP2 swaps in a subclass: excluded
+    if type(m) is Transformer and type(m.output) is nn.Linear:
         return m.output.weight
     return None
+
+
+def fused_loss_weight(model: nn.Module, n_tokens: int, device_type: str) -> torch.Tensor | None:
+    """fused_head_weight, when fusing also pays and is safe for this micro-batch:
+    - memory: the fused path holds the (V, dim) fp32 head gradient from forward to backward instead of
+      ~10 bytes per logit (compute-dtype logits, their fp32 copy, the saved log-softmax), so it only wins
+      from n_tokens >= 0.4 * dim (SmolLM2: 230 tokens; Llama 3 8B: 1639) and loses below;
+    - fp16: the fused path rounds the per-logit gradient to fp16 in the forward, before GradScaler's
+      scale reaches it, so small gradients would underflow: fp16 keeps the full logits."""
+    weight = fused_head_weight(model)
+    if weight is None or 5 * n_tokens < 2 * weight.shape[1]:
+        return None
+    fp16 = (torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16
+            or weight.dtype == torch.float16)
+    return None if fp16 else weight
 
 
 class LanguageModeling(Objective):
     """Next-token cross-entropy on every target whose label is not IGNORE_INDEX.
 
     Pretraining labels every position; SFT labels only assistant content and its end-of-turn token
-    (the loader writes IGNORE_INDEX elsewhere), so the same loss serves both. Where fused_head_weight
+    (the loader writes IGNORE_INDEX elsewhere), so the same loss serves both. Where fused_loss_weight
     allows, the model returns hidden states and fused_ce computes head + loss in chunks: the (B, T, V)
     logits, their fp32 copy and their gradient are never materialized (same loss and gradients).
     """
 
     def loss(self, model, batch):
-        weight = fused_head_weight(model)
+        labels = batch["labels"]
+        weight = fused_loss_weight(model, labels.numel(), labels.device.type)
         if weight is not None:
             from fused_ce import fused_linear_cross_entropy_sum
 
@@ -465,8 +482,6 @@ def build_objective(cfg: Any) -> Objective:
                 raise UserError(f"{key.upper()}=true combines with pretrain or instruct, not TRAINING_STAGE={stage}")
             objective = wrapper(cfg, objective)
     return objective
-
-
 
 
 _CACHE_NAMES = ("CACHE_FORMAT", "TeacherCache", "ReferenceCache", "build_cache", "write_cache", "main")

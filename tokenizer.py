@@ -276,17 +276,6 @@ class TiktokenTokenizer(Tokenizer):
         return self.model.decode(list(ids))
 
 
-
-
-
-
-
-
-
-
-
-
-
 def _looks_like_tiktoken(path: Path) -> bool:
     with open(path, "rb") as f:
         parts = f.readline().split()

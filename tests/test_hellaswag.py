@@ -156,6 +156,21 @@ def test_batched_equals_one_forward_per_ending(add_bos: bool) -> None:
                        add_bos=add_bos) == want
 
 
+def test_evaluate_takes_the_tree_path_for_our_transformer_only(monkeypatch) -> None:
+    model, tok = tiny_model(), ByteTokenizer()
+    exs = hs.load_examples(GOLDEN)
+    want = hs.evaluate(model, tok, exs, batch_size=2, progress=False)
+
+    def refuse(*a, **k):
+        raise AssertionError("wrong scorer")
+
+    monkeypatch.setattr(hs, "score_batch", refuse)  # our plain Transformer: tree rows only
+    assert hs.evaluate(model, tok, exs, batch_size=2, progress=False) == want
+    monkeypatch.undo()
+    monkeypatch.setattr(hs, "score_batch_tree", refuse)  # any other model: full rows only
+    assert hs.evaluate(LogitsOnly(model), tok, exs, batch_size=2, device="cpu", progress=False) == want
+
+
 class FixedLogProbs(torch.nn.Module):
     """A fake LM: the same next-token log-probabilities at every position."""
 

@@ -1,0 +1,182 @@
+"""Precomputed frozen-model outputs (objective_caches.py): the DPO reference log-probs and the teacher
+top-k cache read back by sample_index, write_cache's round trip and atomicity, and the cache-teacher CLI
+end to end (shards -> cache -> loader batches -> the KD term)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from test_objectives import (
+    _tempered_topk,
+    cfg_for,
+    distill_objective,
+    dpo_batch,
+    lm_batch,
+    ref_topk_tail_kl_sum,
+    tiny_model,
+)
+
+import objectives as obj
+from errors import UserError
+
+
+def test_reference_cache_reads_rows_by_sample_index(tmp_path):
+    policy, batch = tiny_model(0), dpo_batch()
+    ref = tiny_model(1)
+    ids, labels = obj.DirectPreferenceOptimization._concat(batch)
+    lp = obj.sequence_logps(ref(ids), labels).detach()
+    rows = np.zeros((10, 2), np.float32)
+    index = torch.tensor([7, 2, 5])
+    rows[index.numpy(), 0], rows[index.numpy(), 1] = lp[:3].numpy(), lp[3:].numpy()
+    np.save(tmp_path / "ref_logps.npy", rows)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": obj.CACHE_FORMAT, "kind": "reference"}))
+    live = obj.build_objective(cfg_for(TRAINING_STAGE="dpo"))
+    live.setup(ref, None, torch.device("cpu"))
+    cached = obj.build_objective(cfg_for(TRAINING_STAGE="dpo", DPO_REFERENCE_LOGPS_PATH=tmp_path))
+    cached.setup(policy, None, torch.device("cpu"))
+    assert cached.reference is None
+    a, _ = live.loss(policy, batch)
+    b, _ = cached.loss(policy, {**batch, "sample_index": index})
+    assert a.item() == pytest.approx(b.item(), rel=1e-5)
+    with pytest.raises(UserError, match="sample_index"):
+        cached.loss(policy, batch)
+    with pytest.raises(UserError, match="10 samples"):
+        cached.loss(policy, {**batch, "sample_index": torch.tensor([1, 2, 10])})
+
+
+def test_teacher_cache_reader_gives_the_topk_loss(tmp_path):
+    student, teacher, batch = tiny_model(0), tiny_model(1), lm_batch()
+    K, index = 5, torch.tensor([3, 0])
+    with torch.no_grad():
+        vals, ids, tail = (x.float() for x in _tempered_topk(teacher(batch["input_ids"]), K, 2.0))  # (B,T,K)x2, (B,T)
+    lp, ii, tl = np.zeros((4, 8, K), np.float16), np.zeros((4, 8, K), np.uint16), np.zeros((4, 8), np.float32)
+    lp[index.numpy()], ii[index.numpy()], tl[index.numpy()] = vals.numpy(), ids.numpy(), tail.numpy()
+    np.save(tmp_path / "topk_logps.npy", lp)
+    np.save(tmp_path / "topk_ids.npy", ii)
+    np.save(tmp_path / "tail_logps.npy", tl)
+    manifest = {"format": obj.CACHE_FORMAT, "kind": "teacher", "vocab_size": 32, "top_k": K, "temperature": 2.0}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    o = distill_objective(TEACHER_CACHE_PATH=tmp_path)
+    info = o.setup(student, None, torch.device("cpu"))
+    assert o.teacher is None and info["teacher_memory_mb"] == 0.0
+    loss, m = o.loss(student, {**batch, "sample_index": index})
+    mask = batch["labels"] != -100
+    want = ref_topk_tail_kl_sum(student(batch["input_ids"]).detach(), teacher(batch["input_ids"]).detach(), mask,
+                                2.0, K)
+    assert m["kd"].item() == pytest.approx(want, rel=2e-3)  # fp16 storage of the log-probs
+    with pytest.raises(UserError, match="SFT_BATCHING=padded"):
+        o.loss(student, batch)  # no sample_index (a packed SFT batch)
+    with pytest.raises(UserError, match="filler row"):
+        o.loss(student, {**batch, "sample_index": torch.tensor([3, -1])})
+    with pytest.raises(UserError, match="SFT_BATCHING=padded"):
+        distill_objective("instruct", TEACHER_CACHE_PATH=tmp_path, SFT_BATCHING="packed").setup(
+            student, None, torch.device("cpu"))
+    with pytest.raises(UserError, match=r"temperature 2.0 but DISTILLATION_TEMPERATURE=1.0"):
+        distill_objective(TEACHER_CACHE_PATH=tmp_path, DISTILLATION_TEMPERATURE=1.0).setup(
+            student, None, torch.device("cpu"))
+    for bad, match in (({"vocab_size": 50}, r"50 tokens.*32"), ({"temperature": None}, "older teacher cache")):
+        m = {**manifest, **bad}
+        (tmp_path / "manifest.json").write_text(json.dumps({k: v for k, v in m.items() if v is not None}))
+        with pytest.raises(UserError, match=match):
+            distill_objective(TEACHER_CACHE_PATH=tmp_path).setup(student, None, torch.device("cpu"))
+
+
+def test_write_cache_round_trip_and_atomicity(tmp_path):
+    teacher = tiny_model(1)
+    g = torch.Generator().manual_seed(5)
+    data = torch.randint(0, 32, (6, 8), generator=g)  # 6 samples, in a shuffled order, batch 4 (last wraps)
+    order = [4, 1, 5, 0, 3, 2, 4, 1]
+    batches = [{"input_ids": data[order[i:i + 4]], "sample_index": torch.tensor(order[i:i + 4])} for i in (0, 4)]
+    m = obj.write_cache("teacher", teacher, iter(batches), 6, 8, str(tmp_path / "c"), top_k=4, temperature=1.5)
+    assert m["n_samples"] == 6 and m["top_k"] == 4 and m["vocab_size"] == 32 and m["temperature"] == 1.5
+    assert not (tmp_path / "c.tmp").exists()
+    logps, ids, tail = obj.TeacherCache(str(tmp_path / "c")).lookup(torch.tensor([2, 5]), torch.device("cpu"))
+    with torch.no_grad():
+        p = F.softmax(teacher(data[[2, 5]]).double() / 1.5, -1)  # (2, 8, V) tempered teacher
+    want_p, want_i = p.topk(4, -1)
+    torch.testing.assert_close(logps.exp().double(), want_p, atol=2e-3, rtol=2e-3)  # float16 log-probs
+    assert torch.equal(ids, want_i)
+    torch.testing.assert_close(tail.exp().double(), 1 - want_p.sum(-1), atol=1e-6, rtol=1e-5)  # exact tail mass
+    # a cover that misses samples fails and leaves nothing behind
+    with pytest.raises(UserError, match="never produced 2 of 6"):
+        obj.write_cache("teacher", teacher, iter(batches[:1]), 6, 8, str(tmp_path / "d"), top_k=4)
+    assert not (tmp_path / "d").exists() and not (tmp_path / "d.tmp").exists()
+    # reference cache: rows equal the live reference log-probs
+    batch = {**dpo_batch(B=3), "sample_index": torch.tensor([2, 0, 1])}
+    obj.write_cache("reference", teacher, iter([batch]), 3, 10, str(tmp_path / "r"))
+    c, r = obj.ReferenceCache(str(tmp_path / "r")).lookup(torch.tensor([2, 0, 1]), torch.device("cpu"))
+    ids, labels = obj.DirectPreferenceOptimization._concat(batch)
+    want = obj.sequence_logps(teacher(ids), labels)
+    torch.testing.assert_close(torch.cat([c, r]), want)
+
+
+# ---- the teacher cache end to end: shards -> `objectives.py cache-teacher` -> loader batches -> KD term -----
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["pretrain", "instruct"])
+def test_cache_teacher_cli_over_shards_feeds_the_distillation_term(tmp_path, stage):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+    from test_train import subprocess_env
+
+    import data_preparation_utils as dpu
+    import dataloaders
+    import demo_data
+    import tokenizer as tk
+    from load_instruct_dataset import SFTEncoder
+
+    root = Path(__file__).resolve().parents[1]
+    tok = tk.load_tokenizer(str(root / "tokenizer.model"))
+    T, kind = 48, "pretrain" if stage == "pretrain" else "sft"
+    kw = dict(tokenizer_identity=tok.identity(), source="test", seed=0, val_fraction=0.0, shard_size=1 << 16,
+              workers=1, progress=False)
+    if kind == "pretrain":
+        from pydoc_data.topics import topics
+
+        dpu.prepare("pretrain", [topics[k] for k in sorted(topics)[:3]], tmp_path / "data", dpu.PretrainEncoder(tok),
+                    **kw)
+    else:
+        dpu.prepare("sft", demo_data.demo_instruct_set(60, modules=False)[:20], tmp_path / "data",
+                    SFTEncoder(tok, "", 0, T), **kw)
+    teacher = tiny_model(1, vocab=tok.vocab_size)
+    (tmp_path / "teacher").mkdir()
+    save_file({k: v.contiguous() for k, v in teacher.state_dict().items() if k != "output.weight"
+               or not teacher.args.tie_embeddings}, str(tmp_path / "teacher" / "model.safetensors"))
+    (tmp_path / "teacher" / "config.json").write_text(json.dumps({"model_args": teacher.args.to_dict(),
+                                                                  "settings": {}}))
+    settings = [f"TRAINING_STAGE={stage}", f"MAX_SEQ_LEN={T}", "SEED=5", "DISTILLATION_TEMPERATURE=2.0",
+                f"TOKENIZER_CHECKPOINT_PATH={root / 'tokenizer.model'}"]
+    cmd = [sys.executable, str(root / "objectives.py"), "cache-teacher", "--teacher", str(tmp_path / "teacher"),
+           "--data", str(tmp_path / "data"), "--out", str(tmp_path / "cache"), "--top-k", "16", "--batch-size", "4"]
+    p = subprocess.run(cmd + settings, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    if stage == "instruct":  # packed rows have no sample_index: refused with one line, exit 2, nothing written
+        bad = subprocess.run(cmd[:-6] + ["--out", str(tmp_path / "c2")] + settings + ["SFT_BATCHING=packed"],
+                             cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and "SFT_BATCHING=padded" in bad.stderr and not (tmp_path / "c2").exists()
+
+    # training reads it under another seed and world size: rows are found by sample_index, not by position
+    o = distill_objective(stage, TEACHER_CACHE_PATH=tmp_path / "cache", MAX_SEQ_LEN=T)
+    student = tiny_model(0, vocab=tok.vocab_size)
+    o.setup(student, tok, torch.device("cpu"))
+    ld = dataloaders.build_loader(kind, tmp_path / "data", "train", seq_len=T, micro_batch=3, global_batch=6, rank=1,
+                                  world_size=2, seed=77, pad_id=tok.pad_id, tokenizer_identity=tok.identity())
+    checked = 0
+    for _ in range(3):
+        batch = ld.next_batch()
+        _, m = o.loss(student, batch)
+        with torch.no_grad():  # the same term from the live teacher on the same rows (float64)
+            vals, ids, tail = _tempered_topk(teacher(batch["input_ids"]), 16, 2.0)
+            want = obj.topk_distillation_loss_sum(student(batch["input_ids"]).double(), vals, ids,
+                                                  batch["labels"] != -100, 2.0, tail)
+        assert m["kd"].item() == pytest.approx(want.item(), rel=3e-3)  # float16 log-probs in the cache
+        checked += int((batch["labels"] != -100).sum())
+    assert checked > 0
