@@ -40,16 +40,19 @@ def _softmax(xs: list[float]) -> list[float]:
     return [v / sum(e) for v in e]
 
 
-def ref_kl_sum(student, teacher, mask, T):
-    """T^2 * sum over masked (b, t) of sum_v p_t log(p_t / p_s), softmax at temperature T."""
-    total = 0.0
+def _tempered_pairs(student, teacher, mask, T):
+    """(student probs, teacher probs) at temperature T for every masked (b, t), as Python lists."""
     for b in range(student.shape[0]):
         for t in range(student.shape[1]):
-            if not mask[b, t]:
-                continue
-            ps = _softmax([x / T for x in student[b, t].tolist()])
-            pt = _softmax([x / T for x in teacher[b, t].tolist()])
-            total += sum(q * math.log(q / p) for q, p in zip(pt, ps, strict=True))
+            if mask[b, t]:
+                yield (_softmax([x / T for x in student[b, t].tolist()]),
+                       _softmax([x / T for x in teacher[b, t].tolist()]))
+
+
+def ref_kl_sum(student, teacher, mask, T):
+    """T^2 * sum over masked (b, t) of sum_v p_t log(p_t / p_s), softmax at temperature T."""
+    total = sum(sum(q * math.log(q / p) for q, p in zip(pt, ps, strict=True))
+                for ps, pt in _tempered_pairs(student, teacher, mask, T))
     return T * T * total
 
 
@@ -186,18 +189,13 @@ def ref_topk_tail_kl_sum(student, teacher, mask, T, k):
     """T^2 * sum over masked positions of the KL between teacher and student coarsened to the teacher's top-k
     tokens plus one bucket for everything else (plain Python, from the full tempered softmaxes)."""
     total = 0.0
-    for b in range(student.shape[0]):
-        for t in range(student.shape[1]):
-            if not mask[b, t]:
-                continue
-            ps = _softmax([x / T for x in student[b, t].tolist()])
-            pt = _softmax([x / T for x in teacher[b, t].tolist()])
-            top = sorted(range(len(pt)), key=lambda i: -pt[i])[:k]
-            total += sum(pt[i] * math.log(pt[i] / ps[i]) for i in top)
-            rest_t = sum(v for i, v in enumerate(pt) if i not in top)
-            rest_s = sum(v for i, v in enumerate(ps) if i not in top)
-            if rest_t > 0:
-                total += rest_t * math.log(rest_t / rest_s)
+    for ps, pt in _tempered_pairs(student, teacher, mask, T):
+        top = sorted(range(len(pt)), key=lambda i: -pt[i])[:k]
+        total += sum(pt[i] * math.log(pt[i] / ps[i]) for i in top)
+        rest_t = sum(v for i, v in enumerate(pt) if i not in top)
+        rest_s = sum(v for i, v in enumerate(ps) if i not in top)
+        if rest_t > 0:
+            total += rest_t * math.log(rest_t / rest_s)
     return T * T * total
 
 
