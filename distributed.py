@@ -212,7 +212,8 @@ def grad_norm_and_clip(params: list[torch.Tensor], max_norm: float) -> torch.Ten
     """The global L2 norm of all gradients (before clipping), clipping to max_norm when > 0.
 
     FSDP2 gradients are DTensors sharded over ranks: get_total_norm returns a DTensor holding a partial
-    norm per rank; full_tensor() reduces it to the true global norm before any clipping decision."""
+    norm per rank; full_tensor() reduces it to the true global norm before clipping. Clipping needs no
+    host sync: a non-finite norm leaves non-finite or zero gradients, and the caller skips that step."""
     grads = [p.grad for p in params if p.grad is not None]
     total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
     from torch.distributed.tensor import DTensor

@@ -390,15 +390,17 @@ def train(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) -> int
             loss_sum += micro_sum.detach()
             for k, v in (micro_metrics or {}).items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().double()
-        # one collective and one host sync for the loss and every metric (same sorted keys on every rank)
+        # one collective for the loss and every metric (same sorted keys on every rank), and one host sync
+        # for them together with the gradient norm
         names = sorted(metric_sums)
-        reduced = D.all_reduce_sum(torch.stack([loss_sum, *(metric_sums[k] for k in names)])).tolist()
-        loss_val = reduced[0] / max(n_units, 1)
-        step_metrics = {k: v / max(n_units, 1) for k, v in zip(names, reduced[1:], strict=True)}
+        reduced = D.all_reduce_sum(torch.stack([loss_sum, *(metric_sums[k] for k in names)]))
         inject_rank_exit(step, info.rank)
         if scaler is not None:
             scaler.unscale_(optimizer)
-        norm = float(D.grad_norm_and_clip(params, t.grad_clip))
+        norm_t = D.grad_norm_and_clip(params, t.grad_clip)
+        *reduced, norm = torch.cat([reduced, norm_t.detach().reshape(1).to(reduced)]).tolist()
+        loss_val = reduced[0] / max(n_units, 1)
+        step_metrics = {k: v / max(n_units, 1) for k, v in zip(names, reduced[1:], strict=True)}
         finite = math.isfinite(loss_val) and (math.isfinite(norm) or scaler is not None)
         spike = finite and spikes.is_spike(loss_val)
         if finite and not spike:
@@ -407,9 +409,8 @@ def train(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) -> int
             spikes.accept(loss_val)
         else:
             # skipped: the weights and optimizer moments stay those of the last good step
-            kind = "loss spike" if spike else "non-finite"
-            state["spike_steps" if spike else "nonfinite_total"] = state.get("spike_steps" if spike else
-                                                                             "nonfinite_total", 0) + 1
+            kind, counter = ("loss spike", "spike_steps") if spike else ("non-finite", "nonfinite_total")
+            state[counter] = state.get(counter, 0) + 1  # .get: checkpoints from before the spike guard
             state["nonfinite_in_a_row"] += 1
             log.print(f"step {step}: {kind} (loss {loss_val} / grad norm {norm}): update skipped "
                       f"({state['nonfinite_in_a_row']} in a row)")
