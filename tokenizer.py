@@ -230,6 +230,12 @@ def _split_long_runs(s: str, max_run: int) -> Iterator[str]:
     yield s[start:]
 
 
+def _one_tiktoken_call(text: str) -> bool:
+    """Whether tiktoken can take `text` in one call: short enough, and no over-long run to split."""
+    return len(text) <= MAX_NO_WHITESPACES_CHARS or (len(text) <= TIKTOKEN_MAX_ENCODE_CHARS
+                                                     and not _may_hold_long_run(text))
+
+
 class TiktokenTokenizer(Tokenizer):
     kind = "tiktoken"
 
@@ -249,8 +255,7 @@ class TiktokenTokenizer(Tokenizer):
         self._set_turn_ids()
 
     def _ordinary(self, text: str, offsets: bool) -> tuple[list[int], list[int]]:
-        if len(text) <= MAX_NO_WHITESPACES_CHARS or (len(text) <= TIKTOKEN_MAX_ENCODE_CHARS
-                                                     and not _may_hold_long_run(text)):
+        if _one_tiktoken_call(text):
             ids = self.model.encode_ordinary(text)  # common case: one call (no run is long enough to split)
         else:
             ids = []
@@ -267,8 +272,7 @@ class TiktokenTokenizer(Tokenizer):
 
         if not isinstance(text, str):
             raise TypeError(f"encode_array expects str, got {type(text).__name__}")
-        if len(text) <= MAX_NO_WHITESPACES_CHARS or (len(text) <= TIKTOKEN_MAX_ENCODE_CHARS
-                                                     and not _may_hold_long_run(text)):
+        if _one_tiktoken_call(text):
             return self.model.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
         return np.asarray(self._ordinary(text, False)[0], dtype=np.uint32)
 
