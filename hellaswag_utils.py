@@ -225,12 +225,11 @@ def score_batch(model: torch.nn.Module, batch: list[_Encoded], device: torch.dev
     use_autocast = dtype is not None and dtype != next(model.parameters()).dtype
     with torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
         head = _output_head(model)
-        if head is not None:
-            h = model(tokens, return_hidden=True)  # (N, T, dim)
-            logits = head(h[sel])  # (M, V), M = number of ending tokens in the batch
+        if head is not None:  # hidden states of the M ending positions, projected in chunks
+            x = model(tokens, return_hidden=True)[sel]  # (M, dim)
         else:
-            logits = model(tokens)[sel]  # (N, T, V) -> (M, V)
-    logp = F.log_softmax(logits.float(), dim=-1).gather(-1, targets[sel][:, None])[:, 0]  # (M,)
+            x, head = model(tokens)[sel], torch.nn.Identity()  # (N, T, V) -> (M, V): logits already
+        logp = _target_logprobs(head, x, targets[sel], torch.arange(len(x), device=device))  # (M,)
     per_seq = torch.zeros(len(seqs), dtype=torch.float64, device=device)
     row = torch.arange(len(seqs), device=device)[:, None].expand_as(sel)[sel]  # (M,) sequence of each token
     per_seq.index_add_(0, row, logp.double())
