@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
+import precision
 from errors import UserError, run_cli
 from model import Transformer
 
@@ -173,13 +174,14 @@ def main() -> int:
     ap.add_argument("--top-p", type=float, default=None)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--dtype", default="auto", choices=[*precision.CHOICES, *precision.ALIASES],
+                    help="auto = bf16 where the device does it natively, else fp32 (fp16 on older GPUs)")
     a = ap.parse_args()
 
-    from model_utils import DTYPES, load_model, tokenizer_source
+    from model_utils import load_model, tokenizer_source
 
     tok = _load_tokenizer(a.tokenizer or tokenizer_source(a.model))
-    model, _ = load_model(a.model, device=a.device, dtype=DTYPES[a.dtype])
+    model, _ = load_model(a.model, device=a.device, dtype=precision.inference_dtype(a.dtype, a.device))
     prompts = [encode_prompt(tok, p, a.chat, a.system) for p in a.prompt]
     stop = [i for i in (getattr(tok, "eos_id", None), getattr(tok, "eot_id", None)) if i is not None]
     pad = getattr(tok, "pad_id", None)

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+import precision
 from errors import UserError, run_cli
 
 DEFAULT_DATA = "data/hellaswag/hellaswag_val.jsonl"
@@ -422,8 +423,6 @@ def hellaswag_hook(model: torch.nn.Module, tokenizer: Any, path: str | os.PathLi
 
 
 # ---- CLI ------------------------------------------------------------------------------------------------------
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="HellaSwag acc / acc_norm (lm-evaluation-harness definitions) "
@@ -433,7 +432,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=DEFAULT_DATA, help=f"HellaSwag jsonl (default {DEFAULT_DATA})")
     ap.add_argument("--limit", type=int, default=None, help="evaluate the first N examples")
     ap.add_argument("--batch-size", type=int, default=8, help="examples per forward (x4 sequences)")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute dtype")
+    ap.add_argument("--dtype", choices=precision.CHOICES, default="fp32",
+                    help="compute dtype (default fp32: scores comparable with lm-evaluation-harness; auto = the "
+                         "fastest the device does natively)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: auto)")
     ap.add_argument("--add-bos", choices=("auto", "yes", "no"), default="auto",
                     help="prepend BOS to the context; auto = the tokenizer's convention")
@@ -453,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = _maybe_init_distributed(device)
     if world > 1 and device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    model, _ = model_utils.load_model(a.model, device=device, dtype=DTYPES[a.dtype])
+    model, _ = model_utils.load_model(a.model, device=device, dtype=precision.inference_dtype(a.dtype, device))
     tok = tokenizer_mod.load_tokenizer(a.tokenizer or model_utils.tokenizer_source(a.model))
     add_bos = {"auto": None, "yes": True, "no": False}[a.add_bos]
     t0 = time.perf_counter()

@@ -13,29 +13,6 @@ from typing import Any
 
 import torch
 
-# Dense peak FLOP/s per device for MFU, by (device name substring, dtype). Override with PEAK_FLOPS.
-# GPU figures are the vendors' dense (no sparsity) tensor-core numbers; the CPU entry is what a big
-# matmul reaches on this project's 2-core AVX-512-bf16 machines (DESIGN §7), not a datasheet value.
-PEAK_FLOPS_TABLE: dict[tuple[str, str], float] = {
-    ("H100", "bf16"): 989e12, ("H100", "fp16"): 989e12, ("H100", "fp32"): 67e12,
-    ("A100", "bf16"): 312e12, ("A100", "fp16"): 312e12, ("A100", "fp32"): 19.5e12,
-    ("L40S", "bf16"): 362e12, ("L40S", "fp16"): 362e12, ("L40S", "fp32"): 91.6e12,
-    ("A10", "bf16"): 125e12, ("A10", "fp16"): 125e12, ("A10", "fp32"): 31.2e12,
-    ("RTX 4090", "bf16"): 165e12, ("RTX 4090", "fp16"): 165e12, ("RTX 4090", "fp32"): 82.6e12,
-    ("cpu", "bf16"): 8e11, ("cpu", "fp16"): 1.8e11, ("cpu", "fp32"): 1.8e11,
-}
-
-
-def peak_flops(device: torch.device, precision: str, override: float = 0.0) -> float | None:
-    """Peak FLOP/s of one device from the table (None when unknown: MFU is then not reported)."""
-    if override > 0:
-        return override
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    for (key, prec), value in PEAK_FLOPS_TABLE.items():
-        if prec == precision and key.lower() in name.lower():
-            return value
-    return None
-
 
 def git_commit() -> str:
     try:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+import precision
 from errors import UserError, run_cli
 from model import ModelArgs, Transformer
 from model_formats import (  # noqa: F401  (the unused names are re-exported: they lived here before)
@@ -38,8 +39,6 @@ from model_formats import (  # noqa: F401  (the unused names are re-exported: th
     hf_to_ours,
     ours_to_hf,
 )
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ---- building -------------------------------------------------------------------------------------
@@ -240,13 +239,13 @@ def main() -> int:
     ex.add_argument("--format", required=True, choices=["hf", "meta"])
     ex.add_argument("--out", required=True)
     ex.add_argument("--shards", type=int, default=1, help="Meta model-parallel shards")
-    ex.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    ex.add_argument("--dtype", default="float32", choices=[*precision.ALIASES, *precision.DTYPES])
     ex.add_argument("--tokenizer", default=None, help="tokenizer to save with an HF export (default: the model's)")
     info = sub.add_parser("info", help="print the model's args and parameter counts")
     info.add_argument("--model", required=True)
     a = ap.parse_args()
 
-    model, args = load_model(a.model, dtype=DTYPES.get(getattr(a, "dtype", "float32"), torch.float32))
+    model, args = load_model(a.model, dtype=precision.dtype_of(getattr(a, "dtype", "fp32")))
     if a.cmd == "info":
         print(json.dumps({k: v for k, v in args.to_dict().items()}, indent=2, default=str))
         print(f"parameters: {count_parameters(model):,} ({count_parameters(model, True):,} non-embedding); "

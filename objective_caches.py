@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
+import precision
 from errors import UserError
 from objectives import (
     OBJECTIVES,
-    PRECISIONS,
     DirectPreferenceOptimization,
     _freeze,
     _logits,
@@ -120,7 +120,7 @@ def build_cache(kind: str, cfg: Any, model_source: str, data: str, out: str, top
     if kind == "teacher" and cfg["TRAINING_STAGE"] == "instruct" and cfg["SFT_BATCHING"] == "packed":
         raise UserError("cache-teacher: SFT_BATCHING=packed rows hold several examples and have no sample_index to "
                         "key a cache by: build and train with SFT_BATCHING=padded")
-    dtype = PRECISIONS[cfg["TEACHER_PRECISION"]] if kind == "teacher" else torch.float32
+    dtype = precision.inference_dtype(cfg["TEACHER_PRECISION"], device) if kind == "teacher" else torch.float32
     model, _ = model_utils.load_model(model_source, device=device, dtype=dtype)
     tok = tokenizer_mod.load_tokenizer(cfg["TOKENIZER_CHECKPOINT_PATH"])
     if kind == "teacher" and _vocab_size(model) != tok.vocab_size:

@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora
+import precision
 from errors import UserError
 
 IGNORE_INDEX = -100
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ---- pure loss functions ----------------------------------------------------------------------------
@@ -320,7 +320,7 @@ class Distillation(Objective):
             self.teacher_memory_bytes = 0
             info = {"teacher": f"cache {d.teacher_cache_path} (top-{self.cache.top_k})"}
         else:
-            dtype = PRECISIONS[d.teacher_precision]
+            dtype = precision.inference_dtype(d.teacher_precision, device)
             if self.teacher is None:
                 import model_utils
 
@@ -331,7 +331,7 @@ class Distillation(Objective):
             teacher_vocab, where = _vocab_size(self.teacher), f"TEACHER_MODEL_CHECKPOINT={d.teacher_model_checkpoint}"
             self.teacher_memory_bytes = _memory_bytes(self.teacher)
             info = {"teacher": d.teacher_model_checkpoint or type(self.teacher).__name__,
-                    "teacher_precision": d.teacher_precision}
+                    "teacher_precision": precision.name_of(dtype)}
         if teacher_vocab != student_vocab:
             raise UserError(f"distillation: the teacher's vocabulary has {teacher_vocab} tokens ({where}) but the "
                             f"student's has {student_vocab}: both must use the same tokenizer")

@@ -75,8 +75,9 @@ SETTINGS: list[Setting] = [
     S("TRAINING_STAGE", "training", "str", "pretrain", "pretrain | instruct | dpo",
       choices=("pretrain", "instruct", "dpo")),
     S("SEED", "training", "int", 42, "seed for init, data order and dropout"),
-    S("TRAINING_PRECISION", "training", "str", "bf16", "bf16 (autocast, fp32 master weights) | fp16 (GradScaler) "
-      "| fp32", choices=("bf16", "fp16", "fp32")),
+    S("TRAINING_PRECISION", "training", "str", "auto", "auto (bf16 where the device does it natively, else fp16 + "
+      "GradScaler on CUDA, else fp32) | bf16 (autocast, fp32 master weights) | fp16 (GradScaler) | fp32",
+      choices=("auto", "bf16", "fp16", "fp32")),
     S("TOTAL_BATCH_SIZE", "training", "int", 524288, "tokens per optimizer step (all ranks, all micro-steps)",
       min=1),
     S("MAX_BATCH_SIZE", "training", "int", 4, "micro-batch size in sequences per rank", min=1),
@@ -137,7 +138,8 @@ SETTINGS: list[Setting] = [
     S("DISTILLATION_TEMPERATURE", "distill", "float", 2.0, "softmax temperature T", min=0.01),
     S("DISTILLATION_ALPHA", "distill", "float", 0.5, "loss = (1-a)*CE + a*T^2*KL(teacher||student)",
       min=0.0, max=1.0),
-    S("TEACHER_PRECISION", "distill", "str", "fp32", "teacher weights dtype", choices=("fp32", "bf16", "fp16")),
+    S("TEACHER_PRECISION", "distill", "str", "fp32", "teacher weights dtype (auto = the training precision rule)",
+      choices=("fp32", "bf16", "fp16", "auto")),
     S("TEACHER_CACHE_PATH", "distill", "str", "", "precomputed teacher top-k log-probs (objectives.py "
       "cache-teacher); empty = run the teacher live"),
     S("TEACHER_CACHE_TOP_K", "distill", "int", 64, "log-probs kept per position in the teacher cache", min=1),
@@ -158,7 +160,7 @@ SETTINGS: list[Setting] = [
     S("USE_FSDP", "system", "bool", False, "FSDP2 fully_shard per block instead of DDP"),
     S("ACTIVATION_CHECKPOINTING", "system", "bool", False, "recompute block activations in backward"),
     S("ATTN_IMPL", "system", "str", "auto", "auto | sdpa | math", choices=("auto", "sdpa", "math")),
-    S("PEAK_FLOPS", "system", "float", 0.0, "peak FLOP/s per device for MFU; 0 = from the device table",
+    S("PEAK_FLOPS", "system", "float", 0.0, "peak FLOP/s per device for MFU; 0 = measured on CPU, GPU datasheet table",
       min=0.0),
     S("TORCH_PROFILER_ENABLED", "system", "bool", False, "profile a few steps with torch.profiler"),
     S("TORCH_PROFILER_SCHEDULE_SKIP_FIRST", "system", "int", 10, "profiler: steps skipped first", min=0),

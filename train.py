@@ -32,12 +32,12 @@ import config
 import distributed as D
 import objectives
 import optim
+import precision
 from errors import UserError, run_cli
-from logger import Logger, git_commit, peak_flops
+from logger import Logger, git_commit
 from settings_table import BY_KEY
 
 STAGES: tuple[str, ...] = BY_KEY["TRAINING_STAGE"].choices
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def parse_args(argv: list[str]) -> tuple[config.Config, argparse.Namespace]:
@@ -133,6 +133,18 @@ def build_model(cfg: config.Config, tok, init_source: str, device: torch.device)
         model = Transformer(margs)
         model.init_weights(generator=torch.Generator().manual_seed(cfg.training.seed))
     return model.to(device).train(), margs
+
+
+def training_precision(cfg: config.Config, device: torch.device) -> precision.Choice:
+    """TRAINING_PRECISION resolved for this device (auto -> bf16 / fp16 / fp32, see precision.resolve).
+    fp16 under FSDP2 is refused: GradScaler would find overflow on one rank's shard and skip the step there
+    only, so the ranks' weights would drift apart."""
+    fsdp = cfg.system.use_fsdp
+    choice = precision.resolve(cfg.training.training_precision, device, fsdp=fsdp)
+    if choice.name == "fp16" and fsdp:
+        raise UserError("TRAINING_PRECISION=fp16 with USE_FSDP=true: GradScaler checks overflow per shard, so "
+                        "ranks would skip different steps; use TRAINING_PRECISION=auto, bf16 or fp32")
+    return choice
 
 
 def batch_geometry(cfg: config.Config, world: int) -> tuple[int, int]:
@@ -250,6 +262,7 @@ def train(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) -> int
     t, stage, device = cfg.training, cfg.training.training_stage, info.device
     random.seed(t.seed)
     np.random.seed(t.seed)
+    prec = training_precision(cfg, device)
     resume_dir, init_source = starting_point(cfg, args)
     tok = load_tokenizer(cfg, init_source)
     model, margs = build_model(cfg, tok, init_source, device)
@@ -274,8 +287,8 @@ def train(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) -> int
     eval_model = wrapped if D.is_fsdp(wrapped) else model  # FSDP2 forwards gather; DDP's module does not sync
     optimizer = optim.build_optimizer(model, cfg, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    scaler = torch.amp.GradScaler(device.type) if t.training_precision == "fp16" else None
-    ptdtype = DTYPES[t.training_precision]
+    scaler = torch.amp.GradScaler(device.type) if prec.name == "fp16" else None
+    ptdtype = prec.dtype
 
     def autocast():
         if ptdtype == torch.float32:
@@ -298,15 +311,17 @@ def train(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) -> int
     import model_utils
 
     fpt = model_utils.flops_per_token(margs, T)
-    peak = peak_flops(device, t.training_precision, cfg.system.peak_flops)
+    peak, peak_source = precision.peak_flops(device, prec.name, cfg.system.peak_flops)
     save_root = ckpt.stage_root(cfg, stage)
     log.banner({"commit": git_commit(), "stage": f"{stage} (objective {type(objective).__name__}, loader "
                 f"{objective.batch_format})", "world size": info.world_size, "device": str(device),
-                "precision": t.training_precision, "tokens per step": f"{G * T:,} = {G} seq x {T}",
+                "precision": prec.describe(), "tokens per step": f"{G * T:,} = {G} seq x {T}",
                 "grad accumulation": f"{accum} = {G} / ({t.max_batch_size} x {info.world_size} ranks)",
                 "parameters": f"{model_utils.count_parameters(model):,} "
                               f"({sum(p.numel() for p in params):,} trainable)",
-                "FLOPs per token": f"{fpt:.3e}", "steps": f"{state['step']} -> {max_steps}",
+                "FLOPs per token": f"{fpt:.3e}",
+                "MFU peak": f"{peak:.3g} FLOP/s per device ({peak_source})" if peak else peak_source,
+                "steps": f"{state['step']} -> {max_steps}",
                 "start": str(resume_dir or init_source or "random init"), "checkpoints": str(save_root),
                 "run dir": str(run_dir), **setup_facts})
     log.print("\n".join(f"  {line}" for line in cfg.summary().splitlines() if line.endswith(")")))

@@ -121,29 +121,59 @@ def test_model_forward_sdpa_equals_math_fp32(tiny_model, mask_kind):
     torch.testing.assert_close(outs["sdpa"], outs["math"], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("autocast", [False, True])
-def test_fused_ce_equals_plain_loss_and_grads(tiny_model, autocast):
+def _ce_loss_and_grads(model, x, y, path: str, autocast: bool):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        if path == "plain":
+            logits = model(x)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+        else:
+            h = model(x, return_hidden=True)
+            loss = fused_linear_cross_entropy_sum(h, model.output.weight, y, chunk_size=7)  # ragged
+    (loss * 0.5).backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _ce_batch():
     x = torch.randint(0, 257, (3, 11), generator=torch.Generator().manual_seed(4))
     y = torch.randint(0, 257, (3, 11), generator=torch.Generator().manual_seed(5))
     y[0, :4] = -100
     y[2, -1] = -100
-    results = {}
-    for name in ("plain", "fused"):
-        tiny_model.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            if name == "plain":
-                logits = tiny_model(x)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
-            else:
-                h = tiny_model(x, return_hidden=True)
-                loss = fused_linear_cross_entropy_sum(h, tiny_model.output.weight, y, chunk_size=7)  # ragged
-        (loss * 0.5).backward()
-        results[name] = (loss.detach(), {n: p.grad.clone() for n, p in tiny_model.named_parameters()})
-    tol = 2e-2 if autocast else 1e-4
-    torch.testing.assert_close(results["fused"][0], results["plain"][0], atol=tol * 10, rtol=tol)
-    for n, g in results["plain"][1].items():
-        torch.testing.assert_close(results["fused"][1][n], g, atol=tol, rtol=tol, msg=n)
-    assert results["fused"][0].dtype == torch.float32
+    return x, y
+
+
+def test_fused_ce_equals_plain_loss_and_grads_fp32(tiny_model):
+    x, y = _ce_batch()
+    plain = _ce_loss_and_grads(tiny_model, x, y, "plain", autocast=False)
+    fused = _ce_loss_and_grads(tiny_model, x, y, "fused", autocast=False)
+    torch.testing.assert_close(fused[0], plain[0], atol=1e-3, rtol=1e-4)
+    for n, g in plain[1].items():
+        torch.testing.assert_close(fused[1][n], g, atol=1e-4, rtol=1e-4, msg=n)
+    assert fused[0].dtype == torch.float32
+
+
+def test_fused_ce_bf16_error_matches_the_plain_bf16_path(tiny_model):
+    """Under bf16 autocast both paths round, and differently on different CPUs (native bf16 kernels or
+    AVX2 emulation accumulate in different orders), so each is measured against an fp64 reference: the
+    fused path's relative error must be no worse than 1.25x the plain path's, for the loss and for every
+    gradient. A real defect (a wrong scale, a dropped chunk, fp16-like rounding) multiplies the error."""
+    import copy
+
+    x, y = _ce_batch()
+    ref = _ce_loss_and_grads(copy.deepcopy(tiny_model).double(), x, y, "plain", autocast=False)
+    plain = _ce_loss_and_grads(tiny_model, x, y, "plain", autocast=True)
+    fused = _ce_loss_and_grads(tiny_model, x, y, "fused", autocast=True)
+    assert fused[0].dtype == torch.float32
+
+    def rel_err(got, want):
+        return ((got.double() - want).norm() / want.norm()).item()
+
+    for name, want in [("loss", ref[0]), *ref[1].items()]:
+        got_plain = plain[0] if name == "loss" else plain[1][name]
+        got_fused = fused[0] if name == "loss" else fused[1][name]
+        e_plain, e_fused = rel_err(got_plain, want), rel_err(got_fused, want)
+        assert e_plain < 0.1, (name, e_plain)  # the bf16 reference path itself is sane
+        assert e_fused <= 1.25 * e_plain + 1e-6, (name, e_fused, e_plain)
 
 
 def test_fused_ce_no_grad_and_all_ignored():

@@ -15,6 +15,7 @@ import config
 import data_preparation_utils as dpu
 import dataloaders
 import objectives as obj
+import precision
 import tokenizer as tk
 from load_instruct_dataset import SFTEncoder
 from model import ModelArgs, Transformer
@@ -294,13 +295,15 @@ def test_dpo_twenty_steps_on_smollm2_lora_raise_held_out_reward_accuracy(tmp_pat
     lora.apply_lora(torch.nn.ModuleList(list(model.layers)[-top_layers:]), ["wq", "wk", "wv", "wo"], rank=8,
                     alpha=16.0)
     opt = torch.optim.AdamW(lora.lora_parameters(model), lr=1e-3, weight_decay=0.0)
-    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)  # measured faster than fp32 here; log-probs in fp32
+    # the precision training would pick on this host (bf16 where native, else fp32); log-probs stay fp32
+    prec = precision.resolve("auto", "cpu")
+    autocast = torch.autocast("cpu", dtype=prec.dtype, enabled=prec.name != "fp32")
 
     def held_out() -> dict[str, float]:
         ld = loader("held", 1)
         n = ld.samples_per_epoch
         batch = loader("held", n).next_batch()  # every held-out pair once
-        with torch.no_grad(), bf16:
+        with torch.no_grad(), autocast:
             _, cr, rr, policy = objective._forward(model, batch)
             ids, labels = objective._concat(batch)
             ref = objective.reference_logps(batch, ids, labels)
@@ -315,7 +318,7 @@ def test_dpo_twenty_steps_on_smollm2_lora_raise_held_out_reward_accuracy(tmp_pat
     losses = []
     for _ in range(steps):
         batch = train.next_batch()
-        with bf16:
+        with autocast:
             loss_sum, _ = objective.loss(model, batch)
         (loss_sum / objective.units(batch)).backward()
         opt.step()
