@@ -8,7 +8,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-fast demo demo-posttrain bench lint tokenizer clean
+.PHONY: setup test test-fast test-avx2 demo demo-posttrain bench lint tokenizer clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# The precision-sensitive tests with PyTorch, oneDNN and MKL limited to AVX2: bf16 is then emulated as on
+# CPUs without native bf16 (most laptops and cloud VMs), whatever CPU this runs on.
+AVX2_ENV := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+PRECISION_TESTS := tests/test_precision.py tests/test_perf_paths.py tests/test_objectives.py tests/test_optim.py \
+	tests/test_train.py::test_precisions_and_optimizers_train tests/test_posttrain.py
+test-avx2: setup
+	$(AVX2_ENV) $(PY) -m pytest -q $(PRECISION_TESTS)
 
 demo: setup
 	$(PY) load_pretrain_dataset.py --env-file configs/cpu-demo.env

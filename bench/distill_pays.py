@@ -38,6 +38,7 @@ import data_preparation_utils as dpu  # noqa: E402
 import dataloaders  # noqa: E402
 import model_utils  # noqa: E402
 import objectives  # noqa: E402
+import precision  # noqa: E402
 import tokenizer as tk  # noqa: E402
 from model import Transformer  # noqa: E402
 
@@ -190,7 +191,7 @@ def main() -> int:
     results: dict = {"settings": vars(args), "teacher": Path(gguf).name}
     teacher = None
     if "kd-live" in runs:
-        dtype = objectives.PRECISIONS[args.teacher_precision]
+        dtype = precision.dtype_of(args.teacher_precision)
         teacher, _ = model_utils.load_model(gguf, dtype=dtype)
         results["teacher_held_out_ce"] = held_out_ce(teacher, val)
         print(f"teacher held-out ce {results['teacher_held_out_ce']:.4f}")

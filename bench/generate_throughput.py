@@ -29,11 +29,10 @@ sys.path.insert(0, str(ROOT))
 
 import config  # noqa: E402
 import model_utils  # noqa: E402
+import precision  # noqa: E402
 from errors import run_cli  # noqa: E402
 from generate import generate  # noqa: E402
 from model import Transformer  # noqa: E402
-
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def load_ours(name: str, dtype: torch.dtype):
@@ -72,7 +71,7 @@ def hf_fn(hf, prompts: list[list[int]], n: int):
 
 
 def bench_one(name: str, dtype_name: str, batches: list[int], a: argparse.Namespace) -> list[dict]:
-    dtype = DTYPES[dtype_name]
+    dtype = precision.dtype_of(dtype_name)
     model, args = load_ours(name, dtype)
     with tempfile.TemporaryDirectory() as tmp:
         hf = load_hf(model, args, dtype, Path(tmp))
@@ -106,7 +105,7 @@ def bench_one(name: str, dtype_name: str, batches: list[int], a: argparse.Namesp
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["smollm2", "tiny"], choices=["smollm2", "tiny", "small"])
-    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
+    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)

@@ -1,12 +1,12 @@
 """Training-step throughput: our Transformer vs transformers' LlamaForCausalLM, same config and weights.
 
-    python bench/train_throughput.py --preset small --precision bf16 [--compile] [--batch 2] [--rounds 3]
+    python bench/train_throughput.py --preset small [--precision auto|bf16|fp32] [--compile] [--batch 2] [--rounds 3]
 
 One training step = forward (autocast for bf16) -> summed CE / targets -> backward -> fused AdamW step
 -> zero_grad, identical for both models. The models alternate A B A B in one process (so drifting
 machine load hits both alike); the median step time per model gives tokens/s. MFU uses the
-6N + 12LdT FLOPs per token (model_utils.flops_per_token) against the matmul peak measured in the same
-run (a large matmul in the same dtype). Peak memory per model is measured in a fresh subprocess each
+6N + 12LdT FLOPs per token (model_utils.flops_per_token) against the peak the training log uses
+(precision.peak_flops: on CPU a 1024^3 matmul in the same dtype, measured in the same run). Peak memory per model is measured in a fresh subprocess each
 (CUDA: max_memory_allocated; CPU: growth of the process's peak RSS, VmHWM, over the post-import
 baseline).
 """
@@ -28,10 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import config  # noqa: E402
 import model_utils  # noqa: E402
 import objectives  # noqa: E402
+import precision as precision_mod  # noqa: E402
 from errors import run_cli  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
-
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def model_args(preset: str, vocab: int, seq: int | None) -> ModelArgs:
@@ -64,10 +63,10 @@ def logits_fn(name: str, model):
     return lambda x: model(input_ids=x, use_cache=False).logits
 
 
-def make_step(name: str, model, precision: str, device: torch.device):
+def make_step(name: str, model, prec: str, device: torch.device):
     fwd = logits_fn(name, model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))
-    dtype = DTYPES[precision]
+    dtype = precision_mod.dtype_of(prec)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> float:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -86,20 +85,6 @@ def make_step(name: str, model, precision: str, device: torch.device):
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def matmul_peak(precision: str, device: torch.device, n: int = 2048, reps: int = 5) -> float:
-    a = torch.randn(n, n, device=device, dtype=DTYPES[precision])
-    b = torch.randn(n, n, device=device, dtype=DTYPES[precision])
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
 
 
 def memory_probe(name: str, a: argparse.Namespace) -> int:
@@ -135,7 +120,8 @@ def _hwm_kib() -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="small")
-    p.add_argument("--precision", choices=tuple(DTYPES), default="bf16")
+    p.add_argument("--precision", choices=precision_mod.CHOICES, default="auto",
+                   help="auto = the training loop's rule for this device")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--seq", type=int, default=None, help="sequence length (default: the preset's)")
@@ -150,6 +136,7 @@ def main() -> int:
         print(memory_probe(a.memory_probe, a))
         return 0
     device = torch.device(a.device)
+    a.precision = precision_mod.resolve(a.precision, device).name
     args = model_args(a.preset, a.vocab, a.seq)
     T = args.max_seq_len
     ours, hf = build_pair(args, device)
@@ -171,12 +158,15 @@ def main() -> int:
                 s(x, x)
                 sync(device)
                 times[name].append(time.perf_counter() - t0)
-    peak = matmul_peak(a.precision, device)
+    peak, peak_source = precision_mod.peak_flops(device, a.precision)
+    if peak is None:
+        raise SystemExit(f"no peak FLOP/s for MFU: {peak_source}")
     fpt = model_utils.flops_per_token(args, T)
     tokens = a.batch * T
     res = {"preset": a.preset, "precision": a.precision, "compile": a.compile, "device": str(device),
            "tokens_per_step": tokens, "params": model_utils.count_parameters(ours),
-           "max_logit_diff_fp32_init": float(d), "matmul_peak_tflops": peak / 1e12}
+           "max_logit_diff_fp32_init": float(d), "matmul_peak_tflops": peak / 1e12,
+           "peak_source": peak_source, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     for name in steps:
         med = statistics.median(times[name])
         res[f"{name}_tokens_per_s"] = tokens / med
@@ -193,7 +183,7 @@ def main() -> int:
         print(json.dumps(res))
         return 0
     print(f"preset {a.preset} ({res['params'] / 1e6:.1f}M params), {a.precision}{' + compile' if a.compile else ''}, "
-          f"{device}, {tokens} tokens/step, matmul peak {peak / 1e12:.3f} TFLOP/s")
+          f"{device}, {tokens} tokens/step, matmul peak {peak / 1e12:.3f} TFLOP/s ({peak_source})")
     print(f"{'':<6} {'tokens/s':>10} {'MFU':>7} {'peak MB':>9}")
     for name in ("ours", "hf"):
         print(f"{name:<6} {res[f'{name}_tokens_per_s']:>10,.0f} {res[f'{name}_mfu']:>7.1%} "
