@@ -170,3 +170,16 @@ def test_fp16_under_fsdp_is_refused(tmp_path):
     with pytest.raises(UserError, match="TRAINING_PRECISION=fp16 with USE_FSDP=true"):
         run_inprocess(tmp_path, data, TRAINING_PRECISION="fp16", USE_FSDP="true", MAX_STEPS=1)
     assert not (tmp_path / "run").exists() and not (tmp_path / "ck").exists()
+
+
+@pytest.mark.parametrize("slowdown,want", [(0.5, torch.bfloat16), (8.0, torch.float32)])
+def test_teacher_precision_auto_follows_the_rule(monkeypatch, fresh_probe, slowdown, want):
+    from test_objectives import distill_objective, lm_batch, tiny_model
+
+    monkeypatch.setattr(precision, "_matmul_time", lambda dtype, *a, **k: slowdown if dtype == torch.bfloat16 else 1.0)
+    o = distill_objective(TEACHER_PRECISION="auto")
+    o.teacher = tiny_model(1)
+    info = o.setup(tiny_model(0), None, torch.device("cpu"))
+    assert next(o.teacher.parameters()).dtype == want and info["teacher_precision"] == precision.name_of(want)
+    loss, _ = o.loss(tiny_model(0), lm_batch())
+    assert torch.isfinite(loss)
