@@ -323,6 +323,8 @@ def test_wandb_offline_run_has_config_and_history(tmp_path, pretrain_data, monke
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             config_keys |= {i.key for i in rec.run.config.update}
+        elif kind == "config":  # wandb may send the config after the run record (seen on a loaded machine)
+            config_keys |= {i.key for i in rec.config.update}
         elif kind == "history":
             items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
             if "loss" in items:
