@@ -42,6 +42,9 @@ SETTINGS: list[Setting] = [
     S("ROPE_THETA", "model", "float", 500000.0, "RoPE base frequency", min=1.0),
     S("ROPE_SCALING", "model", "json", None, "Llama 3.1 rope scaling as JSON, e.g. {\"factor\": 8, "
       "\"low_freq_factor\": 1, \"high_freq_factor\": 4, \"original_max_position_embeddings\": 8192}; empty = none"),
+    S("ROPE_SCALING_FACTOR", "model", "float", 0.0, "Llama 3 RoPE scaling factor of a Meta params.json with "
+      "use_scaled_rope (INIT_FROM / TEACHER_MODEL_CHECKPOINT); 0 = its rope_scaling_factor, else 32 for the "
+      "Llama 3.2 1B/3B shapes (their HF configs), else 8 (Llama 3.1)", min=0.0),
     S("TIE_EMBEDDINGS", "model", "bool", False, "share the input embedding with the output projection"),
     S("MAX_SEQ_LEN", "model", "int", 1024, "training context length in tokens", min=2),
     S("INIT_FROM", "model", "str", "", "start weights: empty = random init (pretrain) or the previous stage's "

@@ -122,7 +122,8 @@ def build_model(cfg: config.Config, tok, init_source: str, device: torch.device)
     from model import Transformer
 
     if init_source:
-        model, margs = model_utils.load_model(init_source, device="cpu", dtype=torch.float32)
+        model, margs = model_utils.load_model(init_source, device="cpu", dtype=torch.float32,
+                                              rope_scaling_factor=cfg.model.rope_scaling_factor)
         if margs.vocab_size < tok.vocab_size:
             raise UserError(f"INIT_FROM={init_source} has vocab {margs.vocab_size} < the tokenizer's "
                             f"{tok.vocab_size}: use the tokenizer that model was trained with")
