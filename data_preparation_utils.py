@@ -382,9 +382,9 @@ def _clean(root: Path) -> None:
 def prepare(kind: str, records: Iterable[Any], out_dir: str | Path, encoder: Any, **kw: Any) -> dict[str, Any]:
     """Tokenize `records` (an iterable read lazily, in a fixed order) into shards under out_dir; returns the
     manifest. A re-run after an interruption resumes; a finished dir with the same settings is left as is.
-    A failure leaves no directory this call created empty (a source that cannot be read, e.g. a hub id
-    while offline, fails on its first record, after the output dirs exist); journaled shards stay for the
-    re-run. Keyword arguments: see _prepare."""
+    A failure before the first shard removes the directories this call created (a source that cannot be
+    read, e.g. a hub id while offline, fails on its first record, after the output dirs exist); after it,
+    the journaled shards and their dirs stay for the re-run. Keyword arguments: see _prepare."""
     root = Path(out_dir)
     created = [root / s for s in SPLITS if not (root / s).exists()]
     d = root
@@ -394,9 +394,10 @@ def prepare(kind: str, records: Iterable[Any], out_dir: str | Path, encoder: Any
     try:
         return _prepare(kind, records, root, encoder, **kw)
     except BaseException:
-        for d in created:
-            with contextlib.suppress(OSError):  # not empty (shards to resume from) or already gone
-                d.rmdir()
+        if not any(p.is_file() for p in root.rglob("*")):  # nothing to resume from: leave no trace
+            for d in created:
+                with contextlib.suppress(OSError):
+                    d.rmdir()
         raise
 
 
