@@ -272,6 +272,9 @@ def load_config(env_file: str | None = None, overrides: dict[str, str] | None = 
     _cross_check(values, sources)
     for s in SETTINGS:  # huggingface_hub, datasets and wandb read these from the process environment
         if s.env and values[s.key] and sources.get(s.key) != "environment":
+            if "\x00" in str(values[s.key]):
+                raise UserError(f"{s.key} ({sources[s.key]}) contains a NUL character, which no environment "
+                                "variable can hold: fix the value")
             os.environ[s.key] = str(values[s.key])
     return Config(values, sources)
 
