@@ -3,7 +3,10 @@
 Precedence, lowest to highest: table default < MODEL_PRESET < process environment (known keys only)
 < env file < command-line `KEY=VALUE`. Unknown keys warn with the closest valid key; a bad value fails
 before any work starts, naming the key, the value, where it came from and what was expected.
-Importing this module reads nothing.
+Retired seed keys (settings_table.RETIRED) are accepted with a note saying why they are not read. A data
+directory named by only one of its two keys (settings_table.SAME_DIR: where preparation writes, where
+training reads) is used for both. Settings flagged `env` (HF_HOME, HF_TOKEN, WANDB_API_KEY) are exported to
+the process environment when set, for the libraries that read them there. Importing this module reads nothing.
 
     cfg = load_config(".env", {"MAX_STEPS": "10"})
     cfg.training.max_lr, cfg["MAX_LR"], cfg.model_args(vocab_size=...)
@@ -21,7 +24,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from errors import UserError, run_cli
-from settings_table import ALIASES, BY_KEY, GROUPS, PRESETS, SETTINGS, Setting
+from settings_table import ALIASES, BY_KEY, GROUPS, PRESETS, RETIRED, SAME_DIR, SETTINGS, Setting
 
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
 _FALSE = {"0", "false", "no", "off", "n", "f"}
@@ -262,12 +265,26 @@ def load_config(env_file: str | None = None, overrides: dict[str, str] | None = 
             values[s.key] = s.default
     if values["USE_MUON"] and "OPTIMIZER" not in raw:
         values["OPTIMIZER"], sources["OPTIMIZER"] = "muon", "USE_MUON"
+    for a, b in SAME_DIR:  # one directory, two keys: the one that was set names it for both
+        if (a in raw) != (b in raw):
+            given, other = (a, b) if a in raw else (b, a)
+            values[other], sources[other] = values[given], f"follows {given}"
     _cross_check(values, sources)
+    for s in SETTINGS:  # huggingface_hub, datasets and wandb read these from the process environment
+        if s.env and values[s.key] and sources.get(s.key) != "environment":
+            if "\x00" in str(values[s.key]):
+                raise UserError(f"{s.key} ({sources[s.key]}) contains a NUL character, which no environment "
+                                "variable can hold: fix the value")
+            os.environ[s.key] = str(values[s.key])
     return Config(values, sources)
 
 
 def _put(raw: dict, key: str, value: str, where: str) -> None:
     key = ALIASES.get(key, key)
+    if key in RETIRED:
+        print(f"note: {key} ({where}) is no longer a setting and is not read: {RETIRED[key]}; remove it",
+              file=sys.stderr)
+        return
     if key not in BY_KEY:
         _warn_unknown(key, where)
         return
@@ -353,16 +370,18 @@ def env_example() -> str:
 def _main() -> int:
     import argparse
 
-    p = argparse.ArgumentParser(description="Show resolved settings or write .env.example")
+    # KEY=VALUE may stand anywhere (e.g. after --env-file F), as in the other CLIs: pulled out before argparse
+    overrides, rest = split_overrides(sys.argv[1:])
+    p = argparse.ArgumentParser(description="Show resolved settings or write .env.example",
+                                usage="%(prog)s {show,example} [--env-file F] [KEY=VALUE ...]")
     p.add_argument("command", choices=["show", "example"], help="show: print resolved settings; example: "
                    "print .env.example")
-    p.add_argument("--env-file", default=None)
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    a = p.parse_args()
+    p.add_argument("--env-file", default=None, help="settings file (default: ./.env when present)")
+    a = p.parse_args(rest)
     if a.command == "example":
         print(env_example())
         return 0
-    print(config_from_args(a).summary())
+    print(load_config(a.env_file, overrides).summary())
     return 0
 
 

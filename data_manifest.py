@@ -128,7 +128,11 @@ def verify(root: str | Path, tokenizer_identity: dict[str, Any] | None = None, c
                 if list(arr.shape) != f["shape"] or str(arr.dtype) != f["dtype"]:
                     raise UserError(f"shard {path} has shape {list(arr.shape)} {arr.dtype}, the manifest says "
                                     f"{f['shape']} {f['dtype']}; re-run the preparation")
-                if check_hashes and f.get("sha256") and sha256_file(path) != f["sha256"]:
-                    raise UserError(f"shard {path} does not match its sha256 in the manifest (corrupted); "
-                                    "re-run the preparation")
+                if check_hashes and not f.get("sha256"):
+                    raise UserError(f"shard {path} has no sha256 to check against ({root} has seed-format shards "
+                                    "without a manifest); re-run the preparation to get one, or do not ask for "
+                                    "hash checks (VERIFY_DATA=false)")
+                if check_hashes and sha256_file(path) != f["sha256"]:
+                    raise UserError(f"shard {path} does not match its sha256 in {root / MANIFEST} (corrupted or "
+                                    "modified); re-run the preparation with --overwrite")
     return manifest

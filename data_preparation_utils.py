@@ -33,6 +33,7 @@ is re-exported here.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import hashlib
 import io
@@ -378,16 +379,35 @@ def _clean(root: Path) -> None:
         (root / name).unlink(missing_ok=True)
 
 
-def prepare(kind: str, records: Iterable[Any], out_dir: str | Path, encoder: Any, *, tokenizer_identity: dict,
-            source: str, seed: int, val_fraction: float, shard_size: int, workers: int = 0,
-            options: dict[str, Any] | None = None, overwrite: bool = False, progress: bool = True,
-            fail_after_shards: int | None = None) -> dict[str, Any]:
+def prepare(kind: str, records: Iterable[Any], out_dir: str | Path, encoder: Any, **kw: Any) -> dict[str, Any]:
     """Tokenize `records` (an iterable read lazily, in a fixed order) into shards under out_dir; returns the
     manifest. A re-run after an interruption resumes; a finished dir with the same settings is left as is.
-    `fail_after_shards` is a test hook: raise after that many shards have been journaled."""
+    A failure before the first shard removes the directories this call created (a source that cannot be
+    read, e.g. a hub id while offline, fails on its first record, after the output dirs exist); after it,
+    the journaled shards and their dirs stay for the re-run. Keyword arguments: see _prepare."""
+    root = Path(out_dir)
+    created = [root / s for s in SPLITS if not (root / s).exists()]
+    d = root
+    while not d.exists():
+        created.append(d)  # the output dir and the parents mkdir makes for it, deepest first
+        d = d.parent
+    try:
+        return _prepare(kind, records, root, encoder, **kw)
+    except BaseException:
+        if not any(p.is_file() for p in root.rglob("*")):  # nothing to resume from: leave no trace
+            for d in created:
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+        raise
+
+
+def _prepare(kind: str, records: Iterable[Any], root: Path, encoder: Any, *, tokenizer_identity: dict,
+             source: str, seed: int, val_fraction: float, shard_size: int, workers: int = 0,
+             options: dict[str, Any] | None = None, overwrite: bool = False, progress: bool = True,
+             fail_after_shards: int | None = None) -> dict[str, Any]:
+    """prepare's work. `fail_after_shards` is a test hook: raise after that many shards have been journaled."""
     from tqdm import tqdm
 
-    root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     workers = auto_workers(workers)
     dtype = token_dtype(tokenizer_identity["vocab_size"])

@@ -212,14 +212,16 @@ def grad_norm_and_clip(params: list[torch.Tensor], max_norm: float) -> torch.Ten
     """The global L2 norm of all gradients (before clipping), clipping to max_norm when > 0.
 
     FSDP2 gradients are DTensors sharded over ranks: get_total_norm returns a DTensor holding a partial
-    norm per rank; full_tensor() reduces it to the true global norm before clipping. Clipping needs no
-    host sync: a non-finite norm leaves non-finite or zero gradients, and the caller skips that step."""
+    norm per rank; full_tensor() reduces it to the true global norm before clipping. Nothing here reads a
+    value on the host (the caller fetches the norm with the loss in one sync): a non-finite norm leaves
+    non-finite or zero gradients, and the caller skips that step (under fp16, GradScaler's unscale_ has
+    already recorded the overflow and skips it)."""
     grads = [p.grad for p in params if p.grad is not None]
     total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
     from torch.distributed.tensor import DTensor
 
     if isinstance(total, DTensor):
         total = total.full_tensor()
-    if max_norm > 0 and torch.isfinite(total):
+    if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total

@@ -50,6 +50,7 @@ import precision
 from errors import UserError, run_cli
 
 DEFAULT_DATA = "data/hellaswag/hellaswag_val.jsonl"
+DEMO_DATA = "data/hellaswag/hellaswag_demo.jsonl"  # what `load_hellaswag_dataset.py --demo` writes
 REQUIRED_FIELDS = ("activity_label", "ctx_a", "ctx_b", "endings", "label")
 
 
@@ -102,9 +103,20 @@ def validate_record(doc: Any, where: str) -> dict[str, Any]:
     return doc
 
 
+def data_path(path: str | os.PathLike) -> Path:
+    """`path`; the default path, while absent, falls back to the demo set (with a note that it is demo data),
+    so `load_hellaswag_dataset.py --demo` followed by an evaluation with default paths works."""
+    p = Path(path)
+    if not p.is_file() and p == Path(DEFAULT_DATA) and Path(DEMO_DATA).is_file():
+        print(f"note: {DEFAULT_DATA} does not exist; evaluating the DEMO set {DEMO_DATA} (offline demo data, "
+              "not a benchmark)", file=sys.stderr)
+        return Path(DEMO_DATA)
+    return p
+
+
 def read_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[dict[str, Any]]:
     """Read and validate a HellaSwag jsonl (blank lines skipped); the first `limit` records."""
-    p = Path(path)
+    p = data_path(path)
     if not p.is_file():
         raise UserError(f"HellaSwag file {p} does not exist; create it with `python load_hellaswag_dataset.py "
                         f"--source FILE` (or --demo) or pass --data FILE")
@@ -429,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
                                              "of any model source; prints one JSON line.")
     ap.add_argument("--model", required=True, help="checkpoint dir, Meta dir, HF dir or .gguf file")
     ap.add_argument("--tokenizer", default=None, help="tokenizer source (default: the model source)")
-    ap.add_argument("--data", default=DEFAULT_DATA, help=f"HellaSwag jsonl (default {DEFAULT_DATA})")
+    ap.add_argument("--data", default=DEFAULT_DATA, help=f"HellaSwag jsonl (default {DEFAULT_DATA}, else the "
+                    f"demo set {DEMO_DATA} when only that exists)")
     ap.add_argument("--limit", type=int, default=None, help="evaluate the first N examples")
     ap.add_argument("--batch-size", type=int, default=8, help="examples per forward (x4 sequences)")
     ap.add_argument("--dtype", choices=precision.CHOICES, default="fp32",

@@ -15,7 +15,9 @@ int label, written to a temp file and renamed, so a partial file never exists.
 documentation sentence plus the first words of the next one, the true ending is the rest of that next
 sentence and the three distractors finish sentences from other topics. It is deterministic given
 --seed and exists so the evaluator can run end to end without network. Its numbers say nothing about
-HellaSwag; every record carries split_type "demo" and source_id "demo:pydoc_data.topics/...".
+HellaSwag; every record carries split_type "demo" and source_id "demo:pydoc_data.topics/...". It is written
+to its own file (hellaswag_utils.DEMO_DATA), never over the real one; the evaluator and HELLASWAG_PATH's
+default read it, with a note, while the real file is absent.
 """
 
 from __future__ import annotations
@@ -32,10 +34,9 @@ from typing import Any
 
 from data_preparation_utils import atomic_write, iter_jsonl
 from errors import UserError, run_cli
-from hellaswag_utils import DEFAULT_DATA, validate_record
+from hellaswag_utils import DEFAULT_DATA, DEMO_DATA, validate_record
 
 OFFICIAL_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
-DEMO_DEFAULT_OUT = "data/hellaswag/hellaswag_demo.jsonl"
 OUT_FIELDS = ("ind", "activity_label", "ctx_a", "ctx_b", "ctx", "endings", "source_id", "split",
               "split_type", "label")
 
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="URL, local .jsonl/.json/.parquet, or HF dataset id (default: the official val jsonl)")
     ap.add_argument("--split", default="validation", help="split for an HF dataset id (default validation)")
     ap.add_argument("--out", default=None, help=f"output jsonl (default {DEFAULT_DATA}; with --demo "
-                                                f"{DEMO_DEFAULT_OUT})")
+                                                f"{DEMO_DATA})")
     ap.add_argument("--limit", type=int, default=None, help="keep the first N records")
     ap.add_argument("--demo", action="store_true", help="build offline DEMO data from pydoc_data.topics")
     ap.add_argument("--demo-n", type=int, default=500, help="number of demo examples (default 500)")
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         what = a.source
     if a.limit is not None:
         records = records[: a.limit]
-    out = write_jsonl_atomic(records, a.out or (DEMO_DEFAULT_OUT if a.demo else DEFAULT_DATA))
+    out = write_jsonl_atomic(records, a.out or (DEMO_DATA if a.demo else DEFAULT_DATA))
     print(f"wrote {len(records)} HellaSwag records from {what} to {out}")
     return 0
 

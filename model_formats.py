@@ -18,6 +18,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -216,7 +217,40 @@ def _meta_merge(shards: list[dict[str, torch.Tensor]], dim: int) -> dict[str, to
     return out
 
 
-def _load_meta(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+# Llama 3 RoPE scaling of a Meta params.json that says `use_scaled_rope: true` without a factor. Meta's
+# reference apply_scaling has factor 8 built in, but the published HF configs of Llama 3.2 1B and 3B say 32
+# (Llama 3.1 and 3.3: 8); the HF configs are taken as the authority, recognised by (dim, n_layers).
+META_ROPE_FACTOR_BY_SHAPE: dict[tuple[int, int], tuple[float, str]] = {
+    (2048, 16): (32.0, "Llama 3.2 1B"),
+    (3072, 28): (32.0, "Llama 3.2 3B"),
+}
+META_ROPE_FACTOR_DEFAULT = 8.0  # Llama 3.1 / 3.3 and Meta's apply_scaling
+
+
+def meta_rope_scaling(params: dict, factor: float | None = None) -> tuple[dict | None, str]:
+    """params.json -> (Llama 3 rope_scaling dict or None, where its factor came from). The factor is, first
+    to last: `factor` (the ROPE_SCALING_FACTOR setting), params.json's rope_scaling_factor, the published
+    HF config of a recognised Llama 3.2 shape, Meta's built-in 8."""
+    if not params.get("use_scaled_rope"):
+        return None, ""
+    shape = (params.get("dim"), params.get("n_layers"))
+    if factor:
+        source = "ROPE_SCALING_FACTOR"
+    elif params.get("rope_scaling_factor"):
+        factor, source = float(params["rope_scaling_factor"]), "params.json rope_scaling_factor"
+    elif shape in META_ROPE_FACTOR_BY_SHAPE:
+        factor, name = META_ROPE_FACTOR_BY_SHAPE[shape]
+        source = f"the {name} shape (dim {shape[0]}, {shape[1]} layers), as in its published HF config.json"
+    else:
+        factor, source = META_ROPE_FACTOR_DEFAULT, (f"no factor in params.json and dim {shape[0]} / {shape[1]} "
+                                                    "layers is no Llama 3.2 1B/3B shape: Llama 3.1's and Meta's "
+                                                    "apply_scaling default")
+    return {"factor": float(factor), "low_freq_factor": 1.0,
+            "high_freq_factor": float(params.get("rope_high_freq_factor", 4.0)),
+            "original_max_position_embeddings": 8192}, source
+
+
+def _load_meta(path: Path, rope_scaling_factor: float | None = None) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     params = _read_json(path / "params.json")
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
@@ -226,11 +260,10 @@ def _load_meta(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     sidecar = path / "model_args.json"  # written by export_meta: restores fields Meta does not store
     if sidecar.is_file():
         return ModelArgs.from_dict(_read_json(sidecar)), sd
-    rope_scaling = None
-    if params.get("use_scaled_rope"):
-        rope_scaling = {"factor": params.get("rope_scaling_factor", 8.0), "low_freq_factor": 1.0,
-                        "high_freq_factor": params.get("rope_high_freq_factor", 4.0),
-                        "original_max_position_embeddings": 8192}
+    rope_scaling, factor_source = meta_rope_scaling(params, rope_scaling_factor)
+    if rope_scaling is not None:
+        print(f"{path}: Llama 3 RoPE scaling factor {rope_scaling['factor']:g} (from {factor_source}; "
+              "ROPE_SCALING_FACTOR overrides it)", file=sys.stderr)
     w1, emb = sd["layers.0.feed_forward.w1.weight"], sd["tok_embeddings.weight"]
     args = ModelArgs(
         dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],

@@ -162,11 +162,13 @@ def _download_hub(repo_id: str) -> Path:
 
 
 # ---- loaders ----------------------------------------------------------------------------------------
-def load_model(source: str | os.PathLike, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> tuple[Transformer, ModelArgs]:
-    """Load any supported source (see module docstring) -> (model in eval mode, its ModelArgs)."""
+def load_model(source: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               rope_scaling_factor: float | None = None) -> tuple[Transformer, ModelArgs]:
+    """Load any supported source (see module docstring) -> (model in eval mode, its ModelArgs).
+    rope_scaling_factor (the ROPE_SCALING_FACTOR setting) overrides the Llama 3 RoPE scaling factor of a Meta
+    params.json with use_scaled_rope; other formats state their factor in their own config."""
     kind, path = resolve_source(source)
-    args, sd = _LOADERS[kind](path)
+    args, sd = _load_meta(path, rope_scaling_factor) if kind == "meta" else _LOADERS[kind](path)
     args.extra = {**args.extra, "source": str(path), "source_format": kind}
     return build_model(args, sd, device, dtype, where=str(path)), args
 

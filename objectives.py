@@ -324,7 +324,8 @@ class Distillation(Objective):
             if self.teacher is None:
                 import model_utils
 
-                self.teacher, _ = model_utils.load_model(d.teacher_model_checkpoint, device=device, dtype=dtype)
+                self.teacher, _ = model_utils.load_model(d.teacher_model_checkpoint, device=device, dtype=dtype,
+                                                         rope_scaling_factor=self.cfg.model.rope_scaling_factor)
             else:
                 self.teacher.to(device=device, dtype=dtype)
             _freeze(self.teacher)

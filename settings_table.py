@@ -22,6 +22,7 @@ class Setting:
     min: float | None = None
     max: float | None = None
     secret: bool = False
+    env: bool = False  # also exported to the process environment, where a library reads it
 
 
 S = Setting
@@ -41,6 +42,9 @@ SETTINGS: list[Setting] = [
     S("ROPE_THETA", "model", "float", 500000.0, "RoPE base frequency", min=1.0),
     S("ROPE_SCALING", "model", "json", None, "Llama 3.1 rope scaling as JSON, e.g. {\"factor\": 8, "
       "\"low_freq_factor\": 1, \"high_freq_factor\": 4, \"original_max_position_embeddings\": 8192}; empty = none"),
+    S("ROPE_SCALING_FACTOR", "model", "float", 0.0, "Llama 3 RoPE scaling factor of a Meta params.json with "
+      "use_scaled_rope (INIT_FROM / TEACHER_MODEL_CHECKPOINT); 0 = its rope_scaling_factor, else 32 for the "
+      "Llama 3.2 1B/3B shapes (their HF configs), else 8 (Llama 3.1)", min=0.0),
     S("TIE_EMBEDDINGS", "model", "bool", False, "share the input embedding with the output projection"),
     S("MAX_SEQ_LEN", "model", "int", 1024, "training context length in tokens", min=2),
     S("INIT_FROM", "model", "str", "", "start weights: empty = random init (pretrain) or the previous stage's "
@@ -48,11 +52,10 @@ SETTINGS: list[Setting] = [
     # ---- tokenizer / chat --------------------------------------------------------------------
     S("TOKENIZER_CHECKPOINT_PATH", "tokenizer", "str", "./tokenizer.model",
       "tiktoken-format file, HF tokenizer dir/hub id, or .gguf; 'model' = the tokenizer of INIT_FROM"),
-    S("HUGGINGFACE_TOKENIZER", "tokenizer", "bool", False, "seed compatibility: treat the tokenizer path as HF"),
-    S("IGNORE_INDEX", "tokenizer", "int", -100, "label value ignored by the loss"),
     S("SYSTEM_PROMPT", "tokenizer", "str", "You are a helpful AI assistant", "system prompt for chat data"),
     # ---- data preparation --------------------------------------------------------------------
-    S("HF_HOME", "data", "str", "./cache", "Hugging Face datasets / hub cache"),
+    S("HF_HOME", "data", "str", "", "Hugging Face datasets / hub cache, exported for huggingface_hub and datasets; "
+      "empty = their default (~/.cache/huggingface)", env=True),
     S("HF_PRETRAIN_DATASET_MIX_FILE", "data", "str", "", "JSON mix file for pretraining data (seed format)"),
     S("HF_INSTRUCT_DATASET_MIX_FILE", "data", "str", "", "JSON mix file for instruction data"),
     S("HF_DPO_DATASET_MIX_FILE", "data", "str", "", "JSON mix file for preference data"),
@@ -65,12 +68,16 @@ SETTINGS: list[Setting] = [
       min=0.0, max=0.5),
     S("MAX_TURNS", "data", "int", 0, "keep at most this many turns per conversation; 0 = all", min=0),
     # ---- data loading ------------------------------------------------------------------------
-    S("PRETRAIN_DATALOADER_ROOT_PATH", "data", "str", "data/pretrain", "pretraining shards read by train.py"),
-    S("INSTRUCT_DATALOADER_ROOT_PATH", "data", "str", "data/instruct", "SFT shards read by train.py"),
-    S("DPO_DATALOADER_ROOT_PATH", "data", "str", "data/dpo", "DPO shards read by train.py"),
+    S("PRETRAIN_DATALOADER_ROOT_PATH", "data", "str", "data/pretrain", "pretraining shards read by train.py; "
+      "when only one of this and HF_PRETRAIN_DATASET_TARGET_PATH is set, the other follows it"),
+    S("INSTRUCT_DATALOADER_ROOT_PATH", "data", "str", "data/instruct", "SFT shards read by train.py; "
+      "follows HF_INSTRUCT_DATASET_TARGET_PATH when only that is set (and the reverse)"),
+    S("DPO_DATALOADER_ROOT_PATH", "data", "str", "data/dpo", "DPO shards read by train.py; "
+      "follows HF_DPO_DATASET_TARGET_PATH when only that is set (and the reverse)"),
     S("SFT_BATCHING", "data", "str", "padded", "padded (right padding) or packed (document masking)",
       choices=("padded", "packed")),
-    S("VERIFY_DATA", "data", "bool", False, "check every shard's sha256 against its manifest at start"),
+    S("VERIFY_DATA", "data", "bool", False, "check every shard's sha256 against its manifest before training "
+      "starts (reads the whole dataset once)"),
     # ---- training ------------------------------------------------------------------------------
     S("TRAINING_STAGE", "training", "str", "pretrain", "pretrain | instruct | dpo",
       choices=("pretrain", "instruct", "dpo")),
@@ -177,8 +184,9 @@ SETTINGS: list[Setting] = [
     S("WANDB_PROJECT_NAME", "logging", "str", "llama3-train", "W&B project"),
     S("WANDB_RUN_NAME", "logging", "str", "", "W&B run name; empty = automatic"),
     S("WANDB_ENTITY", "logging", "str", "", "W&B entity (team)"),
-    S("WANDB_API_KEY", "secrets", "str", "", "W&B key (never printed)", secret=True),
-    S("HF_TOKEN", "secrets", "str", "", "Hugging Face token (never printed)", secret=True),
+    S("WANDB_API_KEY", "secrets", "str", "", "W&B key, exported for wandb (never printed)", secret=True, env=True),
+    S("HF_TOKEN", "secrets", "str", "", "Hugging Face token, exported for huggingface_hub (never printed)",
+      secret=True, env=True),
     S("LOSS_SPIKE_ZSCORE", "training", "float", 0.0, "skip an update whose loss is more than this many standard "
       "deviations above the mean of the last LOSS_SPIKE_WINDOW steps (counts toward MAX_NONFINITE_STEPS); 0 = off",
       min=0.0),
@@ -227,6 +235,22 @@ PRESETS: dict[str, dict[str, Any]] = {
                          ROPE_SCALING={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                        "original_max_position_embeddings": 8192}),
 }
+
+# Seed keys that are no longer settings. An old `.env` still loads: each prints one note saying why the
+# key is not read, instead of the unknown-key warning.
+RETIRED: dict[str, str] = {
+    "HUGGINGFACE_TOKENIZER": "the tokenizer kind is detected from TOKENIZER_CHECKPOINT_PATH (a tiktoken file, "
+                             "an HF tokenizer dir or hub id, or a .gguf)",
+    "IGNORE_INDEX": "label positions without a target are always -100 (the loaders write it, the losses skip it)",
+}
+
+# Pairs of keys that name one directory: (where a load_*_dataset.py writes, where train.py reads). When a
+# settings source sets only one of a pair, the other takes its value.
+SAME_DIR: tuple[tuple[str, str], ...] = (
+    ("HF_PRETRAIN_DATASET_TARGET_PATH", "PRETRAIN_DATALOADER_ROOT_PATH"),
+    ("HF_INSTRUCT_DATASET_TARGET_PATH", "INSTRUCT_DATALOADER_ROOT_PATH"),
+    ("HF_DPO_DATASET_TARGET_PATH", "DPO_DATALOADER_ROOT_PATH"),
+)
 
 BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
 GROUPS: tuple[str, ...] = tuple(dict.fromkeys(s.group for s in SETTINGS))

@@ -122,7 +122,8 @@ def build_model(cfg: config.Config, tok, init_source: str, device: torch.device)
     from model import Transformer
 
     if init_source:
-        model, margs = model_utils.load_model(init_source, device="cpu", dtype=torch.float32)
+        model, margs = model_utils.load_model(init_source, device="cpu", dtype=torch.float32,
+                                              rope_scaling_factor=cfg.model.rope_scaling_factor)
         if margs.vocab_size < tok.vocab_size:
             raise UserError(f"INIT_FROM={init_source} has vocab {margs.vocab_size} < the tokenizer's "
                             f"{tok.vocab_size}: use the tokenizer that model was trained with")
@@ -167,7 +168,8 @@ def build_loaders(cfg, objective, tok, info: D.DistInfo, G: int):
     common = dict(seq_len=cfg.model.max_seq_len, micro_batch=t.max_batch_size, rank=info.rank,
                   world_size=info.world_size, seed=t.seed, pad_id=pad, packed=cfg.data.sft_batching == "packed",
                   tokenizer_identity=tok.identity())
-    train = dataloaders.build_loader(objective.batch_format, root, "train", global_batch=G, **common)
+    train = dataloaders.build_loader(objective.batch_format, root, "train", global_batch=G,
+                                     check_hashes=cfg.data.verify_data, **common)  # hashes every split's shards
     val = dataloaders.build_loader(objective.batch_format, root, "val",
                                    global_batch=t.max_batch_size * info.world_size, **common) \
         if cfg.eval.validate_every_x_steps else None

@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +123,51 @@ def test_importing_reads_no_env(tmp_path):
     r = subprocess.run([sys.executable, "-c", "import config, model"], cwd=tmp_path, capture_output=True,
                        text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr
+
+
+def test_retired_seed_keys_load_with_a_note_and_are_not_settings(tmp_path, capsys):
+    env = tmp_path / "seed.env"
+    env.write_text("HUGGINGFACE_TOKENIZER=true\nIGNORE_INDEX=-1\nMAX_STEPS=3\n")
+    cfg = config.load_config(str(env), use_environ=False)
+    err = capsys.readouterr().err
+    assert cfg["MAX_STEPS"] == 3 and "HUGGINGFACE_TOKENIZER" not in BY_KEY and "IGNORE_INDEX" not in BY_KEY
+    for key, why in (("HUGGINGFACE_TOKENIZER", "detected from TOKENIZER_CHECKPOINT_PATH"), ("IGNORE_INDEX", "-100")):
+        line = next(ln for ln in err.splitlines() if key in ln)
+        assert f"{env}:" in line and "not read" in line and why in line and "unknown" not in line
+
+
+def test_library_environment_settings_are_exported_when_set(tmp_path, monkeypatch):
+    for k in ("HF_HOME", "HF_TOKEN", "WANDB_API_KEY"):  # set then deleted: monkeypatch restores them after
+        monkeypatch.setenv(k, "")
+        monkeypatch.delenv(k)
+    config.load_config(None, {"HF_TOKEN": "hf_x", "WANDB_API_KEY": "wk"}, use_environ=False)
+    assert os.environ["HF_TOKEN"] == "hf_x" and os.environ["WANDB_API_KEY"] == "wk"
+    assert "HF_HOME" not in os.environ  # unset: the library keeps its own default
+    config.load_config(None, {"HF_HOME": str(tmp_path / "hf")}, use_environ=False)
+    assert os.environ["HF_HOME"] == str(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("stage", ["PRETRAIN", "INSTRUCT", "DPO"])
+def test_one_data_dir_key_names_it_for_preparation_and_training(tmp_path, stage):
+    prep, load = f"HF_{stage}_DATASET_TARGET_PATH", f"{stage}_DATALOADER_ROOT_PATH"
+    cfg = config.load_config(None, {prep: "d/prepared"}, use_environ=False)
+    assert cfg[load] == "d/prepared" and cfg.source(load) == f"follows {prep}"
+    cfg = config.load_config(None, {load: "d/read"}, use_environ=False)
+    assert cfg[prep] == "d/read"
+    cfg = config.load_config(None, {prep: "a", load: "b"}, use_environ=False)  # both set: each its own
+    assert (cfg[prep], cfg[load]) == ("a", "b")
+
+
+def test_debug_env_prepares_where_it_trains():
+    cfg = config.load_config(str(ROOT / "configs" / "debug.env"), use_environ=False)
+    assert cfg["HF_PRETRAIN_DATASET_TARGET_PATH"] == cfg["PRETRAIN_DATALOADER_ROOT_PATH"] == "data/debug/pretrain"
+
+
+def test_config_show_takes_overrides_after_env_file(tmp_path):
+    env = tmp_path / "x.env"
+    env.write_text("MAX_STEPS=5\n")
+    r = subprocess.run([sys.executable, str(ROOT / "config.py"), "show", "--env-file", str(env), "MAX_STEPS=7",
+                        "SEED=3"], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"MAX_STEPS\s+= 7\s+\(command line\)", r.stdout) and re.search(r"SEED\s+= 3", r.stdout)

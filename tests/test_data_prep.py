@@ -307,3 +307,19 @@ def test_mix_file_interleaves_reproducibly(tmp_path):
     assert 60 < sum(x[0] == "a" for x in head) < 90  # ~3:1 while both last
     with pytest.raises(UserError, match="local path"):
         list(lpd.open_dataset("no-such-org/no-such-dataset")[0])
+
+
+@pytest.mark.parametrize("script", ["load_pretrain_dataset.py", "load_instruct_dataset.py", "load_dpo_dataset.py"])
+def test_unreachable_hub_id_fails_in_one_line_and_leaves_no_directory(script, tmp_path):
+    """Offline, a hub id fails on its first record, after prepare made the output dirs: none may stay."""
+    (tmp_path / "mine").mkdir()  # a directory the user made is never removed, only what the run created
+    for out in (tmp_path / "new" / "deeper" / "out", tmp_path / "mine"):
+        r = subprocess.run([sys.executable, str(ROOT / script), "--dataset", "someorg/nosuchset", "--out", str(out),
+                            "--no-progress", f"TOKENIZER_CHECKPOINT_PATH={ROOT / 'tokenizer.model'}"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                                "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(ROOT)})
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and lines[-1].startswith("error: ") and "someorg/nosuchset" in lines[-1], r.stderr
+    assert not (tmp_path / "new").exists()
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())

@@ -4,6 +4,7 @@ torchrun launches as two nodes (--master_addr, or c10d rendezvous) train and che
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -129,6 +130,23 @@ def test_grad_norm_matches_reference_and_clips():
     norm = D.grad_norm_and_clip(ps, max_norm=1.0)
     assert float(norm) == pytest.approx(5.0)  # sqrt(3^2 + 4^2), before clipping
     assert float(torch.cat([p.grad.flatten() for p in ps]).norm()) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_grad_norm_and_clip_reads_nothing_on_the_host(monkeypatch):
+    """The training step syncs once for loss, metrics and norm together: the clip itself must not turn a
+    tensor into a Python value (on GPU that is a stall per step). Non-finite norms are returned, not checked."""
+    def host_read(*_args, **_kw):
+        raise AssertionError("grad_norm_and_clip read a tensor value on the host")
+
+    for name in ("__bool__", "__float__", "__int__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    ps = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))]
+    ps[0].grad, ps[1].grad = torch.tensor([3.0, 0.0, 0.0]), torch.tensor([0.0, 4.0])
+    norm = D.grad_norm_and_clip(ps, max_norm=1.0)
+    ps[0].grad = torch.tensor([float("inf"), 0.0, 0.0])
+    inf_norm = D.grad_norm_and_clip(ps, max_norm=1.0)
+    monkeypatch.undo()
+    assert float(norm) == pytest.approx(5.0) and math.isinf(float(inf_norm))
 
 
 def test_activation_checkpointing_gives_the_same_losses(tmp_path, data, reference):

@@ -369,3 +369,18 @@ def test_cli_end_to_end_matches_in_process(tmp_path: Path) -> None:
                         "--tokenizer", str(ROOT / "tokenizer.model"), "--data", str(tmp_path / "missing.jsonl")],
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     assert r.returncode == 2 and "missing.jsonl does not exist" in r.stderr
+
+
+def test_demo_file_is_found_by_the_default_path(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`load_hellaswag_dataset.py --demo` then the evaluator with default paths: the demo set is read (with a
+    note saying it is demo data) while the real file is absent, and the real file wins once it exists."""
+    monkeypatch.chdir(tmp_path)
+    assert lhd.main(["--demo", "--demo-n", "12"]) == 0
+    capsys.readouterr()
+    demo = hs.load_examples(hs.DEFAULT_DATA)
+    assert len(demo) == 12 and "DEMO" in capsys.readouterr().err
+    real = lhd.build_demo(n=5, seed=99)
+    lhd.write_jsonl_atomic(real, hs.DEFAULT_DATA)
+    assert len(hs.load_examples(hs.DEFAULT_DATA)) == 5 and "DEMO" not in capsys.readouterr().err
+    with pytest.raises(UserError, match="nowhere.jsonl"):  # an explicit path never falls back
+        hs.load_examples(tmp_path / "nowhere.jsonl")

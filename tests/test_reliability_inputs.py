@@ -323,3 +323,17 @@ def test_fuzz_jsonl_readers_only_skip_or_user_error(tmp_path, encoders, lines):
         hellaswag_utils.read_jsonl(f)
     except UserError as e:
         assert str(e).startswith(f"{f}:") and "\n" not in str(e)
+
+
+def test_verify_data_refuses_a_flipped_byte_one_line_exit_2_nothing_written(tmp_path, broken_data):
+    """VERIFY_DATA=true hashes every shard before training: one flipped byte (same size, a valid .npy) is
+    named with the fix; without it the same data trains (the size/shape check cannot see the change)."""
+    shard = broken_data / "val" / "data_000000.npy"
+    raw = bytearray(shard.read_bytes())
+    raw[-1] ^= 0x01
+    shard.write_bytes(bytes(raw))
+    p = _run(tmp_path / "v", broken_data, VERIFY_DATA="true", MAX_STEPS=1)
+    _assert_cli_error(p, str(shard), "sha256", "--overwrite")
+    _nothing_written(tmp_path / "v")
+    p = _run(tmp_path / "n", broken_data, MAX_STEPS=1, VALIDATE_EVERY_X_STEPS=0)
+    assert p.returncode == 0, p.stderr[-2000:]
