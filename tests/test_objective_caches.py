@@ -124,8 +124,8 @@ def test_cache_teacher_cli_over_shards_feeds_the_distillation_term(tmp_path, sta
     import sys
     from pathlib import Path
 
+    from helpers import subprocess_env
     from safetensors.torch import save_file
-    from test_train import subprocess_env
 
     import data_preparation_utils as dpu
     import dataloaders

@@ -128,7 +128,7 @@ def _prepare(kind: str, records: list, out: Path, encoder) -> Path:
 
 
 def _train(tmp: Path, stage: str, **kw) -> list[dict]:
-    from test_train import read_metrics, subprocess_env
+    from helpers import read_metrics, subprocess_env
 
     run = tmp / f"run_{stage}"
     settings = {"TOKENIZER_CHECKPOINT_PATH": str(ROOT / "tokenizer.model"), "TRAINING_STAGE": stage,
@@ -152,7 +152,7 @@ def _latest(tmp: Path, stage: str) -> tuple[Path, dict]:
 
 @pytest.mark.slow
 def test_chain_pretrain_sft_dpo_through_train_py(tmp_path):
-    from test_train import make_pretrain_data
+    from helpers import make_pretrain_data
 
     import demo_data
     from load_dpo_dataset import DPOEncoder

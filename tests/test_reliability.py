@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import (
+from helpers import (
     ROOT,
     TOKENIZER,
     make_pretrain_data,
@@ -321,7 +321,7 @@ _KILLER = """
 import os, signal, sys
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
 from test_reliability import _prepare
-from test_train import synthetic_docs
+from helpers import synthetic_docs
 docs = synthetic_docs(150)
 def records():
     for i, d in enumerate(docs):
