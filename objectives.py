@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora
+from distributed import unwrap
 from errors import UserError
 
 IGNORE_INDEX = -100
@@ -157,7 +158,7 @@ def topk_distillation_loss_sum(student_logits: torch.Tensor, teacher_topk_logps:
 def _logits(model: nn.Module, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Logits (B, T, V) from our Transformer or a transformers model (which returns an output object)."""
     if doc_ids is not None:
-        if not hasattr(lora._unwrap(model), "layers"):  # a transformers model has no document masking
+        if not hasattr(unwrap(model), "layers"):  # a transformers model has no document masking
             raise UserError("packed SFT batches (SFT_BATCHING=packed) need a teacher of this project's "
                             "architecture: load it with model_utils (any source) or use SFT_BATCHING=padded")
         out = model(input_ids, doc_ids=doc_ids)
@@ -167,7 +168,7 @@ def _logits(model: nn.Module, input_ids: torch.Tensor, doc_ids: torch.Tensor | N
 
 
 def _vocab_size(model: nn.Module) -> int:
-    m = lora._unwrap(model)
+    m = unwrap(model)
     args = getattr(m, "args", None) or getattr(m, "config", None)
     return int(args.vocab_size)
 
@@ -226,7 +227,7 @@ def fused_head_weight(model: nn.Module) -> torch.Tensor | None:
     LoRA-wrapped head and for other models."""
     from model import Transformer
 
-    m = lora._unwrap(model)
+    m = unwrap(model)
     if type(m) is Transformer and type(m.output) is nn.Linear:
         return m.output.weight
     return None
