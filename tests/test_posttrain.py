@@ -18,6 +18,7 @@ import objectives as obj
 import tokenizer as tk
 from load_instruct_dataset import SFTEncoder
 from model import ModelArgs, Transformer
+from objective_caches import concat_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 T = 96
@@ -302,7 +303,7 @@ def test_dpo_twenty_steps_on_smollm2_lora_raise_held_out_reward_accuracy(tmp_pat
         batch = loader("held", n).next_batch()  # every held-out pair once
         with torch.no_grad(), bf16:
             _, cr, rr, policy = objective._forward(model, batch)
-            ids, labels = objective._concat(batch)
+            ids, labels = concat_pairs(batch)
             ref = objective.reference_logps(batch, ids, labels)
         return {"n": n, "reward_accuracy": float((cr > rr).float().mean()),
                 "policy_prefers_chosen": float((policy[:n] > policy[n:]).float().mean()),
