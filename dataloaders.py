@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_preparation_utils import open_shard, verify
+from data_manifest import open_shard, verify
 from errors import UserError
 
 IGNORE_INDEX = -100

@@ -33,6 +33,7 @@ from helpers import (
 )
 
 import checkpoint as ckpt
+import data_manifest
 from errors import UserError
 
 # checkpoints every step so that random kills often land inside a save; no validation (speed)
@@ -340,9 +341,7 @@ def test_data_prep_killed_midway_then_rerun_equals_uninterrupted(tmp_path, prep_
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     assert not (out / "manifest.json").exists()  # readers (verify, loaders) refuse the dir until it is complete
     with pytest.raises(UserError, match="no manifest.json|unfinished|run the matching"):
-        import data_preparation_utils as dpu
-
-        dpu.read_manifest(out)
+        data_manifest.read_manifest(out)
     manifest = _prepare(out, synthetic_docs(150))
     assert _shard_hashes(manifest) == _shard_hashes(prep_reference)
     assert not [f for f in _visible(out) if f.endswith(".tmp")]
