@@ -44,7 +44,7 @@ def same_tokenizer(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 def _seed_manifest(root: Path) -> dict[str, Any]:
-    """The seed's manifest-less pretrain shards (<dir>/{train,val}/data_*.npy, uint32): described, with a warning."""
+    """Manifest-less pretrain shards (<dir>/{train,val}/data_*.npy, uint32): described, with a warning."""
     splits = {}
     dtype = None
     for split in SPLITS:

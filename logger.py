@@ -1,5 +1,5 @@
 """Rank-aware logging: a console line per step, `<RUN_DIR>/metrics.jsonl` (one JSON object per event,
-DESIGN §5), Weights & Biases when enabled (WANDB_MODE=offline works), a start-up banner, a loss-curve
+Weights & Biases when enabled (WANDB_MODE=offline works), a start-up banner, a loss-curve
 PNG and a one-line summary at the end. Only rank 0 writes anything; other ranks' calls are no-ops."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 # Dense peak FLOP/s per device for MFU, by (device name substring, dtype). Override with PEAK_FLOPS.
 # GPU figures are the vendors' dense (no sparsity) tensor-core numbers; the CPU entry is what a big
-# matmul reaches on this project's 2-core AVX-512-bf16 machines (DESIGN §7), not a datasheet value.
+# matmul reaches on this project's 2-core AVX-512-bf16 machines, not a datasheet value.
 PEAK_FLOPS_TABLE: dict[tuple[str, str], float] = {
     ("H100", "bf16"): 989e12, ("H100", "fp16"): 989e12, ("H100", "fp32"): 67e12,
     ("A100", "bf16"): 312e12, ("A100", "fp16"): 312e12, ("A100", "fp32"): 19.5e12,

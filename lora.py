@@ -6,7 +6,7 @@ matrices next to it (`...wq.lora_a`, `...wq.lora_b`):
 
     y = x W^T + scaling * dropout(x) A^T B^T        A: (rank, in), B: (out, rank), scaling = alpha / rank
 
-Dropout sits only on the adapter's input, never on the base path (the seed system got this wrong).
+Dropout sits only on the adapter's input, never on the base path.
 Every LoRALinear has a `disabled` switch: with adapters off the model IS the base model, so the DPO
 reference needs no second copy (`with disable_lora(model): ...`). `merge_lora` folds B A into W for
 inference and export; `save_peft_adapter` writes the adapter in Hugging Face PEFT's on-disk format so

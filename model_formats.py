@@ -1,7 +1,7 @@
 """Foreign weight formats, in and out: Hugging Face, Meta and GGUF (llama.cpp).
 
-Split from model_utils.py, which re-exports every name here and keeps `load_model` (source detection, our own
-checkpoints, LoRA merge) and the CLI. Every loader returns (ModelArgs, state dict with Meta's parameter names
+model_utils.py calls these readers from `load_model` (which also detects the source and loads our own
+checkpoints) and offers `export_hf` / `export_meta` on its CLI. Every loader returns (ModelArgs, state dict with Meta's parameter names
 and the interleaved-pair RoPE layout Meta uses for wq/wk). Conversions:
 - HF stores wq/wk permuted for its "rotate half" RoPE; `hf_to_ours` / `ours_to_hf` hold the one
   rename table and undo / redo that permutation (the inverse of HF's convert_llama_weights_to_hf).
