@@ -75,15 +75,15 @@ def _check_checkpoints(root: Path) -> int:
         assert {p.name for p in d.iterdir()} == CK_FILES, d
         conf = json.loads((d / "config.json").read_text())
         ckpt.load_model_weights(d, Transformer(ModelArgs(**conf["model_args"])))
-        assert ckpt.read_trainer_state(d)["step"] == step
+        assert ckpt.read_trainer_state(d).step == step
     name = ckpt.latest_name(root)
     if name is None:
         assert len(steps) <= 1  # killed before the first pointer move: at most the one step dir being published
         return 0
     latest = ckpt.resolve("latest", root)
     assert latest.name in {d.name for _, d in steps}
-    assert ckpt.read_trainer_state(latest)["step"] >= steps[-1][0] - 1
-    return ckpt.read_trainer_state(latest)["step"]
+    assert ckpt.read_trainer_state(latest).step >= steps[-1][0] - 1
+    return ckpt.read_trainer_state(latest).step
 
 
 def _resume_and_compare(tmp: Path, data: Path, start: int, reference: dict[int, float]) -> None:
@@ -209,7 +209,7 @@ def test_sigterm_to_one_rank_under_torchrun_checkpoints_agreed_step_and_resumes(
     root = tmp_path / "ck" / "pretrain"
     assert ckpt.latest_name(root) == ckpt.step_name(last)
     state = ckpt.read_trainer_state(root / ckpt.step_name(last))
-    assert state["step"] == last and state["world_size"] == 2
+    assert state.step == last and state.world_size == 2
     for s in logged:
         assert logged[s] == pytest.approx(dist_reference[s], abs=1e-4)
     resumed = train_losses(run_inprocess(tmp_path / "one", data, "--pretrain_checkpoint", str(root / ckpt.step_name(
