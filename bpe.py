@@ -1,4 +1,5 @@
-"""Byte-level BPE training into tiktoken ranks, and the embedded corpus it is trained on by default.
+"""Byte-level BPE training into tiktoken ranks over Llama 3 pre-tokens, and the embedded corpus it is
+trained on by default.
 
 `python tokenizer.py train ...` is the command line; the repo's tokenizer.model is
 `python tokenizer.py train --vocab-size 8192 --out tokenizer.model` (no --input: the embedded corpus).
@@ -13,7 +14,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from errors import UserError
+# Meta's Llama 3 pre-tokenizer: contractions, letter runs, 1-3 digit groups, punctuation, newlines, spaces.
+LLAMA3_PAT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def embedded_corpus() -> Iterator[str]:
@@ -62,9 +67,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, progress: bool = True) -> d
     from tqdm import tqdm
 
     if vocab_size < 256:
-        raise UserError(f"--vocab-size {vocab_size} is below 256 (the single bytes); use e.g. 8192")
-    from tokenizer import LLAMA3_PAT  # lazy: tokenizer.py re-exports this module's functions
-
+        raise ValueError(f"--vocab-size {vocab_size} is below 256 (the single bytes); use e.g. 8192")
     pat = regex.compile(LLAMA3_PAT)
     word_counts: Counter[str] = Counter()
     for text in texts:

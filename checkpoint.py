@@ -1,4 +1,4 @@
-"""Training-state checkpoints: atomic save, retention, resume (DESIGN §5). Never unpickles on load.
+"""Training-state checkpoints: the directory format, atomic save, retention, resume. Never unpickles on load.
 
 Layout: `<root>/<stage>/step_NNNNNNN/` holding
   model.safetensors       full, unsharded weights with model.py's names (tied output stored once);
@@ -10,6 +10,9 @@ Layout: `<root>/<stage>/step_NNNNNNN/` holding
 and `<root>/<stage>/latest` (and `best`) — one-line text files naming a step dir, replaced atomically
 after the directory is complete. A checkpoint is written into `.tmp-step_*`, fsynced, then renamed:
 a crash leaves `latest` on the previous complete checkpoint.
+
+`TrainerState` is the loop's state as trainer_state.json stores it; `config_json` builds config.json;
+`parent_source` names the weights a checkpointed run started from.
 
 Every rank calls save()/gather (FSDP2 gathers are collectives); rank 0 writes.
 Test-only: FAULT_INJECT_KILL_IN_CHECKPOINT_WRITE (see _inject_kill) kills the process inside a save.
@@ -24,6 +27,7 @@ import random
 import re
 import shutil
 import signal
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +38,58 @@ from torch import nn
 
 import distributed as D
 from errors import UserError
+from fileio import fsync_dir, fsync_file, read_json
 
 STEP_RE = re.compile(r"^step_(\d{7,})$")
 MODEL_FILE, OPTIM_FILE, OPTIM_JSON = "model.safetensors", "optimizer.safetensors", "optimizer.json"
 STATE_FILE, CONFIG_FILE = "trainer_state.json", "config.json"
+POINTERS = ("latest", "best")  # one-line files naming a step dir
 _DCP_FULL = dict(full_state_dict=True, cpu_offload=True)
 
 
 def step_name(step: int) -> str:
     return f"step_{step:07d}"
+
+
+_CORRUPT = "the checkpoint is incomplete or corrupt: pick another"
+
+
+@dataclass
+class TrainerState:
+    """The loop's counters, as trainer_state.json stores them (field order = key order in the file).
+    Every field has a default, so a file written before a field existed still loads."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    stage: str = ""
+    parent: str | None = None  # the weights the run started from (None = random init)
+    best_val: float | None = None
+    best_step: int | None = None
+    bad_validations: int = 0  # validations in a row without improvement (early stopping)
+    nonfinite_total: int = 0
+    nonfinite_in_a_row: int = 0  # non-finite or spike steps in a row
+    spike_steps: int = 0
+    dataloader: dict | None = None  # the train loader's state_dict()
+    rng: dict | None = None  # rng_state()
+    world_size: int = 1
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainerState:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def config_json(model_args: dict, settings: dict, lora_config: dict | None = None, base_source: str = "") -> dict:
+    """config.json: the model args and resolved settings; a LoRA run adds its adapter settings and the
+    identity of the base model its adapters belong to (source + sha of the base's model args)."""
+    conf: dict[str, Any] = {"model_args": model_args, "settings": settings}
+    if lora_config is not None:
+        conf["lora"] = lora_config
+        conf["base_model"] = {"source": base_source, "config_sha": config_sha(model_args)}
+    return conf
 
 
 def stage_root(cfg: Any, stage: str, for_loading: bool = False) -> Path:
@@ -54,7 +101,7 @@ def stage_root(cfg: Any, stage: str, for_loading: bool = False) -> Path:
 
 def resolve(spec: str, root: Path) -> Path:
     """A checkpoint dir, a step name inside `root`, or `latest` / `best` -> the directory."""
-    if spec in ("latest", "best"):
+    if spec in POINTERS:
         ptr = root / spec
         if not ptr.is_file():
             raise UserError(f"no {spec!r} checkpoint in {root}: train with SAVE_CHECKPOINTS=true first or "
@@ -142,19 +189,6 @@ def _listify(x: Any) -> Any:
 # ---- writing -------------------------------------------------------------------------------------------
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=1, default=_json_default) + "\n")
 
@@ -173,9 +207,9 @@ def _replace_text(path: Path, text: str) -> None:
     """Atomic text-file replace: write tmp, fsync, rename over."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
-    _fsync_file(tmp)
+    fsync_file(tmp)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def config_sha(config: dict) -> str:
@@ -207,15 +241,15 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
             write_json(tmp / CONFIG_FILE, config)
             write_json(tmp / STATE_FILE, trainer_state)
             for f in tmp.iterdir():
-                _fsync_file(f)
-            _fsync_dir(tmp)
+                fsync_file(f)
+            fsync_dir(tmp)
             out = root / name
             if out.exists():  # re-saving a step (e.g. after --start-step): replace the old copy
                 old = root / f".tmp-old-{name}-{os.getpid()}"
                 os.replace(out, old)
                 shutil.rmtree(old)
             os.replace(tmp, out)
-            _fsync_dir(root)
+            fsync_dir(root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -254,7 +288,7 @@ def apply_retention(root: Path, keep: int) -> list[Path]:
     """Keep the newest `keep` step dirs plus the one `best` names; delete the rest. Returns deleted."""
     ckpts = list_checkpoints(root)
     protected = {p.name for _, p in ckpts[-keep:]}
-    for ptr in ("best", "latest"):
+    for ptr in POINTERS:
         if (root / ptr).is_file():
             protected.add((root / ptr).read_text().strip())
     deleted = [p for _, p in ckpts if p.name not in protected]
@@ -266,13 +300,6 @@ def apply_retention(root: Path, keep: int) -> list[Path]:
 
 
 # ---- loading -------------------------------------------------------------------------------------------
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {path} ({e}); the checkpoint is incomplete or corrupt: pick another") from e
 
 
 def load_tensors(file: Path) -> dict[str, torch.Tensor]:
@@ -292,7 +319,7 @@ def load_model_weights(path: Path, model: nn.Module, base_config_sha: str | None
     of the base's model args). Any shape or name mismatch -> UserError naming it."""
     sd = load_tensors(path / MODEL_FILE)
     own = model.state_dict()
-    conf = read_json(path / CONFIG_FILE) if (path / CONFIG_FILE).is_file() else {}
+    conf = read_json(path / CONFIG_FILE, _CORRUPT) if (path / CONFIG_FILE).is_file() else {}
     lora_only = bool(conf.get("lora"))
     saved_base = conf.get("base_model") or {}
     if lora_only and base_config_sha and saved_base.get("config_sha") not in (None, base_config_sha):
@@ -322,7 +349,7 @@ def load_optimizer(path: Path, model: nn.Module, optimizer: torch.optim.Optimize
 
     if not (path / OPTIM_FILE).is_file():
         raise UserError(f"checkpoint {path} has no optimizer state: resume with --reset-optimizer")
-    meta = read_json(path / OPTIM_JSON)
+    meta = read_json(path / OPTIM_JSON, _CORRUPT)
     osd = _unflatten_optimizer(load_tensors(path / OPTIM_FILE), meta)
     try:
         set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True))
@@ -332,5 +359,18 @@ def load_optimizer(path: Path, model: nn.Module, optimizer: torch.optim.Optimize
     return {k: v for k, v in meta.items() if k not in ("scalars", "param_groups")}
 
 
-def read_trainer_state(path: Path) -> dict:
-    return read_json(path / STATE_FILE)
+def read_trainer_state(path: Path) -> TrainerState:
+    return TrainerState.from_dict(read_json(path / STATE_FILE, _CORRUPT))
+
+
+def parent_source(path: Path) -> str:
+    """The weights the run checkpointed at `path` was started from: a LoRA run's base model, else the recorded
+    parent; '' = random init. A resumed run rebuilds its model from them before the objective's setup (a frozen
+    reference copy or a LoRA base must be the starting model, not random init)."""
+    state = read_trainer_state(path) if (path / STATE_FILE).is_file() else TrainerState()
+    conf = read_json(path / CONFIG_FILE, _CORRUPT) if (path / CONFIG_FILE).is_file() else {}
+    parent = (conf.get("base_model") or {}).get("source") or state.parent or ""
+    if parent and not Path(parent).exists() and Path(parent).is_absolute():
+        raise UserError(f"checkpoint {path} was started from {parent}, which no longer exists; the resumed run "
+                        "needs those weights (frozen reference / LoRA base): set INIT_FROM to a copy of them")
+    return str(parent)

@@ -203,7 +203,7 @@ def _parse_list(raw: str, item: type) -> list | None:
         try:
             v = json.loads(s)
         except json.JSONDecodeError:
-            try:  # the seed wrote Python-style lists with single quotes
+            try:  # older .env files hold Python-style lists with single quotes
                 v = json.loads(s.replace("'", '"'))
             except json.JSONDecodeError:
                 return None

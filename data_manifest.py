@@ -1,12 +1,10 @@
 """Reading and checking a prepared dataset dir: the format constants, the manifest, shard opening, `verify`.
 
-Split from data_preparation_utils.py (which writes the format, documents it in its module docstring, keeps the
-`verify` CLI and re-exports every public name here). Training calls `verify` before it reads a shard.
+data_preparation_utils.py writes the format (and documents it); the loaders call `verify` before they read a shard.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -15,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from errors import UserError
+from fileio import sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -27,14 +26,6 @@ SHARD_FILES: dict[str, dict[str, str]] = {
     "dpo": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "offsets": "offsets"},
 }
 TOKEN_ROLES = {"pretrain": ("tokens",), "sft": ("tokens",), "dpo": ("prompt", "chosen", "rejected")}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def tokenizer_label(identity: dict[str, Any] | None) -> str:
@@ -53,7 +44,7 @@ def same_tokenizer(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 def _seed_manifest(root: Path) -> dict[str, Any]:
-    """The seed's manifest-less pretrain shards (<dir>/{train,val}/data_*.npy, uint32): described, with a warning."""
+    """Manifest-less pretrain shards (<dir>/{train,val}/data_*.npy, uint32): described, with a warning."""
     splits = {}
     dtype = None
     for split in SPLITS:

@@ -24,8 +24,8 @@ Parallelism: `NUMBER_OF_CPU_PROCESSES` workers (0 = half the cores, at least 1);
 multiprocessing pool and come back in order, with a bounded number in flight so the input is streamed,
 never held in RAM. One worker encodes in-process (no pool).
 
-Reading and checking a prepared dir (manifest, `open_shard`, `verify`) lives in data_manifest.py; every name
-is re-exported here.
+Reading and checking a prepared dir (manifest, `open_shard`, `verify`) is data_manifest.py's; this module keeps
+the `verify` command line.
 
     python data_preparation_utils.py verify DIR [--tokenizer tokenizer.model] [--check-hashes]
 """
@@ -49,17 +49,13 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-from data_manifest import (  # noqa: F401  (re-exported: reading and checking moved to data_manifest.py)
+from data_manifest import (
     FORMAT_VERSION,
     JOURNAL,
     MANIFEST,
     SHARD_FILES,
     SPLITS,
     TOKEN_ROLES,
-    open_shard,
-    read_manifest,
-    same_tokenizer,
-    sha256_file,
     tokenizer_label,
     verify,
 )
@@ -67,7 +63,7 @@ from errors import UserError, run_cli
 
 
 def auto_workers(n: int) -> int:
-    """NUMBER_OF_CPU_PROCESSES: 0 means half the cores (at least 1); the seed crashed on 0."""
+    """NUMBER_OF_CPU_PROCESSES: 0 means half the cores (at least 1); never 0 workers."""
     return n if n > 0 else max(1, (os.cpu_count() or 2) // 2)
 
 

@@ -35,10 +35,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_preparation_utils import open_shard, verify
+from data_manifest import open_shard, verify
 from errors import UserError
+from losses import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 PAD_SAMPLE_INDEX = -1  # reserved sample_index of a filler row (the loader itself never makes one)
 DATA_KIND = {"pretrain": "pretrain", "sft": "sft", "dpo": "dpo"}
 

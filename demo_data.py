@@ -7,7 +7,7 @@ documentation of X; nothing measured on them says anything about model quality.
 - `demo_instruct_set()`  -> [{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}]
 - `demo_preference_set()` -> [{"prompt": str, "chosen": str, "rejected": str}]: chosen = the asked topic's
   text, rejected = another topic's text (picked by a seeded RNG, never the same topic)
-- `demo_test_prompts()`  -> {"pretrain": [...], "instruct": [...], "dpo": [...]} (the seed's test_prompts.json keys)
+- `demo_test_prompts()`  -> {"pretrain": [...], "instruct": [...], "dpo": [...]} (test_prompts.json's keys)
 Everything is deterministic for a given Python version (the corpus ships with Python).
 """
 

@@ -60,7 +60,7 @@ def init_distributed(device_preference: str = "auto", timeout_s: float = 1800.0)
         kwargs: dict[str, Any] = {}
         if device.type == "cuda":
             kwargs["device_id"] = device  # binds the communicator to this GPU eagerly
-        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        restart = elastic_restart_count()
         if restart > 0:
             # torchelastic restarted the workers on the same store: the previous attempt's keys (e.g. gloo's
             # peer addresses) are still in it, and a new rank can read a dead peer's address and fail or hang.
@@ -71,6 +71,11 @@ def init_distributed(device_preference: str = "auto", timeout_s: float = 1800.0)
             kwargs["init_method"] = "env://"
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kwargs)
     return DistInfo(rank, local_rank, world, device)
+
+
+def elastic_restart_count() -> int:
+    """How often torchelastic (torchrun --max-restarts) restarted this worker group; 0 on the first attempt."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
 
 
 def _tcp_store(rank: int, world: int, timeout_s: float) -> dist.Store:
@@ -186,14 +191,21 @@ def parallelize(model: nn.Module, cfg: Any, device: torch.device) -> nn.Module:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The bare model (names as in model.py) under DDP."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    """The bare model (names as in model.py): strips DDP (`.module`) and torch.compile (`._orig_mod`) in any
+    nesting. FSDP2's fully_shard wraps nothing (it changes the module's class in place): returned as is."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def is_fsdp(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(unwrap(model), FSDPModule)
+    return isinstance(model, FSDPModule) or isinstance(unwrap(model), FSDPModule)
 
 
 @contextlib.contextmanager

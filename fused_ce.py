@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from losses import IGNORE_INDEX
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:

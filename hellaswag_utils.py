@@ -46,6 +46,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+import distributed as D
 import precision
 from errors import UserError, run_cli
 
@@ -464,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     examples = load_examples(a.data, a.limit)
     if not examples:
         raise UserError(f"{a.data} holds no examples")
-    rank, world = _maybe_init_distributed(device)
+    info = D.init_distributed(device)
+    rank, world = info.rank, info.world_size
     if world > 1 and device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     model, _ = model_utils.load_model(a.model, device=device, dtype=precision.inference_dtype(a.dtype, device))
@@ -478,15 +480,6 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         print(json.dumps(res), flush=True)
     return 0
-
-
-def _maybe_init_distributed(device: str) -> tuple[int, int]:
-    """Under torchrun (WORLD_SIZE > 1) join a process group: gloo on CPU, nccl on CUDA."""
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return _dist_info(None, None)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ Sources (also used by load_instruct_dataset.py and load_dpo_dataset.py):
 - a local file, directory or glob: `.txt`/`.md` = ONE document per file (a paragraph is rarely a document,
   and a file is what people split corpora into); `.jsonl` = one JSON object per line (a line that is not
   valid JSON is skipped, counted and warned about with file:line); `.parquet` read in record batches;
-- a mix file (the seed's format): {"datasets": [{"id", "name", "split", "weight", "max_datapoints"?,
+- a mix file: {"datasets": [{"id", "name", "split", "weight", "max_datapoints"?,
   "text_field"?}], "seed", "shard_size"?}; records are interleaved by a random.Random(seed) draw weighted
   by `weight` over the sources not yet exhausted, so the order is reproducible.
 Settings: TOKENIZER_CHECKPOINT_PATH, HF_PRETRAIN_DATASET_TARGET_PATH (or --out), HF_PRETRAIN_DATASET_MIX_FILE,

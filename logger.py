@@ -1,5 +1,5 @@
 """Rank-aware logging: a console line per step, `<RUN_DIR>/metrics.jsonl` (one JSON object per event,
-DESIGN §5), Weights & Biases when enabled (WANDB_MODE=offline works), a start-up banner, a loss-curve
+Weights & Biases when enabled (WANDB_MODE=offline works), a start-up banner, a loss-curve
 PNG and a one-line summary at the end. Only rank 0 writes anything; other ranks' calls are no-ops."""
 
 from __future__ import annotations

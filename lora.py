@@ -6,7 +6,7 @@ matrices next to it (`...wq.lora_a`, `...wq.lora_b`):
 
     y = x W^T + scaling * dropout(x) A^T B^T        A: (rank, in), B: (out, rank), scaling = alpha / rank
 
-Dropout sits only on the adapter's input, never on the base path (the seed system got this wrong).
+Dropout sits only on the adapter's input, never on the base path.
 Every LoRALinear has a `disabled` switch: with adapters off the model IS the base model, so the DPO
 reference needs no second copy (`with disable_lora(model): ...`). `merge_lora` folds B A into W for
 inference and export; `save_peft_adapter` writes the adapter in Hugging Face PEFT's on-disk format so
@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distributed import unwrap
 from errors import UserError
+from model_formats import permute_rotate_half, unpermute_rotate_half
 
 # Our (Meta) attribute name -> (HF parent module, HF projection name). Used for PEFT export/import.
 HF_NAMES: dict[str, tuple[str, str]] = {
@@ -109,20 +111,9 @@ class LoRALinear(nn.Linear):
 # ---- applying and inspecting ---------------------------------------------------------------------
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """Strip DDP (`.module`) and torch.compile (`._orig_mod`) wrappers so keys match the bare model."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     """(qualified name, module) for every LoRALinear in the model."""
-    for name, m in _unwrap(model).named_modules():
+    for name, m in unwrap(model).named_modules():
         if isinstance(m, LoRALinear):
             yield name, m
 
@@ -147,7 +138,7 @@ def apply_lora(
         raise UserError(f"LoRA: alpha={alpha!r} is invalid; use a positive number (commonly 2 * rank)")
     if not 0.0 <= dropout < 1.0:
         raise UserError(f"LoRA: dropout={dropout!r} is invalid; use a value in [0, 1)")
-    root = _unwrap(model)
+    root = unwrap(model)
     if any(True for _ in lora_modules(root)):
         raise UserError("LoRA: the model already has LoRA adapters; apply_lora must be called once")
 
@@ -231,7 +222,7 @@ def lora_config(model: nn.Module) -> dict:
 
 def _check_mergeable(model: nn.Module) -> None:
     counts: dict[int, int] = {}
-    for _, p in _unwrap(model).named_parameters(remove_duplicate=False):
+    for _, p in unwrap(model).named_parameters(remove_duplicate=False):
         counts[id(p)] = counts.get(id(p), 0) + 1
     for name, m in lora_modules(model):
         if counts[id(m.weight)] > 1:
@@ -270,7 +261,7 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
             m.unmerge()
         plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         plain.weight, plain.bias = m.weight, m.bias
-        parent = _unwrap(model).get_submodule(name.rpartition(".")[0]) if "." in name else _unwrap(model)
+        parent = unwrap(model).get_submodule(name.rpartition(".")[0]) if "." in name else unwrap(model)
         setattr(parent, name.rpartition(".")[2], plain)
     return model
 
@@ -295,7 +286,7 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
 
 def _rope_heads(model: nn.Module, attr: str) -> int | None:
     """How many heads the rows of wq / wk hold (they need the RoPE permutation); None for others."""
-    args = getattr(_unwrap(model), "args", None)
+    args = getattr(unwrap(model), "args", None)
     if attr == "wq":
         return args.n_heads
     if attr == "wk":
@@ -329,8 +320,6 @@ def save_peft_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model: 
     permutation as the base weight's (A acts on the input side and is unchanged)."""
     from safetensors.torch import save_file
 
-    from model_utils import _permute_rotate_half  # the one q/k permutation the HF export uses
-
     cfg = lora_config(model)
     tensors: dict[str, torch.Tensor] = {}
     for name, m in lora_modules(model):
@@ -338,7 +327,7 @@ def save_peft_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model: 
         a, b = m.lora_a.detach(), m.lora_b.detach()
         heads = _rope_heads(model, name.rsplit(".", 1)[-1])
         if heads is not None:
-            b = _permute_rotate_half(b, heads)
+            b = permute_rotate_half(b, heads)
         tensors[f"{hf}.lora_A.weight"] = a.cpu().contiguous().clone()
         tensors[f"{hf}.lora_B.weight"] = b.cpu().contiguous().clone()
     config = {
@@ -376,8 +365,6 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Mo
     settings if the model has none yet, else checks they agree; then copies A and B (q/k B rows
     un-permuted back to Meta's RoPE layout). Returns the model."""
     from safetensors.torch import load_file
-
-    from model_utils import _unpermute_rotate_half
 
     d = Path(adapter_dir)
     if not (d / PEFT_CONFIG).is_file():
@@ -430,7 +417,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Mo
                 )
             t = peft_sd[key]
             if ours == "lora_b" and heads is not None and t.shape == m.lora_b.shape:
-                t = _unpermute_rotate_half(t, heads)
+                t = unpermute_rotate_half(t, heads)
             sd[f"{name}.{ours}"] = t
     load_lora_state_dict(model, sd)
     return model

@@ -1,7 +1,7 @@
 """Foreign weight formats, in and out: Hugging Face, Meta and GGUF (llama.cpp).
 
-Split from model_utils.py, which re-exports every name here and keeps `load_model` (source detection, our own
-checkpoints, LoRA merge) and the CLI. Every loader returns (ModelArgs, state dict with Meta's parameter names
+model_utils.py calls these readers from `load_model` (which also detects the source and loads our own
+checkpoints) and offers `export_hf` / `export_meta` on its CLI. Every loader returns (ModelArgs, state dict with Meta's parameter names
 and the interleaved-pair RoPE layout Meta uses for wq/wk). Conversions:
 - HF stores wq/wk permuted for its "rotate half" RoPE; `hf_to_ours` / `ours_to_hf` hold the one
   rename table and undo / redo that permutation (the inverse of HF's convert_llama_weights_to_hf).
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from errors import UserError
+from fileio import read_json
 from model import ModelArgs, Transformer, rope_frequencies
 
 # ---- name tables ---------------------------------------------------------------------------------
@@ -64,14 +65,14 @@ def _hf_name_map(n_layers: int) -> dict[str, str]:
     return m
 
 
-def _permute_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+def permute_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Meta (interleaved pairs) -> HF (rotate-half) row order of a q/k projection (n_heads*hd, dim)."""
     rows, cols = w.shape
     return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def _unpermute_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """HF (rotate-half) -> Meta (interleaved pairs); the exact inverse of _permute_rotate_half."""
+def unpermute_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF (rotate-half) -> Meta (interleaved pairs); the exact inverse of permute_rotate_half."""
     rows, cols = w.shape
     return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
@@ -88,9 +89,9 @@ def hf_to_ours(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str
                             "architecture (no biases, no extra modules) is supported")
         ours = to_ours[name]
         if ours.endswith("attention.wq.weight"):
-            t = _unpermute_rotate_half(t, args.n_heads)
+            t = unpermute_rotate_half(t, args.n_heads)
         elif ours.endswith("attention.wk.weight"):
-            t = _unpermute_rotate_half(t, args.n_kv_heads)
+            t = unpermute_rotate_half(t, args.n_kv_heads)
         out[ours] = t
     if args.tie_embeddings:
         out.pop("output.weight", None)
@@ -106,22 +107,15 @@ def ours_to_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str
         if args.tie_embeddings and name == "output.weight":
             continue
         if name.endswith("attention.wq.weight"):
-            t = _permute_rotate_half(t, args.n_heads)
+            t = permute_rotate_half(t, args.n_heads)
         elif name.endswith("attention.wk.weight"):
-            t = _permute_rotate_half(t, args.n_kv_heads)
+            t = permute_rotate_half(t, args.n_kv_heads)
         out[to_hf[name]] = t
     return out
 
 
 # ---- reading files -------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e}); fix or re-create the file") from e
-
-
-def _load_safetensors(path: Path) -> dict:
+def load_safetensors(path: Path) -> dict:
     """safetensors -> state dict; a damaged or non-safetensors file is a UserError naming it (never unpickled)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -179,19 +173,19 @@ def _args_from_hf_config(cfg: dict, where: Path) -> ModelArgs:
     )
 
 
-def _load_hf(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    args = _args_from_hf_config(_read_json(path / "config.json"), path)
+def load_hf(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    args = _args_from_hf_config(read_json(path / "config.json"), path)
     files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (path / index).is_file():
-            files = sorted({path / f for f in _read_json(path / index)["weight_map"].values()})
+            files = sorted({path / f for f in read_json(path / index)["weight_map"].values()})
             break
     if not files:
         raise UserError(f"{path} has config.json but no *.safetensors or pytorch_model*.bin weights")
     sd: dict[str, torch.Tensor] = {}
     for f in files:
         if f.suffix == ".safetensors":
-            sd.update(_load_safetensors(f))
+            sd.update(load_safetensors(f))
         else:
             sd.update(_torch_load(f))
     return args, hf_to_ours(sd, args)
@@ -250,8 +244,8 @@ def meta_rope_scaling(params: dict, factor: float | None = None) -> tuple[dict |
             "original_max_position_embeddings": 8192}, source
 
 
-def _load_meta(path: Path, rope_scaling_factor: float | None = None) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    params = _read_json(path / "params.json")
+def load_meta(path: Path, rope_scaling_factor: float | None = None) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    params = read_json(path / "params.json")
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
         raise UserError(f"{path} has params.json but no consolidated.*.pth shards")
@@ -259,7 +253,7 @@ def _load_meta(path: Path, rope_scaling_factor: float | None = None) -> tuple[Mo
     sd.pop("rope.freqs", None)  # Llama 2 saved its RoPE table; we recompute it
     sidecar = path / "model_args.json"  # written by export_meta: restores fields Meta does not store
     if sidecar.is_file():
-        return ModelArgs.from_dict(_read_json(sidecar)), sd
+        return ModelArgs.from_dict(read_json(sidecar)), sd
     rope_scaling, factor_source = meta_rope_scaling(params, rope_scaling_factor)
     if rope_scaling is not None:
         print(f"{path}: Llama 3 RoPE scaling factor {rope_scaling['factor']:g} (from {factor_source}; "
@@ -278,7 +272,7 @@ def _load_meta(path: Path, rope_scaling_factor: float | None = None) -> tuple[Mo
     return args, sd
 
 
-def _load_gguf(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+def load_gguf(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     import gguf
     import numpy as np
     from tqdm import tqdm

@@ -3,8 +3,8 @@ parameter and FLOP counts.
 
 `load_model` detects the source kind and ends every load in the same place: a state dict with Meta's
 parameter names (model.py) and the interleaved-pair RoPE layout Meta uses for wq/wk. The foreign formats
-(HF, Meta, GGUF readers, the q/k permutation, HF and Meta export) live in model_formats.py and are
-re-exported here, so `model_utils.export_hf` etc. keep working.
+(HF, Meta, GGUF readers, the q/k permutation, HF and Meta export) are model_formats.py's; `export_hf` and
+`export_meta` are part of this module's public surface as well.
 
 CLI:
     python model_utils.py export --model SOURCE --format hf|meta --out DIR [--shards N] [--dtype D]
@@ -22,23 +22,12 @@ from pathlib import Path
 
 import torch
 
+import checkpoint as ckpt
 import precision
 from errors import UserError, run_cli
+from fileio import read_json
 from model import ModelArgs, Transformer
-from model_formats import (  # noqa: F401  (the unused names are re-exported: they lived here before)
-    _load_gguf,
-    _load_hf,
-    _load_meta,
-    _load_safetensors,
-    _permute_rotate_half,
-    _read_json,
-    _rope_scaling_from_factors,
-    _unpermute_rotate_half,
-    export_hf,
-    export_meta,
-    hf_to_ours,
-    ours_to_hf,
-)
+from model_formats import export_hf, export_meta, load_gguf, load_hf, load_meta, load_safetensors
 
 
 # ---- building -------------------------------------------------------------------------------------
@@ -81,14 +70,14 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, Path]:
             return resolve_source(target)
         raise UserError(f"model source {path} is a file but not a .gguf; pass a checkpoint directory, a "
                         "Meta or HF directory, or a .gguf file")
-    if (path / "latest").is_file() and not (path / "config.json").exists():
+    if (path / "latest").is_file() and not (path / ckpt.CONFIG_FILE).exists():
         step = (path / "latest").read_text().strip()
         return resolve_source(step if Path(step).is_absolute() else path / step)
     if (path / "params.json").is_file():
         return "meta", path
     cfg = path / "config.json"
     if cfg.is_file():
-        return ("ours" if "model_args" in _read_json(cfg) else "hf"), path
+        return ("ours" if "model_args" in read_json(cfg) else "hf"), path
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
         return "gguf", ggufs[0]
@@ -127,7 +116,7 @@ def tokenizer_source(source: str | os.PathLike) -> str:
     kind, resolved = resolve_source(path)
     if kind != "ours":
         return str(resolved)
-    settings = _read_json(resolved / "config.json").get("settings", {})
+    settings = read_json(resolved / ckpt.CONFIG_FILE).get("settings", {})
     tok = settings.get("TOKENIZER_CHECKPOINT_PATH", "")
     if tok == "model" and settings.get("INIT_FROM"):
         return tokenizer_source(settings["INIT_FROM"])
@@ -168,19 +157,18 @@ def load_model(source: str | os.PathLike, device: str | torch.device = "cpu", dt
     rope_scaling_factor (the ROPE_SCALING_FACTOR setting) overrides the Llama 3 RoPE scaling factor of a Meta
     params.json with use_scaled_rope; other formats state their factor in their own config."""
     kind, path = resolve_source(source)
-    args, sd = _load_meta(path, rope_scaling_factor) if kind == "meta" else _LOADERS[kind](path)
+    args, sd = load_meta(path, rope_scaling_factor) if kind == "meta" else _LOADERS[kind](path)
     args.extra = {**args.extra, "source": str(path), "source_format": kind}
     return build_model(args, sd, device, dtype, where=str(path)), args
 
 
 def _load_ours(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-
-    cfg = _read_json(path / "config.json")
+    cfg = read_json(path / ckpt.CONFIG_FILE)
     args = ModelArgs.from_dict(cfg["model_args"])
-    weights = path / "model.safetensors"
+    weights = path / ckpt.MODEL_FILE
     if not weights.is_file():
-        raise UserError(f"{path} has config.json but no model.safetensors; the checkpoint is incomplete")
-    sd = _load_safetensors(weights)
+        raise UserError(f"{path} has {ckpt.CONFIG_FILE} but no {ckpt.MODEL_FILE}; the checkpoint is incomplete")
+    sd = load_safetensors(weights)
     if cfg.get("lora"):  # adapters only: rebuild the base, then merge the adapters into it
         sd = _merge_lora_checkpoint(path, cfg, sd)
     return args, sd
@@ -204,7 +192,7 @@ def _merge_lora_checkpoint(path: Path, cfg: dict, adapters: dict[str, torch.Tens
 
 
 _LOADERS: dict[str, Callable[[Path], tuple[ModelArgs, dict[str, torch.Tensor]]]] = {
-    "ours": _load_ours, "meta": _load_meta, "hf": _load_hf, "gguf": _load_gguf,
+    "ours": _load_ours, "meta": load_meta, "hf": load_hf, "gguf": load_gguf,
 }
 
 

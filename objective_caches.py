@@ -1,26 +1,54 @@
-"""Precomputed frozen-model outputs for training: the teacher top-k cache (distillation) and the DPO
-reference log-probs, and their CLI (`python objectives.py cache-teacher|cache-reference`, which calls
-main() here). Split from objectives.py, which re-exports these names; the objectives read the caches
-through TeacherCache / ReferenceCache."""
+"""Frozen models and their precomputed outputs: calling a teacher / reference (ours or transformers'), and
+the caches of their outputs (teacher top-k for distillation, DPO reference log-probs): the readers the
+objectives use (TeacherCache, ReferenceCache) and the writer behind `python objectives.py cache-teacher|
+cache-reference`."""
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
 from torch import nn
 
-import precision
+from distributed import unwrap
 from errors import UserError
-from objectives import (
-    OBJECTIVES,
-    DirectPreferenceOptimization,
-    _freeze,
-    _logits,
-    _vocab_size,
-    sequence_logps,
-)
+from losses import sequence_logps
+
+# ---- frozen models (teacher, reference): calling and freezing them --------------------------------------
+
+
+def logits_of(model: nn.Module, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (B, T, V) from our Transformer or a transformers model (which returns an output object)."""
+    if doc_ids is not None:
+        if not hasattr(unwrap(model), "layers"):  # a transformers model has no document masking
+            raise UserError("packed SFT batches (SFT_BATCHING=packed) need a teacher of this project's "
+                            "architecture: load it with model_utils (any source) or use SFT_BATCHING=padded")
+        out = model(input_ids, doc_ids=doc_ids)
+    else:
+        out = model(input_ids)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def vocab_size_of(model: nn.Module) -> int:
+    m = unwrap(model)
+    args = getattr(m, "args", None) or getattr(m, "config", None)
+    return int(args.vocab_size)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def concat_pairs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A preference batch as one (2B, T) forward: [chosen; rejected] ids and labels."""
+    ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])  # (2B, T)
+    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])  # (2B, T)
+    return ids, labels
+
+
 
 # ---- precomputed frozen-model outputs (teacher top-k, DPO reference log-probs) ----------------------
 # A cache is a directory: manifest.json + .npy arrays whose first axis is the loader's `sample_index`
@@ -98,44 +126,6 @@ class ReferenceCache:
         return rows[:, 0].to(device), rows[:, 1].to(device)
 
 
-def _cache_loader(cfg: Any, kind: str, data: str, batch_size: int, tok: Any):
-    import dataloaders
-
-    return dataloaders.build_loader(
-        kind, data, "train", seq_len=cfg["MAX_SEQ_LEN"], micro_batch=batch_size, global_batch=batch_size,
-        rank=0, world_size=1, seed=cfg["SEED"], pad_id=tok.pad_id,
-        packed=kind == "sft" and cfg["SFT_BATCHING"] == "packed", tokenizer_identity=tok.identity())
-
-
-def build_cache(kind: str, cfg: Any, model_source: str, data: str, out: str, top_k: int = 64,
-                batch_size: int = 8, device: str = "cpu") -> dict[str, Any]:
-    """Run a frozen model once over one epoch of the train shards (the loader's own samples, world size 1)
-    and store its outputs per `sample_index` (see write_cache). Returns the manifest."""
-    import model_utils
-    import tokenizer as tokenizer_mod
-
-    if kind == "teacher" and cfg["TRAINING_STAGE"] not in ("pretrain", "instruct"):
-        raise UserError(f"cache-teacher: TRAINING_STAGE={cfg['TRAINING_STAGE']}; distillation data is pretrain "
-                        "or instruct: set TRAINING_STAGE to the stage the cache is for")
-    if kind == "teacher" and cfg["TRAINING_STAGE"] == "instruct" and cfg["SFT_BATCHING"] == "packed":
-        raise UserError("cache-teacher: SFT_BATCHING=packed rows hold several examples and have no sample_index to "
-                        "key a cache by: build and train with SFT_BATCHING=padded")
-    dtype = precision.inference_dtype(cfg["TEACHER_PRECISION"], device) if kind == "teacher" else torch.float32
-    model, _ = model_utils.load_model(model_source, device=device, dtype=dtype)
-    tok = tokenizer_mod.load_tokenizer(cfg["TOKENIZER_CHECKPOINT_PATH"])
-    if kind == "teacher" and _vocab_size(model) != tok.vocab_size:
-        raise UserError(f"cache-teacher: the teacher's vocabulary has {_vocab_size(model)} tokens but the tokenizer "
-                        f"{cfg['TOKENIZER_CHECKPOINT_PATH']} has {tok.vocab_size}: use the student's tokenizer")
-    batch_format = "dpo" if kind == "reference" else OBJECTIVES[cfg["TRAINING_STAGE"]].batch_format
-    loader = _cache_loader(cfg, batch_format, data, batch_size, tok)
-    n = loader.samples_per_epoch
-    batches = (loader.next_batch() for _ in range(2 * ((n + batch_size - 1) // batch_size)))
-    meta = {"model": str(model_source), "data": str(data), "batch_format": batch_format, "split": "train",
-            "tokenizer": tok.identity()}
-    return write_cache(kind, model, batches, n, cfg["MAX_SEQ_LEN"], out, top_k=top_k, device=device, meta=meta,
-                       temperature=cfg["DISTILLATION_TEMPERATURE"])
-
-
 def write_cache(kind: str, model: nn.Module, batches: Any, n: int, seq_len: int, out: str, top_k: int = 64,
                 device: str | torch.device = "cpu", meta: dict[str, Any] | None = None,
                 temperature: float = 1.0) -> dict[str, Any]:
@@ -158,7 +148,7 @@ def write_cache(kind: str, model: nn.Module, batches: Any, n: int, seq_len: int,
     import numpy as np
     from tqdm import tqdm
 
-    model, V = _freeze(model), _vocab_size(model)
+    model, V = freeze(model), vocab_size_of(model)
     top_k = min(top_k, V)
     final, tmp = Path(out), Path(f"{out}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -182,7 +172,7 @@ def write_cache(kind: str, model: nn.Module, batches: Any, n: int, seq_len: int,
                 rows, keep = idx[new], torch.from_numpy(new)
                 if kind == "teacher":
                     doc_ids = batch["doc_ids"].to(device) if "doc_ids" in batch else None
-                    z = _logits(model, batch["input_ids"].to(device), doc_ids).float() / temperature  # (B, T, V)
+                    z = logits_of(model, batch["input_ids"].to(device), doc_ids).float() / temperature  # (B, T, V)
                     lse = torch.logsumexp(z, -1)  # (B, T)
                     vals, ids = z.topk(top_k, dim=-1)  # (B, T, K)
                     tail = (torch.logsumexp(z.scatter_(-1, ids, float("-inf")), -1) - lse if top_k < V
@@ -191,8 +181,8 @@ def write_cache(kind: str, model: nn.Module, batches: Any, n: int, seq_len: int,
                     ids_arr[rows] = ids[keep].cpu().numpy().astype(ids_arr.dtype)
                     tail_arr[rows] = tail[keep].cpu().numpy()
                 else:
-                    ids, labels = DirectPreferenceOptimization._concat({k: v.to(device) for k, v in batch.items()})
-                    lp = sequence_logps(_logits(model, ids), labels).cpu().numpy()  # (2B,)
+                    ids, labels = concat_pairs({k: v.to(device) for k, v in batch.items()})
+                    lp = sequence_logps(logits_of(model, ids), labels).cpu().numpy()  # (2B,)
                     B = len(idx)
                     ref_arr[rows, 0], ref_arr[rows, 1] = lp[:B][new], lp[B:][new]
                 filled[rows] = True
@@ -221,38 +211,3 @@ def write_cache(kind: str, model: nn.Module, batches: Any, n: int, seq_len: int,
     os.replace(tmp, final)
     print(f"cache-{kind}: {n} samples x {seq_len} positions -> {final} in {manifest['seconds']} s")
     return manifest
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    import config
-
-    overrides, rest = config.split_overrides(list(sys.argv[1:] if argv is None else argv))
-    p = argparse.ArgumentParser(prog="objectives.py", description="Precompute frozen-model outputs for training.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    for cmd, who in (("cache-teacher", "--teacher"), ("cache-reference", "--reference")):
-        s = sub.add_parser(cmd, help=f"run {who[2:]} once over the train shards and store its outputs",
-                           epilog="Settings (MAX_SEQ_LEN, SEED, TOKENIZER_CHECKPOINT_PATH, TRAINING_STAGE, "
-                           "SFT_BATCHING, TEACHER_PRECISION ...) may follow as KEY=VALUE.")
-        s.add_argument(who, dest="model", required=True, help="any model_utils.load_model source")
-        s.add_argument("--data", required=True, help="shard root (the loader's root: train/ val/ manifest.json)")
-        s.add_argument("--out", required=True, help="cache directory to write")
-        s.add_argument("--batch-size", type=int, default=8)
-        s.add_argument("--device", default="cpu")
-        s.add_argument("--env-file", default=None, help="settings file (default: ./.env when present)")
-        if cmd == "cache-teacher":
-            s.add_argument("--top-k", type=int, default=None, help="default: TEACHER_CACHE_TOP_K")
-    args = p.parse_args(rest)
-    cfg = config.load_config(args.env_file, overrides)
-    kind = "teacher" if args.cmd == "cache-teacher" else "reference"
-    top_k = getattr(args, "top_k", None) or cfg["TEACHER_CACHE_TOP_K"]
-    build_cache(kind, cfg, args.model, args.data, args.out, top_k=top_k, batch_size=args.batch_size,
-                device=args.device)
-    return 0
-
-
-if __name__ == "__main__":
-    from errors import run_cli
-
-    run_cli(main)

@@ -14,8 +14,8 @@ with the UNWRAPPED model, before DDP/FSDP/compile: the DPO reference is a deep c
 (or, under LoRA, the same model with adapters disabled) and is never wrapped in DDP. `setup()`
 returns a dict of banner lines ({"teacher_memory_mb": ...}) for the loop to print.
 
-Pure loss functions (DESIGN §3): `sequence_logps`, `dpo_loss`, `distillation_loss` (mean over masked
-positions), `distillation_loss_sum`, `topk_distillation_loss_sum`.
+The loss math is losses.py's (pure functions); `dpo_loss` and `distillation_loss` are part of this module's
+public surface too.
 
 CLI (precompute frozen-model outputs once, keyed by the loader's `sample_index`):
     python objectives.py cache-teacher --teacher SRC --data DIR --out DIR --top-k K [--env-file F] [KEY=VALUE ...]
@@ -24,152 +24,59 @@ CLI (precompute frozen-model outputs once, keyed by the loader's `sample_index`)
 
 from __future__ import annotations
 
+import argparse
 import copy
+import sys
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+import config
+import dataloaders
 import lora
+import model_utils
 import precision
-from errors import UserError
-
-IGNORE_INDEX = -100
-
-
-# ---- pure loss functions ----------------------------------------------------------------------------
-
-
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """Upcast half precisions to fp32 for softmax/log-sum-exp; keep fp64 (gradcheck) as it is."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Summed next-token cross-entropy in fp32. logits (B, T, V), labels (B, T) already shifted."""
-    return F.cross_entropy(_at_least_fp32(logits.flatten(0, 1)), labels.flatten(), ignore_index=ignore_index,
-                           reduction="sum")
-
-
-def count_targets(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> int:
-    return int((labels != ignore_index).sum())
-
-
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """log p(response | prompt) per row: (B,). logits (B, T, V); labels (B, T) already shifted (logits[:, t]
-    predicts labels[:, t]) and `ignore_index` everywhere but response tokens, so prompt and padding add
-    exactly 0 (the seed summed over padding). Computed in fp32 even under bf16 autocast."""
-    B, T, _ = logits.shape
-    nll = F.cross_entropy(_at_least_fp32(logits.flatten(0, 1)), labels.flatten(), ignore_index=ignore_index,
-                          reduction="none")  # (B*T,), 0 where ignored
-    return -nll.view(B, T).sum(-1)
-
-
-DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+import tokenizer
+from distributed import unwrap
+from errors import UserError, run_cli
+from fused_ce import fused_linear_cross_entropy_sum
+from losses import (
+    IGNORE_INDEX,
+    at_least_fp32,
+    count_targets,
+    cross_entropy_sum,
+    distillation_loss,  # noqa: F401  (public here too: objectives.distillation_loss)
+    distillation_loss_sum,
+    sequence_logps,
+    topk_distillation_loss_sum,
+)
+from losses import dpo_loss as _dpo_loss
+from model import Transformer
+from objective_caches import (
+    ReferenceCache,
+    TeacherCache,
+    concat_pairs,
+    freeze,
+    logits_of,
+    vocab_size_of,
+    write_cache,
+)
 
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
              ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float,
              label_smoothing: float = 0.0, loss_type: str = "sigmoid",
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair preference losses (B,) and the implicit rewards beta * log(pi / ref) (B,) (detached).
-
-    With h = (log pi(y_w) - log pi(y_l)) - (log ref(y_w) - log ref(y_l)):
-      sigmoid: -(1 - eps) log s(beta h) - eps log s(-beta h)   DPO (Rafailov et al. 2023, eq. 7);
-               eps > 0 is conservative DPO (Mitchell 2023, "cDPO"): labels flipped with probability eps
-      hinge:   max(0, 1 - beta h)                                SLiC-style hinge (Zhao et al. 2023)
-      ipo:     (h - 1 / (2 beta))^2                              IPO (Azar et al. 2023, eq. 17)
-    All inputs are the log-probs the caller passes (the DPO objective passes SUMMED response log-probs
-    for every type, as the IPO paper defines it; TRL length-averages them for IPO).
-    """
-    if loss_type not in DPO_LOSS_TYPES:
-        raise UserError(f"DPO_LOSS_TYPE={loss_type!r}: expected one of {', '.join(DPO_LOSS_TYPES)}")
-    h = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)  # (B,)
-    if loss_type == "sigmoid":
-        losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    elif loss_type == "hinge":
-        losses = torch.relu(1.0 - beta * h)
-    else:
-        losses = (h - 1.0 / (2.0 * beta)) ** 2
-    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
-    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
-    return losses, chosen_rewards, rejected_rewards
-
-
-def distillation_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
-                          temperature: float) -> torch.Tensor:
-    """T^2 * sum over masked positions of KL(softmax(teacher/T) || softmax(student/T)) (Hinton et al. 2015;
-    T^2 keeps the gradient scale independent of T). logits (B, T, V); mask (B, T) bool. fp32 math."""
-    s = _at_least_fp32(student_logits[mask]) / temperature  # (N, V), only positions that count
-    t = _at_least_fp32(teacher_logits[mask]).to(s.dtype) / temperature
-    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)  # (N,)
-    return temperature**2 * kl.sum()
-
-
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
-                      temperature: float) -> torch.Tensor:
-    """T^2 * KL(teacher || student) AVERAGED over masked positions (mean per target token; 0 if none)."""
-    n = mask.sum().clamp(min=1)
-    return distillation_loss_sum(student_logits, teacher_logits, mask, temperature) / n
-
-
-def topk_distillation_loss_sum(student_logits: torch.Tensor, teacher_topk_logps: torch.Tensor,
-                               teacher_topk_ids: torch.Tensor, mask: torch.Tensor, temperature: float,
-                               teacher_tail_logps: torch.Tensor | None = None) -> torch.Tensor:
-    """The cached-teacher approximation of `distillation_loss_sum`: T^2 * KL between the two distributions
-    coarsened to K + 1 outcomes, the teacher's top-k tokens plus one "tail" bucket holding all other mass:
-
-        KL ~= sum_i p_i log(p_i / q_i) + p_tail log(p_tail / q_tail),  p_tail = 1 - sum_i p_i, q_tail likewise
-
-    with p = softmax(teacher / T), q = softmax(student / T). Exact when K = V; otherwise never above the exact
-    KL (log-sum inequality: merging outcomes cannot increase a KL) and missing only p_tail * KL of the two
-    distributions inside the tail, small when the teacher is peaked. Unlike renormalizing both over the top-k,
-    the student is pushed to move mass out of the tail it over-weights. q_tail is a log-sum-exp over the
-    complement of the top-k (exact, no 1 - sum cancellation).
-
-    teacher_topk_logps (B, T, K): log p_i of the TEMPERED teacher, log_softmax(teacher_logits / T) at its top-k
-    ids (the same ids as at T = 1: scaling by 1/T keeps the order); teacher_tail_logps (B, T): log p_tail if
-    known exactly (the cache stores it), else log(1 - sum p_i) clamped at 0 mass. student_logits (B, T, V) raw.
-    """
-    s = _at_least_fp32(student_logits[mask]) / temperature  # (N, V), only positions that count
-    ids = teacher_topk_ids[mask].long()  # (N, K)
-    lse = torch.logsumexp(s, -1)  # (N,)
-    log_q = s.gather(-1, ids) - lse[:, None]  # (N, K)
-    log_p = teacher_topk_logps[mask].to(s.dtype)  # (N, K)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (N,)
-    if ids.shape[-1] < s.shape[-1]:  # a non-empty complement: add the tail bucket
-        log_q_tail = torch.logsumexp(s.scatter(-1, ids, float("-inf")), -1) - lse  # (N,)
-        if teacher_tail_logps is None:
-            p_tail = (1.0 - log_p.exp().sum(-1)).clamp(min=0.0)  # (N,)
-            log_p_tail = torch.log(p_tail)
-        else:
-            log_p_tail = teacher_tail_logps[mask].to(s.dtype)
-            p_tail = log_p_tail.exp()
-        # 0 * log 0 = 0: a teacher with no tail mass adds nothing (and no NaN through the -inf)
-        kl = kl + torch.where(p_tail > 0, p_tail * (log_p_tail.clamp(min=-1e30) - log_q_tail), 0.0)
-    return temperature**2 * kl.sum()
+    """losses.dpo_loss; an unknown `loss_type` is a DPO_LOSS_TYPE setting the user can fix (UserError)."""
+    try:
+        return _dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+                         label_smoothing, loss_type)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 # ---- objectives ------------------------------------------------------------------------------------
-
-
-def _logits(model: nn.Module, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits (B, T, V) from our Transformer or a transformers model (which returns an output object)."""
-    if doc_ids is not None:
-        if not hasattr(lora._unwrap(model), "layers"):  # a transformers model has no document masking
-            raise UserError("packed SFT batches (SFT_BATCHING=packed) need a teacher of this project's "
-                            "architecture: load it with model_utils (any source) or use SFT_BATCHING=padded")
-        out = model(input_ids, doc_ids=doc_ids)
-    else:
-        out = model(input_ids)
-    return out if isinstance(out, torch.Tensor) else out.logits
-
-
-def _vocab_size(model: nn.Module) -> int:
-    m = lora._unwrap(model)
-    args = getattr(m, "args", None) or getattr(m, "config", None)
-    return int(args.vocab_size)
 
 
 def _memory_bytes(model: nn.Module) -> int:
@@ -177,13 +84,6 @@ def _memory_bytes(model: nn.Module) -> int:
     for t in [*model.parameters(), *model.buffers()]:
         seen[id(t)] = t.numel() * t.element_size()  # tied weights counted once
     return sum(seen.values())
-
-
-def _freeze(model: nn.Module) -> nn.Module:
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
 
 
 def _require_unwrapped(model: nn.Module) -> None:
@@ -224,9 +124,7 @@ def fused_head_weight(model: nn.Module) -> torch.Tensor | None:
     under DDP / torch.compile, with a plain nn.Linear head. None for FSDP2 (fully_shard swaps the root's
     class, and its output weight is a sharded DTensor only the module's own forward gathers), for a
     LoRA-wrapped head and for other models."""
-    from model import Transformer
-
-    m = lora._unwrap(model)
+    m = unwrap(model)
     if type(m) is Transformer and type(m.output) is nn.Linear:
         return m.output.weight
     return None
@@ -260,8 +158,6 @@ class LanguageModeling(Objective):
         labels = batch["labels"]
         weight = fused_loss_weight(model, labels.numel(), labels.device.type)
         if weight is not None:
-            from fused_ce import fused_linear_cross_entropy_sum
-
             h = model(batch["input_ids"], doc_ids=batch.get("doc_ids"), return_hidden=True)  # (B, T, dim)
             loss_sum = fused_linear_cross_entropy_sum(h, weight, batch["labels"])
         else:
@@ -304,13 +200,11 @@ class Distillation(Objective):
     def setup(self, model, tokenizer, device):
         _require_unwrapped(model)
         d = self.cfg.distill
-        student_vocab = _vocab_size(model)
+        student_vocab = vocab_size_of(model)
         if d.teacher_cache_path:
             if self.base.batch_format == "sft" and self.cfg.data.sft_batching == "packed":
                 raise UserError("TEACHER_CACHE_PATH is keyed by sample_index, which packed SFT rows do not have: "
                                 "set SFT_BATCHING=padded (for the cache build too) or unset TEACHER_CACHE_PATH")
-            from objective_caches import TeacherCache
-
             self.cache = TeacherCache(d.teacher_cache_path)
             if abs(self.cache.temperature - self.temperature) > 1e-9:
                 raise UserError(f"TEACHER_CACHE_PATH={d.teacher_cache_path} holds log-probs at temperature "
@@ -322,14 +216,12 @@ class Distillation(Objective):
         else:
             dtype = precision.inference_dtype(d.teacher_precision, device)
             if self.teacher is None:
-                import model_utils
-
                 self.teacher, _ = model_utils.load_model(d.teacher_model_checkpoint, device=device, dtype=dtype,
                                                          rope_scaling_factor=self.cfg.model.rope_scaling_factor)
             else:
                 self.teacher.to(device=device, dtype=dtype)
-            _freeze(self.teacher)
-            teacher_vocab, where = _vocab_size(self.teacher), f"TEACHER_MODEL_CHECKPOINT={d.teacher_model_checkpoint}"
+            freeze(self.teacher)
+            teacher_vocab, where = vocab_size_of(self.teacher), f"TEACHER_MODEL_CHECKPOINT={d.teacher_model_checkpoint}"
             self.teacher_memory_bytes = _memory_bytes(self.teacher)
             info = {"teacher": d.teacher_model_checkpoint or type(self.teacher).__name__,
                     "teacher_precision": precision.name_of(dtype)}
@@ -355,12 +247,12 @@ class Distillation(Objective):
                                 ": rebuild the cache with the same MAX_SEQ_LEN")
             return topk_distillation_loss_sum(student_logits, logps, ids, mask, self.temperature, tail)
         with torch.no_grad():
-            teacher_logits = _logits(self.teacher, batch["input_ids"], batch.get("doc_ids"))
+            teacher_logits = logits_of(self.teacher, batch["input_ids"], batch.get("doc_ids"))
         return distillation_loss_sum(student_logits, teacher_logits, mask, self.temperature)
 
     def loss(self, model, batch):
         # one fp32 copy of the student logits serves both terms (each would otherwise upcast its own)
-        logits = _at_least_fp32(model(batch["input_ids"], doc_ids=batch.get("doc_ids")))  # (B, T, V)
+        logits = at_least_fp32(model(batch["input_ids"], doc_ids=batch.get("doc_ids")))  # (B, T, V)
         ce = cross_entropy_sum(logits, batch["labels"])
         kd = self.kd_sum(logits, batch)
         loss_sum = (1.0 - self.alpha) * ce + self.alpha * kd
@@ -393,8 +285,6 @@ class DirectPreferenceOptimization(Objective):
         _require_unwrapped(model)
         path = self.cfg.dpo.dpo_reference_logps_path
         if path:
-            from objective_caches import ReferenceCache
-
             self.ref_cache = ReferenceCache(path)
             return {"reference": f"precomputed log-probs {path}", "reference_memory_mb": 0.0}
         # LoRA may be applied after setup() (apply_lora swaps modules inside this same object), so the
@@ -402,18 +292,12 @@ class DirectPreferenceOptimization(Objective):
         if self.cfg.lora.lora_enabled or any(True for _ in lora.lora_modules(model)):
             self.base_model = model
             return {"reference": "policy with LoRA adapters disabled", "reference_memory_mb": 0.0}
-        self.reference = _freeze(copy.deepcopy(model))
+        self.reference = freeze(copy.deepcopy(model))
         return {"reference": "frozen copy of the initial policy",
                 "reference_memory_mb": round(_memory_bytes(self.reference) / 2**20, 1)}
 
     def units(self, batch):
         return int(batch["chosen_input_ids"].shape[0])
-
-    @staticmethod
-    def _concat(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])  # (2B, T)
-        labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])  # (2B, T)
-        return ids, labels
 
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, torch.Tensor], ids: torch.Tensor, labels: torch.Tensor
@@ -426,19 +310,19 @@ class DirectPreferenceOptimization(Objective):
             c, r = self.ref_cache.lookup(batch["sample_index"], ids.device)
             return torch.cat([c, r])
         if self.reference is not None:
-            return sequence_logps(_logits(self.reference, ids), labels)
+            return sequence_logps(logits_of(self.reference, ids), labels)
         if self.base_model is None:
             raise RuntimeError("DirectPreferenceOptimization.setup() was not called before loss()")
         if not any(True for _ in lora.lora_modules(self.base_model)):
             raise RuntimeError("LORA_ENABLED=true but the model has no adapters: apply_lora must run on the model "
                                "given to setup(); without adapters the policy would be its own reference")
         with lora.disable_lora(self.base_model):
-            return sequence_logps(_logits(self.base_model, ids), labels)
+            return sequence_logps(logits_of(self.base_model, ids), labels)
 
     def _forward(self, model: nn.Module, batch: dict[str, torch.Tensor]):
-        ids, labels = self._concat(batch)
+        ids, labels = concat_pairs(batch)
         B = batch["chosen_input_ids"].shape[0]
-        policy = sequence_logps(_logits(model, ids), labels)  # (2B,) fp32
+        policy = sequence_logps(logits_of(model, ids), labels)  # (2B,) fp32
         ref = self.reference_logps(batch, ids, labels)
         losses, cr, rr = dpo_loss(policy[:B], policy[B:], ref[:B], ref[B:], self.beta, self.label_smoothing,
                                   self.loss_type)
@@ -485,20 +369,66 @@ def build_objective(cfg: Any) -> Objective:
     return objective
 
 
-_CACHE_NAMES = ("CACHE_FORMAT", "TeacherCache", "ReferenceCache", "build_cache", "write_cache", "main")
+# ---- CLI: precompute frozen-model outputs ----------------------------------------------------------
 
 
-def __getattr__(name: str) -> Any:
-    """The cache code lives in objective_caches.py (imported on first use: it imports this module)."""
-    if name in _CACHE_NAMES:
-        import objective_caches
+def _cache_loader(cfg: Any, kind: str, data: str, batch_size: int, tok: Any):
+    return dataloaders.build_loader(
+        kind, data, "train", seq_len=cfg["MAX_SEQ_LEN"], micro_batch=batch_size, global_batch=batch_size,
+        rank=0, world_size=1, seed=cfg["SEED"], pad_id=tok.pad_id,
+        packed=kind == "sft" and cfg["SFT_BATCHING"] == "packed", tokenizer_identity=tok.identity())
 
-        return getattr(objective_caches, name)
-    raise AttributeError(f"module 'objectives' has no attribute {name!r}")
+
+def build_cache(kind: str, cfg: Any, model_source: str, data: str, out: str, top_k: int = 64,
+                batch_size: int = 8, device: str = "cpu") -> dict[str, Any]:
+    """Run a frozen model once over one epoch of the train shards (the loader's own samples, world size 1)
+    and store its outputs per `sample_index` (see write_cache). Returns the manifest."""
+    if kind == "teacher" and cfg["TRAINING_STAGE"] not in ("pretrain", "instruct"):
+        raise UserError(f"cache-teacher: TRAINING_STAGE={cfg['TRAINING_STAGE']}; distillation data is pretrain "
+                        "or instruct: set TRAINING_STAGE to the stage the cache is for")
+    if kind == "teacher" and cfg["TRAINING_STAGE"] == "instruct" and cfg["SFT_BATCHING"] == "packed":
+        raise UserError("cache-teacher: SFT_BATCHING=packed rows hold several examples and have no sample_index to "
+                        "key a cache by: build and train with SFT_BATCHING=padded")
+    dtype = precision.inference_dtype(cfg["TEACHER_PRECISION"], device) if kind == "teacher" else torch.float32
+    model, _ = model_utils.load_model(model_source, device=device, dtype=dtype)
+    tok = tokenizer.load_tokenizer(cfg["TOKENIZER_CHECKPOINT_PATH"])
+    if kind == "teacher" and vocab_size_of(model) != tok.vocab_size:
+        raise UserError(f"cache-teacher: the teacher's vocabulary has {vocab_size_of(model)} tokens but the tokenizer "
+                        f"{cfg['TOKENIZER_CHECKPOINT_PATH']} has {tok.vocab_size}: use the student's tokenizer")
+    batch_format = "dpo" if kind == "reference" else OBJECTIVES[cfg["TRAINING_STAGE"]].batch_format
+    loader = _cache_loader(cfg, batch_format, data, batch_size, tok)
+    n = loader.samples_per_epoch
+    batches = (loader.next_batch() for _ in range(2 * ((n + batch_size - 1) // batch_size)))
+    meta = {"model": str(model_source), "data": str(data), "batch_format": batch_format, "split": "train",
+            "tokenizer": tok.identity()}
+    return write_cache(kind, model, batches, n, cfg["MAX_SEQ_LEN"], out, top_k=top_k, device=device, meta=meta,
+                       temperature=cfg["DISTILLATION_TEMPERATURE"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    overrides, rest = config.split_overrides(list(sys.argv[1:] if argv is None else argv))
+    p = argparse.ArgumentParser(prog="objectives.py", description="Precompute frozen-model outputs for training.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for cmd, who in (("cache-teacher", "--teacher"), ("cache-reference", "--reference")):
+        s = sub.add_parser(cmd, help=f"run {who[2:]} once over the train shards and store its outputs",
+                           epilog="Settings (MAX_SEQ_LEN, SEED, TOKENIZER_CHECKPOINT_PATH, TRAINING_STAGE, "
+                           "SFT_BATCHING, TEACHER_PRECISION ...) may follow as KEY=VALUE.")
+        s.add_argument(who, dest="model", required=True, help="any model_utils.load_model source")
+        s.add_argument("--data", required=True, help="shard root (the loader's root: train/ val/ manifest.json)")
+        s.add_argument("--out", required=True, help="cache directory to write")
+        s.add_argument("--batch-size", type=int, default=8)
+        s.add_argument("--device", default="cpu")
+        s.add_argument("--env-file", default=None, help="settings file (default: ./.env when present)")
+        if cmd == "cache-teacher":
+            s.add_argument("--top-k", type=int, default=None, help="default: TEACHER_CACHE_TOP_K")
+    args = p.parse_args(rest)
+    cfg = config.load_config(args.env_file, overrides)
+    kind = "teacher" if args.cmd == "cache-teacher" else "reference"
+    top_k = getattr(args, "top_k", None) or cfg["TEACHER_CACHE_TOP_K"]
+    build_cache(kind, cfg, args.model, args.data, args.out, top_k=top_k, batch_size=args.batch_size,
+                device=args.device)
+    return 0
 
 
 if __name__ == "__main__":
-    from errors import run_cli
-    from objective_caches import main
-
     run_cli(main)

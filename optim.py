@@ -29,7 +29,7 @@ from torch import nn
 
 def cosine_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
     """Linear warmup from max_lr/warmup to max_lr over warmup_steps, then cosine to min_lr at total_steps
-    (the seed's schedule, as in nanoGPT / llm.c); min_lr after total_steps."""
+    (as in nanoGPT / llm.c); min_lr after total_steps."""
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
     if step >= total_steps:

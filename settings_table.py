@@ -2,7 +2,7 @@
 
 `config.py` parses and validates against this table; `.env.example` is generated from it
 (`python config.py example > .env.example`) and a test keeps the two in sync.
-Key names follow the seed system so an existing `.env` carries over.
+Key names follow the earlier Llama 3 training scripts' `.env` keys, so such a file works unchanged.
 """
 
 from __future__ import annotations

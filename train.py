@@ -21,20 +21,30 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 import checkpoint as ckpt
 import config
+import dataloaders
 import distributed as D
+import generate
+import hellaswag_utils
+import lora
+import model_utils
 import objectives
 import optim
 import precision
+import tokenizer as tk
 from errors import UserError, run_cli
 from logger import Logger, git_commit
+from model import ModelArgs, Transformer
 from settings_table import BY_KEY
 
 STAGES: tuple[str, ...] = BY_KEY["TRAINING_STAGE"].choices
@@ -64,17 +74,17 @@ def starting_point(cfg: config.Config, args: argparse.Namespace) -> tuple[Path |
     """-> (checkpoint dir to resume this stage from or None, weight source for a fresh model or '').
     INIT_FROM empty in a later stage means the previous stage's latest checkpoint."""
     stage = cfg.training.training_stage
-    if elastic_restart_count() > 0:  # torchelastic restarted the workers: continue the stage's latest checkpoint
+    if D.elastic_restart_count() > 0:  # torchelastic restarted the workers: continue the stage's latest checkpoint
         try:
             path = ckpt.resolve("latest", ckpt.stage_root(cfg, stage))
-            return path, cfg.model.init_from or resumed_parent(path)
+            return path, cfg.model.init_from or ckpt.parent_source(path)
         except UserError:
             pass  # nothing saved yet: start as the first attempt did
     if args.checkpoint:
         ck_stage, spec = args.checkpoint
         path = ckpt.resolve(spec, ckpt.stage_root(cfg, ck_stage, for_loading=True))
         if ck_stage == stage:
-            return path, cfg.model.init_from or resumed_parent(path)
+            return path, cfg.model.init_from or ckpt.parent_source(path)
         return None, str(path)
     if cfg.model.init_from or STAGES.index(stage) == 0:
         return None, cfg.model.init_from
@@ -86,41 +96,16 @@ def starting_point(cfg: config.Config, args: argparse.Namespace) -> tuple[Path |
                         f"{prev} checkpoint exists: set INIT_FROM (any model source)") from None
 
 
-def elastic_restart_count() -> int:
-    """How often torchelastic (torchrun --max-restarts) restarted this worker group; 0 on the first attempt."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-
-
-def resumed_parent(path: Path) -> str:
-    """The weights a resumed run was started from (its recorded parent, or a LoRA run's base model), so the
-    model is rebuilt from them BEFORE objective.setup(): a frozen reference copy (or the LoRA base) must be the
-    starting model, not random init. '' = the run started from random init."""
-    state = ckpt.read_trainer_state(path) if (path / ckpt.STATE_FILE).is_file() else {}
-    conf = ckpt.read_json(path / ckpt.CONFIG_FILE) if (path / ckpt.CONFIG_FILE).is_file() else {}
-    parent = (conf.get("base_model") or {}).get("source") or state.get("parent") or ""
-    if parent and not Path(parent).exists() and Path(parent).is_absolute():
-        raise UserError(f"checkpoint {path} was started from {parent}, which no longer exists; the resumed run "
-                        "needs those weights (frozen reference / LoRA base): set INIT_FROM to a copy of them")
-    return str(parent)
-
-
 def load_tokenizer(cfg: config.Config, init_source: str):
-    import tokenizer as tk
-
     src = cfg.tokenizer.tokenizer_checkpoint_path
     if src == "model":
         if not init_source:
             raise UserError("TOKENIZER_CHECKPOINT_PATH=model needs INIT_FROM (or a checkpoint flag) to take it from")
-        import model_utils
-
         src = model_utils.tokenizer_source(init_source)  # our checkpoints name the tokenizer they trained with
     return tk.load_tokenizer(src)
 
 
 def build_model(cfg: config.Config, tok, init_source: str, device: torch.device):
-    import model_utils
-    from model import Transformer
-
     if init_source:
         model, margs = model_utils.load_model(init_source, device="cpu", dtype=torch.float32,
                                               rope_scaling_factor=cfg.model.rope_scaling_factor)
@@ -160,8 +145,6 @@ def batch_geometry(cfg: config.Config, world: int) -> tuple[int, int]:
 
 
 def build_loaders(cfg, objective, tok, info: D.DistInfo, G: int):
-    import dataloaders
-
     stage, t = cfg.training.training_stage, cfg.training
     root = cfg[f"{stage.upper()}_DATALOADER_ROOT_PATH"]
     pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
@@ -213,7 +196,7 @@ def inject_rank_exit(step: int, rank: int) -> None:
     no cleanup) during that step, on the first attempt only (TORCHELASTIC_RESTART_COUNT == 0), so a test can
     check that torchrun --max-restarts resumes from the latest checkpoint. Never set it in a real run."""
     spec = os.environ.get("FAULT_INJECT_RANK_EXIT_AT_STEP", "")
-    if spec and elastic_restart_count() == 0:
+    if spec and D.elastic_restart_count() == 0:
         r, s = (int(x) for x in spec.split(":"))
         if (r, s) == (rank, step + 1):
             print(f"fault injection: rank {rank} exits during step {step + 1}", file=sys.stderr, flush=True)
@@ -240,9 +223,6 @@ def validate(model, objective, val_loader, steps: int, device, autocast) -> floa
 
 def sample_prompts(model, tok, cfg, log: Logger) -> None:
     """Continue the stage's test prompts (a str = plain text, a list = chat messages) on every rank."""
-    import generate
-    import tokenizer as tk
-
     path = Path(cfg.eval.test_prompts_file)
     prompts = json.loads(path.read_text()).get(cfg.training.training_stage, []) if path.is_file() else []
     ids = [tk.ChatFormat(tok).encode_dialog(p, add_generation_prompt=True)[0] if isinstance(p, list)
@@ -257,11 +237,80 @@ def sample_prompts(model, tok, cfg, log: Logger) -> None:
         log.print(f"  sample | {shown!r} -> {tok.decode(o)!r}")
 
 
-# ---- the loop ----------------------------------------------------------------------------------------
+# ---- building a run ----------------------------------------------------------------------------------
 
 
-def train(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) -> int:
-    t, stage, device = cfg.training, cfg.training.training_stage, info.device
+@dataclass
+class Run:
+    """Everything the loop works with, built once by build_run()."""
+
+    cfg: config.Config
+    info: D.DistInfo
+    tok: Any
+    model: nn.Module  # unwrapped: state dicts, optimizer, checkpoints
+    margs: ModelArgs
+    wrapped: nn.Module  # what the training forward calls (DDP / FSDP2 / compiled blocks)
+    eval_model: nn.Module  # FSDP2 forwards gather; DDP's module does not sync
+    objective: objectives.Objective
+    optimizer: torch.optim.Optimizer
+    params: list[nn.Parameter]  # the trainable ones
+    precision: precision.Choice  # what the run computes in, and why
+    scaler: torch.amp.GradScaler | None
+    ptdtype: torch.dtype
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    train_loader: Any
+    val_loader: Any
+    G: int  # global batch in sequences
+    accum: int  # micro-steps per optimizer step on each rank
+    max_steps: int
+    state: ckpt.TrainerState
+    init_source: str
+    resume_dir: Path | None
+    save_root: Path
+    run_dir: Path
+    log: Logger
+    fpt: float  # training FLOPs per token
+    peak: float | None  # peak FLOP/s of one device in the run's precision (None: MFU not reported)
+    peak_source: str  # where that figure comes from, or why there is none
+
+
+@dataclass
+class StepResult:
+    loss: float  # per unit (token / pair) of the whole step, all ranks
+    grad_norm: float
+    metrics: dict[str, float]  # the objective's metrics per unit
+    dt: float  # seconds
+    skipped: str | None = None  # "non-finite" / "loss spike" when the update was skipped
+
+
+def initial_state(cfg: config.Config, args: argparse.Namespace, resume_dir: Path | None, init_source: str,
+                  model: nn.Module, margs: ModelArgs) -> ckpt.TrainerState:
+    """A fresh state, or the checkpoint's (weights copied into the unwrapped model, before FSDP2 shards them);
+    --reset-optimizer takes only the weights, --start-step overrides the step counter."""
+    state = ckpt.TrainerState(stage=cfg.training.training_stage, parent=init_source or None)
+    if resume_dir is not None:
+        ckpt.load_model_weights(resume_dir, model, base_config_sha=ckpt.config_sha(margs.to_dict()))
+        if not args.reset_optimizer:
+            state = ckpt.read_trainer_state(resume_dir)
+    if args.start_step is not None:
+        state.step = args.start_step
+    return state
+
+
+def restore_training(resume_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     scaler: torch.amp.GradScaler | None, train_loader: Any, state: ckpt.TrainerState) -> None:
+    """Optimizer moments, loss scale, data position and RNG streams of a checkpoint."""
+    extra = ckpt.load_optimizer(resume_dir, model, optimizer)
+    if scaler is not None and extra.get("grad_scaler"):
+        scaler.load_state_dict(extra["grad_scaler"])
+    train_loader.load_state_dict(state.dataloader)
+    ckpt.set_rng_state(state.rng)
+
+
+def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) -> Run:
+    """settings -> tokenizer -> model -> objective -> LoRA -> state -> parallelize -> optimizer -> data ->
+    resume -> logger + banner."""
+    t, device = cfg.training, info.device
     random.seed(t.seed)
     np.random.seed(t.seed)
     prec = training_precision(cfg, device)
@@ -271,24 +320,11 @@ def train(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) -> int
     objective = objectives.build_objective(cfg)
     setup_facts = objective.setup(model, tok, device) or {}
     if cfg.lora.lora_enabled:
-        import lora
-
         lora.apply_lora(model, cfg.lora.lora_target_modules, cfg.lora.lora_rank, cfg.lora.lora_alpha,
                         cfg.lora.lora_dropout)
-    state: dict[str, Any] = dict(step=0, tokens_seen=0, stage=stage, parent=init_source or None, best_val=None,
-                                 best_step=None, bad_validations=0, nonfinite_total=0, nonfinite_in_a_row=0,
-                                 spike_steps=0)
-    if resume_dir is not None:
-        # before wrapping: FSDP2 then shards the loaded weights
-        ckpt.load_model_weights(resume_dir, model, base_config_sha=ckpt.config_sha(margs.to_dict()))
-        if not args.reset_optimizer:
-            state.update(ckpt.read_trainer_state(resume_dir))
-    if args.start_step is not None:
-        state["step"] = args.start_step
+    state = initial_state(cfg, args, resume_dir, init_source, model, margs)
     wrapped = D.parallelize(model, cfg, device)
-    eval_model = wrapped if D.is_fsdp(wrapped) else model  # FSDP2 forwards gather; DDP's module does not sync
     optimizer = optim.build_optimizer(model, cfg, device)
-    params = [p for p in model.parameters() if p.requires_grad]
     scaler = torch.amp.GradScaler(device.type) if prec.name == "fp16" else None
     ptdtype = prec.dtype
 
@@ -298,166 +334,226 @@ def train(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) -> int
         return torch.autocast(device.type, dtype=ptdtype)
 
     G, accum = batch_geometry(cfg, info.world_size)
-    T = cfg.model.max_seq_len
     train_loader, val_loader = build_loaders(cfg, objective, tok, info, G)
     if resume_dir is not None and not args.reset_optimizer:
-        extra = ckpt.load_optimizer(resume_dir, model, optimizer)
-        if scaler is not None and extra.get("grad_scaler"):
-            scaler.load_state_dict(extra["grad_scaler"])
-        train_loader.load_state_dict(state["dataloader"])
-        ckpt.set_rng_state(state["rng"])
-    max_steps = t.max_steps if t.max_steps >= 0 else train_loader.samples_per_epoch // G
-    run_dir = Path(cfg.logging.run_dir or f"runs/{stage}")
+        restore_training(resume_dir, model, optimizer, scaler, train_loader, state)
+    run_dir = Path(cfg.logging.run_dir or f"runs/{t.training_stage}")
     log = Logger(run_dir, D.is_main(), cfg.to_dict(), cfg.logging.wandb_enabled, cfg.logging.wandb_project_name,
                  cfg.logging.wandb_run_name, cfg.logging.wandb_entity, resume=resume_dir is not None)
-    import model_utils
-
-    fpt = model_utils.flops_per_token(margs, T)
     peak, peak_source = precision.peak_flops(device, prec.name, cfg.system.peak_flops)
-    save_root = ckpt.stage_root(cfg, stage)
-    log.banner({"commit": git_commit(), "stage": f"{stage} (objective {type(objective).__name__}, loader "
-                f"{objective.batch_format})", "world size": info.world_size, "device": str(device),
-                "precision": prec.describe(), "tokens per step": f"{G * T:,} = {G} seq x {T}",
-                "grad accumulation": f"{accum} = {G} / ({t.max_batch_size} x {info.world_size} ranks)",
-                "parameters": f"{model_utils.count_parameters(model):,} "
-                              f"({sum(p.numel() for p in params):,} trainable)",
-                "FLOPs per token": f"{fpt:.3e}",
-                "MFU peak": f"{peak:.3g} FLOP/s per device ({peak_source})" if peak else peak_source,
-                "steps": f"{state['step']} -> {max_steps}",
-                "start": str(resume_dir or init_source or "random init"), "checkpoints": str(save_root),
-                "run dir": str(run_dir), **setup_facts})
-    log.print("\n".join(f"  {line}" for line in cfg.summary().splitlines() if line.endswith(")")))
+    run = Run(cfg=cfg, info=info, tok=tok, model=model, margs=margs, wrapped=wrapped,
+              eval_model=wrapped if D.is_fsdp(wrapped) else model, objective=objective, optimizer=optimizer,
+              params=[p for p in model.parameters() if p.requires_grad], precision=prec, scaler=scaler, ptdtype=ptdtype,
+              autocast=autocast, train_loader=train_loader, val_loader=val_loader, G=G, accum=accum,
+              max_steps=t.max_steps if t.max_steps >= 0 else train_loader.samples_per_epoch // G, state=state,
+              init_source=init_source, resume_dir=resume_dir, save_root=ckpt.stage_root(cfg, t.training_stage),
+              run_dir=run_dir, log=log, fpt=model_utils.flops_per_token(margs, cfg.model.max_seq_len),
+              peak=peak, peak_source=peak_source)
+    print_banner(run, setup_facts)
+    return run
 
-    def save(step: int, best: bool = False) -> None:
-        c = cfg.checkpoint
-        conf: dict[str, Any] = {"model_args": margs.to_dict(), "settings": cfg.to_dict()}
-        if cfg.lora.lora_enabled:
-            import lora
 
-            conf["lora"] = lora.lora_config(model)
-            conf["base_model"] = {"source": init_source, "config_sha": ckpt.config_sha(margs.to_dict())}
-        ts = {**state, "step": step, "dataloader": train_loader.state_dict(), "rng": ckpt.rng_state(),
-              "world_size": info.world_size}
-        extra = {"schedule": {"kind": t.lr_schedule, "step": step, "max_steps": max_steps},
-                 "grad_scaler": scaler.state_dict() if scaler is not None else None}
-        ckpt.save(save_root, step, model, optimizer, trainer_state=ts, config=conf, lora=cfg.lora.lora_enabled,
-                  best=best, keep=c.max_number_checkpoints, extra_optimizer_json=extra)
+def print_banner(run: Run, setup_facts: dict[str, Any]) -> None:
+    cfg, t, info, G, T = run.cfg, run.cfg.training, run.info, run.G, run.cfg.model.max_seq_len
+    run.log.banner({"commit": git_commit(), "stage": f"{t.training_stage} (objective "
+                    f"{type(run.objective).__name__}, loader {run.objective.batch_format})",
+                    "world size": info.world_size, "device": str(info.device),
+                    "precision": run.precision.describe(), "tokens per step": f"{G * T:,} = {G} seq x {T}",
+                    "grad accumulation": f"{run.accum} = {G} / ({t.max_batch_size} x {info.world_size} ranks)",
+                    "parameters": f"{model_utils.count_parameters(run.model):,} "
+                                  f"({sum(p.numel() for p in run.params):,} trainable)",
+                    "FLOPs per token": f"{run.fpt:.3e}",
+                    "MFU peak": f"{run.peak:.3g} FLOP/s per device ({run.peak_source})" if run.peak
+                    else run.peak_source,
+                    "steps": f"{run.state.step} -> {run.max_steps}",
+                    "start": str(run.resume_dir or run.init_source or "random init"),
+                    "checkpoints": str(run.save_root), "run dir": str(run.run_dir), **setup_facts})
+    run.log.print("\n".join(f"  {line}" for line in cfg.summary().splitlines() if line.endswith(")")))
 
+
+# ---- checkpoints, evaluation ---------------------------------------------------------------------------
+
+
+def save_checkpoint(run: Run, best: bool = False) -> None:
+    """Collective: the training state at run.state.step (every rank calls it)."""
+    cfg, t = run.cfg, run.cfg.training
+    lora_config = lora.lora_config(run.model) if cfg.lora.lora_enabled else None
+    conf = ckpt.config_json(run.margs.to_dict(), cfg.to_dict(), lora_config, run.init_source)
+    state = replace(run.state, dataloader=run.train_loader.state_dict(), rng=ckpt.rng_state(),
+                    world_size=run.info.world_size)
+    extra = {"schedule": {"kind": t.lr_schedule, "step": state.step, "max_steps": run.max_steps},
+             "grad_scaler": run.scaler.state_dict() if run.scaler is not None else None}
+    ckpt.save(run.save_root, state.step, run.model, run.optimizer, trainer_state=state.to_dict(), config=conf,
+              lora=cfg.lora.lora_enabled, best=best, keep=cfg.checkpoint.max_number_checkpoints,
+              extra_optimizer_json=extra)
+
+
+def record_validation(state: ckpt.TrainerState, val: float, c: Any) -> tuple[bool, bool]:
+    """Best-value and early-stopping bookkeeping for a validation loss at state.step -> (improved, stop)."""
+    if state.best_val is None or val < state.best_val - c.early_stopping_min_delta:
+        state.best_val, state.best_step, state.bad_validations = val, state.step, 0
+        return True, False
+    if state.step >= c.early_stopping_patience_skip_steps:
+        state.bad_validations += 1
+    return False, 0 < c.early_stopping_patience <= state.bad_validations
+
+
+def due(every: int, step: int, last_step: bool) -> bool:
+    """An every-N-steps hook runs at multiples of N and after the last update; N <= 0 turns it off."""
+    return every > 0 and (step % every == 0 or last_step)
+
+
+def wants_checkpoint(c: Any, step: int, improved: bool, last_step: bool) -> bool:
+    periodic = c.save_every_x_steps and step % c.save_every_x_steps == 0 and not c.save_best_only
+    return bool(c.save_checkpoints and (improved or periodic or (last_step and not c.save_best_only)))
+
+
+def evaluate_and_save(run: Run, last_step: bool) -> bool:
+    """The hooks after the update of run.state.step: validation (+ early stopping), HellaSwag, samples,
+    checkpoint. -> True when early stopping ends the run."""
+    cfg, state, log, step = run.cfg, run.state, run.log, run.state.step
+    c, e = cfg.checkpoint, cfg.eval
+    improved = stop_early = False
+    if run.val_loader is not None and due(e.validate_every_x_steps, step, last_step):
+        val = validate(run.eval_model, run.objective, run.val_loader, e.val_steps, run.info.device, run.autocast)
+        log.log({"step": step, "val_loss": val}, console=True)
+        improved, stop_early = record_validation(state, val, c)
+    if due(e.hellaswag_every_x_steps, step, last_step):
+        hs = hellaswag_utils.hellaswag_hook(run.eval_model, run.tok, e.hellaswag_path,
+                                            limit=e.hellaswag_number_of_examples,
+                                            dtype=None if run.ptdtype == torch.float32 else run.ptdtype)
+        log.log({"step": step, "hellaswag_acc": hs["acc"], "hellaswag_acc_norm": hs["acc_norm"]}, console=True)
+    if due(e.generate_every_x_steps, step, last_step):
+        sample_prompts(run.eval_model, run.tok, cfg, log)
+    if wants_checkpoint(c, step, improved, last_step):
+        save_checkpoint(run, best=improved)
+    if stop_early:
+        log.print(f"early stopping at step {step}: no validation improvement beyond {c.early_stopping_min_delta} "
+                  f"for {state.bad_validations} validations; best {state.best_val:.4f} at step {state.best_step}")
+    return stop_early
+
+
+# ---- one optimizer step --------------------------------------------------------------------------------
+
+
+def forward_backward(run: Run) -> tuple[torch.Tensor, list[str], float]:
+    """The step's micro-batches through forward and backward, gradients scaled so the step's loss is per
+    unit of the whole step (all ranks). -> (rank-summed [loss, *metrics] sums, metric names, units)."""
+    device, objective = run.info.device, run.objective
+    batches = [run.train_loader.next_batch() for _ in range(run.accum)]
+    n_units = D.sum_floats([sum(objective.units(b) for b in batches)], device)[0]
+    scale = run.info.world_size / max(n_units, 1)  # DDP/FSDP average over ranks: undo, then / step's units
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    metric_sums: dict[str, torch.Tensor] = {}  # the objective's per-unit metrics, summed like the loss
+    for m, batch in enumerate(batches):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with D.gradient_sync(run.wrapped, sync=m == run.accum - 1):
+            with run.autocast():
+                micro_sum, micro_metrics = objective.loss(run.wrapped, batch)
+            loss = micro_sum * scale
+            (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
+        loss_sum += micro_sum.detach()
+        for k, v in (micro_metrics or {}).items():
+            metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().double()
+    names = sorted(metric_sums)  # the same keys on every rank: one collective for all of them
+    return D.all_reduce_sum(torch.stack([loss_sum, *(metric_sums[k] for k in names)])), names, n_units
+
+
+def apply_update(run: Run, spikes: SpikeGuard, loss: float, norm: float) -> str | None:
+    """optimizer.step() unless the loss / gradient norm is non-finite or a loss spike; a skipped step keeps the
+    weights and moments of the last good one. -> the reason for a skip, or None. Too many skips in a row stop
+    the run (UserError) without saving."""
+    state, scaler, t = run.state, run.scaler, run.cfg.training
+    finite = math.isfinite(loss) and (math.isfinite(norm) or scaler is not None)
+    spike = finite and spikes.is_spike(loss)
+    if finite and not spike:
+        (scaler.step(run.optimizer), scaler.update()) if scaler is not None else run.optimizer.step()
+        state.nonfinite_in_a_row = 0
+        spikes.accept(loss)
+        return None
+    kind = "loss spike" if spike else "non-finite"
+    if spike:
+        state.spike_steps += 1
+    else:
+        state.nonfinite_total += 1
+    state.nonfinite_in_a_row += 1
+    run.log.print(f"step {state.step}: {kind} (loss {loss} / grad norm {norm}): update skipped "
+                  f"({state.nonfinite_in_a_row} in a row)")
+    if state.nonfinite_in_a_row >= t.max_nonfinite_steps:
+        kept = ckpt.latest_name(run.save_root) if D.is_main() else None
+        raise UserError(f"loss or gradients were {kind} for {state.nonfinite_in_a_row} steps in a row "
+                        f"(step {state.step}); stopped without saving, last good checkpoint kept: "
+                        f"{run.save_root / kept if kept else 'none'}; lower MAX_LR, enable GRAD_CLIP or use "
+                        "TRAINING_PRECISION=bf16/fp32, then resume from it")
+    return kind
+
+
+def optimizer_step(run: Run, spikes: SpikeGuard) -> StepResult:
+    """micro-steps -> clip -> step (or skip) -> zero grads; advances run.state by one step."""
+    t0 = time.time()
+    reduced, names, n_units = forward_backward(run)
+    inject_rank_exit(run.state.step, run.info.rank)
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)
+    norm_t = D.grad_norm_and_clip(run.params, run.cfg.training.grad_clip)
+    # one host sync for the loss, the metrics and the gradient norm together
+    *sums, norm = torch.cat([reduced, norm_t.detach().reshape(1).to(reduced)]).tolist()
+    loss = sums[0] / max(n_units, 1)
+    skipped = apply_update(run, spikes, loss, norm)
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.info.device.type == "cuda":
+        torch.cuda.synchronize()
+    run.state.step += 1
+    run.state.tokens_seen += run.G * run.cfg.model.max_seq_len
+    return StepResult(loss, norm, {k: v / max(n_units, 1) for k, v in zip(names, sums[1:], strict=True)},
+                      time.time() - t0, skipped)
+
+
+def log_step(run: Run, r: StepResult, lr: float) -> None:
+    tps = run.G * run.cfg.model.max_seq_len / r.dt
+    t, state = run.cfg.training, run.state
+    run.log.log({"step": state.step, "loss": r.loss, "lr": lr, "tokens": state.tokens_seen, "tokens_per_s": tps,
+                 "mfu": run.fpt * tps / (run.peak * run.info.world_size) if run.peak else None,
+                 "grad_norm": r.grad_norm, "dt_ms": r.dt * 1000, "nonfinite_steps": state.nonfinite_total,
+                 **r.metrics, **({"spike_steps": state.spike_steps} if t.loss_spike_zscore > 0 else {})},
+                console=True)
+
+
+# ---- the loop ----------------------------------------------------------------------------------------
+
+
+def train(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) -> int:
+    run = build_run(cfg, args, info)
+    state, log = run.state, run.log
     stopper = StopSignal()
-    spikes = SpikeGuard(t.loss_spike_zscore, t.loss_spike_window)
-    prof = make_profiler(cfg, run_dir)
-    first, step, loss_val, t_start = True, state["step"], float("nan"), time.time()
+    spikes = SpikeGuard(cfg.training.loss_spike_zscore, cfg.training.loss_spike_window)
+    prof = make_profiler(cfg, run.run_dir)
+    just_resumed, loss, t_start = run.resume_dir is not None, float("nan"), time.time()
     while True:
-        last_step = step >= max_steps
-        lr = optim.set_lr(optimizer, step, cfg, max_steps)
-        if D.any_rank(bool(stopper.received), device):  # every rank agrees, then all save together
-            log.print(f"signal received: checkpointing step {step} and exiting")
+        last_step = state.step >= run.max_steps
+        lr = optim.set_lr(run.optimizer, state.step, cfg, run.max_steps)
+        if D.any_rank(bool(stopper.received), info.device):  # every rank agrees, then all save together
+            log.print(f"signal received: checkpointing step {state.step} and exiting")
             if cfg.checkpoint.save_checkpoints:
-                save(step)
+                save_checkpoint(run)
             break
-        # ---- evaluation and checkpoints (after the update of `step`; skipped right after a resume) -------
-        stop_early = False
-        if not (first and resume_dir is not None) and (step > 0 or last_step):
-            c, e = cfg.checkpoint, cfg.eval
-            improved = False
-            if val_loader is not None and (step % e.validate_every_x_steps == 0 or last_step):
-                val = validate(eval_model, objective, val_loader, e.val_steps, device, autocast)
-                log.log({"step": step, "val_loss": val}, console=True)
-                improved = state["best_val"] is None or val < state["best_val"] - c.early_stopping_min_delta
-                if improved:
-                    state["best_val"], state["best_step"], state["bad_validations"] = val, step, 0
-                elif step >= c.early_stopping_patience_skip_steps:
-                    state["bad_validations"] += 1
-                    stop_early = 0 < c.early_stopping_patience <= state["bad_validations"]
-            if cfg.eval.hellaswag_every_x_steps > 0 and (step % cfg.eval.hellaswag_every_x_steps == 0 or last_step):
-                import hellaswag_utils
-
-                hs = hellaswag_utils.hellaswag_hook(eval_model, tok, cfg.eval.hellaswag_path,
-                                                    limit=cfg.eval.hellaswag_number_of_examples,
-                                                    dtype=None if ptdtype == torch.float32 else ptdtype)
-                log.log({"step": step, "hellaswag_acc": hs["acc"], "hellaswag_acc_norm": hs["acc_norm"]},
-                        console=True)
-            if e.generate_every_x_steps and (step % e.generate_every_x_steps == 0 or last_step):
-                sample_prompts(eval_model, tok, cfg, log)
-            periodic = c.save_every_x_steps and step % c.save_every_x_steps == 0 and not c.save_best_only
-            if c.save_checkpoints and (improved or periodic or (last_step and not c.save_best_only)):
-                save(step, best=improved)
-            if stop_early:
-                log.print(f"early stopping at step {step}: no validation improvement beyond "
-                          f"{c.early_stopping_min_delta} for {state['bad_validations']} validations; best "
-                          f"{state['best_val']:.4f} at step {state['best_step']}")
-        first = False
+        # evaluation and checkpoints come after the update of `state.step`; not again right after a resume
+        stop_early = not just_resumed and (state.step > 0 or last_step) and evaluate_and_save(run, last_step)
+        just_resumed = False
         if last_step or stop_early:
             break
-        # ---- one optimizer step: micro-steps -> clip -> step ---------------------------------------
-        t0 = time.time()
-        batches = [train_loader.next_batch() for _ in range(accum)]
-        local_units = sum(objective.units(b) for b in batches)
-        n_units = D.sum_floats([local_units], device)[0]
-        scale = info.world_size / max(n_units, 1)  # DDP/FSDP average over ranks: undo, then / step's units
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        metric_sums: dict[str, torch.Tensor] = {}  # the objective's per-unit metrics, summed like the loss
-        for m, batch in enumerate(batches):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with D.gradient_sync(wrapped, sync=m == accum - 1):
-                with autocast():
-                    micro_sum, micro_metrics = objective.loss(wrapped, batch)
-                loss = micro_sum * scale
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-            loss_sum += micro_sum.detach()
-            for k, v in (micro_metrics or {}).items():
-                metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().double()
-        # one collective for the loss and every metric (same sorted keys on every rank), and one host sync
-        # for them together with the gradient norm
-        names = sorted(metric_sums)
-        reduced = D.all_reduce_sum(torch.stack([loss_sum, *(metric_sums[k] for k in names)]))
-        inject_rank_exit(step, info.rank)
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        norm_t = D.grad_norm_and_clip(params, t.grad_clip)
-        *reduced, norm = torch.cat([reduced, norm_t.detach().reshape(1).to(reduced)]).tolist()
-        loss_val = reduced[0] / max(n_units, 1)
-        step_metrics = {k: v / max(n_units, 1) for k, v in zip(names, reduced[1:], strict=True)}
-        finite = math.isfinite(loss_val) and (math.isfinite(norm) or scaler is not None)
-        spike = finite and spikes.is_spike(loss_val)
-        if finite and not spike:
-            (scaler.step(optimizer), scaler.update()) if scaler is not None else optimizer.step()
-            state["nonfinite_in_a_row"] = 0
-            spikes.accept(loss_val)
-        else:
-            # skipped: the weights and optimizer moments stay those of the last good step
-            kind, counter = ("loss spike", "spike_steps") if spike else ("non-finite", "nonfinite_total")
-            state[counter] = state.get(counter, 0) + 1  # .get: checkpoints from before the spike guard
-            state["nonfinite_in_a_row"] += 1
-            log.print(f"step {step}: {kind} (loss {loss_val} / grad norm {norm}): update skipped "
-                      f"({state['nonfinite_in_a_row']} in a row)")
-            if state["nonfinite_in_a_row"] >= t.max_nonfinite_steps:
-                kept = ckpt.latest_name(save_root) if D.is_main() else None
-                raise UserError(f"loss or gradients were {kind} for {state['nonfinite_in_a_row']} steps in a row "
-                                f"(step {step}); stopped without saving, last good checkpoint kept: "
-                                f"{save_root / kept if kept else 'none'}; lower MAX_LR, enable GRAD_CLIP or use "
-                                "TRAINING_PRECISION=bf16/fp32, then resume from it")
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.time() - t0
-        step += 1
-        state["step"], state["tokens_seen"] = step, state["tokens_seen"] + G * T
-        tps = G * T / dt
+        result = optimizer_step(run, spikes)
+        loss = result.loss
         if prof is not None:
             prof.step()
-        if step % cfg.logging.log_every_x_steps == 0 or step == max_steps:
-            log.log({"step": step, "loss": loss_val, "lr": lr, "tokens": state["tokens_seen"], "tokens_per_s": tps,
-                     "mfu": fpt * tps / (peak * info.world_size) if peak else None, "grad_norm": norm,
-                     "dt_ms": dt * 1000, "nonfinite_steps": state["nonfinite_total"], **step_metrics,
-                     **({"spike_steps": state.get("spike_steps", 0)} if t.loss_spike_zscore > 0 else {})},
-                    console=True)
+        if state.step % cfg.logging.log_every_x_steps == 0 or state.step == run.max_steps:
+            log_step(run, result, lr)
     if prof is not None:
         prof.stop()
     log.plot_loss()
-    best = f", best val {state['best_val']:.4f} @ {state['best_step']}" if state["best_val"] is not None else ""
-    log.print(f"done: {stage} step {step}/{max_steps}, loss {loss_val:.4f}{best}, "
-              f"{state['tokens_seen']:,} tokens in {time.time() - t_start:.1f} s, run dir {run_dir}")
+    best = f", best val {state.best_val:.4f} @ {state.best_step}" if state.best_val is not None else ""
+    log.print(f"done: {cfg.training.training_stage} step {state.step}/{run.max_steps}, loss {loss:.4f}{best}, "
+              f"{state.tokens_seen:,} tokens in {time.time() - t_start:.1f} s, run dir {run.run_dir}")
     log.close()
     return 0
 

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import config  # noqa: E402
 import data_preparation_utils as dpu  # noqa: E402
 import dataloaders  # noqa: E402
+import losses  # noqa: E402
 import model_utils  # noqa: E402
 import objectives  # noqa: E402
 import precision  # noqa: E402
@@ -76,7 +77,7 @@ def docs_for(tok, docs: list[str], n: int, T: int) -> list[str]:
 
 def renormalized_topk_kl_sum(student_logits, teacher_topk_logps, teacher_topk_ids, mask, temperature, tail=None):
     """The former cache approximation: teacher and student renormalized over the teacher's top-k ids."""
-    s = objectives._at_least_fp32(student_logits[mask]) / temperature  # (N, V)
+    s = losses.at_least_fp32(student_logits[mask]) / temperature  # (N, V)
     ids = teacher_topk_ids[mask].long()
     s_k = torch.log_softmax(s.gather(-1, ids), -1)  # (N, K)
     t_k = torch.log_softmax(teacher_topk_logps[mask].to(s.dtype), -1)  # tempered log-probs, renormalized

@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import config  # noqa: E402
+import model_formats  # noqa: E402
 import model_utils  # noqa: E402
 import objectives  # noqa: E402
 import precision as precision_mod  # noqa: E402
@@ -52,7 +53,7 @@ def build_pair(args: ModelArgs, device: torch.device):
                          max_position_embeddings=args.max_seq_len, tie_word_embeddings=args.tie_embeddings,
                          attention_bias=False, mlp_bias=False)
     hf = LlamaForCausalLM(hf_cfg)
-    missing, unexpected = hf.load_state_dict(model_utils.ours_to_hf(ours.state_dict(), args), strict=False)
+    missing, unexpected = hf.load_state_dict(model_formats.ours_to_hf(ours.state_dict(), args), strict=False)
     assert not unexpected and all("rotary" in k or (args.tie_embeddings and "lm_head" in k) for k in missing)
     return ours.to(device).train(), hf.to(device).train()
 

@@ -10,8 +10,8 @@ import random
 import numpy as np
 import pytest
 import torch
+from helpers import make_pretrain_data, read_metrics, run_inprocess, train_losses
 from safetensors.torch import load_file
-from test_train import make_pretrain_data, read_metrics, run_inprocess, train_losses
 
 import checkpoint as ckpt
 from errors import UserError

@@ -7,11 +7,11 @@ eagerly around it. Slow: the first compile of a block costs tens of seconds on 2
 from __future__ import annotations
 
 import pytest
-from test_train import pretrain_data, run_inprocess, train_losses  # noqa: F401  (fixture re-used)
+from helpers import run_inprocess, train_losses
 
 
 @pytest.mark.slow
-def test_compiled_training_matches_eager(tmp_path, pretrain_data):  # noqa: F811
+def test_compiled_training_matches_eager(tmp_path, pretrain_data):
     from torch._dynamo.utils import counters
 
     kw = {"MAX_STEPS": 4, "VALIDATE_EVERY_X_STEPS": 0, "SAVE_CHECKPOINTS": "false"}

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import data_manifest
 import data_preparation_utils as dpu
 import dataloaders as dl
 import demo_data
@@ -102,7 +103,7 @@ def test_epochs_reshuffle_and_cover_everything(data, tok):
 
 
 def test_pretrain_windows_are_the_token_stream(data, tok):
-    m = dpu.read_manifest(data / "pretrain")
+    m = data_manifest.read_manifest(data / "pretrain")
     stream = np.concatenate([np.load(data / "pretrain" / s["files"]["tokens"]["path"])
                              for s in m["splits"]["val"]["shards"]]).astype(np.int64)
     T = 64
@@ -188,7 +189,7 @@ def test_loader_is_fast(data, tok):
 
 def _split_arrays(root: Path, split: str) -> dict[str, list[np.ndarray]]:
     """The split's shard arrays read with plain np.load from the manifest (independent of the loader)."""
-    m = dpu.read_manifest(root)
+    m = data_manifest.read_manifest(root)
     out: dict[str, list[np.ndarray]] = {}
     for s in m["splits"][split]["shards"]:
         for role, f in s["files"].items():

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from test_train import (
+from helpers import (
     ROOT,
     free_port,
     make_pretrain_data,

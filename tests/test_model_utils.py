@@ -250,7 +250,7 @@ def test_gguf_rope_freqs_recover_llama31_scaling(tmp_path):
     LlamaModel.generate_extra_tensors); recompute them by that rule and recover the four numbers."""
     import math
 
-    from model_utils import _rope_scaling_from_factors
+    from model_formats import _rope_scaling_from_factors
 
     args = ModelArgs(dim=256, n_heads=2, n_layers=1, vocab_size=8, rope_theta=500000.0)
     factor, low, high, old = 8.0, 1.0, 4.0, 8192

@@ -20,20 +20,22 @@ from test_objectives import (
     tiny_model,
 )
 
+import objective_caches
 import objectives as obj
 from errors import UserError
+from objective_caches import concat_pairs
 
 
 def test_reference_cache_reads_rows_by_sample_index(tmp_path):
     policy, batch = tiny_model(0), dpo_batch()
     ref = tiny_model(1)
-    ids, labels = obj.DirectPreferenceOptimization._concat(batch)
+    ids, labels = concat_pairs(batch)
     lp = obj.sequence_logps(ref(ids), labels).detach()
     rows = np.zeros((10, 2), np.float32)
     index = torch.tensor([7, 2, 5])
     rows[index.numpy(), 0], rows[index.numpy(), 1] = lp[:3].numpy(), lp[3:].numpy()
     np.save(tmp_path / "ref_logps.npy", rows)
-    (tmp_path / "manifest.json").write_text(json.dumps({"format": obj.CACHE_FORMAT, "kind": "reference"}))
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": objective_caches.CACHE_FORMAT, "kind": "reference"}))
     live = obj.build_objective(cfg_for(TRAINING_STAGE="dpo"))
     live.setup(ref, None, torch.device("cpu"))
     cached = obj.build_objective(cfg_for(TRAINING_STAGE="dpo", DPO_REFERENCE_LOGPS_PATH=tmp_path))
@@ -58,7 +60,7 @@ def test_teacher_cache_reader_gives_the_topk_loss(tmp_path):
     np.save(tmp_path / "topk_logps.npy", lp)
     np.save(tmp_path / "topk_ids.npy", ii)
     np.save(tmp_path / "tail_logps.npy", tl)
-    manifest = {"format": obj.CACHE_FORMAT, "kind": "teacher", "vocab_size": 32, "top_k": K, "temperature": 2.0}
+    manifest = {"format": objective_caches.CACHE_FORMAT, "kind": "teacher", "vocab_size": 32, "top_k": K, "temperature": 2.0}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     o = distill_objective(TEACHER_CACHE_PATH=tmp_path)
     info = o.setup(student, None, torch.device("cpu"))
@@ -91,10 +93,10 @@ def test_write_cache_round_trip_and_atomicity(tmp_path):
     data = torch.randint(0, 32, (6, 8), generator=g)  # 6 samples, in a shuffled order, batch 4 (last wraps)
     order = [4, 1, 5, 0, 3, 2, 4, 1]
     batches = [{"input_ids": data[order[i:i + 4]], "sample_index": torch.tensor(order[i:i + 4])} for i in (0, 4)]
-    m = obj.write_cache("teacher", teacher, iter(batches), 6, 8, str(tmp_path / "c"), top_k=4, temperature=1.5)
+    m = objective_caches.write_cache("teacher", teacher, iter(batches), 6, 8, str(tmp_path / "c"), top_k=4, temperature=1.5)
     assert m["n_samples"] == 6 and m["top_k"] == 4 and m["vocab_size"] == 32 and m["temperature"] == 1.5
     assert not (tmp_path / "c.tmp").exists()
-    logps, ids, tail = obj.TeacherCache(str(tmp_path / "c")).lookup(torch.tensor([2, 5]), torch.device("cpu"))
+    logps, ids, tail = objective_caches.TeacherCache(str(tmp_path / "c")).lookup(torch.tensor([2, 5]), torch.device("cpu"))
     with torch.no_grad():
         p = F.softmax(teacher(data[[2, 5]]).double() / 1.5, -1)  # (2, 8, V) tempered teacher
     want_p, want_i = p.topk(4, -1)
@@ -103,13 +105,13 @@ def test_write_cache_round_trip_and_atomicity(tmp_path):
     torch.testing.assert_close(tail.exp().double(), 1 - want_p.sum(-1), atol=1e-6, rtol=1e-5)  # exact tail mass
     # a cover that misses samples fails and leaves nothing behind
     with pytest.raises(UserError, match="never produced 2 of 6"):
-        obj.write_cache("teacher", teacher, iter(batches[:1]), 6, 8, str(tmp_path / "d"), top_k=4)
+        objective_caches.write_cache("teacher", teacher, iter(batches[:1]), 6, 8, str(tmp_path / "d"), top_k=4)
     assert not (tmp_path / "d").exists() and not (tmp_path / "d.tmp").exists()
     # reference cache: rows equal the live reference log-probs
     batch = {**dpo_batch(B=3), "sample_index": torch.tensor([2, 0, 1])}
-    obj.write_cache("reference", teacher, iter([batch]), 3, 10, str(tmp_path / "r"))
-    c, r = obj.ReferenceCache(str(tmp_path / "r")).lookup(torch.tensor([2, 0, 1]), torch.device("cpu"))
-    ids, labels = obj.DirectPreferenceOptimization._concat(batch)
+    objective_caches.write_cache("reference", teacher, iter([batch]), 3, 10, str(tmp_path / "r"))
+    c, r = objective_caches.ReferenceCache(str(tmp_path / "r")).lookup(torch.tensor([2, 0, 1]), torch.device("cpu"))
+    ids, labels = concat_pairs(batch)
     want = obj.sequence_logps(teacher(ids), labels)
     torch.testing.assert_close(torch.cat([c, r]), want)
 
@@ -124,8 +126,8 @@ def test_cache_teacher_cli_over_shards_feeds_the_distillation_term(tmp_path, sta
     import sys
     from pathlib import Path
 
+    from helpers import subprocess_env
     from safetensors.torch import save_file
-    from test_train import subprocess_env
 
     import data_preparation_utils as dpu
     import dataloaders

@@ -13,6 +13,7 @@ import lora
 import objectives as obj
 from errors import UserError
 from model import ModelArgs, Transformer
+from objective_caches import concat_pairs
 
 # ---- independent references (plain Python math, one element at a time) -------------------------------
 
@@ -294,7 +295,7 @@ def test_dpo_lora_reference_is_the_base_with_adapters_off():
     with torch.no_grad():
         for _, m in lora.lora_modules(model):
             m.lora_b.normal_()
-    ids, labels = o._concat(batch)
+    ids, labels = concat_pairs(batch)
     ref = o.reference_logps(batch, ids, labels)
     torch.testing.assert_close(ref[:3], base_logps)
     assert all(not m.disabled for _, m in lora.lora_modules(model))  # switched back on

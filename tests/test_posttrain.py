@@ -19,6 +19,7 @@ import precision
 import tokenizer as tk
 from load_instruct_dataset import SFTEncoder
 from model import ModelArgs, Transformer
+from objective_caches import concat_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 T = 96
@@ -129,7 +130,7 @@ def _prepare(kind: str, records: list, out: Path, encoder) -> Path:
 
 
 def _train(tmp: Path, stage: str, **kw) -> list[dict]:
-    from test_train import read_metrics, subprocess_env
+    from helpers import read_metrics, subprocess_env
 
     run = tmp / f"run_{stage}"
     settings = {"TOKENIZER_CHECKPOINT_PATH": str(ROOT / "tokenizer.model"), "TRAINING_STAGE": stage,
@@ -153,7 +154,7 @@ def _latest(tmp: Path, stage: str) -> tuple[Path, dict]:
 
 @pytest.mark.slow
 def test_chain_pretrain_sft_dpo_through_train_py(tmp_path):
-    from test_train import make_pretrain_data
+    from helpers import make_pretrain_data
 
     import demo_data
     from load_dpo_dataset import DPOEncoder
@@ -305,7 +306,7 @@ def test_dpo_twenty_steps_on_smollm2_lora_raise_held_out_reward_accuracy(tmp_pat
         batch = loader("held", n).next_batch()  # every held-out pair once
         with torch.no_grad(), autocast:
             _, cr, rr, policy = objective._forward(model, batch)
-            ids, labels = objective._concat(batch)
+            ids, labels = concat_pairs(batch)
             ref = objective.reference_logps(batch, ids, labels)
         return {"n": n, "reward_accuracy": float((cr > rr).float().mean()),
                 "policy_prefers_chosen": float((policy[:n] > policy[n:]).float().mean()),

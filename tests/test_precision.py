@@ -146,7 +146,7 @@ def test_names_round_trip():
 
 
 def test_train_banner_states_the_auto_choice_and_mfu_uses_its_peak(tmp_path, capsys):
-    from test_train import make_pretrain_data, run_inprocess
+    from helpers import make_pretrain_data, run_inprocess
 
     data = make_pretrain_data(tmp_path / "data", n_docs=120)
     m = run_inprocess(tmp_path, data, TRAINING_PRECISION="auto", MAX_STEPS=2, VALIDATE_EVERY_X_STEPS=0,
@@ -162,7 +162,7 @@ def test_train_banner_states_the_auto_choice_and_mfu_uses_its_peak(tmp_path, cap
 
 
 def test_fp16_under_fsdp_is_refused(tmp_path):
-    from test_train import make_pretrain_data, run_inprocess
+    from helpers import make_pretrain_data, run_inprocess
 
     from errors import UserError
 

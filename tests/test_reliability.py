@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import (
+from helpers import (
     ROOT,
     TOKENIZER,
     make_pretrain_data,
@@ -33,6 +33,7 @@ from test_train import (
 )
 
 import checkpoint as ckpt
+import data_manifest
 from errors import UserError
 
 # checkpoints every step so that random kills often land inside a save; no validation (speed)
@@ -74,15 +75,15 @@ def _check_checkpoints(root: Path) -> int:
         assert {p.name for p in d.iterdir()} == CK_FILES, d
         conf = json.loads((d / "config.json").read_text())
         ckpt.load_model_weights(d, Transformer(ModelArgs(**conf["model_args"])))
-        assert ckpt.read_trainer_state(d)["step"] == step
+        assert ckpt.read_trainer_state(d).step == step
     name = ckpt.latest_name(root)
     if name is None:
         assert len(steps) <= 1  # killed before the first pointer move: at most the one step dir being published
         return 0
     latest = ckpt.resolve("latest", root)
     assert latest.name in {d.name for _, d in steps}
-    assert ckpt.read_trainer_state(latest)["step"] >= steps[-1][0] - 1
-    return ckpt.read_trainer_state(latest)["step"]
+    assert ckpt.read_trainer_state(latest).step >= steps[-1][0] - 1
+    return ckpt.read_trainer_state(latest).step
 
 
 def _resume_and_compare(tmp: Path, data: Path, start: int, reference: dict[int, float]) -> None:
@@ -208,7 +209,7 @@ def test_sigterm_to_one_rank_under_torchrun_checkpoints_agreed_step_and_resumes(
     root = tmp_path / "ck" / "pretrain"
     assert ckpt.latest_name(root) == ckpt.step_name(last)
     state = ckpt.read_trainer_state(root / ckpt.step_name(last))
-    assert state["step"] == last and state["world_size"] == 2
+    assert state.step == last and state.world_size == 2
     for s in logged:
         assert logged[s] == pytest.approx(dist_reference[s], abs=1e-4)
     resumed = train_losses(run_inprocess(tmp_path / "one", data, "--pretrain_checkpoint", str(root / ckpt.step_name(
@@ -321,7 +322,7 @@ _KILLER = """
 import os, signal, sys
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
 from test_reliability import _prepare
-from test_train import synthetic_docs
+from helpers import synthetic_docs
 docs = synthetic_docs(150)
 def records():
     for i, d in enumerate(docs):
@@ -340,9 +341,7 @@ def test_data_prep_killed_midway_then_rerun_equals_uninterrupted(tmp_path, prep_
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     assert not (out / "manifest.json").exists()  # readers (verify, loaders) refuse the dir until it is complete
     with pytest.raises(UserError, match="no manifest.json|unfinished|run the matching"):
-        import data_preparation_utils as dpu
-
-        dpu.read_manifest(out)
+        data_manifest.read_manifest(out)
     manifest = _prepare(out, synthetic_docs(150))
     assert _shard_hashes(manifest) == _shard_hashes(prep_reference)
     assert not [f for f in _visible(out) if f.endswith(".tmp")]

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT, TOKENIZER, make_pretrain_data, run_inprocess, subprocess_env
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from test_model_utils import tiny_gguf
 from test_reliability import _prepare, _run
-from test_train import ROOT, TOKENIZER, make_pretrain_data, run_inprocess, subprocess_env
 
 import checkpoint as ckpt
 from errors import UserError

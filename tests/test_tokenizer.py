@@ -17,6 +17,7 @@ import pytest
 
 import tokenizer as T
 from errors import UserError
+from fileio import sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_MODELS_VERSION = "0.3.0"  # PyPI package that ships Meta's Llama 3 tokenizer.model
@@ -38,7 +39,7 @@ def meta_model_file(tmp_path_factory) -> Path:
     spec = importlib.util.find_spec("llama_models")
     if spec is not None and spec.submodule_search_locations:
         path = Path(spec.submodule_search_locations[0]) / "llama3" / "tokenizer.model"
-        if path.is_file() and T._sha256_file(path) == META_TOKENIZER_SHA256:
+        if path.is_file() and sha256_file(path) == META_TOKENIZER_SHA256:
             return path
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llama3-train-tests"
     path = cache / f"llama_models-{LLAMA_MODELS_VERSION}" / "tokenizer.model"
@@ -51,7 +52,7 @@ def meta_model_file(tmp_path_factory) -> Path:
         with zipfile.ZipFile(wheel) as z:
             (path.parent / "tokenizer.model.tmp").write_bytes(z.read("llama_models/llama3/tokenizer.model"))
         os.replace(path.parent / "tokenizer.model.tmp", path)
-    assert T._sha256_file(path) == META_TOKENIZER_SHA256
+    assert sha256_file(path) == META_TOKENIZER_SHA256
     return path
 
 

@@ -1,19 +1,14 @@
 """The training loop on CPU: golden loss curve, step-level loss normalization under gradient
 accumulation (incl. uneven SFT-style target counts), precisions, optimizers, non-finite handling, early
 stopping, SIGTERM, W&B offline, LoRA runs, and the rule that train.py names no objective.
-
-Helpers here (synthetic data through the real data pipeline, in-process and torchrun runners) are
-imported by test_checkpoint.py and test_distributed.py."""
+"""
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,98 +16,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import (
+    ROOT,
+    TOKENIZER,
+    make_parent,
+    read_metrics,
+    run_inprocess,
+    settings,
+    subprocess_env,
+    train_losses,
+)
 from safetensors.torch import load_file
-
-ROOT = Path(__file__).resolve().parent.parent
-TOKENIZER = str(ROOT / "tokenizer.model")
-
-# A fixed vocabulary and a near-deterministic successor rule: documents are predictable, so the loss
-# falls visibly in a few steps, and the data does not depend on the Python version (unlike docstrings).
-WORDS = ("the a of to in and is it that for on with as was by this be are from at or an have which not but "
-         "you all can more one will if their has there what about when so out up into them than some could "
-         "time only other new these two may then do first any like now over such our even most made after "
-         "also did many before must through back years where much your way well down should because each "
-         "just those people how too little state good very make world still own see men work long get here "
-         "between both life being under never day same another know while last might great old year off "
-         "come since against go came right used take three").split()
-
-
-def synthetic_docs(n: int, seed: int = 0) -> list[str]:
-    r = random.Random(seed)
-    docs = []
-    for _ in range(n):
-        w = r.randrange(len(WORDS))
-        words = []
-        for _ in range(r.randint(30, 80)):
-            words.append(WORDS[w])
-            w = (w * 7 + r.choice((1, 1, 1, 2))) % len(WORDS)
-        docs.append(" ".join(words).capitalize() + ".")
-    return docs
-
-
-def make_pretrain_data(out: Path, n_docs: int = 300) -> Path:
-    """Shards + manifest written by data_preparation_utils (the real pipeline) with our tokenizer."""
-    import data_preparation_utils as dpu
-    import tokenizer
-
-    tok = tokenizer.load_tokenizer(TOKENIZER)
-    dpu.prepare("pretrain", synthetic_docs(n_docs), out, dpu.PretrainEncoder(tok), tokenizer_identity=tok.identity(),
-                source="synthetic test corpus", seed=0, val_fraction=0.1, shard_size=1 << 20, workers=1,
-                progress=False)
-    return out
-
-
-@pytest.fixture(scope="session")
-def pretrain_data(tmp_path_factory) -> Path:
-    return make_pretrain_data(tmp_path_factory.mktemp("data") / "pretrain")
-
-
-def settings(tmp: Path, data: Path, **kw) -> list[str]:
-    base = {"TOKENIZER_CHECKPOINT_PATH": TOKENIZER, "PRETRAIN_DATALOADER_ROOT_PATH": str(data),
-            "PRETRAIN_SAVE_CHECKPOINTS_PATH": str(tmp / "ck"), "RUN_DIR": str(tmp / "run"),
-            "TEST_PROMPTS_FILE": str(ROOT / "test_prompts.json")}
-    base.update({k: str(v) for k, v in kw.items()})
-    return ["--env-file", str(ROOT / "configs" / "debug.env"), *[f"{k}={v}" for k, v in base.items()]]
-
-
-def run_inprocess(tmp: Path, data: Path, *flags: str, **kw) -> list[dict]:
-    import train
-
-    assert train.main(settings(tmp, data, **kw) + list(flags)) == 0
-    return read_metrics(tmp / "run")
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def train_losses(metrics: list[dict]) -> dict[int, float]:
-    return {e["step"]: e["loss"] for e in metrics if "loss" in e}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def subprocess_env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline",
-               TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
-
-
-def torchrun(tmp: Path, data: Path, nproc: int, *flags: str, torchrun_args: tuple[str, ...] | None = None,
-             timeout: float = 300, **kw) -> subprocess.CompletedProcess:
-    launcher = list(torchrun_args) if torchrun_args is not None else ["--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, str(ROOT / "train.py"),
-           *settings(tmp, data, **kw), *flags]
-    p = subprocess.run(cmd, cwd=tmp, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p
-
 
 # ---- the rule --------------------------------------------------------------------------------------------
 
@@ -392,25 +306,6 @@ def test_eval_hooks_hellaswag_and_samples(tmp_path, pretrain_data, capsys):
 
 
 # ---- objective metrics in the step record; DPO resume keeps the reference ---------------------------------
-
-
-def make_parent(out: Path, seed: int = 7) -> Path:
-    """A checkpoint dir of ours holding a debug-sized model that differs from the loop's random init (other
-    seed, perturbed norms): a run started from it and one started from random init give different numbers."""
-    import checkpoint as ckpt
-    import config
-    from model import Transformer
-
-    cfg = config.load_config(str(ROOT / "configs" / "debug.env"))
-    model = Transformer(cfg.model_args(8448))
-    model.init_weights(generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("norm.weight"):
-                p.mul_(1.5)
-    ckpt.save(out, 0, model, None, trainer_state={"step": 0, "parent": None},
-              config={"model_args": model.args.to_dict(), "settings": cfg.to_dict()})
-    return out / "step_0000000"
 
 
 @pytest.fixture(scope="module")

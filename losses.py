@@ -1,0 +1,121 @@
+"""Pure loss functions of logits / log-probs (no model, no settings): next-token cross-entropy, sequence
+log-probs, DPO and its variants, knowledge distillation (exact and top-k cached). All reduce in fp32 (fp64 stays).
+Labels are already shifted (logits[:, t] predicts labels[:, t]); IGNORE_INDEX marks positions that do not count.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast half precisions to fp32 for softmax/log-sum-exp; keep fp64 (gradcheck) as it is."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Summed next-token cross-entropy in fp32. logits (B, T, V), labels (B, T) already shifted."""
+    return F.cross_entropy(at_least_fp32(logits.flatten(0, 1)), labels.flatten(), ignore_index=ignore_index,
+                           reduction="sum")
+
+
+def count_targets(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> int:
+    return int((labels != ignore_index).sum())
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """log p(response | prompt) per row: (B,). logits (B, T, V); labels (B, T) already shifted (logits[:, t]
+    predicts labels[:, t]) and `ignore_index` everywhere but response tokens, so prompt and padding add
+    exactly 0 (padding never counts). Computed in fp32 even under bf16 autocast."""
+    B, T, _ = logits.shape
+    nll = F.cross_entropy(at_least_fp32(logits.flatten(0, 1)), labels.flatten(), ignore_index=ignore_index,
+                          reduction="none")  # (B*T,), 0 where ignored
+    return -nll.view(B, T).sum(-1)
+
+
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float,
+             label_smoothing: float = 0.0, loss_type: str = "sigmoid",
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair preference losses (B,) and the implicit rewards beta * log(pi / ref) (B,) (detached).
+
+    With h = (log pi(y_w) - log pi(y_l)) - (log ref(y_w) - log ref(y_l)):
+      sigmoid: -(1 - eps) log s(beta h) - eps log s(-beta h)   DPO (Rafailov et al. 2023, eq. 7);
+               eps > 0 is conservative DPO (Mitchell 2023, "cDPO"): labels flipped with probability eps
+      hinge:   max(0, 1 - beta h)                                SLiC-style hinge (Zhao et al. 2023)
+      ipo:     (h - 1 / (2 beta))^2                              IPO (Azar et al. 2023, eq. 17)
+    All inputs are the log-probs the caller passes (the DPO objective passes SUMMED response log-probs
+    for every type, as the IPO paper defines it; TRL length-averages them for IPO).
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"DPO_LOSS_TYPE={loss_type!r}: expected one of {', '.join(DPO_LOSS_TYPES)}")
+    h = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)  # (B,)
+    if loss_type == "sigmoid":
+        losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "hinge":
+        losses = torch.relu(1.0 - beta * h)
+    else:
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def distillation_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+                          temperature: float) -> torch.Tensor:
+    """T^2 * sum over masked positions of KL(softmax(teacher/T) || softmax(student/T)) (Hinton et al. 2015;
+    T^2 keeps the gradient scale independent of T). logits (B, T, V); mask (B, T) bool. fp32 math."""
+    s = at_least_fp32(student_logits[mask]) / temperature  # (N, V), only positions that count
+    t = at_least_fp32(teacher_logits[mask]).to(s.dtype) / temperature
+    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)  # (N,)
+    return temperature**2 * kl.sum()
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """T^2 * KL(teacher || student) AVERAGED over masked positions (mean per target token; 0 if none)."""
+    n = mask.sum().clamp(min=1)
+    return distillation_loss_sum(student_logits, teacher_logits, mask, temperature) / n
+
+
+def topk_distillation_loss_sum(student_logits: torch.Tensor, teacher_topk_logps: torch.Tensor,
+                               teacher_topk_ids: torch.Tensor, mask: torch.Tensor, temperature: float,
+                               teacher_tail_logps: torch.Tensor | None = None) -> torch.Tensor:
+    """The cached-teacher approximation of `distillation_loss_sum`: T^2 * KL between the two distributions
+    coarsened to K + 1 outcomes, the teacher's top-k tokens plus one "tail" bucket holding all other mass:
+
+        KL ~= sum_i p_i log(p_i / q_i) + p_tail log(p_tail / q_tail),  p_tail = 1 - sum_i p_i, q_tail likewise
+
+    with p = softmax(teacher / T), q = softmax(student / T). Exact when K = V; otherwise never above the exact
+    KL (log-sum inequality: merging outcomes cannot increase a KL) and missing only p_tail * KL of the two
+    distributions inside the tail, small when the teacher is peaked. Unlike renormalizing both over the top-k,
+    the student is pushed to move mass out of the tail it over-weights. q_tail is a log-sum-exp over the
+    complement of the top-k (exact, no 1 - sum cancellation).
+
+    teacher_topk_logps (B, T, K): log p_i of the TEMPERED teacher, log_softmax(teacher_logits / T) at its top-k
+    ids (the same ids as at T = 1: scaling by 1/T keeps the order); teacher_tail_logps (B, T): log p_tail if
+    known exactly (the cache stores it), else log(1 - sum p_i) clamped at 0 mass. student_logits (B, T, V) raw.
+    """
+    s = at_least_fp32(student_logits[mask]) / temperature  # (N, V), only positions that count
+    ids = teacher_topk_ids[mask].long()  # (N, K)
+    lse = torch.logsumexp(s, -1)  # (N,)
+    log_q = s.gather(-1, ids) - lse[:, None]  # (N, K)
+    log_p = teacher_topk_logps[mask].to(s.dtype)  # (N, K)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (N,)
+    if ids.shape[-1] < s.shape[-1]:  # a non-empty complement: add the tail bucket
+        log_q_tail = torch.logsumexp(s.scatter(-1, ids, float("-inf")), -1) - lse  # (N,)
+        if teacher_tail_logps is None:
+            p_tail = (1.0 - log_p.exp().sum(-1)).clamp(min=0.0)  # (N,)
+            log_p_tail = torch.log(p_tail)
+        else:
+            log_p_tail = teacher_tail_logps[mask].to(s.dtype)
+            p_tail = log_p_tail.exp()
+        # 0 * log 0 = 0: a teacher with no tail mass adds nothing (and no NaN through the -inf)
+        kl = kl + torch.where(p_tail > 0, p_tail * (log_p_tail.clamp(min=-1e30) - log_q_tail), 0.0)
+    return temperature**2 * kl.sum()

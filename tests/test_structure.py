@@ -1,0 +1,128 @@
+"""The project's import graph: no cycles, and every import goes to the same or a lower layer (the layers of
+docs/ARCHITECTURE.md). Imports inside functions count. Also: every public name README.md and
+docs/ARCHITECTURE.md show as `module.name` imports."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Lowest first. A module may import modules of its own layer or of a lower one.
+LAYERS: dict[str, tuple[str, ...]] = {
+    "foundation": ("errors", "fileio", "settings_table", "precision", "model", "losses", "bpe", "fused_ce",
+                   "distributed", "logger", "optim", "demo_data"),
+    "settings": ("config",),
+    "data": ("tokenizer", "data_manifest", "data_preparation_utils", "dataloaders", "load_pretrain_dataset",
+             "load_instruct_dataset", "load_dpo_dataset"),
+    "model": ("model_formats", "lora", "checkpoint", "model_utils"),
+    "objectives": ("objective_caches", "objectives"),
+    "eval/export": ("generate", "hellaswag_utils", "load_hellaswag_dataset"),
+    "loop": ("train",),
+}
+LAYER_OF = {m: i for i, mods in enumerate(LAYERS.values()) for m in mods}
+NAMES = list(LAYERS)
+
+
+def project_modules() -> set[str]:
+    return {p.stem for p in ROOT.glob("*.py")}
+
+
+def imports_of(path: Path, project: set[str]) -> set[str]:
+    """Project modules `path` imports anywhere (top level or inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return (found & project) - {path.stem}
+
+
+def graph() -> dict[str, set[str]]:
+    project = project_modules()
+    return {m: imports_of(ROOT / f"{m}.py", project) for m in sorted(project)}
+
+
+def find_cycle(g: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+
+    def visit(m: str, stack: list[str]) -> list[str] | None:
+        state[m] = 1
+        for n in sorted(g.get(m, ())):
+            if state.get(n) == 1:
+                return stack[stack.index(n):] + [n] if n in stack else [m, n]
+            if n not in state and (c := visit(n, stack + [n])):
+                return c
+        state[m] = 2
+        return None
+
+    for m in g:
+        if m not in state and (c := visit(m, [m])):
+            return c
+    return None
+
+
+def layer_violations(g: dict[str, set[str]]) -> list[str]:
+    return [f"{m} ({NAMES[LAYER_OF[m]]}) imports {n} ({NAMES[LAYER_OF[n]]})"
+            for m, deps in g.items() for n in sorted(deps) if LAYER_OF[n] > LAYER_OF[m]]
+
+
+def test_every_module_has_a_layer():
+    assert project_modules() == set(LAYER_OF), "add new modules to LAYERS here and in docs/ARCHITECTURE.md"
+
+
+def test_no_import_cycle():
+    assert find_cycle(graph()) is None, f"import cycle: {' -> '.join(find_cycle(graph()))}"
+
+
+def test_imports_only_go_down_the_layers():
+    assert layer_violations(graph()) == []
+
+
+def test_the_checks_catch_a_cycle_and_an_upward_import():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) in (["a", "b", "c", "a"], ["b", "c", "a", "b"])
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+    assert layer_violations({"model": {"train"}, "train": {"model"}}) == ["model (foundation) imports train (loop)"]
+
+
+def test_layers_in_architecture_doc_match():
+    doc = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    for name, mods in LAYERS.items():
+        row = next((line for line in doc.splitlines() if line.startswith(f"| {name} |")), None)
+        assert row is not None, f"docs/ARCHITECTURE.md has no layer row for {name}"
+        assert set(re.findall(r"`(\w+)\.py`", row)) == set(mods), name
+
+
+def test_no_module_level_getattr():
+    for p in ROOT.glob("*.py"):
+        tree = ast.parse(p.read_text())
+        assert not any(isinstance(n, ast.FunctionDef) and n.name == "__getattr__" for n in tree.body), p.name
+
+
+def test_no_history_or_outside_documents_in_code():
+    pattern = re.compile(r"seed system|seed's|the seed (wrote|crashed|summed)|DESIGN|§|to keep files|split from|"
+                         r"re-exports|original design", re.IGNORECASE)
+    hits = [f"{p.relative_to(ROOT)}:{i}" for p in [*ROOT.glob("*.py"), *ROOT.glob("docs/*.md")]
+            for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert hits == []
+
+
+def public_names() -> set[tuple[str, str]]:
+    project = project_modules()
+    text = (ROOT / "README.md").read_text() + (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    return {(m, n) for m, n in re.findall(r"`(\w+)\.(\w+)[(`]", text) if m in project and n not in ("py", "model")}
+
+
+def test_docs_name_public_names():
+    assert len(public_names()) >= 15
+
+
+@pytest.mark.parametrize("module,name", sorted(public_names()))
+def test_public_name_imports(module, name):
+    assert hasattr(importlib.import_module(module), name), f"{module}.{name} is shown in the docs"
