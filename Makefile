@@ -27,7 +27,10 @@ test-fast: setup
 
 # The precision-sensitive tests with PyTorch, oneDNN and MKL limited to AVX2: bf16 is then emulated as on
 # CPUs without native bf16 (most laptops and cloud VMs), whatever CPU this runs on.
-AVX2_ENV := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+# Inductor's kernel cache does not key on these variables: a kernel compiled for one ISA and loaded under
+# the other aborts the process, so the AVX2 run keeps its own cache.
+AVX2_ENV := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+	TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/.cache/inductor-avx2
 PRECISION_TESTS := tests/test_precision.py tests/test_perf_paths.py tests/test_objectives.py tests/test_optim.py \
 	tests/test_train.py::test_precisions_and_optimizers_train tests/test_posttrain.py
 test-avx2: setup
