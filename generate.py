@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -69,11 +69,13 @@ def generate(
     seed: int | None = None,
     pad_id: int = 0,
     return_logits: bool = False,
+    stop_check: Callable[[], None] | None = None,
 ) -> list[list[int]] | tuple[list[list[int]], torch.Tensor]:
     """Continue each prompt; returns the new tokens per row, cut before the first stop id (the stop
     token itself is not included). Uses a KV cache sized to the longest prompt + max_new_tokens.
     return_logits: also return the fp32 logits (B, n_steps, V) each new token was sampled from
-    (for tests and debugging)."""
+    (for tests and debugging). stop_check: called before every new token; it may raise to abandon the
+    generation (the training loop's stop signal)."""
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens={max_new_tokens} must be >= 0")
     if top_k is not None and top_k < 1:
@@ -102,6 +104,8 @@ def generate(
         logits = model(tokens, 0, positions=positions, key_mask=full_mask[:, :L])[:, -1]  # (B, V)
         n = 0
         for n in range(max_new_tokens):
+            if stop_check is not None:
+                stop_check()
             if return_logits:
                 step_logits.append(logits.float())
             nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)

@@ -39,6 +39,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -345,6 +346,7 @@ def evaluate(
     progress: bool = True,
     add_bos: bool | None = None,
     shared_context: bool = True,
+    stop_check: Callable[[], None] | None = None,
 ) -> dict[str, float | int]:
     """Score `examples` -> {"acc", "acc_norm", "acc_token_norm", "n"} (see the module doc).
 
@@ -354,6 +356,8 @@ def evaluate(
     every rank returns the global result. add_bos: see resolve_add_bos (None = tokenizer convention).
     shared_context: our Transformer computes each context once for its 4 endings (tree rows); False (or
     any other model) packs the 4 full sequences into one forward. Both give the same numbers.
+    stop_check: called before every batch (the same number of batches on every rank); it may raise to
+    abandon the evaluation (the training loop's stop signal).
     """
     import torch.distributed as dist
 
@@ -390,6 +394,8 @@ def evaluate(
         bar = tqdm(total=len(examples), desc="hellaswag", unit="ex", dynamic_ncols=True)
     try:
         for b in range(0, len(encoded), batch_size):
+            if stop_check is not None:
+                stop_check()
             batch = encoded[b : b + batch_size]
             fits = max_len is None or all(len(e.ctx) + max(map(len, e.conts)) <= max_len + 1 for e in batch)
             if tree and fits and not model.cache_len:
@@ -424,7 +430,7 @@ _EXAMPLES_CACHE: dict[tuple[str, int | None], list[Example]] = {}
 
 def hellaswag_hook(model: torch.nn.Module, tokenizer: Any, path: str | os.PathLike, limit: int | None = None,
                    batch_size: int = 8, dtype: torch.dtype | None = None, add_bos: bool | None = None,
-                   progress: bool = False) -> dict[str, float | int]:
+                   progress: bool = False, stop_check: Callable[[], None] | None = None) -> dict[str, float | int]:
     """For the training loop: every rank calls it; the first `limit` examples of `path` (read once and
     cached) are split over the ranks of the initialized process group; returns the global metrics."""
     key = (str(path), limit)
@@ -432,7 +438,8 @@ def hellaswag_hook(model: torch.nn.Module, tokenizer: Any, path: str | os.PathLi
         _EXAMPLES_CACHE[key] = load_examples(path, limit)
     rank, world = _dist_info(None, None)
     return evaluate(model, tokenizer, _EXAMPLES_CACHE[key], batch_size=batch_size, dtype=dtype,
-                    rank=rank, world_size=world, progress=progress and rank == 0, add_bos=add_bos)
+                    rank=rank, world_size=world, progress=progress and rank == 0, add_bos=add_bos,
+                    stop_check=stop_check)
 
 
 # ---- CLI ------------------------------------------------------------------------------------------------------

@@ -117,6 +117,9 @@ SETTINGS: list[Setting] = [
     S("EARLY_STOPPING_MIN_DELTA", "checkpoint", "float", 0.0, "improvement smaller than this does not count",
       min=0.0),
     S("SAVE_CHECKPOINTS", "checkpoint", "bool", True, "write checkpoints at all"),
+    S("RESUME", "checkpoint", "str", "auto", "auto: continue the stage's latest checkpoint when one exists (its "
+      "model settings must match) | never: refuse to reuse a run dir or checkpoint dir that holds a run | "
+      "require: refuse to start without a checkpoint to continue", choices=("auto", "never", "require")),
     S("SAVE_EVERY_X_STEPS", "checkpoint", "int", 500, "periodic checkpoint; 0 = only on validation improvement",
       min=0),
     S("SAVE_BEST_ONLY", "checkpoint", "bool", False, "only write a checkpoint when validation improves"),
@@ -161,6 +164,11 @@ SETTINGS: list[Setting] = [
     S("LORA_TARGET_MODULES", "lora", "list", ["wq", "wk", "wv", "wo", "w1", "w3"],
       "linear layers that get adapters (wq wk wv wo w1 w2 w3 output)"),
     # ---- performance / distribution --------------------------------------------------------------
+    S("STEP_WATCHDOG_FACTOR", "system", "float", 20.0, "no progress for this many median step times (and at "
+      "least STEP_WATCHDOG_MIN_SECONDS): dump every rank's Python stacks and exit 75 (resumable); 0 = off",
+      min=0.0),
+    S("STEP_WATCHDOG_MIN_SECONDS", "system", "float", 1800.0, "the watchdog never fires sooner than this",
+      min=0.1),
     S("DEVICE", "system", "str", "auto", "auto (cuda -> mps -> cpu) | cpu | cuda | mps",
       choices=("auto", "cpu", "cuda", "mps")),
     S("USE_TORCH_COMPILE", "system", "bool", False, "torch.compile each block"),

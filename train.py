@@ -18,7 +18,6 @@ import json
 import math
 import os
 import random
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -43,8 +42,10 @@ import optim
 import precision
 import tokenizer as tk
 from errors import UserError, run_cli
+from fileio import read_json
 from logger import Logger, git_commit
 from model import ModelArgs, Transformer
+from run_control import RESUMABLE_EXIT, RunControl, StopRequested
 from settings_table import BY_KEY
 
 STAGES: tuple[str, ...] = BY_KEY["TRAINING_STAGE"].choices
@@ -52,7 +53,14 @@ STAGES: tuple[str, ...] = BY_KEY["TRAINING_STAGE"].choices
 
 def parse_args(argv: list[str]) -> tuple[config.Config, argparse.Namespace]:
     overrides, rest = config.split_overrides(argv)
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        usage="%(prog)s [--env-file F] [KEY=VALUE ...] [--<stage>_checkpoint C] [--reset-optimizer] "
+              "[--start-step N]",
+        epilog="KEY=VALUE: any setting (see .env.example), e.g. MAX_STEPS=100 MAX_LR=3e-4; it "
+               "overrides the environment and the env file. `python config.py show --env-file F` prints the "
+               f"resolved settings. Exit codes: 0 finished, {RESUMABLE_EXIT} stopped early by a signal or the "
+               "watchdog with a checkpoint (run the same command to continue), 2 a setting or input to fix.")
     p.add_argument("--env-file", default=None, help="settings file (default: ./.env when present)")
     for stage in STAGES:
         p.add_argument(f"--{stage}_checkpoint", metavar="C", default=None,
@@ -86,6 +94,9 @@ def starting_point(cfg: config.Config, args: argparse.Namespace) -> tuple[Path |
         if ck_stage == stage:
             return path, cfg.model.init_from or ckpt.parent_source(path)
         return None, str(path)
+    latest = auto_resume_checkpoint(cfg)
+    if latest is not None:
+        return latest, cfg.model.init_from or ckpt.parent_source(latest)
     if cfg.model.init_from or STAGES.index(stage) == 0:
         return None, cfg.model.init_from
     prev = STAGES[STAGES.index(stage) - 1]
@@ -94,6 +105,42 @@ def starting_point(cfg: config.Config, args: argparse.Namespace) -> tuple[Path |
     except UserError:
         raise UserError(f"TRAINING_STAGE={stage} starts from a trained model but INIT_FROM is empty and no "
                         f"{prev} checkpoint exists: set INIT_FROM (any model source)") from None
+
+
+# settings that fix the model's shape: RESUME=auto continues a checkpoint only when they are unchanged
+SHAPE_KEYS = ("DIM", "N_LAYERS", "N_HEADS", "N_KV_HEADS", "VOCAB_SIZE", "MULTIPLE_OF", "FFN_DIM_MULTIPLIER",
+              "FFN_HIDDEN_DIM", "TIE_EMBEDDINGS", "INIT_FROM", "LORA_ENABLED", "LORA_RANK")
+
+
+def auto_resume_checkpoint(cfg: config.Config) -> Path | None:
+    """RESUME (when no checkpoint flag names one): the stage's latest checkpoint to continue, or None to start
+    fresh. auto: latest when it exists and SHAPE_KEYS match it; never: None, and an error when the run dir or
+    the stage's checkpoint dir already holds a run; require: latest, an error when there is none."""
+    stage, mode = cfg.training.training_stage, cfg.checkpoint.resume
+    root = ckpt.stage_root(cfg, stage)
+    run_dir = Path(cfg.logging.run_dir or f"runs/{stage}")
+    if mode == "never":
+        for d in (run_dir, root):
+            if d.is_dir() and any(d.iterdir()):
+                raise UserError(f"RESUME=never but {d} already holds a run: set RUN_DIR and "
+                                f"{stage.upper()}_SAVE_CHECKPOINTS_PATH to new directories, or RESUME=auto to "
+                                "continue it")
+        return None
+    if ckpt.latest_name(root) is None:
+        if mode == "require":
+            raise UserError(f"RESUME=require but {root} has no checkpoint to continue: train without it first "
+                            "or set RESUME=auto")
+        return None
+    latest = ckpt.resolve("latest", root)
+    saved = (read_json(latest / ckpt.CONFIG_FILE).get("settings") or {}) \
+        if (latest / ckpt.CONFIG_FILE).is_file() else {}
+    now = cfg.to_dict()
+    changed = [f"{k}={saved[k]!r} there, {now.get(k)!r} now" for k in SHAPE_KEYS if k in saved and saved[k] != now.get(k)]
+    if changed:
+        raise UserError(f"RESUME={mode}: {latest} was trained with other model settings ({'; '.join(changed)}): "
+                        f"restore them to continue it, or set {stage.upper()}_SAVE_CHECKPOINTS_PATH and RUN_DIR "
+                        "to new directories to start another run")
+    return latest
 
 
 def load_tokenizer(cfg: config.Config, init_source: str):
@@ -144,6 +191,23 @@ def batch_geometry(cfg: config.Config, world: int) -> tuple[int, int]:
     return G, G // (t.max_batch_size * world)
 
 
+def planned_steps(cfg: config.Config, samples_per_epoch: int, G: int) -> int:
+    """MAX_STEPS, or one pass over the training data for MAX_STEPS=-1 — which must be at least one step: a
+    run that would train nothing is refused before anything is written."""
+    t = cfg.training
+    if t.max_steps >= 0:
+        return t.max_steps
+    steps = samples_per_epoch // G
+    if steps == 0:
+        stage = t.training_stage
+        raise UserError(f"MAX_STEPS=-1 (one pass over the data) trains 0 steps: "
+                        f"{cfg[f'{stage.upper()}_DATALOADER_ROOT_PATH']} holds {samples_per_epoch} training "
+                        f"sequences, fewer than one step's {G} (TOTAL_BATCH_SIZE={t.total_batch_size} / "
+                        f"MAX_SEQ_LEN={cfg.model.max_seq_len}): prepare more data, lower TOTAL_BATCH_SIZE or "
+                        "set MAX_STEPS")
+    return steps
+
+
 def build_loaders(cfg, objective, tok, info: D.DistInfo, G: int):
     stage, t = cfg.training.training_stage, cfg.training
     root = cfg[f"{stage.upper()}_DATALOADER_ROOT_PATH"]
@@ -157,18 +221,6 @@ def build_loaders(cfg, objective, tok, info: D.DistInfo, G: int):
                                    global_batch=t.max_batch_size * info.world_size, **common) \
         if cfg.eval.validate_every_x_steps else None
     return train, val
-
-
-class StopSignal:
-    """SIGTERM/SIGINT set a flag; the loop checks it once per step on every rank, then checkpoints and exits."""
-
-    def __init__(self) -> None:
-        self.received = 0
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
 
 
 class SpikeGuard:
@@ -203,25 +255,43 @@ def inject_rank_exit(step: int, rank: int) -> None:
             os._exit(1)
 
 
+def inject_step_sleep(step: int) -> None:
+    """TEST-ONLY fault injection: FAULT_INJECT_STEP_SLEEP="<step>:<seconds>" stalls that step (on every rank)
+    without a heartbeat, as a hung collective would, so a test can check the watchdog. Never set it in a
+    real run."""
+    spec = os.environ.get("FAULT_INJECT_STEP_SLEEP", "")
+    if spec:
+        s, seconds = spec.split(":")
+        if int(s) == step + 1:
+            time.sleep(float(seconds))
+
+
 # ---- evaluation --------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def validate(model, objective, val_loader, steps: int, device, autocast) -> float:
+def validate(model, objective, val_loader, steps: int, device, autocast,
+             stop_check: Callable[[], None] | None = None) -> float:
+    """Mean eval loss per unit over `steps` validation batches (all ranks). stop_check runs before every
+    batch and may raise to abandon the validation."""
     model.eval()
     val_loader.reset()
     total, units = 0.0, 0
-    for _ in range(steps):
-        batch = {k: v.to(device) for k, v in val_loader.next_batch().items()}
-        with autocast():
-            loss_sum, n = objective.eval_loss(model, batch)
-        total, units = total + float(loss_sum), units + int(n)
-    model.train()
+    try:
+        for _ in range(steps):
+            if stop_check is not None:
+                stop_check()
+            batch = {k: v.to(device) for k, v in val_loader.next_batch().items()}
+            with autocast():
+                loss_sum, n = objective.eval_loss(model, batch)
+            total, units = total + float(loss_sum), units + int(n)
+    finally:
+        model.train()
     total, units = D.sum_floats([total, units], device)
     return total / max(units, 1)
 
 
-def sample_prompts(model, tok, cfg, log: Logger) -> None:
+def sample_prompts(model, tok, cfg, log: Logger, stop_check: Callable[[], None] | None = None) -> None:
     """Continue the stage's test prompts (a str = plain text, a list = chat messages) on every rank."""
     path = Path(cfg.eval.test_prompts_file)
     prompts = json.loads(path.read_text()).get(cfg.training.training_stage, []) if path.is_file() else []
@@ -231,7 +301,7 @@ def sample_prompts(model, tok, cfg, log: Logger) -> None:
         return
     stops = [i for i in {tok.eos_id, tok.eot_id} if i is not None]
     outs = generate.generate(model, ids, cfg.eval.max_test_gen_len, temperature=0.0, stop_ids=stops,
-                             pad_id=tok.pad_id or 0)
+                             pad_id=tok.pad_id or 0, stop_check=stop_check)
     for p, o in zip(prompts, outs, strict=True):
         shown = p if isinstance(p, str) else p[-1]["content"]
         log.print(f"  sample | {shown!r} -> {tok.decode(o)!r}")
@@ -272,6 +342,8 @@ class Run:
     fpt: float  # training FLOPs per token
     peak: float | None  # peak FLOP/s of one device in the run's precision (None: MFU not reported)
     peak_source: str  # where that figure comes from, or why there is none
+    stop_check: Callable[[], None] = lambda: None  # raises StopRequested on every rank (set by train())
+    saved_step: int | None = None  # the step this process last checkpointed
 
 
 @dataclass
@@ -337,6 +409,7 @@ def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) ->
     train_loader, val_loader = build_loaders(cfg, objective, tok, info, G)
     if resume_dir is not None and not args.reset_optimizer:
         restore_training(resume_dir, model, optimizer, scaler, train_loader, state)
+    max_steps = planned_steps(cfg, train_loader.samples_per_epoch, G)
     run_dir = Path(cfg.logging.run_dir or f"runs/{t.training_stage}")
     log = Logger(run_dir, D.is_main(), cfg.to_dict(), cfg.logging.wandb_enabled, cfg.logging.wandb_project_name,
                  cfg.logging.wandb_run_name, cfg.logging.wandb_entity, resume=resume_dir is not None)
@@ -345,7 +418,7 @@ def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) ->
               eval_model=wrapped if D.is_fsdp(wrapped) else model, objective=objective, optimizer=optimizer,
               params=[p for p in model.parameters() if p.requires_grad], precision=prec, scaler=scaler, ptdtype=ptdtype,
               autocast=autocast, train_loader=train_loader, val_loader=val_loader, G=G, accum=accum,
-              max_steps=t.max_steps if t.max_steps >= 0 else train_loader.samples_per_epoch // G, state=state,
+              max_steps=max_steps, state=state,
               init_source=init_source, resume_dir=resume_dir, save_root=ckpt.stage_root(cfg, t.training_stage),
               run_dir=run_dir, log=log, fpt=model_utils.flops_per_token(margs, cfg.model.max_seq_len),
               peak=peak, peak_source=peak_source)
@@ -366,7 +439,8 @@ def print_banner(run: Run, setup_facts: dict[str, Any]) -> None:
                     "MFU peak": f"{run.peak:.3g} FLOP/s per device ({run.peak_source})" if run.peak
                     else run.peak_source,
                     "steps": f"{run.state.step} -> {run.max_steps}",
-                    "start": str(run.resume_dir or run.init_source or "random init"),
+                    "start": f"continuing {run.resume_dir} at step {run.state.step}" if run.resume_dir
+                    else str(run.init_source or "random init"),
                     "checkpoints": str(run.save_root), "run dir": str(run.run_dir), **setup_facts})
     run.log.print("\n".join(f"  {line}" for line in cfg.summary().splitlines() if line.endswith(")")))
 
@@ -386,6 +460,7 @@ def save_checkpoint(run: Run, best: bool = False) -> None:
     ckpt.save(run.save_root, state.step, run.model, run.optimizer, trainer_state=state.to_dict(), config=conf,
               lora=cfg.lora.lora_enabled, best=best, keep=cfg.checkpoint.max_number_checkpoints,
               extra_optimizer_json=extra)
+    run.saved_step = state.step
 
 
 def record_validation(state: ckpt.TrainerState, val: float, c: Any) -> tuple[bool, bool]:
@@ -415,16 +490,18 @@ def evaluate_and_save(run: Run, last_step: bool) -> bool:
     c, e = cfg.checkpoint, cfg.eval
     improved = stop_early = False
     if run.val_loader is not None and due(e.validate_every_x_steps, step, last_step):
-        val = validate(run.eval_model, run.objective, run.val_loader, e.val_steps, run.info.device, run.autocast)
+        val = validate(run.eval_model, run.objective, run.val_loader, e.val_steps, run.info.device, run.autocast,
+                       run.stop_check)
         log.log({"step": step, "val_loss": val}, console=True)
         improved, stop_early = record_validation(state, val, c)
     if due(e.hellaswag_every_x_steps, step, last_step):
         hs = hellaswag_utils.hellaswag_hook(run.eval_model, run.tok, e.hellaswag_path,
                                             limit=e.hellaswag_number_of_examples,
-                                            dtype=None if run.ptdtype == torch.float32 else run.ptdtype)
+                                            dtype=None if run.ptdtype == torch.float32 else run.ptdtype,
+                                            stop_check=run.stop_check)
         log.log({"step": step, "hellaswag_acc": hs["acc"], "hellaswag_acc_norm": hs["acc_norm"]}, console=True)
     if due(e.generate_every_x_steps, step, last_step):
-        sample_prompts(run.eval_model, run.tok, cfg, log)
+        sample_prompts(run.eval_model, run.tok, cfg, log, run.stop_check)
     if wants_checkpoint(c, step, improved, last_step):
         save_checkpoint(run, best=improved)
     if stop_early:
@@ -438,14 +515,23 @@ def evaluate_and_save(run: Run, last_step: bool) -> bool:
 
 def forward_backward(run: Run) -> tuple[torch.Tensor, list[str], float]:
     """The step's micro-batches through forward and backward, gradients scaled so the step's loss is per
-    unit of the whole step (all ranks). -> (rank-summed [loss, *metrics] sums, metric names, units)."""
+    unit of the whole step (all ranks). -> (rank-summed [loss, *metrics] sums, metric names, units).
+    A stop between micro-batches abandons the step: gradients dropped, the loader back where the step began."""
     device, objective = run.info.device, run.objective
+    loader_at_start = run.train_loader.state_dict()
     batches = [run.train_loader.next_batch() for _ in range(run.accum)]
     n_units = D.sum_floats([sum(objective.units(b) for b in batches)], device)[0]
     scale = run.info.world_size / max(n_units, 1)  # DDP/FSDP average over ranks: undo, then / step's units
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     metric_sums: dict[str, torch.Tensor] = {}  # the objective's per-unit metrics, summed like the loss
     for m, batch in enumerate(batches):
+        if m > 0:
+            try:
+                run.stop_check()
+            except StopRequested:
+                run.optimizer.zero_grad(set_to_none=True)
+                run.train_loader.load_state_dict(loader_at_start)
+                raise
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with D.gradient_sync(run.wrapped, sync=m == run.accum - 1):
             with run.autocast():
@@ -493,6 +579,7 @@ def optimizer_step(run: Run, spikes: SpikeGuard) -> StepResult:
     t0 = time.time()
     reduced, names, n_units = forward_backward(run)
     inject_rank_exit(run.state.step, run.info.rank)
+    inject_step_sleep(run.state.step)
     if run.scaler is not None:
         run.scaler.unscale_(run.optimizer)
     norm_t = D.grad_norm_and_clip(run.params, run.cfg.training.grad_clip)
@@ -523,39 +610,90 @@ def log_step(run: Run, r: StepResult, lr: float) -> None:
 
 
 def train(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) -> int:
+    """-> 0 when the run finished (all steps or early stopping), RESUMABLE_EXIT when a signal or the
+    watchdog stopped it early (with a checkpoint of the last completed step when checkpoints are on)."""
+    if stopped_by_signal_before(cfg):
+        return RESUMABLE_EXIT
     run = build_run(cfg, args, info)
-    state, log = run.state, run.log
-    stopper = StopSignal()
+    state, s = run.state, cfg.system
     spikes = SpikeGuard(cfg.training.loss_spike_zscore, cfg.training.loss_spike_window)
     prof = make_profiler(cfg, run.run_dir)
-    just_resumed, loss, t_start = run.resume_dir is not None, float("nan"), time.time()
-    while True:
-        last_step = state.step >= run.max_steps
-        lr = optim.set_lr(run.optimizer, state.step, cfg, run.max_steps)
-        if D.any_rank(bool(stopper.received), info.device):  # every rank agrees, then all save together
-            log.print(f"signal received: checkpointing step {state.step} and exiting")
-            if cfg.checkpoint.save_checkpoints:
-                save_checkpoint(run)
-            break
-        # evaluation and checkpoints come after the update of `state.step`; not again right after a resume
-        stop_early = not just_resumed and (state.step > 0 or last_step) and evaluate_and_save(run, last_step)
-        just_resumed = False
-        if last_step or stop_early:
-            break
-        result = optimizer_step(run, spikes)
-        loss = result.loss
-        if prof is not None:
-            prof.step()
-        if state.step % cfg.logging.log_every_x_steps == 0 or state.step == run.max_steps:
-            log_step(run, result, lr)
+    just_resumed, loss, t_start, stopped = run.resume_dir is not None, float("nan"), time.time(), False
+    with RunControl(info.device, s.step_watchdog_factor, s.step_watchdog_min_seconds) as control:
+        run.stop_check = control.check
+        try:
+            while True:
+                last_step = state.step >= run.max_steps
+                lr = optim.set_lr(run.optimizer, state.step, cfg, run.max_steps)
+                control.check()
+                # evaluation and checkpoints come after the update of `state.step`; not again right after a resume
+                stop_early = not just_resumed and (state.step > 0 or last_step) and evaluate_and_save(run, last_step)
+                just_resumed = False
+                if last_step or stop_early:
+                    break
+                result = optimizer_step(run, spikes)
+                control.step_done(result.dt)
+                loss = result.loss
+                if prof is not None:
+                    prof.step()
+                if state.step % cfg.logging.log_every_x_steps == 0 or state.step == run.max_steps:
+                    log_step(run, result, lr)
+        except StopRequested as e:
+            stopped = True
+            stop_and_checkpoint(run, str(e))
     if prof is not None:
         prof.stop()
-    log.plot_loss()
+    finish(run, loss, time.time() - t_start, stopped)
+    return RESUMABLE_EXIT if stopped else 0
+
+
+def stop_and_checkpoint(run: Run, why: str) -> None:
+    """Collective: the checkpoint a stopped run leaves (the last completed step, unless this process saved
+    it already)."""
+    step, save = run.state.step, run.cfg.checkpoint.save_checkpoints
+    run.log.print(f"stop requested ({why}): {'checkpointing' if save else 'not checkpointing (SAVE_CHECKPOINTS=false)'} "
+                  f"step {step}, exit code {RESUMABLE_EXIT} (run the same command again to continue)")
+    if save and run.saved_step != step:
+        save_checkpoint(run)
+    if D.is_main() and os.environ.get("TORCHELASTIC_RUN_ID"):
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        (run.run_dir / STOP_MARKER).write_text(json.dumps({"run_id": os.environ["TORCHELASTIC_RUN_ID"], "step": step}))
+
+
+STOP_MARKER = "stopped_by_signal.json"
+
+
+def stopped_by_signal_before(cfg: config.Config) -> bool:
+    """Under torchrun --max-restarts a worker group that a signal stopped (exit RESUMABLE_EXIT) would be
+    restarted and train on; a restarted worker whose previous attempt of the same torchrun job was stopped
+    exits again instead. A crash leaves no marker, so a restart after one resumes as usual."""
+    marker = Path(cfg.logging.run_dir or f"runs/{cfg.training.training_stage}") / STOP_MARKER
+    if D.elastic_restart_count() == 0 or not marker.is_file():
+        return False
+    try:
+        seen = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    if seen.get("run_id") != os.environ.get("TORCHELASTIC_RUN_ID"):
+        return False
+    print(f"rank {D.rank()}: this torchrun job was stopped by a signal at step {seen.get('step')}; not training "
+          f"on after torchrun's restart (exit {RESUMABLE_EXIT}: run the command again to continue)",
+          file=sys.stderr, flush=True)
+    return True
+
+
+def finish(run: Run, loss: float, seconds: float, stopped: bool) -> None:
+    """Loss plot, then the summary line and where the run's outputs are."""
+    state, log = run.state, run.log
+    plot = log.plot_loss()
     best = f", best val {state.best_val:.4f} @ {state.best_step}" if state.best_val is not None else ""
-    log.print(f"done: {cfg.training.training_stage} step {state.step}/{run.max_steps}, loss {loss:.4f}{best}, "
-              f"{state.tokens_seen:,} tokens in {time.time() - t_start:.1f} s, run dir {run.run_dir}")
+    log.print(f"{'stopped' if stopped else 'done'}: {run.cfg.training.training_stage} step {state.step}/"
+              f"{run.max_steps}, loss {loss:.4f}{best}, {state.tokens_seen:,} tokens in {seconds:.1f} s")
+    kept = ckpt.latest_name(run.save_root) if D.is_main() and run.save_root.is_dir() else None
+    log.print(f"  checkpoint: {run.save_root / kept if kept else 'none saved'}")
+    log.print(f"  metrics:    {run.run_dir / 'metrics.jsonl'}")
+    log.print(f"  loss plot:  {plot if plot else 'none (no losses logged)'}")
     log.close()
-    return 0
 
 
 def make_profiler(cfg: config.Config, run_dir: Path):
@@ -575,12 +713,9 @@ def make_profiler(cfg: config.Config, run_dir: Path):
 def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_args(sys.argv[1:] if argv is None else argv)
     info = D.init_distributed(cfg.system.device)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         return train(cfg, args, info)
     finally:
-        for s, h in handlers.items():  # StopSignal replaced them; matters when called in-process (tests)
-            signal.signal(s, h)
         D.destroy()
 
 

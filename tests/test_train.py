@@ -203,7 +203,7 @@ def test_early_stopping_on_crafted_curve(tmp_path, pretrain_data, monkeypatch):
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_and_exits_zero(tmp_path, pretrain_data):
+def test_sigterm_checkpoints_and_exits_resumable(tmp_path, pretrain_data):
     cmd = [sys.executable, str(ROOT / "train.py"), *settings(tmp_path, pretrain_data, MAX_STEPS=100000,
            VALIDATE_EVERY_X_STEPS=0, SAVE_EVERY_X_STEPS=0)]
     p = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -214,11 +214,19 @@ def test_sigterm_checkpoints_and_exits_zero(tmp_path, pretrain_data):
         time.sleep(0.2)
     p.send_signal(signal.SIGTERM)
     out, _ = p.communicate(timeout=120)
-    assert p.returncode == 0, out[-2000:]
+    assert p.returncode == 75, out[-2000:]  # stopped early, resumable (0 is kept for a finished run)
     last = max(e["step"] for e in read_metrics(tmp_path / "run") if "loss" in e)
     root = tmp_path / "ck" / "pretrain"
     assert (root / "latest").read_text().strip() == f"step_{last:07d}"
     assert json.loads((root / f"step_{last:07d}" / "trainer_state.json").read_text())["step"] == last
+    assert "stopped: pretrain" in out and f"checkpoint: {root / f'step_{last:07d}'}" in out
+    # the same command again continues that run (RESUME=auto) and finishes with 0
+    cmd = [sys.executable, str(ROOT / "train.py"), *settings(tmp_path, pretrain_data, MAX_STEPS=last + 2,
+           VALIDATE_EVERY_X_STEPS=0, SAVE_EVERY_X_STEPS=0)]
+    r = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"continuing {root / f'step_{last:07d}'} at step {last}" in r.stdout
+    assert sorted(e["step"] for e in read_metrics(tmp_path / "run") if "loss" in e)[-3:] == [last, last + 1, last + 2]
 
 
 @pytest.mark.slow
