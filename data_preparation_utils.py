@@ -60,6 +60,7 @@ from data_manifest import (
     verify,
 )
 from errors import UserError, run_cli
+from tokenizer import ChatFormat, load_tokenizer
 
 
 def auto_workers(n: int) -> int:
@@ -188,6 +189,11 @@ class PretrainEncoder:
         return {"tokens": out}, None
 
 
+# Role names chat datasets use -> the roles ChatFormat renders (system / user / assistant).
+ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+         "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant"}
+
+
 class ChatEncoder:
     """Shared part of the SFT and DPO encoders: the tokenizer, the ChatFormat built lazily in each worker
     process (it is not sent through pickling), and the record's split key."""
@@ -204,11 +210,9 @@ class ChatEncoder:
         return record_key(record)
 
     @property
-    def chat(self) -> Any:
+    def chat(self) -> ChatFormat:
         if self._chat is None:
-            import tokenizer
-
-            self._chat = tokenizer.ChatFormat(self.tok)
+            self._chat = ChatFormat(self.tok)
         return self._chat
 
 
@@ -504,9 +508,7 @@ def _main() -> int:
     args = p.parse_args()
     identity = None
     if args.tokenizer:
-        import tokenizer
-
-        identity = tokenizer.load_tokenizer(args.tokenizer).identity()
+        identity = load_tokenizer(args.tokenizer).identity()
     m = verify(args.dir, identity, args.check_hashes, args.kind)
     n = sum(len(m["splits"][s]["shards"]) for s in SPLITS)
     print(f"ok: {args.dir} ({m['kind']}, {n} shards, train {m['splits']['train']['tokens']:,} / val "

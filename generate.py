@@ -20,6 +20,8 @@ import torch
 import precision
 from errors import UserError, run_cli
 from model import Transformer
+from model_utils import load_model, tokenizer_source
+from tokenizer import ChatFormat, load_tokenizer
 
 
 def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -133,11 +135,7 @@ def generate(
 # ---- CLI --------------------------------------------------------------------------------------------
 def _load_tokenizer(source: str):
     try:
-        import tokenizer as tokenizer_mod
-    except ImportError as e:
-        raise UserError(f"tokenizer.py could not be imported ({e}); it is required for text generation") from e
-    try:
-        return tokenizer_mod.load_tokenizer(source)
+        return load_tokenizer(source)
     except UserError:
         raise
     except Exception as e:
@@ -146,23 +144,13 @@ def _load_tokenizer(source: str):
 
 
 def encode_prompt(tok, text: str, chat: bool, system: str | None = None) -> list[int]:
-    """Plain prompts get BOS for Llama-style tokenizers; chat prompts go through ChatFormat."""
+    """Plain prompts start with BOS when the tokenizer's convention says so (`Tokenizer.wants_bos`); chat
+    prompts go through ChatFormat."""
     if chat:
-        import tokenizer as tokenizer_mod
-
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-        ids, _ = tokenizer_mod.ChatFormat(tok).encode_dialog(messages, add_generation_prompt=True)
+        ids, _ = ChatFormat(tok).encode_dialog(messages, add_generation_prompt=True)
         return list(ids)
-    return list(tok.encode(text, bos=_wants_bos(tok)))
-
-
-def _wants_bos(tok) -> bool:
-    """Llama-style tokenizers start every document with BOS; ChatML ones (SmolLM2: BOS = <|im_start|>) do not."""
-    bos = getattr(tok, "bos_id", None)
-    if bos is None:
-        return False
-    names = {i: n for n, i in getattr(tok, "special_tokens", {}).items()}
-    return getattr(tok, "kind", None) == "tiktoken" or names.get(bos) in ("<|begin_of_text|>", "<s>", "<bos>")
+    return list(tok.encode(text, bos=tok.wants_bos))
 
 
 def main() -> int:
@@ -181,9 +169,6 @@ def main() -> int:
     ap.add_argument("--dtype", default="auto", choices=[*precision.CHOICES, *precision.ALIASES],
                     help="auto = bf16 where the device does it natively, else fp32 (fp16 on older GPUs)")
     a = ap.parse_args()
-
-    from model_utils import load_model, tokenizer_source
-
     tok = _load_tokenizer(a.tokenizer or tokenizer_source(a.model))
     model, _ = load_model(a.model, device=a.device, dtype=precision.inference_dtype(a.dtype, a.device))
     prompts = [encode_prompt(tok, p, a.chat, a.system) for p in a.prompt]

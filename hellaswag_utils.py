@@ -8,8 +8,10 @@ Rendering (lm-eval `tasks/hellaswag/utils.py`, `process_docs` + `preprocess`):
 Tokenization (lm-eval HFLM `_encode_pair`, causal backend): trailing spaces of the context move to
 the continuation; then whole = encode(context + continuation), ctx = encode(context) and the
 continuation tokens are whole[len(ctx):]. A BOS token is prepended to the context when `add_bos`;
-the default (None) follows the tokenizer's convention, as lm-eval 0.4.13's HF backend does unless it
-is given `add_bos_token=` (older lm-eval releases passed add_special_tokens=False: no BOS).
+the default (None) follows the tokenizer's convention (`Tokenizer.wants_bos`), as lm-eval 0.4.13's HF
+backend does unless it is given `add_bos_token=` (older lm-eval releases passed add_special_tokens=False:
+no BOS). A tokenizer.json whose BOS token is named like Llama's but whose post-processor does not prepend
+it therefore gets no BOS here, as in lm-eval.
 
 Scores per example (ll_i = summed log-likelihood of ending i's tokens given the context):
     acc            argmax ll_i
@@ -41,6 +43,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +52,11 @@ import torch.nn.functional as F
 
 import distributed as D
 import precision
+from data_preparation_utils import iter_jsonl
 from errors import UserError, run_cli
+from model import Transformer
+from model_utils import load_model, tokenizer_source
+from tokenizer import Tokenizer, load_tokenizer
 
 DEFAULT_DATA = "data/hellaswag/hellaswag_val.jsonl"
 DEMO_DATA = "data/hellaswag/hellaswag_demo.jsonl"  # what `load_hellaswag_dataset.py --demo` writes
@@ -122,10 +129,6 @@ def read_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[dict[s
     if not p.is_file():
         raise UserError(f"HellaSwag file {p} does not exist; create it with `python load_hellaswag_dataset.py "
                         f"--source FILE` (or --demo) or pass --data FILE")
-    from itertools import islice
-
-    from data_preparation_utils import iter_jsonl
-
     # islice never reads the line after the limit-th record, so a bad line past the limit does not fail.
     lines = islice(iter_jsonl(p), None if limit is None else max(limit, 0))
     return [validate_record(doc, f"{p}:{lineno}") for lineno, doc in lines]
@@ -136,32 +139,10 @@ def load_examples(path: str | os.PathLike, limit: int | None = None) -> list[Exa
 
 
 # ---- tokenization ----------------------------------------------------------------------------------------
-def resolve_add_bos(tokenizer: Any, add_bos: bool | None) -> bool:
-    """add_bos=None means the tokenizer's own convention, which is also lm-eval 0.4.13's default (its HF
-    backend calls tokenizer.encode with the tokenizer's default add_special_tokens):
-      - an explicit boolean `tokenizer.add_bos` attribute wins;
-      - no BOS token -> False;
-      - a GGUF tokenizer -> its `tokenizer.ggml.add_bos_token` flag (SmolLM2: False);
-      - an HF (`tokenizers`) backend -> whether its post-processor prepends BOS (Llama 3: yes);
-      - otherwise (tiktoken, Llama 3 / our own) -> True: <|begin_of_text|> starts every document.
-    """
-    if add_bos is not None:
-        return add_bos
-    flag = getattr(tokenizer, "add_bos", None)
-    if isinstance(flag, bool):
-        return flag
-    bos = getattr(tokenizer, "bos_id", None)
-    if bos is None:
-        return False
-    source = str(getattr(tokenizer, "source", ""))
-    if getattr(tokenizer, "kind", None) == "gguf" and source.endswith(".gguf") and Path(source).is_file():
-        from tokenizer import read_gguf_metadata
-
-        return bool(read_gguf_metadata(source).get("tokenizer.ggml.add_bos_token", True))
-    backend = getattr(tokenizer, "backend", None)
-    if backend is not None and hasattr(backend, "encode"):
-        return backend.encode("a", add_special_tokens=True).ids[:1] == [bos]
-    return True
+def resolve_add_bos(tokenizer: Tokenizer, add_bos: bool | None) -> bool:
+    """add_bos=None means the tokenizer's own convention (`Tokenizer.wants_bos`), which is also lm-eval
+    0.4.13's default: its HF backend calls tokenizer.encode with the tokenizer's default add_special_tokens."""
+    return tokenizer.wants_bos if add_bos is None else add_bos
 
 
 def encode_pair(tokenizer: Any, context: str, continuation: str, add_bos: bool) -> tuple[list[int], list[int]]:
@@ -209,8 +190,6 @@ def _first_argmax(values: list[float]) -> int:
 def _output_head(model: torch.nn.Module) -> torch.nn.Module | None:
     """Our plain Transformer can return hidden states: project only the ending positions (the LM head
     over all positions is most of the memory at vocab 128k). Wrapped models take the generic path."""
-    from model import Transformer
-
     return model.output if type(model) is Transformer else None
 
 
@@ -464,9 +443,6 @@ def main(argv: list[str] | None = None) -> int:
     if a.limit is not None and a.limit < 1:
         raise UserError(f"--limit {a.limit}; expected a positive number of examples")
 
-    import model_utils
-    import tokenizer as tokenizer_mod
-
     device = a.device or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
                           else "cpu")
     examples = load_examples(a.data, a.limit)
@@ -476,8 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = info.rank, info.world_size
     if world > 1 and device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    model, _ = model_utils.load_model(a.model, device=device, dtype=precision.inference_dtype(a.dtype, device))
-    tok = tokenizer_mod.load_tokenizer(a.tokenizer or model_utils.tokenizer_source(a.model))
+    model, _ = load_model(a.model, device=device, dtype=precision.inference_dtype(a.dtype, device))
+    tok = load_tokenizer(a.tokenizer or tokenizer_source(a.model))
     add_bos = {"auto": None, "yes": True, "no": False}[a.add_bos]
     t0 = time.perf_counter()
     res = evaluate(model, tok, examples, batch_size=a.batch_size, device=device, rank=rank, world_size=world,

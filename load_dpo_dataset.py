@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 
 import data_preparation_utils as dpu
+import demo_data
+from data_sources import common_args, parse_cli, prepare_from_cli
 from errors import run_cli
-from load_instruct_dataset import ROLES
-from load_pretrain_dataset import common_args, parse_cli, prepare_from_cli
 
 Messages = list[dict[str, str]]
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -51,9 +51,9 @@ def _messages(value: Any) -> Messages | None:
         return None
     out = []
     for m in value:
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or str(m.get("role")).lower() not in ROLES:
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or str(m.get("role")).lower() not in dpu.ROLES:
             return None
-        out.append({"role": ROLES[str(m["role"]).lower()], "content": m["content"]})
+        out.append({"role": dpu.ROLES[str(m["role"]).lower()], "content": m["content"]})
     return out
 
 
@@ -123,8 +123,6 @@ class DPOEncoder(dpu.ChatEncoder):
 
 
 def demo_source() -> tuple[list[dict], str]:
-    import demo_data
-
     return demo_data.demo_preference_set(), f"demo preference set (demo_data.py, Python {sys.version.split()[0]})"
 
 

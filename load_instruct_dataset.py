@@ -29,11 +29,10 @@ from typing import Any
 import numpy as np
 
 import data_preparation_utils as dpu
+import demo_data
+from data_sources import common_args, parse_cli, prepare_from_cli
 from errors import run_cli
-from load_pretrain_dataset import common_args, parse_cli, prepare_from_cli
 
-ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
-         "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant"}
 FORMATS = ("auto", "messages", "sharegpt", "alpaca")
 
 
@@ -59,9 +58,9 @@ def to_messages(record: Any, fmt: str = "auto") -> list[dict[str, str]] | None:
             if not isinstance(t, dict):
                 return None
             role, content = (t.get("role"), t.get("content")) if "role" in t else (t.get("from"), t.get("value"))
-            if not isinstance(role, str) or role.lower() not in ROLES or not isinstance(content, str):
+            if not isinstance(role, str) or role.lower() not in dpu.ROLES or not isinstance(content, str):
                 return None
-            msgs.append({"role": ROLES[role.lower()], "content": content})
+            msgs.append({"role": dpu.ROLES[role.lower()], "content": content})
         return msgs
     return None
 
@@ -134,8 +133,6 @@ class SFTEncoder(dpu.ChatEncoder):
 
 
 def demo_source() -> tuple[list[dict], str]:
-    import demo_data
-
     return demo_data.demo_instruct_set(), f"demo instruct set (demo_data.py, Python {sys.version.split()[0]})"
 
 

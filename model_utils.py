@@ -23,11 +23,13 @@ from pathlib import Path
 import torch
 
 import checkpoint as ckpt
+import lora
 import precision
 from errors import UserError, run_cli
 from fileio import read_json
 from model import ModelArgs, Transformer
 from model_formats import export_hf, export_meta, load_gguf, load_hf, load_meta, load_safetensors
+from tokenizer import load_tokenizer
 
 
 # ---- building -------------------------------------------------------------------------------------
@@ -175,8 +177,6 @@ def _load_ours(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
 
 
 def _merge_lora_checkpoint(path: Path, cfg: dict, adapters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    import lora
-
     base_src = (cfg.get("base_model") or {}).get("source")
     if not base_src:
         raise UserError(f"LoRA checkpoint {path} does not name its base model (config.json base_model.source)")
@@ -251,9 +251,7 @@ def main() -> int:
 
 def _try_tokenizer(source: str, required: bool):
     try:
-        import tokenizer as tokenizer_mod
-
-        return tokenizer_mod.load_tokenizer(source)
+        return load_tokenizer(source)
     except Exception as e:
         if required:
             raise UserError(f"could not load tokenizer {source!r}: {e}") from e

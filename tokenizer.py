@@ -2,9 +2,16 @@
 masks, and the CLI that trains the BPE (bpe.py) into a tiktoken-format file.
 
 Every backend has one interface (`Tokenizer`): `encode(text, bos, eos, allowed_special)`, `decode(ids)`,
-`bos_id`, `eos_id`, `eot_id`, `pad_id`, `vocab_size`, `identity()`. Plain text never becomes a special token
-unless the caller allows it (`allowed_special={"<|eot_id|>"}` or `"all"`): text that merely looks like
-`<|eot_id|>` is encoded as ordinary bytes, so training data cannot forge control tokens.
+`bos_id`, `eos_id`, `eot_id`, `pad_id`, `vocab_size`, `wants_bos`, `identity()`. Plain text never becomes a
+special token unless the caller allows it (`allowed_special={"<|eot_id|>"}` or `"all"`): text that merely looks
+like `<|eot_id|>` is encoded as ordinary bytes, so training data cannot forge control tokens.
+
+The BOS convention (`wants_bos`: does a plain document start with BOS?) is the tokenizer's own default, the
+one transformers' `encode(text)` follows and lm-evaluation-harness's HF backend inherits: an explicit
+`add_bos` attribute wins; no BOS token -> no; tiktoken (Llama 3, our own) -> yes, `<|begin_of_text|>` starts
+every document; GGUF -> its `tokenizer.ggml.add_bos_token` flag (SmolLM2: no); HF -> whether its
+post-processor prepends BOS (Llama 3: yes; a tokenizer.json without that post-processor: no, whatever
+the BOS token is called).
 
     python tokenizer.py train --vocab-size 8192 --out tokenizer.model     # the committed file
     python tokenizer.py encode --tokenizer tokenizer.model --text "Hello world"
@@ -76,11 +83,23 @@ class Tokenizer:
     eot_id: int | None
     pad_id: int | None
     chat_template: str | None = None
+    add_bos: bool | None = None  # True / False overrides the backend's BOS convention (see wants_bos)
     _sha256: str | None = None
 
     @property
     def n_words(self) -> int:
         return self.vocab_size
+
+    @property
+    def wants_bos(self) -> bool:
+        """Whether a plain document starts with BOS (the module docstring has the rule per backend)."""
+        if isinstance(self.add_bos, bool):
+            return self.add_bos
+        return self.bos_id is not None and self._prepends_bos()
+
+    def _prepends_bos(self) -> bool:
+        """The backend's own convention, asked only when there is a BOS token. Llama 3's: always."""
+        return True
 
     def _ordinary(self, text: str, offsets: bool) -> tuple[list[int], list[int]]:  # ids, start char of each
         raise NotImplementedError
@@ -279,9 +298,10 @@ class HFTokenizer(Tokenizer):
     """A `tokenizers.Tokenizer` plus the special ids and chat template from its config or GGUF metadata."""
 
     def __init__(self, backend: Any, *, kind: str, source: str, bos: int | None, eos: int | None,
-                 pad: int | None, chat_template: str | None):
+                 pad: int | None, chat_template: str | None, prepends_bos: bool | None = None):
         self.kind, self.source, self.chat_template = kind, source, chat_template
         self.backend = backend
+        self._bos_flag = prepends_bos  # GGUF's add_bos_token; None = ask the post-processor
         # Special tokens in plain text are tokenized as text; `_split_special` decides what may be special.
         self.backend.encode_special_tokens = True
         self.special_tokens = {t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special}
@@ -289,6 +309,11 @@ class HFTokenizer(Tokenizer):
         self.bos_id, self.eos_id = bos, eos
         self.pad_id = pad if pad is not None else eos
         self._set_turn_ids()
+
+    def _prepends_bos(self) -> bool:
+        if self._bos_flag is not None:
+            return self._bos_flag
+        return self.backend.encode("a", add_special_tokens=True).ids[:1] == [self.bos_id]
 
     def _ordinary(self, text: str, offsets: bool) -> tuple[list[int], list[int]]:
         enc = self.backend.encode(text, add_special_tokens=False)
@@ -308,7 +333,7 @@ class HFTokenizer(Tokenizer):
         return h.hexdigest()
 
 
-def _from_transformers(source: str, kind: str, **kwargs: Any) -> HFTokenizer:
+def _from_transformers(source: str, kind: str, prepends_bos: bool | None = None, **kwargs: Any) -> HFTokenizer:
     from transformers import AutoTokenizer
 
     try:
@@ -323,7 +348,7 @@ def _from_transformers(source: str, kind: str, **kwargs: Any) -> HFTokenizer:
     src = str(Path(source).resolve() / kwargs["gguf_file"]) if "gguf_file" in kwargs else (
         str(Path(source).resolve()) if Path(source).exists() else source)
     return HFTokenizer(backend, kind=kind, source=src, bos=tok.bos_token_id, eos=tok.eos_token_id,
-                       pad=tok.pad_token_id, chat_template=tok.chat_template)
+                       pad=tok.pad_token_id, chat_template=tok.chat_template, prepends_bos=prepends_bos)
 
 
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -373,9 +398,10 @@ def _from_gguf(path: Path) -> HFTokenizer:
     from tokenizers import Tokenizer as RawTokenizer
 
     meta = read_gguf_metadata(path)
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", True))  # no key: the Llama convention
     model = meta.get("tokenizer.ggml.model")
     if model != "gpt2":  # SentencePiece-style vocabularies: let transformers' converter handle them
-        return _from_transformers(str(path.parent), "gguf", gguf_file=path.name)
+        return _from_transformers(str(path.parent), "gguf", prepends_bos=add_bos, gguf_file=path.name)
     tokens: list[str] = meta.get("tokenizer.ggml.tokens")
     types: list[int] = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
@@ -400,7 +426,7 @@ def _from_gguf(path: Path) -> HFTokenizer:
                        bos=meta.get("tokenizer.ggml.bos_token_id"),
                        eos=meta.get("tokenizer.ggml.eos_token_id"),
                        pad=meta.get("tokenizer.ggml.padding_token_id"),
-                       chat_template=meta.get("tokenizer.chat_template"))
+                       chat_template=meta.get("tokenizer.chat_template"), prepends_bos=add_bos)
 
 
 def _looks_like_tiktoken(path: Path) -> bool:

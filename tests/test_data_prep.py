@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 import data_preparation_utils as dpu
+import data_sources
 import dataloaders as dl
 import load_dpo_dataset as ldpo
 import load_instruct_dataset as lid
-import load_pretrain_dataset as lpd
 import tokenizer
 from errors import UserError
 
@@ -299,14 +299,14 @@ def test_mix_file_interleaves_reproducibly(tmp_path):
     mix.write_text(json.dumps({"datasets": [{"id": str(tmp_path / "a.jsonl"), "weight": 3, "text_field": "t"},
                                             {"id": str(tmp_path / "b.jsonl"), "weight": 1, "text_field": "t",
                                              "max_datapoints": 50}], "seed": 5}))
-    first = list(lpd.mix_records(str(mix), "text")[0])
-    assert first == list(lpd.mix_records(str(mix), "text")[0])
+    first = list(data_sources.mix_records(str(mix), "text")[0])
+    assert first == list(data_sources.mix_records(str(mix), "text")[0])
     assert sorted(first) == sorted([f"a{i}" for i in range(300)] + [f"b{i}" for i in range(50)])
     assert [x for x in first if x[0] == "a"] == [f"a{i}" for i in range(300)]  # each source keeps its order
     head = first[:100]
     assert 60 < sum(x[0] == "a" for x in head) < 90  # ~3:1 while both last
     with pytest.raises(UserError, match="local path"):
-        list(lpd.open_dataset("no-such-org/no-such-dataset")[0])
+        list(data_sources.open_dataset("no-such-org/no-such-dataset")[0])
 
 
 @pytest.mark.parametrize("script", ["load_pretrain_dataset.py", "load_instruct_dataset.py", "load_dpo_dataset.py"])

@@ -16,13 +16,15 @@ import hellaswag_utils as hs
 import load_hellaswag_dataset as lhd
 from errors import UserError
 from model import ModelArgs, Transformer
+from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).parent / "fixtures" / "hellaswag_golden.jsonl"
 
 
-class ByteTokenizer:
-    """Stand-in tokenizer: UTF-8 bytes, plus optional greedy merges (multi-byte strings -> one id)."""
+class ByteTokenizer(Tokenizer):
+    """Stand-in tokenizer: UTF-8 bytes, plus optional greedy merges (multi-byte strings -> one id); the
+    base class's BOS convention (BOS when there is one)."""
 
     bos_id, eos_id, pad_id, vocab_size = 256, 257, 258, 264
 
@@ -222,10 +224,10 @@ def test_three_scores_use_their_own_divisors() -> None:
 
 
 def test_add_bos_convention() -> None:
-    class NoBos:
+    class NoBos(Tokenizer):
         bos_id = None
 
-    class Flagged:
+    class Flagged(Tokenizer):
         bos_id, add_bos = 1, False
 
     assert hs.resolve_add_bos(ByteTokenizer(), None) is True

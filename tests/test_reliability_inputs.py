@@ -308,7 +308,7 @@ def test_fuzz_jsonl_readers_only_skip_or_user_error(tmp_path, encoders, lines):
     event) for any record. HellaSwag: records validate or a UserError names file:line."""
     import data_preparation_utils as dpu
     import hellaswag_utils
-    from load_pretrain_dataset import iter_local
+    from data_sources import iter_local
 
     f = tmp_path / "x.jsonl"
     f.write_bytes("\n".join(lines).encode("utf-8", errors="replace"))

@@ -18,8 +18,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "foundation": ("errors", "fileio", "settings_table", "precision", "model", "losses", "bpe", "fused_ce",
                    "distributed", "run_control", "logger", "optim", "demo_data"),
     "settings": ("config",),
-    "data": ("tokenizer", "data_manifest", "data_preparation_utils", "dataloaders", "load_pretrain_dataset",
-             "load_instruct_dataset", "load_dpo_dataset"),
+    "data": ("tokenizer", "data_manifest", "data_preparation_utils", "data_sources", "dataloaders",
+             "load_pretrain_dataset", "load_instruct_dataset", "load_dpo_dataset"),
     "model": ("model_formats", "lora", "checkpoint", "model_utils"),
     "objectives": ("objective_caches", "objectives"),
     "eval/export": ("generate", "hellaswag_utils", "load_hellaswag_dataset"),
@@ -83,6 +83,12 @@ def test_no_import_cycle():
 
 def test_imports_only_go_down_the_layers():
     assert layer_violations(graph()) == []
+
+
+def test_no_dataset_cli_imports_another():
+    g = graph()
+    clis = {m for m in g if m.startswith("load_") and m.endswith("_dataset")}
+    assert {m: sorted(g[m] & clis) for m in sorted(clis) if g[m] & clis} == {}
 
 
 def test_the_checks_catch_a_cycle_and_an_upward_import():

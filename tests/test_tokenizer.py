@@ -302,6 +302,83 @@ def test_sources_and_errors(tmp_path, own, smol_path):
     assert pickle.loads(pickle.dumps(own)).encode("pickle me") == own.encode("pickle me")
 
 
+# ------------------------------------------------------------------------------------- BOS convention
+
+
+def _gguf_vocab(path: Path, add_bos: bool | None, bos: int | None = 0) -> Path:
+    """A metadata-only byte-level GGUF vocabulary: <s> (control), a, b, ab."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["<s>", "a", "b", "ab"])
+    w.add_token_types([3, 1, 1, 1])
+    w.add_token_merges(["a b"])
+    if bos is not None:
+        w.add_bos_token_id(bos)
+    if add_bos is not None:
+        w.add_add_bos_token(add_bos)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _hf_vocab(out: Path, post_processor: bool, bos: str | None = "<|begin_of_text|>") -> Path:
+    """A tokenizer.json + tokenizer_config.json whose BOS is named like Llama 3's, with or without a
+    post-processor that prepends it."""
+    from tokenizers import AddedToken, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer as RawTokenizer
+
+    raw = RawTokenizer(models.BPE(vocab={"<|begin_of_text|>": 0, "<|end_of_text|>": 1, "a": 2, "b": 3, "ab": 4},
+                                  merges=[("a", "b")]))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    raw.add_special_tokens([AddedToken("<|begin_of_text|>", special=True), AddedToken("<|end_of_text|>", special=True)])
+    if post_processor:
+        raw.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                           special_tokens=[("<|begin_of_text|>", 0)])
+    out.mkdir()
+    raw.save(str(out / "tokenizer.json"))
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|end_of_text|>"}
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg | ({"bos_token": bos} if bos else {})))
+    return out
+
+
+def test_wants_bos_tiktoken(own, meta):
+    assert own.wants_bos is True and meta.wants_bos is True  # <|begin_of_text|> starts every document
+    tok = T.load_tokenizer(ROOT / "tokenizer.model")
+    tok.add_bos = False  # an explicit choice wins over the backend's convention
+    assert tok.wants_bos is False and own.wants_bos is True
+
+
+def test_wants_bos_gguf_follows_its_add_bos_flag(smol, smol_hf, tmp_path):
+    # SmolLM2: BOS is <|im_start|> and add_bos_token is false; transformers' default encode agrees.
+    assert smol.wants_bos is False
+    assert smol_hf("a")["input_ids"][:1] != [smol_hf.bos_token_id]
+    assert T.load_tokenizer(_gguf_vocab(tmp_path / "yes.gguf", True)).wants_bos is True
+    assert T.load_tokenizer(_gguf_vocab(tmp_path / "no.gguf", False)).wants_bos is False
+    assert T.load_tokenizer(_gguf_vocab(tmp_path / "unset.gguf", None)).wants_bos is True
+    assert T.load_tokenizer(_gguf_vocab(tmp_path / "nobos.gguf", True, bos=None)).wants_bos is False
+
+
+def test_wants_bos_hf_follows_its_post_processor(smol_hf, tmp_path):
+    """The rule equals transformers' default encode (lm-evaluation-harness's HellaSwag convention): the BOS
+    token's name does not matter, only whether the post-processor prepends it."""
+    from transformers import AutoTokenizer
+
+    smol_hf.save_pretrained(tmp_path / "smol")
+    dirs = {"smol": (tmp_path / "smol", False),
+            "llama-named, no post-processor": (_hf_vocab(tmp_path / "plain", False), False),
+            "llama-named, prepends": (_hf_vocab(tmp_path / "template", True), True)}
+    for name, (d, want) in dirs.items():
+        ours, ref = T.load_tokenizer(d), AutoTokenizer.from_pretrained(d)
+        assert ours.kind == "hf" and ours.wants_bos is want, name
+        assert (ref("ab")["input_ids"][:1] == [ref.bos_token_id]) is want, name
+        assert ours.encode("ab", bos=ours.wants_bos) == ref("ab")["input_ids"], name
+    assert T.load_tokenizer(_hf_vocab(tmp_path / "nobos", True, bos=None)).wants_bos is False
+
+
 # ---------------------------------------------------------------------------------------------- BPE
 
 
