@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, make_pretrain_data, read_metrics, run_inprocess, settings, subprocess_env, train_losses
+from helpers import (
+    ROOT,
+    make_pretrain_data,
+    read_metrics,
+    run_inprocess,
+    settings,
+    subprocess_env,
+    train_losses,
+)
 
 import checkpoint as ckpt
 from errors import UserError
@@ -136,10 +144,11 @@ def test_help_names_key_value_settings_and_exit_codes():
 
 
 def test_generate_and_hellaswag_consult_the_stop_check():
+    from helpers import TOKENIZER
+
     import generate
     import hellaswag_utils
     import tokenizer as tk
-    from helpers import TOKENIZER
     from model import ModelArgs, Transformer
 
     class Stop(Exception):
