@@ -62,7 +62,9 @@ class TrainerState:
     step: int = 0
     tokens_seen: int = 0
     stage: str = ""
-    parent: str | None = None  # the weights the run started from (None = random init)
+    parent: str | None = None  # the weights the run started from, resolved to a directory or file (None = random init)
+    parent_fingerprint: str | None = None  # weights_fingerprint of those weights when the run started
+    parent_requested: str | None = None  # the source as the user named it (e.g. a `latest` pointer)
     best_val: float | None = None
     best_step: int | None = None
     bad_validations: int = 0  # validations in a row without improvement (early stopping)
@@ -82,14 +84,61 @@ class TrainerState:
         return asdict(self)
 
 
-def config_json(model_args: dict, settings: dict, lora_config: dict | None = None, base_source: str = "") -> dict:
+def config_json(model_args: dict, settings: dict, lora_config: dict | None = None, base_source: str = "",
+                base_fingerprint: str | None = None) -> dict:
     """config.json: the model args and resolved settings; a LoRA run adds its adapter settings and the
-    identity of the base model its adapters belong to (source + sha of the base's model args)."""
+    identity of the base model its adapters belong to (source, sha of the base's model args, fingerprint of
+    the base's weights)."""
     conf: dict[str, Any] = {"model_args": model_args, "settings": settings}
     if lora_config is not None:
         conf["lora"] = lora_config
-        conf["base_model"] = {"source": base_source, "config_sha": config_sha(model_args)}
+        conf["base_model"] = {"source": base_source, "config_sha": config_sha(model_args),
+                              "fingerprint": base_fingerprint}
     return conf
+
+
+def weights_fingerprint(state_dict: dict[str, torch.Tensor], samples: int = 1 << 16) -> str:
+    """A content hash of model weights, independent of the dtype they were loaded in: sha256 over each
+    tensor's name, shape and fp32 values — every value of a small tensor, an evenly strided sample of
+    `samples` values of a large one (training moves every weight, so a sample sees any update; hashing a
+    70B model in full would take minutes)."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach()
+        flat = t.reshape(-1)
+        if flat.numel() > samples:
+            flat = flat[:: flat.numel() // samples]
+        h.update(f"{name}:{tuple(t.shape)}".encode())
+        h.update(flat.to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def parent_fingerprint(path: Path) -> str | None:
+    """The fingerprint of the weights the run checkpointed at `path` started from (None: not recorded)."""
+    conf = read_json(path / CONFIG_FILE, _CORRUPT) if (path / CONFIG_FILE).is_file() else {}
+    recorded = (conf.get("base_model") or {}).get("fingerprint")
+    if recorded:
+        return recorded
+    return read_trainer_state(path).parent_fingerprint if (path / STATE_FILE).is_file() else None
+
+
+def parent_requested(path: Path) -> str | None:
+    """How the user named the weights the run checkpointed at `path` started from (None: not recorded)."""
+    return read_trainer_state(path).parent_requested if (path / STATE_FILE).is_file() else None
+
+
+def check_parent(path: Path, source: str, state_dict: dict[str, torch.Tensor]) -> None:
+    """Refuse weights that are not the ones the checkpoint at `path` was started from (its recorded
+    fingerprint), e.g. a base directory re-saved since: adapters or a frozen reference on other weights
+    would silently give other numbers."""
+    want = parent_fingerprint(path)
+    if want is None:
+        return
+    got = weights_fingerprint(state_dict)
+    if got != want:
+        raise UserError(f"checkpoint {path} was started from {source} (weights fingerprint {want[:12]}), but "
+                        f"{source} now holds other weights ({got[:12]}): it changed since; point INIT_FROM at "
+                        "the original weights (or at these, to continue on them knowingly)")
 
 
 def stage_root(cfg: Any, stage: str, for_loading: bool = False) -> Path:

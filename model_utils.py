@@ -154,17 +154,24 @@ def _download_hub(repo_id: str) -> Path:
 
 # ---- loaders ----------------------------------------------------------------------------------------
 def load_model(source: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               rope_scaling_factor: float | None = None) -> tuple[Transformer, ModelArgs]:
+               rope_scaling_factor: float | None = None, lora_base: str | None = None) -> tuple[Transformer, ModelArgs]:
     """Load any supported source (see module docstring) -> (model in eval mode, its ModelArgs).
     rope_scaling_factor (the ROPE_SCALING_FACTOR setting) overrides the Llama 3 RoPE scaling factor of a Meta
-    params.json with use_scaled_rope; other formats state their factor in their own config."""
+    params.json with use_scaled_rope; other formats state their factor in their own config.
+    lora_base: for a LoRA checkpoint of ours, the base to merge its adapters into instead of the recorded one
+    (the recorded base must still hold the weights the adapters were trained on, or loading is refused)."""
     kind, path = resolve_source(source)
-    args, sd = load_meta(path, rope_scaling_factor) if kind == "meta" else _LOADERS[kind](path)
+    if kind == "meta":
+        args, sd = load_meta(path, rope_scaling_factor)
+    elif kind == "ours":
+        args, sd = _load_ours(path, lora_base)
+    else:
+        args, sd = _LOADERS[kind](path)
     args.extra = {**args.extra, "source": str(path), "source_format": kind}
     return build_model(args, sd, device, dtype, where=str(path)), args
 
 
-def _load_ours(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+def _load_ours(path: Path, lora_base: str | None = None) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     cfg = read_json(path / ckpt.CONFIG_FILE)
     args = ModelArgs.from_dict(cfg["model_args"])
     weights = path / ckpt.MODEL_FILE
@@ -172,18 +179,21 @@ def _load_ours(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
         raise UserError(f"{path} has {ckpt.CONFIG_FILE} but no {ckpt.MODEL_FILE}; the checkpoint is incomplete")
     sd = load_safetensors(weights)
     if cfg.get("lora"):  # adapters only: rebuild the base, then merge the adapters into it
-        sd = _merge_lora_checkpoint(path, cfg, sd)
+        sd = _merge_lora_checkpoint(path, cfg, sd, lora_base)
     return args, sd
 
 
-def _merge_lora_checkpoint(path: Path, cfg: dict, adapters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    base_src = (cfg.get("base_model") or {}).get("source")
+def _merge_lora_checkpoint(path: Path, cfg: dict, adapters: dict[str, torch.Tensor],
+                           lora_base: str | None = None) -> dict[str, torch.Tensor]:
+    base_src = lora_base or (cfg.get("base_model") or {}).get("source")
     if not base_src:
         raise UserError(f"LoRA checkpoint {path} does not name its base model (config.json base_model.source)")
     try:
         base, _ = load_model(base_src)
     except UserError as e:
         raise UserError(f"LoRA checkpoint {path}: its base model {base_src!r} did not load ({e})") from e
+    if lora_base is None:
+        ckpt.check_parent(path, base_src, base.state_dict())
     spec = cfg["lora"]
     lora.apply_lora(base, targets=spec["targets"], rank=spec["rank"], alpha=spec["alpha"], dropout=0.0)
     lora.load_lora_state_dict(base, adapters)

@@ -85,18 +85,18 @@ def starting_point(cfg: config.Config, args: argparse.Namespace) -> tuple[Path |
     if D.elastic_restart_count() > 0:  # torchelastic restarted the workers: continue the stage's latest checkpoint
         try:
             path = ckpt.resolve("latest", ckpt.stage_root(cfg, stage))
-            return path, cfg.model.init_from or ckpt.parent_source(path)
+            return path, resume_parent(cfg, path)
         except UserError:
             pass  # nothing saved yet: start as the first attempt did
     if args.checkpoint:
         ck_stage, spec = args.checkpoint
         path = ckpt.resolve(spec, ckpt.stage_root(cfg, ck_stage, for_loading=True))
         if ck_stage == stage:
-            return path, cfg.model.init_from or ckpt.parent_source(path)
+            return path, resume_parent(cfg, path)
         return None, str(path)
     latest = auto_resume_checkpoint(cfg)
     if latest is not None:
-        return latest, cfg.model.init_from or ckpt.parent_source(latest)
+        return latest, resume_parent(cfg, latest)
     if cfg.model.init_from or STAGES.index(stage) == 0:
         return None, cfg.model.init_from
     prev = STAGES[STAGES.index(stage) - 1]
@@ -107,9 +107,20 @@ def starting_point(cfg: config.Config, args: argparse.Namespace) -> tuple[Path |
                         f"{prev} checkpoint exists: set INIT_FROM (any model source)") from None
 
 
+def resume_parent(cfg: config.Config, path: Path) -> str:
+    """The weights a resumed run rebuilds its model from before loading the checkpoint (the frozen reference
+    or LoRA base must be the run's starting model): the recorded parent — also when INIT_FROM repeats the
+    name it was recorded under, though that name (a `latest` pointer) may point elsewhere by now — or the
+    weights INIT_FROM names when it names others."""
+    init_from = cfg.model.init_from
+    if init_from and init_from != ckpt.parent_requested(path):
+        return init_from
+    return ckpt.parent_source(path)
+
+
 # settings that fix the model's shape: RESUME=auto continues a checkpoint only when they are unchanged
 SHAPE_KEYS = ("DIM", "N_LAYERS", "N_HEADS", "N_KV_HEADS", "VOCAB_SIZE", "MULTIPLE_OF", "FFN_DIM_MULTIPLIER",
-              "FFN_HIDDEN_DIM", "TIE_EMBEDDINGS", "INIT_FROM", "LORA_ENABLED", "LORA_RANK")
+              "FFN_HIDDEN_DIM", "TIE_EMBEDDINGS", "LORA_ENABLED", "LORA_RANK")
 
 
 def auto_resume_checkpoint(cfg: config.Config) -> Path | None:
@@ -356,10 +367,12 @@ class StepResult:
 
 
 def initial_state(cfg: config.Config, args: argparse.Namespace, resume_dir: Path | None, init_source: str,
-                  model: nn.Module, margs: ModelArgs) -> ckpt.TrainerState:
+                  model: nn.Module, margs: ModelArgs, init_fingerprint: str | None = None,
+                  requested: str = "") -> ckpt.TrainerState:
     """A fresh state, or the checkpoint's (weights copied into the unwrapped model, before FSDP2 shards them);
     --reset-optimizer takes only the weights, --start-step overrides the step counter."""
-    state = ckpt.TrainerState(stage=cfg.training.training_stage, parent=init_source or None)
+    state = ckpt.TrainerState(stage=cfg.training.training_stage, parent=init_source or None,
+                              parent_fingerprint=init_fingerprint, parent_requested=requested or None)
     if resume_dir is not None:
         ckpt.load_model_weights(resume_dir, model, base_config_sha=ckpt.config_sha(margs.to_dict()))
         if not args.reset_optimizer:
@@ -386,15 +399,23 @@ def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) ->
     random.seed(t.seed)
     np.random.seed(t.seed)
     prec = training_precision(cfg, device)
-    resume_dir, init_source = starting_point(cfg, args)
+    resume_dir, requested = starting_point(cfg, args)
+    # the parent recorded by a resumed run must still hold the same weights; weights INIT_FROM names under
+    # another name than the recorded one are the user's explicit choice
+    verify_parent = resume_dir is not None and bool(requested) and cfg.model.init_from in (
+        "", ckpt.parent_requested(resume_dir))
+    init_source = str(model_utils.resolve_source(requested)[1]) if requested else ""  # not a moving `latest`
     tok = load_tokenizer(cfg, init_source)
     model, margs = build_model(cfg, tok, init_source, device)
+    init_fingerprint = ckpt.weights_fingerprint(model.state_dict()) if init_source else None
+    if verify_parent:
+        ckpt.check_parent(resume_dir, init_source, model.state_dict())
     objective = objectives.build_objective(cfg)
     setup_facts = objective.setup(model, tok, device) or {}
     if cfg.lora.lora_enabled:
         lora.apply_lora(model, cfg.lora.lora_target_modules, cfg.lora.lora_rank, cfg.lora.lora_alpha,
                         cfg.lora.lora_dropout)
-    state = initial_state(cfg, args, resume_dir, init_source, model, margs)
+    state = initial_state(cfg, args, resume_dir, init_source, model, margs, init_fingerprint, requested)
     wrapped = D.parallelize(model, cfg, device)
     optimizer = optim.build_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type) if prec.name == "fp16" else None
@@ -452,7 +473,8 @@ def save_checkpoint(run: Run, best: bool = False) -> None:
     """Collective: the training state at run.state.step (every rank calls it)."""
     cfg, t = run.cfg, run.cfg.training
     lora_config = lora.lora_config(run.model) if cfg.lora.lora_enabled else None
-    conf = ckpt.config_json(run.margs.to_dict(), cfg.to_dict(), lora_config, run.init_source)
+    conf = ckpt.config_json(run.margs.to_dict(), cfg.to_dict(), lora_config, run.init_source,
+                            run.state.parent_fingerprint)
     state = replace(run.state, dataloader=run.train_loader.state_dict(), rng=ckpt.rng_state(),
                     world_size=run.info.world_size)
     extra = {"schedule": {"kind": t.lr_schedule, "step": state.step, "max_steps": run.max_steps},

@@ -40,7 +40,11 @@ def test_trainer_state_reads_the_fixture_checkpoint_and_writes_it_back_identical
     state = ckpt.read_trainer_state(FIXTURE / "step_0000003")
     assert (state.step, state.tokens_seen, state.best_step, state.stage) == (3, 384, 3, "pretrain")
     assert state.dataloader["offset"] == 12
-    assert json.dumps(state.to_dict()) == json.dumps(raw)  # same keys, same order, same values
+    written = state.to_dict()
+    # every key of the file, same order and values; fields added since (with defaults) are the only extras
+    assert json.dumps({k: v for k, v in written.items() if k in raw}) == json.dumps(raw)
+    assert {k: v for k, v in written.items() if k not in raw} == {"parent_fingerprint": None,
+                                                                  "parent_requested": None}
 
 
 def test_trainer_state_defaults_fill_keys_an_older_file_lacks():
@@ -52,8 +56,9 @@ def test_trainer_state_defaults_fill_keys_an_older_file_lacks():
 def test_config_json_and_parent_source(tmp_path):
     plain = ckpt.config_json({"dim": 4}, {"K": 1})
     assert plain == {"model_args": {"dim": 4}, "settings": {"K": 1}}
-    lora_conf = ckpt.config_json({"dim": 4}, {}, {"rank": 2}, "/base")
-    assert lora_conf["base_model"] == {"source": "/base", "config_sha": ckpt.config_sha({"dim": 4})}
+    lora_conf = ckpt.config_json({"dim": 4}, {}, {"rank": 2}, "/base", "f1ng3r")
+    assert lora_conf["base_model"] == {"source": "/base", "config_sha": ckpt.config_sha({"dim": 4}),
+                                       "fingerprint": "f1ng3r"}
     d = tmp_path / "step_0000001"
     d.mkdir()
     (d / ckpt.STATE_FILE).write_text(json.dumps({"step": 1, "parent": str(tmp_path)}))
@@ -252,3 +257,14 @@ def test_resume_of_a_copied_fixture_saves_next_checkpoint(tmp_path, pretrain_dat
     m = run_inprocess(tmp_path, pretrain_data, "--pretrain_checkpoint", "latest", **spec["settings"])
     assert sorted(train_losses(m)) == [4, 5, 6]
     assert ckpt.read_trainer_state(root / "step_0000006").step == 6
+
+
+def test_weights_fingerprint_sees_any_change_and_ignores_the_load_dtype():
+    g = torch.Generator().manual_seed(0)
+    sd = {"a.weight": torch.randn(300, 700, generator=g), "b": torch.randn(5, generator=g)}
+    fp = ckpt.weights_fingerprint(sd)
+    assert ckpt.weights_fingerprint({k: v.clone() for k, v in sd.items()}) == fp
+    assert ckpt.weights_fingerprint({k: v.double() for k, v in sd.items()}) == fp  # dtype of the load
+    moved = {k: v + 1e-3 * torch.randn(v.shape, generator=g) for k, v in sd.items()}  # a training step
+    assert ckpt.weights_fingerprint(moved) != fp
+    assert ckpt.weights_fingerprint({"a.weight": sd["a.weight"], "c": sd["b"]}) != fp  # names count

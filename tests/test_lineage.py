@@ -1,0 +1,51 @@
+"""A run started from other weights records them resolved (a step directory, not a moving `latest`
+pointer) with a fingerprint of their values; loading a LoRA checkpoint or resuming a run onto weights that
+changed since is refused in one line, unless the base is passed explicitly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import run_inprocess
+from safetensors.torch import load_file, save_file
+
+import checkpoint as ckpt
+import model_utils
+from errors import UserError
+
+BASE = dict(VALIDATE_EVERY_X_STEPS=0, SAVE_EVERY_X_STEPS=2, MAX_NUMBER_CHECKPOINTS=5)
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.arange(1, 17)[None])
+
+
+def test_lora_checkpoint_keeps_its_base_when_latest_moves_and_refuses_a_changed_base(tmp_path, pretrain_data):
+    base_dir = tmp_path / "base"
+    run_inprocess(base_dir, pretrain_data, MAX_STEPS=2, **BASE)
+    base_step = base_dir / "ck" / "pretrain" / ckpt.step_name(2)
+    lora_dir = tmp_path / "lora"
+    lora_kw = dict(INIT_FROM=str(base_dir / "ck" / "pretrain" / "latest"), LORA_ENABLED="true", **BASE)
+    run_inprocess(lora_dir, pretrain_data, MAX_STEPS=2, **lora_kw)
+    adapters = lora_dir / "ck" / "pretrain" / ckpt.step_name(2)
+    recorded = ckpt.read_json(adapters / ckpt.CONFIG_FILE)["base_model"]
+    assert recorded["source"] == str(base_step) and len(recorded["fingerprint"]) == 64
+    before = _logits(model_utils.load_model(adapters)[0])
+
+    run_inprocess(base_dir, pretrain_data, MAX_STEPS=4, **BASE)  # the base run continues: `latest` moves on
+    assert ckpt.latest_name(base_dir / "ck" / "pretrain") == ckpt.step_name(4)
+    torch.testing.assert_close(_logits(model_utils.load_model(adapters)[0]), before, rtol=0, atol=0)
+
+    weights = base_step / ckpt.MODEL_FILE  # the recorded base itself is overwritten with other values
+    sd = load_file(str(weights))
+    save_file({k: v + 0.01 for k, v in sd.items()}, str(weights), metadata={"format": "pt", "lora_only": "False"})
+    with pytest.raises(UserError, match=r"was started from .*step_0000002 .* now holds other weights"):
+        model_utils.load_model(adapters)
+    for init_from in (lora_kw["INIT_FROM"], ""):  # the same command again (a `latest` now elsewhere), or none
+        with pytest.raises(UserError, match="now holds other weights"):
+            run_inprocess(lora_dir, pretrain_data, MAX_STEPS=4, **{**lora_kw, "INIT_FROM": init_from})
+    changed = _logits(model_utils.load_model(adapters, lora_base=str(base_step))[0])  # explicit: accepted
+    assert (changed - before).abs().max() > 1e-3
+    m = run_inprocess(lora_dir, pretrain_data, MAX_STEPS=3, **{**lora_kw, "INIT_FROM": str(base_step)})
+    assert max(e["step"] for e in m if "loss" in e) == 3
