@@ -487,7 +487,7 @@ def _prepare(kind: str, records: Iterable[Any], root: Path, encoder: Any, *, tok
     dt = time.perf_counter() - t0
     tr, va = manifest["splits"]["train"], manifest["splits"]["val"]
     stats = {k: tr["stats"].get(k, 0) + va["stats"].get(k, 0) for k in {**tr["stats"], **va["stats"]}}
-    print(f"prepared {kind}: {tr['documents'] + va['documents']:,} records (train {tr['documents']:,} / val "
+    print(f"prepared {kind} from {manifest['source']}: {tr['documents'] + va['documents']:,} records (train {tr['documents']:,} / val "
           f"{va['documents']:,}), {tr['tokens'] + va['tokens']:,} tokens in {len(tr['shards']) + len(va['shards'])} "
           f"shards ({dtype}) -> {root} in {dt:.1f} s ({n_tokens / max(dt, 1e-9):,.0f} tok/s this run)"
           + "".join(f", {k} {v:,}" for k, v in sorted(stats.items())), file=sys.stderr)

@@ -197,6 +197,8 @@ def prepare_from_cli(kind: str, args: argparse.Namespace, cfg: Any, *, mix_key: 
     else:
         records, desc = demo()
         val_fraction = max(val_fraction, DEMO_MIN_VAL_FRACTION)
+        print(f"no --dataset, --mix or {mix_key}: preparing the offline demo set ({desc}); pass --dataset for "
+              "real data", file=sys.stderr)
     tok = tokenizer.load_tokenizer(cfg["TOKENIZER_CHECKPOINT_PATH"])
     return dpu.prepare(kind, records, args.out or cfg[out_key], make_encoder(tok), tokenizer_identity=tok.identity(),
                        source=desc, seed=cfg["SEED"], val_fraction=val_fraction, shard_size=shard_size_for(cfg, mix),

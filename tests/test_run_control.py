@@ -176,3 +176,12 @@ def test_generate_and_hellaswag_consult_the_stop_check():
     with pytest.raises(Stop):
         hellaswag_utils.evaluate(m, tok, ex, batch_size=1, progress=False, stop_check=stop_after(1))
     assert len(calls) == 2
+
+
+def test_dataset_cli_without_arguments_says_it_prepares_the_demo_set(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "load_pretrain_dataset.py"), "--out", str(tmp_path / "d"),
+                        "--no-progress", f"TOKENIZER_CHECKPOINT_PATH={ROOT / 'tokenizer.model'}"],
+                       cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "preparing the offline demo set (embedded corpus" in r.stderr
+    assert "prepared pretrain from embedded corpus" in r.stderr
