@@ -30,25 +30,31 @@ class Logger:
 
     def __init__(self, run_dir: str | os.PathLike, is_main: bool, config: dict | None = None,
                  wandb_enabled: bool = False, wandb_project: str = "", wandb_run_name: str = "",
-                 wandb_entity: str = "", resume: bool = False):
+                 wandb_entity: str = "", resume: bool = False, resume_step: int | None = None):
+        """resume: continue the run dir's metrics.jsonl — rows after `resume_step` (logged by an attempt that
+        went on past the checkpoint being resumed) are dropped, the rest is the history the loss plot
+        draws — and the W&B run whose id the run dir keeps."""
         self.is_main = is_main
         self.run_dir = Path(run_dir)
         self.history: list[dict] = []
         self.wandb = None
+        self._wandb_upto = -1  # W&B already holds the steps up to this one (an earlier attempt's)
         if not is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        # append on resume so one run directory holds the whole curve
         path = self.run_dir / "metrics.jsonl"
         if resume:
-            _drop_partial_line(path)
+            self.history, self._wandb_upto = _rows_up_to(path, resume_step)
         self._file = open(path, "a" if resume else "w", buffering=1)
         if wandb_enabled:
             import wandb
 
+            id_file = self.run_dir / WANDB_ID_FILE
+            run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
             self.wandb = wandb.init(project=wandb_project or None, name=wandb_run_name or None,
                                     entity=wandb_entity or None, dir=str(self.run_dir), config=config or {},
-                                    reinit="finish_previous")
+                                    reinit="finish_previous", id=run_id, resume="allow" if run_id else None)
+            id_file.write_text(self.wandb.id + "\n")
 
     def print(self, *args: Any) -> None:
         if self.is_main:
@@ -60,7 +66,7 @@ class Logger:
         clean = {k: _plain(v) for k, v in event.items()}
         self.history.append(clean)
         self._file.write(json.dumps(clean) + "\n")
-        if self.wandb is not None:
+        if self.wandb is not None and clean["step"] > self._wandb_upto:  # W&B refuses steps it already has
             self.wandb.log({k: v for k, v in clean.items() if k != "step" and isinstance(v, (int, float))},
                            step=clean["step"])
         if console:
@@ -112,14 +118,27 @@ class Logger:
             self.wandb = None
 
 
-def _drop_partial_line(path: Path) -> None:
-    """A process killed mid-write (kill -9) can leave half a JSON line at the end: cut it before appending."""
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def _rows_up_to(path: Path, step: int | None) -> tuple[list[dict], int]:
+    """metrics.jsonl of a run being resumed at `step`: keep the rows up to it (all when None) and rewrite the
+    file with them (atomically), dropping a half-written last line (kill -9 mid-write) and the rows an
+    attempt logged after that checkpoint. -> (kept rows, the largest step the file held)."""
     if not path.is_file():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
+        return [], -1
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # only the last line can be partial
+    upto = max((r.get("step", -1) for r in rows), default=-1)
+    kept = [r for r in rows if step is None or r.get("step", -1) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, path)
+    return kept, upto
 
 
 def _plain(v: Any) -> Any:

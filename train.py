@@ -433,7 +433,8 @@ def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) ->
     max_steps = planned_steps(cfg, train_loader.samples_per_epoch, G)
     run_dir = Path(cfg.logging.run_dir or f"runs/{t.training_stage}")
     log = Logger(run_dir, D.is_main(), cfg.to_dict(), cfg.logging.wandb_enabled, cfg.logging.wandb_project_name,
-                 cfg.logging.wandb_run_name, cfg.logging.wandb_entity, resume=resume_dir is not None)
+                 cfg.logging.wandb_run_name, cfg.logging.wandb_entity, resume=resume_dir is not None,
+                 resume_step=state.step if resume_dir is not None and not args.reset_optimizer else None)
     peak, peak_source = precision.peak_flops(device, prec.name, cfg.system.peak_flops)
     run = Run(cfg=cfg, info=info, tok=tok, model=model, margs=margs, wrapped=wrapped,
               eval_model=wrapped if D.is_fsdp(wrapped) else model, objective=objective, optimizer=optimizer,

@@ -116,3 +116,22 @@ def make_parent(out: Path, seed: int = 7) -> Path:
     ckpt.save(out, 0, model, None, trainer_state={"step": 0, "parent": None},
               config={"model_args": model.args.to_dict(), "settings": cfg.to_dict()})
     return out / "step_0000000"
+
+
+def wandb_records(path: Path) -> list[bytes]:
+    """Records of a .wandb file: a 7-byte header (':W&B', magic, version), then the LevelDB log format
+    (32 KiB blocks; chunks of crc32 (4) + length (2, LE) + type (1: full, 2: first, 3: middle, 4: last))."""
+    data, out, pos, block, parts = path.read_bytes(), [], 7, 32768, b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer too small for a header: padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0 and length == 0:
+            break
+        parts = chunk if kind in (1, 2) else parts + chunk
+        if kind in (1, 4):
+            out.append(parts)
+    return out

@@ -21,6 +21,7 @@ from helpers import (
     settings,
     subprocess_env,
     train_losses,
+    wandb_records,
 )
 
 import checkpoint as ckpt
@@ -185,3 +186,40 @@ def test_dataset_cli_without_arguments_says_it_prepares_the_demo_set(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "preparing the offline demo set (embedded corpus" in r.stderr
     assert "prepared pretrain from embedded corpus" in r.stderr
+
+
+def _wandb_loss_steps(run: Path) -> list[int]:
+    import json as _json
+
+    from wandb.proto import wandb_internal_pb2
+
+    steps = []
+    for data in wandb_records(next(run.glob("*.wandb"))):
+        rec = wandb_internal_pb2.Record()
+        rec.ParseFromString(data)
+        if rec.WhichOneof("record_type") == "history":
+            items = {i.key or "/".join(i.nested_key): _json.loads(i.value_json) for i in rec.history.item}
+            if "loss" in items:
+                steps.append(items["_step"])
+    return steps
+
+
+@pytest.mark.slow
+def test_resume_continues_the_wandb_run_and_the_metrics_history(tmp_path, pretrain_data, monkeypatch):
+    """A run goes on to step 4 after its step-2 checkpoint; resuming that checkpoint drops rows 3-4 from
+    metrics.jsonl (they are re-done), keeps 1-2, continues the same W&B run id and sends W&B only the steps
+    it does not hold yet; the loss plot is drawn from the whole history."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    kw = dict(WANDB_ENABLED="true", VALIDATE_EVERY_X_STEPS=0, SAVE_EVERY_X_STEPS=2, MAX_NUMBER_CHECKPOINTS=5)
+    first = train_losses(run_inprocess(tmp_path, pretrain_data, MAX_STEPS=4, **kw))
+    step2 = tmp_path / "ck" / "pretrain" / ckpt.step_name(2)
+    m = run_inprocess(tmp_path, pretrain_data, "--pretrain_checkpoint", str(step2), MAX_STEPS=6, **kw)
+    steps = [e["step"] for e in m if "loss" in e]
+    assert steps == [1, 2, 3, 4, 5, 6]  # each once: the first attempt's 3 and 4 were replaced
+    again = train_losses(m)
+    for s in (3, 4):
+        assert again[s] == pytest.approx(first[s], abs=1e-6)  # exact resume: the re-done steps agree
+    runs = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"), key=lambda p: p.stat().st_mtime)
+    assert len(runs) == 2 and runs[0].name.split("-")[-1] == runs[1].name.split("-")[-1]  # one W&B run id
+    assert _wandb_loss_steps(runs[0]) == [1, 2, 3, 4] and _wandb_loss_steps(runs[1]) == [5, 6]
+    assert (tmp_path / "run" / "loss.png").is_file()

@@ -25,6 +25,7 @@ from helpers import (
     settings,
     subprocess_env,
     train_losses,
+    wandb_records,
 )
 from safetensors.torch import load_file
 
@@ -239,7 +240,7 @@ def test_wandb_offline_run_has_config_and_history(tmp_path, pretrain_data, monke
     from wandb.proto import wandb_internal_pb2
 
     config_keys, steps = set(), []
-    for data in _wandb_records(next(runs[0].glob("*.wandb"))):
+    for data in wandb_records(next(runs[0].glob("*.wandb"))):
         rec = wandb_internal_pb2.Record()
         rec.ParseFromString(data)
         kind = rec.WhichOneof("record_type")
@@ -253,25 +254,6 @@ def test_wandb_offline_run_has_config_and_history(tmp_path, pretrain_data, monke
                 steps.append(items["_step"])
     assert {"MAX_STEPS", "TOTAL_BATCH_SIZE", "MODEL_PRESET"} <= config_keys
     assert steps == [1, 2, 3]
-
-
-def _wandb_records(path: Path) -> list[bytes]:
-    """Records of a .wandb file: a 7-byte header (':W&B', magic, version), then the LevelDB log format
-    (32 KiB blocks; chunks of crc32 (4) + length (2, LE) + type (1: full, 2: first, 3: middle, 4: last))."""
-    data, out, pos, block, parts = path.read_bytes(), [], 7, 32768, b""
-    assert data[:4] == b":W&B"
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # block trailer too small for a header: padding
-            pos += block - pos % block
-            continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-        if kind == 0 and length == 0:
-            break
-        parts = chunk if kind in (1, 2) else parts + chunk
-        if kind in (1, 4):
-            out.append(parts)
-    return out
 
 
 def test_lora_run_saves_adapters_and_base_identity(tmp_path, pretrain_data):
