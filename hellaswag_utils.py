@@ -179,7 +179,7 @@ def _encode(tokenizer: Any, ex: Example, add_bos: bool, weight: int) -> _Encoded
 
 
 # ---- scoring -------------------------------------------------------------------------------------------
-def _first_argmax(values: list[float]) -> int:
+def first_argmax(values: list[float]) -> int:
     best = 0
     for i, v in enumerate(values):
         if v > values[best]:
@@ -187,7 +187,7 @@ def _first_argmax(values: list[float]) -> int:
     return best
 
 
-def _output_head(model: torch.nn.Module) -> torch.nn.Module | None:
+def output_head(model: torch.nn.Module) -> torch.nn.Module | None:
     """Our plain Transformer can return hidden states: project only the ending positions (the LM head
     over all positions is most of the memory at vocab 128k). Wrapped models take the generic path."""
     return model.output if type(model) is Transformer else None
@@ -218,12 +218,12 @@ def score_batch(model: torch.nn.Module, batch: list[_Encoded], device: torch.dev
     tokens, targets, sel = tokens.to(device), targets.to(device), sel.to(device)
     use_autocast = dtype is not None and dtype != next(model.parameters()).dtype
     with torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
-        head = _output_head(model)
+        head = output_head(model)
         if head is not None:  # hidden states of the M ending positions, projected in chunks
             x = model(tokens, return_hidden=True)[sel]  # (M, dim)
         else:
             x, head = model(tokens)[sel], torch.nn.Identity()  # (N, T, V) -> (M, V): logits already
-        logp = _target_logprobs(head, x, targets[sel], torch.arange(len(x), device=device))  # (M,)
+        logp = target_logprobs(head, x, targets[sel], torch.arange(len(x), device=device))  # (M,)
     per_seq = torch.zeros(len(seqs), dtype=torch.float64, device=device)
     row = torch.arange(len(seqs), device=device)[:, None].expand_as(sel)[sel]  # (M,) sequence of each token
     per_seq.index_add_(0, row, logp.double())
@@ -234,7 +234,7 @@ def score_batch(model: torch.nn.Module, batch: list[_Encoded], device: torch.dev
 HEAD_CHUNK = 1024  # positions per LM-head matmul: bounds the (positions, vocab) logits in memory
 
 
-def _target_logprobs(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor,
+def target_logprobs(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor,
                      which: torch.Tensor) -> torch.Tensor:
     """log p(targets[j] | position which[j]) for hidden states h (M, dim), in chunks of positions so the
     (positions, vocab) logits stay bounded in memory."""
@@ -297,7 +297,7 @@ def score_batch_tree(model: torch.nn.Module, batch: list[_Encoded], device: torc
     with torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
         h = model(tokens.to(device), positions=positions.to(device), attn_mask=mask.to(device),
                   return_hidden=True)  # (k, T, dim)
-        logp = _target_logprobs(model.output, h.reshape(k * T, -1)[uniq.to(device)],
+        logp = target_logprobs(model.output, h.reshape(k * T, -1)[uniq.to(device)],
                                 torch.tensor(targets, device=device), inverse.to(device))
     per_row = torch.zeros(4 * k, dtype=torch.float64, device=device)
     per_row.index_add_(0, torch.tensor(owner, device=device), logp.double())
@@ -305,7 +305,7 @@ def score_batch_tree(model: torch.nn.Module, batch: list[_Encoded], device: torc
     return [(lls[4 * j : 4 * j + 4], [len(c) for c in e.conts]) for j, e in enumerate(batch)]
 
 
-def _dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
+def dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -360,7 +360,7 @@ def evaluate(
         encoded += [pad] * (per_rank - len(encoded))
     # longest first (as lm-eval orders requests): similar lengths share a batch, less padding. The
     # length is that of the tree row (context + all endings) or of the longest full sequence.
-    tree = shared_context and _output_head(model) is not None
+    tree = shared_context and output_head(model) is not None
     encoded.sort(key=lambda e: -(len(e.ctx) + (sum(map(len, e.conts)) if tree else max(map(len, e.conts)))))
 
     was_training = model.training
@@ -384,9 +384,9 @@ def evaluate(
             for enc, (lls, ntoks) in zip(batch, scored, strict=True):
                 if not enc.weight:
                     continue
-                counts[0] += _first_argmax(lls) == enc.label
-                counts[1] += _first_argmax([ll / c for ll, c in zip(lls, enc.char_lens, strict=True)]) == enc.label
-                counts[2] += _first_argmax([ll / n for ll, n in zip(lls, ntoks, strict=True)]) == enc.label
+                counts[0] += first_argmax(lls) == enc.label
+                counts[1] += first_argmax([ll / c for ll, c in zip(lls, enc.char_lens, strict=True)]) == enc.label
+                counts[2] += first_argmax([ll / n for ll, n in zip(lls, ntoks, strict=True)]) == enc.label
                 counts[3] += 1
             if bar is not None:
                 bar.update(min(len(batch) * world_size, len(examples) - bar.n))
@@ -415,7 +415,7 @@ def hellaswag_hook(model: torch.nn.Module, tokenizer: Any, path: str | os.PathLi
     key = (str(path), limit)
     if key not in _EXAMPLES_CACHE:
         _EXAMPLES_CACHE[key] = load_examples(path, limit)
-    rank, world = _dist_info(None, None)
+    rank, world = dist_info(None, None)
     return evaluate(model, tokenizer, _EXAMPLES_CACHE[key], batch_size=batch_size, dtype=dtype,
                     rank=rank, world_size=world, progress=progress and rank == 0, add_bos=add_bos,
                     stop_check=stop_check)

@@ -41,6 +41,7 @@ import objectives
 import optim
 import precision
 import tokenizer as tk
+import winogrande_utils
 from errors import UserError, run_cli
 from fileio import read_json
 from logger import Logger, git_commit
@@ -523,6 +524,12 @@ def evaluate_and_save(run: Run, last_step: bool) -> bool:
                                             dtype=None if run.ptdtype == torch.float32 else run.ptdtype,
                                             stop_check=run.stop_check)
         log.log({"step": step, "hellaswag_acc": hs["acc"], "hellaswag_acc_norm": hs["acc_norm"]}, console=True)
+    if due(e.winogrande_every_x_steps, step, last_step):
+        wg = winogrande_utils.winogrande_hook(run.eval_model, run.tok, e.winogrande_path,
+                                              limit=e.winogrande_number_of_examples,
+                                              dtype=None if run.ptdtype == torch.float32 else run.ptdtype,
+                                              stop_check=run.stop_check)
+        log.log({"step": step, "winogrande_acc": wg["acc"]}, console=True)
     if due(e.generate_every_x_steps, step, last_step):
         sample_prompts(run.eval_model, run.tok, cfg, log, run.stop_check)
     if wants_checkpoint(c, step, improved, last_step):

@@ -22,7 +22,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
              "load_pretrain_dataset", "load_instruct_dataset", "load_dpo_dataset"),
     "model": ("model_formats", "lora", "checkpoint", "model_utils"),
     "objectives": ("objective_caches", "objectives"),
-    "eval/export": ("generate", "hellaswag_utils", "load_hellaswag_dataset"),
+    "eval/export": ("generate", "hellaswag_utils", "winogrande_utils", "load_hellaswag_dataset", "evaluate"),
     "loop": ("train",),
 }
 LAYER_OF = {m: i for i, mods in enumerate(LAYERS.values()) for m in mods}

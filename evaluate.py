@@ -1,0 +1,113 @@
+"""Evaluate any model source with lm-evaluation-harness.
+
+    python evaluate.py --model checkpoints/pretrain/latest --tasks hellaswag,winogrande,arc_easy [--limit N]
+    python evaluate.py --model C --tasks my_task --include-path my_tasks/     # local task YAMLs, offline
+
+The model (a checkpoint of ours, a Meta or HF directory, a hub id or a .gguf file) is exported once to a
+temporary HF directory (model_utils.export_hf: weights, config, tokenizer files) and handed to lm-eval's own
+HF backend (`HFLM`), so the scores are lm-eval's, computed as it computes them for any HF model. The
+results JSON lm-eval returns (per-task metrics, task configs, versions) is written to `<out>/results.json`
+(default `runs/eval/<model name>`); one summary line per task is printed.
+
+lm-eval is an optional dependency (`pip install lm-eval`, included in requirements-dev.txt). Its
+built-in tasks download their data from the Hugging Face hub; offline, point `--include-path` at task
+YAMLs whose `dataset_path: json` reads local files. The in-loop HellaSwag evaluator (hellaswag_utils.py)
+stays the fast path during training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import model_utils
+import precision
+import tokenizer as tk
+from errors import UserError, run_cli
+
+
+def _lm_eval():
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        raise UserError(f"lm-evaluation-harness is not installed ({e}): pip install -r requirements-dev.txt "
+                        "(or pip install lm-eval)") from e
+    return lm_eval, HFLM, TaskManager
+
+
+def export_for_eval(source: str, out_dir: Path, dtype: str) -> Path:
+    """Any model source -> an HF directory lm-eval's HFLM loads (weights in `dtype`)."""
+    model, args = model_utils.load_model(source, dtype=precision.dtype_of(dtype))
+    tok = tk.load_tokenizer(model_utils.tokenizer_source(source))
+    return model_utils.export_hf(model, args, out_dir, tokenizer=tok)
+
+
+def evaluate(source: str, tasks: list[str], out: Path, limit: int | None = None, include_path: str | None = None,
+             batch_size: int = 8, device: str = "cpu", dtype: str = "fp32") -> dict:
+    """Run lm-eval's tasks on `source`; write `<out>/results.json` (atomically); return lm-eval's results."""
+    lm_eval, HFLM, TaskManager = _lm_eval()
+    if include_path is not None and not Path(include_path).is_dir():
+        raise UserError(f"--include-path {include_path} is not a directory of task YAMLs")
+    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise UserError(f"unknown lm-eval task(s) {', '.join(unknown)}: check the name (python -m lm_eval ls "
+                        "tasks) or pass --include-path with their YAMLs")
+    dtype = precision.resolve(dtype, device).name
+    with tempfile.TemporaryDirectory(prefix="lm-eval-export-") as tmp:
+        hf_dir = export_for_eval(source, Path(tmp) / "hf", dtype)
+        lm = HFLM(pretrained=str(hf_dir), dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype],
+                  device=device, batch_size=batch_size)
+        t0 = time.perf_counter()
+        try:
+            results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
+                                              log_samples=False)
+        except (ConnectionError, OSError) as e:
+            raise UserError(f"lm-eval could not read the data of {', '.join(tasks)} ({type(e).__name__}: {e}); "
+                            "offline, pass --include-path with task YAMLs that read local files") from e
+        seconds = time.perf_counter() - t0
+    results = {k: v for k, v in results.items() if k in ("results", "configs", "versions", "n-shot", "config")}
+    results["model_source"], results["seconds"] = str(source), round(seconds, 3)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp_file = out / "results.json.tmp"
+    tmp_file.write_text(json.dumps(results, indent=2, default=str))
+    os.replace(tmp_file, out / "results.json")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--model", required=True, help="checkpoint dir, Meta/HF dir, hub id or .gguf")
+    ap.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    ap.add_argument("--limit", type=int, default=None, help="the first N documents of each task")
+    ap.add_argument("--include-path", default=None, help="a directory of extra task YAMLs (local data)")
+    ap.add_argument("--out", default=None, help="where results.json goes (default runs/eval/<model name>)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=precision.CHOICES,
+                    help="fp32 (default: scores comparable across hosts) or auto / bf16 / fp16")
+    a = ap.parse_args(argv)
+    if a.limit is not None and a.limit < 1:
+        raise UserError(f"--limit {a.limit}; expected a positive number of documents")
+    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise UserError("--tasks is empty: name at least one lm-eval task")
+    out = Path(a.out) if a.out else Path("runs/eval") / Path(str(a.model).rstrip("/")).name
+    res = evaluate(a.model, tasks, out, a.limit, a.include_path, a.batch_size, a.device, a.dtype)
+    for task, metrics in res["results"].items():
+        shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items()
+                          if isinstance(v, float) and "stderr" not in k)
+        print(f"{task}: {shown}")
+    print(f"lm-eval on {a.model}: {len(res['results'])} task(s) in {res['seconds']:.1f} s -> {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,92 @@
+"""evaluate.py: any checkpoint through lm-evaluation-harness, offline on a local task file. lm-eval's
+accuracy must equal the one computed here directly from our model's log-probabilities with lm-eval's
+context/continuation split (hellaswag_utils.encode_pair), and the results JSON lands in the output dir."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import ROOT, make_parent, subprocess_env
+
+import hellaswag_utils as hs
+import model_utils
+import tokenizer as tk
+
+DOCS = [
+    {"query": "The function returns", "choices": ["a list of strings.", "purple elephants dancing.", "None."],
+     "label": 0},
+    {"query": "To open a file in Python, call", "choices": ["open().", "the ocean.", "print() twice."], "label": 0},
+    {"query": "A dictionary maps", "choices": ["keys to values.", "rivers to mountains.", "nothing."], "label": 0},
+    {"query": "The loop ends when", "choices": ["the condition is false.", "it rains.", "we sleep."], "label": 0},
+    {"query": "An exception is raised", "choices": ["when an error occurs.", "by birds.", "at noon."], "label": 0},
+]
+
+TASK = """task: tiny_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {path}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "{{{{query}}}}"
+doc_to_target: "{{{{label}}}}"
+doc_to_choice: "choices"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tasks")
+    (d / "docs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in DOCS))
+    (d / "tiny_choice.yaml").write_text(TASK.format(path=d / "docs.jsonl"))
+    return d
+
+
+def _our_accuracy(source: str) -> float:
+    model, _ = model_utils.load_model(source)
+    tok = tk.load_tokenizer(model_utils.tokenizer_source(source))
+    right = 0
+    with torch.no_grad():
+        for doc in DOCS:
+            lls = []
+            for choice in doc["choices"]:
+                ctx, cont = hs.encode_pair(tok, doc["query"], " " + choice, add_bos=False)
+                ids = torch.tensor([ctx + cont])
+                logp = torch.log_softmax(model(ids[:, :-1])[0].double(), -1)
+                lls.append(logp[len(ctx) - 1:].gather(-1, ids[0, len(ctx):, None]).sum().item())
+            right += max(range(len(lls)), key=lambda i: (lls[i], -i)) == doc["label"]
+    return right / len(DOCS)
+
+
+@pytest.mark.slow
+def test_evaluate_cli_runs_lm_eval_offline_and_matches_our_scoring(tmp_path, task_dir):
+    source = str(make_parent(tmp_path / "ck"))
+    out = tmp_path / "eval"
+    r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--model", source, "--tasks", "tiny_choice",
+                        "--include-path", str(task_dir), "--out", str(out), "--batch-size", "2"],
+                       cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    acc = res["results"]["tiny_choice"]["acc,none"]
+    assert acc == pytest.approx(_our_accuracy(source), abs=1e-9)
+    assert "tiny_choice: acc" in r.stdout and res["model_source"] == source
+
+
+def test_evaluate_cli_errors_are_one_line(tmp_path, task_dir):
+    source = str(make_parent(tmp_path / "ck"))
+    for args, needle in [(["--tasks", "no_such_task_xyz", "--include-path", str(task_dir)], "unknown lm-eval task"),
+                         (["--tasks", "tiny_choice", "--include-path", str(tmp_path / "nope")], "is not a directory"),
+                         (["--tasks", "tiny_choice", "--limit", "0"], "--limit 0")]:
+        r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--model", source, *args,
+                            "--out", str(tmp_path / "eval")], cwd=tmp_path, env=subprocess_env(),
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+        assert not (tmp_path / "eval").exists()
