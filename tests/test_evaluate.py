@@ -72,7 +72,7 @@ def test_evaluate_cli_runs_lm_eval_offline_and_matches_our_scoring(tmp_path, tas
     out = tmp_path / "eval"
     r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--model", source, "--tasks", "tiny_choice",
                         "--include-path", str(task_dir), "--out", str(out), "--batch-size", "2"],
-                       cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+                       cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     acc = res["results"]["tiny_choice"]["acc,none"]

@@ -5,6 +5,7 @@ agree, bad records fail naming file:line, and the training loop logs it."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -72,10 +73,12 @@ def test_scores_equal_hand_computed_bigram_log_likelihoods(batch_size):
         pairs = [wg.encode_pair(tok, c, it.continuation, False) for c in it.contexts]
         got = wg.score_pairs(model, pairs, torch.device("cpu"), None, 0)
         assert got == pytest.approx(lls, abs=1e-4)
-    acc = sum((0 if lls[0] >= lls[1] else 1) == it.label for it, lls in zip(items, want, strict=True)) / len(items)
+    # labels set from the hand-computed winners, wrong on purpose for items 1 and 3: acc must be exactly 3/5
+    for i, (it, lls) in enumerate(zip(items, want, strict=True)):
+        winner = 0 if lls[0] >= lls[1] else 1
+        it.label = winner if i % 2 == 0 else 1 - winner
     res = wg.evaluate(model, tok, items, batch_size=batch_size, add_bos=False)
-    assert res == {"acc": acc, "n": len(items)}
-    assert 0 < acc < 1  # the check distinguishes right from wrong answers on this data
+    assert res == {"acc": 3 / 5, "n": len(items)}
 
 
 def test_bad_records_fail_naming_file_and_line(tmp_path):
@@ -84,7 +87,7 @@ def test_bad_records_fail_naming_file_and_line(tmp_path):
                         ({"sentence": "a _ b", "option1": "a"}, "missing field(s) option2, answer")]:
         p = tmp_path / "w.jsonl"
         p.write_text(json.dumps(RECORDS[0]) + "\n" + json.dumps(bad) + "\n")
-        with pytest.raises(UserError, match=f"{p}:2: .*{needle}"):
+        with pytest.raises(UserError, match=re.escape(f"{p}:2: ") + ".*" + re.escape(needle)):
             wg.load_items(p)
     with pytest.raises(UserError, match="does not exist"):
         wg.load_items(tmp_path / "missing.jsonl")
