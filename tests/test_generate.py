@@ -1,6 +1,7 @@
 """generate.py: sampling rules against hand-computed distributions, batching = one prompt at a time,
 stop ids; SmolLM2-135M-Instruct (GGUF) answers a factual chat question via the API and the CLI."""
 
+import io
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import torch
 
 import tokenizer as tokenizer_mod
 from errors import UserError
-from generate import generate, left_pad, sample_next
+from generate import ChatSession, TextStream, chat_loop, fit_dialog, generate, left_pad, sample_next
 from model import ModelArgs, Transformer
 from model_utils import load_model, smollm2_gguf
 
@@ -99,3 +100,139 @@ def test_smollm2_chat_answer_via_cli(smollm2):
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
+
+
+# ---- streaming and the interactive chat -------------------------------------------------------------
+
+
+def test_on_token_reports_exactly_the_returned_tokens(tiny):
+    prompts = [[3, 14, 15, 92, 65], [35], [89, 79, 32]]
+    free = generate(tiny, prompts, 10)
+    stop = free[1][3]  # row 1 stops early; the other rows go on (or stop where they also sample it)
+    seen: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    out = generate(tiny, prompts, 10, stop_ids=[stop], on_token=lambda row, t: seen[row].append(t))
+    assert out == generate(tiny, prompts, 10, stop_ids=[stop])  # the callback changes nothing
+    assert [seen[i] for i in range(3)] == out
+    assert len(out[1]) < 10 and stop not in out[1]
+
+
+def test_text_stream_never_splits_a_multibyte_character():
+    tok = tokenizer_mod.load_tokenizer(str(ROOT / "tokenizer.model"))
+    text = "naïve café — 日本語のテキスト 🙂🦙 done"
+    ids = tok.encode(text)
+    # the case under test occurs: some token boundary falls inside a character
+    assert any(tok.decode(ids[:i]).endswith("\ufffd") for i in range(1, len(ids)))
+    pieces: list[str] = []
+    stream = TextStream(tok, pieces.append)
+    for t in ids:
+        stream.push(t)
+    assert stream.finish() == text
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    assert len(pieces) > len(text.split()) // 2  # written as it came, not all at the end
+
+
+def test_fit_dialog_drops_the_oldest_exchanges_first():
+    tok = tokenizer_mod.load_tokenizer(str(ROOT / "tokenizer.model"))
+    fmt = tokenizer_mod.ChatFormat(tok)
+    n_tokens = lambda m: len(fmt.encode_dialog(m, add_generation_prompt=True)[0])  # noqa: E731
+    system = {"role": "system", "content": "Be brief."}
+    turns = []
+    for i in range(3):
+        turns += [{"role": "user", "content": f"question number {i} about llamas"},
+                  {"role": "assistant", "content": f"answer number {i}, which is rather long " * 3}]
+    new = {"role": "user", "content": "and now?"}
+    dialog = [system, *turns, new]
+    assert fit_dialog(dialog, n_tokens, n_tokens(dialog)) == dialog  # fits: unchanged
+    # one token short: the oldest exchange (user turn + reply) goes, the system message stays
+    assert fit_dialog(dialog, n_tokens, n_tokens(dialog) - 1) == [system, *turns[2:], new]
+    newest = [system, *turns[4:], new]
+    assert fit_dialog(dialog, n_tokens, n_tokens(newest)) == newest
+    assert fit_dialog(dialog, n_tokens, n_tokens(newest) - 1) == [system, new]
+    assert fit_dialog(dialog[1:], n_tokens, n_tokens([new])) == [new]  # without a system message
+    with pytest.raises(UserError, match="shorten the message"):
+        fit_dialog(dialog, n_tokens, n_tokens([system, new]) - 1)
+
+
+def _answer(model, tok, dialog: list[dict], max_new_tokens: int) -> str:
+    """The reply to `dialog` without streaming: the reference for the chat session."""
+    ids, _ = tokenizer_mod.ChatFormat(tok).encode_dialog(dialog, add_generation_prompt=True)
+    return tok.decode(generate(model, [ids], max_new_tokens, stop_ids=[tok.eos_id, tok.eot_id])[0])
+
+
+def _session(model, tok, max_new_tokens: int = 16, system: str | None = None) -> ChatSession:
+    return ChatSession(model, tok, system=system, max_new_tokens=max_new_tokens, sampling={},
+                       stop_ids=[tok.eos_id, tok.eot_id], pad_id=0)
+
+
+def _user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def _assistant(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+def test_chat_keeps_the_dialog_streams_the_reply_and_resets(smollm2, monkeypatch, capsys):
+    model, tok, _ = smollm2
+    q1, q2 = QUESTION, "And of Italy?"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{q1}\n\n{q2}\n/reset\n{q2}\n"))
+    session = _session(model, tok)
+    assert chat_loop(session, interactive=False) == 0  # end of input ends the session
+    out = capsys.readouterr()
+    a1 = _answer(model, tok, [_user(q1)], 16)
+    a2 = _answer(model, tok, [_user(q1), _assistant(a1), _user(q2)], 16)  # the second turn sees the first
+    a3 = _answer(model, tok, [_user(q2)], 16)  # after /reset: the same question without the dialog
+    assert "Paris" in a1 and "Rome" in a2 and a3 != a2
+    assert out.out == f"{a1}\n{a2}\n{a3}\n"  # streamed text = the non-streamed generation, turn by turn
+    assert "dialog forgotten" in out.err
+    assert session.history == [_user(q2), _assistant(a3)]
+
+
+def test_chat_system_prompt_and_a_turn_too_long_for_the_context(smollm2, monkeypatch, capsys):
+    model, tok, _ = smollm2
+    system = "Answer in one word."
+    session = _session(model, tok, max_new_tokens=8, system=system)
+    session.budget = len(session.encode([{"role": "system", "content": system}, _user("Hi")]))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("tell me " * 50 + "\nHi\n/exit\nHi\n"))
+    assert chat_loop(session, interactive=False) == 0
+    out = capsys.readouterr()
+    errors = [ln for ln in out.err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "shorten the message" in errors[0], out.err  # one line; the session goes on
+    reply = _answer(model, tok, [{"role": "system", "content": system}, _user("Hi")], 8)
+    assert out.out == f"{reply}\n"  # one answer: the long turn was refused, nothing is read after /exit
+    assert session.history == [{"role": "system", "content": system}, _user("Hi"), _assistant(reply)]
+    with pytest.raises(UserError, match="lower --max-new-tokens"):
+        _session(model, tok, max_new_tokens=model.args.max_seq_len)
+
+
+def test_chat_prompts_on_a_terminal_and_ends_at_eof(smollm2, monkeypatch, capsys):
+    model, tok, _ = smollm2
+    prompts: list[str] = []
+
+    def fake_input(prompt: str) -> str:
+        prompts.append(prompt)
+        raise EOFError
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    assert chat_loop(_session(model, tok), interactive=True) == 0
+    assert prompts == ["> "] and capsys.readouterr().out == "\n"
+
+
+@pytest.mark.slow
+def test_interactive_chat_cli_from_stdin(smollm2):
+    model, tok, path = smollm2
+    q1, q2 = QUESTION, "And of Italy?"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
+    r = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--model", str(path), "--chat", "--dtype", "fp32",
+                        "--max-new-tokens", "16"], input=f"{q1}\n{q2}\n/exit\nWhat is the capital of Spain?\n",
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    a1 = _answer(model, tok, [_user(q1)], 16)
+    a2 = _answer(model, tok, [_user(q1), _assistant(a1), _user(q2)], 16)
+    assert r.stdout == f"{a1}\n{a2}\n" and "Madrid" not in r.stdout
+
+
+def test_generate_cli_without_prompt_or_chat_is_a_one_line_error():
+    r = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--model", "unused"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--chat without --prompt" in r.stderr, r.stderr
