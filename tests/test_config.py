@@ -321,3 +321,46 @@ def test_library_variables_take_the_file_unless_the_environment_has_them(tmp_pat
     cfg = config.load_config(str(a))
     assert cfg["HF_TOKEN"] == "hf_user" and cfg.source("HF_TOKEN") == "environment"
     assert os.environ["HF_TOKEN"] == "hf_user" and os.environ["HF_HOME"] == "/cache/a"
+
+
+def test_a_data_cli_hands_the_files_credentials_to_the_hub_call(tmp_path, monkeypatch):
+    import datasets
+
+    import load_pretrain_dataset
+
+    for k in ("HF_HOME", "HF_TOKEN"):
+        monkeypatch.setenv(k, "")
+        monkeypatch.delenv(k)
+    env = tmp_path / "x.env"
+    env.write_text(f"HF_TOKEN=hf_prep\nHF_HOME={tmp_path}/hf\nTOKENIZER_CHECKPOINT_PATH={ROOT / 'tokenizer.model'}\n")
+    seen: dict[str, str | None] = {}
+
+    def load_dataset(*args, **kw):
+        seen.update({k: os.environ.get(k) for k in ("HF_TOKEN", "HF_HOME")})
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with pytest.raises(UserError, match="could not stream"):
+        load_pretrain_dataset.main(["--env-file", str(env), "--dataset", "some-org/some-data", "--out",
+                                    str(tmp_path / "out"), "--no-progress"])
+    assert seen == {"HF_TOKEN": "hf_prep", "HF_HOME": f"{tmp_path}/hf"}
+
+
+def test_hub_and_wandb_libraries_are_imported_only_inside_functions():
+    """huggingface_hub reads HF_HOME when it is imported: a module-level import in any project module would
+    fix the cache before load_config exports the settings file's HF_HOME."""
+    import ast
+
+    libraries = {"huggingface_hub", "datasets", "transformers", "peft", "wandb", "accelerate"}
+    found = []
+    for path in sorted(ROOT.glob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                for child in ast.walk(node):
+                    child._in_function = True  # type: ignore[attr-defined]
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and not getattr(node, "_in_function", False):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                found += [f"{path.name}:{node.lineno} {n}" for n in names if n.split(".")[0] in libraries]
+    assert not found, found
