@@ -282,16 +282,17 @@ def load_config(env_file: str | None = None, overrides: dict[str, str] | None = 
     use_environ False: the process environment is neither a source nor looked up by `${VAR}` (tests)."""
     environ = {k: v for k, v in os.environ.items() if _EXPORTED.get(k) != v} if use_environ else {}
     raw: dict[str, tuple[Any, str]] = {}  # key -> (raw value, where it came from)
-    overridden: dict[str, str] = {}  # key -> where the value the environment beat came from
+    overridden: dict[str, str] = {}  # key -> where the (different) value the environment beat came from
     if env_file is None and Path(".env").is_file():
         env_file = ".env"
     if env_file is not None:
         entries, helpers = expand_variables(parse_env_file(env_file), environ)
         for key, value, n in entries:
             _put(raw, key, value, f"{env_file}:{n}", warn_unknown=key not in helpers)
+    in_file = set(raw)
     for key in BY_KEY:
         if key in environ:
-            if key in raw:
+            if key in raw and str(raw[key][0]).strip() != environ[key].strip():
                 overridden[key] = raw[key][1]
             raw[key] = (environ[key], "environment")
     for key, value in (overrides or {}).items():
@@ -309,7 +310,8 @@ def load_config(env_file: str | None = None, overrides: dict[str, str] | None = 
         if s.key in raw:
             value, where = raw[s.key]
             values[s.key], sources[s.key] = convert(s, value, where), where
-            if where == "environment" and s.key in preset and s.key not in overridden:
+            beat_preset = s.key in preset and s.key not in in_file and values[s.key] != preset[s.key]
+            if where == "environment" and beat_preset:
                 overridden[s.key] = f"preset {preset_name}"
         elif s.key in preset:
             values[s.key], sources[s.key] = preset[s.key], f"preset {preset_name}"
@@ -341,6 +343,28 @@ def _export(values: dict[str, Any], sources: dict[str, str]) -> None:
         elif s.key in _EXPORTED:  # unset now, exported by an earlier load_config of this process: withdraw it
             if os.environ.get(s.key) == _EXPORTED.pop(s.key):
                 del os.environ[s.key]
+
+
+def export_library_settings(env_file: str | None = None) -> None:
+    """For a CLI that reads no other setting (generate.py): HF_HOME, HF_TOKEN and WANDB_API_KEY from the env
+    file (./.env when present) into the process environment, with load_config's precedence (the user's
+    environment wins) and `${VAR}` expansion. The file's other keys are neither checked nor warned about."""
+    if env_file is None and Path(".env").is_file():
+        env_file = ".env"
+    if env_file is None:
+        return
+    environ = {k: v for k, v in os.environ.items() if _EXPORTED.get(k) != v}
+    entries, _ = expand_variables(parse_env_file(env_file), environ)
+    file_values = {ALIASES.get(k, k): (v, f"{env_file}:{n}") for k, v, n in entries}
+    values, sources = {}, {}
+    for s in SETTINGS:
+        if not s.env:
+            continue
+        if s.key in environ:
+            values[s.key], sources[s.key] = environ[s.key], "environment"
+        else:
+            values[s.key], sources[s.key] = file_values.get(s.key, (s.default, "default"))
+    _export(values, sources)
 
 
 def _put(raw: dict, key: str, value: str, where: str, warn_unknown: bool = True) -> None:

@@ -8,6 +8,8 @@ so a padded row computes exactly what it would alone (tests/test_model.py checks
                        [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
     python generate.py --model SOURCE --chat [--system "..."]     # interactive: one user turn per line
 
+HF_TOKEN / HF_HOME for a hub download come from the environment, else from --env-file (default ./.env).
+
 The interactive session streams each reply as it is generated, keeps the dialog (the oldest exchanges
 are dropped when it would no longer fit the model's context with --max-new-tokens), and reads the
 commands /reset (forget the dialog) and /exit (or end of input).
@@ -22,6 +24,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+import config
 import precision
 from errors import UserError, run_cli
 from model import Transformer
@@ -271,6 +274,7 @@ def chat_loop(session: ChatSession, interactive: bool) -> int:
         if text.startswith("/") and text[1:].isalpha():
             print(f"unknown command {text}: /reset forgets the dialog, /exit ends the session", file=sys.stderr)
             continue
+        before = len(session.history)
         try:
             session.reply(text, write)
         except UserError as e:  # this turn cannot be answered; the session goes on
@@ -282,6 +286,9 @@ def chat_loop(session: ChatSession, interactive: bool) -> int:
             print("\n(reply interrupted; not kept)", file=sys.stderr)
             continue
         write("\n")
+        dropped = before + 2 - len(session.history)
+        if dropped:
+            print(f"(the oldest {dropped} messages were dropped to fit the model's context)", file=sys.stderr)
 
 
 def main() -> int:
@@ -300,10 +307,13 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto", choices=[*precision.CHOICES, *precision.ALIASES],
                     help="auto = bf16 where the device does it natively, else fp32 (fp16 on older GPUs)")
+    ap.add_argument("--env-file", default=None, help="settings file whose HF_TOKEN / HF_HOME apply to hub "
+                    "downloads (default: ./.env when present; the environment wins)")
     a = ap.parse_args()
     if not a.prompt and not a.chat:
         raise UserError("generate.py needs --prompt TEXT (repeat for a batch), or --chat without --prompt for "
                         "an interactive session")
+    config.export_library_settings(a.env_file)  # before anything may reach the hub
     tok = _load_tokenizer(a.tokenizer or tokenizer_source(a.model))
     model, _ = load_model(a.model, device=a.device, dtype=precision.inference_dtype(a.dtype, a.device))
     stop = [i for i in (getattr(tok, "eos_id", None), getattr(tok, "eot_id", None)) if i is not None]
@@ -315,6 +325,10 @@ def main() -> int:
                                                         seed=a.seed))
         interactive = sys.stdin.isatty()
         if interactive:
+            try:
+                import readline  # noqa: F401  (line editing and history for input())
+            except ImportError:
+                pass
             print(f"chat with {a.model}: one message per line; /reset forgets the dialog, /exit or Ctrl-D ends",
                   file=sys.stderr)
         return chat_loop(session, interactive)

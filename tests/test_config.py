@@ -198,6 +198,8 @@ def test_each_level_beats_the_one_below(tmp_path, monkeypatch):
     cfg = config.load_config(str(env), {"N_LAYERS": "7"})
     assert (cfg["N_LAYERS"], cfg.source("N_LAYERS")) == (7, "command line")
     assert cfg.environment_overrides() == {}  # the environment's value lost: nothing to report
+    monkeypatch.setenv("N_LAYERS", " 5")  # the file's value (e.g. a shell that sourced the file): not reported
+    assert config.load_config(str(env)).environment_overrides() == {}
     # the environment over the preset alone, and over the file's choice of preset
     env.write_text("MODEL_PRESET=debug\n")
     assert config.load_config(str(env)).environment_overrides() == {"N_LAYERS": "preset debug"}

@@ -188,19 +188,22 @@ def test_chat_keeps_the_dialog_streams_the_reply_and_resets(smollm2, monkeypatch
     assert session.history == [_user(q2), _assistant(a3)]
 
 
-def test_chat_system_prompt_and_a_turn_too_long_for_the_context(smollm2, monkeypatch, capsys):
+def test_chat_drops_the_oldest_exchange_and_refuses_a_turn_too_long(smollm2, monkeypatch, capsys):
     model, tok, _ = smollm2
-    system = "Answer in one word."
-    session = _session(model, tok, max_new_tokens=8, system=system)
-    session.budget = len(session.encode([{"role": "system", "content": system}, _user("Hi")]))
-    monkeypatch.setattr(sys, "stdin", io.StringIO("tell me " * 50 + "\nHi\n/exit\nHi\n"))
+    system = {"role": "system", "content": "Answer in one word."}
+    session = _session(model, tok, max_new_tokens=8, system=system["content"])
+    session.budget = max(len(session.encode([system, _user(q)])) for q in ("Hi", "Yo"))  # one exchange fits
+    monkeypatch.setattr(sys, "stdin", io.StringIO("tell me " * 50 + "\nHi\nYo\n/exit\nHi\n"))
     assert chat_loop(session, interactive=False) == 0
     out = capsys.readouterr()
     errors = [ln for ln in out.err.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "shorten the message" in errors[0], out.err  # one line; the session goes on
-    reply = _answer(model, tok, [{"role": "system", "content": system}, _user("Hi")], 8)
-    assert out.out == f"{reply}\n"  # one answer: the long turn was refused, nothing is read after /exit
-    assert session.history == [{"role": "system", "content": system}, _user("Hi"), _assistant(reply)]
+    r1 = _answer(model, tok, [system, _user("Hi")], 8)
+    assert len(session.encode([system, _user("Hi"), _assistant(r1), _user("Yo")])) > session.budget
+    r2 = _answer(model, tok, [system, _user("Yo")], 8)  # the first exchange no longer fits: dropped
+    assert out.out == f"{r1}\n{r2}\n"  # the long turn got no answer, nothing was read after /exit
+    assert "the oldest 2 messages were dropped" in out.err
+    assert session.history == [system, _user("Yo"), _assistant(r2)]
     with pytest.raises(UserError, match="lower --max-new-tokens"):
         _session(model, tok, max_new_tokens=model.args.max_seq_len)
 
@@ -236,3 +239,31 @@ def test_generate_cli_without_prompt_or_chat_is_a_one_line_error():
     r = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--model", "unused"], capture_output=True,
                        text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--chat without --prompt" in r.stderr, r.stderr
+
+
+def test_generate_cli_hands_the_env_files_hub_token_to_the_download(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    import config
+    import generate as generate_mod
+
+    for k in ("HF_TOKEN", "HF_HOME"):  # set then deleted: monkeypatch removes the exported values after
+        monkeypatch.setenv(k, "")
+        monkeypatch.delenv(k)
+    monkeypatch.setattr(config, "_EXPORTED", {})
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "user-cache"))  # the user's environment wins over the file
+    monkeypatch.setenv("TOKEN_SOURCE", "hf_from_env")
+    env = tmp_path / "x.env"
+    env.write_text("HF_TOKEN=${TOKEN_SOURCE}\nHF_HOME=/not/this\nMAX_LR=fast  # other keys are not checked\n")
+    seen: dict[str, str | None] = {}
+
+    def snapshot_download(*args, **kw):
+        seen.update({k: os.environ.get(k) for k in ("HF_TOKEN", "HF_HOME")})
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(sys, "argv", ["generate.py", "--model", "some-org/some-model", "--tokenizer",
+                                      str(ROOT / "tokenizer.model"), "--prompt", "x", "--env-file", str(env)])
+    with pytest.raises(UserError, match="could not be fetched"):
+        generate_mod.main()
+    assert seen == {"HF_TOKEN": "hf_from_env", "HF_HOME": str(tmp_path / "user-cache")}
