@@ -5,8 +5,8 @@ only) < command-line `KEY=VALUE`: the environment beats the file, as with python
 and every value the environment overrode is named in `Config.summary()` (the banner, `config.py show`).
 Values in the env file expand `${VAR}` and `${VAR:-default}` as python-dotenv does (its own variable parser,
 `dotenv.variables`): VAR is looked up in the environment, then in the lines above it in the same file; an
-undefined VAR without a default becomes the empty string; `$VAR` without braces stays literal, in quotes of
-either kind too. The lines themselves are read by this module's parser, not python-dotenv's: python-dotenv
+undefined VAR without a default becomes the empty string; `$VAR` without braces stays literal; single and
+double quotes expand alike. The lines themselves are read by this module's parser, not python-dotenv's: python-dotenv
 skips a malformed line with a log message, this parser stops on it naming `file:line`.
 Unknown keys warn with the closest valid key (not a key that a later line uses as `${KEY}`: a helper
 variable); a bad value fails before any work starts, naming the key, the value, where it came from and
