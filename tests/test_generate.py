@@ -2,6 +2,7 @@
 stop ids; SmolLM2-135M-Instruct (GGUF) answers a factual chat question via the API and the CLI."""
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -153,10 +154,16 @@ def test_fit_dialog_drops_the_oldest_exchanges_first():
         fit_dialog(dialog, n_tokens, n_tokens([system, new]) - 1)
 
 
+_ANSWERS: dict[str, str] = {}  # the SmolLM2 references, shared by the tests below (greedy: deterministic)
+
+
 def _answer(model, tok, dialog: list[dict], max_new_tokens: int) -> str:
     """The reply to `dialog` without streaming: the reference for the chat session."""
-    ids, _ = tokenizer_mod.ChatFormat(tok).encode_dialog(dialog, add_generation_prompt=True)
-    return tok.decode(generate(model, [ids], max_new_tokens, stop_ids=[tok.eos_id, tok.eot_id])[0])
+    key = json.dumps([dialog, max_new_tokens])
+    if key not in _ANSWERS:
+        ids, _ = tokenizer_mod.ChatFormat(tok).encode_dialog(dialog, add_generation_prompt=True)
+        _ANSWERS[key] = tok.decode(generate(model, [ids], max_new_tokens, stop_ids=[tok.eos_id, tok.eot_id])[0])
+    return _ANSWERS[key]
 
 
 def _session(model, tok, max_new_tokens: int = 16, system: str | None = None) -> ChatSession:
@@ -172,6 +179,7 @@ def _assistant(text: str) -> dict:
     return {"role": "assistant", "content": text}
 
 
+@pytest.mark.slow
 def test_chat_keeps_the_dialog_streams_the_reply_and_resets(smollm2, monkeypatch, capsys):
     model, tok, _ = smollm2
     q1, q2 = QUESTION, "And of Italy?"
@@ -188,6 +196,7 @@ def test_chat_keeps_the_dialog_streams_the_reply_and_resets(smollm2, monkeypatch
     assert session.history == [_user(q2), _assistant(a3)]
 
 
+@pytest.mark.slow
 def test_chat_drops_the_oldest_exchange_and_refuses_a_turn_too_long(smollm2, monkeypatch, capsys):
     model, tok, _ = smollm2
     system = {"role": "system", "content": "Answer in one word."}

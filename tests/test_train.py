@@ -234,8 +234,9 @@ def test_sigterm_checkpoints_and_exits_resumable(tmp_path, pretrain_data):
 def test_wandb_offline_run_has_config_and_history(tmp_path, pretrain_data, monkeypatch, capsys):
     """Also: the secrets given as settings reach the process environment before wandb.init, and their
     values appear neither in the banner nor in the W&B files; the banner names what the environment overrode."""
-    import config
     import wandb
+
+    import config
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     for k in ("HF_TOKEN", "WANDB_API_KEY"):  # set then deleted: monkeypatch removes the exported values after
