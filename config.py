@@ -1,12 +1,21 @@
 """`.env` + `--env-file` + `KEY=VALUE` overrides -> typed, validated, grouped settings.
 
-Precedence, lowest to highest: table default < MODEL_PRESET < process environment (known keys only)
-< env file < command-line `KEY=VALUE`. Unknown keys warn with the closest valid key; a bad value fails
-before any work starts, naming the key, the value, where it came from and what was expected.
+Precedence, lowest to highest: table default < MODEL_PRESET < env file < process environment (known keys
+only) < command-line `KEY=VALUE`: the environment beats the file, as with python-dotenv's `load_dotenv`,
+and every value the environment overrode is named in `Config.summary()` (the banner, `config.py show`).
+Values in the env file expand `${VAR}` and `${VAR:-default}` as python-dotenv does (its own variable parser,
+`dotenv.variables`): VAR is looked up in the environment, then in the lines above it in the same file; an
+undefined VAR without a default becomes the empty string; `$VAR` without braces stays literal; single and
+double quotes expand alike. The lines themselves are read by this module's parser, not python-dotenv's: python-dotenv
+skips a malformed line with a log message, this parser stops on it naming `file:line`.
+Unknown keys warn with the closest valid key (not a key that a later line uses as `${KEY}`: a helper
+variable); a bad value fails before any work starts, naming the key, the value, where it came from and
+what was expected. Secret values (settings_table.is_secret) are never printed, saved or logged.
 Retired seed keys (settings_table.RETIRED) are accepted with a note saying why they are not read. A data
 directory named by only one of its two keys (settings_table.SAME_DIR: where preparation writes, where
 training reads) is used for both. Settings flagged `env` (HF_HOME, HF_TOKEN, WANDB_API_KEY) are exported to
-the process environment when set, for the libraries that read them there. Importing this module reads nothing.
+the process environment when set, before load_config returns and so before any hub or W&B call, for the
+libraries that read them there. Importing this module reads nothing.
 
     cfg = load_config(".env", {"MAX_STEPS": "10"})
     cfg.training.max_lr, cfg["MAX_LR"], cfg.model_args(vocab_size=...)
@@ -23,19 +32,26 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from dotenv.variables import Variable, parse_variables
+
 from errors import UserError, run_cli
-from settings_table import ALIASES, BY_KEY, GROUPS, PRESETS, RETIRED, SAME_DIR, SETTINGS, Setting
+from settings_table import ALIASES, BY_KEY, GROUPS, PRESETS, RETIRED, SAME_DIR, SETTINGS, Setting, is_secret
 
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
 _FALSE = {"0", "false", "no", "off", "n", "f"}
+MASK = "***"
+# What load_config itself put into os.environ: not the user's environment, so it never outranks a file
+# read later in the same process.
+_EXPORTED: dict[str, str] = {}
 
 
 class Config:
     """Resolved settings. Access by group (`cfg.training.max_lr`) or by key (`cfg["MAX_LR"]`)."""
 
-    def __init__(self, values: dict[str, Any], sources: dict[str, str]):
+    def __init__(self, values: dict[str, Any], sources: dict[str, str], overridden: dict[str, str] | None = None):
         self._values = values
         self._sources = sources
+        self._overridden = overridden or {}  # key -> where the value the environment beat came from
         for group in GROUPS:
             ns = SimpleNamespace(**{s.key.lower(): values[s.key] for s in SETTINGS if s.group == group})
             setattr(self, group, ns)
@@ -49,9 +65,14 @@ class Config:
     def source(self, key: str) -> str:
         return self._sources.get(key, "default")
 
+    def environment_overrides(self) -> dict[str, str]:
+        """Keys whose value came from the process environment although the env file or the preset set
+        another -> where that other value came from."""
+        return {k: w for k, w in self._overridden.items() if self._sources.get(k) == "environment"}
+
     def to_dict(self, include_secrets: bool = False) -> dict[str, Any]:
         """Every resolved setting; secrets are dropped unless asked for (never saved or logged)."""
-        return {k: v for k, v in self._values.items() if include_secrets or not BY_KEY[k].secret}
+        return {k: v for k, v in self._values.items() if include_secrets or not is_secret(k)}
 
     def replace(self, **updates: Any) -> Config:
         values = dict(self._values)
@@ -59,7 +80,7 @@ class Config:
             if k not in BY_KEY:
                 raise KeyError(k)
             values[k] = v
-        return Config(values, {**self._sources, **{k: "code" for k in updates}})
+        return Config(values, {**self._sources, **{k: "code" for k in updates}}, self._overridden)
 
     def model_args(self, vocab_size: int | None = None):
         """ModelArgs from the model group; VOCAB_SIZE=0 takes `vocab_size` (the tokenizer's)."""
@@ -81,15 +102,19 @@ class Config:
             raise UserError(f"model settings do not form a valid model: {e}; fix DIM/N_HEADS/N_KV_HEADS") from None
 
     def summary(self) -> str:
-        """Grouped, aligned listing of every setting and where it came from (secrets masked)."""
+        """Grouped, aligned listing of every setting and where it came from (secrets masked), then one line
+        naming every value the environment overrode. Lines with a source end with ")"."""
         lines = []
+        over = self.environment_overrides()
         for group in GROUPS:
             lines.append(f"[{group}]")
             for s in (s for s in SETTINGS if s.group == group):
                 v = self._values[s.key]
-                shown = ("***" if v else "") if s.secret else json.dumps(v) if not isinstance(v, str) else v
-                src = self.source(s.key)
+                shown = (MASK if v else "") if is_secret(s.key) else json.dumps(v) if not isinstance(v, str) else v
+                src = self.source(s.key) + (f", over {over[s.key]}" if s.key in over else "")
                 lines.append(f"  {s.key:<36} = {shown}" + ("" if src == "default" else f"   ({src})"))
+        if over:
+            lines.append("the environment overrode: " + ", ".join(f"{k} (over {w})" for k, w in over.items()))
         return "\n".join(lines)
 
 
@@ -114,24 +139,44 @@ def parse_env_file(path: str | os.PathLike) -> list[tuple[str, str, int]]:
         if s.startswith("export "):
             s = s[len("export "):].lstrip()
         if "=" not in s:
-            raise UserError(f"{path}:{n}: expected KEY=VALUE, got {line.strip()[:60]!r}: fix or comment out the line")
+            name = s.split()[0]
+            shown = f"{name} {MASK}" if is_secret(name) and name != s else s[:60]
+            raise UserError(f"{path}:{n}: expected KEY=VALUE, got {shown!r}: fix or comment out the line")
         key, raw = s.split("=", 1)
         key = key.strip()
         if not key.replace("_", "").isalnum() or not key.isascii():
             raise UserError(f"{path}:{n}: {key[:40]!r} is not a valid key name: use letters, digits and _")
-        out.append((key, _unquote(raw.strip(), f"{path}:{n}"), n))
+        out.append((key, _unquote(raw.strip(), f"{path}:{n}", is_secret(key)), n))
     return out
 
 
-def _unquote(raw: str, where: str) -> str:
+def expand_variables(entries: list[tuple[str, str, int]], environ: dict[str, str]
+                     ) -> tuple[list[tuple[str, str, int]], set[str]]:
+    """`${VAR}` / `${VAR:-default}` in parsed env-file values, as python-dotenv's `load_dotenv` expands them
+    (override=False): VAR from `environ` first, then from the lines above; undefined and no default -> "".
+    Returns the expanded entries and the names referenced (helper variables are not unknown settings)."""
+    defined: dict[str, str] = {}
+    out, referenced = [], set()
+    for key, value, n in entries:
+        atoms = list(parse_variables(value))
+        referenced |= {a.name for a in atoms if isinstance(a, Variable)}
+        value = "".join(a.resolve({**defined, **environ}) for a in atoms)
+        defined[key] = value
+        out.append((key, value, n))
+    return out, referenced
+
+
+def _unquote(raw: str, where: str, secret: bool = False) -> str:
     if raw[:1] in ("'", '"'):
         q = raw[0]
         end = raw.find(q, 1)
         if end < 0:
-            raise UserError(f"{where}: unterminated {q} quote in value {raw[:60]!r}: close the quote")
+            raise UserError(f"{where}: unterminated {q} quote in value {MASK if secret else repr(raw[:60])}: "
+                            "close the quote")
         rest = raw[end + 1:].strip()
         if rest and not rest.startswith("#"):
-            raise UserError(f"{where}: unexpected text {rest[:40]!r} after the quoted value: remove it")
+            raise UserError(f"{where}: unexpected text {MASK if secret else repr(rest[:40])} after the quoted "
+                            "value: remove it")
         inner = raw[1:end]
         return inner.encode().decode("unicode_escape") if q == '"' and "\\" in inner else inner
     # unquoted: an inline comment starts at " #"
@@ -144,7 +189,7 @@ def convert(setting: Setting, raw: Any, where: str) -> Any:
     k, kind = setting.key, setting.kind
 
     def bad(expected: str) -> UserError:
-        return UserError(f"{k}={raw!r} ({where}): expected {expected}")
+        return UserError(f"{k}={MASK if is_secret(k) else repr(raw)} ({where}): expected {expected}")
 
     if not isinstance(raw, str):
         value = raw
@@ -233,17 +278,23 @@ def _warn_unknown(key: str, where: str) -> None:
 
 def load_config(env_file: str | None = None, overrides: dict[str, str] | None = None,
                 use_environ: bool = True) -> Config:
-    """Resolve settings. env_file None reads ./.env when it exists; overrides are KEY -> raw string."""
+    """Resolve settings. env_file None reads ./.env when it exists; overrides are KEY -> raw string.
+    use_environ False: the process environment is neither a source nor looked up by `${VAR}` (tests)."""
+    environ = {k: v for k, v in os.environ.items() if _EXPORTED.get(k) != v} if use_environ else {}
     raw: dict[str, tuple[Any, str]] = {}  # key -> (raw value, where it came from)
-    if use_environ:
-        for key in BY_KEY:
-            if key in os.environ:
-                raw[key] = (os.environ[key], "environment")
+    overridden: dict[str, str] = {}  # key -> where the (different) value the environment beat came from
     if env_file is None and Path(".env").is_file():
         env_file = ".env"
     if env_file is not None:
-        for key, value, n in parse_env_file(env_file):
-            _put(raw, key, value, f"{env_file}:{n}")
+        entries, helpers = expand_variables(parse_env_file(env_file), environ)
+        for key, value, n in entries:
+            _put(raw, key, value, f"{env_file}:{n}", warn_unknown=key not in helpers)
+    in_file = set(raw)
+    for key in BY_KEY:
+        if key in environ:
+            if key in raw and str(raw[key][0]).strip() != environ[key].strip():
+                overridden[key] = raw[key][1]
+            raw[key] = (environ[key], "environment")
     for key, value in (overrides or {}).items():
         _put(raw, key, value, "command line")
 
@@ -259,6 +310,9 @@ def load_config(env_file: str | None = None, overrides: dict[str, str] | None = 
         if s.key in raw:
             value, where = raw[s.key]
             values[s.key], sources[s.key] = convert(s, value, where), where
+            beat_preset = s.key in preset and s.key not in in_file and values[s.key] != preset[s.key]
+            if where == "environment" and beat_preset:
+                overridden[s.key] = f"preset {preset_name}"
         elif s.key in preset:
             values[s.key], sources[s.key] = preset[s.key], f"preset {preset_name}"
         else:
@@ -270,23 +324,58 @@ def load_config(env_file: str | None = None, overrides: dict[str, str] | None = 
             given, other = (a, b) if a in raw else (b, a)
             values[other], sources[other] = values[given], f"follows {given}"
     _cross_check(values, sources)
-    for s in SETTINGS:  # huggingface_hub, datasets and wandb read these from the process environment
-        if s.env and values[s.key] and sources.get(s.key) != "environment":
-            if "\x00" in str(values[s.key]):
+    _export(values, sources)
+    return Config(values, sources, overridden)
+
+
+def _export(values: dict[str, Any], sources: dict[str, str]) -> None:
+    """huggingface_hub, datasets and wandb read these from the process environment (huggingface_hub reads
+    HF_HOME when it is imported: the project imports these libraries only inside functions, after this)."""
+    for s in SETTINGS:
+        if not s.env or sources.get(s.key) == "environment":
+            continue
+        value = str(values[s.key]) if values[s.key] else ""
+        if value:
+            if "\x00" in value:
                 raise UserError(f"{s.key} ({sources[s.key]}) contains a NUL character, which no environment "
                                 "variable can hold: fix the value")
-            os.environ[s.key] = str(values[s.key])
-    return Config(values, sources)
+            os.environ[s.key] = _EXPORTED[s.key] = value
+        elif s.key in _EXPORTED:  # unset now, exported by an earlier load_config of this process: withdraw it
+            if os.environ.get(s.key) == _EXPORTED.pop(s.key):
+                del os.environ[s.key]
 
 
-def _put(raw: dict, key: str, value: str, where: str) -> None:
+def export_library_settings(env_file: str | None = None) -> None:
+    """For a CLI that reads no other setting (generate.py): HF_HOME, HF_TOKEN and WANDB_API_KEY from the env
+    file (./.env when present) into the process environment, with load_config's precedence (the user's
+    environment wins) and `${VAR}` expansion. The file's other keys are neither checked nor warned about."""
+    if env_file is None and Path(".env").is_file():
+        env_file = ".env"
+    if env_file is None:
+        return
+    environ = {k: v for k, v in os.environ.items() if _EXPORTED.get(k) != v}
+    entries, _ = expand_variables(parse_env_file(env_file), environ)
+    file_values = {ALIASES.get(k, k): (v, f"{env_file}:{n}") for k, v, n in entries}
+    values, sources = {}, {}
+    for s in SETTINGS:
+        if not s.env:
+            continue
+        if s.key in environ:
+            values[s.key], sources[s.key] = environ[s.key], "environment"
+        else:
+            values[s.key], sources[s.key] = file_values.get(s.key, (s.default, "default"))
+    _export(values, sources)
+
+
+def _put(raw: dict, key: str, value: str, where: str, warn_unknown: bool = True) -> None:
     key = ALIASES.get(key, key)
     if key in RETIRED:
         print(f"note: {key} ({where}) is no longer a setting and is not read: {RETIRED[key]}; remove it",
               file=sys.stderr)
         return
     if key not in BY_KEY:
-        _warn_unknown(key, where)
+        if warn_unknown:
+            _warn_unknown(key, where)
         return
     raw[key] = (value, where)
 

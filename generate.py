@@ -6,6 +6,13 @@ so a padded row computes exactly what it would alone (tests/test_model.py checks
 
     python generate.py --model SOURCE [--tokenizer SRC] --prompt "..." [--prompt "..."] [--chat]
                        [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
+    python generate.py --model SOURCE --chat [--system "..."]     # interactive: one user turn per line
+
+HF_TOKEN / HF_HOME for a hub download come from the environment, else from --env-file (default ./.env).
+
+The interactive session streams each reply as it is generated, keeps the dialog (the oldest exchanges
+are dropped when it would no longer fit the model's context with --max-new-tokens), and reads the
+commands /reset (forget the dialog) and /exit (or end of input).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+import config
 import precision
 from errors import UserError, run_cli
 from model import Transformer
@@ -72,12 +80,14 @@ def generate(
     pad_id: int = 0,
     return_logits: bool = False,
     stop_check: Callable[[], None] | None = None,
+    on_token: Callable[[int, int], None] | None = None,
 ) -> list[list[int]] | tuple[list[list[int]], torch.Tensor]:
     """Continue each prompt; returns the new tokens per row, cut before the first stop id (the stop
     token itself is not included). Uses a KV cache sized to the longest prompt + max_new_tokens.
     return_logits: also return the fp32 logits (B, n_steps, V) each new token was sampled from
     (for tests and debugging). stop_check: called before every new token; it may raise to abandon the
-    generation (the training loop's stop signal)."""
+    generation (the training loop's stop signal). on_token(row, token_id): called as each token of the
+    result is sampled (streaming), so exactly the returned tokens, in order."""
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens={max_new_tokens} must be >= 0")
     if top_k is not None and top_k < 1:
@@ -112,6 +122,9 @@ def generate(
                 step_logits.append(logits.float())
             nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             out[:, n] = nxt
+            if on_token is not None:
+                for row in (~done & ~torch.isin(nxt, stop)).nonzero().flatten().tolist():
+                    on_token(row, int(nxt[row]))
             done |= torch.isin(nxt, stop)
             if bool(done.all()) or n == max_new_tokens - 1:
                 n += 1
@@ -153,12 +166,138 @@ def encode_prompt(tok, text: str, chat: bool, system: str | None = None) -> list
     return list(tok.encode(text, bos=tok.wants_bos))
 
 
+Message = dict[str, str]
+
+
+class TextStream:
+    """Token ids in, text out as soon as it is final. The reply so far is decoded again at each token and only
+    the new characters are written, held back while the text ends in U+FFFD: the bytes of a multi-byte UTF-8
+    character can span several tokens, and decoding a part of them gives the replacement character."""
+
+    def __init__(self, tok, write: Callable[[str], object]):
+        self.tok, self.write = tok, write
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def push(self, token_id: int) -> None:
+        self.ids.append(token_id)
+        text = self.tok.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            self._show(text)
+
+    def finish(self) -> str:
+        """Write what is still held back; returns the whole decoded reply."""
+        text = self.tok.decode(self.ids)
+        self._show(text)
+        return text
+
+    def _show(self, text: str) -> None:
+        if text.startswith(self.shown) and len(text) > len(self.shown):
+            self.write(text[len(self.shown):])
+            self.shown = text
+
+
+def fit_dialog(messages: list[Message], n_tokens: Callable[[list[Message]], int], budget: int) -> list[Message]:
+    """The dialog that fits: a leading system message is always kept, then the oldest exchanges (a user turn
+    and the replies after it) are dropped until `n_tokens(dialog) <= budget`. The newest user turn is never
+    dropped: when it does not fit even alone, a UserError says so."""
+    head = messages[:1] if messages and messages[0]["role"] == "system" else []
+    rest = messages[len(head):]
+    while (n := n_tokens(head + rest)) > budget:
+        nxt = next((i for i in range(1, len(rest)) if rest[i]["role"] == "user"), None)
+        if nxt is None:
+            raise UserError(f"the message needs {n} tokens with the chat format{' and system prompt' if head else ''}"
+                            f", {n - budget} more than the {budget} the model's context leaves after "
+                            "--max-new-tokens: shorten the message, the --system prompt or --max-new-tokens")
+        rest = rest[nxt:]
+    return head + rest
+
+
+class ChatSession:
+    """A multi-turn dialog with one model: `reply(text, write)` streams the answer and keeps the history."""
+
+    def __init__(self, model: Transformer, tok, *, system: str | None, max_new_tokens: int,
+                 sampling: dict, stop_ids: Sequence[int], pad_id: int):
+        self.model, self.tok, self.fmt = model, tok, ChatFormat(tok)
+        self.system, self.max_new_tokens, self.sampling = system, max_new_tokens, sampling
+        self.stop_ids, self.pad_id = list(stop_ids), pad_id
+        context = model.args.max_seq_len
+        self.budget = context - max_new_tokens  # prompt tokens left once the reply has room
+        if self.budget < 1:
+            raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for the dialog in the model's "
+                            f"context of {context} tokens: lower --max-new-tokens")
+        self.history: list[Message] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.history = [{"role": "system", "content": self.system}] if self.system else []
+
+    def encode(self, messages: list[Message]) -> list[int]:
+        return list(self.fmt.encode_dialog(messages, add_generation_prompt=True)[0])
+
+    def reply(self, text: str, write: Callable[[str], object]) -> str:
+        """Answer one user turn, writing the reply as it is generated; the history keeps the turn and the
+        reply (a UserError when the turn does not fit leaves the history as it was)."""
+        dialog = fit_dialog(self.history + [{"role": "user", "content": text}], lambda m: len(self.encode(m)),
+                            self.budget)
+        stream = TextStream(self.tok, write)
+        generate(self.model, [self.encode(dialog)], self.max_new_tokens, stop_ids=self.stop_ids,
+                 pad_id=self.pad_id, on_token=lambda _row, t: stream.push(t), **self.sampling)
+        answer = stream.finish()
+        self.history = dialog + [{"role": "assistant", "content": answer}]
+        return answer
+
+
+def chat_loop(session: ChatSession, interactive: bool) -> int:
+    """Read user turns from stdin (one per line, `> ` prompt on a terminal) and stream the replies to stdout.
+    /reset forgets the dialog, /exit or end of input ends the session; notes go to stderr."""
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            if interactive:
+                print()
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            return 0
+        if text == "/reset":
+            session.reset()
+            print("(dialog forgotten)", file=sys.stderr)
+            continue
+        if text.startswith("/") and text[1:].isalpha():
+            print(f"unknown command {text}: /reset forgets the dialog, /exit ends the session", file=sys.stderr)
+            continue
+        before = len(session.history)
+        try:
+            session.reply(text, write)
+        except UserError as e:  # this turn cannot be answered; the session goes on
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        except KeyboardInterrupt:  # Ctrl-C stops this reply, not the session
+            if not interactive:
+                raise
+            print("\n(reply interrupted; not kept)", file=sys.stderr)
+            continue
+        write("\n")
+        dropped = before + 2 - len(session.history)
+        if dropped:
+            print(f"(the oldest {dropped} messages were dropped to fit the model's context)", file=sys.stderr)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="checkpoint dir, Meta dir, HF dir or hub id, or .gguf")
     ap.add_argument("--tokenizer", default=None, help="tokenizer source (default: the model source)")
-    ap.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
-    ap.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat format")
+    ap.add_argument("--prompt", action="append", default=None, help="repeat for a batch")
+    ap.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat format; "
+                    "without --prompt: an interactive session on stdin (/reset, /exit)")
     ap.add_argument("--system", default=None, help="system message for --chat")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -168,15 +307,35 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto", choices=[*precision.CHOICES, *precision.ALIASES],
                     help="auto = bf16 where the device does it natively, else fp32 (fp16 on older GPUs)")
+    ap.add_argument("--env-file", default=None, help="settings file whose HF_TOKEN / HF_HOME apply to hub "
+                    "downloads (default: ./.env when present; the environment wins)")
     a = ap.parse_args()
+    if not a.prompt and not a.chat:
+        raise UserError("generate.py needs --prompt TEXT (repeat for a batch), or --chat without --prompt for "
+                        "an interactive session")
+    config.export_library_settings(a.env_file)  # before anything may reach the hub
     tok = _load_tokenizer(a.tokenizer or tokenizer_source(a.model))
     model, _ = load_model(a.model, device=a.device, dtype=precision.inference_dtype(a.dtype, a.device))
-    prompts = [encode_prompt(tok, p, a.chat, a.system) for p in a.prompt]
     stop = [i for i in (getattr(tok, "eos_id", None), getattr(tok, "eot_id", None)) if i is not None]
     pad = getattr(tok, "pad_id", None)
+    pad = pad if pad is not None and pad >= 0 else 0
+    if not a.prompt:
+        session = ChatSession(model, tok, system=a.system, max_new_tokens=a.max_new_tokens, stop_ids=stop,
+                              pad_id=pad, sampling=dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                                                        seed=a.seed))
+        interactive = sys.stdin.isatty()
+        if interactive:
+            try:
+                import readline  # noqa: F401  (line editing and history for input())
+            except ImportError:
+                pass
+            print(f"chat with {a.model}: one message per line; /reset forgets the dialog, /exit or Ctrl-D ends",
+                  file=sys.stderr)
+        return chat_loop(session, interactive)
+    prompts = [encode_prompt(tok, p, a.chat, a.system) for p in a.prompt]
     t0 = time.perf_counter()
     outs = generate(model, prompts, a.max_new_tokens, a.temperature, a.top_k, a.top_p, stop, a.seed,
-                    pad_id=pad if pad is not None and pad >= 0 else 0)
+                    pad_id=pad)
     dt = time.perf_counter() - t0
     for i, ids in enumerate(outs):
         if len(outs) > 1:

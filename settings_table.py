@@ -21,7 +21,7 @@ class Setting:
     choices: tuple | None = None
     min: float | None = None
     max: float | None = None
-    secret: bool = False
+    secret: bool = False  # never printed; see is_secret for the name rule that also applies
     env: bool = False  # also exported to the process environment, where a library reads it
 
 
@@ -266,3 +266,15 @@ SAME_DIR: tuple[tuple[str, str], ...] = (
 
 BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
 GROUPS: tuple[str, ...] = tuple(dict.fromkeys(s.group for s in SETTINGS))
+
+# A name with a `_`-separated word ending in one of these holds a secret (HF_TOKEN, WANDB_API_KEY, DB_PASSWORD,
+# APIKEY). Words, not substrings: TOKENIZER_CHECKPOINT_PATH is a path and a MAX_TOKENS would be a count.
+SECRET_WORDS: tuple[str, ...] = ("TOKEN", "KEY", "SECRET", "SECRETS", "PASSWORD", "PASSWD")
+
+
+def is_secret(key: str) -> bool:
+    """A value never printed (summaries, banners, error messages) nor saved or logged: flagged in the
+    table, or named like a secret."""
+    if key in BY_KEY and BY_KEY[key].secret:
+        return True
+    return any(word.endswith(SECRET_WORDS) for word in key.upper().split("_"))

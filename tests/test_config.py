@@ -1,3 +1,4 @@
+import json
 import os
 import re
 import subprocess
@@ -18,6 +19,7 @@ def _no_env(monkeypatch, tmp_path):
     # settings must not leak in from the machine's environment or a stray ./.env
     for k in BY_KEY:
         monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(config, "_EXPORTED", {})  # what one test's load_config exported stays in that test
     monkeypatch.chdir(tmp_path)
 
 
@@ -171,3 +173,197 @@ def test_config_show_takes_overrides_after_env_file(tmp_path):
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr
     assert re.search(r"MAX_STEPS\s+= 7\s+\(command line\)", r.stdout) and re.search(r"SEED\s+= 3", r.stdout)
+
+
+# ---- precedence, ${VAR} expansion, secrets -------------------------------------------------------------
+
+
+def test_each_level_beats_the_one_below(tmp_path, monkeypatch):
+    """default < MODEL_PRESET < env file < environment < KEY=VALUE, on one key (N_LAYERS)."""
+    default, preset = BY_KEY["N_LAYERS"].default, PRESETS["debug"]["N_LAYERS"]
+    assert len({default, preset, 5, 6, 7}) == 5  # five distinct values, so each step is visible
+    env = tmp_path / "x.env"
+    env.write_text("SEED=1\n")
+    assert config.load_config(str(env))["N_LAYERS"] == default
+    env.write_text("MODEL_PRESET=debug\n")
+    cfg = config.load_config(str(env))
+    assert (cfg["N_LAYERS"], cfg.source("N_LAYERS")) == (preset, "preset debug")
+    env.write_text("MODEL_PRESET=debug\nN_LAYERS=5\n")
+    cfg = config.load_config(str(env))
+    assert (cfg["N_LAYERS"], cfg.source("N_LAYERS")) == (5, f"{env}:2")
+    monkeypatch.setenv("N_LAYERS", "6")
+    cfg = config.load_config(str(env))
+    assert (cfg["N_LAYERS"], cfg.source("N_LAYERS")) == (6, "environment")
+    assert cfg.environment_overrides() == {"N_LAYERS": f"{env}:2"}
+    cfg = config.load_config(str(env), {"N_LAYERS": "7"})
+    assert (cfg["N_LAYERS"], cfg.source("N_LAYERS")) == (7, "command line")
+    assert cfg.environment_overrides() == {}  # the environment's value lost: nothing to report
+    monkeypatch.setenv("N_LAYERS", " 5")  # the file's value (e.g. a shell that sourced the file): not reported
+    assert config.load_config(str(env)).environment_overrides() == {}
+    # the environment over the preset alone, and over the file's choice of preset
+    env.write_text("MODEL_PRESET=debug\n")
+    assert config.load_config(str(env)).environment_overrides() == {"N_LAYERS": "preset debug"}
+    monkeypatch.setenv("MODEL_PRESET", "tiny")
+    cfg = config.load_config(str(env))
+    assert cfg["MODEL_PRESET"] == "tiny" and cfg["DIM"] == PRESETS["tiny"]["DIM"]
+    assert cfg.environment_overrides() == {"MODEL_PRESET": f"{env}:1", "N_LAYERS": "preset tiny"}
+
+
+def test_summary_and_show_name_what_the_environment_overrode(tmp_path, monkeypatch):
+    env = tmp_path / "x.env"
+    env.write_text("MAX_STEPS=5\nSEED=3\n")
+    monkeypatch.setenv("MAX_STEPS", "9")
+    summary = config.load_config(str(env)).summary()
+    assert re.search(r"MAX_STEPS\s+= 9\s+\(environment, over .*x\.env:1\)$", summary, re.M)
+    assert re.search(r"SEED\s+= 3\s+\(.*x\.env:2\)$", summary, re.M)
+    assert summary.splitlines()[-1] == f"the environment overrode: MAX_STEPS (over {env}:1)"
+    r = subprocess.run([sys.executable, str(ROOT / "config.py"), "show", "--env-file", str(env)], cwd=tmp_path,
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    assert f"the environment overrode: MAX_STEPS (over {env}:1)" in r.stdout
+
+
+def test_variables_expand_from_earlier_lines_and_the_environment(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PROJECT_USER", "alice")  # not a setting: any environment variable can be used
+    for k in ("NOT_DEFINED_ANYWHERE", "RUN_ROOT"):
+        monkeypatch.delenv(k, raising=False)
+    env = tmp_path / "x.env"
+    env.write_text("DATA=/data/${PROJECT_USER}\n"                       # helper variable, not a setting
+                   "PRETRAIN_DATALOADER_ROOT_PATH=${DATA}/pretrain\n"    # a line above
+                   'RUN_DIR="${RUN_ROOT:-/tmp/runs}/one"\n'              # default
+                   "WANDB_RUN_NAME=${NOT_DEFINED_ANYWHERE}x\n"           # undefined: empty, as python-dotenv
+                   "SYSTEM_PROMPT='costs $5, ${DATA}'\n")                # $VAR stays; single quotes expand too
+    cfg = config.load_config(str(env))
+    assert cfg["PRETRAIN_DATALOADER_ROOT_PATH"] == "/data/alice/pretrain"
+    assert cfg["RUN_DIR"] == "/tmp/runs/one" and cfg["WANDB_RUN_NAME"] == "x"
+    assert cfg["SYSTEM_PROMPT"] == "costs $5, /data/alice"
+    assert "unknown setting" not in capsys.readouterr().err  # DATA, used as ${DATA}, is a helper variable
+    # the environment wins over the file in lookups too, as it does as a source
+    env.write_text("SEED=1\nWANDB_RUN_NAME=seed-${SEED}\n")
+    monkeypatch.setenv("SEED", "5")
+    cfg = config.load_config(str(env))
+    assert (cfg["SEED"], cfg["WANDB_RUN_NAME"]) == (5, "seed-5")
+    # environment values and KEY=VALUE are taken literally (the shell expands those)
+    monkeypatch.setenv("WANDB_PROJECT_NAME", "${SEED}")
+    assert config.load_config(str(env), {"RUN_DIR": "${SEED}"})["RUN_DIR"] == "${SEED}"
+    assert config.load_config(str(env))["WANDB_PROJECT_NAME"] == "${SEED}"
+
+
+def test_expansion_equals_python_dotenv_load_dotenv(tmp_path):
+    lines = ["A=one", "B=${A}-two", 'C="${FROM_ENV}/x"', "D='${A} in single quotes'", "E=${UNDEFINED}",
+             "F=${UNDEFINED:-fallback}", "G=$A", "H=${A}${B}", "SEED=1", "I=seed-${SEED}", "export J=${A} # note",
+             "K=${FROM_ENV:-unused}"]
+    env = tmp_path / "x.env"
+    env.write_text("\n".join(lines) + "\n")
+    environ = {"FROM_ENV": "env", "SEED": "5"}
+    keys = [ln.removeprefix("export ").split("=")[0] for ln in lines]
+    code = ("import dotenv, json, os, sys; dotenv.load_dotenv(sys.argv[1]); "
+            "print(json.dumps({k: os.environ.get(k) for k in sys.argv[2:]}))")
+    r = subprocess.run([sys.executable, "-c", code, str(env), *keys], capture_output=True, text=True,
+                       env={"PATH": os.environ.get("PATH", ""), **environ})
+    assert r.returncode == 0, r.stderr
+    theirs = json.loads(r.stdout)
+    expanded, referenced = config.expand_variables(config.parse_env_file(env), environ)
+    ours = {k: v for k, v, _ in expanded}
+    assert theirs.pop("SEED") == "5" and ours.pop("SEED") == "1"  # load_dotenv leaves a set variable alone
+    assert ours == {k: theirs[k] for k in ours}
+    assert ours["B"] == "one-two" and ours["E"] == "" and ours["G"] == "$A" and ours["I"] == "seed-5"
+    assert referenced == {"A", "B", "FROM_ENV", "UNDEFINED", "SEED"}
+
+
+def test_secret_names():
+    from settings_table import is_secret
+
+    for k in ("HF_TOKEN", "WANDB_API_KEY", "DB_PASSWORD", "MY_SECRET", "OPENAI_APIKEY", "GH_ACCESSTOKEN"):
+        assert is_secret(k), k
+    for k in ("TOKENIZER_CHECKPOINT_PATH", "MAX_STEPS", "SYSTEM_PROMPT", "MAX_TOKENS"):
+        assert not is_secret(k), k
+    assert {k for k in BY_KEY if is_secret(k)} == {"HF_TOKEN", "WANDB_API_KEY"}
+
+
+def test_secrets_are_masked_in_show_and_in_errors(tmp_path, monkeypatch):
+    env = tmp_path / "x.env"
+    env.write_text("HF_TOKEN=hf_filesecret\nMAX_STEPS=5\n")
+    cmd = [sys.executable, str(ROOT / "config.py"), "show", "--env-file", str(env)]
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "WANDB_API_KEY": "wk_envsecret"})
+    assert r.returncode == 0, r.stderr
+    out = r.stdout + r.stderr
+    assert "hf_filesecret" not in out and "wk_envsecret" not in out
+    assert re.search(r"HF_TOKEN\s+= \*\*\*\s+\(.*x\.env:1\)", out)
+    assert re.search(r"WANDB_API_KEY\s+= \*\*\*\s+\(environment\)", out)
+    # the environment overriding a secret is named, its values are not
+    monkeypatch.setenv("HF_TOKEN", "hf_envsecret")
+    summary = config.load_config(str(env)).summary()
+    assert "hf_envsecret" not in summary and "hf_filesecret" not in summary and re.search(r"HF_TOKEN\s+= \*\*\*\s+\(environment, over .*x\.env:1\)", summary)
+    assert "HF_TOKEN" not in config.load_config(str(env)).to_dict()
+    # a malformed or badly quoted line never echoes a secret
+    for text in ("HF_TOKEN hf_linesecret\n", 'HF_TOKEN="hf_linesecret\n', 'HF_TOKEN="hf_a"hf_linesecret\n',
+                 "MY_PASSWORD 'hf_linesecret'\n"):
+        env.write_text(text)
+        with pytest.raises(UserError) as e:
+            config.parse_env_file(env)
+        assert "linesecret" not in str(e.value) and f"{env}:1" in str(e.value), str(e.value)
+
+
+def test_library_variables_take_the_file_unless_the_environment_has_them(tmp_path, monkeypatch):
+    for k in ("HF_HOME", "HF_TOKEN", "WANDB_API_KEY"):
+        monkeypatch.setenv(k, "")
+        monkeypatch.delenv(k)
+    a, b = tmp_path / "a.env", tmp_path / "b.env"
+    a.write_text("HF_TOKEN=hf_from_a\nHF_HOME=/cache/a\n")
+    b.write_text("HF_TOKEN=hf_from_b\n")
+    config.load_config(str(a))
+    assert (os.environ["HF_TOKEN"], os.environ["HF_HOME"]) == ("hf_from_a", "/cache/a")
+    # a later load in the same process: what the first one exported is not the user's environment
+    cfg = config.load_config(str(b))
+    assert cfg["HF_TOKEN"] == "hf_from_b" and cfg.source("HF_TOKEN") == f"{b}:1"
+    assert os.environ["HF_TOKEN"] == "hf_from_b" and "HF_HOME" not in os.environ  # withdrawn: b sets no cache
+    # the user's own environment wins over the file and is left as it is
+    monkeypatch.setenv("HF_TOKEN", "hf_user")
+    cfg = config.load_config(str(a))
+    assert cfg["HF_TOKEN"] == "hf_user" and cfg.source("HF_TOKEN") == "environment"
+    assert os.environ["HF_TOKEN"] == "hf_user" and os.environ["HF_HOME"] == "/cache/a"
+
+
+def test_a_data_cli_hands_the_files_credentials_to_the_hub_call(tmp_path, monkeypatch):
+    import datasets
+
+    import load_pretrain_dataset
+
+    for k in ("HF_HOME", "HF_TOKEN"):
+        monkeypatch.setenv(k, "")
+        monkeypatch.delenv(k)
+    env = tmp_path / "x.env"
+    env.write_text(f"HF_TOKEN=hf_prep\nHF_HOME={tmp_path}/hf\nTOKENIZER_CHECKPOINT_PATH={ROOT / 'tokenizer.model'}\n")
+    seen: dict[str, str | None] = {}
+
+    def load_dataset(*args, **kw):
+        seen.update({k: os.environ.get(k) for k in ("HF_TOKEN", "HF_HOME")})
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with pytest.raises(UserError, match="could not stream"):
+        load_pretrain_dataset.main(["--env-file", str(env), "--dataset", "some-org/some-data", "--out",
+                                    str(tmp_path / "out"), "--no-progress"])
+    assert seen == {"HF_TOKEN": "hf_prep", "HF_HOME": f"{tmp_path}/hf"}
+
+
+def test_hub_and_wandb_libraries_are_imported_only_inside_functions():
+    """huggingface_hub reads HF_HOME when it is imported: a module-level import in any project module would
+    fix the cache before load_config exports the settings file's HF_HOME."""
+    import ast
+
+    libraries = {"huggingface_hub", "datasets", "transformers", "peft", "wandb", "accelerate"}
+    found = []
+    for path in sorted(ROOT.glob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                for child in ast.walk(node):
+                    child._in_function = True  # type: ignore[attr-defined]
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and not getattr(node, "_in_function", False):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                found += [f"{path.name}:{node.lineno} {n}" for n in names if n.split(".")[0] in libraries]
+    assert not found, found

@@ -1,6 +1,8 @@
 """generate.py: sampling rules against hand-computed distributions, batching = one prompt at a time,
 stop ids; SmolLM2-135M-Instruct (GGUF) answers a factual chat question via the API and the CLI."""
 
+import io
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +13,7 @@ import torch
 
 import tokenizer as tokenizer_mod
 from errors import UserError
-from generate import generate, left_pad, sample_next
+from generate import ChatSession, TextStream, chat_loop, fit_dialog, generate, left_pad, sample_next
 from model import ModelArgs, Transformer
 from model_utils import load_model, smollm2_gguf
 
@@ -99,3 +101,178 @@ def test_smollm2_chat_answer_via_cli(smollm2):
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
+
+
+# ---- streaming and the interactive chat -------------------------------------------------------------
+
+
+def test_on_token_reports_exactly_the_returned_tokens(tiny):
+    prompts = [[3, 14, 15, 92, 65], [35], [89, 79, 32]]
+    free = generate(tiny, prompts, 10)
+    stop = free[1][3]  # row 1 stops early; the other rows go on (or stop where they also sample it)
+    seen: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    out = generate(tiny, prompts, 10, stop_ids=[stop], on_token=lambda row, t: seen[row].append(t))
+    assert out == generate(tiny, prompts, 10, stop_ids=[stop])  # the callback changes nothing
+    assert [seen[i] for i in range(3)] == out
+    assert len(out[1]) < 10 and stop not in out[1]
+
+
+def test_text_stream_never_splits_a_multibyte_character():
+    tok = tokenizer_mod.load_tokenizer(str(ROOT / "tokenizer.model"))
+    text = "naïve café — 日本語のテキスト 🙂🦙 done"
+    ids = tok.encode(text)
+    # the case under test occurs: some token boundary falls inside a character
+    assert any(tok.decode(ids[:i]).endswith("\ufffd") for i in range(1, len(ids)))
+    pieces: list[str] = []
+    stream = TextStream(tok, pieces.append)
+    for t in ids:
+        stream.push(t)
+    assert stream.finish() == text
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    assert len(pieces) > len(text.split()) // 2  # written as it came, not all at the end
+
+
+def test_fit_dialog_drops_the_oldest_exchanges_first():
+    tok = tokenizer_mod.load_tokenizer(str(ROOT / "tokenizer.model"))
+    fmt = tokenizer_mod.ChatFormat(tok)
+    n_tokens = lambda m: len(fmt.encode_dialog(m, add_generation_prompt=True)[0])  # noqa: E731
+    system = {"role": "system", "content": "Be brief."}
+    turns = []
+    for i in range(3):
+        turns += [{"role": "user", "content": f"question number {i} about llamas"},
+                  {"role": "assistant", "content": f"answer number {i}, which is rather long " * 3}]
+    new = {"role": "user", "content": "and now?"}
+    dialog = [system, *turns, new]
+    assert fit_dialog(dialog, n_tokens, n_tokens(dialog)) == dialog  # fits: unchanged
+    # one token short: the oldest exchange (user turn + reply) goes, the system message stays
+    assert fit_dialog(dialog, n_tokens, n_tokens(dialog) - 1) == [system, *turns[2:], new]
+    newest = [system, *turns[4:], new]
+    assert fit_dialog(dialog, n_tokens, n_tokens(newest)) == newest
+    assert fit_dialog(dialog, n_tokens, n_tokens(newest) - 1) == [system, new]
+    assert fit_dialog(dialog[1:], n_tokens, n_tokens([new])) == [new]  # without a system message
+    with pytest.raises(UserError, match="shorten the message"):
+        fit_dialog(dialog, n_tokens, n_tokens([system, new]) - 1)
+
+
+_ANSWERS: dict[str, str] = {}  # the SmolLM2 references, shared by the tests below (greedy: deterministic)
+
+
+def _answer(model, tok, dialog: list[dict], max_new_tokens: int) -> str:
+    """The reply to `dialog` without streaming: the reference for the chat session."""
+    key = json.dumps([dialog, max_new_tokens])
+    if key not in _ANSWERS:
+        ids, _ = tokenizer_mod.ChatFormat(tok).encode_dialog(dialog, add_generation_prompt=True)
+        _ANSWERS[key] = tok.decode(generate(model, [ids], max_new_tokens, stop_ids=[tok.eos_id, tok.eot_id])[0])
+    return _ANSWERS[key]
+
+
+def _session(model, tok, max_new_tokens: int = 16, system: str | None = None) -> ChatSession:
+    return ChatSession(model, tok, system=system, max_new_tokens=max_new_tokens, sampling={},
+                       stop_ids=[tok.eos_id, tok.eot_id], pad_id=0)
+
+
+def _user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def _assistant(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+@pytest.mark.slow
+def test_chat_keeps_the_dialog_streams_the_reply_and_resets(smollm2, monkeypatch, capsys):
+    model, tok, _ = smollm2
+    q1, q2 = QUESTION, "And of Italy?"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{q1}\n\n{q2}\n/reset\n{q2}\n"))
+    session = _session(model, tok)
+    assert chat_loop(session, interactive=False) == 0  # end of input ends the session
+    out = capsys.readouterr()
+    a1 = _answer(model, tok, [_user(q1)], 16)
+    a2 = _answer(model, tok, [_user(q1), _assistant(a1), _user(q2)], 16)  # the second turn sees the first
+    a3 = _answer(model, tok, [_user(q2)], 16)  # after /reset: the same question without the dialog
+    assert "Paris" in a1 and "Rome" in a2 and a3 != a2
+    assert out.out == f"{a1}\n{a2}\n{a3}\n"  # streamed text = the non-streamed generation, turn by turn
+    assert "dialog forgotten" in out.err
+    assert session.history == [_user(q2), _assistant(a3)]
+
+
+@pytest.mark.slow
+def test_chat_drops_the_oldest_exchange_and_refuses_a_turn_too_long(smollm2, monkeypatch, capsys):
+    model, tok, _ = smollm2
+    system = {"role": "system", "content": "Answer in one word."}
+    session = _session(model, tok, max_new_tokens=8, system=system["content"])
+    session.budget = max(len(session.encode([system, _user(q)])) for q in ("Hi", "Yo"))  # one exchange fits
+    monkeypatch.setattr(sys, "stdin", io.StringIO("tell me " * 50 + "\nHi\nYo\n/exit\nHi\n"))
+    assert chat_loop(session, interactive=False) == 0
+    out = capsys.readouterr()
+    errors = [ln for ln in out.err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "shorten the message" in errors[0], out.err  # one line; the session goes on
+    r1 = _answer(model, tok, [system, _user("Hi")], 8)
+    assert len(session.encode([system, _user("Hi"), _assistant(r1), _user("Yo")])) > session.budget
+    r2 = _answer(model, tok, [system, _user("Yo")], 8)  # the first exchange no longer fits: dropped
+    assert out.out == f"{r1}\n{r2}\n"  # the long turn got no answer, nothing was read after /exit
+    assert "the oldest 2 messages were dropped" in out.err
+    assert session.history == [system, _user("Yo"), _assistant(r2)]
+    with pytest.raises(UserError, match="lower --max-new-tokens"):
+        _session(model, tok, max_new_tokens=model.args.max_seq_len)
+
+
+def test_chat_prompts_on_a_terminal_and_ends_at_eof(smollm2, monkeypatch, capsys):
+    model, tok, _ = smollm2
+    prompts: list[str] = []
+
+    def fake_input(prompt: str) -> str:
+        prompts.append(prompt)
+        raise EOFError
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    assert chat_loop(_session(model, tok), interactive=True) == 0
+    assert prompts == ["> "] and capsys.readouterr().out == "\n"
+
+
+@pytest.mark.slow
+def test_interactive_chat_cli_from_stdin(smollm2):
+    model, tok, path = smollm2
+    q1, q2 = QUESTION, "And of Italy?"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
+    r = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--model", str(path), "--chat", "--dtype", "fp32",
+                        "--max-new-tokens", "16"], input=f"{q1}\n{q2}\n/exit\nWhat is the capital of Spain?\n",
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    a1 = _answer(model, tok, [_user(q1)], 16)
+    a2 = _answer(model, tok, [_user(q1), _assistant(a1), _user(q2)], 16)
+    assert r.stdout == f"{a1}\n{a2}\n" and "Madrid" not in r.stdout
+
+
+def test_generate_cli_without_prompt_or_chat_is_a_one_line_error():
+    r = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--model", "unused"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--chat without --prompt" in r.stderr, r.stderr
+
+
+def test_generate_cli_hands_the_env_files_hub_token_to_the_download(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    import config
+    import generate as generate_mod
+
+    for k in ("HF_TOKEN", "HF_HOME"):  # set then deleted: monkeypatch removes the exported values after
+        monkeypatch.setenv(k, "")
+        monkeypatch.delenv(k)
+    monkeypatch.setattr(config, "_EXPORTED", {})
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "user-cache"))  # the user's environment wins over the file
+    monkeypatch.setenv("TOKEN_SOURCE", "hf_from_env")
+    env = tmp_path / "x.env"
+    env.write_text("HF_TOKEN=${TOKEN_SOURCE}\nHF_HOME=/not/this\nMAX_LR=fast  # other keys are not checked\n")
+    seen: dict[str, str | None] = {}
+
+    def snapshot_download(*args, **kw):
+        seen.update({k: os.environ.get(k) for k in ("HF_TOKEN", "HF_HOME")})
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(sys, "argv", ["generate.py", "--model", "some-org/some-model", "--tokenizer",
+                                      str(ROOT / "tokenizer.model"), "--prompt", "x", "--env-file", str(env)])
+    with pytest.raises(UserError, match="could not be fetched"):
+        generate_mod.main()
+    assert seen == {"HF_TOKEN": "hf_from_env", "HF_HOME": str(tmp_path / "user-cache")}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import signal
 import subprocess
@@ -231,11 +232,42 @@ def test_sigterm_checkpoints_and_exits_resumable(tmp_path, pretrain_data):
 
 
 @pytest.mark.slow
-def test_wandb_offline_run_has_config_and_history(tmp_path, pretrain_data, monkeypatch):
+def test_wandb_offline_run_has_config_and_history(tmp_path, pretrain_data, monkeypatch, capsys):
+    """Also: the secrets given as settings reach the process environment before wandb.init, and their
+    values appear neither in the banner nor in the W&B files; the banner names what the environment overrode."""
+    import wandb
+
+    import config
+
     monkeypatch.setenv("WANDB_MODE", "offline")
+    for k in ("HF_TOKEN", "WANDB_API_KEY"):  # set then deleted: monkeypatch removes the exported values after
+        monkeypatch.setenv(k, "")
+        monkeypatch.delenv(k)
+    monkeypatch.setattr(config, "_EXPORTED", {})
+    monkeypatch.setenv("WARMUP_STEPS", "1")  # configs/debug.env says 2
+    key, token = "0123456789abcdef" * 2 + "76543210", "hf_bannersecret"
+    seen_at_init: dict[str, str | None] = {}
+    real_init = wandb.init
+
+    def spy_init(*args, **kw):
+        seen_at_init.update({k: os.environ.get(k) for k in ("WANDB_API_KEY", "HF_TOKEN")})
+        return real_init(*args, **kw)
+
+    monkeypatch.setattr(wandb, "init", spy_init)
     run_inprocess(tmp_path, pretrain_data, WANDB_ENABLED="true", MAX_STEPS=3, VALIDATE_EVERY_X_STEPS=0,
-                  SAVE_CHECKPOINTS="false", WANDB_RUN_NAME="t")
+                  SAVE_CHECKPOINTS="false", WANDB_RUN_NAME="t", WANDB_API_KEY=key, HF_TOKEN=token)
+    assert seen_at_init == {"WANDB_API_KEY": key, "HF_TOKEN": token}
+    printed = capsys.readouterr()
+    banner = printed.out + printed.err
+    assert key not in banner and token not in banner
+    assert re.search(r"HF_TOKEN\s+= \*\*\*\s+\(command line\)", banner)
+    assert re.search(r"WARMUP_STEPS\s+= 1\s+\(environment, over .*debug\.env:\d+\)", banner)
+    assert re.search(r"the environment overrode: WARMUP_STEPS \(over .*debug\.env:\d+\)", banner)
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    for f in (tmp_path / "run").rglob("*"):
+        if f.is_file():
+            data = f.read_bytes()
+            assert key.encode() not in data and token.encode() not in data, f
     assert len(runs) == 1
     from wandb.proto import wandb_internal_pb2
 
@@ -253,6 +285,7 @@ def test_wandb_offline_run_has_config_and_history(tmp_path, pretrain_data, monke
             if "loss" in items:
                 steps.append(items["_step"])
     assert {"MAX_STEPS", "TOTAL_BATCH_SIZE", "MODEL_PRESET"} <= config_keys
+    assert not {"HF_TOKEN", "WANDB_API_KEY"} & config_keys
     assert steps == [1, 2, 3]
 
 
