@@ -538,8 +538,7 @@ def save_hf_tokenizer(tok: Tokenizer, out_dir: str | Path, model_max_length: int
     if isinstance(tok, TiktokenTokenizer):
         backend, template = tok.to_hf_backend(), LLAMA3_CHAT_TEMPLATE
     elif isinstance(tok, HFTokenizer):
-        backend, template = tok.backend.__class__.from_str(tok.backend.to_str()), tok.chat_template
-        backend.encode_special_tokens = False  # HFTokenizer's own setting; transformers decides per call
+        backend, template = tok.backend, tok.chat_template  # its encode_special_tokens is not saved
     else:
         raise UserError(f"tokenizer {tok!r} has no Hugging Face format; export without it or convert it first")
     backend.save(str(out / "tokenizer.json"))
