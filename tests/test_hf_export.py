@@ -137,8 +137,9 @@ def test_chat_template_ids_and_assistant_mask_equal_chat_format(own, hf_tok, dia
     prompt = hf_tok.apply_chat_template(dialog[:-1] if dialog[-1]["role"] == "assistant" else dialog,
                                         add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
     assert prompt == ids
-    assert ids[-4:] == [own.special_tokens["<|start_header_id|>"], *own.encode("assistant"),
-                        own.special_tokens["<|end_header_id|>"], *own.encode("\n\n")]
+    header = [own.special_tokens["<|start_header_id|>"], *own.encode("assistant"),
+              own.special_tokens["<|end_header_id|>"], *own.encode("\n\n")]
+    assert ids[-len(header):] == header and not any(mask[-len(header):])
 
 
 def test_golden_prompt_ids(own, hf_tok):
@@ -179,7 +180,7 @@ def test_control_token_text_in_content_never_becomes_a_turn_boundary(own, export
     assert ids.count(ctrl["<|eot_id|>"]) == 1 and ids.count(ctrl["<|start_header_id|>"]) == 1
     assert T.ChatFormat(T.load_tokenizer(exported)).encode_dialog(dialog) == (ids, mask)
     for kwargs in ({"tokenize": True}, {"tokenize": False}, {"tokenize": True, "sanitize_control_tokens": True}):
-        with pytest.raises(jinja2.TemplateError, match=r"message 0 content contains the control-token text <\|eot_id\|>"):
+        with pytest.raises(jinja2.TemplateError, match=r"message 0 content contains the control-token text <\|start_header_id\|>"):
             hf_tok.apply_chat_template(dialog, **kwargs)
     for bad in ({"role": "assistant", "content": "x <|reserved_special_token_17|>"},
                 {"role": "user<|end_header_id|>", "content": "x"},
