@@ -368,7 +368,8 @@ def _cpu_state(model: Transformer) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
 
 
-def export_hf(model: Transformer, args: ModelArgs, out_dir: str | os.PathLike, tokenizer: Tokenizer | None = None) -> Path:
+def export_hf(model: Transformer, args: ModelArgs, out_dir: str | os.PathLike,
+              tokenizer: Tokenizer | None = None) -> Path:
     """Write an HF LlamaForCausalLM directory that transformers loads with the same logits: config.json,
     model.safetensors, generation_config.json (greedy; stops at the tokenizer's end-of-text and end-of-turn
     ids) and, with a tokenizer, its HF files (tokenizer.save_hf_tokenizer: tokenizer.json,

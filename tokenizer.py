@@ -1,5 +1,5 @@
 """Tokenizers: tiktoken-format BPE with Llama 3 specials, HF / GGUF tokenizers, chat rendering with loss
-masks, and the CLI that trains the BPE (bpe.py) into a tiktoken-format file.
+masks, the tokenizer files of an HF export, and the CLI that trains the BPE (bpe.py) into a tiktoken-format file.
 
 Every backend has one interface (`Tokenizer`): `encode(text, bos, eos, allowed_special)`, `decode(ids)`,
 `bos_id`, `eos_id`, `eot_id`, `pad_id`, `vocab_size`, `wants_bos`, `identity()`. Plain text never becomes a
@@ -12,6 +12,9 @@ one transformers' `encode(text)` follows and lm-evaluation-harness's HF backend 
 every document; GGUF -> its `tokenizer.ggml.add_bos_token` flag (SmolLM2: no); HF -> whether its
 post-processor prepends BOS (Llama 3: yes; a tokenizer.json without that post-processor: no, whatever
 the BOS token is called).
+
+HF export (`save_hf_tokenizer`): a tiktoken file becomes a tokenizer.json that gives the same ids in
+transformers, with `LLAMA3_CHAT_TEMPLATE` (ChatFormat's format as jinja); HF and GGUF tokenizers keep theirs.
 
     python tokenizer.py train --vocab-size 8192 --out tokenizer.model     # the committed file
     python tokenizer.py encode --tokenizer tokenizer.model --text "Hello world"
@@ -278,9 +281,10 @@ def tiktoken_to_hf_bpe(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tu
 
     tiktoken merges, again and again, the adjacent pair whose concatenation has the lowest rank. HF's BPE
     applies the listed merge with the lowest index. So every split of a token into two tokens is a merge,
-    ordered by the rank of the result (ties: the ranks of the halves). With `ignore_merges` (a pre-token that
-    is itself a token is kept whole, as tiktoken does) the two agree; the tests check it on the embedded
-    corpus and on hard text for ours and for Meta's 128k ranks."""
+    ordered by the rank of the result (ties: the ranks of the halves), plus `ignore_merges` (a pre-token that
+    is itself a token is kept whole, as tiktoken does). They could still differ where two overlapping pairs
+    form the same token by different splits (tiktoken merges the left one first); the tests find no such case
+    in the embedded corpus, hard text and random text, for ours and for Meta's 128k ranks."""
     alphabet = byte_level_alphabet()
 
     def text(b: bytes) -> str:
@@ -538,7 +542,8 @@ def save_hf_tokenizer(tok: Tokenizer, out_dir: str | Path, model_max_length: int
     if isinstance(tok, TiktokenTokenizer):
         backend, template = tok.to_hf_backend(), LLAMA3_CHAT_TEMPLATE
     elif isinstance(tok, HFTokenizer):
-        backend, template = tok.backend, tok.chat_template  # its encode_special_tokens is not saved
+        # (HFTokenizer's encode_special_tokens=True is a runtime flag; tokenizer.json does not keep it)
+        backend, template = tok.backend, tok.chat_template
     else:
         raise UserError(f"tokenizer {tok!r} has no Hugging Face format; export without it or convert it first")
     backend.save(str(out / "tokenizer.json"))

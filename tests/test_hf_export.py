@@ -89,7 +89,8 @@ def test_export_writes_a_complete_hf_tokenizer(own, exported, hf_tok):
     assert hf_tok.chat_template == T.LLAMA3_CHAT_TEMPLATE
     assert hf_tok.model_max_length == 128
     # BOS: transformers' tokenizer(text) follows our wants_bos rule (every document starts with BOS)
-    assert hf_tok("Hello world").input_ids == own.encode("Hello world", bos=own.wants_bos) == [8192, *own.encode("Hello world")]
+    hello = own.encode("Hello world")
+    assert hf_tok("Hello world").input_ids == own.encode("Hello world", bos=own.wants_bos) == [8192, *hello]
     gen = GenerationConfig.from_pretrained(exported)
     assert gen.eos_token_id == own.stop_ids == [own.eos_id, own.eot_id] == [8193, 8201]
     assert (gen.bos_token_id, gen.pad_token_id, gen.do_sample) == (8192, 8196, False)
@@ -117,6 +118,21 @@ def test_ids_equal_ours_on_hard_text(own, hf_tok, text):
     theirs = hf_tok(text, add_special_tokens=False, split_special_tokens=True).input_ids
     assert theirs == own.encode(text)
     assert hf_tok.decode(theirs) == text == own.decode(theirs)
+
+
+def test_ids_equal_ours_on_random_text(own, hf_tok):
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    # whitespace, digits, letters of several scripts, punctuation, emoji and joiners, in any mix
+    alphabet = st.sampled_from(list(" \t\r\n\u00a0\u200b\u200d0123456789aZé'sßΩж中語ا्ह!?.,-_<|>🙂👍🏽🇫"))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.text(alphabet, max_size=80) | st.text(max_size=40))
+    def check(text: str) -> None:
+        assert hf_tok(text, add_special_tokens=False, split_special_tokens=True).input_ids == own.encode(text)
+
+    check()
 
 
 # ---- chat -----------------------------------------------------------------------------------------------
@@ -179,8 +195,11 @@ def test_control_token_text_in_content_never_becomes_a_turn_boundary(own, export
     assert ids == expected and sum(mask) == 0
     assert ids.count(ctrl["<|eot_id|>"]) == 1 and ids.count(ctrl["<|start_header_id|>"]) == 1
     assert T.ChatFormat(T.load_tokenizer(exported)).encode_dialog(dialog) == (ids, mask)
+    # sanitize_control_tokens=True (transformers' opt-in that encodes control tokens in inputs as text) is
+    # refused as well: it wraps them in markers, the text is still there.
+    refusal = r"message 0 content contains the control-token text <\|start_header_id\|>"
     for kwargs in ({"tokenize": True}, {"tokenize": False}, {"tokenize": True, "sanitize_control_tokens": True}):
-        with pytest.raises(jinja2.TemplateError, match=r"message 0 content contains the control-token text <\|start_header_id\|>"):
+        with pytest.raises(jinja2.TemplateError, match=refusal):
             hf_tok.apply_chat_template(dialog, **kwargs)
     for bad in ({"role": "assistant", "content": "x <|reserved_special_token_17|>"},
                 {"role": "user<|end_header_id|>", "content": "x"},
