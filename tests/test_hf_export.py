@@ -101,6 +101,13 @@ def test_export_writes_a_complete_hf_tokenizer(own, exported, hf_tok):
                     "pad_token": "<|reserved_special_token_2|>"}
 
 
+def test_export_refuses_a_tokenizer_larger_than_the_model(own, tmp_path):
+    args = tiny_args(vocab_size=8192)  # the BPE ranks without the 256 specials
+    with pytest.raises(UserError, match="8448 tokens but the model only 8192 embeddings"):
+        export_hf(Transformer(args), args, tmp_path / "hf", tokenizer=own)
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---- ids ------------------------------------------------------------------------------------------------
 def test_ids_equal_ours_on_the_embedded_corpus(own, hf_tok):
     docs = list(embedded_corpus())
@@ -237,20 +244,20 @@ def trained(own, tmp_path_factory) -> tuple[Transformer, Path]:
     x = torch.tensor([ids])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     model.train()
-    for _ in range(200):
+    for _ in range(80):
         loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[0, 1:])
         opt.zero_grad()
         loss.backward()
         opt.step()
     model.eval()
-    assert loss.item() < 0.05
+    assert loss.item() < 0.1
     root = tmp_path_factory.mktemp("ck") / "checkpoints" / "instruct"
-    step = root / "step_0000200"
+    step = root / "step_0000080"
     step.mkdir(parents=True)
     save_model(model, str(step / "model.safetensors"))
     (step / "config.json").write_text(json.dumps({"model_args": args.to_dict(), "settings": {
         "TOKENIZER_CHECKPOINT_PATH": str(ROOT / "tokenizer.model")}}))
-    (root / "latest").write_text("step_0000200\n")
+    (root / "latest").write_text("step_0000080\n")
     return model, root
 
 
@@ -272,7 +279,7 @@ def test_greedy_generation_in_transformers_equals_ours(own, trained, tmp_path):
     other = own.encode("The history of the", bos=True)
     ours = generate(model, [other], max_new_tokens=32)[0]
     theirs = hf.generate(torch.tensor([other]), attention_mask=torch.ones(1, len(other), dtype=torch.long),
-                         max_new_tokens=32, min_new_tokens=32, eos_token_id=None)[0, len(other):].tolist()
+                         max_new_tokens=32, eos_token_id=None)[0, len(other):].tolist()
     assert theirs == ours and len(ours) == 32 and len(set(ours)) > 3
 
 
