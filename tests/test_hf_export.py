@@ -34,7 +34,7 @@ HARD_TEXTS = [
     "1234567890123", "3.14159265358979 and 1,000,000,007", "٣٤٥٦ ١٢", "日本語のテキスト、中文文本。",
     "Привет, мир! Ελληνικά", "नमस्ते दुनिया", "مرحبا بالعالم", "🙂🙃👍🏽 👨‍👩‍👧‍👦 🇫🇷", "don't I'LL 's x'Ve",
     "\u200b\u00a0x\ufeff", "é" * 50, "x" * 3000, " " * 3000 + "a", "mixed: naïve café 東京 42€ 🙂\r\n\tend",
-    "<|eot_id|> is text here", "",
+    "Nhiều việc ở Việt Nam; ایران; geliyor mektedir", "<|eot_id|> is text here", "",
 ]
 
 DIALOGS = [

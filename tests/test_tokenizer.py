@@ -179,9 +179,12 @@ def test_hf_backend_of_meta_ranks_equals_tiktoken(meta):
     backend.encode_special_tokens = True  # compare plain text: special-token strings are text in encode()
     texts = list(T.embedded_corpus())[::3] + [
         "  \r\n\r\n  x\r\n", "\n\n\n", "1234567890123", "日本語のテキスト", "Привет, мир!", "🙂👍🏽 👨‍👩‍👧‍👦",
-        "don't I'LL 's", "\u200b\u00a0x", " " * 3000 + "a", "mixed: naïve café 東京 42€ 🙂\r\n\tend", "a<|eot_id|>"]
+        "don't I'LL 's", "\u200b\u00a0x", " " * 3000 + "a", "mixed: naïve café 東京 42€ 🙂\r\n\tend", "a<|eot_id|>",
+        # pre-tokens that are Meta tokens but which its merges alone would split: ignore_merges matters here
+        "Nhiều việc ở Việt Nam; ایران; geliyor mektedir"]
     assert [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)] == [meta.encode(t) for t in texts]
     assert backend.decode(meta.encode(texts[0])) == texts[0]
+    assert len(meta.encode(" việc")) == 1  # one Meta token; its merges alone give more than one
 
 
 def test_long_inputs_round_trip(own):
