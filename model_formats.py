@@ -27,6 +27,7 @@ import torch
 from errors import UserError
 from fileio import read_json
 from model import ModelArgs, Transformer, rope_frequencies
+from tokenizer import Tokenizer, save_hf_tokenizer
 
 # ---- name tables ---------------------------------------------------------------------------------
 # (ours, HF) per-layer suffixes; "{i}" is the layer index.
@@ -367,14 +368,19 @@ def _cpu_state(model: Transformer) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
 
 
-def export_hf(model: Transformer, args: ModelArgs, out_dir: str | os.PathLike, tokenizer=None) -> Path:
-    """Write an HF LlamaForCausalLM directory (config.json, model.safetensors, generation_config.json,
-    and the tokenizer when it can be saved) that transformers loads with the same logits."""
+def export_hf(model: Transformer, args: ModelArgs, out_dir: str | os.PathLike,
+              tokenizer: Tokenizer | None = None) -> Path:
+    """Write an HF LlamaForCausalLM directory that transformers loads with the same logits: config.json,
+    model.safetensors, generation_config.json (greedy; stops at the tokenizer's end-of-text and end-of-turn
+    ids) and, with a tokenizer, its HF files (tokenizer.save_hf_tokenizer: tokenizer.json,
+    tokenizer_config.json with the chat template, special_tokens_map.json)."""
     from safetensors.torch import save_file
 
     sd = {k: v.clone() for k, v in ours_to_hf(_cpu_state(model), args).items()}  # clone: no shared storage
     dtype = next(iter(sd.values())).dtype
-    bos, eos = getattr(tokenizer, "bos_id", None), _stop_ids(tokenizer)
+    bos = tokenizer.bos_id if tokenizer is not None else None
+    stops = tokenizer.stop_ids if tokenizer is not None else []
+    eos = stops[0] if len(stops) == 1 else (stops or None)
     rope_parameters = {"rope_type": "default", "rope_theta": args.rope_theta}
     if args.rope_scaling:
         rope_parameters.update(rope_type="llama3", **args.rope_scaling)
@@ -389,45 +395,22 @@ def export_hf(model: Transformer, args: ModelArgs, out_dir: str | os.PathLike, t
         "rope_theta": args.rope_theta,
         "rope_scaling": {"rope_type": "llama3", **args.rope_scaling} if args.rope_scaling else None,
         "rope_parameters": rope_parameters,
-        "bos_token_id": bos, "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+        "bos_token_id": bos, "eos_token_id": eos,
         "torch_dtype": str(dtype).removeprefix("torch."), "dtype": str(dtype).removeprefix("torch."),
     }
-    gen = {"bos_token_id": bos, "eos_token_id": config["eos_token_id"], "do_sample": False}
+    gen = {"bos_token_id": bos, "eos_token_id": eos, "do_sample": False}
+    if tokenizer is not None and tokenizer.pad_id is not None:
+        gen["pad_token_id"] = tokenizer.pad_id
+    if tokenizer is not None and tokenizer.vocab_size > args.vocab_size:
+        raise UserError(f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens but the model only "
+                        f"{args.vocab_size} embeddings; export with the tokenizer the model was trained with")
     with _AtomicDir(out_dir) as tmp:
         save_file(sd, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         if tokenizer is not None:
-            _save_tokenizer(tokenizer, tmp)
+            save_hf_tokenizer(tokenizer, tmp, model_max_length=args.max_seq_len)
     return Path(out_dir)
-
-
-def _stop_ids(tokenizer) -> list[int]:
-    ids = [getattr(tokenizer, a, None) for a in ("eos_id", "eot_id")]
-    return list(dict.fromkeys(i for i in ids if i is not None))
-
-
-def _save_tokenizer(tokenizer, out: Path) -> None:
-    """tokenizer.py's HF/GGUF backends (a `tokenizers.Tokenizer` in .backend): tokenizer.json plus a
-    tokenizer_config.json with the special tokens and chat template, which AutoTokenizer loads.
-    tiktoken backend: a copy of the tokenizer.model file (Meta's format; transformers' Llama 3 converter
-    turns it into tokenizer.json). Anything else is skipped with a note."""
-    backend = getattr(tokenizer, "backend", None)
-    if hasattr(backend, "save") and hasattr(backend, "id_to_token"):
-        backend.save(str(out / "tokenizer.json"))
-        name = lambda i: None if i is None else backend.id_to_token(i)
-        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name(tokenizer.bos_id),
-               "eos_token": name(tokenizer.eos_id), "pad_token": name(getattr(tokenizer, "pad_id", None)),
-               "add_bos_token": False, "clean_up_tokenization_spaces": False}
-        if getattr(tokenizer, "chat_template", None):
-            cfg["chat_template"] = tokenizer.chat_template
-        (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        return
-    src = Path(getattr(tokenizer, "source", "") or "")
-    if getattr(tokenizer, "kind", None) == "tiktoken" and src.is_file():
-        shutil.copy(src, out / "tokenizer.model")
-        return
-    print(f"note: tokenizer {type(tokenizer).__name__} cannot be saved in HF format; export has weights only")
 
 
 def export_meta(model: Transformer, args: ModelArgs, out_dir: str | os.PathLike, n_shards: int = 1) -> Path:

@@ -1,5 +1,5 @@
 """Tokenizers: tiktoken-format BPE with Llama 3 specials, HF / GGUF tokenizers, chat rendering with loss
-masks, and the CLI that trains the BPE (bpe.py) into a tiktoken-format file.
+masks, the tokenizer files of an HF export, and the CLI that trains the BPE (bpe.py) into a tiktoken-format file.
 
 Every backend has one interface (`Tokenizer`): `encode(text, bos, eos, allowed_special)`, `decode(ids)`,
 `bos_id`, `eos_id`, `eot_id`, `pad_id`, `vocab_size`, `wants_bos`, `identity()`. Plain text never becomes a
@@ -12,6 +12,9 @@ one transformers' `encode(text)` follows and lm-evaluation-harness's HF backend 
 every document; GGUF -> its `tokenizer.ggml.add_bos_token` flag (SmolLM2: no); HF -> whether its
 post-processor prepends BOS (Llama 3: yes; a tokenizer.json without that post-processor: no, whatever
 the BOS token is called).
+
+HF export (`save_hf_tokenizer`): a tiktoken file becomes a tokenizer.json that gives the same ids in
+transformers, with `LLAMA3_CHAT_TEMPLATE` (ChatFormat's format as jinja); HF and GGUF tokenizers keep theirs.
 
     python tokenizer.py train --vocab-size 8192 --out tokenizer.model     # the committed file
     python tokenizer.py encode --tokenizer tokenizer.model --text "Hello world"
@@ -49,6 +52,36 @@ LLAMA3_PAD_TOKEN = "<|reserved_special_token_2|>"
 TIKTOKEN_MAX_ENCODE_CHARS = 400_000
 MAX_NO_WHITESPACES_CHARS = 25_000
 END_OF_TURN_NAMES = ("<|eot_id|>", "<|im_end|>", "<end_of_turn>", "<|end|>")
+
+
+def _llama3_chat_template() -> str:
+    """ChatFormat's "llama3" style as a jinja chat template (for transformers, vLLM, TGI): `<|begin_of_text|>`,
+    then per message `<|start_header_id|>role<|end_header_id|>\\n\\n` + content | trim + `<|eot_id|>`, assistant
+    content and its `<|eot_id|>` inside `{% generation %}` (transformers' `return_assistant_tokens_mask`).
+
+    A role or content holding control-token text is refused (raise_exception): a tokenizer that renders
+    the chat to a string and then matches special tokens in it (transformers' apply_chat_template, vLLM)
+    would otherwise turn a typed `<|eot_id|>` into a real turn boundary. ChatFormat encodes such text as
+    ordinary bytes instead; both sides refuse to let content forge a turn."""
+    control = [t for t in LLAMA3_SPECIAL_TOKENS if not t.startswith("<|reserved_special_token_")]
+    control.append("<|reserved_special_token_")  # a prefix: covers every reserved token
+    names = ", ".join(repr(t) for t in control)
+    return (
+        "<|begin_of_text|>"
+        "{% for message in messages %}{% set i = loop.index0 %}"
+        "{% for field in ['role', 'content'] %}{% for name in [" + names + "] %}{% if name in message[field] %}"
+        "{{ raise_exception('message ' ~ i ~ ' ' ~ field ~ ' contains the control-token text ' ~ name ~ "
+        "'; it would forge a turn boundary: remove it from the text') }}{% endif %}{% endfor %}{% endfor %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+        "{% if message['role'] == 'assistant' %}"
+        "{% generation %}{{ message['content'] | trim + '<|eot_id|>' }}{% endgeneration %}"
+        "{% else %}{{ message['content'] | trim + '<|eot_id|>' }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    )
+
+
+LLAMA3_CHAT_TEMPLATE = _llama3_chat_template()
 
 _SPACE_RUN, _WORD_RUN = re.compile(r"\s*"), re.compile(r"\S*")
 
@@ -96,6 +129,11 @@ class Tokenizer:
         if isinstance(self.add_bos, bool):
             return self.add_bos
         return self.bos_id is not None and self._prepends_bos()
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Where generation ends: the end-of-text and end-of-turn ids (one id when they coincide)."""
+        return list(dict.fromkeys(i for i in (self.eos_id, self.eot_id) if i is not None))
 
     def _prepends_bos(self) -> bool:
         """The backend's own convention, asked only when there is a BOS token. Llama 3's: always."""
@@ -222,6 +260,46 @@ def write_tiktoken_file(ranks: dict[bytes, int], path: str | Path) -> None:
     os.replace(tmp, path)
 
 
+def byte_level_alphabet() -> list[str]:
+    """The character that stands for each byte in byte-level BPE vocabularies (GPT-2's convention, which
+    tokenizers' ByteLevel pre-tokenizer and decoder use): printable Latin-1 bytes stand for themselves, the
+    other 68 (controls, space, 0x7F-0xA0, 0xAD) for chr(256), chr(257), ... in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)}
+    out, n = [], 0
+    for b in range(256):
+        if b in printable:
+            out.append(chr(b))
+        else:
+            out.append(chr(256 + n))
+            n += 1
+    return out
+
+
+def tiktoken_to_hf_bpe(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """tiktoken ranks -> (vocab, merges) of an HF byte-level BPE that encodes every pre-token identically.
+
+    tiktoken merges, again and again, the adjacent pair whose concatenation has the lowest rank. HF's BPE
+    applies the listed merge with the lowest index. So every split of a token into two tokens is a merge,
+    ordered by the rank of the result (ties: the ranks of the halves), plus `ignore_merges` (a pre-token that
+    is itself a token is kept whole, as tiktoken does). They could still differ where two overlapping pairs
+    form the same token by different splits (tiktoken merges the left one first); the tests find no such case
+    in the embedded corpus, hard text and random text, for ours and for Meta's 128k ranks."""
+    alphabet = byte_level_alphabet()
+
+    def text(b: bytes) -> str:
+        return "".join(alphabet[x] for x in b)
+
+    merges = []
+    for token, rank in ranks.items():
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in ranks and right in ranks:
+                merges.append((rank, ranks[left], ranks[right], left, right))
+    merges.sort()
+    return {text(t): r for t, r in ranks.items()}, [(text(m[3]), text(m[4])) for m in merges]
+
+
 def _split_long_runs(s: str, max_run: int) -> Iterator[str]:
     """Cut `s` so no piece holds more than `max_run` consecutive spaces or non-spaces (Meta's workaround)."""
     run, run_is_space, start = 0, s[:1].isspace(), 0
@@ -285,6 +363,30 @@ class TiktokenTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.model.decode(list(ids))
+
+    def to_hf_backend(self) -> Any:
+        """This tokenizer as a `tokenizers.Tokenizer` (the backend of transformers' fast tokenizers): the BPE of
+        `tiktoken_to_hf_bpe`, the Llama 3 split pattern, byte-level decoding, the 256 specials as special added
+        tokens with our ids, and BOS prepended by the post-processor when `wants_bos`."""
+        from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+        from tokenizers import Tokenizer as RawTokenizer
+
+        vocab, merges = tiktoken_to_hf_bpe(read_tiktoken_file(self.source))
+        backend = RawTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True, fuse_unk=False))
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_PAT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        backend.decoder = decoders.ByteLevel()
+        names = sorted(self.special_tokens, key=self.special_tokens.__getitem__)
+        backend.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in names])
+        if [backend.token_to_id(n) for n in names] != [self.special_tokens[n] for n in names]:
+            raise UserError(f"{self.source}: the special tokens do not follow the ranks without a gap; "
+                            "cannot convert it to tokenizer.json")
+        if self.wants_bos:
+            bos = next(n for n in names if self.special_tokens[n] == self.bos_id)
+            backend.post_processor = processors.TemplateProcessing(
+                single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, self.bos_id)])
+        return backend
 
 
 # ---------------------------------------------------------------------------- HF and GGUF backends
@@ -429,6 +531,37 @@ def _from_gguf(path: Path) -> HFTokenizer:
                        chat_template=meta.get("tokenizer.chat_template"), prepends_bos=add_bos)
 
 
+def save_hf_tokenizer(tok: Tokenizer, out_dir: str | Path, model_max_length: int | None = None) -> list[str]:
+    """Write the files transformers' AutoTokenizer loads (vLLM, TGI and lm-evaluation-harness read the same):
+    tokenizer.json, tokenizer_config.json (special tokens, the BOS rule, the chat template) and
+    special_tokens_map.json. Returns their names.
+
+    tiktoken: tokenizer.json is `to_hf_backend()`, the chat template LLAMA3_CHAT_TEMPLATE (ChatFormat's
+    format). HF / GGUF: their own backend and chat template."""
+    out = Path(out_dir)
+    if isinstance(tok, TiktokenTokenizer):
+        backend, template = tok.to_hf_backend(), LLAMA3_CHAT_TEMPLATE
+    elif isinstance(tok, HFTokenizer):
+        # (HFTokenizer's encode_special_tokens=True is a runtime flag; tokenizer.json does not keep it)
+        backend, template = tok.backend, tok.chat_template
+    else:
+        raise UserError(f"tokenizer {tok!r} has no Hugging Face format; export without it or convert it first")
+    backend.save(str(out / "tokenizer.json"))
+    names = {key: backend.id_to_token(i) for key, i in
+             (("bos_token", tok.bos_id), ("eos_token", tok.eos_id), ("pad_token", tok.pad_id)) if i is not None}
+    # transformers >= 5 rebuilds the BOS post-processor from add_bos_token; older versions use tokenizer.json's
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **names, "add_bos_token": tok.wants_bos,
+              "add_eos_token": False, "clean_up_tokenization_spaces": False,
+              "model_input_names": ["input_ids", "attention_mask"]}
+    if model_max_length:
+        config["model_max_length"] = model_max_length
+    if template:
+        config["chat_template"] = template
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(names, indent=2, ensure_ascii=False) + "\n")
+    return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+
+
 def _looks_like_tiktoken(path: Path) -> bool:
     with open(path, "rb") as f:
         parts = f.readline().split()
@@ -468,16 +601,27 @@ Message = dict[str, str]
 
 def _render_template(template: str, messages: list[Message], add_generation_prompt: bool,
                      tok: Tokenizer) -> str:
-    """Render a chat template the way transformers does (sandboxed jinja2, trim/lstrip blocks)."""
+    """Render a chat template the way transformers does (sandboxed jinja2, trim/lstrip blocks). transformers'
+    `{% generation %}...{% endgeneration %}` (its marker of assistant text) renders as its body: ChatFormat
+    finds assistant spans by rendering prefixes instead."""
     from datetime import datetime
 
     import jinja2
+    import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationBlock(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> list[Any]:
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
     def raise_exception(message: str) -> None:
         raise UserError(f"chat template rejected the conversation: {message}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols", GenerationBlock])
     env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
     names = {v: k for k, v in tok.special_tokens.items()}
@@ -496,12 +640,15 @@ class ChatFormat:
     `<|start_header_id|>role<|end_header_id|>\\n\\n` + content.strip() + `<|eot_id|>`).
     style "template": the tokenizer's own jinja chat template (e.g. ChatML); assistant spans are found by
     rendering prefixes of the conversation, so the mask is exact for any prefix-stable template.
+    The default is the template when the tokenizer has one, except LLAMA3_CHAT_TEMPLATE (what an HF export of
+    a tiktoken tokenizer carries), which is the "llama3" style itself.
     """
 
     def __init__(self, tok: Tokenizer, style: Literal["llama3", "template"] | None = None):
         self.tok = tok
         has_llama3 = all(t in tok.special_tokens for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
-        self.style = style or ("template" if tok.chat_template else "llama3" if has_llama3 else None)
+        own_template = tok.chat_template and tok.chat_template != LLAMA3_CHAT_TEMPLATE
+        self.style = style or ("template" if own_template else "llama3" if has_llama3 else None)
         if self.style == "template" and not tok.chat_template or self.style == "llama3" and not has_llama3:
             raise UserError(f"tokenizer {tok.source} has neither a chat template nor Llama 3 header tokens; "
                             "use a chat-capable tokenizer for SFT/DPO")

@@ -166,6 +166,27 @@ def test_matches_raw_tiktoken_and_round_trips(meta, own, meta_model_file):
             assert tok.decode(tok.encode(s)) == s
 
 
+def test_hf_backend_of_meta_ranks_equals_tiktoken(meta):
+    # The tokenizer.json an HF export writes, built from Meta's 128k ranks: Meta's ids (tests/test_hf_export.py
+    # checks ours through transformers' AutoTokenizer).
+    from tokenizers import pre_tokenizers
+
+    assert sorted(T.byte_level_alphabet()) == sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = meta.to_hf_backend()
+    assert backend.get_vocab_size(with_added_tokens=True) == 128256
+    assert backend.encode("Hello world").ids == [128000, 9906, 1917]
+    assert backend.token_to_id("<|eot_id|>") == 128009
+    backend.encode_special_tokens = True  # compare plain text: special-token strings are text in encode()
+    texts = list(T.embedded_corpus())[::3] + [
+        "  \r\n\r\n  x\r\n", "\n\n\n", "1234567890123", "日本語のテキスト", "Привет, мир!", "🙂👍🏽 👨‍👩‍👧‍👦",
+        "don't I'LL 's", "\u200b\u00a0x", " " * 3000 + "a", "mixed: naïve café 東京 42€ 🙂\r\n\tend", "a<|eot_id|>",
+        # pre-tokens that are Meta tokens but which its merges alone would split: ignore_merges matters here
+        "Nhiều việc ở Việt Nam; ایران; geliyor mektedir"]
+    assert [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)] == [meta.encode(t) for t in texts]
+    assert backend.decode(meta.encode(texts[0])) == texts[0]
+    assert len(meta.encode(" việc")) == 1  # one Meta token; its merges alone give more than one
+
+
 def test_long_inputs_round_trip(own):
     # > 400k characters plus runs of > 25k spaces / non-spaces: the cases tiktoken cannot take in one call.
     text = ("The quick brown fox. Ünïcödé 🙂\n" * 14_000) + " " * 30_000 + "x" * 30_000 + "\n end"
