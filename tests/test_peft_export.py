@@ -133,7 +133,7 @@ def test_training_writes_the_peft_adapter_at_each_save(lora_run, tmp_path):
                                rtol=0, atol=1e-4)
     # our loader reads the training-time adapter back to the same model
     fresh, _ = model_utils.load_model(lora_run["parent"])
-    lora.load_peft_adapter(fresh, step3 / ckpt.PEFT_ADAPTER_DIR)
+    lora.load_peft_adapter(fresh, step3 / ckpt.PEFT_ADAPTER_DIR).eval()  # new LoRA modules start in train mode
     with torch.no_grad():
         torch.testing.assert_close(fresh(TOKENS), adapted, rtol=0, atol=1e-6)
 
