@@ -298,7 +298,10 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
                 save_peft_adapter(model, tmp / PEFT_ADAPTER_DIR, state_dict=msd,
                                   base_model=(config.get("base_model") or {}).get("source") or None)
             for f in tmp.rglob("*"):
-                fsync_file(f) if f.is_file() else fsync_dir(f)
+                if f.is_dir():
+                    fsync_dir(f)
+                else:
+                    fsync_file(f)
             fsync_dir(tmp)
             out = root / name
             if out.exists():  # re-saving a step (e.g. after --start-step): replace the old copy

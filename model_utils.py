@@ -229,7 +229,7 @@ _LOADERS: dict[str, Callable[[Path], tuple[ModelArgs, dict[str, torch.Tensor]]]]
 
 
 # ---- PEFT export ------------------------------------------------------------------------------------
-def lora_checkpoint(source: str | os.PathLike) -> Path:
+def _lora_checkpoint(source: str | os.PathLike) -> Path:
     """The step dir of a LoRA checkpoint of ours (a `latest`/`best` pointer or stage root is followed);
     any other source is a UserError."""
     kind, path = resolve_source(source)
@@ -251,7 +251,7 @@ def export_peft(source: str | os.PathLike, out_dir: str | os.PathLike, base_out:
     if base_out is not None and base_id is not None:
         raise UserError("--base-out and --base-id both given: export the base (--base-out DIR, default "
                         "<out>/base) or name an existing one (--base-id), not both")
-    path = lora_checkpoint(source)
+    path = _lora_checkpoint(source)
     out = Path(out_dir)
     check_new_dir(out)
     base_dir = Path(base_out) if base_out is not None else None
@@ -349,7 +349,7 @@ def main() -> int:
 
 
 def _export_peft_cli(a: argparse.Namespace, dtype: torch.dtype) -> int:
-    lora_checkpoint(a.model)  # a non-LoRA source fails here, before any other work
+    _lora_checkpoint(a.model)  # a non-LoRA source fails here, before any other work
     tok = None
     if a.base_id is None:
         tok = _try_tokenizer(a.tokenizer or tokenizer_source(a.model), required=bool(a.tokenizer))

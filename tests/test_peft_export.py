@@ -118,8 +118,8 @@ def test_training_writes_the_peft_adapter_at_each_save(lora_run, tmp_path):
     for step in (step2, step3):
         files = sorted(p.name for p in (step / ckpt.PEFT_ADAPTER_DIR).iterdir())
         assert files == ["adapter_config.json", "adapter_model.safetensors"]
-    assert not (step2 / ckpt.PEFT_ADAPTER_DIR / "adapter_model.safetensors").read_bytes() == \
-        (step3 / ckpt.PEFT_ADAPTER_DIR / "adapter_model.safetensors").read_bytes()
+    assert (step2 / ckpt.PEFT_ADAPTER_DIR / "adapter_model.safetensors").read_bytes() != \
+        (step3 / ckpt.PEFT_ADAPTER_DIR / "adapter_model.safetensors").read_bytes()  # each save its own adapter
     conf = json.loads((step3 / ckpt.PEFT_ADAPTER_DIR / "adapter_config.json").read_text())
     recorded = ckpt.read_json(step3 / ckpt.CONFIG_FILE)["base_model"]["source"]
     assert conf["base_model_name_or_path"] == recorded == str(lora_run["parent"])
@@ -232,3 +232,39 @@ def test_export_refuses_a_base_changed_since_training(lora_run, tmp_path):
     with pytest.raises(UserError, match="now holds other weights"):
         model_utils.export_peft(step, tmp_path / "out")
     assert _nothing_left(tmp_path, tmp_path / "out")
+
+
+def test_tied_embeddings_with_an_output_adapter_export_unmerged(tmp_path):
+    """A tied output layer with an adapter cannot be merged (the embedding would change too); unmerged, as
+    PEFT keeps it, the export gives our logits."""
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16, max_seq_len=64,
+                     tie_embeddings=True)
+    model = Transformer(args)
+    model.init_weights(std=0.1, generator=torch.Generator().manual_seed(3))
+    model_utils.export_meta(model, args, tmp_path / "base")
+    lora.apply_lora(model, TARGETS.split(","), rank=4, alpha=8.0)
+    with torch.no_grad():
+        for p in lora.lora_parameters(model):
+            p.normal_(0, 0.2, generator=torch.Generator().manual_seed(4))
+    step = tmp_path / "ck" / "step_0000001"
+    step.mkdir(parents=True)
+    save_file(lora.lora_state_dict(model), str(step / ckpt.MODEL_FILE))
+    conf = ckpt.config_json(args.to_dict(), {}, lora.lora_config(model), str(tmp_path / "base"))
+    (step / ckpt.CONFIG_FILE).write_text(json.dumps(conf))
+    with pytest.raises(UserError, match="tied embeddings"):
+        model_utils.load_model(step)  # merged: refused
+    model.eval()
+    x = TOKENS % args.vocab_size
+    with torch.no_grad():
+        ours = model(x)
+        with lora.disable_lora(model):
+            assert (ours - model(x)).abs().max() > 1e-2
+    out = model_utils.export_peft(step, tmp_path / "out")
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
+    assert hf.lm_head.weight is hf.model.embed_tokens.weight
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(hf, out).eval()(input_ids=x).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
