@@ -149,8 +149,11 @@ def _pointer_target(path: Path) -> Path | None:
     return target if name and "\n" not in name and target.is_dir() else None
 
 
+HUB_ID = re.compile(r"[\w.\-]+/[\w.\-]+")  # a Hugging Face hub repo id: org/name
+
+
 def _download_hub(repo_id: str) -> Path:
-    if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", repo_id):
+    if not HUB_ID.fullmatch(repo_id):
         raise UserError(f"model source {repo_id!r} does not exist; pass an existing path or a hub id "
                         "like org/name")
     try:
@@ -277,7 +280,10 @@ def export_peft(source: str | os.PathLike, out_dir: str | os.PathLike, base_out:
 def _check_base_id(base_id: str, path: Path, model: Transformer, dtype: torch.dtype) -> None:
     """A local --base-id must hold the weights the adapters were trained on (a hub id is named unchecked)."""
     if not Path(base_id).expanduser().exists():
-        print(f"note: {base_id} is not a local path; named as the base without checking its weights")
+        if base_id.startswith((".", "/", "~")) or not HUB_ID.fullmatch(base_id):
+            raise UserError(f"--base-id {base_id} is neither an existing path nor a hub id like org/name; pass the "
+                            "base's HF directory or its hub id")
+        print(f"note: {base_id} is not a local path; named as the hub id of the base without checking its weights")
         return
     named, _ = load_model(base_id, dtype=dtype)
     base = {k: v for k, v in model.state_dict().items() if not k.endswith((".lora_a", ".lora_b"))}

@@ -169,6 +169,8 @@ def test_export_peft_mistakes_are_one_line_exit_2_and_write_nothing(lora_run, tm
          "--base-out and --base-id both given"),
         ((step, "--format", "peft", "--out", str(out), "--base-out", str(out / "b")), "is inside --out"),
         ((step, "--format", "hf", "--out", str(out), "--base-id", HF_ID), "apply to --format peft only"),
+        ((step, "--format", "peft", "--out", str(out), "--base-id", str(tmp_path / "no-such-base")),
+         "is neither an existing path nor a hub id"),
     ]
     for argv, message in cases:
         code, line = _cli(monkeypatch, capsys, "--model", *argv)
