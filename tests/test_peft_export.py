@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, make_parent, run_inprocess, subprocess_env
+from helpers import ROOT, make_parent, run_inprocess, subprocess_env, torchrun
 from safetensors.torch import load_file, save_file
 
 import checkpoint as ckpt
@@ -136,6 +136,20 @@ def test_training_writes_the_peft_adapter_at_each_save(lora_run, tmp_path):
     lora.load_peft_adapter(fresh, step3 / ckpt.PEFT_ADAPTER_DIR).eval()  # new LoRA modules start in train mode
     with torch.no_grad():
         torch.testing.assert_close(fresh(TOKENS), adapted, rtol=0, atol=1e-6)
+
+
+def test_fsdp_run_writes_the_whole_adapter_from_rank_0(tmp_path, pretrain_data):
+    """Under FSDP2 each rank holds a shard of every adapter; the PEFT file holds the gathered tensors."""
+    parent = make_parent(tmp_path / "parent")
+    torchrun(tmp_path, pretrain_data, 2, INIT_FROM=str(parent), LORA_ENABLED="true", LORA_SAVE_PEFT_ADAPTER="true",
+             USE_FSDP="true", MAX_STEPS=2, MAX_LR=1e-2, VALIDATE_EVERY_X_STEPS=0, SAVE_EVERY_X_STEPS=2)
+    step = tmp_path / "ck" / "pretrain" / ckpt.step_name(2)
+    trained, _ = model_utils.load_model(step, merge_lora=False)
+    fresh, _ = model_utils.load_model(parent)
+    lora.load_peft_adapter(fresh, step / ckpt.PEFT_ADAPTER_DIR)  # shapes are checked: a shard would not load
+    want, got = lora.lora_state_dict(trained), lora.lora_state_dict(fresh)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert max(v.abs().max().item() for k, v in want.items() if k.endswith("lora_b")) > 0  # B moved off zero
 
 
 def test_save_peft_adapter_without_lora_is_refused_before_training():
