@@ -7,6 +7,8 @@ Layout: `<root>/<stage>/step_NNNNNNN/` holding
   optimizer.json          DDP or FSDP2 resumes it) + JSON for param groups, scalars, GradScaler, schedule
   trainer_state.json      step, tokens, dataloader state, RNG states, best val, early stopping, parent
   config.json             {"model_args", "settings", "lora"?, "base_model"?}
+  peft_adapter/           optional, LoRA runs: the adapters in Hugging Face PEFT's format (lora.save_peft_adapter;
+                          base_model_name_or_path = the base model's source)
 and `<root>/<stage>/latest` (and `best`) — one-line text files naming a step dir, replaced atomically
 after the directory is complete. A checkpoint is written into `.tmp-step_*`, fsynced, then renamed:
 a crash leaves `latest` on the previous complete checkpoint.
@@ -39,10 +41,12 @@ from torch import nn
 import distributed as D
 from errors import UserError
 from fileio import fsync_dir, fsync_file, read_json
+from lora import save_peft_adapter
 
 STEP_RE = re.compile(r"^step_(\d{7,})$")
 MODEL_FILE, OPTIM_FILE, OPTIM_JSON = "model.safetensors", "optimizer.safetensors", "optimizer.json"
 STATE_FILE, CONFIG_FILE = "trainer_state.json", "config.json"
+PEFT_ADAPTER_DIR = "peft_adapter"
 POINTERS = ("latest", "best")  # one-line files naming a step dir
 _DCP_FULL = dict(full_state_dict=True, cpu_offload=True)
 
@@ -267,8 +271,9 @@ def config_sha(config: dict) -> str:
 
 def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
          trainer_state: dict, config: dict, lora: bool = False, best: bool = False,
-         keep: int = 2, extra_optimizer_json: dict | None = None) -> Path | None:
+         keep: int = 2, extra_optimizer_json: dict | None = None, peft_adapter: bool = False) -> Path | None:
     """Write `<root>/step_NNNNNNN` atomically, move `latest` (and `best` when best) to it, apply retention.
+    peft_adapter (a LoRA run): also write the adapters in PEFT's format into `<step dir>/peft_adapter/`.
     Collective: every rank calls it; rank 0 writes; returns the path on rank 0 (None elsewhere)."""
     msd = full_model_state(model, trainable_only=lora)
     osd = full_optimizer_state(model, optimizer) if optimizer is not None else None
@@ -289,8 +294,14 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
                 write_json(tmp / OPTIM_JSON, {**meta, **(extra_optimizer_json or {})})
             write_json(tmp / CONFIG_FILE, config)
             write_json(tmp / STATE_FILE, trainer_state)
-            for f in tmp.iterdir():
-                fsync_file(f)
+            if peft_adapter:
+                save_peft_adapter(model, tmp / PEFT_ADAPTER_DIR, state_dict=msd,
+                                  base_model=(config.get("base_model") or {}).get("source") or None)
+            for f in tmp.rglob("*"):
+                if f.is_dir():
+                    fsync_dir(f)
+                else:
+                    fsync_file(f)
             fsync_dir(tmp)
             out = root / name
             if out.exists():  # re-saving a step (e.g. after --start-step): replace the old copy

@@ -403,6 +403,9 @@ def _cross_check(v: dict[str, Any], src: dict[str, str]) -> None:
     if v["IS_MODEL_DISTILLATION"] and v["TRAINING_STAGE"] == "dpo":
         raise UserError("IS_MODEL_DISTILLATION=true with TRAINING_STAGE=dpo: distillation combines with "
                         "pretrain or instruct only")
+    if v["LORA_SAVE_PEFT_ADAPTER"] and not v["LORA_ENABLED"]:
+        raise UserError(f"LORA_SAVE_PEFT_ADAPTER=true ({where('LORA_SAVE_PEFT_ADAPTER')}) but LORA_ENABLED=false: "
+                        "there are no adapters to save; set LORA_ENABLED=true or drop LORA_SAVE_PEFT_ADAPTER")
     allowed = {"wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"}
     bad = [t for t in v["LORA_TARGET_MODULES"] if t not in allowed]
     if bad:

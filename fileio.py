@@ -1,10 +1,14 @@
-"""Files on disk: fsync, JSON reading with a user-facing error, sha256 of a file."""
+"""Files on disk: fsync, a directory written atomically, JSON reading with a user-facing error, sha256 of a file."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,35 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def check_new_dir(out: Path, flag: str = "--out") -> None:
+    """An output directory must not exist yet or be empty: a UserError naming it otherwise."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"output {out} already exists and is not empty; choose another {flag} or remove it")
+
+
+@contextmanager
+def atomic_dir(out: str | os.PathLike, flag: str = "--out") -> Iterator[Path]:
+    """Yield a temp dir next to `out` to write into; on success it is renamed to `out`, on an exception it is
+    removed: `out` is either complete or absent. `out` must not exist or be empty (`flag` names the option
+    that chose it, for the error)."""
+    out = Path(out)
+    check_new_dir(out, flag)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; give the result the usual permissions
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def read_json(path: Path, remedy: str = "fix or re-create the file") -> Any:

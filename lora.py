@@ -311,20 +311,25 @@ def _hf_target_name(attr: str) -> str:
     return "lm_head" if attr == "output" else HF_NAMES[attr][1]
 
 
-def save_peft_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model: str | None = None) -> Path:
+def save_peft_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model: str | None = None,
+                      state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `adapter_config.json` + `adapter_model.safetensors` in PEFT's LoRA format (the layout
     peft 0.21's save_pretrained produces for a LlamaForCausalLM), loadable with
     `peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(<export_hf dir>), out_dir)`.
+    `base_model` goes to the config's `base_model_name_or_path` (what AutoPeftModelForCausalLM loads).
+    `state_dict`: the adapter tensors keyed like `lora_state_dict(model)` (e.g. gathered from a sharded
+    model); default: the model's own.
 
     HF stores q/k rows permuted for rotate-half RoPE; B's rows are output rows, so they get the same
     permutation as the base weight's (A acts on the input side and is unchanged)."""
     from safetensors.torch import save_file
 
     cfg = lora_config(model)
+    sd = lora_state_dict(model) if state_dict is None else state_dict
     tensors: dict[str, torch.Tensor] = {}
-    for name, m in lora_modules(model):
+    for name, _ in lora_modules(model):
         hf = _PEFT_PREFIX + _hf_module_name(name)
-        a, b = m.lora_a.detach(), m.lora_b.detach()
+        a, b = sd[f"{name}.lora_a"].detach(), sd[f"{name}.lora_b"].detach()
         heads = _rope_heads(model, name.rsplit(".", 1)[-1])
         if heads is not None:
             b = permute_rotate_half(b, heads)

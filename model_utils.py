@@ -6,8 +6,14 @@ parameter names (model.py) and the interleaved-pair RoPE layout Meta uses for wq
 (HF, Meta, GGUF readers, the q/k permutation, HF and Meta export) are model_formats.py's; `export_hf` and
 `export_meta` are part of this module's public surface as well.
 
+A LoRA checkpoint of ours holds only the adapters and names its base (config.json `base_model`): `load_model`
+loads the base (refusing one whose weights changed since the run started) and merges the adapters into it, or
+keeps them as `lora.LoRALinear` modules with `merge_lora=False`; `export_peft` writes them unmerged in PEFT's
+format next to an HF export of the base.
+
 CLI:
     python model_utils.py export --model SOURCE --format hf|meta --out DIR [--shards N] [--dtype D]
+    python model_utils.py export --model LORA_CHECKPOINT --format peft --out DIR [--base-out DIR | --base-id ID]
     python model_utils.py info --model SOURCE
 """
 
@@ -26,7 +32,7 @@ import checkpoint as ckpt
 import lora
 import precision
 from errors import UserError, run_cli
-from fileio import read_json
+from fileio import atomic_dir, check_new_dir, read_json
 from model import ModelArgs, Transformer
 from model_formats import export_hf, export_meta, load_gguf, load_hf, load_meta, load_safetensors
 from tokenizer import load_tokenizer
@@ -34,10 +40,14 @@ from tokenizer import load_tokenizer
 
 # ---- building -------------------------------------------------------------------------------------
 def build_model(args: ModelArgs, state_dict: dict[str, torch.Tensor], device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32, where: str = "") -> Transformer:
-    """Allocate the model without a random init (meta device), then fill it from state_dict."""
+                dtype: torch.dtype = torch.float32, where: str = "", lora_spec: dict | None = None) -> Transformer:
+    """Allocate the model without a random init (meta device), then fill it from state_dict. lora_spec
+    ({"targets", "rank", "alpha", "dropout"}, lora.lora_config's form): the model gets LoRA adapters first and
+    state_dict holds the base weights and the adapters."""
     with torch.device("meta"):
         model = Transformer(args)
+        if lora_spec:
+            lora.apply_lora(model, lora_spec["targets"], lora_spec["rank"], lora_spec["alpha"], lora_spec["dropout"])
     model = model.to(dtype=dtype).to_empty(device=device)
     if args.tie_embeddings:  # to_empty() gives each module its own tensor: re-tie
         model.output.weight = model.tok_embeddings.weight
@@ -139,8 +149,11 @@ def _pointer_target(path: Path) -> Path | None:
     return target if name and "\n" not in name and target.is_dir() else None
 
 
+HUB_ID = re.compile(r"[\w.\-]+/[\w.\-]+")  # a Hugging Face hub repo id: org/name
+
+
 def _download_hub(repo_id: str) -> Path:
-    if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", repo_id):
+    if not HUB_ID.fullmatch(repo_id):
         raise UserError(f"model source {repo_id!r} does not exist; pass an existing path or a hub id "
                         "like org/name")
     try:
@@ -154,37 +167,45 @@ def _download_hub(repo_id: str) -> Path:
 
 # ---- loaders ----------------------------------------------------------------------------------------
 def load_model(source: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               rope_scaling_factor: float | None = None, lora_base: str | None = None) -> tuple[Transformer, ModelArgs]:
+               rope_scaling_factor: float | None = None, lora_base: str | None = None,
+               merge_lora: bool = True) -> tuple[Transformer, ModelArgs]:
     """Load any supported source (see module docstring) -> (model in eval mode, its ModelArgs).
     rope_scaling_factor (the ROPE_SCALING_FACTOR setting) overrides the Llama 3 RoPE scaling factor of a Meta
     params.json with use_scaled_rope; other formats state their factor in their own config.
     lora_base: for a LoRA checkpoint of ours, the base to merge its adapters into instead of the recorded one
-    (the recorded base must still hold the weights the adapters were trained on, or loading is refused)."""
+    (the recorded base must still hold the weights the adapters were trained on, or loading is refused).
+    merge_lora=False: a LoRA checkpoint of ours comes back as its base with the adapters as lora.LoRALinear
+    modules, unmerged (what lora.save_peft_adapter writes); other sources are unaffected."""
     kind, path = resolve_source(source)
+    spec = None
     if kind == "meta":
         args, sd = load_meta(path, rope_scaling_factor)
     elif kind == "ours":
-        args, sd = _load_ours(path, lora_base)
+        args, sd, spec = _load_ours(path, lora_base, merge_lora)
     else:
         args, sd = _LOADERS[kind](path)
     args.extra = {**args.extra, "source": str(path), "source_format": kind}
-    return build_model(args, sd, device, dtype, where=str(path)), args
+    return build_model(args, sd, device, dtype, where=str(path), lora_spec=spec), args
 
 
-def _load_ours(path: Path, lora_base: str | None = None) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+def _load_ours(path: Path, lora_base: str | None = None,
+               merge_lora: bool = True) -> tuple[ModelArgs, dict[str, torch.Tensor], dict | None]:
+    """-> (args, state dict, LoRA spec when the state dict holds unmerged adapters, else None)."""
     cfg = read_json(path / ckpt.CONFIG_FILE)
     args = ModelArgs.from_dict(cfg["model_args"])
     weights = path / ckpt.MODEL_FILE
     if not weights.is_file():
         raise UserError(f"{path} has {ckpt.CONFIG_FILE} but no {ckpt.MODEL_FILE}; the checkpoint is incomplete")
     sd = load_safetensors(weights)
-    if cfg.get("lora"):  # adapters only: rebuild the base, then merge the adapters into it
-        sd = _merge_lora_checkpoint(path, cfg, sd, lora_base)
-    return args, sd
+    if not cfg.get("lora"):
+        return args, sd, None
+    base = _load_lora_base(path, cfg, lora_base)  # adapters only: rebuild the base first
+    if not merge_lora:
+        return args, {**{k: v.detach() for k, v in base.state_dict().items()}, **sd}, cfg["lora"]
+    return args, _merge_lora_checkpoint(base, cfg, sd), None
 
 
-def _merge_lora_checkpoint(path: Path, cfg: dict, adapters: dict[str, torch.Tensor],
-                           lora_base: str | None = None) -> dict[str, torch.Tensor]:
+def _load_lora_base(path: Path, cfg: dict, lora_base: str | None = None) -> Transformer:
     base_src = lora_base or (cfg.get("base_model") or {}).get("source")
     if not base_src:
         raise UserError(f"LoRA checkpoint {path} does not name its base model (config.json base_model.source)")
@@ -194,6 +215,10 @@ def _merge_lora_checkpoint(path: Path, cfg: dict, adapters: dict[str, torch.Tens
         raise UserError(f"LoRA checkpoint {path}: its base model {base_src!r} did not load ({e})") from e
     if lora_base is None:
         ckpt.check_parent(path, base_src, base.state_dict())
+    return base
+
+
+def _merge_lora_checkpoint(base: Transformer, cfg: dict, adapters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     spec = cfg["lora"]
     lora.apply_lora(base, targets=spec["targets"], rank=spec["rank"], alpha=spec["alpha"], dropout=0.0)
     lora.load_lora_state_dict(base, adapters)
@@ -202,8 +227,69 @@ def _merge_lora_checkpoint(path: Path, cfg: dict, adapters: dict[str, torch.Tens
 
 
 _LOADERS: dict[str, Callable[[Path], tuple[ModelArgs, dict[str, torch.Tensor]]]] = {
-    "ours": _load_ours, "meta": load_meta, "hf": load_hf, "gguf": load_gguf,
+    "meta": load_meta, "hf": load_hf, "gguf": load_gguf,
 }
+
+
+# ---- PEFT export ------------------------------------------------------------------------------------
+def _lora_checkpoint(source: str | os.PathLike) -> Path:
+    """The step dir of a LoRA checkpoint of ours (a `latest`/`best` pointer or stage root is followed);
+    any other source is a UserError."""
+    kind, path = resolve_source(source)
+    if kind != "ours" or not read_json(path / ckpt.CONFIG_FILE).get("lora"):
+        raise UserError(f"{source} is not a LoRA checkpoint of ours ({path} has no `lora` entry in config.json); "
+                        "--format peft exports the adapters of a LORA_ENABLED=true run: use --format hf for a "
+                        "whole model")
+    return path
+
+
+def export_peft(source: str | os.PathLike, out_dir: str | os.PathLike, base_out: str | os.PathLike | None = None,
+                base_id: str | None = None, dtype: torch.dtype = torch.float32, tokenizer=None) -> Path:
+    """A LoRA checkpoint of ours -> `out_dir` with adapter_config.json + adapter_model.safetensors in PEFT's
+    format (the adapters unmerged), and its base (loaded through load_model, fingerprint-checked) as an HF
+    directory at `base_out` (default `<out_dir>/base`, with `tokenizer`), whose absolute path the config names
+    as `base_model_name_or_path`. With `base_id` (a hub id or a path holding the base) the base is not
+    exported and the config names `base_id`; a local `base_id` must hold the base's weights. Atomic: on any
+    error nothing is left at `out_dir` or `base_out`."""
+    if base_out is not None and base_id is not None:
+        raise UserError("--base-out and --base-id both given: export the base (--base-out DIR, default "
+                        "<out>/base) or name an existing one (--base-id), not both")
+    path = _lora_checkpoint(source)
+    out = Path(out_dir)
+    check_new_dir(out)
+    base_dir = Path(base_out) if base_out is not None else None
+    if base_dir is not None:
+        check_new_dir(base_dir, "--base-out")
+        if base_dir.resolve().is_relative_to(out.resolve()):
+            raise UserError(f"--base-out {base_dir} is inside --out {out}; drop --base-out (the base then goes to "
+                            f"{out / 'base'}) or choose a directory outside it")
+    model, args = load_model(path, dtype=dtype, merge_lora=False)
+    if base_id is not None:
+        _check_base_id(base_id, path, model, dtype)
+        named = base_id
+    else:
+        named = str((base_dir or out / "base").resolve())
+    with atomic_dir(out) as tmp:
+        lora.save_peft_adapter(model, tmp, base_model=named)
+        if base_id is None:
+            lora.unload_lora(model, merge=False)  # the base weights alone, plain nn.Linear layers again
+            export_hf(model, args, base_dir or tmp / "base", tokenizer=tokenizer)
+    return out
+
+
+def _check_base_id(base_id: str, path: Path, model: Transformer, dtype: torch.dtype) -> None:
+    """A local --base-id must hold the weights the adapters were trained on (a hub id is named unchecked)."""
+    if not Path(base_id).expanduser().exists():
+        if base_id.startswith((".", "/", "~")) or not HUB_ID.fullmatch(base_id):
+            raise UserError(f"--base-id {base_id} is neither an existing path nor a hub id like org/name; pass the "
+                            "base's HF directory or its hub id")
+        print(f"note: {base_id} is not a local path; named as the hub id of the base without checking its weights")
+        return
+    named, _ = load_model(base_id, dtype=dtype)
+    base = {k: v for k, v in model.state_dict().items() if not k.endswith((".lora_a", ".lora_b"))}
+    if ckpt.weights_fingerprint(named.state_dict()) != ckpt.weights_fingerprint(base):
+        raise UserError(f"--base-id {base_id} holds other weights than the base the adapters of {path} were "
+                        "trained on; pass that base (e.g. its HF export) or drop --base-id to export it")
 
 
 # ---- counting ---------------------------------------------------------------------------------------
@@ -234,10 +320,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    ex = sub.add_parser("export", help="convert any supported source to HF or Meta format")
+    ex = sub.add_parser("export", help="convert any supported source to HF or Meta format; a LoRA checkpoint's "
+                        "adapters to PEFT format")
     ex.add_argument("--model", required=True, help="checkpoint dir, Meta dir, HF dir or hub id, or .gguf")
-    ex.add_argument("--format", required=True, choices=["hf", "meta"])
+    ex.add_argument("--format", required=True, choices=["hf", "meta", "peft"])
     ex.add_argument("--out", required=True)
+    ex.add_argument("--base-out", default=None, help="peft: where to export the base as an HF dir (default <out>/base)")
+    ex.add_argument("--base-id", default=None, help="peft: do not export the base; name this HF hub id or path "
+                    "holding it in adapter_config.json")
     ex.add_argument("--shards", type=int, default=1, help="Meta model-parallel shards")
     ex.add_argument("--dtype", default="float32", choices=[*precision.ALIASES, *precision.DTYPES])
     ex.add_argument("--tokenizer", default=None, help="tokenizer to save with an HF export (default: the model's)")
@@ -245,7 +335,12 @@ def main() -> int:
     info.add_argument("--model", required=True)
     a = ap.parse_args()
 
-    model, args = load_model(a.model, dtype=precision.dtype_of(getattr(a, "dtype", "fp32")))
+    dtype = precision.dtype_of(getattr(a, "dtype", "fp32"))
+    if a.cmd == "export" and a.format == "peft":
+        return _export_peft_cli(a, dtype)
+    if a.cmd == "export" and (a.base_out or a.base_id):
+        raise UserError(f"--base-out / --base-id apply to --format peft only, not --format {a.format}: drop them")
+    model, args = load_model(a.model, dtype=dtype)
     if a.cmd == "info":
         print(json.dumps({k: v for k, v in args.to_dict().items()}, indent=2, default=str))
         print(f"parameters: {count_parameters(model):,} ({count_parameters(model, True):,} non-embedding); "
@@ -256,6 +351,18 @@ def main() -> int:
     else:
         export_hf(model, args, a.out, tokenizer=_try_tokenizer(a.tokenizer or tokenizer_source(a.model), required=bool(a.tokenizer)))
     print(f"exported {count_parameters(model):,} parameters from {a.model} to {a.out} ({a.format})")
+    return 0
+
+
+def _export_peft_cli(a: argparse.Namespace, dtype: torch.dtype) -> int:
+    _lora_checkpoint(a.model)  # a non-LoRA source fails here, before any other work
+    tok = None
+    if a.base_id is None:
+        tok = _try_tokenizer(a.tokenizer or tokenizer_source(a.model), required=bool(a.tokenizer))
+    out = export_peft(a.model, a.out, base_out=a.base_out, base_id=a.base_id, dtype=dtype, tokenizer=tok)
+    base = json.loads((out / lora.PEFT_CONFIG).read_text())["base_model_name_or_path"]
+    print(f"exported the LoRA adapter of {a.model} to {out} (peft); base: {base}"
+          f"{' (named, not exported)' if a.base_id is not None else ' (hf)'}")
     return 0
 
 

@@ -167,6 +167,8 @@ SETTINGS: list[Setting] = [
     S("LORA_DROPOUT", "lora", "float", 0.05, "dropout on the adapter path only (< 1)", min=0.0, max=0.99),
     S("LORA_TARGET_MODULES", "lora", "list", ["wq", "wk", "wv", "wo", "w1", "w3"],
       "linear layers that get adapters (wq wk wv wo w1 w2 w3 output)"),
+    S("LORA_SAVE_PEFT_ADAPTER", "lora", "bool", False, "each checkpoint also holds the adapters in Hugging Face "
+      "PEFT format (<step dir>/peft_adapter/), for peft.PeftModel.from_pretrained on the HF export of the base"),
     # ---- performance / distribution --------------------------------------------------------------
     S("STEP_WATCHDOG_FACTOR", "system", "float", 20.0, "no progress for this many median step times (and at "
       "least STEP_WATCHDOG_MIN_SECONDS): dump every rank's Python stacks and exit 75 (resumable); 0 = off",

@@ -483,7 +483,7 @@ def save_checkpoint(run: Run, best: bool = False) -> None:
              "grad_scaler": run.scaler.state_dict() if run.scaler is not None else None}
     ckpt.save(run.save_root, state.step, run.model, run.optimizer, trainer_state=state.to_dict(), config=conf,
               lora=cfg.lora.lora_enabled, best=best, keep=cfg.checkpoint.max_number_checkpoints,
-              extra_optimizer_json=extra)
+              extra_optimizer_json=extra, peft_adapter=cfg.lora.lora_save_peft_adapter)
     run.saved_step = state.step
 
 
