@@ -60,6 +60,7 @@ from data_manifest import (
     verify,
 )
 from errors import UserError, run_cli
+from fileio import fsync_dir
 from tokenizer import ChatFormat, load_tokenizer
 
 
@@ -78,19 +79,6 @@ def split_of(key: str, seed: int, val_fraction: float) -> str:
     return "val" if int.from_bytes(h.digest(), "big") < val_fraction * 2.0**64 else "train"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: Path, data: bytes, *, rerun_note: str = ": it resumes from the last finished shard") -> None:
     """Write `path.tmp`, fsync, rename: readers see the old file or the whole new one, never a part.
     `rerun_note` ends the disk-full message (what re-running the command does)."""
@@ -107,7 +95,7 @@ def atomic_write(path: Path, data: bytes, *, rerun_note: str = ": it resumes fro
             raise UserError(f"disk full while writing {path} ({e.strerror}); free space (or choose another output "
                             f"directory) and re-run the same command{rerun_note}") from None
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def save_npy(path: Path, arr: np.ndarray) -> dict[str, Any]:

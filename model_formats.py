@@ -17,15 +17,13 @@ import json
 import os
 import pickle
 import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from errors import UserError
-from fileio import read_json
+from fileio import atomic_dir, read_json
 from model import ModelArgs, Transformer, rope_frequencies
 from tokenizer import Tokenizer, save_hf_tokenizer
 
@@ -331,33 +329,6 @@ def _rope_scaling_from_factors(args: ModelArgs, factors: torch.Tensor, path: Pat
 
 
 # ---- export --------------------------------------------------------------------------------------
-class _AtomicDir:
-    """Write into a temp dir next to `out`, rename it into place only if the block succeeds."""
-
-    def __init__(self, out: str | os.PathLike):
-        self.out = Path(out)
-
-    def __enter__(self) -> Path:
-        if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
-            raise UserError(f"output {self.out} already exists and is not empty; choose another --out or remove it")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        umask = os.umask(0)
-        os.umask(umask)
-        for f in self.tmp.iterdir():  # mkdtemp makes 0700; give the result the usual permissions
-            f.chmod(0o666 & ~umask)
-        self.tmp.chmod(0o777 & ~umask)
-        if self.out.exists():
-            self.out.rmdir()
-        os.replace(self.tmp, self.out)
-
-
 def _cpu_state(model: Transformer) -> dict[str, torch.Tensor]:
     """The plain Llama weights on CPU; anything else (LoRA adapters, wrappers) is a clear error."""
     sd = model.state_dict()
@@ -404,7 +375,7 @@ def export_hf(model: Transformer, args: ModelArgs, out_dir: str | os.PathLike,
     if tokenizer is not None and tokenizer.vocab_size > args.vocab_size:
         raise UserError(f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens but the model only "
                         f"{args.vocab_size} embeddings; export with the tokenizer the model was trained with")
-    with _AtomicDir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         save_file(sd, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
@@ -426,7 +397,7 @@ def export_meta(model: Transformer, args: ModelArgs, out_dir: str | os.PathLike,
               "ffn_dim_multiplier": args.ffn_dim_multiplier, "norm_eps": args.norm_eps, "rope_theta": args.rope_theta}
     if args.rope_scaling:
         params.update(use_scaled_rope=True, rope_scaling_factor=args.rope_scaling["factor"])
-    with _AtomicDir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         for r in range(n_shards):
             shard = {}
             for name, t in sd.items():
