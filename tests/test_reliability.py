@@ -179,6 +179,40 @@ def dist_reference(tmp_path_factory, data) -> dict[int, float]:
 
 
 @pytest.mark.slow
+def test_sigterm_to_the_torchrun_agent_checkpoints_and_does_not_restart(tmp_path, data, dist_reference):
+    """Node preemption: SIGTERM reaches torchrun's agent, which forwards it to its workers and, although
+    --max-restarts allows restarts, starts none; the workers checkpoint the agreed step and exit 75; torchrun
+    itself exits non-zero. The checkpoint continues the uninterrupted run's losses."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=2",
+           str(ROOT / "train.py"), *settings(tmp_path, data, **DIST)]
+    p = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True)
+    try:
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.time() + 180
+        while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+            time.sleep(0.05)
+        t0 = time.time()
+        p.send_signal(signal.SIGTERM)  # the agent only, as a scheduler signals the launcher
+        out, _ = p.communicate(timeout=120)
+        elapsed = time.time() - t0
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode != 0 and elapsed < 30, (p.returncode, elapsed, out[-3000:])
+    assert out.count("stop requested (") == 1 and "this torchrun job was stopped" not in out  # no restart
+    logged = train_losses(read_metrics(tmp_path / "run"))
+    last = max(logged)
+    assert last < DIST["MAX_STEPS"]
+    root = tmp_path / "ck" / "pretrain"
+    assert ckpt.latest_name(root) == ckpt.step_name(last)
+    resumed = train_losses(run_inprocess(tmp_path / "one", data, "--pretrain_checkpoint", str(root / ckpt.step_name(
+        last)), **DIST))
+    assert sorted(resumed) == list(range(last + 1, DIST["MAX_STEPS"] + 1))
+    for s in resumed:
+        assert resumed[s] == pytest.approx(dist_reference[s], abs=1e-4), s
+
+
 @pytest.mark.parametrize("max_restarts", [0, 2])
 def test_sigterm_to_one_rank_under_torchrun_checkpoints_agreed_step_and_resumes(tmp_path, data, dist_reference,
                                                                                  max_restarts):
