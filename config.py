@@ -11,7 +11,7 @@ skips a malformed line with a log message, this parser stops on it naming `file:
 Unknown keys warn with the closest valid key (not a key that a later line uses as `${KEY}`: a helper
 variable); a bad value fails before any work starts, naming the key, the value, where it came from and
 what was expected. Secret values (settings_table.is_secret) are never printed, saved or logged.
-Retired seed keys (settings_table.RETIRED) are accepted with a note saying why they are not read. A data
+Retired keys of the predecessor repo (settings_table.RETIRED) are accepted with a note saying why they are not read. A data
 directory named by only one of its two keys (settings_table.SAME_DIR: where preparation writes, where
 training reads) is used for both. Settings flagged `env` (HF_HOME, HF_TOKEN, WANDB_API_KEY) are exported to
 the process environment when set, before load_config returns and so before any hub or W&B call, for the

@@ -102,7 +102,7 @@ SETTINGS: list[Setting] = [
     S("ADAMW_EPS", "training", "float", 1e-8, "AdamW epsilon", min=0.0),
     S("ADAMW_USE_FUSED", "training", "bool", True, "fused AdamW kernel when the device has one"),
     S("SGD_MOMENTUM", "training", "float", 0.9, "SGD momentum", min=0.0, max=1.0),
-    S("USE_MUON", "training", "bool", False, "seed compatibility: true = OPTIMIZER=muon"),
+    S("USE_MUON", "training", "bool", False, "predecessor compatibility: true = OPTIMIZER=muon"),
     S("MUON_MAX_LR", "training", "float", 0.02, "Muon peak learning rate", min=0.0),
     S("MUON_MIN_LR", "training", "float", 0.002, "Muon final learning rate", min=0.0),
     S("MUON_WEIGHT_DECAY", "training", "float", 0.0, "Muon weight decay", min=0.0),
@@ -128,7 +128,7 @@ SETTINGS: list[Setting] = [
     S("PRETRAIN_SAVE_CHECKPOINTS_PATH", "checkpoint", "str", "checkpoints", "root; pretrain/ is appended"),
     S("INSTRUCT_SAVE_CHECKPOINTS_PATH", "checkpoint", "str", "checkpoints", "root; instruct/ is appended"),
     S("DPO_SAVE_CHECKPOINTS_PATH", "checkpoint", "str", "checkpoints", "root; dpo/ is appended"),
-    S("PRETRAIN_LOAD_CHECKPOINTS_PATH", "checkpoint", "str", "", "seed compatibility: root to resume pretraining "
+    S("PRETRAIN_LOAD_CHECKPOINTS_PATH", "checkpoint", "str", "", "predecessor compatibility: root to resume pretraining "
       "from; empty = the save path"),
     S("INSTRUCT_LOAD_CHECKPOINTS_PATH", "checkpoint", "str", "", "root to resume SFT from; empty = save path"),
     S("DPO_LOAD_CHECKPOINTS_PATH", "checkpoint", "str", "", "root to resume DPO from; empty = save path"),
@@ -207,7 +207,7 @@ SETTINGS: list[Setting] = [
     S("LOSS_SPIKE_WINDOW", "training", "int", 50, "accepted steps the loss-spike guard averages over", min=2),
 ]
 
-# Later seed versions named the AdamW settings with a prefix; they map onto ours.
+# Later versions of the predecessor repo named the AdamW settings with a prefix; they map onto ours.
 ALIASES: dict[str, str] = {
     "ADAMW_MAX_LR": "MAX_LR",
     "ADAMW_MIN_LR": "MIN_LR",
@@ -250,8 +250,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                                        "original_max_position_embeddings": 8192}),
 }
 
-# Seed keys that are no longer settings. An old `.env` still loads: each prints one note saying why the
-# key is not read, instead of the unknown-key warning.
+# Keys of the predecessor repo that are no longer settings. An old `.env` still loads: each prints one note
+# saying why the key is not read, instead of the unknown-key warning.
 RETIRED: dict[str, str] = {
     "HUGGINGFACE_TOKENIZER": "the tokenizer kind is detected from TOKENIZER_CHECKPOINT_PATH (a tiktoken file, "
                              "an HF tokenizer dir or hub id, or a .gguf)",
