@@ -87,8 +87,10 @@ def _tcp_store(rank: int, world: int, timeout_s: float) -> dist.Store:
 
 
 def destroy() -> None:
+    global _FLAG_GROUP
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _FLAG_GROUP = None
 
 
 # ---- rank helpers -------------------------------------------------------------------------------------
@@ -122,21 +124,27 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    if is_dist():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
-
-
 def sum_floats(values: list[float], device: torch.device) -> list[float]:
     """Sum a few Python numbers over ranks in one collective (float64 so token counts stay exact)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
     return all_reduce_sum(t).tolist()
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if it is True on any (e.g. 'a signal arrived'): all ranks then act together."""
-    return bool(all_reduce_max(torch.tensor([float(flag)], device=device)).item())
+_FLAG_GROUP: Any = None  # a CPU (gloo) group for flags, created on first use
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is True on any (e.g. 'a signal arrived'): all ranks then act together.
+    Collective. The flag travels over a CPU (gloo) group, so asking never waits for the GPU's queued work:
+    the training step may ask between micro-batches without a device sync. One process: no collective."""
+    global _FLAG_GROUP
+    if not is_dist() or dist.get_world_size() == 1:
+        return flag
+    if _FLAG_GROUP is None:
+        _FLAG_GROUP = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_FLAG_GROUP)
+    return bool(t.item())
 
 
 # ---- wrapping -----------------------------------------------------------------------------------------

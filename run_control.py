@@ -30,8 +30,6 @@ import threading
 import time
 from collections import deque
 
-import torch
-
 import distributed as D
 
 RESUMABLE_EXIT = 75
@@ -45,9 +43,8 @@ class RunControl:
     """Signal flag + heartbeat watchdog for one training run. Use as a context manager: the previous
     signal handlers are restored and the watchdog ends on exit."""
 
-    def __init__(self, device: torch.device, watchdog_factor: float = 0.0, watchdog_min_seconds: float = 1800.0,
+    def __init__(self, watchdog_factor: float = 0.0, watchdog_min_seconds: float = 1800.0,
                  window: int = 20) -> None:
-        self.device = device
         self.received = 0
         self.factor, self.min_seconds = watchdog_factor, watchdog_min_seconds
         self.step_times: deque[float] = deque(maxlen=window)
@@ -69,7 +66,7 @@ class RunControl:
     def stop_agreed(self) -> bool:
         """Collective: True on every rank when any rank has received a stop signal."""
         self.beat()
-        return D.any_rank(bool(self.received), self.device)
+        return D.any_rank(bool(self.received))
 
     def check(self) -> None:
         """Collective: raise StopRequested on every rank when any rank has received a stop signal."""

@@ -649,7 +649,7 @@ def train(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) -> int
     spikes = SpikeGuard(cfg.training.loss_spike_zscore, cfg.training.loss_spike_window)
     prof = make_profiler(cfg, run.run_dir)
     just_resumed, loss, t_start, stopped = run.resume_dir is not None, float("nan"), time.time(), False
-    with RunControl(info.device, s.step_watchdog_factor, s.step_watchdog_min_seconds) as control:
+    with RunControl(s.step_watchdog_factor, s.step_watchdog_min_seconds) as control:
         run.stop_check = control.check
         try:
             while True:

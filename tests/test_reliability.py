@@ -178,84 +178,71 @@ def dist_reference(tmp_path_factory, data) -> dict[int, float]:
     return train_losses(run_inprocess(tmp_path_factory.mktemp("dref"), data, **DIST))
 
 
+def _sigterm_under_torchrun(tmp: Path, data: Path, max_restarts: int, to_agent: bool) -> tuple[int, str, float]:
+    """Launch 2 gloo ranks under torchrun, wait for 2 logged steps, SIGTERM the agent (to_agent) or rank 1.
+    -> (torchrun's exit code, its output, seconds from the signal to its exit)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           f"--max-restarts={max_restarts}", str(ROOT / "train.py"), *settings(tmp, data, **DIST)]
+    p = subprocess.Popen(cmd, cwd=tmp, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True)
+    try:
+        metrics = tmp / "run" / "metrics.jsonl"
+        deadline = time.time() + 180
+        while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+            time.sleep(0.05)
+        pid = p.pid if to_agent else _worker_pid(p.pid, 1)
+        assert pid is not None
+        t0 = time.time()
+        os.kill(pid, signal.SIGTERM)
+        out, _ = p.communicate(timeout=120)
+        return p.returncode, out, time.time() - t0
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+def _stopped_step_resumes_exactly(tmp: Path, data: Path, dist_reference: dict[int, float]) -> None:
+    """The run in `tmp` stopped before its end with ONE checkpoint at its last logged step, written by 2 ranks;
+    its losses and those of resuming that checkpoint in one process equal the uninterrupted run's (1e-4:
+    other world size)."""
+    logged = train_losses(read_metrics(tmp / "run"))
+    last = max(logged)
+    assert last < DIST["MAX_STEPS"]
+    root = tmp / "ck" / "pretrain"
+    assert ckpt.latest_name(root) == ckpt.step_name(last)
+    state = ckpt.read_trainer_state(root / ckpt.step_name(last))
+    assert state.step == last and state.world_size == 2
+    resumed = train_losses(run_inprocess(tmp / "one", data, "--pretrain_checkpoint", str(root / ckpt.step_name(
+        last)), **DIST))
+    assert sorted(resumed) == list(range(last + 1, DIST["MAX_STEPS"] + 1))
+    for s, loss in {**logged, **resumed}.items():
+        assert loss == pytest.approx(dist_reference[s], abs=1e-4), s
+
+
 @pytest.mark.slow
 def test_sigterm_to_the_torchrun_agent_checkpoints_and_does_not_restart(tmp_path, data, dist_reference):
     """Node preemption: SIGTERM reaches torchrun's agent, which forwards it to its workers and, although
     --max-restarts allows restarts, starts none; the workers checkpoint the agreed step and exit 75; torchrun
-    itself exits non-zero. The checkpoint continues the uninterrupted run's losses."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=2",
-           str(ROOT / "train.py"), *settings(tmp_path, data, **DIST)]
-    p = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, start_new_session=True)
-    try:
-        metrics = tmp_path / "run" / "metrics.jsonl"
-        deadline = time.time() + 180
-        while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
-            time.sleep(0.05)
-        t0 = time.time()
-        p.send_signal(signal.SIGTERM)  # the agent only, as a scheduler signals the launcher
-        out, _ = p.communicate(timeout=120)
-        elapsed = time.time() - t0
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-    assert p.returncode != 0 and elapsed < 30, (p.returncode, elapsed, out[-3000:])
+    itself exits non-zero."""
+    code, out, elapsed = _sigterm_under_torchrun(tmp_path, data, max_restarts=2, to_agent=True)
+    assert code != 0 and elapsed < 30, (code, elapsed, out[-3000:])
     assert out.count("stop requested (") == 1 and "this torchrun job was stopped" not in out  # no restart
-    logged = train_losses(read_metrics(tmp_path / "run"))
-    last = max(logged)
-    assert last < DIST["MAX_STEPS"]
-    root = tmp_path / "ck" / "pretrain"
-    assert ckpt.latest_name(root) == ckpt.step_name(last)
-    resumed = train_losses(run_inprocess(tmp_path / "one", data, "--pretrain_checkpoint", str(root / ckpt.step_name(
-        last)), **DIST))
-    assert sorted(resumed) == list(range(last + 1, DIST["MAX_STEPS"] + 1))
-    for s in resumed:
-        assert resumed[s] == pytest.approx(dist_reference[s], abs=1e-4), s
+    _stopped_step_resumes_exactly(tmp_path, data, dist_reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("max_restarts", [0, 2])
 def test_sigterm_to_one_rank_under_torchrun_checkpoints_agreed_step_and_resumes(tmp_path, data, dist_reference,
                                                                                  max_restarts):
     """SIGTERM reaches only rank 1 (as when one node is preempted first): both ranks agree on the step, write
     one checkpoint at it within a bounded time, and exit 75 (stopped, resumable), so torchrun fails the job;
-    with --max-restarts the restarted workers see the job was stopped and do not train on. The checkpoint
-    resumes in one process exactly where the 2-process run stopped (losses equal the uninterrupted run's to
-    1e-4: other world size)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           f"--max-restarts={max_restarts}", str(ROOT / "train.py"), *settings(tmp_path, data, **DIST)]
-    p = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, start_new_session=True)
-    try:
-        metrics = tmp_path / "run" / "metrics.jsonl"
-        deadline = time.time() + 180
-        while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
-            time.sleep(0.05)
-        pid = _worker_pid(p.pid, 1)
-        assert pid is not None
-        t0 = time.time()
-        os.kill(pid, signal.SIGTERM)
-        out, _ = p.communicate(timeout=120)
-        elapsed = time.time() - t0
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-    assert p.returncode != 0 and "exitcode  : 75" in out, out[-3000:]  # torchrun reports the workers' 75
+    with --max-restarts the restarted workers see the job was stopped and do not train on."""
+    code, out, elapsed = _sigterm_under_torchrun(tmp_path, data, max_restarts, to_agent=False)
+    assert code != 0 and "exitcode  : 75" in out, out[-3000:]  # torchrun reports the workers' 75
     assert elapsed < 30, elapsed  # one step + one save on 2 cores; bounded well below a preemption grace period
-    logged = train_losses(read_metrics(tmp_path / "run"))
-    last = max(logged)
-    assert last < DIST["MAX_STEPS"] and out.count("stop requested (") == 1
+    assert out.count("stop requested (") == 1
     assert out.count("this torchrun job was stopped by a signal") == 2 * max_restarts  # each rank, each restart
-    root = tmp_path / "ck" / "pretrain"
-    assert ckpt.latest_name(root) == ckpt.step_name(last)
-    state = ckpt.read_trainer_state(root / ckpt.step_name(last))
-    assert state.step == last and state.world_size == 2
-    for s in logged:
-        assert logged[s] == pytest.approx(dist_reference[s], abs=1e-4)
-    resumed = train_losses(run_inprocess(tmp_path / "one", data, "--pretrain_checkpoint", str(root / ckpt.step_name(
-        last)), **DIST))
-    assert sorted(resumed) == list(range(last + 1, DIST["MAX_STEPS"] + 1))
-    for s in resumed:
-        assert resumed[s] == pytest.approx(dist_reference[s], abs=1e-4), s
+    _stopped_step_resumes_exactly(tmp_path, data, dist_reference)
 
 
 @pytest.mark.slow
