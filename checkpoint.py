@@ -131,15 +131,12 @@ def parent_requested(path: Path) -> str | None:
     return read_trainer_state(path).parent_requested if (path / STATE_FILE).is_file() else None
 
 
-def check_parent(path: Path, source: str, state_dict: dict[str, torch.Tensor]) -> None:
-    """Refuse weights that are not the ones the checkpoint at `path` was started from (its recorded
-    fingerprint), e.g. a base directory re-saved since: adapters or a frozen reference on other weights
+def check_parent(path: Path, source: str, got: str) -> None:
+    """Refuse weights (their weights_fingerprint `got`) that are not the ones the checkpoint at `path` was
+    started from, e.g. a base directory re-saved since: adapters or a frozen reference on other weights
     would silently give other numbers."""
     want = parent_fingerprint(path)
-    if want is None:
-        return
-    got = weights_fingerprint(state_dict)
-    if got != want:
+    if want is not None and got != want:
         raise UserError(f"checkpoint {path} was started from {source} (weights fingerprint {want[:12]}), but "
                         f"{source} now holds other weights ({got[:12]}): it changed since; point INIT_FROM at "
                         "the original weights (or at these, to continue on them knowingly)")

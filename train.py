@@ -410,7 +410,7 @@ def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) ->
     model, margs = build_model(cfg, tok, init_source, device)
     init_fingerprint = ckpt.weights_fingerprint(model.state_dict()) if init_source else None
     if verify_parent:
-        ckpt.check_parent(resume_dir, init_source, model.state_dict())
+        ckpt.check_parent(resume_dir, init_source, init_fingerprint)
     objective = objectives.build_objective(cfg)
     setup_facts = objective.setup(model, tok, device) or {}
     if cfg.lora.lora_enabled:
