@@ -193,33 +193,40 @@ def output_head(model: torch.nn.Module) -> torch.nn.Module | None:
     return model.output if type(model) is Transformer else None
 
 
-@torch.no_grad()
 def score_batch(model: torch.nn.Module, batch: list[_Encoded], device: torch.device, dtype: torch.dtype | None,
                 max_len: int | None, pad_id: int) -> list[tuple[list[float], list[int]]]:
     """One right-padded forward over 4*len(batch) sequences -> per example (summed ll, n tokens) x 4."""
+    pairs = [(enc.ctx, cont) for enc in batch for cont in enc.conts]
+    lls = score_pairs(model, pairs, device, dtype, pad_id, max_len)
+    return [(lls[4 * j : 4 * j + 4], [len(c) for c in enc.conts]) for j, enc in enumerate(batch)]
+
+
+@torch.no_grad()
+def score_pairs(model: torch.nn.Module, pairs: list[tuple[list[int], list[int]]], device: torch.device,
+                dtype: torch.dtype | None, pad_id: int, max_len: int | None = None) -> list[float]:
+    """Summed log p(continuation | context) of each (context ids, continuation ids) pair, in one right-padded
+    forward. A pair longer than max_len + 1 tokens keeps its end, as lm-eval does."""
     seqs, spans = [], []  # spans: (first target index, n continuation tokens) in the input frame
-    for enc in batch:
-        for cont in enc.conts:
-            full = enc.ctx + cont
-            if max_len is not None and len(full) > max_len + 1:
-                full = full[-(max_len + 1):]  # keep the end, as lm-eval does
-            inp = full[:-1]
-            seqs.append(inp)
-            spans.append((len(inp) - len(cont), len(cont)))
+    for ctx, cont in pairs:
+        full = ctx + cont
+        if max_len is not None and len(full) > max_len + 1:
+            full = full[-(max_len + 1):]
+        inp = full[:-1]
+        seqs.append(inp)
+        spans.append((len(inp) - len(cont), len(cont)))
     T = max(len(s) for s in seqs)
     tokens = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     targets = torch.zeros_like(tokens)
     sel = torch.zeros_like(tokens, dtype=torch.bool)
-    for i, (s, (start, n)) in enumerate(zip(seqs, spans, strict=True)):
+    for i, (s, (start, n), (_, cont)) in enumerate(zip(seqs, spans, pairs, strict=True)):
         tokens[i, : len(s)] = torch.tensor(s)
-        cont = batch[i // 4].conts[i % 4]
         targets[i, start : start + n] = torch.tensor(cont)
         sel[i, start : start + n] = True
     tokens, targets, sel = tokens.to(device), targets.to(device), sel.to(device)
     use_autocast = dtype is not None and dtype != next(model.parameters()).dtype
     with torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
         head = output_head(model)
-        if head is not None:  # hidden states of the M ending positions, projected in chunks
+        if head is not None:  # hidden states of the M continuation positions, projected in chunks
             x = model(tokens, return_hidden=True)[sel]  # (M, dim)
         else:
             x, head = model(tokens)[sel], torch.nn.Identity()  # (N, T, V) -> (M, V): logits already
@@ -227,8 +234,7 @@ def score_batch(model: torch.nn.Module, batch: list[_Encoded], device: torch.dev
     per_seq = torch.zeros(len(seqs), dtype=torch.float64, device=device)
     row = torch.arange(len(seqs), device=device)[:, None].expand_as(sel)[sel]  # (M,) sequence of each token
     per_seq.index_add_(0, row, logp.double())
-    lls = per_seq.tolist()
-    return [(lls[4 * j : 4 * j + 4], [len(c) for c in enc.conts]) for j, enc in enumerate(batch)]
+    return per_seq.tolist()
 
 
 HEAD_CHUNK = 1024  # positions per LM-head matmul: bounds the (positions, vocab) logits in memory

@@ -37,9 +37,8 @@ from hellaswag_utils import (
     dist_info,
     encode_pair,
     first_argmax,
-    output_head,
     resolve_add_bos,
-    target_logprobs,
+    score_pairs,
 )
 from model_utils import load_model, tokenizer_source
 from tokenizer import load_tokenizer
@@ -82,34 +81,6 @@ def load_items(path: str | os.PathLike, limit: int | None = None) -> list[Item]:
                         f"{', '.join(REQUIRED_FIELDS)}) or set WINOGRANDE_PATH")
     lines = islice(iter_jsonl(p), None if limit is None else max(limit, 0))
     return [render(validate_record(doc, f"{p}:{lineno}")) for lineno, doc in lines]
-
-
-@torch.no_grad()
-def score_pairs(model: torch.nn.Module, pairs: list[tuple[list[int], list[int]]], device: torch.device,
-                dtype: torch.dtype | None, pad_id: int) -> list[float]:
-    """Summed log p(continuation | context) of each (context ids, continuation ids) pair, one forward."""
-    seqs = [ctx + cont for ctx, cont in pairs]
-    T = max(len(s) for s in seqs) - 1
-    tokens = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    targets = torch.zeros_like(tokens)
-    sel = torch.zeros_like(tokens, dtype=torch.bool)
-    for i, ((ctx, cont), s) in enumerate(zip(pairs, seqs, strict=True)):
-        tokens[i, : len(s) - 1] = torch.tensor(s[:-1])
-        targets[i, len(ctx) - 1 : len(s) - 1] = torch.tensor(cont)
-        sel[i, len(ctx) - 1 : len(s) - 1] = True
-    tokens, targets, sel = tokens.to(device), targets.to(device), sel.to(device)
-    use_autocast = dtype is not None and dtype != next(model.parameters()).dtype
-    with torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
-        head = output_head(model)
-        if head is not None:
-            x = model(tokens, return_hidden=True)[sel]
-        else:
-            x, head = model(tokens)[sel], torch.nn.Identity()
-        logp = target_logprobs(head, x, targets[sel], torch.arange(len(x), device=device))
-    per_seq = torch.zeros(len(seqs), dtype=torch.float64, device=device)
-    row = torch.arange(len(seqs), device=device)[:, None].expand_as(sel)[sel]
-    per_seq.index_add_(0, row, logp.double())
-    return per_seq.tolist()
 
 
 def evaluate(model: torch.nn.Module, tokenizer: Any, items: list[Item], batch_size: int = 16,
