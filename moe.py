@@ -215,6 +215,12 @@ def router_losses(model: nn.Module, top_k: int) -> dict[str, torch.Tensor]:
     return {"lb": load_balancing_loss(logits, top_k), "z": router_z_loss(logits)}
 
 
+def forget_routing(model: nn.Module) -> None:
+    """Drop every MoE layer's kept router state (and with it the graph it references)."""
+    for m in moe_layers(model):
+        m.router_logits = m.assignments = m.dropped = None
+
+
 def expert_load(model: nn.Module) -> dict[str, torch.Tensor]:
     """Utilization from the last forward with gradients: max_load = the busiest expert's share of its layer's
     assignments times E (1 = perfectly even, E = one expert takes everything), worst layer; min_load the same
