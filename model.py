@@ -330,10 +330,10 @@ class Transformer(nn.Module):
             attn = layer.attention
             attn.cache = KVCache(max_batch_size, attn.n_kv_heads, max_seq_len, attn.head_dim, dtype, device)
             ff = layer.feed_forward
-            if fuse_projections and isinstance(ff, FeedForward) and all(type(m) is nn.Linear for m in (attn.wq, attn.wk, attn.wv)):
+            if fuse_projections and all(type(m) is nn.Linear for m in (attn.wq, attn.wk, attn.wv)):
                 with torch.no_grad():
                     attn.wqkv = torch.cat((attn.wq.weight, attn.wk.weight, attn.wv.weight))
-            if fuse_projections and all(type(m) is nn.Linear for m in (ff.w1, ff.w3)):
+            if fuse_projections and isinstance(ff, FeedForward) and all(type(m) is nn.Linear for m in (ff.w1, ff.w3)):
                 with torch.no_grad():
                     ff.w13 = torch.cat((ff.w1.weight, ff.w3.weight))
         self.cache_len = max_seq_len

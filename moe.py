@@ -36,10 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from losses import at_least_fp32
+
 
 def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router logits (N, E) -> (weights (N, k) fp32, renormalized over the k; experts (N, k) long)."""
-    probs = torch.softmax(logits.float(), dim=-1)
+    """Router logits (N, E) -> (weights (N, k) in at least fp32, renormalized over the k; experts (N, k) long)."""
+    probs = torch.softmax(at_least_fp32(logits), dim=-1)
     weights, experts = torch.topk(probs, top_k, dim=-1)
     return weights / weights.sum(dim=-1, keepdim=True), experts
 
@@ -177,7 +179,7 @@ class MoEFeedForward(nn.Module):
             rank_in_expert = (onehot.cumsum(0) * onehot).sum(-1) - 1  # (k*N,)
             onehot = onehot * (rank_in_expert < cap)[:, None]
         combine = (onehot.view(k, N, -1) * weights.t()[:, :, None]).sum(0)  # (N, E) fp32
-        y = torch.einsum("ne,ned->nd", combine, self.experts.dense(flat).float())
+        y = torch.einsum("ne,ned->nd", combine, self.experts.dense(flat).to(combine.dtype))
         return y.to(flat.dtype), onehot.sum()
 
 
@@ -192,18 +194,18 @@ def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.
     """E * sum_e f_e * P_e over the tokens of all layers pooled (Switch eq. 4-6, transformers' Mixtral):
     f_e = fraction of the top-k assignments that went to e (a count: no gradient), P_e = mean softmax
     probability of e (the gradient path). Equals k (experts per token) when perfectly balanced."""
-    logits = torch.cat(router_logits).float()  # (L*N, E)
+    logits = at_least_fp32(torch.cat(router_logits))  # (L*N, E)
     E = logits.shape[-1]
     probs = torch.softmax(logits, dim=-1)
     _, selected = torch.topk(probs, top_k, dim=-1)
-    f = torch.zeros(E, device=logits.device).index_add_(
-        0, selected.reshape(-1), torch.ones(selected.numel(), device=logits.device)) / logits.shape[0]
+    f = torch.zeros(E, device=logits.device, dtype=logits.dtype).index_add_(
+        0, selected.reshape(-1), logits.new_ones(selected.numel())) / logits.shape[0]
     return E * (f * probs.mean(0)).sum()
 
 
 def router_z_loss(router_logits: list[torch.Tensor]) -> torch.Tensor:
     """ST-MoE's z-loss: mean over tokens (all layers) of logsumexp(router logits)^2."""
-    return torch.cat(router_logits).float().logsumexp(-1).square().mean()
+    return at_least_fp32(torch.cat(router_logits)).logsumexp(-1).square().mean()
 
 
 def router_losses(model: nn.Module, top_k: int) -> dict[str, torch.Tensor]:
