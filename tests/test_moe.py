@@ -169,7 +169,7 @@ def test_router_gradient_equals_finite_differences_float64(monkeypatch):
                 + 0.7 * moe.router_z_loss([m.router_logits])
 
         w = m.gate.weight.detach().clone().requires_grad_()
-        assert torch.autograd.gradcheck(f, (w,), eps=1e-6, atol=1e-6, rtol=1e-5)
+        assert torch.autograd.gradcheck(f, (w,), eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
         # and the gradient is not trivially zero: the routing weights carry it
         assert f(w).requires_grad and torch.autograd.grad(f(w), w)[0].abs().max() > 1e-3
 
