@@ -153,6 +153,9 @@ class MoEFeedForward(nn.Module):
             y = y + self.shared_expert(x)
         return y
 
+    # Eager under torch.compile: the sort, the capacity cut and the group sizes are data-dependent shapes, and
+    # dynamo's meta kernel of torch._grouped_mm accepts bf16 only (torch 2.13); the block's other ops compile.
+    @torch.compiler.disable
     def _grouped(self, flat, weights, experts, cap):
         """Sort the N*k assignments (slot-major) by expert, drop those past capacity, grouped GEMMs, scatter-add."""
         N, k = experts.shape
@@ -171,6 +174,7 @@ class MoEFeedForward(nn.Module):
         y = torch.zeros_like(flat).index_add_(0, token[order], out.to(flat.dtype))
         return y, counts.sum()
 
+    @torch.compiler.disable
     def _dense(self, flat, weights, experts, cap):
         """Reference: the (N, E) combine matrix from a cumulative count of assignments per expert."""
         N, k = experts.shape
