@@ -98,3 +98,39 @@ def test_router_losses_are_in_the_objective_table():
     assert isinstance(obj, objectives.RouterLosses) and obj.name == "dpo+moe" and obj.batch_format == "dpo"
     dense = objectives.build_objective(config.load_config(None, {"MODEL_PRESET": "debug"}))
     assert not isinstance(dense, objectives.RouterLosses)
+
+
+def test_dpo_with_lora_reference_keeps_the_policy_router_losses():
+    """The LoRA DPO reference is the same model with adapters off, run without gradients: the router losses
+    and load the objective adds are the policy forward's, not the reference's."""
+    import config
+    import lora
+    import objectives
+    from model import Transformer
+
+    cfg = config.load_config(None, {"MODEL_PRESET": "moe-debug", "TRAINING_STAGE": "dpo", "LORA_ENABLED": "true",
+                                    "LORA_TARGET_MODULES": "wq,wv", "MOE_LOAD_BALANCE_WEIGHT": "0.5"})
+    torch.manual_seed(0)
+    model = Transformer(cfg.model_args(64))
+    model.init_weights(std=0.2)
+    obj = objectives.build_objective(cfg)
+    obj.setup(model, None, torch.device("cpu"))
+    lora.apply_lora(model, ["wq", "wv"], 4, 8.0, 0.0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora" in n:
+                p.normal_(0, 0.5)  # adapters that change the routing: policy != reference
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (2, 12), generator=g)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    batch = {"chosen_input_ids": ids, "chosen_labels": labels, "rejected_input_ids": ids.flip(1),
+             "rejected_labels": labels, "sample_index": torch.arange(2)}
+    _, metrics = obj.loss(model, batch)
+    model(torch.cat([ids, ids.flip(1)]))  # the policy forward alone, with gradients
+    policy_lb = moe.router_losses(model, 2)["lb"]
+    assert metrics["moe_lb"].item() / 2 == pytest.approx(policy_lb.item(), abs=1e-6)  # summed per pair: 2 pairs
+    with lora.disable_lora(model):
+        model(torch.cat([ids, ids.flip(1)]))
+        reference_lb = moe.router_losses(model, 2)["lb"]
+    assert abs(reference_lb.item() - policy_lb.item()) > 1e-4  # the check above can tell them apart
