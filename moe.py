@@ -221,6 +221,12 @@ def router_losses(model: nn.Module, top_k: int) -> dict[str, torch.Tensor]:
     return {"lb": load_balancing_loss(logits, top_k), "z": router_z_loss(logits)}
 
 
+def set_routing(model: nn.Module, capacity_factor: float, impl: str) -> None:
+    """Apply the run's routing settings (not part of the weights) to every MoE layer of a loaded model."""
+    for m in moe_layers(model):
+        m.capacity_factor, m.impl = capacity_factor, impl
+
+
 def forget_routing(model: nn.Module) -> None:
     """Drop every MoE layer's kept router state (and with it the graph it references)."""
     for m in moe_layers(model):

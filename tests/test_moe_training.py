@@ -134,3 +134,23 @@ def test_dpo_with_lora_reference_keeps_the_policy_router_losses():
         model(torch.cat([ids, ids.flip(1)]))
         reference_lb = moe.router_losses(model, 2)["lb"]
     assert abs(reference_lb.item() - policy_lb.item()) > 1e-4  # the check above can tell them apart
+
+
+def test_init_from_an_moe_model_takes_the_routing_settings_and_refuses_other_shapes(tmp_path):
+    import types
+
+    import config
+    import train
+    from errors import UserError
+    from model import Transformer
+
+    cfg = config.load_config(None, {"MODEL_PRESET": "moe-debug"})
+    args = cfg.model_args(64)
+    model_utils.export_hf(Transformer(args), args, tmp_path / "hf")
+    tok = types.SimpleNamespace(vocab_size=64)
+    run_cfg = config.load_config(None, {"MODEL_PRESET": "moe-debug", "MOE_CAPACITY_FACTOR": "1.5", "MOE_IMPL": "dense"})
+    model, margs = train.build_model(run_cfg, tok, str(tmp_path / "hf"), torch.device("cpu"))
+    layer = moe.moe_layers(model)[0]
+    assert (layer.capacity_factor, layer.impl, margs.moe_capacity_factor) == (1.5, "dense", 1.5)
+    with pytest.raises(UserError, match=r"has 4 experts per block, top-2 .*MOE_NUM_EXPERTS=0.*set MOE_NUM_EXPERTS=4"):
+        train.build_model(config.load_config(None, {"MODEL_PRESET": "debug"}), tok, str(tmp_path / "hf"), "cpu")
