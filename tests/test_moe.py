@@ -2,8 +2,8 @@
 both ways (HF -> ours, ours -> HF); the load-balancing loss equals transformers' Mixtral aux loss and both
 router losses their published formulas on hand-computed cases; the grouped path equals the dense reference
 (forward and gradients, with and without torch._grouped_mm, capacity and a shared expert); router gradients
-equal finite differences in float64; capacity drops in the stated order and only in training; KV-cache
-decoding equals a full forward; active-parameter FLOPs; user errors for what has no export."""
+equal finite differences in float64; capacity drops in the stated order and only in training; a compiled
+block equals eager; KV-cache decoding equals a full forward; active-parameter FLOPs; user errors for what has no export."""
 
 from __future__ import annotations
 
@@ -184,6 +184,8 @@ def test_capacity_drops_later_tokens_and_second_choices_first_and_only_in_traini
     y = m.train()(x)[0]
     assert (y[:2].abs() > 0).all() and (y[2:] == 0).all()  # tokens 0, 1 served; 2, 3 dropped
     assert int(m.dropped) == 2
+    load = moe.expert_load(m)  # the router sent everything to expert 0: share x E = 2 and 0
+    assert (load["max_load"].item(), load["min_load"].item(), load["dropped"].item()) == (2.0, 0.0, 0.5)
     assert (m.eval()(x)[0].abs() > 0).all()  # inference never drops
     # slot-major priority: token 0 prefers expert 0, token 1 expert 1, capacity ceil(0.5 * 2 * 2 / 2) = 1 each.
     # Every first choice is served before any second choice, so each token keeps its first choice; in token
@@ -195,6 +197,39 @@ def test_capacity_drops_later_tokens_and_second_choices_first_and_only_in_traini
         m2.gate.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
     y2 = m2.train()(torch.eye(4)[None, :2])[0]
     assert int(m2.dropped) == 2 and (y2.abs().sum(-1) > 0).all()
+
+
+def test_compiled_block_equals_eager_and_keeps_router_logits():
+    """USE_TORCH_COMPILE compiles each block: the routed experts run eagerly inside it, the router logits the
+    losses need are still kept, forward and gradients equal eager's."""
+    from torch._dynamo.utils import counters
+
+    from model import TransformerBlock, rope_frequencies, rope_rotations
+
+    args = ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=50, ffn_hidden_dim=48,
+                     moe_num_experts=4, moe_top_k=2, moe_capacity_factor=1.0)
+    torch.manual_seed(0)
+    block = TransformerBlock(0, args).train()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.2)
+    x = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(1))
+    rot = rope_rotations(rope_frequencies(args), torch.arange(8).expand(2, 8))
+    results = []
+    for compiled in (False, True):
+        if compiled:
+            counters.clear()
+            block.compile(backend="aot_eager")  # dynamo + autograd tracing, as inductor sees it, minus codegen
+        block.zero_grad()
+        y = block(x, rot, None)
+        lb = moe.router_losses(block, 2)["lb"]
+        (y.square().sum() + lb).backward()
+        results.append((y.detach(), lb.detach(), [p.grad.clone() for p in block.parameters()]))
+    assert counters["stats"]["unique_graphs"] >= 1
+    (ye, lbe, ge), (yc, lbc, gc) = results
+    torch.testing.assert_close(yc, ye, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(lbc, lbe, atol=1e-6, rtol=1e-6)
+    for a, b in zip(gc, ge, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_kv_cache_decoding_equals_full_forward():
