@@ -1,7 +1,8 @@
 """Training a Mixture-of-Experts model through the loop (MODEL_PRESET=moe-debug): the router losses and the
 expert load are logged; the load-balancing loss is per micro-batch, so gradient accumulation equals one
 big micro-batch for the language-model term only (equal with the router losses off, different with them
-on); DDP over 2 processes equals 1 process when the micro-batches are the same; resume equals not stopping."""
+on); DDP and FSDP2 over 2 processes equal 1 process when the micro-batches are the same; resume equals not
+stopping; a loaded MoE model must match the MoE settings; DPO's LoRA reference leaves the router losses alone."""
 
 from __future__ import annotations
 
@@ -74,19 +75,25 @@ def test_resume_equals_not_stopping_and_the_checkpoint_loads(tmp_path, pretrain_
     assert len(moe.moe_layers(model)) == 2
 
 
+DIST = dict(MAX_STEPS=3, SAVE_EVERY_X_STEPS=0, GRAD_CLIP=0.5, **MOE)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, pretrain_data):
+    return _steps(run_inprocess(tmp_path_factory.mktemp("moe_one"), pretrain_data, **DIST))
+
+
 @pytest.mark.slow
-def test_ddp_two_processes_equal_one_with_the_same_micro_batches(tmp_path, pretrain_data):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_processes_equal_one_with_the_same_micro_batches(tmp_path, pretrain_data, one_process, fsdp):
     """TOTAL_BATCH_SIZE=512, MAX_BATCH_SIZE=4: one process runs micro-batches [0, 4) and [4, 8) of each step,
     two ranks run one each: the same micro-batches, so even the load-balancing term is equal."""
-    common = dict(MAX_STEPS=3, SAVE_EVERY_X_STEPS=0, GRAD_CLIP=0.5, **MOE)
-    one = _steps(run_inprocess(tmp_path / "one", pretrain_data, **common))
-    (tmp_path / "two").mkdir()
-    torchrun(tmp_path / "two", pretrain_data, 2, **common)
-    two = _steps(read_metrics(tmp_path / "two" / "run"))
+    torchrun(tmp_path, pretrain_data, 2, USE_FSDP=str(fsdp).lower(), **DIST)
+    two = _steps(read_metrics(tmp_path / "run"))
     for s in (1, 2, 3):
         for key in ("loss", "ce", "moe_lb", "moe_z", "moe_max_load"):
-            assert two[s][key] == pytest.approx(one[s][key], abs=1e-4), (s, key)
-        assert two[s]["grad_norm"] == pytest.approx(one[s]["grad_norm"], rel=1e-4)
+            assert two[s][key] == pytest.approx(one_process[s][key], abs=1e-4), (s, key)
+        assert two[s]["grad_norm"] == pytest.approx(one_process[s]["grad_norm"], rel=1e-4)
 
 
 def test_router_losses_are_in_the_objective_table():
