@@ -2,7 +2,8 @@
 
 Parameter names follow Meta's reference implementation so that a Meta checkpoint loads by name:
 tok_embeddings, layers.N.attention.{wq,wk,wv,wo}, layers.N.feed_forward.{w1,w2,w3},
-layers.N.attention_norm, layers.N.ffn_norm, norm, output.
+layers.N.attention_norm, layers.N.ffn_norm, norm, output. With Mixture of Experts (moe.py) the FFN is
+layers.N.feed_forward.{gate, experts.w1/w2/w3, shared_expert.w1/w2/w3} (Mixtral's reference names).
 
 RoPE uses Meta's layout: each head's dimensions are rotated in interleaved pairs (0,1), (2,3), ...
 HF checkpoints store q/k permuted for the "rotate half" layout; model_utils undoes that on import.
