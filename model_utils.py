@@ -308,9 +308,14 @@ def flops_per_token(args: ModelArgs, seq_len: int) -> float:
     N counts the weights that take part in a matmul (every linear layer incl. the output projection;
     not the embedding lookup, not norms): 2 FLOPs per weight forward, 4 backward. 12 L d T is the
     attention scores and weighted sum (QK^T and AV), forward + backward, without the causal halving.
+    A Mixture-of-Experts FFN counts the weights a token is routed through: the router, its top-k experts
+    and the shared expert (the active parameters, as MoE papers report them).
     """
     hd = args.head_dim
-    per_layer = args.dim * hd * (2 * args.n_heads + 2 * args.n_kv_heads) + 3 * args.dim * args.hidden_dim
+    ffn = 3 * args.dim * args.hidden_dim
+    if args.moe_num_experts:
+        ffn = args.dim * args.moe_num_experts + (args.moe_top_k + args.moe_shared_expert) * ffn
+    per_layer = args.dim * hd * (2 * args.n_heads + 2 * args.n_kv_heads) + ffn
     n_matmul = args.n_layers * per_layer + args.vocab_size * args.dim
     return 6.0 * n_matmul + 12.0 * args.n_layers * args.dim * seq_len
 

@@ -37,6 +37,7 @@ import generate
 import hellaswag_utils
 import lora
 import model_utils
+import moe
 import objectives
 import optim
 import precision
@@ -121,7 +122,8 @@ def resume_parent(cfg: config.Config, path: Path) -> str:
 
 # settings that fix the model's shape: RESUME=auto continues a checkpoint only when they are unchanged
 SHAPE_KEYS = ("DIM", "N_LAYERS", "N_HEADS", "N_KV_HEADS", "VOCAB_SIZE", "MULTIPLE_OF", "FFN_DIM_MULTIPLIER",
-              "FFN_HIDDEN_DIM", "TIE_EMBEDDINGS", "LORA_ENABLED", "LORA_RANK")
+              "FFN_HIDDEN_DIM", "TIE_EMBEDDINGS", "LORA_ENABLED", "LORA_RANK", "MOE_NUM_EXPERTS", "MOE_TOP_K",
+              "MOE_SHARED_EXPERT")
 
 
 def auto_resume_checkpoint(cfg: config.Config) -> Path | None:
@@ -164,6 +166,19 @@ def load_tokenizer(cfg: config.Config, init_source: str):
     return tk.load_tokenizer(src)
 
 
+def check_moe_settings(cfg: config.Config, margs, init_source: str) -> None:
+    """The router losses and metrics follow MOE_NUM_EXPERTS / MOE_TOP_K: they must describe the loaded model."""
+    m = cfg.model
+    have = (margs.moe_num_experts, margs.moe_top_k if margs.moe_num_experts else m.moe_top_k)
+    if have != (m.moe_num_experts, m.moe_top_k):
+        model = (f"{margs.moe_num_experts} experts per block, top-{margs.moe_top_k}" if margs.moe_num_experts
+                 else "a dense FFN")
+        fix = (f"MOE_NUM_EXPERTS={margs.moe_num_experts} MOE_TOP_K={margs.moe_top_k}" if margs.moe_num_experts
+               else "MOE_NUM_EXPERTS=0")
+        raise UserError(f"INIT_FROM={init_source} has {model} but the settings say MOE_NUM_EXPERTS={m.moe_num_experts},"
+                        f" MOE_TOP_K={m.moe_top_k}: set {fix} (the model's), or start from another model")
+
+
 def build_model(cfg: config.Config, tok, init_source: str, device: torch.device):
     if init_source:
         model, margs = model_utils.load_model(init_source, device="cpu", dtype=torch.float32,
@@ -172,6 +187,9 @@ def build_model(cfg: config.Config, tok, init_source: str, device: torch.device)
             raise UserError(f"INIT_FROM={init_source} has vocab {margs.vocab_size} < the tokenizer's "
                             f"{tok.vocab_size}: use the tokenizer that model was trained with")
         margs.max_seq_len = max(margs.max_seq_len, cfg.model.max_seq_len)
+        check_moe_settings(cfg, margs, init_source)
+        margs.moe_capacity_factor, margs.moe_impl = cfg.model.moe_capacity_factor, cfg.system.moe_impl
+        moe.set_routing(model, margs.moe_capacity_factor, margs.moe_impl)
     else:
         margs = cfg.model_args(tok.vocab_size)
         torch.manual_seed(cfg.training.seed)
