@@ -15,6 +15,8 @@ CLI:
     python model_utils.py export --model SOURCE --format hf|meta --out DIR [--shards N] [--dtype D]
     python model_utils.py export --model LORA_CHECKPOINT --format peft --out DIR [--base-out DIR | --base-id ID]
     python model_utils.py info --model SOURCE
+    python model_utils.py plan --preset NAME --gpus G [--precision bf16|fp32] [--activation-checkpointing]
+                               [--micro-batch B] [--seq-len T] [--optimizer adamw|sgd|muon]
 """
 
 from __future__ import annotations
@@ -29,12 +31,15 @@ from pathlib import Path
 import torch
 
 import checkpoint as ckpt
+import config
 import lora
+import memory_plan
 import precision
 from errors import UserError, run_cli
 from fileio import atomic_dir, check_new_dir, read_json
 from model import ModelArgs, Transformer
 from model_formats import export_hf, export_meta, load_gguf, load_hf, load_meta, load_safetensors
+from settings_table import PRESETS
 from tokenizer import load_tokenizer
 
 
@@ -333,7 +338,18 @@ def main() -> int:
     ex.add_argument("--tokenizer", default=None, help="tokenizer to save with an HF export (default: the model's)")
     info = sub.add_parser("info", help="print the model's args and parameter counts")
     info.add_argument("--model", required=True)
+    pl = sub.add_parser("plan", help="per-GPU memory of FSDP2 training (parameters, gradients, optimizer state, "
+                        "activations, peak) and which GPU sizes it fits")
+    pl.add_argument("--preset", required=True, help="a MODEL_PRESET name, e.g. llama3.1-8b, llama3.1-70b")
+    pl.add_argument("--gpus", type=int, required=True, help="FSDP2 ranks in total (nodes x GPUs per node)")
+    pl.add_argument("--precision", default="bf16", choices=memory_plan.PRECISIONS)
+    pl.add_argument("--activation-checkpointing", action="store_true")
+    pl.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per micro-step (MAX_BATCH_SIZE)")
+    pl.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's MAX_SEQ_LEN)")
+    pl.add_argument("--optimizer", default=None, choices=memory_plan.OPTIMIZERS, help="default: all of them")
     a = ap.parse_args()
+    if a.cmd == "plan":
+        return _plan_cli(a)
 
     dtype = precision.dtype_of(getattr(a, "dtype", "fp32"))
     if a.cmd == "export" and a.format == "peft":
@@ -351,6 +367,39 @@ def main() -> int:
     else:
         export_hf(model, args, a.out, tokenizer=_try_tokenizer(a.tokenizer or tokenizer_source(a.model), required=bool(a.tokenizer)))
     print(f"exported {count_parameters(model):,} parameters from {a.model} to {a.out} ({a.format})")
+    return 0
+
+
+def _plan_cli(a: argparse.Namespace) -> int:
+    if a.preset not in PRESETS:
+        raise UserError(f"--preset {a.preset!r} is not a model preset; choose one of {', '.join(PRESETS)}")
+    for flag, v in (("--gpus", a.gpus), ("--micro-batch", a.micro_batch), ("--seq-len", a.seq_len or 1)):
+        if v < 1:
+            raise UserError(f"{flag} {v}: must be at least 1")
+    args = config.load_config(None, {"MODEL_PRESET": a.preset}, use_environ=False).model_args()
+    T = a.seq_len or args.max_seq_len
+    names = [a.optimizer] if a.optimizer else list(memory_plan.OPTIMIZERS)
+    plans = {o: memory_plan.plan(args, a.gpus, a.precision, o, a.activation_checkpointing, a.micro_batch, T)
+             for o in names}
+    with torch.device("meta"):
+        n = count_parameters(Transformer(args))
+    print(f"memory plan: {a.preset} ({n / 1e9:.2f}B parameters), FSDP2 over {a.gpus} GPUs, {a.precision}"
+          f"{' autocast' if a.precision == 'bf16' else ''}, activation checkpointing "
+          f"{'on' if a.activation_checkpointing else 'off'}, micro-batch {a.micro_batch} x {T} tokens")
+    gib = 2**30
+    rows = [("parameters (fp32 shard)", lambda p: f"{p.parameters / gib:.2f} GiB"),
+            ("gradients (fp32 shard)", lambda p: f"{p.gradients / gib:.2f} GiB"),
+            ("optimizer state", lambda p: f"{p.optimizer / gib:.2f} GiB"),
+            ("activations", lambda p: f"{p.activations / gib:.2f} GiB"),
+            ("transient at peak", lambda p: f"{p.transient / gib:.2f} GiB"),
+            ("peak", lambda p: f"{p.peak / gib:.2f} GiB"),
+            ("peak at", lambda p: p.peak_at)]
+    rows += [(f"fits {gb} GB", lambda p, gb=gb: "yes" if p.fits(gb) else "no") for gb in memory_plan.GPU_SIZES_GB]
+    print(f"{'per GPU':<26}" + "".join(f"{o:>18}" for o in names))
+    for label, cell in rows:
+        print(f"{label:<26}" + "".join(f"{cell(plans[o]):>18}" for o in names))
+    print(f"fits = peak <= {1 - memory_plan.HEADROOM:.0%} of the GPU's memory (the rest: CUDA context, NCCL, "
+          "allocator fragmentation)")
     return 0
 
 

@@ -423,9 +423,7 @@ def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) ->
     ptdtype = prec.dtype
 
     def autocast():
-        if ptdtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=ptdtype)
+        return precision.autocast(device.type, ptdtype)
 
     G, accum = batch_geometry(cfg, info.world_size)
     train_loader, val_loader = build_loaders(cfg, objective, tok, info, G)
