@@ -25,20 +25,31 @@ import argparse
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 
 import checkpoint as ckpt
 import config
+import distributed as D
 import lora
 import memory_plan
 import precision
 from errors import UserError, run_cli
 from fileio import atomic_dir, check_new_dir, read_json
 from model import ModelArgs, Transformer
-from model_formats import export_hf, export_meta, load_gguf, load_hf, load_meta, load_safetensors
+from model_formats import (
+    LazyStateDict,
+    export_hf,
+    export_meta,
+    load_gguf,
+    load_hf,
+    load_meta,
+    load_safetensors,
+    open_hf,
+    open_meta,
+)
 from settings_table import PRESETS
 from tokenizer import load_tokenizer
 
@@ -229,6 +240,68 @@ def _merge_lora_checkpoint(base: Transformer, cfg: dict, adapters: dict[str, tor
     lora.load_lora_state_dict(base, adapters)
     lora.unload_lora(base, merge=True)  # plain nn.Linear layers again, W + scaling * B A
     return {k: v.detach() for k, v in base.state_dict().items()}
+
+
+# ---- rank-local loading (FSDP2) ---------------------------------------------------------------------------
+def open_weights(source: str | os.PathLike, rope_scaling_factor: float | None = None
+                 ) -> tuple[ModelArgs, Mapping[str, torch.Tensor]]:
+    """-> (args, a state dict that reads each tensor when it is looked up). Our checkpoints, HF safetensors and
+    Meta shards are read one tensor at a time (memory-mapped); a GGUF file (dequantized whole, small models)
+    and a LoRA checkpoint (its adapters merged into its base) are read whole."""
+    kind, path = resolve_source(source)
+    if kind == "meta":
+        args, sd = open_meta(path, rope_scaling_factor)
+    elif kind == "hf":
+        args, sd = open_hf(path)
+    elif kind == "ours" and not read_json(path / ckpt.CONFIG_FILE).get("lora"):
+        args, sd = _open_ours(path)
+    elif kind == "ours":
+        args, sd, _ = _load_ours(path)
+    else:
+        args, sd = _LOADERS[kind](path)
+    args.extra = {**args.extra, "source": str(path), "source_format": kind}
+    return args, sd
+
+
+def _open_ours(path: Path) -> tuple[ModelArgs, Mapping[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    args = ModelArgs.from_dict(read_json(path / ckpt.CONFIG_FILE)["model_args"])
+    weights = path / ckpt.MODEL_FILE
+    if not weights.is_file():
+        raise UserError(f"{path} has {ckpt.CONFIG_FILE} but no {ckpt.MODEL_FILE}; the checkpoint is incomplete")
+    with safe_open(weights, framework="pt") as h:
+        stored = set(h.keys())
+    # a tied model may be stored under either name of its one matrix
+    alias = {"tok_embeddings.weight": "output.weight"} if args.tie_embeddings and "tok_embeddings.weight" not in stored else {}
+    names = [n for n in stored if not (args.tie_embeddings and n == "output.weight")] + list(alias)
+
+    def read(name: str) -> torch.Tensor:
+        with safe_open(weights, framework="pt") as h:
+            return h.get_tensor(alias.get(name, name))
+
+    return args, LazyStateDict(sorted(names), read)
+
+
+def module_state_view(weights: Mapping[str, torch.Tensor], args: ModelArgs) -> Mapping[str, torch.Tensor]:
+    """`weights` under the names Transformer.state_dict() has: a tied head is listed under both of its names
+    (so checkpoint.weights_fingerprint of the view equals that of the loaded model)."""
+    if not args.tie_embeddings or "output.weight" in weights:
+        return weights
+    return LazyStateDict([*weights, "output.weight"],
+                         lambda name: weights["tok_embeddings.weight" if name == "output.weight" else name])
+
+
+def load_sharded(model: Transformer, weights: Mapping[str, torch.Tensor], device: torch.device,
+                 where: str = "") -> None:
+    """Fill a model built on the meta device (and sharded by FSDP2, or not) from `weights` (open_weights),
+    one tensor at a time: each rank keeps its shard of each tensor and drops the rest."""
+    expected = {n for n, _ in model.named_parameters()}
+    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or unexpected:
+        raise UserError(f"weights in {where} do not match the model: missing {missing[:4]}, "
+                        f"unexpected {unexpected[:4]}; is this a Llama-architecture checkpoint?")
+    D.materialize(model, device, lambda name, _p: weights[name])
 
 
 _LOADERS: dict[str, Callable[[Path], tuple[ModelArgs, dict[str, torch.Tensor]]]] = {
