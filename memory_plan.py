@@ -112,9 +112,10 @@ def plan(args: ModelArgs, gpus: int, precision: str = "bf16", optimizer: str = "
     weight_copy = c * block_matmul if low else 0  # what one block's matmuls save of their weights
     per_layer = activation_bytes_per_token(args, precision) * tokens
     if activation_checkpointing:  # each block keeps its fp32 input; backward recomputes one block at a time
-        saved, recompute = args.n_layers * 4 * d * tokens, per_layer + weight_copy
+        layer_saved, recompute = 4 * d * tokens, per_layer + weight_copy
     else:
-        saved, recompute = args.n_layers * (per_layer + weight_copy), 0
+        layer_saved, recompute = per_layer + weight_copy, 0
+    saved = args.n_layers * layer_saved
     saved += 8 * d * tokens  # the final RMSNorm's input and output
     out_copy = c * V * d if low else 0  # the head's compute-dtype weight, saved for its backward
 
@@ -122,9 +123,11 @@ def plan(args: ModelArgs, gpus: int, precision: str = "bf16", optimizer: str = "
     moments = {
         # the loss's backward: saved log-probabilities (fp32) and two fp32 buffers of their gradient
         "head backward": root_full + saved + out_copy + 12 * V * tokens,
-        # a block's backward: it is gathered, the next one prefetched, the previous one's gradients reduce-
-        # scattered; its fp32 and compute-dtype weight gradients and its recomputed activations
-        "block backward": grads + root_full + 3 * block_full + block_full + 2 * weight_copy + saved + recompute,
+        # a block's backward: the block gathered, the next one's all-gather buffer, the previous one's
+        # reduce-scatter buffer (from the second block on: the first block's saved activations are freed by
+        # then), its fp32 and compute-dtype weight gradients, its recomputed activations. Going down the
+        # blocks, saved activations are freed as gradient shards are written: the larger of the two is held.
+        "block backward": root_full + 4 * block_full + 2 * weight_copy + recompute + max(saved - layer_saved, grads),
     }
     if optimizer == "muon":  # the whole update gathered in fp32, orthogonalized in bf16 (x, A, A @ A)
         biggest = max(math.prod(shapes[n]) for n in hidden)
@@ -133,6 +136,6 @@ def plan(args: ModelArgs, gpus: int, precision: str = "bf16", optimizer: str = "
         moments["optimizer step"] = grads + 4 * max(sharded.values())  # one parameter's temporary at a time
     peak_at = max(moments, key=moments.get)
     at_peak = moments[peak_at]
-    held = (grads if peak_at != "head backward" else 0) + (saved if peak_at != "optimizer step" else 0)
+    held = {"head backward": saved, "block backward": max(saved - layer_saved, grads), "optimizer step": grads}[peak_at]
     return MemoryPlan(gpus=gpus, parameters=params, gradients=grads, optimizer=opt, activations=saved,
                       transient=at_peak - held, peak=params + opt + at_peak, peak_at=peak_at)
