@@ -119,6 +119,9 @@ def plan(args: ModelArgs, gpus: int, precision: str = "bf16", optimizer: str = "
     saved += 8 * d * tokens  # the final RMSNorm's input and output
     out_copy = c * V * d if low else 0  # the head's compute-dtype weight, saved for its backward
 
+    # gathered block + its fp32 gradients, + the previous block's reduce-scatter and the next one's all-gather
+    # buffers when there are such blocks (the second block from the top has both from 3 blocks on)
+    block_buffers = 2 + min(args.n_layers - 1, 1) + (args.n_layers >= 3)
     # the root's parameters (embedding, final norm, head) stay gathered from its forward to its backward
     moments = {
         # the loss's backward: saved log-probabilities (fp32) and two fp32 buffers of their gradient
@@ -127,7 +130,8 @@ def plan(args: ModelArgs, gpus: int, precision: str = "bf16", optimizer: str = "
         # reduce-scatter buffer (from the second block on: the first block's saved activations are freed by
         # then), its fp32 and compute-dtype weight gradients, its recomputed activations. Going down the
         # blocks, saved activations are freed as gradient shards are written: the larger of the two is held.
-        "block backward": root_full + 4 * block_full + 2 * weight_copy + recompute + max(saved - layer_saved, grads),
+        "block backward": root_full + block_buffers * block_full + 2 * weight_copy + recompute
+        + max(saved - layer_saved, grads),
     }
     if optimizer == "muon":  # the whole update gathered in fp32, orthogonalized in bf16 (x, A, A @ A)
         biggest = max(math.prod(shapes[n]) for n in hidden)
