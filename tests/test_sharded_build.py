@@ -10,7 +10,15 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, make_parent, make_pretrain_data, read_metrics, run_inprocess, subprocess_env, torchrun
+from helpers import (
+    ROOT,
+    make_parent,
+    make_pretrain_data,
+    read_metrics,
+    run_inprocess,
+    subprocess_env,
+    torchrun,
+)
 
 import model_utils
 
