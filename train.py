@@ -181,7 +181,7 @@ def build_model(cfg: config.Config, tok, init_source: str, device: torch.device)
 def builds_sharded(cfg: config.Config, objective: objectives.Objective, resume_dir: Path | None) -> bool:
     """FSDP2 runs build the model on the meta device and let each rank fill only its shards after fully_shard,
     unless something needs the whole model first: resuming (the checkpoint loads into the unsharded model),
-    LoRA (adapters go onto full weights) or an objective that copies the starting model (DPO's reference)."""
+    LoRA (adapters go onto full weights) or an objective that copies the starting model (a frozen reference)."""
     return (cfg.system.use_fsdp and D.is_dist() and resume_dir is None and not cfg.lora.lora_enabled
             and not objective.copies_model())
 
