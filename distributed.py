@@ -205,10 +205,12 @@ def materialize(model: nn.Module, device: torch.device,
     its own shard. One full tensor exists at a time, never the whole model. Buffers are the model's own
     business (Transformer recomputes its RoPE table when moved)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
+    from tqdm import tqdm
 
     model.to_empty(device=device)
+    named = list(model.named_parameters())
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in tqdm(named, desc="filling the shards", unit="tensor", disable=not is_main(), leave=False):
             full = full_tensor(name, p)
             if tuple(full.shape) != tuple(p.shape):
                 raise UserError(f"tensor {name} has shape {tuple(full.shape)}, the model {tuple(p.shape)}; the "

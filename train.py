@@ -463,6 +463,9 @@ def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) ->
     if verify_parent:
         ckpt.check_parent(resume_dir, init_source, init_fingerprint)
     setup_facts = objective.setup(model, tok, device) or {}
+    if cfg.system.use_fsdp:
+        setup_facts["model build"] = "meta device, each rank fills its FSDP2 shards" if sharded else \
+            "whole model on every rank, then sharded (resume, LoRA or a frozen copy need it)"
     if cfg.lora.lora_enabled:
         lora.apply_lora(model, cfg.lora.lora_target_modules, cfg.lora.lora_rank, cfg.lora.lora_alpha,
                         cfg.lora.lora_dropout)
