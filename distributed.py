@@ -207,7 +207,14 @@ def materialize(model: nn.Module, device: torch.device,
     from torch.distributed.tensor import DTensor, distribute_tensor
     from tqdm import tqdm
 
+    ties = _ties(model)
     model.to_empty(device=device)
+    for names in ties:  # to_empty gives each module its own tensor (FSDP2 keeps the ties it manages)
+        first = model.get_parameter(names[0])
+        for other in names[1:]:
+            owner, _, attr = other.rpartition(".")
+            if model.get_parameter(other) is not first:
+                setattr(model.get_submodule(owner), attr, first)
     named = list(model.named_parameters())
     with torch.no_grad():
         for name, p in tqdm(named, desc="filling the shards", unit="tensor", disable=not is_main(), leave=False):
@@ -221,6 +228,14 @@ def materialize(model: nn.Module, device: torch.device,
             else:
                 p.copy_(full)
             del full
+
+
+def _ties(model: nn.Module) -> list[list[str]]:
+    """Groups of parameter names that share one tensor (e.g. a tied embedding and head), in module order."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return [names for names in by_id.values() if len(names) > 1]
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -312,10 +312,22 @@ def open_meta(path: Path, rope_scaling_factor: float | None = None) -> tuple[Mod
         raise UserError(f"{path} has params.json but no consolidated.*.pth shards")
     shards = [_torch_load(f) for f in files]
     names = [n for n in shards[0] if n != "rope.freqs"]  # Llama 2 saved its RoPE table; we recompute it
-    sd = LazyStateDict(names, lambda name: _meta_merge([{name: s[name]} for s in shards], params["dim"])[name])
+
+    def read(name: str) -> torch.Tensor:
+        return _meta_merge([{name: s[name]} for s in shards], params["dim"])[name]
+
+    sd = LazyStateDict(names, read)
+    args = _meta_args(path, params, sd, rope_scaling_factor)
+    if args.tie_embeddings:  # a tied head is the embedding: read once, under its name
+        sd = LazyStateDict([n for n in names if n != "output.weight"], read)
+    return args, sd
+
+
+def _meta_args(path: Path, params: dict, sd: Mapping[str, torch.Tensor],
+               rope_scaling_factor: float | None) -> ModelArgs:
     sidecar = path / "model_args.json"  # written by export_meta: restores fields Meta does not store
     if sidecar.is_file():
-        return ModelArgs.from_dict(read_json(sidecar)), sd
+        return ModelArgs.from_dict(read_json(sidecar))
     rope_scaling, factor_source = meta_rope_scaling(params, rope_scaling_factor)
     if rope_scaling is not None:
         print(f"{path}: Llama 3 RoPE scaling factor {rope_scaling['factor']:g} (from {factor_source}; "
@@ -331,7 +343,7 @@ def open_meta(path: Path, rope_scaling_factor: float | None = None) -> tuple[Mod
     )
     if args.hidden_dim != w1.shape[0]:  # trust the weights over the multiple_of rule
         args.ffn_hidden_dim = w1.shape[0]
-    return args, sd
+    return args
 
 
 def load_gguf(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from helpers import (
     ROOT,
     make_parent,
@@ -20,7 +21,11 @@ from helpers import (
     torchrun,
 )
 
+import checkpoint as ckpt
+import config
 import model_utils
+from errors import UserError
+from model import Transformer
 
 WORKER = ROOT / "tests" / "sharded_worker.py"
 
@@ -35,6 +40,53 @@ def sources(tmp_path_factory):
     return {"ours": str(ours), "hf": str(root / "hf"), "meta": str(root / "meta")}
 
 
+@pytest.fixture(scope="module")
+def tied_sources(tmp_path_factory):
+    """The same three formats for a model whose head is its embedding (stored once)."""
+    root = tmp_path_factory.mktemp("tied")
+    cfg = config.load_config(str(ROOT / "configs" / "debug.env"), {"TIE_EMBEDDINGS": "true"}, use_environ=False)
+    model = Transformer(cfg.model_args(8448))
+    model.init_weights(generator=torch.Generator().manual_seed(3))
+    ckpt.save(root / "ck", 0, model, None, trainer_state={"step": 0},
+              config={"model_args": model.args.to_dict(), "settings": cfg.to_dict()})
+    model_utils.export_hf(model, model.args, root / "hf")
+    model_utils.export_meta(model, model.args, root / "meta")
+    return {"ours": str(root / "ck" / "step_0000000"), "hf": str(root / "hf"), "meta": str(root / "meta")}
+
+
+def test_rank_local_readers_equal_load_model(sources, tied_sources):
+    """open_weights + load_sharded (one process, no sharding) give load_model's weights and its fingerprint."""
+    for src in [*sources.values(), *tied_sources.values()]:
+        ref, ref_args = model_utils.load_model(src)
+        args, weights = model_utils.open_weights(src)
+        assert (args.dim, args.n_layers, args.vocab_size, args.tie_embeddings) == \
+            (ref_args.dim, ref_args.n_layers, ref_args.vocab_size, ref_args.tie_embeddings), src
+        with torch.device("meta"):
+            model = Transformer(args)
+        model_utils.load_sharded(model, weights, torch.device("cpu"), src)
+        got = model.state_dict()
+        for k, v in ref.state_dict().items():
+            assert torch.equal(got[k], v), (src, k)
+        assert model.output.weight is model.tok_embeddings.weight or not args.tie_embeddings
+        # the lineage fingerprint of the lazily read weights is the loaded model's
+        assert ckpt.weights_fingerprint(model_utils.module_state_view(weights, args)) == \
+            ckpt.weights_fingerprint(ref.state_dict()), src
+
+
+def test_rank_local_loading_refuses_other_weights(sources):
+    args, weights = model_utils.open_weights(sources["hf"])
+    other = config.load_config(str(ROOT / "configs" / "debug.env"), {"DIM": "128"}, use_environ=False)
+    with torch.device("meta"):
+        model = Transformer(other.model_args(args.vocab_size))
+    with pytest.raises(UserError, match="shape"):
+        model_utils.load_sharded(model, weights, torch.device("cpu"), sources["hf"])
+    with torch.device("meta"):
+        deeper = Transformer(config.load_config(str(ROOT / "configs" / "debug.env"), {"N_LAYERS": "3"},
+                                                use_environ=False).model_args(args.vocab_size))
+    with pytest.raises(UserError, match="missing"):
+        model_utils.load_sharded(deeper, weights, torch.device("cpu"), sources["hf"])
+
+
 def _launch(tmp, nproc: int, *sources: str) -> list[dict]:
     out = tmp / f"out{nproc}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(WORKER),
@@ -44,6 +96,7 @@ def _launch(tmp, nproc: int, *sources: str) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
 
 
+@pytest.mark.slow
 def test_meta_build_shards_equal_single_process_and_memory_halves(tmp_path, sources):
     two = _launch(tmp_path, 2, *sources.values())
     one = _launch(tmp_path, 1)
