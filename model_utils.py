@@ -16,7 +16,7 @@ CLI:
     python model_utils.py export --model LORA_CHECKPOINT --format peft --out DIR [--base-out DIR | --base-id ID]
     python model_utils.py info --model SOURCE
     python model_utils.py plan --preset NAME --gpus G [--precision bf16|fp32] [--activation-checkpointing]
-                               [--micro-batch B] [--seq-len T] [--optimizer adamw|sgd|muon]
+                               [--micro-batch B] [--seq-len T] [--optimizer adamw|sgd|muon] [--vocab-size V]
 """
 
 from __future__ import annotations
@@ -420,6 +420,8 @@ def main() -> int:
     pl.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per micro-step (MAX_BATCH_SIZE)")
     pl.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's MAX_SEQ_LEN)")
     pl.add_argument("--optimizer", default=None, choices=memory_plan.OPTIMIZERS, help="default: all of them")
+    pl.add_argument("--vocab-size", type=int, default=None, help="default: the preset's VOCAB_SIZE, else 128256 "
+                    "(Meta's Llama 3 tokenizer)")
     a = ap.parse_args()
     if a.cmd == "plan":
         return _plan_cli(a)
@@ -443,29 +445,37 @@ def main() -> int:
     return 0
 
 
+LLAMA3_VOCAB = 128256  # Meta's Llama 3 tokenizer
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def _plan_cli(a: argparse.Namespace) -> int:
     if a.preset not in PRESETS:
         raise UserError(f"--preset {a.preset!r} is not a model preset; choose one of {', '.join(PRESETS)}")
-    for flag, v in (("--gpus", a.gpus), ("--micro-batch", a.micro_batch), ("--seq-len", a.seq_len or 1)):
+    for flag, v in (("--gpus", a.gpus), ("--micro-batch", a.micro_batch), ("--seq-len", a.seq_len or 1),
+                    ("--vocab-size", a.vocab_size or 1)):
         if v < 1:
             raise UserError(f"{flag} {v}: must be at least 1")
-    args = config.load_config(None, {"MODEL_PRESET": a.preset}, use_environ=False).model_args()
+    vocab = a.vocab_size or PRESETS[a.preset].get("VOCAB_SIZE") or LLAMA3_VOCAB
+    args = config.load_config(None, {"MODEL_PRESET": a.preset}, use_environ=False).model_args(vocab)
     T = a.seq_len or args.max_seq_len
     names = [a.optimizer] if a.optimizer else list(memory_plan.OPTIMIZERS)
     plans = {o: memory_plan.plan(args, a.gpus, a.precision, o, a.activation_checkpointing, a.micro_batch, T)
              for o in names}
     with torch.device("meta"):
         n = count_parameters(Transformer(args))
-    print(f"memory plan: {a.preset} ({n / 1e9:.2f}B parameters), FSDP2 over {a.gpus} GPUs, {a.precision}"
+    print(f"memory plan: {a.preset} ({n / 1e9:.2f}B parameters, vocabulary {args.vocab_size}), FSDP2 over {a.gpus} GPUs, {a.precision}"
           f"{' autocast' if a.precision == 'bf16' else ''}, activation checkpointing "
           f"{'on' if a.activation_checkpointing else 'off'}, micro-batch {a.micro_batch} x {T} tokens")
-    gib = 2**30
-    rows = [("parameters (fp32 shard)", lambda p: f"{p.parameters / gib:.2f} GiB"),
-            ("gradients (fp32 shard)", lambda p: f"{p.gradients / gib:.2f} GiB"),
-            ("optimizer state", lambda p: f"{p.optimizer / gib:.2f} GiB"),
-            ("activations", lambda p: f"{p.activations / gib:.2f} GiB"),
-            ("transient at peak", lambda p: f"{p.transient / gib:.2f} GiB"),
-            ("peak", lambda p: f"{p.peak / gib:.2f} GiB"),
+    rows = [("parameters (fp32 shard)", lambda p: _size(p.parameters)),
+            ("gradients (fp32 shard)", lambda p: _size(p.gradients)),
+            ("optimizer state", lambda p: _size(p.optimizer)),
+            ("activations", lambda p: _size(p.activations)),
+            ("transient at peak", lambda p: _size(p.transient)),
+            ("peak", lambda p: _size(p.peak)),
             ("peak at", lambda p: p.peak_at)]
     rows += [(f"fits {gb} GB", lambda p, gb=gb: "yes" if p.fits(gb) else "no") for gb in memory_plan.GPU_SIZES_GB]
     print(f"{'per GPU':<26}" + "".join(f"{o:>18}" for o in names))

@@ -34,9 +34,9 @@ from model import ModelArgs, Transformer  # noqa: E402
 GIB = 2**30
 
 
-def preset_args(preset: str, layers: int | None = None) -> ModelArgs:
+def preset_args(preset: str, layers: int | None = None, vocab_size: int | None = None) -> ModelArgs:
     over = {"MODEL_PRESET": preset, **({"N_LAYERS": str(layers)} if layers else {})}
-    return config.load_config(None, over, use_environ=False).model_args()
+    return config.load_config(None, over, use_environ=False).model_args(vocab_size)
 
 
 def tracked_peak(args: ModelArgs, gpus: int, precision: str = "bf16", optimizer: str = "adamw",

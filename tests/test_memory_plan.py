@@ -67,6 +67,15 @@ def test_plan_cli_prints_every_part_and_the_fits(capsys, monkeypatch):
     assert f"{p.peak / 2**30:.2f} GiB" in out
 
 
+def test_plan_cli_takes_presets_without_a_vocabulary(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["model_utils.py", "plan", "--preset", "tiny", "--gpus", "2", "--vocab-size",
+                                      "8448", "--optimizer", "sgd", "--precision", "fp32"])
+    assert model_utils.main() == 0
+    out = capsys.readouterr().out
+    p = memory_plan.plan(bench.preset_args("tiny", vocab_size=8448), 2, "fp32", "sgd")
+    assert "vocabulary 8448" in out and f"{p.peak / 2**20:.1f} MiB" in out
+
+
 def test_plan_cli_refuses_an_unknown_preset():
     p = subprocess.run([sys.executable, str(ROOT / "model_utils.py"), "plan", "--preset", "llama9", "--gpus", "8"],
                        env=subprocess_env(), capture_output=True, text=True, timeout=120)
