@@ -304,15 +304,21 @@ class Transformer(nn.Module):
         """N(0, std) for embeddings and projections; the two residual-stream writers of each block
         (wo, w2 and every expert's w2) get std / sqrt(2 * n_layers) so the residual variance stays O(1) with depth
         (GPT-2 / nanoGPT); norms start at 1. Tied output shares the embedding init."""
-        resid_std = std / math.sqrt(2 * self.args.n_layers)
         for name, p in self.named_parameters():
-            if p.ndim == 1:
-                nn.init.ones_(p)
-            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight", "feed_forward.experts.w2",
-                                "shared_expert.w2.weight")):
-                nn.init.normal_(p, 0.0, resid_std, generator=generator)
-            else:
-                nn.init.normal_(p, 0.0, std, generator=generator)
+            self.init_parameter(name, p, std, generator)
+
+    def init_parameter(self, name: str, t: torch.Tensor, std: float = 0.02,
+                       generator: torch.Generator | None = None) -> None:
+        """init_weights' rule for the parameter `name`, applied in place to `t` (the parameter, or a full-size
+        tensor standing in for a sharded one). Drawn in named_parameters() order from one generator, the
+        values do not depend on where the parameters live."""
+        if t.ndim == 1:
+            nn.init.ones_(t)
+        elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight", "feed_forward.experts.w2",
+                            "shared_expert.w2.weight")):
+            nn.init.normal_(t, 0.0, std / math.sqrt(2 * self.args.n_layers), generator=generator)
+        else:
+            nn.init.normal_(t, 0.0, std, generator=generator)
 
     # ---- KV cache ---------------------------------------------------------------------------------
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype=None, device=None,

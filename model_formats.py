@@ -18,6 +18,8 @@ import os
 import pickle
 import re
 import sys
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -227,8 +229,26 @@ def _args_from_hf_config(cfg: dict, where: Path) -> ModelArgs:
     )
 
 
-def load_hf(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    args = _args_from_hf_config(read_json(path / "config.json"), path)
+class LazyStateDict(Mapping):
+    """A state dict whose tensors are read when looked up, one at a time (`read(name)`), in our names and
+    layout: a loader that must never hold the whole model (FSDP2's rank-local loading) walks it name by name."""
+
+    def __init__(self, names: list[str], read: Callable[[str], torch.Tensor]):
+        self._names, self._read = list(names), read
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._read(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def _hf_weight_files(path: Path) -> list[Path]:
     files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (path / index).is_file():
@@ -236,13 +256,49 @@ def load_hf(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
             break
     if not files:
         raise UserError(f"{path} has config.json but no *.safetensors or pytorch_model*.bin weights")
+    return files
+
+
+def load_hf(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    args = _args_from_hf_config(read_json(path / "config.json"), path)
     sd: dict[str, torch.Tensor] = {}
-    for f in files:
+    for f in _hf_weight_files(path):
         if f.suffix == ".safetensors":
             sd.update(load_safetensors(f))
         else:
             sd.update(_torch_load(f))
     return args, hf_to_ours(sd, args)
+
+
+def open_hf(path: Path) -> tuple[ModelArgs, Mapping[str, torch.Tensor]]:
+    """load_hf without reading the weights up front: safetensors shards are opened (memory-mapped) and each
+    tensor is read, renamed and un-permuted when looked up. pytorch_model*.bin weights are read eagerly."""
+    from safetensors import SafetensorError, safe_open
+
+    args = _args_from_hf_config(read_json(path / "config.json"), path)
+    files = _hf_weight_files(path)
+    if any(f.suffix != ".safetensors" for f in files):
+        return load_hf(path)
+    where: dict[str, Path] = {}
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as h:
+                where.update({k: f for k in h.keys()})
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{f} is not a readable safetensors file ({e}); re-export or re-download it") from None
+    to_hf = _hf_name_map(args.n_layers)
+    names = [n for n in to_hf if to_hf[n] in where and not (args.tie_embeddings and n == "output.weight")]
+    unknown = sorted(set(where) - set(to_hf.values()) - {k for k in where if k.endswith("rotary_emb.inv_freq")})
+    if unknown:
+        raise UserError(f"unexpected tensor {unknown[0]!r} in the HF checkpoint; only the plain Llama "
+                        "architecture (no biases, no extra modules) is supported")
+
+    def read(name: str) -> torch.Tensor:
+        with safe_open(where[to_hf[name]], framework="pt") as h:
+            t = h.get_tensor(to_hf[name])
+        return hf_to_ours({to_hf[name]: t}, replace(args, tie_embeddings=False))[name]
+
+    return args, LazyStateDict(names, read)
 
 
 def _meta_merge(shards: list[dict[str, torch.Tensor]], dim: int) -> dict[str, torch.Tensor]:
@@ -299,15 +355,34 @@ def meta_rope_scaling(params: dict, factor: float | None = None) -> tuple[dict |
 
 
 def load_meta(path: Path, rope_scaling_factor: float | None = None) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    args, lazy = open_meta(path, rope_scaling_factor)
+    return args, dict(lazy.items())
+
+
+def open_meta(path: Path, rope_scaling_factor: float | None = None) -> tuple[ModelArgs, Mapping[str, torch.Tensor]]:
+    """The Meta shards memory-mapped; a tensor is merged across the model-parallel shards when looked up."""
     params = read_json(path / "params.json")
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
         raise UserError(f"{path} has params.json but no consolidated.*.pth shards")
-    sd = _meta_merge([_torch_load(f) for f in files], params["dim"])
-    sd.pop("rope.freqs", None)  # Llama 2 saved its RoPE table; we recompute it
+    shards = [_torch_load(f) for f in files]
+    names = [n for n in shards[0] if n != "rope.freqs"]  # Llama 2 saved its RoPE table; we recompute it
+
+    def read(name: str) -> torch.Tensor:
+        return _meta_merge([{name: s[name]} for s in shards], params["dim"])[name]
+
+    sd = LazyStateDict(names, read)
+    args = _meta_args(path, params, sd, rope_scaling_factor)
+    if args.tie_embeddings:  # a tied head is the embedding: read once, under its name
+        sd = LazyStateDict([n for n in names if n != "output.weight"], read)
+    return args, sd
+
+
+def _meta_args(path: Path, params: dict, sd: Mapping[str, torch.Tensor],
+               rope_scaling_factor: float | None) -> ModelArgs:
     sidecar = path / "model_args.json"  # written by export_meta: restores fields Meta does not store
     if sidecar.is_file():
-        return ModelArgs.from_dict(read_json(sidecar)), sd
+        return ModelArgs.from_dict(read_json(sidecar))
     rope_scaling, factor_source = meta_rope_scaling(params, rope_scaling_factor)
     if rope_scaling is not None:
         print(f"{path}: Llama 3 RoPE scaling factor {rope_scaling['factor']:g} (from {factor_source}; "
@@ -323,7 +398,7 @@ def load_meta(path: Path, rope_scaling_factor: float | None = None) -> tuple[Mod
     )
     if args.hidden_dim != w1.shape[0]:  # trust the weights over the multiple_of rule
         args.ffn_hidden_dim = w1.shape[0]
-    return args, sd
+    return args
 
 
 def load_gguf(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:

@@ -108,6 +108,11 @@ class Objective:
         Returns banner facts for the loop to print (empty when there are no helpers)."""
         return {}
 
+    def copies_model(self) -> bool:
+        """Whether setup() keeps a copy of the starting model's weights (it then needs them in full, so the
+        loop builds the whole model before sharding it)."""
+        return False
+
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         """How many normalizing units (target tokens by default) this micro-batch holds."""
         return count_targets(batch["labels"])
@@ -284,6 +289,9 @@ class DirectPreferenceOptimization(Objective):
         self.reference: nn.Module | None = None
         self.base_model: nn.Module | None = None  # the unwrapped policy, for the adapters-off reference pass
         self.ref_cache = None
+
+    def copies_model(self) -> bool:
+        return not self.cfg.dpo.dpo_reference_logps_path and not self.cfg.lora.lora_enabled
 
     def setup(self, model, tokenizer, device):
         _require_unwrapped(model)
