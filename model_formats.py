@@ -272,13 +272,14 @@ def load_hf(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
 
 def open_hf(path: Path) -> tuple[ModelArgs, Mapping[str, torch.Tensor]]:
     """load_hf without reading the weights up front: safetensors shards are opened (memory-mapped) and each
-    tensor is read, renamed and un-permuted when looked up. pytorch_model*.bin weights are read eagerly."""
+    tensor is read, renamed and un-permuted when looked up. pytorch_model*.bin weights and MoE models are read
+    eagerly."""
     from safetensors import SafetensorError, safe_open
 
     args = _args_from_hf_config(read_json(path / "config.json"), path)
     files = _hf_weight_files(path)
-    if any(f.suffix != ".safetensors" for f in files):
-        return load_hf(path)
+    if args.moe_num_experts or any(f.suffix != ".safetensors" for f in files):
+        return load_hf(path)  # Mixtral's experts are stacked from many tensors: read eagerly
     where: dict[str, Path] = {}
     for f in files:
         try:
@@ -286,7 +287,7 @@ def open_hf(path: Path) -> tuple[ModelArgs, Mapping[str, torch.Tensor]]:
                 where.update({k: f for k in h.keys()})
         except (SafetensorError, OSError, ValueError) as e:
             raise UserError(f"{f} is not a readable safetensors file ({e}); re-export or re-download it") from None
-    to_hf = _hf_name_map(args.n_layers)
+    to_hf = _hf_name_map(args)
     names = [n for n in to_hf if to_hf[n] in where and not (args.tie_embeddings and n == "output.weight")]
     unknown = sorted(set(where) - set(to_hf.values()) - {k for k in where if k.endswith("rotary_emb.inv_freq")})
     if unknown:
