@@ -90,3 +90,44 @@ def test_evaluate_cli_errors_are_one_line(tmp_path, task_dir):
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
         assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.slow
+def test_data_flag_runs_lm_evals_own_hellaswag_on_a_local_file_and_equals_our_evaluator(tmp_path):
+    """--data hellaswag=FILE: lm-eval's built-in hellaswag task (its process_docs, prompts and acc / acc_norm)
+    on a local file in the official format gives exactly the scores of our in-loop evaluator (hellaswag_utils),
+    which implements the same definitions independently."""
+    source = str(make_parent(tmp_path / "ck"))
+    data = tmp_path / "hellaswag.jsonl"
+    r = subprocess.run([sys.executable, str(ROOT / "load_hellaswag_dataset.py"), "--demo", "--demo-n", "12",
+                        "--out", str(data)], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "eval"
+    r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--model", source, "--tasks", "hellaswag",
+                        "--data", f"hellaswag={data}", "--out", str(out)], cwd=ROOT, env=subprocess_env(),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    theirs = json.loads((out / "results.json").read_text())["results"]["hellaswag"]
+    model, _ = model_utils.load_model(source)
+    ours = hs.evaluate(model, tk.load_tokenizer(model_utils.tokenizer_source(source)), hs.load_examples(data))
+    print(f"lm-eval hellaswag {theirs}; ours {ours}")
+    assert ours["n"] == 12
+    assert theirs["acc,none"] == pytest.approx(ours["acc"], abs=1e-9)
+    assert theirs["acc_norm,none"] == pytest.approx(ours["acc_norm"], abs=1e-9)
+    assert theirs["sample_len"] == 12
+
+
+def test_data_flag_errors_are_one_line(tmp_path, task_dir):
+    source = str(make_parent(tmp_path / "ck"))
+    for args, needle in [(["--tasks", "hellaswag", "--data", "hellaswag"], "expected TASK=FILE"),
+                         (["--tasks", "hellaswag", "--data", f"hellaswag={tmp_path / 'none.jsonl'}"], "no such file"),
+                         (["--tasks", "hellaswag", "--data", f"hellaswag={task_dir / 'tiny_choice.yaml'}"],
+                          "expected a .jsonl"),
+                         (["--tasks", "hellaswag", "--data", f"winogrande={task_dir / 'docs.jsonl'}"],
+                          "--tasks does not list")]:
+        r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--model", source, *args,
+                            "--out", str(tmp_path / "eval")], cwd=tmp_path, env=subprocess_env(),
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+        assert not (tmp_path / "eval").exists()
