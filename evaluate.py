@@ -68,11 +68,13 @@ def local_task(manager, name: str, data_file: str) -> dict:
     if builder is None:
         raise UserError(f"--data {name}={data_file}: expected a {', '.join(DATA_BUILDERS)} file")
     cfg = load_yaml(entry.yaml_path, resolve_func=True)
-    split = cfg.get("test_split") or cfg.get("validation_split")
+    key = "test_split" if cfg.get("test_split") else "validation_split"
+    split = cfg.get(key)
     if not split:
         raise UserError(f"--data {name}={data_file}: lm-eval's {name} has no test or validation split to replace")
     cfg.update(dataset_path=builder, dataset_name=None, dataset_kwargs={"data_files": {split: str(path.resolve())}},
-               training_split=None, fewshot_split=None)
+               training_split=None, validation_split=None, test_split=None, fewshot_split=None)
+    cfg[key] = split  # the one split the file provides
     return cfg
 
 

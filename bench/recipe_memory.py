@@ -12,10 +12,11 @@ the reference forward). Counted exactly:
   (per-token tensors grow with tokens, per-layer ones with layers; attention keeps no T x T matrix with
   SDPA) and evaluated at the config's layers and micro-batch tokens. With activation checkpointing the
   backward of a block recomputes that block: one block's non-checkpointed activations come on top.
+- for DPO, the reference forward's transient logits (10 bytes per logit, from the code path);
 - FLOPs an optimizer step executes (step_flops), and the hours they take at an ASSUMED fraction (--mfu) of
   the GPUs' dense bf16 datasheet peaks: a planning figure, not a measurement.
-Not counted: the CUDA context and caching-allocator slack (typically 0.5-2 GB), transient buffers of a
-backward kernel. Hence "estimate" in the output.
+Not counted: the CUDA context, the caching allocator's slack and a backward kernel's transient buffers.
+Hence "estimate" in the output: leave a few GB of headroom.
 """
 
 from __future__ import annotations
@@ -128,7 +129,10 @@ def report(env_file: str, peak_tflops: dict[str, float], mfu: float) -> None:
         pa, pb, pc, pd = fit(plain)
         extra = pb + pd * tokens  # one block recomputed in backward
         no_ac = pa + pb * args.n_layers + pc * tokens + pd * args.n_layers * tokens
-    total = weights + adapters + acts + extra
+    # DPO: the reference forward runs after the policy's, while the policy's activations are held; its
+    # logits are transient: compute dtype (2 B) + the fp32 copy and log-softmax of sequence_logps (4 + 4 B)
+    reference = 10.0 * tokens * args.vocab_size if stage == "dpo" else 0.0
+    total = weights + adapters + acts + extra + reference
     print(f"\n{env_file}: {stage}, {args.n_layers} layers, dim {args.dim}, vocab {args.vocab_size}, "
           f"micro-batch {rows} x {T} tokens, LoRA r={lo.lora_rank} on {','.join(lo.lora_target_modules)}")
     print(f"  parameters {n_params / 1e9:.3f} B, LoRA {n_lora / 1e6:.2f} M")
@@ -138,7 +142,9 @@ def report(env_file: str, peak_tflops: dict[str, float], mfu: float) -> None:
           f"{c / 1e3:.1f} kB per token outside the layers, {b / 1e6:.1f} MB per layer, {a / 1e6:.1f} MB fixed)")
     if cfg.system.activation_checkpointing:
         print(f"  + one block recomputed in backward   {extra / GB:6.2f} GB   (without checkpointing the "
-              f"activations would be {no_ac / GB:.1f} GB)")
+              f"activations would be {no_ac / GB:.1f} GB: {pd / 1e3:.1f} kB per token per layer)")
+    if reference:
+        print(f"  + reference forward's logits         {reference / GB:6.2f} GB   (10 B per logit, transient)")
     print(f"  estimate without CUDA context / allocator slack: {total / GB:.1f} GB")
     flops = step_flops(args, T, stage, cfg.system.activation_checkpointing, t.total_batch_size) * t.max_steps
     print(f"  executed FLOPs: {flops / t.max_steps / 1e15:.3f} PFLOP per step, {flops / 1e18:.2f} EFLOP for "
