@@ -12,7 +12,7 @@ results JSON lm-eval returns (per-task metrics, task configs, versions) is writt
 
 lm-eval is an optional dependency (`pip install lm-eval`, included in requirements-dev.txt). Its
 built-in tasks download their data from the Hugging Face hub; offline, `--data TASK=FILE` keeps a built-in
-task's prompts, processing and metrics and reads its evaluation split from a local file with the hub
+task's prompts, processing and metrics and reads its evaluation documents from a local file with the hub
 dataset's columns (jsonl, json, csv or parquet), or `--include-path` adds task YAMLs whose
 `dataset_path: json` reads local files. The in-loop HellaSwag evaluator (hellaswag_utils.py) stays the fast
 path during training.
@@ -48,7 +48,7 @@ DATA_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "
 
 
 def local_task(manager, name: str, data_file: str) -> dict:
-    """lm-eval's task `name` as a config dict that reads its evaluation split from `data_file`.
+    """lm-eval's task `name` as a config dict that reads its evaluation documents from `data_file`.
 
     The registered YAML is read with lm-eval's own loader (includes and `!function` hooks resolved) and
     only where the documents come from changes, so prompts, document processing and metrics stay lm-eval's.
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="the first N documents of each task")
     ap.add_argument("--include-path", default=None, help="a directory of extra task YAMLs (local data)")
     ap.add_argument("--data", action="append", default=[], metavar="TASK=FILE",
-                    help="read TASK's evaluation split from a local jsonl/json/csv/parquet file with the hub "
+                    help="read TASK's evaluation documents from a local jsonl/json/csv/parquet file with the hub "
                     "dataset's columns (repeatable)")
     ap.add_argument("--out", default=None, help="where results.json goes (default runs/eval/<model name>)")
     ap.add_argument("--batch-size", type=int, default=8)
