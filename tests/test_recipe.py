@@ -34,7 +34,7 @@ def run(cwd: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_recipe_lora_sft_then_dpo_then_lm_eval_on_cpu_with_smollm2(tmp_path):
+def test_recipe_lora_sft_then_dpo_then_lm_eval_on_cpu_with_smollm2(tmp_path, monkeypatch):
     gguf = str(model_utils.smollm2_gguf())
     env = {**subprocess_env(), "BASE_MODEL": gguf}
     kv = [f"{k}={v}" for k, v in CPU.items()]
@@ -72,7 +72,8 @@ def test_recipe_lora_sft_then_dpo_then_lm_eval_on_cpu_with_smollm2(tmp_path):
     scores = res["results"]["hellaswag"]
     assert scores["sample_len"] == 8 and "hellaswag: acc" in r.stdout
     # the model lm-eval scored is the whole chain (base + SFT adapters + DPO adapters): our evaluator on the
-    # same checkpoint agrees
+    # same checkpoint agrees (loaded from the run's directory: the recipe's INIT_FROM is relative to it)
+    monkeypatch.chdir(tmp_path)
     model, _ = model_utils.load_model(dpo_step)
     ours = hs.evaluate(model, tk.load_tokenizer(gguf), hs.load_examples(tmp_path / "data/hellaswag/hellaswag_demo.jsonl"),
                        progress=False)
