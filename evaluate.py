@@ -61,12 +61,7 @@ def local_task(manager, name: str, data_file: str) -> dict:
     if entry is None or entry.yaml_path is None:
         raise UserError(f"--data {name}={data_file}: {name} is not a single lm-eval task defined by a YAML file "
                         "(a group or tag has several data sets); name one of its tasks")
-    path = Path(data_file)
-    if not path.is_file():
-        raise UserError(f"--data {name}={data_file}: no such file")
-    builder = DATA_BUILDERS.get(path.suffix.lower())
-    if builder is None:
-        raise UserError(f"--data {name}={data_file}: expected a {', '.join(DATA_BUILDERS)} file")
+    path, builder = data_file_builder(name, data_file)
     cfg = load_yaml(entry.yaml_path, resolve_func=True)
     key = "test_split" if cfg.get("test_split") else "validation_split"
     split = cfg.get(key)
@@ -76,6 +71,17 @@ def local_task(manager, name: str, data_file: str) -> dict:
                training_split=None, validation_split=None, test_split=None, fewshot_split=None)
     cfg[key] = split  # the one split the file provides
     return cfg
+
+
+def data_file_builder(task: str, data_file: str) -> tuple[Path, str]:
+    """(the file, the `datasets` builder that reads it) for `--data task=data_file`, or a UserError."""
+    path = Path(data_file)
+    if not path.is_file():
+        raise UserError(f"--data {task}={data_file}: no such file")
+    builder = DATA_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise UserError(f"--data {task}={data_file}: expected a {', '.join(DATA_BUILDERS)} file")
+    return path, builder
 
 
 def parse_data(values: list[str]) -> dict[str, str]:
@@ -100,6 +106,12 @@ def evaluate(source: str, tasks: list[str], out: Path, limit: int | None = None,
              batch_size: int = 8, device: str = "cpu", dtype: str = "fp32", data: dict[str, str] | None = None) -> dict:
     """Run lm-eval's tasks on `source`; write `<out>/results.json` (atomically); return lm-eval's results.
     `data` maps a task to a local file its evaluation split is read from (local_task)."""
+    data = data or {}
+    stray = [t for t in data if t not in tasks]
+    if stray:
+        raise UserError(f"--data names {', '.join(stray)}, which --tasks does not list: add it to --tasks")
+    for task, file in data.items():
+        data_file_builder(task, file)  # before lm-eval's slow task index
     lm_eval, HFLM, TaskManager = _lm_eval()
     if include_path is not None and not Path(include_path).is_dir():
         raise UserError(f"--include-path {include_path} is not a directory of task YAMLs")
@@ -108,10 +120,6 @@ def evaluate(source: str, tasks: list[str], out: Path, limit: int | None = None,
     if unknown:
         raise UserError(f"unknown lm-eval task(s) {', '.join(unknown)}: check the name (python -m lm_eval ls "
                         "tasks) or pass --include-path with their YAMLs")
-    data = data or {}
-    stray = [t for t in data if t not in tasks]
-    if stray:
-        raise UserError(f"--data names {', '.join(stray)}, which --tasks does not list: add it to --tasks")
     specs = [local_task(manager, t, data[t]) if t in data else t for t in tasks]
     dtype = precision.resolve(dtype, device).name
     with tempfile.TemporaryDirectory(prefix="lm-eval-export-") as tmp:

@@ -15,6 +15,7 @@ from helpers import ROOT, make_parent, subprocess_env
 import hellaswag_utils as hs
 import model_utils
 import tokenizer as tk
+from errors import run_cli
 
 DOCS = [
     {"query": "The function returns", "choices": ["a list of strings.", "purple elephants dancing.", "None."],
@@ -118,16 +119,18 @@ def test_data_flag_runs_lm_evals_own_hellaswag_on_a_local_file_and_equals_our_ev
     assert theirs["sample_len"] == 12
 
 
-def test_data_flag_errors_are_one_line(tmp_path, task_dir):
-    source = str(make_parent(tmp_path / "ck"))
-    for args, needle in [(["--tasks", "hellaswag", "--data", "hellaswag"], "expected TASK=FILE"),
-                         (["--tasks", "hellaswag", "--data", f"hellaswag={tmp_path / 'none.jsonl'}"], "no such file"),
-                         (["--tasks", "hellaswag", "--data", f"hellaswag={task_dir / 'tiny_choice.yaml'}"],
-                          "expected a .jsonl"),
-                         (["--tasks", "hellaswag", "--data", f"winogrande={task_dir / 'docs.jsonl'}"],
-                          "--tasks does not list")]:
-        r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--model", source, *args,
-                            "--out", str(tmp_path / "eval")], cwd=tmp_path, env=subprocess_env(),
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+def test_data_flag_errors_are_one_line(tmp_path, task_dir, monkeypatch, capsys):
+    """Checked before lm-eval is imported or the model exported: one line, exit 2, no output dir."""
+    import evaluate
+
+    for args, needle in [(["--data", "hellaswag"], "expected TASK=FILE"),
+                         (["--data", f"hellaswag={tmp_path / 'none.jsonl'}"], "no such file"),
+                         (["--data", f"hellaswag={task_dir / 'tiny_choice.yaml'}"], "expected a .jsonl"),
+                         (["--data", f"winogrande={task_dir / 'docs.jsonl'}"], "--tasks does not list")]:
+        monkeypatch.setattr(sys, "argv", ["evaluate.py", "--model", str(tmp_path / "unused"), "--tasks", "hellaswag",
+                                          *args, "--out", str(tmp_path / "eval")])
+        with pytest.raises(SystemExit) as e:
+            run_cli(evaluate.main)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and needle in err[0], err
         assert not (tmp_path / "eval").exists()
