@@ -58,7 +58,7 @@ def local_task(manager, name: str, data_file: str) -> dict:
     from lm_eval.tasks._yaml_loader import load_yaml  # the loader TaskManager itself uses (lm-eval 0.4.13)
 
     entry = manager.task_index.get(name)
-    if entry is None or entry.yaml_path is None:
+    if entry is None or entry.kind.name != "TASK" or entry.yaml_path is None:
         raise UserError(f"--data {name}={data_file}: {name} is not a single lm-eval task defined by a YAML file "
                         "(a group or tag has several data sets); name one of its tasks")
     path, builder = data_file_builder(name, data_file)

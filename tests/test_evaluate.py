@@ -15,7 +15,7 @@ from helpers import ROOT, make_parent, subprocess_env
 import hellaswag_utils as hs
 import model_utils
 import tokenizer as tk
-from errors import run_cli
+from errors import UserError, run_cli
 
 DOCS = [
     {"query": "The function returns", "choices": ["a list of strings.", "purple elephants dancing.", "None."],
@@ -134,3 +134,21 @@ def test_data_flag_errors_are_one_line(tmp_path, task_dir, monkeypatch, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and needle in err[0], err
         assert not (tmp_path / "eval").exists()
+
+
+@pytest.fixture(scope="module")
+def lm_eval_tasks():
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+@pytest.mark.parametrize("name", ["mmlu", "ai2_arc"])
+def test_data_flag_refuses_a_group_or_tag(tmp_path, name, lm_eval_tasks):
+    """--data replaces one task's documents: a group (mmlu) or a tag (ai2_arc) spans several data sets."""
+    import evaluate
+
+    data = tmp_path / "docs.jsonl"
+    data.write_text(json.dumps(DOCS[0]) + "\n")
+    with pytest.raises(UserError, match=f"{name} is not a single lm-eval task"):
+        evaluate.local_task(lm_eval_tasks, name, str(data))
