@@ -88,7 +88,9 @@ def build_model(args: ModelArgs, state_dict: dict[str, torch.Tensor], device: st
 def resolve_source(source: str | os.PathLike) -> tuple[str, Path]:
     """-> (kind, path) with kind in ours | meta | hf | gguf. Hub ids are downloaded when not a path."""
     path = Path(source).expanduser()
-    if not path.exists():
+    if path.exists():
+        path = path.absolute()  # recorded as a run's parent: must not depend on the directory it ran in
+    else:
         path = _download_hub(str(source))
     if path.is_file():
         if path.suffix == ".gguf":
