@@ -49,13 +49,16 @@ def select_device(preference: str = "auto", local_rank: int = 0) -> torch.device
     return torch.device(preference)
 
 
-def init_distributed(device_preference: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
-    """Read torchrun's env; start the process group when WORLD_SIZE > 1 (nccl on CUDA, gloo otherwise)."""
+def init_distributed(device_preference: str = "auto", timeout_s: float = 1800.0,
+                     group_of_one: bool = False) -> DistInfo:
+    """Read torchrun's env; start the process group (nccl on CUDA, gloo otherwise) when WORLD_SIZE > 1, or
+    when group_of_one asks for it (FSDP2 shards over a group even of one) and torchrun launched this process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = select_device(device_preference, local_rank)
-    if world > 1 and not dist.is_initialized():
+    launched = "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ
+    if (world > 1 or (group_of_one and launched)) and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs: dict[str, Any] = {}
         if device.type == "cuda":

@@ -813,7 +813,7 @@ def make_profiler(cfg: config.Config, run_dir: Path):
 
 def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_args(sys.argv[1:] if argv is None else argv)
-    info = D.init_distributed(cfg.system.device)
+    info = D.init_distributed(cfg.system.device, group_of_one=cfg.system.use_fsdp)
     try:
         return train(cfg, args, info)
     finally:

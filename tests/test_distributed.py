@@ -123,6 +123,12 @@ def test_fsdp_without_process_group_is_a_user_error(tmp_path, data):
         run_inprocess(tmp_path, data, USE_FSDP="true", MAX_STEPS=1)
 
 
+@pytest.mark.slow
+def test_fsdp_under_torchrun_with_one_process_matches_one_process(tmp_path, data, reference):
+    torchrun(tmp_path, data, 1, USE_FSDP="true", **COMMON)  # what the error above tells the user to do
+    _assert_same(_steps(tmp_path / "run"), reference, range(1, 6))
+
+
 def test_grad_norm_matches_reference_and_clips():
     ps = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))]
     ps[0].grad = torch.tensor([3.0, 0.0, 0.0])
