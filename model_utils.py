@@ -259,6 +259,8 @@ def open_weights(source: str | os.PathLike, rope_scaling_factor: float | None = 
         args, sd = _open_ours(path)
     elif kind == "ours":
         args, sd, _ = _load_ours(path)
+        if args.tie_embeddings:  # a module state dict names the tied matrix twice; the model has it once
+            sd = {k: v for k, v in sd.items() if k != "output.weight"}
     else:
         args, sd = _LOADERS[kind](path)
     args.extra = {**args.extra, "source": str(path), "source_format": kind}

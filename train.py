@@ -179,14 +179,20 @@ def check_moe_settings(cfg: config.Config, margs, init_source: str) -> None:
                         f" MOE_TOP_K={m.moe_top_k}: set {fix} (the model's), or start from another model")
 
 
+def adopt_source_args(cfg: config.Config, tok, margs: ModelArgs, init_source: str) -> None:
+    """The loaded model's args as this run uses them: checked against the tokenizer and the MoE settings, the
+    context grown to MAX_SEQ_LEN, routing (capacity, implementation) taken from the run's settings."""
+    check_vocab(margs, tok, init_source)
+    margs.max_seq_len = max(margs.max_seq_len, cfg.model.max_seq_len)
+    check_moe_settings(cfg, margs, init_source)
+    margs.moe_capacity_factor, margs.moe_impl = cfg.model.moe_capacity_factor, cfg.system.moe_impl
+
+
 def build_model(cfg: config.Config, tok, init_source: str, device: torch.device):
     if init_source:
         model, margs = model_utils.load_model(init_source, device="cpu", dtype=torch.float32,
                                               rope_scaling_factor=cfg.model.rope_scaling_factor)
-        check_vocab(margs, tok, init_source)
-        margs.max_seq_len = max(margs.max_seq_len, cfg.model.max_seq_len)
-        check_moe_settings(cfg, margs, init_source)
-        margs.moe_capacity_factor, margs.moe_impl = cfg.model.moe_capacity_factor, cfg.system.moe_impl
+        adopt_source_args(cfg, tok, margs, init_source)
         moe.set_routing(model, margs.moe_capacity_factor, margs.moe_impl)
     else:
         margs = cfg.model_args(tok.vocab_size)
@@ -210,8 +216,7 @@ def build_meta_model(cfg: config.Config, tok, init_source: str) -> tuple[Transfo
     weights = None
     if init_source:
         margs, weights = model_utils.open_weights(init_source, cfg.model.rope_scaling_factor)
-        check_vocab(margs, tok, init_source)
-        margs.max_seq_len = max(margs.max_seq_len, cfg.model.max_seq_len)
+        adopt_source_args(cfg, tok, margs, init_source)  # the meta model is built from these args
     else:
         margs = cfg.model_args(tok.vocab_size)
         torch.manual_seed(cfg.training.seed)

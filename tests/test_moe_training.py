@@ -161,3 +161,9 @@ def test_init_from_an_moe_model_takes_the_routing_settings_and_refuses_other_sha
     assert (layer.capacity_factor, layer.impl, margs.moe_capacity_factor) == (1.5, "dense", 1.5)
     with pytest.raises(UserError, match=r"has 4 experts per block, top-2 .*MOE_NUM_EXPERTS=0.*set MOE_NUM_EXPERTS=4"):
         train.build_model(config.load_config(None, {"MODEL_PRESET": "debug"}), tok, str(tmp_path / "hf"), "cpu")
+    # FSDP2's meta-device build takes the same settings and makes the same refusal
+    meta, margs, _ = train.build_meta_model(run_cfg, tok, str(tmp_path / "hf"))
+    layer = moe.moe_layers(meta)[0]
+    assert (layer.capacity_factor, layer.impl, margs.moe_capacity_factor) == (1.5, "dense", 1.5)
+    with pytest.raises(UserError, match=r"has 4 experts per block, top-2 .*set MOE_NUM_EXPERTS=4"):
+        train.build_meta_model(config.load_config(None, {"MODEL_PRESET": "debug"}), tok, str(tmp_path / "hf"))

@@ -73,6 +73,19 @@ def test_rank_local_readers_equal_load_model(sources, tied_sources):
             ckpt.weights_fingerprint(ref.state_dict()), src
 
 
+def test_rank_local_reader_of_a_tied_lora_checkpoint_equals_load_model(tied_sources, tmp_path, pretrain_data):
+    run_inprocess(tmp_path, pretrain_data, INIT_FROM=tied_sources["ours"], LORA_ENABLED="true", MAX_STEPS=1,
+                  VALIDATE_EVERY_X_STEPS=0, SAVE_EVERY_X_STEPS=1)
+    src = str(tmp_path / "ck" / "pretrain" / ckpt.step_name(1))
+    ref, _ = model_utils.load_model(src)  # the adapters merged into the tied base
+    args, weights = model_utils.open_weights(src)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model_utils.load_sharded(model, weights, torch.device("cpu"), src)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
 def test_rank_local_loading_refuses_other_weights(sources):
     args, weights = model_utils.open_weights(sources["hf"])
     other = config.load_config(str(ROOT / "configs" / "debug.env"), {"DIM": "128"}, use_environ=False)
