@@ -134,8 +134,9 @@ def plan(args: ModelArgs, gpus: int, precision: str = "bf16", optimizer: str = "
         + max(saved - layer_saved, grads),
     }
     if optimizer == "muon":  # the whole update gathered in fp32, orthogonalized in bf16 (x, A, A @ A)
-        biggest = max(math.prod(shapes[n]) for n in hidden)
-        moments["optimizer step"] = grads + 4 * biggest + 2 * (biggest + 2 * min(shapes[n][0] for n in hidden) ** 2)
+        # per matrix: its fp32 update, and in bf16 x, A = x x^T and A @ A (A is min(rows, cols) square)
+        moments["optimizer step"] = grads + max(4 * math.prod(shapes[n]) + 2 * (math.prod(shapes[n])
+                                                + 2 * min(shapes[n]) ** 2) for n in hidden)
     else:
         moments["optimizer step"] = grads + 4 * max(sharded.values())  # one parameter's temporary at a time
     peak_at = max(moments, key=moments.get)

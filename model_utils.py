@@ -470,6 +470,9 @@ def _plan_cli(a: argparse.Namespace) -> int:
             raise UserError(f"{flag} {v}: must be at least 1")
     vocab = a.vocab_size or PRESETS[a.preset].get("VOCAB_SIZE") or LLAMA3_VOCAB
     args = config.load_config(None, {"MODEL_PRESET": a.preset}, use_environ=False).model_args(vocab)
+    if args.moe_num_experts:
+        raise UserError(f"--preset {a.preset} is a Mixture-of-Experts model; the memory plan models dense "
+                        "models only (expert weights and routing buffers are not counted): pick a dense preset")
     T = a.seq_len or args.max_seq_len
     names = [a.optimizer] if a.optimizer else list(memory_plan.OPTIMIZERS)
     plans = {o: memory_plan.plan(args, a.gpus, a.precision, o, a.activation_checkpointing, a.micro_batch, T)

@@ -76,7 +76,8 @@ def test_plan_cli_takes_presets_without_a_vocabulary(capsys, monkeypatch):
     assert "vocabulary 8448" in out and f"{p.peak / 2**20:.1f} MiB" in out
 
 
-def test_plan_cli_refuses_an_unknown_preset():
-    p = subprocess.run([sys.executable, str(ROOT / "model_utils.py"), "plan", "--preset", "llama9", "--gpus", "8"],
+@pytest.mark.parametrize("preset", ["llama9", "moe-small"])
+def test_plan_cli_refuses_an_unknown_or_moe_preset(preset):
+    p = subprocess.run([sys.executable, str(ROOT / "model_utils.py"), "plan", "--preset", preset, "--gpus", "8"],
                        env=subprocess_env(), capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and "llama9" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert p.returncode == 2 and preset in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr

@@ -34,7 +34,7 @@ def run(cwd: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_recipe_lora_sft_then_dpo_then_lm_eval_on_cpu_with_smollm2(tmp_path, monkeypatch):
+def test_recipe_lora_sft_then_dpo_then_lm_eval_on_cpu_with_smollm2(tmp_path):
     gguf = str(model_utils.smollm2_gguf())
     env = {**subprocess_env(), "BASE_MODEL": gguf}
     kv = [f"{k}={v}" for k, v in CPU.items()]
@@ -58,7 +58,7 @@ def test_recipe_lora_sft_then_dpo_then_lm_eval_on_cpu_with_smollm2(tmp_path, mon
     run(tmp_path, env, "train.py", "--env-file", DPO, *kv)
     dpo_step = tmp_path / "checkpoints/llama3.2-1b/dpo" / ckpt.step_name(2)
     state = json.loads((dpo_step / ckpt.STATE_FILE).read_text())
-    assert (tmp_path / state["parent"]).resolve() == sft_step.resolve()  # recorded as given, relative to the run
+    assert (tmp_path / state["parent"]).resolve() == sft_step.resolve()  # recorded resolved
     losses = [m["loss"] for m in read_metrics(tmp_path / "runs/llama3.2-1b-dpo-lora") if "loss" in m]
     # the first step's policy is the SFT model itself (new adapters start at B = 0) and so is the reference
     # (the SFT model with the adapters off): the loss is exactly ln 2
@@ -72,8 +72,7 @@ def test_recipe_lora_sft_then_dpo_then_lm_eval_on_cpu_with_smollm2(tmp_path, mon
     scores = res["results"]["hellaswag"]
     assert scores["sample_len"] == 8 and "hellaswag: acc" in r.stdout
     # the model lm-eval scored is the whole chain (base + SFT adapters + DPO adapters): our evaluator on the
-    # same checkpoint agrees (loaded from the run's directory: the recipe's INIT_FROM is relative to it)
-    monkeypatch.chdir(tmp_path)
+    # same checkpoint agrees (loaded from another directory: the recorded parents are absolute)
     model, _ = model_utils.load_model(dpo_step)
     ours = hs.evaluate(model, tk.load_tokenizer(gguf), hs.load_examples(tmp_path / "data/hellaswag/hellaswag_demo.jsonl"),
                        progress=False)
