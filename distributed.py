@@ -140,14 +140,33 @@ def any_rank(flag: bool) -> bool:
     """True on every rank if it is True on any (e.g. 'a signal arrived'): all ranks then act together.
     Collective. The flag travels over a CPU (gloo) group, so asking never waits for the GPU's queued work:
     the training step may ask between micro-batches without a device sync. One process: no collective."""
-    global _FLAG_GROUP
     if not is_dist() or dist.get_world_size() == 1:
         return flag
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_cpu_group())
+    return bool(t.item())
+
+
+def on_rank0(compute: Callable[[], str]) -> str:
+    """compute() run on rank 0 only, its text given to every rank (e.g. a digest of weights every rank would
+    otherwise read in full from shared storage). Collective over the CPU group; one process: compute()."""
+    if not is_dist() or dist.get_world_size() == 1:
+        return compute()
+    data = torch.tensor(list(compute().encode()), dtype=torch.uint8) if dist.get_rank() == 0 else None
+    n = torch.tensor([len(data) if data is not None else 0])
+    dist.broadcast(n, src=0, group=_cpu_group())
+    if data is None:
+        data = torch.empty(int(n.item()), dtype=torch.uint8)
+    dist.broadcast(data, src=0, group=_cpu_group())
+    return bytes(data.tolist()).decode()
+
+
+def _cpu_group() -> dist.ProcessGroup:
+    """The default group when it is gloo, else a gloo group over the same ranks (made once)."""
+    global _FLAG_GROUP
     if _FLAG_GROUP is None:
         _FLAG_GROUP = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-    t = torch.tensor([float(flag)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_FLAG_GROUP)
-    return bool(t.item())
+    return _FLAG_GROUP
 
 
 # ---- wrapping -----------------------------------------------------------------------------------------

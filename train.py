@@ -478,8 +478,8 @@ def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) ->
     sharded = builds_sharded(cfg, objective, resume_dir)
     if sharded:
         model, margs, weights = build_meta_model(cfg, tok, init_source)
-        init_fingerprint = ckpt.weights_fingerprint(model_utils.module_state_view(weights, margs)) \
-            if init_source else None
+        init_fingerprint = D.on_rank0(lambda: ckpt.weights_fingerprint(model_utils.module_state_view(
+            weights, margs))) if init_source else None  # one rank reads the source for it, not all
     else:
         model, margs = build_model(cfg, tok, init_source, device)
         init_fingerprint = ckpt.weights_fingerprint(model.state_dict()) if init_source else None

@@ -103,7 +103,8 @@ def main() -> None:
     base = {"USE_FSDP": "true", "DEVICE": "cpu", "ADAMW_USE_FUSED": "false"}
     cfg = config.load_config(str(ROOT / "configs" / "debug.env"), base, use_environ=False)
     tok = tokenizer.load_tokenizer(str(ROOT / "tokenizer.model"))
-    result = {"rank": info.rank, "world": info.world_size, "memory": step_memory(cfg, tok)}
+    result = {"rank": info.rank, "world": info.world_size, "memory": step_memory(cfg, tok),
+              "from_rank0": D.on_rank0(lambda: f"computed on rank {info.rank}")}
     if sources or info.world_size > 1:
         tied = config.load_config(str(ROOT / "configs" / "debug.env"), {**base, "TIE_EMBEDDINGS": "true"},
                                   use_environ=False)

@@ -119,6 +119,7 @@ def test_meta_build_shards_equal_single_process_and_memory_halves(tmp_path, sour
             # no rank holds the model: half of the parameters each (dim-0 chunks of even sizes)
             assert got["local_numel"] * 2 == got["total_numel"], (r["rank"], name, got)
         assert r["random_tied"]["tied_kept"]  # the tied head is still the embedding after to_empty
+        assert r["from_rank0"] == "computed on rank 0"  # D.on_rank0: rank 0's text on every rank
         for name, got in r["sources"].items():
             assert got["reads"] > 0 and got["max_alive"] == 1, (name, got)  # one full matrix at a time
     # parameters + AdamW moments per rank after a step: 1/2 of the single process's
