@@ -63,6 +63,10 @@ def local_task(manager, name: str, data_file: str) -> dict:
                         "(a group or tag has several data sets); name one of its tasks")
     path, builder = data_file_builder(name, data_file)
     cfg = load_yaml(entry.yaml_path, resolve_func=True)
+    if cfg.get("num_fewshot"):
+        raise UserError(f"--data {name}={data_file}: lm-eval's {name} is a {cfg['num_fewshot']}-shot task and "
+                        "its examples would be drawn from the file being evaluated; --data serves zero-shot "
+                        "tasks only: evaluate it from the hub")
     key = "test_split" if cfg.get("test_split") else "validation_split"
     split = cfg.get(key)
     if not split:

@@ -152,3 +152,13 @@ def test_data_flag_refuses_a_group_or_tag(tmp_path, name, lm_eval_tasks):
     data.write_text(json.dumps(DOCS[0]) + "\n")
     with pytest.raises(UserError, match=f"{name} is not a single lm-eval task"):
         evaluate.local_task(lm_eval_tasks, name, str(data))
+
+
+def test_data_flag_refuses_a_few_shot_task(tmp_path, lm_eval_tasks):
+    """gsm8k is 5-shot in its YAML: with one local file its examples would come from the documents scored."""
+    import evaluate
+
+    data = tmp_path / "docs.jsonl"
+    data.write_text(json.dumps(DOCS[0]) + "\n")
+    with pytest.raises(UserError, match="gsm8k is a 5-shot task"):
+        evaluate.local_task(lm_eval_tasks, "gsm8k", str(data))
