@@ -123,8 +123,14 @@ class Objective:
 
     def eval_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """(summed validation loss, units) — the plain cross-entropy for language-model stages."""
-        logits = model(batch["input_ids"], doc_ids=batch.get("doc_ids"), positions=batch.get("positions"))
+        logits = model(batch["input_ids"], **document_inputs(batch))
         return cross_entropy_sum(logits, batch["labels"]).detach(), self.units(batch)
+
+
+def document_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The forward's document-masking inputs this batch carries (`doc_ids`, `positions`), as keyword
+    arguments; empty for batches without documents."""
+    return {k: batch[k] for k in ("doc_ids", "positions") if k in batch}
 
 
 def fused_head_weight(model: nn.Module) -> torch.Tensor | None:
@@ -166,12 +172,11 @@ class LanguageModeling(Objective):
         labels = batch["labels"]
         weight = fused_loss_weight(model, labels.numel(), labels.device.type)
         if weight is not None:
-            h = model(batch["input_ids"], doc_ids=batch.get("doc_ids"), positions=batch.get("positions"),
-                      return_hidden=True)  # (B, T, dim)
+            h = model(batch["input_ids"], **document_inputs(batch), return_hidden=True)  # (B, T, dim)
             loss_sum = fused_linear_cross_entropy_sum(h, weight, batch["labels"])
         else:
-            logits = model(batch["input_ids"], doc_ids=batch.get("doc_ids"), positions=batch.get("positions"))
-            loss_sum = cross_entropy_sum(logits, batch["labels"])  # logits (B, T, V)
+            logits = model(batch["input_ids"], **document_inputs(batch))  # (B, T, V)
+            loss_sum = cross_entropy_sum(logits, batch["labels"])
         return loss_sum, {"ce": loss_sum.detach()}
 
 
@@ -275,8 +280,7 @@ class Distillation(Objective):
 
     def loss(self, model, batch):
         # one fp32 copy of the student logits serves both terms (each would otherwise upcast its own)
-        logits = at_least_fp32(model(batch["input_ids"], doc_ids=batch.get("doc_ids"),
-                                     positions=batch.get("positions")))  # (B, T, V)
+        logits = at_least_fp32(model(batch["input_ids"], **document_inputs(batch)))  # (B, T, V)
         ce = cross_entropy_sum(logits, batch["labels"])
         kd = self.kd_sum(logits, batch)
         loss_sum = (1.0 - self.alpha) * ce + self.alpha * kd
