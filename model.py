@@ -371,9 +371,14 @@ class Transformer(nn.Module):
                 own = torch.zeros(T, S, dtype=torch.bool, device=device)
                 own[torch.arange(T), start_pos + torch.arange(T)] = True
                 mask = mask | own[None, None]
-        if mask is not None or resolve_attn_impl(self.args.attn_impl, device) == "math":
+        impl = resolve_attn_impl(self.args.attn_impl, device)
+        if mask is not None or impl == "math":
             # additive bias, built once per forward rather than once per layer (None = causal for SDPA)
             mask = causal_bias(mask, T, start_pos + T, device)
+            if impl == "sdpa" and torch.is_autocast_enabled(device.type):
+                # SDPA wants the bias in the compute dtype: one lossless (0 / -inf) cast here instead of one per
+                # layer, each of which autograd would keep for backward (n_layers copies of B * T * S)
+                mask = mask.to(torch.get_autocast_dtype(device.type))
         rot = rope_rotations(self.inv_freq, positions)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:

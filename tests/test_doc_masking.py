@@ -122,3 +122,21 @@ def test_train_py_trains_with_document_masking(tmp_path, pretrain_data):
     assert losses[4] < losses[1]
     assert any("val_loss" in e for e in masked)
     assert abs(losses[1] - train_losses(plain)[1]) > 1e-4
+
+
+def test_one_saved_mask_per_forward_under_bf16_autocast():
+    """A document mask is a (B, 1, T, T) bias: under bf16 autocast it is cast to the compute dtype once per forward,
+    so backward keeps one copy, not one per layer."""
+    model = Transformer(config.load_config(None, {"MODEL_PRESET": "debug", "N_LAYERS": "4"}).model_args(97))
+    T = 48
+    ids, docs = torch.randint(0, 97, (2, T)), torch.arange(T).div(20, rounding_mode="floor").expand(2, T)
+    saved: dict[int, torch.dtype] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 4 and t.shape[-2:] == (T, T):
+            saved[t.untyped_storage().data_ptr()] = t.dtype
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
+        model(ids, doc_ids=docs).float().sum().backward()
+    assert list(saved.values()) == [torch.bfloat16]
