@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 
 @dataclass
@@ -36,7 +37,7 @@ class ModelArgs:
     rope_scaling: dict | None = None
     max_seq_len: int = 2048
     tie_embeddings: bool = False
-    attn_impl: str = "auto"  # "sdpa" | "math" | "auto" (= sdpa; "math" is the explicit reference path)
+    attn_impl: str = "auto"  # "sdpa" | "math" | "flex" | "auto" (= sdpa; "math" is the explicit reference path)
     extra: dict = field(default_factory=dict)  # free-form provenance, never read by the model
 
     def __post_init__(self) -> None:
@@ -48,8 +49,8 @@ class ModelArgs:
             raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
         if (self.dim // self.n_heads) % 2:
             raise ValueError(f"head_dim={self.dim // self.n_heads} must be even for RoPE")
-        if self.attn_impl not in ("auto", "sdpa", "math"):
-            raise ValueError(f"attn_impl={self.attn_impl!r}; expected auto, sdpa or math")
+        if self.attn_impl not in ("auto", "sdpa", "math", "flex"):
+            raise ValueError(f"attn_impl={self.attn_impl!r}; expected auto, sdpa, math or flex")
 
     @property
     def head_dim(self) -> int:
@@ -184,12 +185,41 @@ class Attention(nn.Module):
 
 
 def resolve_attn_impl(attn_impl: str, device: torch.device) -> str:
-    """"auto" -> sdpa on every device. On this CPU (torch 2.13, AVX-512 bf16) SDPA's fused CPU kernel is
+    """"auto" -> sdpa on every device ("flex" is opt-in, CUDA only, for document masks: see document_block_mask).
+    On this CPU (torch 2.13, AVX-512 bf16) SDPA's fused CPU kernel is
     1.5-2x faster than explicit matmul + softmax per layer in bf16 and fp32, forward + backward, causal
     or with a float mask, and never stores the (T, S) scores (bench/README.md has the measurements)."""
+    if attn_impl == "flex" and device.type != "cuda":
+        return "sdpa"  # torch 2.13's flex_attention has no backward on CPU: the dense mask serves there
     if attn_impl != "auto":
         return attn_impl
     return "sdpa"
+
+
+def document_block_mask(doc_ids: torch.Tensor) -> BlockMask:
+    """(B, T) document ids -> flex_attention's block-sparse mask of "same document and not in the future".
+    Blocks (128 x 128) wholly outside every document are skipped, and no (B, T, T) tensor is kept: the
+    alternative to a dense bias, which costs B * T^2 elements and keeps CUDA's SDPA off its flash kernel."""
+    B, T = doc_ids.shape
+
+    def same_document_causal(b, h, q, kv):
+        return (doc_ids[b, q] == doc_ids[b, kv]) & (q >= kv)
+
+    return create_block_mask(same_document_causal, B, None, T, T, device=doc_ids.device)
+
+
+_compiled_flex = None
+
+
+def flex(q, k, v, block_mask: BlockMask, enable_gqa: bool) -> torch.Tensor:
+    """flex_attention, compiled once on CUDA (eager flex_attention is an unfused reference that materializes
+    the scores); eager elsewhere, where only a no-grad forward works (CPU tests)."""
+    global _compiled_flex
+    if q.device.type != "cuda" or torch.compiler.is_compiling():
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention)
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
 def causal_bias(mask: torch.Tensor | None, T: int, S: int, device: torch.device) -> torch.Tensor:
@@ -203,12 +233,16 @@ def causal_bias(mask: torch.Tensor | None, T: int, S: int, device: torch.device)
 def attention(q, k, v, mask: torch.Tensor | None, impl: str) -> torch.Tensor:
     """q (B, H, T, hd); k, v (B, Hkv, S, hd) -> (B, H, T, hd).
 
-    mask: None (= causal, queries are the last T of the S keys), bool (B|1, 1, T, S) True = attend, or
-    (math only) an additive float bias of that shape from causal_bias.
+    mask: None (= causal, queries are the last T of the S keys), bool (B|1, 1, T, S) True = attend, an
+    additive float bias of that shape from causal_bias, or (flex) a BlockMask from document_block_mask.
     """
     B, H, T, hd = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     n_rep = H // Hkv
+    if isinstance(mask, BlockMask):
+        return flex(q, k, v, mask, enable_gqa=n_rep > 1)
+    if impl == "flex":
+        impl = "sdpa"  # flex serves document masks only; causal, padded and tree masks stay on SDPA
     if impl == "sdpa":
         if mask is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_rep > 1)
@@ -348,15 +382,19 @@ class Transformer(nn.Module):
         """
         B, T = tokens.shape
         device = tokens.device
+        impl = resolve_attn_impl(self.args.attn_impl, device)
         mask = None
         if attn_mask is not None:
             if doc_ids is not None or key_mask is not None or start_pos or self.cache_len:
                 raise ValueError("attn_mask excludes doc_ids, key_mask, start_pos and a KV cache")
             mask = attn_mask[:, None]  # (B, 1, T, T)
-        if doc_ids is not None:
+        if doc_ids is not None and impl == "flex" and key_mask is None and not self.cache_len:
+            mask = document_block_mask(doc_ids)  # block-sparse, never (B, T, T)
+        elif doc_ids is not None:
             same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
             causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
             mask = (same_doc & causal)[:, None]  # (B, 1, T, T)
+        if doc_ids is not None:
             if positions is None:
                 positions = _positions_within_documents(doc_ids)
         if positions is None:
@@ -371,11 +409,10 @@ class Transformer(nn.Module):
                 own = torch.zeros(T, S, dtype=torch.bool, device=device)
                 own[torch.arange(T), start_pos + torch.arange(T)] = True
                 mask = mask | own[None, None]
-        impl = resolve_attn_impl(self.args.attn_impl, device)
-        if mask is not None or impl == "math":
+        if not isinstance(mask, BlockMask) and (mask is not None or impl == "math"):
             # additive bias, built once per forward rather than once per layer (None = causal for SDPA)
             mask = causal_bias(mask, T, start_pos + T, device)
-            if impl == "sdpa" and torch.is_autocast_enabled(device.type):
+            if impl != "math" and torch.is_autocast_enabled(device.type):
                 # SDPA wants the bias in the compute dtype: one lossless (0 / -inf) cast here instead of one per
                 # layer, each of which autograd would keep for backward (n_layers copies of B * T * S)
                 mask = mask.to(torch.get_autocast_dtype(device.type))
