@@ -8,12 +8,12 @@ import math
 
 import pytest
 import torch
+from helpers import TOKENIZER, run_inprocess, train_losses
 
 import config
 import dataloaders
 import objectives as obj
 import tokenizer as tk
-from helpers import TOKENIZER, run_inprocess, train_losses
 from losses import cross_entropy_sum
 from model import Transformer
 

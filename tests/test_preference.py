@@ -11,17 +11,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import TOKENIZER, make_parent, read_metrics, run_inprocess
+from test_objectives import dpo_batch, tiny_model
 
 import config
 import data_preparation_utils as dpu
 import dataloaders
 import objectives as obj
 import tokenizer as tk
-from helpers import TOKENIZER, make_parent, read_metrics, run_inprocess
 from losses import orpo_loss, simpo_loss
 from model import Transformer
 from objective_caches import concat_pairs
-from test_objectives import dpo_batch, tiny_model
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
