@@ -189,10 +189,10 @@ class Pretrain(LanguageModeling):
     name, batch_format = "pretrain", "pretrain"
 
     def loader_options(self, tokenizer):
-        d = self.cfg.data if self.cfg is not None else None
-        if d is None or not d.pretrain_doc_masking:
+        if self.cfg is None or not self.cfg.data.pretrain_doc_masking:
             return {}
-        return {"doc_delimiters": (tokenizer.bos_id, tokenizer.eos_id), "reset_positions": d.pretrain_doc_reset_positions}
+        return {"doc_delimiters": (tokenizer.bos_id, tokenizer.eos_id),
+                "reset_positions": self.cfg.data.pretrain_doc_reset_positions}
 
 
 class SupervisedFineTuning(LanguageModeling):
