@@ -198,8 +198,9 @@ def resolve_attn_impl(attn_impl: str, device: torch.device) -> str:
 
 def document_block_mask(doc_ids: torch.Tensor) -> BlockMask:
     """(B, T) document ids -> flex_attention's block-sparse mask of "same document and not in the future".
-    Blocks (128 x 128) wholly outside every document are skipped, and no (B, T, T) tensor is kept: the
-    alternative to a dense bias, which costs B * T^2 elements and keeps CUDA's SDPA off its flash kernel."""
+    Blocks (128 x 128) wholly outside every document are skipped, and no (B, T, T) tensor is kept (building it
+    evaluates a transient (B, 1, T, T) bool): the alternative to a dense bias, which costs B * T^2 elements per
+    forward and keeps CUDA's SDPA off its flash kernel."""
     B, T = doc_ids.shape
 
     def same_document_causal(b, h, q, kv):
