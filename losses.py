@@ -88,9 +88,12 @@ def orpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, lam: flo
         odds(y|x) = P / (1 - P),   log OR = log odds(y_w|x) - log odds(y_l|x)
         loss = -log P(y_w|x) + lam * -log sigmoid(log OR)
 
-    The first term is the SFT loss on the chosen response (mean NLL per response token of that pair).
+    The first term is the SFT loss on the chosen response (mean NLL per response token of that pair). A
+    response the model already predicts with P = 1 in floating point (mean log-prob exactly 0) has infinite
+    odds and a NaN gradient through log(1 - P): log-probs enter the odds at most at -1e-6 (P < 1 - 1e-6).
     """
-    log_odds = (chosen_logps - rejected_logps) - (log1mexp(chosen_logps) - log1mexp(rejected_logps))  # (B,)
+    c, r = chosen_logps.clamp(max=-1e-6), rejected_logps.clamp(max=-1e-6)
+    log_odds = (c - r) - (log1mexp(c) - log1mexp(r))  # (B,)
     nll = -chosen_logps
     losses = nll - lam * F.logsigmoid(log_odds)
     return losses, nll.detach(), log_odds.detach()

@@ -72,12 +72,22 @@ def test_orpo_loss_matches_formula_per_element_and_stays_finite_near_zero(lam):
     g = torch.Generator().manual_seed(0)
     chosen = -torch.rand(64, generator=g, dtype=torch.float64) * 6
     rejected = -torch.rand(64, generator=g, dtype=torch.float64) * 6
-    chosen[:4] = torch.tensor([-1e-9, -1e-5, -0.69, -0.7], dtype=torch.float64)  # both sides of the -ln 2 branch
+    chosen[:4] = torch.tensor([-2e-6, -1e-5, -0.69, -0.7], dtype=torch.float64)  # both sides of the -ln 2 branch
     losses, nll, log_or = orpo_loss(chosen, rejected, lam)
     want = [ref_orpo(c, r, lam) for c, r in zip(chosen.tolist(), rejected.tolist(), strict=True)]
     torch.testing.assert_close(losses, torch.tensor(want, dtype=torch.float64), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(nll, -chosen)
     assert not nll.requires_grad and not log_or.requires_grad
+
+
+def test_orpo_gradient_stays_finite_for_a_response_predicted_with_certainty():
+    chosen = torch.tensor([0.0, -0.3], requires_grad=True)  # mean log-prob 0: P = 1 in fp32
+    rejected = torch.tensor([-2.0, 0.0], requires_grad=True)
+    losses, _, log_or = orpo_loss(chosen, rejected, lam=0.1)
+    losses.sum().backward()
+    assert torch.isfinite(losses).all() and torch.isfinite(chosen.grad).all() and torch.isfinite(rejected.grad).all()
+    assert log_or[0] > 10 and log_or[1] < -10  # near-certainty still dominates the odds ratio
+    assert chosen.grad[0] == pytest.approx(-1.0, abs=1e-3)  # the NLL term's gradient remains
 
 
 @pytest.mark.parametrize("beta,gamma", [(2.0, 1.0), (2.5, 0.3), (0.5, 0.0)])
