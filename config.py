@@ -96,10 +96,12 @@ class Config:
                 multiple_of=m.multiple_of, ffn_dim_multiplier=m.ffn_dim_multiplier,
                 ffn_hidden_dim=m.ffn_hidden_dim or None, norm_eps=m.norm_eps, rope_theta=m.rope_theta,
                 rope_scaling=m.rope_scaling, max_seq_len=m.max_seq_len, tie_embeddings=m.tie_embeddings,
-                attn_impl=self.system.attn_impl,
+                attn_impl=self.system.attn_impl, moe_num_experts=m.moe_num_experts, moe_top_k=m.moe_top_k,
+                moe_capacity_factor=m.moe_capacity_factor, moe_shared_expert=m.moe_shared_expert,
+                moe_impl=self.system.moe_impl,
             )
         except ValueError as e:
-            raise UserError(f"model settings do not form a valid model: {e}; fix DIM/N_HEADS/N_KV_HEADS") from None
+            raise UserError(f"model settings do not form a valid model: {e}; fix the model keys named") from None
 
     def summary(self) -> str:
         """Grouped, aligned listing of every setting and where it came from (secrets masked), then one line
@@ -392,6 +394,9 @@ def _cross_check(v: dict[str, Any], src: dict[str, str]) -> None:
                         f"({where('N_KV_HEADS')}): N_KV_HEADS must divide N_HEADS")
     if (v["DIM"] // v["N_HEADS"]) % 2:
         raise UserError(f"head size DIM/N_HEADS={v['DIM'] // v['N_HEADS']} is odd: RoPE needs an even head size")
+    if v["MOE_NUM_EXPERTS"] and v["MOE_TOP_K"] > v["MOE_NUM_EXPERTS"]:
+        raise UserError(f"MOE_TOP_K={v['MOE_TOP_K']} ({where('MOE_TOP_K')}) is above MOE_NUM_EXPERTS="
+                        f"{v['MOE_NUM_EXPERTS']} ({where('MOE_NUM_EXPERTS')}): route to at most every expert")
     if v["MIN_LR"] > v["MAX_LR"]:
         raise UserError(f"MIN_LR={v['MIN_LR']} ({where('MIN_LR')}) is above MAX_LR={v['MAX_LR']}: "
                         "set MIN_LR <= MAX_LR")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -196,6 +196,46 @@ def parallelize(model: nn.Module, cfg: Any, device: torch.device) -> nn.Module:
         ids = [device.index] if device.type == "cuda" else None
         return DDP(model, device_ids=ids)
     return model
+
+
+def materialize(model: nn.Module, device: torch.device,
+                full_tensor: Callable[[str, nn.Parameter], torch.Tensor]) -> None:
+    """Allocate a model built on the meta device (FSDP2-sharded or not) on `device` and fill every parameter,
+    in named_parameters() order, from `full_tensor(name, param)`: the whole tensor, of which this rank keeps
+    its own shard. One full tensor exists at a time, never the whole model. Buffers are the model's own
+    business (Transformer recomputes its RoPE table when moved)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    from tqdm import tqdm
+
+    ties = _ties(model)
+    model.to_empty(device=device)
+    for names in ties:  # to_empty gives each module its own tensor (FSDP2 keeps the ties it manages)
+        first = model.get_parameter(names[0])
+        for other in names[1:]:
+            owner, _, attr = other.rpartition(".")
+            if model.get_parameter(other) is not first:
+                setattr(model.get_submodule(owner), attr, first)
+    named = list(model.named_parameters())
+    with torch.no_grad():
+        for name, p in tqdm(named, desc="filling the shards", unit="tensor", disable=not is_main(), leave=False):
+            full = full_tensor(name, p)
+            if tuple(full.shape) != tuple(p.shape):
+                raise UserError(f"tensor {name} has shape {tuple(full.shape)}, the model {tuple(p.shape)}; the "
+                                "config and weights disagree")
+            full = full.to(device=device, dtype=p.dtype)
+            if isinstance(p, DTensor):  # every rank holds `full`: slice its shard without communication
+                p.to_local().copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local())
+            else:
+                p.copy_(full)
+            del full
+
+
+def _ties(model: nn.Module) -> list[list[str]]:
+    """Groups of parameter names that share one tensor (e.g. a tied embedding and head), in module order."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return [names for names in by_id.values() if len(names) > 1]
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -2,7 +2,8 @@
 
 Parameter names follow Meta's reference implementation so that a Meta checkpoint loads by name:
 tok_embeddings, layers.N.attention.{wq,wk,wv,wo}, layers.N.feed_forward.{w1,w2,w3},
-layers.N.attention_norm, layers.N.ffn_norm, norm, output.
+layers.N.attention_norm, layers.N.ffn_norm, norm, output. With Mixture of Experts (moe.py) the FFN is
+layers.N.feed_forward.{gate, experts.w1/w2/w3, shared_expert.w1/w2/w3} (Mixtral's reference names).
 
 RoPE uses Meta's layout: each head's dimensions are rotated in interleaved pairs (0,1), (2,3), ...
 HF checkpoints store q/k permuted for the "rotate half" layout; model_utils undoes that on import.
@@ -19,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+from moe import MoEFeedForward
 
 
 @dataclass
@@ -38,6 +41,12 @@ class ModelArgs:
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     attn_impl: str = "auto"  # "sdpa" | "math" | "flex" | "auto" (= sdpa; "math" is the explicit reference path)
+    # Mixture of Experts (moe.py): 0 experts = the dense SwiGLU FFN. Each expert has hidden_dim units.
+    moe_num_experts: int = 0
+    moe_top_k: int = 2  # experts per token
+    moe_capacity_factor: float = 0.0  # 0 = no token dropped (Mixtral); c > 0: ceil(c * tokens * k / E) per expert
+    moe_shared_expert: bool = False  # one more SwiGLU every token goes through, unweighted
+    moe_impl: str = "auto"  # "grouped" | "dense" | "auto" (= grouped; "dense" is the reference path)
     extra: dict = field(default_factory=dict)  # free-form provenance, never read by the model
 
     def __post_init__(self) -> None:
@@ -51,6 +60,10 @@ class ModelArgs:
             raise ValueError(f"head_dim={self.dim // self.n_heads} must be even for RoPE")
         if self.attn_impl not in ("auto", "sdpa", "math", "flex"):
             raise ValueError(f"attn_impl={self.attn_impl!r}; expected auto, sdpa, math or flex")
+        if self.moe_num_experts and not 1 <= self.moe_top_k <= self.moe_num_experts:
+            raise ValueError(f"moe_top_k={self.moe_top_k} must be between 1 and moe_num_experts={self.moe_num_experts}")
+        if self.moe_impl not in ("auto", "grouped", "dense"):
+            raise ValueError(f"moe_impl={self.moe_impl!r}; expected auto, grouped or dense")
 
     @property
     def head_dim(self) -> int:
@@ -276,12 +289,21 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def feed_forward(args: ModelArgs) -> nn.Module:
+    """The block's FFN: dense SwiGLU, or a Mixture of Experts when args.moe_num_experts > 0."""
+    if not args.moe_num_experts:
+        return FeedForward(args.dim, args.hidden_dim)
+    shared = FeedForward(args.dim, args.hidden_dim) if args.moe_shared_expert else None
+    return MoEFeedForward(args.dim, args.hidden_dim, args.moe_num_experts, args.moe_top_k,
+                          args.moe_capacity_factor, shared, args.moe_impl)
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
         self.layer_id = layer_id
         self.attention = Attention(args)
-        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.feed_forward = feed_forward(args)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
@@ -315,16 +337,23 @@ class Transformer(nn.Module):
     # ---- initialization -------------------------------------------------------------------------
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
         """N(0, std) for embeddings and projections; the two residual-stream writers of each block
-        (wo, w2) get std / sqrt(2 * n_layers) so the residual variance stays O(1) with depth
+        (wo, w2 and every expert's w2) get std / sqrt(2 * n_layers) so the residual variance stays O(1) with depth
         (GPT-2 / nanoGPT); norms start at 1. Tied output shares the embedding init."""
-        resid_std = std / math.sqrt(2 * self.args.n_layers)
         for name, p in self.named_parameters():
-            if p.ndim == 1:
-                nn.init.ones_(p)
-            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
-                nn.init.normal_(p, 0.0, resid_std, generator=generator)
-            else:
-                nn.init.normal_(p, 0.0, std, generator=generator)
+            self.init_parameter(name, p, std, generator)
+
+    def init_parameter(self, name: str, t: torch.Tensor, std: float = 0.02,
+                       generator: torch.Generator | None = None) -> None:
+        """init_weights' rule for the parameter `name`, applied in place to `t` (the parameter, or a full-size
+        tensor standing in for a sharded one). Drawn in named_parameters() order from one generator, the
+        values do not depend on where the parameters live."""
+        if t.ndim == 1:
+            nn.init.ones_(t)
+        elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight", "feed_forward.experts.w2",
+                            "shared_expert.w2.weight")):
+            nn.init.normal_(t, 0.0, std / math.sqrt(2 * self.args.n_layers), generator=generator)
+        else:
+            nn.init.normal_(t, 0.0, std, generator=generator)
 
     # ---- KV cache ---------------------------------------------------------------------------------
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype=None, device=None,
@@ -346,7 +375,7 @@ class Transformer(nn.Module):
             if fuse_projections and all(type(m) is nn.Linear for m in (attn.wq, attn.wk, attn.wv)):
                 with torch.no_grad():
                     attn.wqkv = torch.cat((attn.wq.weight, attn.wk.weight, attn.wv.weight))
-            if fuse_projections and all(type(m) is nn.Linear for m in (ff.w1, ff.w3)):
+            if fuse_projections and isinstance(ff, FeedForward) and all(type(m) is nn.Linear for m in (ff.w1, ff.w3)):
                 with torch.no_grad():
                     ff.w13 = torch.cat((ff.w1.weight, ff.w3.weight))
         self.cache_len = max_seq_len
@@ -355,7 +384,8 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.cache = None
             layer.attention.wqkv = None
-            layer.feed_forward.w13 = None
+            if isinstance(layer.feed_forward, FeedForward):
+                layer.feed_forward.w13 = None
         self.cache_len = 0
 
     # ---- forward ------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ import os
 import pickle
 import re
 import sys
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -40,6 +42,10 @@ _HF_LAYER = [
     ("attention_norm.weight", "input_layernorm.weight"),
     ("ffn_norm.weight", "post_attention_layernorm.weight"),
 ]
+# Mixtral's MoE FFN (the on-disk layout of Mixtral checkpoints; transformers >= 5 fuses the experts on load
+# and its own saves hold mlp.experts.gate_up_proj / down_proj, which hf_to_ours reads too).
+_HF_MOE_GATE = ("feed_forward.gate.weight", "block_sparse_moe.gate.weight")
+_HF_MOE_EXPERT = "block_sparse_moe.experts.{e}.{w}.weight"
 _HF_TOP = [
     ("tok_embeddings.weight", "model.embed_tokens.weight"),
     ("norm.weight", "model.norm.weight"),
@@ -56,12 +62,52 @@ _GGUF_TOP = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "o
 _META_SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
 
 
-def _hf_name_map(n_layers: int) -> dict[str, str]:
+def _hf_name_map(args: ModelArgs) -> dict[str, str]:
+    """Our name -> HF name of every tensor renamed one to one (MoE experts are stacked: see _moe_to_hf)."""
     m = dict(_HF_TOP)
-    for i in range(n_layers):
+    for i in range(args.n_layers):
         for ours, hf in _HF_LAYER:
+            if args.moe_num_experts and ours.startswith("feed_forward."):
+                continue
             m[f"layers.{i}.{ours}"] = f"model.layers.{i}.{hf}"
+        if args.moe_num_experts:
+            m[f"layers.{i}.{_HF_MOE_GATE[0]}"] = f"model.layers.{i}.{_HF_MOE_GATE[1]}"
     return m
+
+
+def _ours_state_names(args: ModelArgs) -> set[str]:
+    names = set(_hf_name_map(args))
+    if args.moe_num_experts:
+        names |= {f"layers.{i}.feed_forward.experts.{w}" for i in range(args.n_layers) for w in ("w1", "w2", "w3")}
+    return names
+
+
+def _moe_from_hf(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """Pop Mixtral's expert tensors out of an HF state dict (either layout) -> our stacked experts."""
+    out = {}
+    for i in range(args.n_layers):
+        pre = f"model.layers.{i}."
+        if pre + "mlp.gate.weight" in sd:  # transformers >= 5 names
+            sd[pre + _HF_MOE_GATE[1]] = sd.pop(pre + "mlp.gate.weight")
+        if pre + "mlp.experts.gate_up_proj" in sd:  # (E, 2 * hidden, dim): gate rows, then up rows
+            w1, w3 = sd.pop(pre + "mlp.experts.gate_up_proj").chunk(2, dim=1)
+            out.update({f"layers.{i}.feed_forward.experts.w1": w1, f"layers.{i}.feed_forward.experts.w3": w3,
+                        f"layers.{i}.feed_forward.experts.w2": sd.pop(pre + "mlp.experts.down_proj")})
+            continue
+        for w in ("w1", "w2", "w3"):
+            names = [pre + _HF_MOE_EXPERT.format(e=e, w=w) for e in range(args.moe_num_experts)]
+            missing = [n for n in names if n not in sd]
+            if missing:
+                raise UserError(f"the Mixtral checkpoint has no tensor {missing[0]!r}; config.json says "
+                                f"num_local_experts={args.moe_num_experts}: the files do not match the config")
+            out[f"layers.{i}.feed_forward.experts.{w}"] = torch.stack([sd.pop(n) for n in names])
+    return out
+
+
+def _moe_to_hf(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """layers.i.feed_forward.experts.wN (E, ...) -> Mixtral's one tensor per expert."""
+    i, w = name.split(".")[1], name.split(".")[-1]
+    return {f"model.layers.{i}." + _HF_MOE_EXPERT.format(e=e, w=w): t[e] for e in range(t.shape[0])}
 
 
 def permute_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -77,15 +123,16 @@ def unpermute_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def hf_to_ours(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    """HF LlamaForCausalLM names + rotate-half q/k -> our names + Meta q/k layout."""
-    to_ours = {hf: ours for ours, hf in _hf_name_map(args.n_layers).items()}
-    out = {}
+    """HF LlamaForCausalLM / MixtralForCausalLM names + rotate-half q/k -> our names + Meta q/k layout."""
+    to_ours = {hf: ours for ours, hf in _hf_name_map(args).items()}
+    state_dict = dict(state_dict)
+    out = _moe_from_hf(state_dict, args) if args.moe_num_experts else {}
     for name, t in state_dict.items():
         if name.endswith("rotary_emb.inv_freq"):  # a buffer some old checkpoints saved; recomputed
             continue
         if name not in to_ours:
-            raise UserError(f"unexpected tensor {name!r} in the HF checkpoint; only the plain Llama "
-                            "architecture (no biases, no extra modules) is supported")
+            raise UserError(f"unexpected tensor {name!r} in the HF checkpoint; only the plain Llama and Mixtral "
+                            "architectures (no biases, no extra modules) are supported")
         ours = to_ours[name]
         if ours.endswith("attention.wq.weight"):
             t = unpermute_rotate_half(t, args.n_heads)
@@ -100,10 +147,13 @@ def hf_to_ours(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str
 def ours_to_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     """Our names + Meta q/k layout -> HF names + rotate-half q/k. A tied output is stored once
     (as embed_tokens), which is what HF expects with tie_word_embeddings=True."""
-    to_hf = _hf_name_map(args.n_layers)
+    to_hf = _hf_name_map(args)
     out = {}
     for name, t in state_dict.items():
         if args.tie_embeddings and name == "output.weight":
+            continue
+        if ".feed_forward.experts." in name:
+            out.update(_moe_to_hf(name, t))
             continue
         if name.endswith("attention.wq.weight"):
             t = permute_rotate_half(t, args.n_heads)
@@ -142,8 +192,13 @@ def _torch_load(f: Path) -> dict[str, torch.Tensor]:
 
 # ---- loaders -------------------------------------------------------------------------------------
 def _args_from_hf_config(cfg: dict, where: Path) -> ModelArgs:
-    if cfg.get("model_type", "llama") != "llama":
-        raise UserError(f"{where}/config.json has model_type={cfg.get('model_type')!r}; only llama is supported")
+    model_type = cfg.get("model_type", "llama")
+    if model_type not in ("llama", "mixtral"):
+        raise UserError(f"{where}/config.json has model_type={model_type!r}; only llama and mixtral are supported")
+    window = cfg.get("sliding_window")
+    if model_type == "mixtral" and window and window < cfg.get("max_position_embeddings", 0):
+        raise UserError(f"{where}/config.json sets sliding_window={window}; model.py has full causal attention "
+                        "only (Mixtral 8x7B's config has sliding_window null)")
     for key in ("attention_bias", "mlp_bias"):
         if cfg.get(key):
             raise UserError(f"{where}/config.json sets {key}=true; biases are not part of Llama 3")
@@ -169,11 +224,31 @@ def _args_from_hf_config(cfg: dict, where: Path) -> ModelArgs:
         rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)), rope_scaling=rope_scaling,
         max_seq_len=cfg.get("max_position_embeddings", 2048),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        moe_num_experts=cfg["num_local_experts"] if model_type == "mixtral" else 0,
+        moe_top_k=cfg.get("num_experts_per_tok", 2) if model_type == "mixtral" else 2,
     )
 
 
-def load_hf(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    args = _args_from_hf_config(read_json(path / "config.json"), path)
+class LazyStateDict(Mapping):
+    """A state dict whose tensors are read when looked up, one at a time (`read(name)`), in our names and
+    layout: a loader that must never hold the whole model (FSDP2's rank-local loading) walks it name by name."""
+
+    def __init__(self, names: list[str], read: Callable[[str], torch.Tensor]):
+        self._names, self._read = list(names), read
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._read(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def _hf_weight_files(path: Path) -> list[Path]:
     files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (path / index).is_file():
@@ -181,13 +256,50 @@ def load_hf(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
             break
     if not files:
         raise UserError(f"{path} has config.json but no *.safetensors or pytorch_model*.bin weights")
+    return files
+
+
+def load_hf(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    args = _args_from_hf_config(read_json(path / "config.json"), path)
     sd: dict[str, torch.Tensor] = {}
-    for f in files:
+    for f in _hf_weight_files(path):
         if f.suffix == ".safetensors":
             sd.update(load_safetensors(f))
         else:
             sd.update(_torch_load(f))
     return args, hf_to_ours(sd, args)
+
+
+def open_hf(path: Path) -> tuple[ModelArgs, Mapping[str, torch.Tensor]]:
+    """load_hf without reading the weights up front: safetensors shards are opened (memory-mapped) and each
+    tensor is read, renamed and un-permuted when looked up. pytorch_model*.bin weights and MoE models are read
+    eagerly."""
+    from safetensors import SafetensorError, safe_open
+
+    args = _args_from_hf_config(read_json(path / "config.json"), path)
+    files = _hf_weight_files(path)
+    if args.moe_num_experts or any(f.suffix != ".safetensors" for f in files):
+        return load_hf(path)  # Mixtral's experts are stacked from many tensors: read eagerly
+    where: dict[str, Path] = {}
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as h:
+                where.update({k: f for k in h.keys()})
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{f} is not a readable safetensors file ({e}); re-export or re-download it") from None
+    to_hf = _hf_name_map(args)
+    names = [n for n in to_hf if to_hf[n] in where and not (args.tie_embeddings and n == "output.weight")]
+    unknown = sorted(set(where) - set(to_hf.values()) - {k for k in where if k.endswith("rotary_emb.inv_freq")})
+    if unknown:
+        raise UserError(f"unexpected tensor {unknown[0]!r} in the HF checkpoint; only the plain Llama "
+                        "architecture (no biases, no extra modules) is supported")
+
+    def read(name: str) -> torch.Tensor:
+        with safe_open(where[to_hf[name]], framework="pt") as h:
+            t = h.get_tensor(to_hf[name])
+        return hf_to_ours({to_hf[name]: t}, replace(args, tie_embeddings=False))[name]
+
+    return args, LazyStateDict(names, read)
 
 
 def _meta_merge(shards: list[dict[str, torch.Tensor]], dim: int) -> dict[str, torch.Tensor]:
@@ -244,15 +356,34 @@ def meta_rope_scaling(params: dict, factor: float | None = None) -> tuple[dict |
 
 
 def load_meta(path: Path, rope_scaling_factor: float | None = None) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    args, lazy = open_meta(path, rope_scaling_factor)
+    return args, dict(lazy.items())
+
+
+def open_meta(path: Path, rope_scaling_factor: float | None = None) -> tuple[ModelArgs, Mapping[str, torch.Tensor]]:
+    """The Meta shards memory-mapped; a tensor is merged across the model-parallel shards when looked up."""
     params = read_json(path / "params.json")
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
         raise UserError(f"{path} has params.json but no consolidated.*.pth shards")
-    sd = _meta_merge([_torch_load(f) for f in files], params["dim"])
-    sd.pop("rope.freqs", None)  # Llama 2 saved its RoPE table; we recompute it
+    shards = [_torch_load(f) for f in files]
+    names = [n for n in shards[0] if n != "rope.freqs"]  # Llama 2 saved its RoPE table; we recompute it
+
+    def read(name: str) -> torch.Tensor:
+        return _meta_merge([{name: s[name]} for s in shards], params["dim"])[name]
+
+    sd = LazyStateDict(names, read)
+    args = _meta_args(path, params, sd, rope_scaling_factor)
+    if args.tie_embeddings:  # a tied head is the embedding: read once, under its name
+        sd = LazyStateDict([n for n in names if n != "output.weight"], read)
+    return args, sd
+
+
+def _meta_args(path: Path, params: dict, sd: Mapping[str, torch.Tensor],
+               rope_scaling_factor: float | None) -> ModelArgs:
     sidecar = path / "model_args.json"  # written by export_meta: restores fields Meta does not store
     if sidecar.is_file():
-        return ModelArgs.from_dict(read_json(sidecar)), sd
+        return ModelArgs.from_dict(read_json(sidecar))
     rope_scaling, factor_source = meta_rope_scaling(params, rope_scaling_factor)
     if rope_scaling is not None:
         print(f"{path}: Llama 3 RoPE scaling factor {rope_scaling['factor']:g} (from {factor_source}; "
@@ -268,7 +399,7 @@ def load_meta(path: Path, rope_scaling_factor: float | None = None) -> tuple[Mod
     )
     if args.hidden_dim != w1.shape[0]:  # trust the weights over the multiple_of rule
         args.ffn_hidden_dim = w1.shape[0]
-    return args, sd
+    return args
 
 
 def load_gguf(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
@@ -332,7 +463,7 @@ def _rope_scaling_from_factors(args: ModelArgs, factors: torch.Tensor, path: Pat
 def _cpu_state(model: Transformer) -> dict[str, torch.Tensor]:
     """The plain Llama weights on CPU; anything else (LoRA adapters, wrappers) is a clear error."""
     sd = model.state_dict()
-    extra = sorted(set(sd) - set(_hf_name_map(model.args.n_layers)))
+    extra = sorted(set(sd) - _ours_state_names(model.args))
     if extra:
         raise UserError(f"cannot export: the model has non-Llama tensors {extra[:3]}; merge LoRA adapters "
                         "first (lora.unload_lora(model)) and export the unwrapped model")
@@ -341,12 +472,16 @@ def _cpu_state(model: Transformer) -> dict[str, torch.Tensor]:
 
 def export_hf(model: Transformer, args: ModelArgs, out_dir: str | os.PathLike,
               tokenizer: Tokenizer | None = None) -> Path:
-    """Write an HF LlamaForCausalLM directory that transformers loads with the same logits: config.json,
+    """Write an HF LlamaForCausalLM (MixtralForCausalLM with MoE) directory that transformers loads with the
+    same logits: config.json,
     model.safetensors, generation_config.json (greedy; stops at the tokenizer's end-of-text and end-of-turn
     ids) and, with a tokenizer, its HF files (tokenizer.save_hf_tokenizer: tokenizer.json,
     tokenizer_config.json with the chat template, special_tokens_map.json)."""
     from safetensors.torch import save_file
 
+    if args.moe_shared_expert:
+        raise UserError("cannot export to HF: Mixtral has no shared expert (MOE_SHARED_EXPERT=true); keep the model "
+                        "in our checkpoint format")
     sd = {k: v.clone() for k, v in ours_to_hf(_cpu_state(model), args).items()}  # clone: no shared storage
     dtype = next(iter(sd.values())).dtype
     bos = tokenizer.bos_id if tokenizer is not None else None
@@ -369,6 +504,10 @@ def export_hf(model: Transformer, args: ModelArgs, out_dir: str | os.PathLike,
         "bos_token_id": bos, "eos_token_id": eos,
         "torch_dtype": str(dtype).removeprefix("torch."), "dtype": str(dtype).removeprefix("torch."),
     }
+    if args.moe_num_experts:
+        config.update(architectures=["MixtralForCausalLM"], model_type="mixtral",
+                      num_local_experts=args.moe_num_experts, num_experts_per_tok=args.moe_top_k,
+                      sliding_window=None, router_jitter_noise=0.0, output_router_logits=False)
     gen = {"bos_token_id": bos, "eos_token_id": eos, "do_sample": False}
     if tokenizer is not None and tokenizer.pad_id is not None:
         gen["pad_token_id"] = tokenizer.pad_id
@@ -388,6 +527,9 @@ def export_meta(model: Transformer, args: ModelArgs, out_dir: str | os.PathLike,
     """Write Meta's layout: params.json + consolidated.NN.pth, split into n_shards model-parallel
     shards the way Meta's fairscale layers split them (Llama 3: tok_embeddings on the vocab dim).
     model_args.json keeps fields params.json has no key for (max_seq_len, explicit ffn size, tying)."""
+    if args.moe_num_experts:
+        raise UserError("cannot export a Mixture-of-Experts model in Meta's Llama format (it has no experts): "
+                        "use --format hf (a MixtralForCausalLM directory)")
     if n_shards < 1 or args.n_kv_heads % n_shards or args.vocab_size % n_shards or args.hidden_dim % n_shards:
         raise UserError(f"n_shards={n_shards} must divide n_kv_heads={args.n_kv_heads}, "
                         f"vocab_size={args.vocab_size} and the FFN size {args.hidden_dim}")

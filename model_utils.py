@@ -15,6 +15,8 @@ CLI:
     python model_utils.py export --model SOURCE --format hf|meta --out DIR [--shards N] [--dtype D]
     python model_utils.py export --model LORA_CHECKPOINT --format peft --out DIR [--base-out DIR | --base-id ID]
     python model_utils.py info --model SOURCE
+    python model_utils.py plan --preset NAME --gpus G [--precision bf16|fp32] [--activation-checkpointing]
+                               [--micro-batch B] [--seq-len T] [--optimizer adamw|sgd|muon] [--vocab-size V]
 """
 
 from __future__ import annotations
@@ -23,18 +25,32 @@ import argparse
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 
 import checkpoint as ckpt
+import config
+import distributed as D
 import lora
+import memory_plan
 import precision
 from errors import UserError, run_cli
 from fileio import atomic_dir, check_new_dir, read_json
 from model import ModelArgs, Transformer
-from model_formats import export_hf, export_meta, load_gguf, load_hf, load_meta, load_safetensors
+from model_formats import (
+    LazyStateDict,
+    export_hf,
+    export_meta,
+    load_gguf,
+    load_hf,
+    load_meta,
+    load_safetensors,
+    open_hf,
+    open_meta,
+)
+from settings_table import PRESETS
 from tokenizer import load_tokenizer
 
 
@@ -72,7 +88,9 @@ def build_model(args: ModelArgs, state_dict: dict[str, torch.Tensor], device: st
 def resolve_source(source: str | os.PathLike) -> tuple[str, Path]:
     """-> (kind, path) with kind in ours | meta | hf | gguf. Hub ids are downloaded when not a path."""
     path = Path(source).expanduser()
-    if not path.exists():
+    if path.exists():
+        path = path.absolute()  # recorded as a run's parent: must not depend on the directory it ran in
+    else:
         path = _download_hub(str(source))
     if path.is_file():
         if path.suffix == ".gguf":
@@ -226,6 +244,68 @@ def _merge_lora_checkpoint(base: Transformer, cfg: dict, adapters: dict[str, tor
     return {k: v.detach() for k, v in base.state_dict().items()}
 
 
+# ---- rank-local loading (FSDP2) ---------------------------------------------------------------------------
+def open_weights(source: str | os.PathLike, rope_scaling_factor: float | None = None
+                 ) -> tuple[ModelArgs, Mapping[str, torch.Tensor]]:
+    """-> (args, a state dict that reads each tensor when it is looked up). Our checkpoints, HF safetensors and
+    Meta shards are read one tensor at a time (memory-mapped); a GGUF file (dequantized whole, small models)
+    and a LoRA checkpoint (its adapters merged into its base) are read whole."""
+    kind, path = resolve_source(source)
+    if kind == "meta":
+        args, sd = open_meta(path, rope_scaling_factor)
+    elif kind == "hf":
+        args, sd = open_hf(path)
+    elif kind == "ours" and not read_json(path / ckpt.CONFIG_FILE).get("lora"):
+        args, sd = _open_ours(path)
+    elif kind == "ours":
+        args, sd, _ = _load_ours(path)
+    else:
+        args, sd = _LOADERS[kind](path)
+    args.extra = {**args.extra, "source": str(path), "source_format": kind}
+    return args, sd
+
+
+def _open_ours(path: Path) -> tuple[ModelArgs, Mapping[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    args = ModelArgs.from_dict(read_json(path / ckpt.CONFIG_FILE)["model_args"])
+    weights = path / ckpt.MODEL_FILE
+    if not weights.is_file():
+        raise UserError(f"{path} has {ckpt.CONFIG_FILE} but no {ckpt.MODEL_FILE}; the checkpoint is incomplete")
+    with safe_open(weights, framework="pt") as h:
+        stored = set(h.keys())
+    # a tied model may be stored under either name of its one matrix
+    alias = {"tok_embeddings.weight": "output.weight"} if args.tie_embeddings and "tok_embeddings.weight" not in stored else {}
+    names = [n for n in stored if not (args.tie_embeddings and n == "output.weight")] + list(alias)
+
+    def read(name: str) -> torch.Tensor:
+        with safe_open(weights, framework="pt") as h:
+            return h.get_tensor(alias.get(name, name))
+
+    return args, LazyStateDict(sorted(names), read)
+
+
+def module_state_view(weights: Mapping[str, torch.Tensor], args: ModelArgs) -> Mapping[str, torch.Tensor]:
+    """`weights` under the names Transformer.state_dict() has: a tied head is listed under both of its names
+    (so checkpoint.weights_fingerprint of the view equals that of the loaded model)."""
+    if not args.tie_embeddings or "output.weight" in weights:
+        return weights
+    return LazyStateDict([*weights, "output.weight"],
+                         lambda name: weights["tok_embeddings.weight" if name == "output.weight" else name])
+
+
+def load_sharded(model: Transformer, weights: Mapping[str, torch.Tensor], device: torch.device,
+                 where: str = "") -> None:
+    """Fill a model built on the meta device (and sharded by FSDP2, or not) from `weights` (open_weights),
+    one tensor at a time: each rank keeps its shard of each tensor and drops the rest."""
+    expected = {n for n, _ in model.named_parameters()}
+    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or unexpected:
+        raise UserError(f"weights in {where} do not match the model: missing {missing[:4]}, "
+                        f"unexpected {unexpected[:4]}; is this a Llama-architecture checkpoint?")
+    D.materialize(model, device, lambda name, _p: weights[name])
+
+
 _LOADERS: dict[str, Callable[[Path], tuple[ModelArgs, dict[str, torch.Tensor]]]] = {
     "meta": load_meta, "hf": load_hf, "gguf": load_gguf,
 }
@@ -308,9 +388,14 @@ def flops_per_token(args: ModelArgs, seq_len: int) -> float:
     N counts the weights that take part in a matmul (every linear layer incl. the output projection;
     not the embedding lookup, not norms): 2 FLOPs per weight forward, 4 backward. 12 L d T is the
     attention scores and weighted sum (QK^T and AV), forward + backward, without the causal halving.
+    A Mixture-of-Experts FFN counts the weights a token is routed through: the router, its top-k experts
+    and the shared expert (the active parameters, as MoE papers report them).
     """
     hd = args.head_dim
-    per_layer = args.dim * hd * (2 * args.n_heads + 2 * args.n_kv_heads) + 3 * args.dim * args.hidden_dim
+    ffn = 3 * args.dim * args.hidden_dim
+    if args.moe_num_experts:
+        ffn = args.dim * args.moe_num_experts + (args.moe_top_k + args.moe_shared_expert) * ffn
+    per_layer = args.dim * hd * (2 * args.n_heads + 2 * args.n_kv_heads) + ffn
     n_matmul = args.n_layers * per_layer + args.vocab_size * args.dim
     return 6.0 * n_matmul + 12.0 * args.n_layers * args.dim * seq_len
 
@@ -333,7 +418,20 @@ def main() -> int:
     ex.add_argument("--tokenizer", default=None, help="tokenizer to save with an HF export (default: the model's)")
     info = sub.add_parser("info", help="print the model's args and parameter counts")
     info.add_argument("--model", required=True)
+    pl = sub.add_parser("plan", help="per-GPU memory of FSDP2 training (parameters, gradients, optimizer state, "
+                        "activations, peak) and which GPU sizes it fits")
+    pl.add_argument("--preset", required=True, help="a MODEL_PRESET name, e.g. llama3.1-8b, llama3.1-70b")
+    pl.add_argument("--gpus", type=int, required=True, help="FSDP2 ranks in total (nodes x GPUs per node)")
+    pl.add_argument("--precision", default="bf16", choices=memory_plan.PRECISIONS)
+    pl.add_argument("--activation-checkpointing", action="store_true")
+    pl.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per micro-step (MAX_BATCH_SIZE)")
+    pl.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's MAX_SEQ_LEN)")
+    pl.add_argument("--optimizer", default=None, choices=memory_plan.OPTIMIZERS, help="default: all of them")
+    pl.add_argument("--vocab-size", type=int, default=None, help="default: the preset's VOCAB_SIZE, else 128256 "
+                    "(Meta's Llama 3 tokenizer)")
     a = ap.parse_args()
+    if a.cmd == "plan":
+        return _plan_cli(a)
 
     dtype = precision.dtype_of(getattr(a, "dtype", "fp32"))
     if a.cmd == "export" and a.format == "peft":
@@ -351,6 +449,47 @@ def main() -> int:
     else:
         export_hf(model, args, a.out, tokenizer=_try_tokenizer(a.tokenizer or tokenizer_source(a.model), required=bool(a.tokenizer)))
     print(f"exported {count_parameters(model):,} parameters from {a.model} to {a.out} ({a.format})")
+    return 0
+
+
+LLAMA3_VOCAB = 128256  # Meta's Llama 3 tokenizer
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _plan_cli(a: argparse.Namespace) -> int:
+    if a.preset not in PRESETS:
+        raise UserError(f"--preset {a.preset!r} is not a model preset; choose one of {', '.join(PRESETS)}")
+    for flag, v in (("--gpus", a.gpus), ("--micro-batch", a.micro_batch), ("--seq-len", a.seq_len or 1),
+                    ("--vocab-size", a.vocab_size or 1)):
+        if v < 1:
+            raise UserError(f"{flag} {v}: must be at least 1")
+    vocab = a.vocab_size or PRESETS[a.preset].get("VOCAB_SIZE") or LLAMA3_VOCAB
+    args = config.load_config(None, {"MODEL_PRESET": a.preset}, use_environ=False).model_args(vocab)
+    T = a.seq_len or args.max_seq_len
+    names = [a.optimizer] if a.optimizer else list(memory_plan.OPTIMIZERS)
+    plans = {o: memory_plan.plan(args, a.gpus, a.precision, o, a.activation_checkpointing, a.micro_batch, T)
+             for o in names}
+    with torch.device("meta"):
+        n = count_parameters(Transformer(args))
+    print(f"memory plan: {a.preset} ({n / 1e9:.2f}B parameters, vocabulary {args.vocab_size}), FSDP2 over {a.gpus} GPUs, {a.precision}"
+          f"{' autocast' if a.precision == 'bf16' else ''}, activation checkpointing "
+          f"{'on' if a.activation_checkpointing else 'off'}, micro-batch {a.micro_batch} x {T} tokens")
+    rows = [("parameters (fp32 shard)", lambda p: _size(p.parameters)),
+            ("gradients (fp32 shard)", lambda p: _size(p.gradients)),
+            ("optimizer state", lambda p: _size(p.optimizer)),
+            ("activations", lambda p: _size(p.activations)),
+            ("transient at peak", lambda p: _size(p.transient)),
+            ("peak", lambda p: _size(p.peak)),
+            ("peak at", lambda p: p.peak_at)]
+    rows += [(f"fits {gb} GB", lambda p, gb=gb: "yes" if p.fits(gb) else "no") for gb in memory_plan.GPU_SIZES_GB]
+    print(f"{'per GPU':<26}" + "".join(f"{o:>18}" for o in names))
+    for label, cell in rows:
+        print(f"{label:<26}" + "".join(f"{cell(plans[o]):>18}" for o in names))
+    print(f"fits = peak <= {1 - memory_plan.HEADROOM:.0%} of the GPU's memory (the rest: CUDA context, NCCL, "
+          "allocator fragmentation)")
     return 0
 
 

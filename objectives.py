@@ -37,6 +37,7 @@ import config
 import dataloaders
 import lora
 import model_utils
+import moe
 import precision
 import tokenizer
 from distributed import unwrap
@@ -101,6 +102,7 @@ class Objective:
 
     name: str = ""
     batch_format: str = ""  # the dataloader kind: "pretrain" | "sft" | "dpo"
+    requires_language_modeling: bool = False  # a wrapper term that only combines with pretrain / instruct
 
     def __init__(self, cfg: Any = None):
         self.cfg = cfg
@@ -113,6 +115,11 @@ class Objective:
     def loader_options(self, tokenizer: Any) -> dict[str, Any]:
         """Extra keyword arguments for dataloaders.build_loader (how this objective's batches are cut)."""
         return {}
+
+    def copies_model(self) -> bool:
+        """Whether setup() keeps a copy of the starting model's weights (it then needs them in full, so the
+        loop builds the whole model before sharding it)."""
+        return False
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         """How many normalizing units (target tokens by default) this micro-batch holds."""
@@ -212,6 +219,8 @@ class Distillation(Objective):
     Validation stays the plain CE of the base objective, so val curves compare with and without KD.
     """
 
+    requires_language_modeling = True
+
     def __init__(self, cfg: Any, base: LanguageModeling, teacher: nn.Module | None = None):
         super().__init__(cfg)
         self.base = base
@@ -308,6 +317,9 @@ class DirectPreferenceOptimization(Objective):
         self.reference: nn.Module | None = None
         self.base_model: nn.Module | None = None  # the unwrapped policy, for the adapters-off reference pass
         self.ref_cache = None
+
+    def copies_model(self) -> bool:
+        return not self.cfg.dpo.dpo_reference_logps_path and not self.cfg.lora.lora_enabled
 
     def setup(self, model, tokenizer, device):
         _require_unwrapped(model)
@@ -434,6 +446,52 @@ class SimplePreference(ReferenceFreePreference):
                         "reward_accuracy": (cr > rr).float()}
 
 
+class RouterLosses(Objective):
+    """Any stage's objective plus the Mixture-of-Experts router losses of the model's forward:
+
+        loss_sum = base loss_sum + units * (MOE_LOAD_BALANCE_WEIGHT * lb + MOE_Z_LOSS_WEIGHT * z)
+
+    lb and z (moe.router_losses) are means over this micro-batch's tokens; scaled by its units (targets, or
+    pairs for DPO) they become a per-unit term the loop normalizes like the base loss, so the step's value is
+    the unit-weighted mean of the micro-batches' lb and z. The load-balancing loss is nonlinear in the batch
+    (a product of two batch means): it is defined per micro-batch (Mixtral), so gradient accumulation and DDP
+    give the single-process step only for the language-model term, or for the whole loss when the micro-batches
+    are the same (DDP with the same per-rank micro-batch). Metrics: moe_lb, moe_z, the expert load
+    (moe_max_load, moe_min_load: busiest / idlest expert's share times E, 1 = even) and moe_dropped.
+    Frozen helpers (a teacher, a DPO reference) run without gradients and leave the router state alone.
+    """
+
+    def __init__(self, cfg: Any, base: Objective):
+        super().__init__(cfg)
+        self.base = base
+        self.name, self.batch_format = f"{base.name}+moe", base.batch_format
+        self.lb_weight, self.z_weight = cfg.training.moe_load_balance_weight, cfg.training.moe_z_loss_weight
+        self.top_k = cfg.model.moe_top_k
+
+    def setup(self, model, tokenizer, device):
+        return self.base.setup(model, tokenizer, device)
+
+    def loader_options(self, tokenizer):
+        return self.base.loader_options(tokenizer)
+
+    def units(self, batch):
+        return self.base.units(batch)
+
+    def loss(self, model, batch):
+        bare = unwrap(model)
+        moe.forget_routing(bare)
+        loss_sum, metrics = self.base.loss(model, batch)
+        aux, load = moe.router_losses(bare, self.top_k), moe.expert_load(bare)
+        moe.forget_routing(bare)
+        n = self.base.units(batch)
+        loss_sum = loss_sum + n * (self.lb_weight * aux["lb"] + self.z_weight * aux["z"])
+        extra = {f"moe_{k}": v.detach() * n for k, v in (*aux.items(), *load.items())}
+        return loss_sum, {**metrics, **extra}
+
+    def eval_loss(self, model, batch):
+        return self.base.eval_loss(model, batch)
+
+
 OBJECTIVES: dict[str, type[Objective]] = {
     "pretrain": Pretrain,
     "instruct": SupervisedFineTuning,
@@ -445,9 +503,11 @@ OBJECTIVES: dict[str, type[Objective]] = {
 CHOSEN_BY: dict[str, tuple[str, str]] = {
     "dpo": ("dpo", "preference_objective"),
 }
-# Terms that wrap a stage's objective, keyed by the boolean setting (cfg group, attribute) that turns them on.
-WRAPPERS: dict[tuple[str, str], type[Distillation]] = {
+# Terms that wrap a stage's objective, in this order, keyed by the setting (cfg group, attribute) whose true /
+# non-zero value turns them on.
+WRAPPERS: dict[tuple[str, str], type[Objective]] = {
     ("distill", "is_model_distillation"): Distillation,
+    ("model", "moe_num_experts"): RouterLosses,
 }
 
 
@@ -460,7 +520,7 @@ def build_objective(cfg: Any) -> Objective:
     objective = OBJECTIVES[getattr(getattr(cfg, choice[0]), choice[1]) if choice else stage](cfg)
     for (group, key), wrapper in WRAPPERS.items():
         if getattr(getattr(cfg, group), key):
-            if not isinstance(objective, LanguageModeling):
+            if wrapper.requires_language_modeling and not isinstance(objective, LanguageModeling):
                 raise UserError(f"{key.upper()}=true combines with pretrain or instruct, not TRAINING_STAGE={stage}")
             objective = wrapper(cfg, objective)
     return objective

@@ -21,6 +21,7 @@ table of vendor dense (no sparsity) tensor-core figures for known GPUs, and on C
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import time
@@ -157,6 +158,17 @@ def resolve(requested: str, device: torch.device | str, fsdp: bool = False) -> C
         slowdown = cpu_bf16_slowdown()
         return Choice("bf16" if slowdown <= 1.0 else "fp32", "auto", _cpu_reason(slowdown))
     return Choice("fp32", "auto", f"no precision rule for device type {device.type!r}")
+
+
+def autocast(device_type: str, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """The training forward's mixed precision: nothing for fp32, else torch.autocast to `dtype` with its weight
+    cache off. The cache keeps the low-precision copy of every fp32 weight it casts until the autocast region
+    ends, i.e. for the whole forward: with activation checkpointing that is a copy of the whole model, on every
+    FSDP2 rank (the copies are otherwise only saved per block for its backward). Without it each matmul casts
+    its weight again when it runs; the values are the same."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype, cache_enabled=False)
 
 
 def inference_dtype(requested: str, device: torch.device | str) -> torch.dtype:

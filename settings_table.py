@@ -29,7 +29,8 @@ S = Setting
 SETTINGS: list[Setting] = [
     # ---- model -------------------------------------------------------------------------------
     S("MODEL_PRESET", "model", "str", "", "named size (debug, tiny, small, 125m, 350m, 1b, smollm2-135m, "
-      "llama3.2-1b, llama3.2-3b, llama3.1-8b, llama3.1-70b); explicit model keys below override it"),
+      "llama3.2-1b, llama3.2-3b, llama3.1-8b, llama3.1-70b; Mixture of Experts: moe-debug, moe-small); explicit "
+      "model keys below override it"),
     S("DIM", "model", "int", 768, "model width", min=8),
     S("N_LAYERS", "model", "int", 16, "number of transformer blocks", min=1),
     S("N_HEADS", "model", "int", 16, "attention heads", min=1),
@@ -47,6 +48,15 @@ SETTINGS: list[Setting] = [
       "Llama 3.2 1B/3B shapes (their HF configs), else 8 (Llama 3.1)", min=0.0),
     S("TIE_EMBEDDINGS", "model", "bool", False, "share the input embedding with the output projection"),
     S("MAX_SEQ_LEN", "model", "int", 1024, "training context length in tokens", min=2),
+    S("MOE_NUM_EXPERTS", "model", "int", 0, "Mixture-of-Experts FFN with this many SwiGLU experts per block (each of "
+      "the FFN size above, Mixtral routing); 0 = the dense FFN", min=0),
+    S("MOE_TOP_K", "model", "int", 2, "experts each token is routed to (softmax over all experts, top-k, "
+      "renormalized)", min=1),
+    S("MOE_CAPACITY_FACTOR", "model", "float", 0.0, "training only: an expert takes at most ceil(factor * tokens * "
+      "MOE_TOP_K / MOE_NUM_EXPERTS) assignments per micro-batch, the rest are dropped (first choices served first); "
+      "0 = no-drop, as Mixtral", min=0.0),
+    S("MOE_SHARED_EXPERT", "model", "bool", False, "add one always-on SwiGLU expert every token goes through "
+      "(DeepSeekMoE); such a model has no HF Mixtral export"),
     S("INIT_FROM", "model", "str", "", "start weights: empty = random init (pretrain) or the previous stage's "
       "latest checkpoint; else a checkpoint dir, Meta dir, HF dir/hub id or .gguf file"),
     # ---- tokenizer / chat --------------------------------------------------------------------
@@ -199,6 +209,8 @@ SETTINGS: list[Setting] = [
       "PRETRAIN_DOC_MASKING) through flex_attention's block-sparse mask, compiled on CUDA, instead of a dense "
       "(B, T, T) bias that keeps SDPA off the flash kernel; everything else stays on SDPA",
       choices=("auto", "sdpa", "math", "flex")),
+    S("MOE_IMPL", "system", "str", "auto", "MoE experts: auto (= grouped: tokens sorted by expert, grouped GEMMs) "
+      "| dense (every expert on every token; the reference path, slow)", choices=("auto", "grouped", "dense")),
     S("PEAK_FLOPS", "system", "float", 0.0, "peak FLOP/s per device for MFU; 0 = measured on CPU, GPU datasheet table",
       min=0.0),
     S("TORCH_PROFILER_ENABLED", "system", "bool", False, "profile a few steps with torch.profiler"),
@@ -219,6 +231,10 @@ SETTINGS: list[Setting] = [
     S("WANDB_API_KEY", "secrets", "str", "", "W&B key, exported for wandb (never printed)", secret=True, env=True),
     S("HF_TOKEN", "secrets", "str", "", "Hugging Face token, exported for huggingface_hub (never printed)",
       secret=True, env=True),
+    S("MOE_LOAD_BALANCE_WEIGHT", "training", "float", 0.01, "weight of the MoE load-balancing loss (Switch / "
+      "Mixtral, computed per micro-batch) added to the loss; 0 = off", min=0.0),
+    S("MOE_Z_LOSS_WEIGHT", "training", "float", 0.001, "weight of the MoE router z-loss (ST-MoE: mean squared "
+      "logsumexp of the router logits) added to the loss; 0 = off", min=0.0),
     S("LOSS_SPIKE_ZSCORE", "training", "float", 0.0, "skip an update whose loss is more than this many standard "
       "deviations above the mean of the last LOSS_SPIKE_WINDOW steps (counts toward MAX_NONFINITE_STEPS); 0 = off",
       min=0.0),
@@ -241,6 +257,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                  ROPE_THETA=10000.0, MAX_SEQ_LEN=256, TIE_EMBEDDINGS=True),
     "small": dict(DIM=512, N_LAYERS=8, N_HEADS=8, N_KV_HEADS=8, FFN_HIDDEN_DIM=1536, ROPE_THETA=10000.0,
                   MAX_SEQ_LEN=512, TIE_EMBEDDINGS=False),
+    # Mixture of Experts, Mixtral-style (8 experts, top-2 in moe-small): the FFN size is per expert
+    "moe-debug": dict(DIM=64, N_LAYERS=2, N_HEADS=4, N_KV_HEADS=2, FFN_HIDDEN_DIM=96, MOE_NUM_EXPERTS=4,
+                      MOE_TOP_K=2, ROPE_THETA=10000.0, MAX_SEQ_LEN=64, TIE_EMBEDDINGS=False),
+    "moe-small": dict(DIM=512, N_LAYERS=8, N_HEADS=8, N_KV_HEADS=4, FFN_HIDDEN_DIM=768, MOE_NUM_EXPERTS=8,
+                      MOE_TOP_K=2, ROPE_THETA=10000.0, MAX_SEQ_LEN=512, TIE_EMBEDDINGS=False),
     "125m": dict(DIM=768, N_LAYERS=12, N_HEADS=12, N_KV_HEADS=12, MULTIPLE_OF=256, FFN_DIM_MULTIPLIER=1.0,
                  ROPE_THETA=500000.0, MAX_SEQ_LEN=1024, TIE_EMBEDDINGS=True),
     "350m": dict(DIM=1024, N_LAYERS=24, N_HEADS=16, N_KV_HEADS=4, MULTIPLE_OF=256, FFN_DIM_MULTIPLIER=1.0,

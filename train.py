@@ -37,6 +37,7 @@ import generate
 import hellaswag_utils
 import lora
 import model_utils
+import moe
 import objectives
 import optim
 import precision
@@ -121,7 +122,8 @@ def resume_parent(cfg: config.Config, path: Path) -> str:
 
 # settings that fix the model's shape: RESUME=auto continues a checkpoint only when they are unchanged
 SHAPE_KEYS = ("DIM", "N_LAYERS", "N_HEADS", "N_KV_HEADS", "VOCAB_SIZE", "MULTIPLE_OF", "FFN_DIM_MULTIPLIER",
-              "FFN_HIDDEN_DIM", "TIE_EMBEDDINGS", "LORA_ENABLED", "LORA_RANK")
+              "FFN_HIDDEN_DIM", "TIE_EMBEDDINGS", "LORA_ENABLED", "LORA_RANK", "MOE_NUM_EXPERTS", "MOE_TOP_K",
+              "MOE_SHARED_EXPERT")
 
 
 def auto_resume_checkpoint(cfg: config.Config) -> Path | None:
@@ -164,20 +166,80 @@ def load_tokenizer(cfg: config.Config, init_source: str):
     return tk.load_tokenizer(src)
 
 
+def check_moe_settings(cfg: config.Config, margs, init_source: str) -> None:
+    """The router losses and metrics follow MOE_NUM_EXPERTS / MOE_TOP_K: they must describe the loaded model."""
+    m = cfg.model
+    have = (margs.moe_num_experts, margs.moe_top_k if margs.moe_num_experts else m.moe_top_k)
+    if have != (m.moe_num_experts, m.moe_top_k):
+        model = (f"{margs.moe_num_experts} experts per block, top-{margs.moe_top_k}" if margs.moe_num_experts
+                 else "a dense FFN")
+        fix = (f"MOE_NUM_EXPERTS={margs.moe_num_experts} MOE_TOP_K={margs.moe_top_k}" if margs.moe_num_experts
+               else "MOE_NUM_EXPERTS=0")
+        raise UserError(f"INIT_FROM={init_source} has {model} but the settings say MOE_NUM_EXPERTS={m.moe_num_experts},"
+                        f" MOE_TOP_K={m.moe_top_k}: set {fix} (the model's), or start from another model")
+
+
 def build_model(cfg: config.Config, tok, init_source: str, device: torch.device):
     if init_source:
         model, margs = model_utils.load_model(init_source, device="cpu", dtype=torch.float32,
                                               rope_scaling_factor=cfg.model.rope_scaling_factor)
-        if margs.vocab_size < tok.vocab_size:
-            raise UserError(f"INIT_FROM={init_source} has vocab {margs.vocab_size} < the tokenizer's "
-                            f"{tok.vocab_size}: use the tokenizer that model was trained with")
+        check_vocab(margs, tok, init_source)
         margs.max_seq_len = max(margs.max_seq_len, cfg.model.max_seq_len)
+        check_moe_settings(cfg, margs, init_source)
+        margs.moe_capacity_factor, margs.moe_impl = cfg.model.moe_capacity_factor, cfg.system.moe_impl
+        moe.set_routing(model, margs.moe_capacity_factor, margs.moe_impl)
     else:
         margs = cfg.model_args(tok.vocab_size)
         torch.manual_seed(cfg.training.seed)
         model = Transformer(margs)
         model.init_weights(generator=torch.Generator().manual_seed(cfg.training.seed))
     return model.to(device).train(), margs
+
+
+def builds_sharded(cfg: config.Config, objective: objectives.Objective, resume_dir: Path | None) -> bool:
+    """FSDP2 runs build the model on the meta device and let each rank fill only its shards after fully_shard,
+    unless something needs the whole model first: resuming (the checkpoint loads into the unsharded model),
+    LoRA (adapters go onto full weights) or an objective that copies the starting model (a frozen reference)."""
+    return (cfg.system.use_fsdp and D.is_dist() and resume_dir is None and not cfg.lora.lora_enabled
+            and not objective.copies_model())
+
+
+def build_meta_model(cfg: config.Config, tok, init_source: str) -> tuple[Transformer, ModelArgs, Any]:
+    """-> (the model on the meta device, its args, the weights to fill it from or None for random init). The
+    weights are opened, not read (model_utils.open_weights): materialize_model reads them after sharding."""
+    weights = None
+    if init_source:
+        margs, weights = model_utils.open_weights(init_source, cfg.model.rope_scaling_factor)
+        check_vocab(margs, tok, init_source)
+        margs.max_seq_len = max(margs.max_seq_len, cfg.model.max_seq_len)
+    else:
+        margs = cfg.model_args(tok.vocab_size)
+        torch.manual_seed(cfg.training.seed)
+    with torch.device("meta"):
+        model = Transformer(margs)
+    return model.train(), margs, weights
+
+
+def materialize_model(model: Transformer, weights: Any, seed: int, device: torch.device, where: str) -> None:
+    """Allocate a meta-built (sharded) model on `device`: from `weights`, or the random init of build_model —
+    the same generator drawing the same values in the same parameter order, each rank keeping its shards."""
+    if weights is not None:
+        model_utils.load_sharded(model, weights, device, where)
+        return
+    generator = torch.Generator().manual_seed(seed)
+
+    def init_value(name: str, p: nn.Parameter) -> torch.Tensor:
+        t = torch.empty(p.shape, dtype=torch.float32)
+        model.init_parameter(name, t, generator=generator)
+        return t
+
+    D.materialize(model, device, init_value)
+
+
+def check_vocab(margs: ModelArgs, tok, init_source: str) -> None:
+    if margs.vocab_size < tok.vocab_size:
+        raise UserError(f"INIT_FROM={init_source} has vocab {margs.vocab_size} < the tokenizer's "
+                        f"{tok.vocab_size}: use the tokenizer that model was trained with")
 
 
 def training_precision(cfg: config.Config, device: torch.device) -> precision.Choice:
@@ -394,8 +456,8 @@ def restore_training(resume_dir: Path, model: nn.Module, optimizer: torch.optim.
 
 
 def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) -> Run:
-    """settings -> tokenizer -> model -> objective -> LoRA -> state -> parallelize -> optimizer -> data ->
-    resume -> logger + banner."""
+    """settings -> tokenizer -> objective -> model -> frozen helpers -> LoRA -> state -> parallelize (-> the
+    sharded model's weights, see builds_sharded) -> optimizer -> data -> resume -> logger + banner."""
     t, device = cfg.training, info.device
     random.seed(t.seed)
     np.random.seed(t.seed)
@@ -407,25 +469,34 @@ def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) ->
         "", ckpt.parent_requested(resume_dir))
     init_source = str(model_utils.resolve_source(requested)[1]) if requested else ""  # not a moving `latest`
     tok = load_tokenizer(cfg, init_source)
-    model, margs = build_model(cfg, tok, init_source, device)
-    init_fingerprint = ckpt.weights_fingerprint(model.state_dict()) if init_source else None
+    objective = objectives.build_objective(cfg)
+    sharded = builds_sharded(cfg, objective, resume_dir)
+    if sharded:
+        model, margs, weights = build_meta_model(cfg, tok, init_source)
+        init_fingerprint = ckpt.weights_fingerprint(model_utils.module_state_view(weights, margs)) \
+            if init_source else None
+    else:
+        model, margs = build_model(cfg, tok, init_source, device)
+        init_fingerprint = ckpt.weights_fingerprint(model.state_dict()) if init_source else None
     if verify_parent:
         ckpt.check_parent(resume_dir, init_source, init_fingerprint)
-    objective = objectives.build_objective(cfg)
     setup_facts = objective.setup(model, tok, device) or {}
+    if cfg.system.use_fsdp:
+        setup_facts["model build"] = "meta device, each rank fills its FSDP2 shards" if sharded else \
+            "whole model on every rank, then sharded (resume, LoRA or a frozen copy need it)"
     if cfg.lora.lora_enabled:
         lora.apply_lora(model, cfg.lora.lora_target_modules, cfg.lora.lora_rank, cfg.lora.lora_alpha,
                         cfg.lora.lora_dropout)
     state = initial_state(cfg, args, resume_dir, init_source, model, margs, init_fingerprint, requested)
     wrapped = D.parallelize(model, cfg, device)
+    if sharded:
+        materialize_model(model, weights, t.seed, device, init_source)
     optimizer = optim.build_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type) if prec.name == "fp16" else None
     ptdtype = prec.dtype
 
     def autocast():
-        if ptdtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=ptdtype)
+        return precision.autocast(device.type, ptdtype)
 
     G, accum = batch_geometry(cfg, info.world_size)
     train_loader, val_loader = build_loaders(cfg, objective, tok, info, G)

@@ -165,6 +165,29 @@ def test_debug_env_prepares_where_it_trains():
     assert cfg["HF_PRETRAIN_DATASET_TARGET_PATH"] == cfg["PRETRAIN_DATALOADER_ROOT_PATH"] == "data/debug/pretrain"
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.env")))
+def test_shipped_configs_load_and_fit_their_batch(name, capsys):
+    cfg = config.load_config(str(ROOT / "configs" / name), use_environ=False)
+    assert "unknown setting" not in capsys.readouterr().err  # every key in the file is a setting
+    t = cfg.training
+    per_step = cfg.model.max_seq_len * t.max_batch_size  # a micro-step of one rank
+    assert t.total_batch_size % per_step == 0, (name, t.total_batch_size, per_step)
+
+
+@pytest.mark.parametrize("name,preset,gpus", [("gpu-8b-fsdp.env", "llama3.1-8b", 8),
+                                              ("gpu-70b-fsdp.env", "llama3.1-70b", 64)])
+def test_scale_out_configs_fit_their_gpus(name, preset, gpus):
+    """The 8B / 70B configs shard with FSDP2 and, by the memory plan, fit 80 GB GPUs at their batch geometry."""
+    import memory_plan
+
+    cfg = config.load_config(str(ROOT / "configs" / name), use_environ=False)
+    assert cfg["MODEL_PRESET"] == preset and cfg.system.use_fsdp and cfg.system.activation_checkpointing
+    assert (cfg.training.total_batch_size // cfg.model.max_seq_len) % (cfg.training.max_batch_size * gpus) == 0
+    plan = memory_plan.plan(cfg.model_args(128256), gpus, "bf16", cfg.training.optimizer, True,
+                            cfg.training.max_batch_size, cfg.model.max_seq_len)
+    assert plan.fits(80)
+
+
 def test_config_show_takes_overrides_after_env_file(tmp_path):
     env = tmp_path / "x.env"
     env.write_text("MAX_STEPS=5\n")

@@ -15,6 +15,7 @@ from helpers import ROOT, make_parent, subprocess_env
 import hellaswag_utils as hs
 import model_utils
 import tokenizer as tk
+from errors import UserError, run_cli
 
 DOCS = [
     {"query": "The function returns", "choices": ["a list of strings.", "purple elephants dancing.", "None."],
@@ -90,3 +91,64 @@ def test_evaluate_cli_errors_are_one_line(tmp_path, task_dir):
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
         assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.slow
+def test_data_flag_runs_lm_evals_own_hellaswag_on_a_local_file_and_equals_our_evaluator(tmp_path):
+    """--data hellaswag=FILE: lm-eval's built-in hellaswag task (its process_docs, prompts and acc / acc_norm)
+    on a local file in the official format gives exactly the scores of our in-loop evaluator (hellaswag_utils),
+    which implements the same definitions independently. A real model (SmolLM2-135M-Instruct) so that the
+    scores depend on how the context is rendered, not only on the endings."""
+    source = str(model_utils.smollm2_gguf())
+    data = tmp_path / "hellaswag.jsonl"
+    r = subprocess.run([sys.executable, str(ROOT / "load_hellaswag_dataset.py"), "--demo", "--demo-n", "12",
+                        "--out", str(data)], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "eval"
+    r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--model", source, "--tasks", "hellaswag",
+                        "--data", f"hellaswag={data}", "--out", str(out)], cwd=tmp_path, env=subprocess_env(),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    theirs = json.loads((out / "results.json").read_text())["results"]["hellaswag"]
+    model, _ = model_utils.load_model(source)
+    ours = hs.evaluate(model, tk.load_tokenizer(source), hs.load_examples(data), progress=False)
+    print(f"lm-eval hellaswag {theirs}; ours {ours}")
+    assert ours["n"] == theirs["sample_len"] == 12
+    assert theirs["acc,none"] == pytest.approx(ours["acc"], abs=1e-9)
+    assert theirs["acc_norm,none"] == pytest.approx(ours["acc_norm"], abs=1e-9)
+
+
+def test_data_flag_errors_are_one_line(tmp_path, task_dir, monkeypatch, capsys):
+    """Checked before lm-eval is imported or the model exported: one line, exit 2, no output dir."""
+    import evaluate
+
+    for args, needle in [(["--data", "hellaswag"], "expected TASK=FILE"),
+                         (["--data", f"hellaswag={tmp_path / 'none.jsonl'}"], "no such file"),
+                         (["--data", f"hellaswag={task_dir / 'tiny_choice.yaml'}"], "expected a .jsonl"),
+                         (["--data", f"winogrande={task_dir / 'docs.jsonl'}"], "--tasks does not list")]:
+        monkeypatch.setattr(sys, "argv", ["evaluate.py", "--model", str(tmp_path / "unused"), "--tasks", "hellaswag",
+                                          *args, "--out", str(tmp_path / "eval")])
+        with pytest.raises(SystemExit) as e:
+            run_cli(evaluate.main)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and needle in err[0], err
+        assert not (tmp_path / "eval").exists()
+
+
+@pytest.fixture(scope="module")
+def lm_eval_tasks():
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+@pytest.mark.parametrize("name", ["mmlu", "ai2_arc"])
+def test_data_flag_refuses_a_group_or_tag(tmp_path, name, lm_eval_tasks):
+    """--data replaces one task's documents: a group (mmlu) or a tag (ai2_arc) spans several data sets."""
+    import evaluate
+
+    data = tmp_path / "docs.jsonl"
+    data.write_text(json.dumps(DOCS[0]) + "\n")
+    with pytest.raises(UserError, match=f"{name} is not a single lm-eval task"):
+        evaluate.local_task(lm_eval_tasks, name, str(data))

@@ -2,7 +2,7 @@
 AutoTokenizer ids == ours (the embedded corpus, hard text), apply_chat_template == ChatFormat (ids and
 transformers' own assistant mask), control-token text typed into content on both sides, the generation
 config, greedy generation in LlamaForCausalLM == generate.generate on a small trained model, and the
-README's "Use your model elsewhere: transformers" commands."""
+README's "Use your model elsewhere" / "transformers" commands."""
 
 from __future__ import annotations
 

@@ -49,3 +49,18 @@ def test_lora_checkpoint_keeps_its_base_when_latest_moves_and_refuses_a_changed_
     assert (changed - before).abs().max() > 1e-3
     m = run_inprocess(lora_dir, pretrain_data, MAX_STEPS=3, **{**lora_kw, "INIT_FROM": str(base_step)})
     assert max(e["step"] for e in m if "loss" in e) == 3
+
+
+def test_a_relative_init_from_is_recorded_absolute(tmp_path, pretrain_data, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_inprocess(tmp_path / "base", pretrain_data, MAX_STEPS=2, **BASE)
+    lora_dir = tmp_path / "lora"
+    run_inprocess(lora_dir, pretrain_data, MAX_STEPS=2, INIT_FROM="base/ck/pretrain/latest", LORA_ENABLED="true",
+                  **BASE)
+    adapters = lora_dir / "ck" / "pretrain" / ckpt.step_name(2)
+    recorded = ckpt.read_json(adapters / ckpt.CONFIG_FILE)["base_model"]["source"]
+    assert recorded == str(tmp_path / "base" / "ck" / "pretrain" / ckpt.step_name(2))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert model_utils.load_model(adapters)[0] is not None  # the base is found from any directory

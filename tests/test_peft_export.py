@@ -65,7 +65,7 @@ def peft_logits(base_dir: Path, adapter_dir: Path) -> torch.Tensor:
 def readme_peft_section() -> tuple[list[str], str]:
     """The shell commands and the Python block of the README's PEFT section."""
     text = (ROOT / "README.md").read_text()
-    section = text.split("## Use your model elsewhere: PEFT", 1)[1].split("\n## ", 1)[0]
+    section = text.split("\n### PEFT adapters\n", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
     bash = re.findall(r"```bash\n(.*?)```", section, re.S)
     py = re.findall(r"```python\n(.*?)```", section, re.S)
     assert len(bash) == 1 and len(py) == 1, "the README's PEFT section has one bash and one python block"

@@ -1,0 +1,172 @@
+"""Memory and FLOPs of a LoRA recipe config on its real model shape, without the weights or a GPU.
+
+    python bench/recipe_memory.py configs/llama3.2-1b-sft-lora.env configs/llama3.2-1b-dpo-lora.env
+
+For each config: the model shape of MODEL_PRESET (default llama3.2-1b; the recipe's INIT_FROM is not read),
+the config's LoRA adapters, precision (bf16 autocast), activation checkpointing and stage (SFT or DPO with
+the reference forward). Counted exactly:
+- resident bytes: the fp32 weights, the LoRA parameters with their fp32 gradients and AdamW's two moments;
+- saved activations: the bytes autograd keeps from one micro-step's forward to its backward, summed with
+  torch.autograd.graph.saved_tensors_hooks (each storage once; parameters excluded, they are resident).
+  Measured on CPU with one and two layers and single rows, then fitted exactly as a + b*L + c*tokens + d*L*tokens
+  (per-token tensors grow with tokens, per-layer ones with layers; attention keeps no T x T matrix with
+  SDPA) and evaluated at the config's layers and micro-batch tokens. With activation checkpointing the
+  backward of a block recomputes that block: one block's non-checkpointed activations come on top.
+- for DPO, the reference forward's transient logits (10 bytes per logit, from the code path);
+- FLOPs an optimizer step executes (step_flops), and the hours they take at an ASSUMED fraction (--mfu) of
+  the GPUs' dense bf16 datasheet peaks: a planning figure, not a measurement.
+Not counted: the CUDA context, the caching allocator's slack and a backward kernel's transient buffers.
+Hence "estimate" in the output: leave a few GB of headroom.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import config  # noqa: E402
+import distributed  # noqa: E402
+import lora  # noqa: E402
+import model_utils  # noqa: E402
+import objectives  # noqa: E402
+from model import Transformer  # noqa: E402
+
+GB = 1e9
+
+
+def saved_bytes(cfg: config.Config, n_layers: int, seq_len: int, rows: int) -> int:
+    """Bytes autograd saves in one forward of the config's objective (n_layers, seq_len, rows per micro-batch)."""
+    args = cfg.model_args()
+    args.n_layers, args.max_seq_len = n_layers, max(seq_len, 16)
+    torch.manual_seed(0)
+    model = Transformer(args)
+    lo = cfg.lora
+    lora.apply_lora(model, lo.lora_target_modules, lo.lora_rank, lo.lora_alpha, lo.lora_dropout)
+    model.train()
+    distributed.parallelize(model, cfg, torch.device("cpu"))
+    objective = objectives.build_objective(cfg)
+    objective.setup(model, None, torch.device("cpu"))
+    ids = torch.randint(0, args.vocab_size, (rows, seq_len))
+    labels = ids.roll(-1, 1)
+    if cfg.training.training_stage == "dpo":
+        half = seq_len // 2
+        labels[:, :half] = -100  # a prompt of half the row
+        batch = {"chosen_input_ids": ids, "chosen_labels": labels, "rejected_input_ids": ids.flip(0),
+                 "rejected_labels": labels.flip(0), "sample_index": torch.arange(rows)}
+    else:
+        batch = {"input_ids": ids, "labels": labels, "sample_index": torch.arange(rows)}
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = objective.loss(model, batch)
+    del loss
+    return sum(seen.values())
+
+
+def fit(cfg: config.Config) -> tuple[float, float, float, float]:
+    """Exact fit of saved bytes = a + b*L + c*N + d*L*N (N = tokens of the micro-batch, both rows of a DPO
+    pair) from four single-row runs. SFT rows are long enough (>= 0.4 dim tokens) for the fused LM head +
+    loss that objectives.fused_loss_weight picks at the recipe's micro-batch; DPO always keeps the logits."""
+    dpo = cfg.training.training_stage == "dpo"
+    pts = [(L, T) for L in (1, 2) for T in ((256, 512) if dpo else (1024, 2048))]
+    y = torch.tensor([float(saved_bytes(cfg, L, T, 1)) for L, T in pts], dtype=torch.float64)
+    rows = 2 if dpo else 1
+    A = torch.tensor([[1.0, L, rows * T, L * rows * T] for L, T in pts], dtype=torch.float64)
+    a, b, c, d = torch.linalg.solve(A, y).tolist()
+    return a, b, c, d
+
+
+def step_flops(args, seq_len: int, stage: str, recompute: bool, total_batch_tokens: int) -> float:
+    """FLOPs one optimizer step executes. Per token: forward 2N + 4 L d T (N = weights in a matmul,
+    model_utils.flops_per_token's count; attention scores and weighted sum without the causal halving);
+    backward with frozen base weights only propagates input gradients, 2N + 8 L d T (LoRA's own small
+    matmuls are left out); activation checkpointing repeats the forward. A DPO step runs chosen and
+    rejected rows (two rows per pair of TOTAL_BATCH_SIZE / T) and one more forward for the reference."""
+    n = model_utils.flops_per_token(args, 0) / 6  # 6N at T = 0 -> N
+    fwd = 2 * n + 4 * args.n_layers * args.dim * seq_len
+    bwd = 2 * n + 8 * args.n_layers * args.dim * seq_len
+    per_token = fwd + bwd + (fwd if recompute else 0.0)
+    if stage == "dpo":
+        return 2 * total_batch_tokens * (per_token + fwd)
+    return total_batch_tokens * per_token
+
+
+def report(env_file: str, peak_tflops: dict[str, float], mfu: float) -> None:
+    cfg = config.load_config(env_file, {"MODEL_PRESET": "llama3.2-1b", "DEVICE": "cpu"})
+    args = cfg.model_args()
+    stage, t, lo = cfg.training.training_stage, cfg.training, cfg.lora
+    T, B = cfg.model.max_seq_len, t.max_batch_size
+    rows = 2 * B if stage == "dpo" else B  # a DPO micro-batch is B pairs = 2B sequences
+    with torch.device("meta"):  # shapes only
+        model = Transformer(args)
+    n_params = model_utils.count_parameters(model)
+    lora.apply_lora(model, lo.lora_target_modules, lo.lora_rank, lo.lora_alpha, lo.lora_dropout)
+    n_lora = sum(p.numel() for p in lora.lora_parameters(model))
+    del model
+    weights, adapters = 4 * n_params, 16 * n_lora  # fp32 weights; LoRA fp32 param + grad + 2 AdamW moments
+
+    a, b, c, d = fit(cfg)
+    tokens = rows * T
+    acts = a + b * args.n_layers + c * tokens + d * args.n_layers * tokens
+    extra = 0.0
+    if cfg.system.activation_checkpointing:
+        plain = config.load_config(env_file, {"MODEL_PRESET": "llama3.2-1b", "DEVICE": "cpu",
+                                              "ACTIVATION_CHECKPOINTING": "false"})
+        pa, pb, pc, pd = fit(plain)
+        extra = pb + pd * tokens  # one block recomputed in backward
+        no_ac = pa + pb * args.n_layers + pc * tokens + pd * args.n_layers * tokens
+    # DPO: the reference forward runs after the policy's, while the policy's activations are held; its
+    # logits are transient: compute dtype (2 B) + the fp32 copy and log-softmax of sequence_logps (4 + 4 B)
+    reference = 10.0 * tokens * args.vocab_size if stage == "dpo" else 0.0
+    total = weights + adapters + acts + extra + reference
+    print(f"\n{env_file}: {stage}, {args.n_layers} layers, dim {args.dim}, vocab {args.vocab_size}, "
+          f"micro-batch {rows} x {T} tokens, LoRA r={lo.lora_rank} on {','.join(lo.lora_target_modules)}")
+    print(f"  parameters {n_params / 1e9:.3f} B, LoRA {n_lora / 1e6:.2f} M")
+    print(f"  fp32 weights                         {weights / GB:6.2f} GB")
+    print(f"  LoRA params + grads + AdamW moments  {adapters / GB:6.2f} GB")
+    print(f"  saved activations (bf16 autocast)    {acts / GB:6.2f} GB   ({d / 1e3:.1f} kB per token per layer, "
+          f"{c / 1e3:.1f} kB per token outside the layers, {b / 1e6:.1f} MB per layer, {a / 1e6:.1f} MB fixed)")
+    if cfg.system.activation_checkpointing:
+        print(f"  + one block recomputed in backward   {extra / GB:6.2f} GB   (without checkpointing the "
+              f"activations would be {no_ac / GB:.1f} GB: {pd / 1e3:.1f} kB per token per layer)")
+    if reference:
+        print(f"  + reference forward's logits         {reference / GB:6.2f} GB   (10 B per logit, transient)")
+    print(f"  estimate without CUDA context / allocator slack: {total / GB:.1f} GB")
+    flops = step_flops(args, T, stage, cfg.system.activation_checkpointing, t.total_batch_size) * t.max_steps
+    print(f"  executed FLOPs: {flops / t.max_steps / 1e15:.3f} PFLOP per step, {flops / 1e18:.2f} EFLOP for "
+          f"MAX_STEPS={t.max_steps}")
+    for gpu, peak in peak_tflops.items():
+        hours = flops / (peak * 1e12 * mfu) / 3600
+        print(f"  {gpu} (bf16 dense {peak:.0f} TFLOP/s) at an assumed {mfu:.0%} of it: {hours:.1f} h")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("env_files", nargs="+")
+    ap.add_argument("--mfu", type=float, default=0.35, help="assumed model FLOPs utilization for the time figure")
+    a = ap.parse_args()
+    import precision
+
+    peaks = {name: p["bf16"] / 1e12 for name, p in precision.GPU_PEAKS if name in ("A100", "L4", "H100")}
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    for f in a.env_files:
+        report(f, peaks, a.mfu)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

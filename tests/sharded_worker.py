@@ -1,0 +1,119 @@
+"""torchrun worker for tests/test_sharded_build.py (CPU, gloo): the meta-device build under FSDP2 against the
+single-process build, and per-rank memory after one training step.
+
+    torchrun --nproc_per_node N tests/sharded_worker.py OUT_DIR [SOURCE ...]
+
+For random init (debug preset, untied and tied) and for every SOURCE (any model_utils.load_model source) it
+builds the model as a single process does (train.build_model: the whole model) and as an FSDP2 rank does
+(train.build_meta_model -> distributed.parallelize -> train.materialize_model), then records whether this
+rank's shard of every parameter equals the same slice of the single-process tensor, how many full matrices of
+the source were alive at once while loading, and how many parameter elements this rank holds. Last, one AdamW
+step on the sharded model: the bytes of this rank's parameters and optimizer state. Writes
+OUT_DIR/rank<R>.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import weakref
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import config  # noqa: E402
+import distributed as D  # noqa: E402
+import optim  # noqa: E402
+import tokenizer  # noqa: E402
+import train  # noqa: E402
+
+
+class CountingWeights(Mapping):
+    """Wraps open_weights' mapping: counts the full matrices it handed out that are still alive (1-D gains of
+    Meta shards are views of the memory-mapped file the mapping keeps open, not copies)."""
+
+    def __init__(self, inner: Mapping):
+        self.inner, self.alive, self.max_alive, self.reads = inner, 0, 0, 0
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        t = self.inner[name]
+        if t.ndim < 2:
+            return t
+        self.alive += 1
+        self.reads += 1
+        self.max_alive = max(self.max_alive, self.alive)
+        weakref.finalize(t, self._freed)
+        return t
+
+    def _freed(self) -> None:
+        self.alive -= 1
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+def compare(cfg: config.Config, tok, source: str) -> dict:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    reference, _ = train.build_model(cfg, tok, source, torch.device("cpu"))
+    ref = dict(reference.named_parameters())
+    model, margs, weights = train.build_meta_model(cfg, tok, source)
+    counting = CountingWeights(weights) if weights is not None else None
+    D.parallelize(model, cfg, torch.device("cpu"))
+    train.materialize_model(model, counting, cfg.training.seed, torch.device("cpu"), source)
+    equal, local, total = True, 0, 0
+    for name, p in model.named_parameters():
+        assert isinstance(p, DTensor), name
+        want = distribute_tensor(ref[name].detach(), p.device_mesh, p.placements, src_data_rank=None).to_local()
+        equal &= torch.equal(p.to_local(), want)
+        local += p.to_local().numel()
+        total += p.numel()
+    tied = margs.tie_embeddings and model.output.weight is model.tok_embeddings.weight
+    return {"equal": bool(equal), "local_numel": local, "total_numel": total, "tied_kept": tied,
+            "max_alive": counting.max_alive if counting else None, "reads": counting.reads if counting else None}
+
+
+def step_memory(cfg: config.Config, tok) -> dict:
+    model, margs, _ = train.build_meta_model(cfg, tok, "")
+    D.parallelize(model, cfg, torch.device("cpu"))
+    train.materialize_model(model, None, cfg.training.seed, torch.device("cpu"), "")
+    opt = optim.build_optimizer(model, cfg, torch.device("cpu"))
+    x = torch.randint(0, margs.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    model(x).float().logsumexp(-1).mean().backward()
+    opt.step()
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
+    params = sum(local(p).numel() * local(p).element_size() for p in model.parameters())
+    state = sum(local(v).numel() * local(v).element_size() for s in opt.state.values() for v in s.values()
+                if isinstance(v, torch.Tensor) and v.ndim > 0)
+    return {"param_bytes": params, "optimizer_bytes": state}
+
+
+def main() -> None:
+    out, sources = Path(sys.argv[1]), sys.argv[2:]
+    info = D.init_distributed("cpu")
+    if not D.is_dist():  # one process: FSDP2 still shards, over a world of one
+        torch.distributed.init_process_group("gloo")
+    base = {"USE_FSDP": "true", "DEVICE": "cpu", "ADAMW_USE_FUSED": "false"}
+    cfg = config.load_config(str(ROOT / "configs" / "debug.env"), base, use_environ=False)
+    tok = tokenizer.load_tokenizer(str(ROOT / "tokenizer.model"))
+    result = {"rank": info.rank, "world": info.world_size, "memory": step_memory(cfg, tok)}
+    if sources or info.world_size > 1:
+        tied = config.load_config(str(ROOT / "configs" / "debug.env"), {**base, "TIE_EMBEDDINGS": "true"},
+                                  use_environ=False)
+        result["random"] = compare(cfg, tok, "")
+        result["random_tied"] = compare(tied, tok, "")
+        result["sources"] = {s: compare(cfg, tok, s) for s in sources}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{info.rank}.json").write_text(json.dumps(result))
+    D.destroy()
+
+
+if __name__ == "__main__":
+    main()
