@@ -408,6 +408,10 @@ def _cross_check(v: dict[str, Any], src: dict[str, str]) -> None:
     if v["IS_MODEL_DISTILLATION"] and v["TRAINING_STAGE"] == "dpo":
         raise UserError("IS_MODEL_DISTILLATION=true with TRAINING_STAGE=dpo: distillation combines with "
                         "pretrain or instruct only")
+    if v["TRAINING_STAGE"] == "dpo" and v["PREFERENCE_OBJECTIVE"] != "dpo" and v["DPO_REFERENCE_LOGPS_PATH"]:
+        raise UserError(f"DPO_REFERENCE_LOGPS_PATH={v['DPO_REFERENCE_LOGPS_PATH']} ({where('DPO_REFERENCE_LOGPS_PATH')}) "
+                        f"but PREFERENCE_OBJECTIVE={v['PREFERENCE_OBJECTIVE']} uses no reference model: unset "
+                        "DPO_REFERENCE_LOGPS_PATH or set PREFERENCE_OBJECTIVE=dpo")
     if v["LORA_SAVE_PEFT_ADAPTER"] and not v["LORA_ENABLED"]:
         raise UserError(f"LORA_SAVE_PEFT_ADAPTER=true ({where('LORA_SAVE_PEFT_ADAPTER')}) but LORA_ENABLED=false: "
                         "there are no adapters to save; set LORA_ENABLED=true or drop LORA_SAVE_PEFT_ADAPTER")

@@ -12,7 +12,8 @@ under any world size. A step may span an epoch boundary; nothing is dropped.
 
 Samples: pretrain = windows of T+1 tokens starting at multiples of T over the split's token stream (every
 token is a target once per epoch; windows may cross shard and document boundaries, as in GPT-2/nanoGPT
-training); sft padded = one example per row, right-padded; sft packed = rows filled greedily (next-fit, in
+training; with doc_delimiters each window also numbers its documents, `doc_ids`, for document masking);
+sft padded = one example per row, right-padded; sft packed = rows filled greedily (next-fit, in
 the epoch's order) with whole examples, `doc_ids` numbering them within the row; dpo = one pair.
 An example is never cut here: the preparation guarantees it fits MAX_SEQ_LEN, and a loader whose T is
 too small for the longest example refuses to start.
@@ -124,7 +125,8 @@ def pack_rows(lengths: np.ndarray, order: np.ndarray, seq_len: int) -> np.ndarra
 
 class Loader:
     def __init__(self, kind: str, data: Any, split: str, seq_len: int, micro_batch: int, global_batch: int,
-                 rank: int, world_size: int, seed: int, pad_id: int, packed: bool):
+                 rank: int, world_size: int, seed: int, pad_id: int, packed: bool,
+                 doc_delimiters: tuple[int, int] | None = None, reset_positions: bool = True):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
         self.kind, self.data, self.split = kind, data, split
@@ -136,6 +138,8 @@ class Loader:
                              f"{micro_batch * world_size}")
         self.A = self.G // (micro_batch * world_size)
         self.seed, self.pad_id, self.packed = seed, pad_id, packed and kind == "sft"
+        self.doc_delimiters = doc_delimiters if kind == "pretrain" else None
+        self.reset_positions = reset_positions
         self._epoch_cache: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
         self.reset()
 
@@ -204,8 +208,13 @@ class Loader:
         if self.kind == "pretrain":
             index = [int(self._order(e)[0][o]) for e, o in samples]
             x = torch.from_numpy(np.stack([self.data.window(i) for i in index]).astype(np.int64))  # (B, T+1)
-            return {"input_ids": x[:, :-1].contiguous(), "labels": x[:, 1:].contiguous(),
-                    "sample_index": torch.tensor(index, dtype=torch.long)}
+            out = {"input_ids": x[:, :-1].contiguous(), "labels": x[:, 1:].contiguous(),
+                   "sample_index": torch.tensor(index, dtype=torch.long)}
+            if self.doc_delimiters is not None:
+                out["doc_ids"] = document_ids(out["input_ids"], *self.doc_delimiters)
+                if not self.reset_positions:
+                    out["positions"] = torch.arange(T).expand(B, T).contiguous()
+            return out
         if self.kind == "dpo":
             return self._dpo([int(self._order(e)[0][o]) for e, o in samples])
         ids = np.full((B, T), self.pad_id, dtype=np.int64)
@@ -248,11 +257,27 @@ class Loader:
         return out
 
 
+def document_ids(ids: torch.Tensor, bos_id: int, eos_id: int) -> torch.Tensor:
+    """(B, T) token ids of pretraining windows -> (B, T) document number of each token within its row: a
+    document starts at each BOS (every prepared document is BOS ... EOS), and the tokens before the first
+    BOS (the tail of a document begun in an earlier window) are document 0. When one token is both BOS and
+    EOS, only the second of two in a row starts a document (the first ends the previous one)."""
+    starts = ids == bos_id
+    if bos_id == eos_id:
+        starts[:, 1:] &= ids[:, :-1] == eos_id
+    return starts.long().cumsum(dim=1)
+
+
 def build_loader(kind: str, root: str | Path, split: str, *, seq_len: int, micro_batch: int, global_batch: int,
                  rank: int, world_size: int, seed: int, pad_id: int | None, packed: bool = False,
-                 tokenizer_identity: dict[str, Any] | None = None, check_hashes: bool = False) -> Loader:
+                 tokenizer_identity: dict[str, Any] | None = None, check_hashes: bool = False,
+                 doc_delimiters: tuple[int, int] | None = None, reset_positions: bool = True) -> Loader:
     """kind: pretrain | sft | dpo; split: train | val. Verifies the data (manifest, tokenizer, shard sizes,
-    hashes if asked) first; every problem is an errors.UserError naming the file and the fix."""
+    hashes if asked) first; every problem is an errors.UserError naming the file and the fix.
+
+    doc_delimiters (pretrain only): (BOS id, EOS id); batches then carry `doc_ids` (document_ids) so each token
+    attends within its document only, and with reset_positions=False also `positions` (B, T), the index in
+    the window, instead of RoPE positions restarting at every document (the model's default for doc_ids)."""
     if kind not in DATA_KIND or split not in ("train", "val"):
         raise ValueError(f"kind {kind!r} / split {split!r}")
     root = Path(root)
@@ -270,4 +295,4 @@ def build_loader(kind: str, root: str | Path, split: str, *, seq_len: int, micro
                             f"allows; re-run the preparation with MAX_SEQ_LEN={seq_len} (examples are never cut "
                             "at load time)")
     return Loader(kind, data, split, seq_len, micro_batch, global_batch, rank, world_size, seed,
-                  0 if pad_id is None else pad_id, packed)
+                  0 if pad_id is None else pad_id, packed, doc_delimiters, reset_positions)

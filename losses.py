@@ -1,9 +1,11 @@
 """Pure loss functions of logits / log-probs (no model, no settings): next-token cross-entropy, sequence
-log-probs, DPO and its variants, knowledge distillation (exact and top-k cached). All reduce in fp32 (fp64 stays).
+log-probs, DPO and its variants, the reference-free preference losses (ORPO, SimPO), knowledge distillation (exact and top-k cached). All reduce in fp32 (fp64 stays).
 Labels are already shifted (logits[:, t] predicts labels[:, t]); IGNORE_INDEX marks positions that do not count.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +67,49 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
     rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+def response_lengths(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Target tokens per row (B,) of shifted labels: |y| of each response."""
+    return (labels != ignore_index).sum(-1)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0 without cancellation (Maechler 2012: expm1 near 0, log1p below -ln 2)."""
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def orpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, lam: float,
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair ORPO losses (B,), their NLL term (B,) and the log odds ratio (B,) (detached); Hong et al.
+    2024, eqs. 2-7. Inputs are LENGTH-NORMALIZED log-probs, mean log p per response token, so that
+    P(y|x) = exp(chosen_logps) is the per-token geometric mean the paper's odds use:
+
+        odds(y|x) = P / (1 - P),   log OR = log odds(y_w|x) - log odds(y_l|x)
+        loss = -log P(y_w|x) + lam * -log sigmoid(log OR)
+
+    The first term is the SFT loss on the chosen response (mean NLL per response token of that pair). A
+    response the model already predicts with P = 1 in floating point (mean log-prob exactly 0) has infinite
+    odds and a NaN gradient through log(1 - P): log-probs enter the odds at most at -1e-6 (P < 1 - 1e-6).
+    """
+    c, r = chosen_logps.clamp(max=-1e-6), rejected_logps.clamp(max=-1e-6)
+    log_odds = (c - r) - (log1mexp(c) - log1mexp(r))  # (B,)
+    nll = -chosen_logps
+    losses = nll - lam * F.logsigmoid(log_odds)
+    return losses, nll.detach(), log_odds.detach()
+
+
+def simpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: float, gamma: float,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair SimPO losses (B,) and the rewards beta * mean log p (B,) (detached); Meng et al. 2024, eq. 6:
+
+        loss = -log sigmoid(beta / |y_w| log pi(y_w|x) - beta / |y_l| log pi(y_l|x) - gamma)
+
+    Inputs are LENGTH-NORMALIZED log-probs (log pi(y|x) / |y|); no reference model, gamma is the target
+    reward margin."""
+    chosen_rewards, rejected_rewards = beta * chosen_logps, beta * rejected_logps
+    losses = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
 def distillation_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from moe import MoEFeedForward
 
@@ -39,7 +40,7 @@ class ModelArgs:
     rope_scaling: dict | None = None
     max_seq_len: int = 2048
     tie_embeddings: bool = False
-    attn_impl: str = "auto"  # "sdpa" | "math" | "auto" (= sdpa; "math" is the explicit reference path)
+    attn_impl: str = "auto"  # "sdpa" | "math" | "flex" | "auto" (= sdpa; "math" is the explicit reference path)
     # Mixture of Experts (moe.py): 0 experts = the dense SwiGLU FFN. Each expert has hidden_dim units.
     moe_num_experts: int = 0
     moe_top_k: int = 2  # experts per token
@@ -57,8 +58,8 @@ class ModelArgs:
             raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
         if (self.dim // self.n_heads) % 2:
             raise ValueError(f"head_dim={self.dim // self.n_heads} must be even for RoPE")
-        if self.attn_impl not in ("auto", "sdpa", "math"):
-            raise ValueError(f"attn_impl={self.attn_impl!r}; expected auto, sdpa or math")
+        if self.attn_impl not in ("auto", "sdpa", "math", "flex"):
+            raise ValueError(f"attn_impl={self.attn_impl!r}; expected auto, sdpa, math or flex")
         if self.moe_num_experts and not 1 <= self.moe_top_k <= self.moe_num_experts:
             raise ValueError(f"moe_top_k={self.moe_top_k} must be between 1 and moe_num_experts={self.moe_num_experts}")
         if self.moe_impl not in ("auto", "grouped", "dense"):
@@ -197,12 +198,42 @@ class Attention(nn.Module):
 
 
 def resolve_attn_impl(attn_impl: str, device: torch.device) -> str:
-    """"auto" -> sdpa on every device. On this CPU (torch 2.13, AVX-512 bf16) SDPA's fused CPU kernel is
+    """"auto" -> sdpa on every device ("flex" is opt-in, CUDA only, for document masks: see document_block_mask).
+    On this CPU (torch 2.13, AVX-512 bf16) SDPA's fused CPU kernel is
     1.5-2x faster than explicit matmul + softmax per layer in bf16 and fp32, forward + backward, causal
     or with a float mask, and never stores the (T, S) scores (bench/README.md has the measurements)."""
+    if attn_impl == "flex" and device.type != "cuda":
+        return "sdpa"  # torch 2.13's flex_attention has no backward on CPU: the dense mask serves there
     if attn_impl != "auto":
         return attn_impl
     return "sdpa"
+
+
+def document_block_mask(doc_ids: torch.Tensor) -> BlockMask:
+    """(B, T) document ids -> flex_attention's block-sparse mask of "same document and not in the future".
+    Blocks (128 x 128) wholly outside every document are skipped, and no (B, T, T) tensor is kept (building it
+    evaluates a transient (B, 1, T, T) bool): the alternative to a dense bias, which costs B * T^2 elements per
+    forward and keeps CUDA's SDPA off its flash kernel."""
+    B, T = doc_ids.shape
+
+    def same_document_causal(b, h, q, kv):
+        return (doc_ids[b, q] == doc_ids[b, kv]) & (q >= kv)
+
+    return create_block_mask(same_document_causal, B, None, T, T, device=doc_ids.device)
+
+
+_compiled_flex = None
+
+
+def flex(q, k, v, block_mask: BlockMask, enable_gqa: bool) -> torch.Tensor:
+    """flex_attention, compiled once on CUDA (eager flex_attention is an unfused reference that materializes
+    the scores); eager elsewhere, where only a no-grad forward works (CPU tests)."""
+    global _compiled_flex
+    if q.device.type != "cuda" or torch.compiler.is_compiling():
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention)
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
 def causal_bias(mask: torch.Tensor | None, T: int, S: int, device: torch.device) -> torch.Tensor:
@@ -216,12 +247,16 @@ def causal_bias(mask: torch.Tensor | None, T: int, S: int, device: torch.device)
 def attention(q, k, v, mask: torch.Tensor | None, impl: str) -> torch.Tensor:
     """q (B, H, T, hd); k, v (B, Hkv, S, hd) -> (B, H, T, hd).
 
-    mask: None (= causal, queries are the last T of the S keys), bool (B|1, 1, T, S) True = attend, or
-    (math only) an additive float bias of that shape from causal_bias.
+    mask: None (= causal, queries are the last T of the S keys), bool (B|1, 1, T, S) True = attend, an
+    additive float bias of that shape from causal_bias, or (flex) a BlockMask from document_block_mask.
     """
     B, H, T, hd = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     n_rep = H // Hkv
+    if isinstance(mask, BlockMask):
+        return flex(q, k, v, mask, enable_gqa=n_rep > 1)
+    if impl == "flex":
+        impl = "sdpa"  # flex serves document masks only; causal, padded and tree masks stay on SDPA
     if impl == "sdpa":
         if mask is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_rep > 1)
@@ -378,15 +413,19 @@ class Transformer(nn.Module):
         """
         B, T = tokens.shape
         device = tokens.device
+        impl = resolve_attn_impl(self.args.attn_impl, device)
         mask = None
         if attn_mask is not None:
             if doc_ids is not None or key_mask is not None or start_pos or self.cache_len:
                 raise ValueError("attn_mask excludes doc_ids, key_mask, start_pos and a KV cache")
             mask = attn_mask[:, None]  # (B, 1, T, T)
-        if doc_ids is not None:
+        if doc_ids is not None and impl == "flex" and key_mask is None and not self.cache_len:
+            mask = document_block_mask(doc_ids)  # block-sparse, never (B, T, T)
+        elif doc_ids is not None:
             same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
             causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
             mask = (same_doc & causal)[:, None]  # (B, 1, T, T)
+        if doc_ids is not None:
             if positions is None:
                 positions = _positions_within_documents(doc_ids)
         if positions is None:
@@ -401,9 +440,13 @@ class Transformer(nn.Module):
                 own = torch.zeros(T, S, dtype=torch.bool, device=device)
                 own[torch.arange(T), start_pos + torch.arange(T)] = True
                 mask = mask | own[None, None]
-        if mask is not None or resolve_attn_impl(self.args.attn_impl, device) == "math":
+        if not isinstance(mask, BlockMask) and (mask is not None or impl == "math"):
             # additive bias, built once per forward rather than once per layer (None = causal for SDPA)
             mask = causal_bias(mask, T, start_pos + T, device)
+            if impl != "math" and torch.is_autocast_enabled(device.type):
+                # SDPA wants the bias in the compute dtype: one lossless (0 / -inf) cast here instead of one per
+                # layer, each of which autograd would keep for backward (n_layers copies of B * T * S)
+                mask = mask.to(torch.get_autocast_dtype(device.type))
         rot = rope_rotations(self.inv_freq, positions)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:

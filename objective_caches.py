@@ -17,13 +17,15 @@ from losses import sequence_logps
 # ---- frozen models (teacher, reference): calling and freezing them --------------------------------------
 
 
-def logits_of(model: nn.Module, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+def logits_of(model: nn.Module, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
+              positions: torch.Tensor | None = None) -> torch.Tensor:
     """Logits (B, T, V) from our Transformer or a transformers model (which returns an output object)."""
     if doc_ids is not None:
         if not hasattr(unwrap(model), "layers"):  # a transformers model has no document masking
-            raise UserError("packed SFT batches (SFT_BATCHING=packed) need a teacher of this project's "
-                            "architecture: load it with model_utils (any source) or use SFT_BATCHING=padded")
-        out = model(input_ids, doc_ids=doc_ids)
+            raise UserError("document-masked batches (SFT_BATCHING=packed, PRETRAIN_DOC_MASKING=true) need a "
+                            "teacher of this project's architecture: load it with model_utils (any source), or "
+                            "use SFT_BATCHING=padded / PRETRAIN_DOC_MASKING=false")
+        out = model(input_ids, doc_ids=doc_ids, positions=positions)
     else:
         out = model(input_ids)
     return out if isinstance(out, torch.Tensor) else out.logits
@@ -171,8 +173,8 @@ def write_cache(kind: str, model: nn.Module, batches: Any, n: int, seq_len: int,
             if new.any():
                 rows, keep = idx[new], torch.from_numpy(new)
                 if kind == "teacher":
-                    doc_ids = batch["doc_ids"].to(device) if "doc_ids" in batch else None
-                    z = logits_of(model, batch["input_ids"].to(device), doc_ids).float() / temperature  # (B, T, V)
+                    doc_ids, positions = (batch[k].to(device) if k in batch else None for k in ("doc_ids", "positions"))
+                    z = logits_of(model, batch["input_ids"].to(device), doc_ids, positions).float() / temperature
                     lse = torch.logsumexp(z, -1)  # (B, T)
                     vals, ids = z.topk(top_k, dim=-1)  # (B, T, K)
                     tail = (torch.logsumexp(z.scatter_(-1, ids, float("-inf")), -1) - lse if top_k < V

@@ -1,4 +1,5 @@
-"""Training objectives: batch -> (summed loss, summed metrics). One table entry per stage.
+"""Training objectives: batch -> (summed loss, summed metrics). One table entry per stage; the preference
+stage's entry is chosen by PREFERENCE_OBJECTIVE (dpo, or the reference-free orpo and simpo).
 
 The loop (train.py) never names an objective. For each optimizer step it
   1. draws the step's micro-batches from the loader named by `objective.batch_format`,
@@ -49,7 +50,10 @@ from losses import (
     cross_entropy_sum,
     distillation_loss,  # noqa: F401  (public here too: objectives.distillation_loss)
     distillation_loss_sum,
+    orpo_loss,
+    response_lengths,
     sequence_logps,
+    simpo_loss,
     topk_distillation_loss_sum,
 )
 from losses import dpo_loss as _dpo_loss
@@ -108,6 +112,10 @@ class Objective:
         Returns banner facts for the loop to print (empty when there are no helpers)."""
         return {}
 
+    def loader_options(self, tokenizer: Any) -> dict[str, Any]:
+        """Extra keyword arguments for dataloaders.build_loader (how this objective's batches are cut)."""
+        return {}
+
     def copies_model(self) -> bool:
         """Whether setup() keeps a copy of the starting model's weights (it then needs them in full, so the
         loop builds the whole model before sharding it)."""
@@ -122,8 +130,14 @@ class Objective:
 
     def eval_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """(summed validation loss, units) — the plain cross-entropy for language-model stages."""
-        logits = model(batch["input_ids"], doc_ids=batch.get("doc_ids"))
+        logits = model(batch["input_ids"], **document_inputs(batch))
         return cross_entropy_sum(logits, batch["labels"]).detach(), self.units(batch)
+
+
+def document_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The forward's document-masking inputs this batch carries (`doc_ids`, `positions`), as keyword
+    arguments; empty for batches without documents."""
+    return {k: batch[k] for k in ("doc_ids", "positions") if k in batch}
 
 
 def fused_head_weight(model: nn.Module) -> torch.Tensor | None:
@@ -165,16 +179,27 @@ class LanguageModeling(Objective):
         labels = batch["labels"]
         weight = fused_loss_weight(model, labels.numel(), labels.device.type)
         if weight is not None:
-            h = model(batch["input_ids"], doc_ids=batch.get("doc_ids"), return_hidden=True)  # (B, T, dim)
+            h = model(batch["input_ids"], **document_inputs(batch), return_hidden=True)  # (B, T, dim)
             loss_sum = fused_linear_cross_entropy_sum(h, weight, batch["labels"])
         else:
-            logits = model(batch["input_ids"], doc_ids=batch.get("doc_ids"))  # (B, T, V)
+            logits = model(batch["input_ids"], **document_inputs(batch))  # (B, T, V)
             loss_sum = cross_entropy_sum(logits, batch["labels"])
         return loss_sum, {"ce": loss_sum.detach()}
 
 
 class Pretrain(LanguageModeling):
+    """Next-token prediction over windows of the token stream. With PRETRAIN_DOC_MASKING the loader numbers
+    the documents of each window (BOS starts one) and attention stays inside a document (Llama 3 paper,
+    sec. 3.2: no attention across documents in a sequence); PRETRAIN_DOC_RESET_POSITIONS also restarts RoPE
+    positions at each document."""
+
     name, batch_format = "pretrain", "pretrain"
+
+    def loader_options(self, tokenizer):
+        if self.cfg is None or not self.cfg.data.pretrain_doc_masking:
+            return {}
+        return {"doc_delimiters": (tokenizer.bos_id, tokenizer.eos_id),
+                "reset_positions": self.cfg.data.pretrain_doc_reset_positions}
 
 
 class SupervisedFineTuning(LanguageModeling):
@@ -243,6 +268,9 @@ class Distillation(Objective):
     def units(self, batch):
         return self.base.units(batch)
 
+    def loader_options(self, tokenizer):
+        return self.base.loader_options(tokenizer)
+
     def kd_sum(self, student_logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """alpha-free T^2 * KL summed over target positions, from the live teacher or the cache."""
         mask = batch["labels"] != IGNORE_INDEX  # (B, T)
@@ -256,12 +284,12 @@ class Distillation(Objective):
                                 ": rebuild the cache with the same MAX_SEQ_LEN")
             return topk_distillation_loss_sum(student_logits, logps, ids, mask, self.temperature, tail)
         with torch.no_grad():
-            teacher_logits = logits_of(self.teacher, batch["input_ids"], batch.get("doc_ids"))
+            teacher_logits = logits_of(self.teacher, batch["input_ids"], batch.get("doc_ids"), batch.get("positions"))
         return distillation_loss_sum(student_logits, teacher_logits, mask, self.temperature)
 
     def loss(self, model, batch):
         # one fp32 copy of the student logits serves both terms (each would otherwise upcast its own)
-        logits = at_least_fp32(model(batch["input_ids"], doc_ids=batch.get("doc_ids")))  # (B, T, V)
+        logits = at_least_fp32(model(batch["input_ids"], **document_inputs(batch)))  # (B, T, V)
         ce = cross_entropy_sum(logits, batch["labels"])
         kd = self.kd_sum(logits, batch)
         loss_sum = (1.0 - self.alpha) * ce + self.alpha * kd
@@ -356,6 +384,68 @@ class DirectPreferenceOptimization(Objective):
         return losses.sum(), self.units(batch)
 
 
+class ReferenceFreePreference(Objective):
+    """Preference optimization without a reference model, on the DPO batches; units = pairs.
+
+    A response is scored by its LENGTH-NORMALIZED log-prob, mean log pi(y|x) per response token (prompt and
+    padding excluded), from ONE concatenated forward of chosen and rejected (2B rows). setup() builds
+    nothing: no reference copy, no adapters-off pass, no cache. Subclasses turn the (chosen, rejected) mean
+    log-probs into per-pair losses and metrics.
+    """
+
+    batch_format = "dpo"
+
+    def setup(self, model, tokenizer, device):
+        _require_unwrapped(model)
+        return {"reference": "none (reference-free)", "reference_memory_mb": 0.0}
+
+    def units(self, batch):
+        return int(batch["chosen_input_ids"].shape[0])
+
+    def pair_losses(self, chosen: torch.Tensor, rejected: torch.Tensor
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(B,) mean log-probs of chosen and rejected -> per-pair losses (B,), per-pair metrics (B,) each."""
+        raise NotImplementedError
+
+    def loss(self, model, batch):
+        ids, labels = concat_pairs(batch)
+        B = batch["chosen_input_ids"].shape[0]
+        logps = sequence_logps(logits_of(model, ids), labels) / response_lengths(labels).clamp(min=1)  # (2B,)
+        losses, metrics = self.pair_losses(logps[:B], logps[B:])
+        metrics.update(avg_logps_chosen=logps[:B].detach(), avg_logps_rejected=logps[B:].detach())
+        return losses.sum(), {k: v.sum() for k, v in metrics.items()}
+
+    def eval_loss(self, model, batch):
+        with torch.no_grad():
+            loss, _ = self.loss(model, batch)
+        return loss, self.units(batch)
+
+
+class OddsRatioPreference(ReferenceFreePreference):
+    """ORPO (Hong et al. 2024): the chosen response's mean NLL plus ORPO_LAMBDA times the odds-ratio loss,
+    per pair (losses.orpo_loss). SFT and preference alignment in one stage, so it may start from a
+    pretrained model as well as from an SFT one."""
+
+    name = "orpo"
+
+    def pair_losses(self, chosen, rejected):
+        losses, nll, log_odds = orpo_loss(chosen, rejected, float(self.cfg.dpo.orpo_lambda))
+        return losses, {"nll": nll, "log_odds_ratio": log_odds, "reward_accuracy": (log_odds > 0).float()}
+
+
+class SimplePreference(ReferenceFreePreference):
+    """SimPO (Meng et al. 2024): the reward is SIMPO_BETA times the mean log-prob per response token and the
+    chosen reward must beat the rejected one by the margin SIMPO_GAMMA (losses.simpo_loss)."""
+
+    name = "simpo"
+
+    def pair_losses(self, chosen, rejected):
+        d = self.cfg.dpo
+        losses, cr, rr = simpo_loss(chosen, rejected, float(d.simpo_beta), float(d.simpo_gamma))
+        return losses, {"rewards_chosen": cr, "rewards_rejected": rr, "reward_margin": cr - rr,
+                        "reward_accuracy": (cr > rr).float()}
+
+
 class RouterLosses(Objective):
     """Any stage's objective plus the Mixture-of-Experts router losses of the model's forward:
 
@@ -381,6 +471,9 @@ class RouterLosses(Objective):
     def setup(self, model, tokenizer, device):
         return self.base.setup(model, tokenizer, device)
 
+    def loader_options(self, tokenizer):
+        return self.base.loader_options(tokenizer)
+
     def units(self, batch):
         return self.base.units(batch)
 
@@ -403,6 +496,12 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "pretrain": Pretrain,
     "instruct": SupervisedFineTuning,
     "dpo": DirectPreferenceOptimization,
+    "orpo": OddsRatioPreference,
+    "simpo": SimplePreference,
+}
+# Stages whose objective a setting picks among the entries above: stage -> (cfg group, attribute).
+CHOSEN_BY: dict[str, tuple[str, str]] = {
+    "dpo": ("dpo", "preference_objective"),
 }
 # Terms that wrap a stage's objective, in this order, keyed by the setting (cfg group, attribute) whose true /
 # non-zero value turns them on.
@@ -417,7 +516,8 @@ def build_objective(cfg: Any) -> Objective:
     stage = cfg.training.training_stage
     if stage not in OBJECTIVES:
         raise UserError(f"TRAINING_STAGE={stage!r} has no objective yet: expected one of {', '.join(OBJECTIVES)}")
-    objective = OBJECTIVES[stage](cfg)
+    choice = CHOSEN_BY.get(stage)
+    objective = OBJECTIVES[getattr(getattr(cfg, choice[0]), choice[1]) if choice else stage](cfg)
     for (group, key), wrapper in WRAPPERS.items():
         if getattr(getattr(cfg, group), key):
             if wrapper.requires_language_modeling and not isinstance(objective, LanguageModeling):
@@ -429,11 +529,11 @@ def build_objective(cfg: Any) -> Objective:
 # ---- CLI: precompute frozen-model outputs ----------------------------------------------------------
 
 
-def _cache_loader(cfg: Any, kind: str, data: str, batch_size: int, tok: Any):
+def _cache_loader(cfg: Any, kind: str, data: str, batch_size: int, tok: Any, options: dict[str, Any]):
     return dataloaders.build_loader(
         kind, data, "train", seq_len=cfg["MAX_SEQ_LEN"], micro_batch=batch_size, global_batch=batch_size,
         rank=0, world_size=1, seed=cfg["SEED"], pad_id=tok.pad_id,
-        packed=kind == "sft" and cfg["SFT_BATCHING"] == "packed", tokenizer_identity=tok.identity())
+        packed=kind == "sft" and cfg["SFT_BATCHING"] == "packed", tokenizer_identity=tok.identity(), **options)
 
 
 def build_cache(kind: str, cfg: Any, model_source: str, data: str, out: str, top_k: int = 64,
@@ -452,8 +552,10 @@ def build_cache(kind: str, cfg: Any, model_source: str, data: str, out: str, top
     if kind == "teacher" and vocab_size_of(model) != tok.vocab_size:
         raise UserError(f"cache-teacher: the teacher's vocabulary has {vocab_size_of(model)} tokens but the tokenizer "
                         f"{cfg['TOKENIZER_CHECKPOINT_PATH']} has {tok.vocab_size}: use the student's tokenizer")
-    batch_format = "dpo" if kind == "reference" else OBJECTIVES[cfg["TRAINING_STAGE"]].batch_format
-    loader = _cache_loader(cfg, batch_format, data, batch_size, tok)
+    objective = None if kind == "reference" else OBJECTIVES[cfg["TRAINING_STAGE"]](cfg)
+    batch_format = "dpo" if objective is None else objective.batch_format
+    options = {} if objective is None else objective.loader_options(tok)  # the teacher sees the training batches
+    loader = _cache_loader(cfg, batch_format, data, batch_size, tok, options)
     n = loader.samples_per_epoch
     batches = (loader.next_batch() for _ in range(2 * ((n + batch_size - 1) // batch_size)))
     meta = {"model": str(model_source), "data": str(data), "batch_format": batch_format, "split": "train",

@@ -86,6 +86,12 @@ SETTINGS: list[Setting] = [
       "follows HF_DPO_DATASET_TARGET_PATH when only that is set (and the reverse)"),
     S("SFT_BATCHING", "data", "str", "padded", "padded (right padding) or packed (document masking)",
       choices=("padded", "packed")),
+    S("PRETRAIN_DOC_MASKING", "data", "bool", False, "pretraining: each token attends only to earlier tokens of "
+      "its own document (documents start at BOS) instead of across the whole window; on GPU this dense mask "
+      "keeps SDPA off the flash kernel (see README)"),
+    S("PRETRAIN_DOC_RESET_POSITIONS", "data", "bool", False, "with PRETRAIN_DOC_MASKING: RoPE positions restart "
+      "at 0 for each document in the window (false: positions count from the window start; under the mask "
+      "RoPE sees only in-document distances, so both give the same logits up to rounding)"),
     S("VERIFY_DATA", "data", "bool", False, "check every shard's sha256 against its manifest before training "
       "starts (reads the whole dataset once)"),
     # ---- training ------------------------------------------------------------------------------
@@ -171,6 +177,15 @@ SETTINGS: list[Setting] = [
     S("DPO_LOSS_TYPE", "dpo", "str", "sigmoid", "sigmoid | hinge | ipo", choices=("sigmoid", "hinge", "ipo")),
     S("DPO_LABEL_SMOOTHING", "dpo", "float", 0.0, "conservative DPO label smoothing", min=0.0, max=0.5),
     S("DPO_REFERENCE_LOGPS_PATH", "dpo", "str", "", "precomputed reference log-probs; empty = compute live"),
+    S("PREFERENCE_OBJECTIVE", "dpo", "str", "dpo", "the loss of TRAINING_STAGE=dpo on the same preference data: dpo "
+      "(against a reference model) | orpo (Hong et al. 2024) | simpo (Meng et al. 2024); orpo and simpo are "
+      "reference-free: no reference model is built", choices=("dpo", "orpo", "simpo")),
+    S("ORPO_LAMBDA", "dpo", "float", 0.1, "ORPO: weight lambda of the odds-ratio term added to the chosen "
+      "response's mean NLL (0.1 as in the paper's runs)", min=0.0),
+    S("SIMPO_BETA", "dpo", "float", 2.0, "SimPO: reward scale beta on the mean log-prob per response token (the "
+      "authors use 2.0 to 2.5, far above DPO_BETA)", min=0.0),
+    S("SIMPO_GAMMA", "dpo", "float", 1.0, "SimPO: target reward margin gamma (the authors' Llama 3 Base setting: "
+      "gamma / beta = 0.5; they suggest tuning the ratio in [0, 1])", min=0.0),
     S("LORA_ENABLED", "lora", "bool", False, "train low-rank adapters instead of all weights"),
     S("LORA_RANK", "lora", "int", 16, "adapter rank r", min=1),
     S("LORA_ALPHA", "lora", "float", 8.0, "adapter scaling is alpha / r", min=0.0),
@@ -190,7 +205,10 @@ SETTINGS: list[Setting] = [
     S("USE_TORCH_COMPILE", "system", "bool", False, "torch.compile each block"),
     S("USE_FSDP", "system", "bool", False, "FSDP2 fully_shard per block instead of DDP"),
     S("ACTIVATION_CHECKPOINTING", "system", "bool", False, "recompute block activations in backward"),
-    S("ATTN_IMPL", "system", "str", "auto", "auto | sdpa | math", choices=("auto", "sdpa", "math")),
+    S("ATTN_IMPL", "system", "str", "auto", "auto (= sdpa) | sdpa | math | flex: document masks (packed SFT, "
+      "PRETRAIN_DOC_MASKING) through flex_attention's block-sparse mask, compiled on CUDA, instead of a dense "
+      "(B, T, T) bias that keeps SDPA off the flash kernel; everything else stays on SDPA",
+      choices=("auto", "sdpa", "math", "flex")),
     S("MOE_IMPL", "system", "str", "auto", "MoE experts: auto (= grouped: tokens sorted by expert, grouped GEMMs) "
       "| dense (every expert on every token; the reference path, slow)", choices=("auto", "grouped", "dense")),
     S("PEAK_FLOPS", "system", "float", 0.0, "peak FLOP/s per device for MFU; 0 = measured on CPU, GPU datasheet table",
