@@ -474,6 +474,9 @@ class RouterLosses(Objective):
     def loader_options(self, tokenizer):
         return self.base.loader_options(tokenizer)
 
+    def copies_model(self):
+        return self.base.copies_model()
+
     def units(self, batch):
         return self.base.units(batch)
 

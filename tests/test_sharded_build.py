@@ -153,6 +153,7 @@ def test_fsdp2_from_pretrained_weights_matches_one_process(tmp_path, sources):
     ({"TRAINING_STAGE": "dpo", "DPO_REFERENCE_LOGPS_PATH": "cache"}, False),
     ({"TRAINING_STAGE": "dpo", "PREFERENCE_OBJECTIVE": "orpo"}, False),  # reference-free
     ({"TRAINING_STAGE": "dpo", "PREFERENCE_OBJECTIVE": "simpo"}, False),
+    ({"TRAINING_STAGE": "dpo", "MODEL_PRESET": "moe-debug"}, True),  # through the router-loss wrapper
 ])
 def test_objectives_that_copy_the_model_keep_the_whole_build(overrides, copies):
     import objectives
