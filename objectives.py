@@ -242,6 +242,9 @@ class Distillation(Objective):
                 raise UserError("TEACHER_CACHE_PATH is set but the batches carry no 'sample_index' (packed SFT rows "
                                 "have none): use SFT_BATCHING=padded, or unset TEACHER_CACHE_PATH to run the teacher live")
             logps, ids, tail = self.cache.lookup(batch["sample_index"], student_logits.device)  # (B,T,K)x2, (B,T)
+            if logps.shape[1] > student_logits.shape[1]:  # a batch trimmed of its padding (TRIM_PADDING)
+                T = student_logits.shape[1]
+                logps, ids, tail = logps[:, :T], ids[:, :T], tail[:, :T]
             if logps.shape[1] != student_logits.shape[1]:
                 raise UserError(f"teacher cache rows hold {logps.shape[1]} positions, batches {student_logits.shape[1]}"
                                 ": rebuild the cache with the same MAX_SEQ_LEN")

@@ -76,6 +76,9 @@ SETTINGS: list[Setting] = [
       "follows HF_DPO_DATASET_TARGET_PATH when only that is set (and the reverse)"),
     S("SFT_BATCHING", "data", "str", "padded", "padded (right padding) or packed (document masking)",
       choices=("padded", "packed")),
+    S("TRIM_PADDING", "data", "bool", True, "one-example-per-row batches (padded SFT, DPO) are padded only to their "
+      "longest row (rounded up to 16) and each optimizer step's samples are sorted by length before they are split "
+      "into micro-batches (the step trains on the same samples); false = every batch is MAX_SEQ_LEN wide"),
     S("VERIFY_DATA", "data", "bool", False, "check every shard's sha256 against its manifest before training "
       "starts (reads the whole dataset once)"),
     # ---- training ------------------------------------------------------------------------------
