@@ -10,6 +10,9 @@ the same dtype. Both decode the same random prompt (same length in every row, so
 exactly --new-tokens tokens: ours with no stop ids, transformers with min_new_tokens = max_new_tokens.
 Calls alternate A B A B in one process (the machine is shared; drift hits both alike); tokens/s is
 B * new_tokens / median wall time of a full generate call (prefill included, model loading excluded).
+--bandwidth adds the memory-bandwidth bound: decoding one step reads every weight once (the tied head
+included), so B * bandwidth / weight bytes tokens/s is the most any implementation can decode at batch B;
+the bandwidth is measured in the run by copying a 1 GiB buffer (read + write counted).
 """
 
 from __future__ import annotations
@@ -70,6 +73,24 @@ def hf_fn(hf, prompts: list[list[int]], n: int):
     return run
 
 
+def copy_bandwidth(nbytes: int = 2**30, rounds: int = 3) -> float:
+    """Bytes/s of a large buffer copy (read + write), best of `rounds`: the memory bandwidth decoding can use."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the distinct weights a decode step reads (a tied head is the embedding, counted once)."""
+    seen = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+    return sum(seen.values())
+
+
 def bench_one(name: str, dtype_name: str, batches: list[int], a: argparse.Namespace) -> list[dict]:
     dtype = precision.dtype_of(dtype_name)
     model, args = load_ours(name, dtype)
@@ -94,6 +115,11 @@ def bench_one(name: str, dtype_name: str, batches: list[int], a: argparse.Namesp
         for k in fns:
             res[f"{k}_tokens_per_s"] = B * a.new_tokens / statistics.median(times[k])
         res["ratio"] = res["ours_tokens_per_s"] / res["hf_tokens_per_s"]
+        if a.bandwidth:
+            bw, wb = copy_bandwidth(), weight_bytes(model)
+            res.update(bandwidth_gb_s=bw / 1e9, weight_mb=wb / 2**20, bound_tokens_per_s=B * bw / wb)
+            for k in fns:
+                res[f"{k}_fraction_of_bound"] = res[f"{k}_tokens_per_s"] / res["bound_tokens_per_s"]
         rows.append(res)
         print(json.dumps(res) if a.json else
               f"{name:<8} {dtype_name:<5} B={B:<2} ours {res['ours_tokens_per_s']:7.1f} tok/s  hf "
@@ -111,6 +137,7 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", action="store_true", help="one JSON line per row")
+    p.add_argument("--bandwidth", action="store_true", help="also report the memory-bandwidth bound (1 GiB copy)")
     a = p.parse_args()
     for name in a.models:
         for dt in a.dtypes:
