@@ -47,7 +47,7 @@ BENCH = ROOT / "bench"
 PY = sys.executable
 sys.path.insert(0, str(BENCH))
 
-from jobs_common import parse_result, print_result  # noqa: E402
+from jobs_common import loss_tokens, parse_result, print_result, sft_labels, shard_examples  # noqa: E402
 
 TRL_VERSION = "1.16.0"
 TORCH_VERSION = "2.13.0"
@@ -137,7 +137,6 @@ def run_cli_step(args: list[str], work: Path) -> None:
 def replay_tokens(kind: str, root: Path, spec: dict, packed: bool, pad_id: int) -> tuple[int, int]:
     """(useful tokens, rows) our loader feeds a run of spec's geometry and seed: the same batches train.py draws."""
     import dataloaders
-    from jobs_common import loss_tokens
 
     loader = dataloaders.build_loader(kind, root, "train", seq_len=spec["seq_len"], micro_batch=spec["batch"],
                                       global_batch=spec["batch"] * spec["accum"], rank=0, world_size=1,
@@ -153,13 +152,13 @@ def replay_tokens(kind: str, root: Path, spec: dict, packed: bool, pad_id: int) 
 
 def prepare(work: Path, specs: dict) -> dict:
     """Model, data and the replayed counts every side needs; -> facts for the table."""
+    import torch
+
     import dataloaders
     import demo_data
     import model_utils
     import precision
     import tokenizer as tokenizer_mod
-    import torch
-    from jobs_common import sft_labels, shard_examples
 
     work.mkdir(parents=True, exist_ok=True)
     facts: dict = {"precision": precision.resolve("auto", "cpu").name}
@@ -182,23 +181,30 @@ def prepare(work: Path, specs: dict) -> dict:
         root = work / "sft_shards"
         run_cli_step([str(ROOT / "load_instruct_dataset.py"), "--dataset", str(work / "sft.jsonl"), "--out", str(root),
                       "--overwrite", "--no-progress", f"MAX_SEQ_LEN={s['seq_len']}", "VAL_FRACTION=0.1", *common], work)
-        train = shard_examples(root, "train")
-        val = shard_examples(root, "val")[: s["heldout"]]
+        import numpy as np
+
+        train, val = shard_examples(root, "train"), shard_examples(root, "val")
         write_jsonl(work / "sft_train.jsonl", ({"input_ids": e["tokens"].tolist(),
                                                  "labels": sft_labels(e["tokens"], e["mask"])} for e in train))
-        write_jsonl(work / "sft_heldout.jsonl", ({"input_ids": e["tokens"].tolist(),
-                                                   "labels": sft_labels(e["tokens"], e["mask"])} for e in val))
         lengths = [len(e["tokens"]) for e in train]
-        facts["sft"] = {"root": str(root), "train_examples": len(train), "heldout_examples": len(val),
-                        "mean_len": sum(lengths) / len(lengths), "max_len": max(lengths)}
-        K = len(val)
-        packed_rows = len(dataloaders.pack_rows(__import__("numpy").array([len(e["tokens"]) for e in val]) - 1,
-                                                __import__("numpy").arange(K), s["seq_len"])) - 1
+        facts["sft"] = {"root": str(root), "train_examples": len(train), "mean_len": sum(lengths) / len(lengths),
+                        "max_len": max(lengths)}
+        # held-out = the val examples (file order) our validation covers in whole micro-batches, up to s["heldout"]
+        K, B = min(s["heldout"], len(val)), s["batch"]
+        starts = dataloaders.pack_rows(np.array([len(e["tokens"]) for e in val]) - 1, np.arange(len(val)),
+                                       s["seq_len"])
+        packed_steps = max(1, int((starts[1:] <= K).sum()) // B)
+        covered = {"padded": (max(1, K // B), max(1, K // B) * B),
+                   "packed": (packed_steps, int(starts[min(packed_steps * B, len(starts) - 1)]))}
         for packed in (False, True):
             name = "packed" if packed else "padded"
+            val_steps, n_held = covered[name]
+            write_jsonl(work / f"sft_heldout_{name}.jsonl", ({"input_ids": e["tokens"].tolist(),
+                                                             "labels": sft_labels(e["tokens"], e["mask"])}
+                                                            for e in val[:n_held]))
             tokens, n_rows = replay_tokens("sft", root, s, packed, tok.pad_id)
-            val_steps = max(1, (packed_rows if packed else K) // s["batch"])
-            facts["sft"][name] = {"useful_tokens": tokens, "rows": n_rows, "val_steps": val_steps}
+            facts["sft"][name] = {"useful_tokens": tokens, "rows": n_rows, "val_steps": val_steps,
+                                  "heldout_examples": n_held}
 
     if "dpo" in specs:
         s = specs["dpo"]
@@ -317,7 +323,8 @@ def sft_rows(a, specs, facts, work, peer_py, table, record) -> None:
     for variant in ("packed", "padded"):
         sides[f"ours_{variant}"] = ours_cmd("sft", s, facts, work, variant)
     for name, packing in (("trl_defaults", False), ("trl_packing", True)):
-        spec = {**s, "model": facts["model"], "precision": facts["precision"], "packing": packing, "name": name}
+        spec = {**s, "model": facts["model"], "precision": facts["precision"], "packing": packing, "name": name,
+                "heldout_file": f"sft_heldout_{'packed' if packing else 'padded'}.jsonl"}
         sides[name] = ([str(peer_py), str(BENCH / "jobs_peer.py"), "sft", "--work", str(work), "--spec",
                         json.dumps(spec)], None)
     res = ab(sides, a.rounds, work, a.timeout)
@@ -351,7 +358,7 @@ def sft_rows(a, specs, facts, work, peer_py, table, record) -> None:
     for ours_name, peer in (("ours_packed", "trl_packing"), ("ours_padded", "trl_defaults")):
         ho, hp = stats[ours_name]["heldout_loss"], stats[peer]["heldout_loss"]
         table.append(row("SFT held-out loss", f"{ours_name.replace('_', ' ')} vs {peer.replace('_', ' ')} "
-                         f"({f['heldout_examples']} examples)", fmt(ho, ".4f"), fmt(hp, ".4f"),
+                         f"({f[ours_name.split('_')[1]]['heldout_examples']} examples)", fmt(ho, ".4f"), fmt(hp, ".4f"),
                          None, "within noise", None))
     for name in stats:
         table.append(row("SFT job wall s / peak MB", name.replace("_", " "),

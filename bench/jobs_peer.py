@@ -37,7 +37,14 @@ class CountingCollator:
     """Wraps the trainer's collator; counts the loss-carrying tokens of every batch it builds."""
 
     def __init__(self, inner, label_key: str = "labels", mask_key: str | None = None):
-        self.inner, self.label_key, self.mask_key, self.tokens, self.rows = inner, label_key, mask_key, 0, 0
+        self.inner, self.label_key, self.mask_key = inner, label_key, mask_key
+        self.batches: list[tuple[int, int]] = []  # (useful tokens, rows) per batch built
+
+    def consumed(self, spec: dict) -> tuple[int, int]:
+        """(useful tokens, rows) of the batches the run trained on: the data loader may build one batch ahead
+        of the last step, which no step uses."""
+        used = self.batches[: spec["steps"] * spec["accum"]]
+        return sum(t for t, _ in used), sum(r for _, r in used)
 
     def __call__(self, examples):
         batch = self.inner(examples)
@@ -45,8 +52,7 @@ class CountingCollator:
             labels = torch.where(batch[self.mask_key] > 0, batch["input_ids"], -100)
         else:
             labels = batch[self.label_key]
-        self.tokens += loss_tokens(labels, shifted=False)
-        self.rows += len(examples)
+        self.batches.append((loss_tokens(labels, shifted=False), len(examples)))
         return batch
 
 
@@ -81,10 +87,11 @@ def run_sft(work: Path, spec: dict) -> dict:
     trainer.train()
     seconds = time.perf_counter() - t0
     model.eval()
-    held = [(r["input_ids"], r["labels"]) for r in read_jsonl(work / "sft_heldout.jsonl")]
+    held = [(r["input_ids"], r["labels"]) for r in read_jsonl(work / spec["heldout_file"])]
     loss = heldout_loss(lambda x: model(input_ids=x).logits, held, autocast_for(spec))
-    return {"train_seconds": seconds, "useful_tokens": counter.tokens, "rows": counter.rows,
-            "heldout_loss": loss, "gradient_checkpointing": bool(cfg.gradient_checkpointing)}
+    tokens, rows = counter.consumed(spec)
+    return {"train_seconds": seconds, "useful_tokens": tokens, "rows": rows, "heldout_loss": loss,
+            "heldout_examples": len(held), "gradient_checkpointing": bool(cfg.gradient_checkpointing)}
 
 
 def run_dpo(work: Path, spec: dict) -> dict:
@@ -114,7 +121,8 @@ def run_dpo(work: Path, spec: dict) -> dict:
     trainer.train()
     seconds = time.perf_counter() - t0
     acc = [h["rewards/accuracies"] for h in trainer.state.log_history if "rewards/accuracies" in h]
-    return {"train_seconds": seconds, "useful_tokens": counter.tokens, "pairs": counter.rows,
+    tokens, pairs = counter.consumed(spec)
+    return {"train_seconds": seconds, "useful_tokens": tokens, "pairs": pairs,
             "reward_accuracy": sum(acc) / max(len(acc), 1), "gradient_checkpointing": bool(cfg.gradient_checkpointing)}
 
 
@@ -133,7 +141,8 @@ def run_pretrain(work: Path, spec: dict) -> dict:
     trainer.train()
     seconds = time.perf_counter() - t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"train_seconds": seconds, "useful_tokens": counter.tokens, "rows": counter.rows,
+    tokens, rows = counter.consumed(spec)
+    return {"train_seconds": seconds, "useful_tokens": tokens, "rows": rows,
             "final_loss": losses[-1] if losses else None}
 
 
