@@ -427,7 +427,7 @@ def pretrain_rows(a, specs, facts, work, peer_py, table, record) -> None:
 def generate_rows(a, specs, facts, work, peer_py, table, record) -> None:
     cmd = [PY, str(BENCH / "generate_throughput.py"), "--json", "--models", "smollm2", "--dtypes",
            facts["precision"], "--batches", "1", "8", "--new-tokens", "16" if a.quick else "64",
-           "--rounds", "1" if a.quick else "3", "--bandwidth"]
+           "--rounds", "1" if a.quick else "3", "--bandwidth", "--int8"]
     res = measure(cmd, ROOT, work / "log_generate.txt", a.timeout * 2)
     rows = [json.loads(ln) for ln in res["stdout"].splitlines() if ln.startswith("{")]
     record["generate"] = rows
@@ -441,6 +441,13 @@ def generate_rows(a, specs, facts, work, peer_py, table, record) -> None:
                          f"transformers {fmt(r.get('hf_fraction_of_bound'), '.0%')} (bound {fmt(bound, '.1f')} tok/s)",
                          fmt(r["ours_tokens_per_s"], ".1f"), fmt(r["hf_tokens_per_s"], ".1f"), r["ratio"],
                          "≥ 1.5×" if target else "", r["ratio"] >= 1.5 if target else None))
+        if "int8_ratio" in r:
+            quality = (f"; greedy agreement with {r['dtype']} {r['int8_greedy_agreement']:.0%}, perplexity "
+                       f"{r['ppl']:.2f} -> {r['int8_ppl']:.2f}" if "int8_ppl" in r else "")
+            table.append(row("generate tokens/s (greedy), int8 weights", f"SmolLM2-135M batch {r['batch']}: ours "
+                             f"int8 weight-only vs transformers + torch dynamic int8{quality}",
+                             fmt(r["ours_int8_tokens_per_s"], ".1f"), fmt(r["hf_int8_tokens_per_s"], ".1f"),
+                             r["int8_ratio"], "", None))
 
 
 def hellaswag_rows(a, specs, facts, work, peer_py, table, record) -> None:
