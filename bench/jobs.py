@@ -12,7 +12,8 @@ effective batch and step count, run A/B in one invocation.
 | generate | bench/generate_throughput.py (greedy, batch 1 and 8, plus the memory-bandwidth bound) | transformers `generate` |
 | hellaswag | bench/hellaswag_throughput.py | lm-evaluation-harness (its own venv) |
 
-Fairness: every side is a fresh process timed from start to exit (imports, model load, training, the final
+Precision: the auto rule is resolved once (its bf16-vs-fp32 probe can flip on a loaded machine) and the
+result is given to both sides. Fairness: every side is a fresh process timed from start to exit (imports, model load, training, the final
 held-out evaluation: the whole job), peak memory is that process's peak RSS (os.wait4). Both sides read the
 token ids of this repo's prepared shards (the peer gets them as pre-tokenized rows), so "useful tokens"
 (tokens that carry loss: SFT assistant content + end of turn, DPO responses, every pretraining target) is
@@ -261,7 +262,7 @@ def ours_cmd(job: str, s: dict, facts: dict, work: Path, variant: str) -> tuple[
     kv = {"MAX_SEQ_LEN": s["seq_len"], "MAX_BATCH_SIZE": s["batch"], "TOTAL_BATCH_SIZE": G * s["seq_len"],
           "MAX_STEPS": s["steps"], "MAX_LR": s["lr"], "MIN_LR": s["lr"], "LR_SCHEDULE": "constant",
           "WARMUP_STEPS": 0, "WEIGHT_DECAY": 0.0, "ADAMW_BETAS": "[0.9,0.999]", "GRAD_CLIP": 1.0,
-          "SEED": s["seed"], "TRAINING_PRECISION": "auto", "SAVE_CHECKPOINTS": "false", "GENERATE_EVERY_X_STEPS": 0,
+          "SEED": s["seed"], "TRAINING_PRECISION": facts["precision"], "SAVE_CHECKPOINTS": "false", "GENERATE_EVERY_X_STEPS": 0,
           "EARLY_STOPPING_PATIENCE": 0, "RUN_DIR": run_dir, "RESUME": "never",
           "PRETRAIN_SAVE_CHECKPOINTS_PATH": run_dir / "ckpt", "INSTRUCT_SAVE_CHECKPOINTS_PATH": run_dir / "ckpt",
           "DPO_SAVE_CHECKPOINTS_PATH": run_dir / "ckpt", "VALIDATE_EVERY_X_STEPS": 0}
