@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 
 @dataclass
@@ -36,7 +37,7 @@ class ModelArgs:
     rope_scaling: dict | None = None
     max_seq_len: int = 2048
     tie_embeddings: bool = False
-    attn_impl: str = "auto"  # "sdpa" | "math" | "auto" (= sdpa; "math" is the explicit reference path)
+    attn_impl: str = "auto"  # "sdpa" | "math" | "flex" | "auto" (= sdpa; "math" is the explicit reference path)
     extra: dict = field(default_factory=dict)  # free-form provenance, never read by the model
 
     def __post_init__(self) -> None:
@@ -48,8 +49,8 @@ class ModelArgs:
             raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
         if (self.dim // self.n_heads) % 2:
             raise ValueError(f"head_dim={self.dim // self.n_heads} must be even for RoPE")
-        if self.attn_impl not in ("auto", "sdpa", "math"):
-            raise ValueError(f"attn_impl={self.attn_impl!r}; expected auto, sdpa or math")
+        if self.attn_impl not in ("auto", "sdpa", "math", "flex"):
+            raise ValueError(f"attn_impl={self.attn_impl!r}; expected auto, sdpa, math or flex")
 
     @property
     def head_dim(self) -> int:
@@ -209,7 +210,9 @@ def attention(q, k, v, mask: torch.Tensor | None, impl: str) -> torch.Tensor:
     B, H, T, hd = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     n_rep = H // Hkv
-    if impl == "sdpa":
+    if isinstance(mask, BlockMask):  # packed documents, block-sparse (see Transformer.flex_for_documents)
+        return flex_attention(q, k, v, block_mask=mask, enable_gqa=n_rep > 1)
+    if impl in ("sdpa", "flex"):
         if mask is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_rep > 1)
         if mask.is_floating_point() and mask.dtype != q.dtype:
@@ -323,6 +326,14 @@ class Transformer(nn.Module):
             layer.feed_forward.w13 = None
         self.cache_len = 0
 
+    def flex_for_documents(self, device: torch.device) -> bool:
+        """Packed documents go through flex_attention's block-sparse kernel with attn_impl "flex", and with
+        "auto" on CUDA when the blocks are compiled: a dense (B, 1, T, T) mask keeps SDPA off its flash
+        kernel there, and flex_attention only has a fused kernel when compiled."""
+        impl = self.args.attn_impl
+        compiled = getattr(self.layers[0], "_compiled_call_impl", None) is not None
+        return impl == "flex" or (impl == "auto" and device.type == "cuda" and compiled)
+
     # ---- forward ------------------------------------------------------------------------------------
     def forward(
         self,
@@ -354,9 +365,12 @@ class Transformer(nn.Module):
                 raise ValueError("attn_mask excludes doc_ids, key_mask, start_pos and a KV cache")
             mask = attn_mask[:, None]  # (B, 1, T, T)
         if doc_ids is not None:
-            same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
-            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-            mask = (same_doc & causal)[:, None]  # (B, 1, T, T)
+            if self.flex_for_documents(device):
+                mask = document_block_mask(doc_ids)
+            else:
+                same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
+                causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+                mask = (same_doc & causal)[:, None]  # (B, 1, T, T)
             if positions is None:
                 positions = _positions_within_documents(doc_ids)
         if positions is None:
@@ -371,7 +385,8 @@ class Transformer(nn.Module):
                 own = torch.zeros(T, S, dtype=torch.bool, device=device)
                 own[torch.arange(T), start_pos + torch.arange(T)] = True
                 mask = mask | own[None, None]
-        if mask is not None or resolve_attn_impl(self.args.attn_impl, device) == "math":
+        if not isinstance(mask, BlockMask) and (mask is not None or
+                                                resolve_attn_impl(self.args.attn_impl, device) == "math"):
             # additive bias, built once per forward rather than once per layer (None = causal for SDPA)
             mask = causal_bias(mask, T, start_pos + T, device)
         rot = rope_rotations(self.inv_freq, positions)
@@ -382,6 +397,16 @@ class Transformer(nn.Module):
         if return_hidden:
             return h
         return self.output(h)  # (B, T, V)
+
+
+def document_block_mask(doc_ids: torch.Tensor) -> BlockMask:
+    """(B, T) document ids -> flex_attention's block mask: causal and within the same document."""
+    B, T = doc_ids.shape
+
+    def same_document_causal(b, h, q, kv):
+        return (doc_ids[b, q] == doc_ids[b, kv]) & (q >= kv)
+
+    return create_block_mask(same_document_causal, B, None, T, T, device=doc_ids.device)
 
 
 def _positions_within_documents(doc_ids: torch.Tensor) -> torch.Tensor:

@@ -183,7 +183,9 @@ SETTINGS: list[Setting] = [
     S("USE_TORCH_COMPILE", "system", "bool", False, "torch.compile each block"),
     S("USE_FSDP", "system", "bool", False, "FSDP2 fully_shard per block instead of DDP"),
     S("ACTIVATION_CHECKPOINTING", "system", "bool", False, "recompute block activations in backward"),
-    S("ATTN_IMPL", "system", "str", "auto", "auto | sdpa | math", choices=("auto", "sdpa", "math")),
+    S("ATTN_IMPL", "system", "str", "auto", "auto | sdpa | math | flex (auto = SDPA; packed documents go through "
+      "flex_attention's block-sparse kernel on CUDA when USE_TORCH_COMPILE=true; flex = always for packed "
+      "documents)", choices=("auto", "sdpa", "math", "flex")),
     S("PEAK_FLOPS", "system", "float", 0.0, "peak FLOP/s per device for MFU; 0 = measured on CPU, GPU datasheet table",
       min=0.0),
     S("TORCH_PROFILER_ENABLED", "system", "bool", False, "profile a few steps with torch.profiler"),

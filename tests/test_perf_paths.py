@@ -124,6 +124,29 @@ def test_model_forward_sdpa_equals_math_fp32(tiny_model, mask_kind):
     torch.testing.assert_close(outs["sdpa"], outs["math"], atol=1e-4, rtol=1e-4)
 
 
+def test_packed_documents_through_flex_attention_equal_math():
+    """attn_impl "flex" routes document masks through flex_attention's block mask (forward only on CPU: its
+    backward needs a GPU); auto uses it on CUDA only when the blocks are compiled."""
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=257, multiple_of=32, max_seq_len=160)
+    model = Transformer(args)
+    model.init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
+    x = torch.randint(0, 257, (2, 150), generator=torch.Generator().manual_seed(3))
+    doc_ids = torch.tensor([[0] * 40 + [1] * 100 + [2] * 10, [0] * 150])  # documents across 128-blocks
+    outs = {}
+    for impl in ("math", "flex"):
+        model.args.attn_impl = impl
+        for layer in model.layers:
+            layer.attention.attn_impl = impl
+        with torch.no_grad():
+            outs[impl] = model(x, doc_ids=doc_ids)
+    torch.testing.assert_close(outs["flex"], outs["math"], atol=1e-4, rtol=1e-4)
+    model.args.attn_impl = "auto"
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not model.flex_for_documents(cpu) and not model.flex_for_documents(cuda)
+    model.layers[0].compile()  # in place, as distributed.parallelize does; nothing runs here
+    assert model.flex_for_documents(cuda) and not model.flex_for_documents(cpu)
+
+
 def _ce_loss_and_grads(model, x, y, path: str, autocast: bool):
     model.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
