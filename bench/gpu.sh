@@ -39,7 +39,7 @@ echo "[train] 1b preset, 1 GPU, $STEPS steps" >&2
     MAX_STEPS="$STEPS" TRAINING_PRECISION=auto USE_TORCH_COMPILE=true RUN_DIR="$WORK/run_1b" \
     PRETRAIN_SAVE_CHECKPOINTS_PATH="$WORK/ckpt_1b" > "$WORK/train_1b.log" 2>&1 \
     || { tail -20 "$WORK/train_1b.log" >&2; row "1-GPU train smoke (1b)" "**failed**" "see the log above"; }
-"$PY" - "$WORK/run_1b/metrics.jsonl" >> "$ROWS" <<'EOF'
+"$PY" - "$WORK/run_1b/metrics.jsonl" >> "$ROWS" <<'EOF' || row "train tokens/s and MFU (1b)" "**fail**" "no step metrics"
 import json, statistics, sys, torch
 sys.path.insert(0, ".")
 import precision
@@ -57,7 +57,7 @@ EOF
 
 # ---- 2. generation smoke + tokens/s, one GPU -----------------------------------------------------------------
 echo "[generate] SmolLM2-135M, batch 1 and 8" >&2
-"$PY" - >> "$ROWS" <<'EOF'
+"$PY" - >> "$ROWS" <<'EOF' || row "1-GPU generate smoke" "**fail**" "see the traceback above"
 import sys, time, torch
 sys.path.insert(0, ".")
 import model_utils, tokenizer
