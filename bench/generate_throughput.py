@@ -177,8 +177,12 @@ def bench_one(name: str, dtype_name: str, batches: list[int], a: argparse.Namesp
         if a.bandwidth:
             bw, wb = copy_bandwidth(), weight_bytes(model)
             res.update(bandwidth_gb_s=bw / 1e9, weight_mb=wb / 2**20, bound_tokens_per_s=B * bw / wb)
+            # the int8 rows read int8 linear weights and their scales: their own, lower byte count
+            wb8 = sum(m.weight.numel() + 4 * m.weight.shape[0] for m in model.modules() if type(m) is torch.nn.Linear)
+            res.update(int8_weight_mb=wb8 / 2**20, int8_bound_tokens_per_s=B * bw / wb8)
             for k in fns:
-                res[f"{k}_fraction_of_bound"] = res[f"{k}_tokens_per_s"] / res["bound_tokens_per_s"]
+                bound = res["int8_bound_tokens_per_s" if k.endswith("int8") else "bound_tokens_per_s"]
+                res[f"{k}_fraction_of_bound"] = res[f"{k}_tokens_per_s"] / bound
         rows.append(res)
         print(json.dumps(res) if a.json else
               f"{name:<8} {dtype_name:<5} B={B:<2} ours {res['ours_tokens_per_s']:7.1f} tok/s  hf "

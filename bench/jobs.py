@@ -446,7 +446,10 @@ def generate_rows(a, specs, facts, work, peer_py, table, record) -> None:
             quality = (f"; greedy agreement with {r['dtype']} {r['int8_greedy_agreement']:.0%}, perplexity "
                        f"{r['ppl']:.2f} -> {r['int8_ppl']:.2f}" if "int8_ppl" in r else "")
             table.append(row("generate tokens/s (greedy), int8 weights", f"SmolLM2-135M batch {r['batch']}: ours "
-                             f"int8 weight-only vs transformers + torch dynamic int8{quality}",
+                             f"int8 weight-only vs transformers + torch dynamic int8{quality}; of the int8 bound "
+                             f"({fmt(r.get('int8_bound_tokens_per_s'), '.1f')} tok/s): ours "
+                             f"{fmt(r.get('ours_int8_fraction_of_bound'), '.0%')}, transformers "
+                             f"{fmt(r.get('hf_int8_fraction_of_bound'), '.0%')}",
                              fmt(r["ours_int8_tokens_per_s"], ".1f"), fmt(r["hf_int8_tokens_per_s"], ".1f"),
                              r["int8_ratio"], "", None))
 

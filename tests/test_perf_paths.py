@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 import model as model_mod
 from fused_ce import fused_linear_cross_entropy_sum, fused_sequence_logps
-from losses import sequence_logps
 from generate import generate
+from losses import sequence_logps
 from model import ModelArgs, Transformer
 
 

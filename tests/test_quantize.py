@@ -38,7 +38,7 @@ def test_int8_generate_equals_greedy_with_dequantized_weights():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ref = copy.deepcopy(model)
     with torch.no_grad():
-        for name, m in list(ref.named_modules()):
+        for m in list(ref.modules()):
             if type(m) is nn.Linear:
                 m.weight = nn.Parameter(Int8Linear(m).dequantized())  # unties the head: quantized as a head
     prompts = [[5, 17, 3, 9], [1, 2, 3, 4]]
