@@ -49,6 +49,8 @@ bench: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	bash -n bench/gpu.sh scripts/demo_posttrain.sh
+	if command -v shellcheck >/dev/null; then shellcheck bench/gpu.sh scripts/demo_posttrain.sh; fi
 
 # Rebuild the repo's tokenizer.model from the embedded corpus (reproducible byte for byte).
 tokenizer: setup

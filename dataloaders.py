@@ -40,6 +40,7 @@ from data_manifest import open_shard, verify
 from errors import UserError
 from losses import IGNORE_INDEX
 
+TRIM_MULTIPLE = 16  # a trimmed batch's width is a multiple of this
 PAD_SAMPLE_INDEX = -1  # reserved sample_index of a filler row (the loader itself never makes one)
 DATA_KIND = {"pretrain": "pretrain", "sft": "sft", "dpo": "dpo"}
 
@@ -126,7 +127,8 @@ def pack_rows(lengths: np.ndarray, order: np.ndarray, seq_len: int) -> np.ndarra
 class Loader:
     def __init__(self, kind: str, data: Any, split: str, seq_len: int, micro_batch: int, global_batch: int,
                  rank: int, world_size: int, seed: int, pad_id: int, packed: bool,
-                 doc_delimiters: tuple[int, int] | None = None, reset_positions: bool = True):
+                 doc_delimiters: tuple[int, int] | None = None, reset_positions: bool = True,
+                 trim: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
         self.kind, self.data, self.split = kind, data, split
@@ -140,6 +142,9 @@ class Loader:
         self.seed, self.pad_id, self.packed = seed, pad_id, packed and kind == "sft"
         self.doc_delimiters = doc_delimiters if kind == "pretrain" else None
         self.reset_positions = reset_positions
+        # padding to the batch's longest row, and length-sorted steps, for one-example-per-row batches
+        self.trim = trim and kind in ("sft", "dpo") and not self.packed
+        self.bucket = self.trim and self.shuffle
         self._epoch_cache: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
         self.reset()
 
@@ -191,12 +196,27 @@ class Loader:
         self._step, self._micro = (int(d["epoch"]), int(d["offset"])), 0
 
     # ---- batches ----------------------------------------------------------------------------------
+    def _sample_length(self, epoch: int, offset: int) -> int:
+        """Positions a padded sample fills (sft: the example; dpo: prompt + the longer response)."""
+        i = int(self._order(epoch)[0][offset])
+        lengths = self.data.lengths
+        return int(lengths[i] if lengths.ndim == 1 else lengths[i, 0] + lengths[i, 1:].max())
+
     def _samples(self) -> list[tuple[int, int]]:
-        """(epoch, offset) of this rank's B samples for the current micro-step."""
-        pos = self._advance(self._step, self._micro * self.B * self.W + self.rank * self.B)
-        out = [pos]
-        for _ in range(self.B - 1):
-            out.append(self._advance(out[-1], 1))
+        """(epoch, offset) of this rank's B samples for the current micro-step. With length bucketing the
+        step's G samples are first sorted by length (ties by position), so each micro-batch holds similar
+        lengths: the step still trains on the same samples (same gradient), with less padding."""
+        start = self._micro * self.B * self.W + self.rank * self.B
+        if self.bucket:
+            step = [self._step]
+            for _ in range(self.G - 1):
+                step.append(self._advance(step[-1], 1))
+            step.sort(key=lambda p: self._sample_length(*p))
+            out = step[start:start + self.B]
+        else:
+            out = [self._advance(self._step, start)]
+            for _ in range(self.B - 1):
+                out.append(self._advance(out[-1], 1))
         self._micro += 1
         if self._micro == self.A:
             self._step, self._micro = self._advance(self._step, self.G), 0
@@ -233,6 +253,9 @@ class Loader:
                 doc_ids[b, pos:pos + n] = d
                 pos += n
             doc_ids[b, pos:] = len(members)  # padding is its own document: nothing attends across it
+        if self.trim:
+            ids, labels = (a[:, :self._width(int((labels != IGNORE_INDEX).any(0).nonzero()[0].max(initial=0)) + 1)]
+                           for a in (ids, labels))
         out = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
         if self.packed:
             out["doc_ids"] = torch.from_numpy(doc_ids)
@@ -240,8 +263,15 @@ class Loader:
             out["sample_index"] = torch.tensor([int(self._order(e)[0][o]) for e, o in samples], dtype=torch.long)
         return out
 
+    def _width(self, used: int) -> int:
+        """Columns a trimmed batch keeps: its longest row rounded up to TRIM_MULTIPLE (few distinct shapes
+        for torch.compile), at most T."""
+        return min(self.T, -(-used // TRIM_MULTIPLE) * TRIM_MULTIPLE)
+
     def _dpo(self, indices: list[int]) -> dict[str, torch.Tensor]:
         B, T = self.B, self.T
+        if self.trim:  # the longest prompt + response of the batch, chosen or rejected
+            T = self._width(max(int(self.data.lengths[i, 0] + self.data.lengths[i, 1:].max()) - 1 for i in indices))
         out = {}
         for name, c in (("chosen", 1), ("rejected", 2)):
             ids = np.full((B, T), self.pad_id, dtype=np.int64)
@@ -271,7 +301,8 @@ def document_ids(ids: torch.Tensor, bos_id: int, eos_id: int) -> torch.Tensor:
 def build_loader(kind: str, root: str | Path, split: str, *, seq_len: int, micro_batch: int, global_batch: int,
                  rank: int, world_size: int, seed: int, pad_id: int | None, packed: bool = False,
                  tokenizer_identity: dict[str, Any] | None = None, check_hashes: bool = False,
-                 doc_delimiters: tuple[int, int] | None = None, reset_positions: bool = True) -> Loader:
+                 doc_delimiters: tuple[int, int] | None = None, reset_positions: bool = True,
+                 trim: bool = False) -> Loader:
     """kind: pretrain | sft | dpo; split: train | val. Verifies the data (manifest, tokenizer, shard sizes,
     hashes if asked) first; every problem is an errors.UserError naming the file and the fix.
 
@@ -295,4 +326,4 @@ def build_loader(kind: str, root: str | Path, split: str, *, seq_len: int, micro
                             f"allows; re-run the preparation with MAX_SEQ_LEN={seq_len} (examples are never cut "
                             "at load time)")
     return Loader(kind, data, split, seq_len, micro_batch, global_batch, rank, world_size, seed,
-                  0 if pad_id is None else pad_id, packed, doc_delimiters, reset_positions)
+                  0 if pad_id is None else pad_id, packed, doc_delimiters, reset_positions, trim)

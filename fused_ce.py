@@ -90,4 +90,17 @@ def fused_linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, l
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
-    return _FusedLinearCE.apply(hidden, weight, labels, ignore_index, chunk_size, torch.is_grad_enabled())
+    # only positions with a target go through the head (SFT prompts, DPO prompts and padding skip it)
+    valid = labels.reshape(-1) != ignore_index  # (N,)
+    h = hidden.reshape(-1, hidden.shape[-1])[valid]  # (n, d)
+    return _FusedLinearCE.apply(h, weight, labels.reshape(-1)[valid], ignore_index, chunk_size,
+                                torch.is_grad_enabled())
+
+
+def fused_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """losses.sequence_logps without the (R, T, V) logits: log p(response | prompt) per row, (R,) fp32, from
+    hidden (R, T, d), the head weight (V, d) and shifted labels (R, T) (ignore_index off the response). One
+    fused CE per row (a scalar each, so its gradient stays exact for a loss that is nonlinear in the rows)."""
+    return -torch.stack([fused_linear_cross_entropy_sum(hidden[r], weight, labels[r], ignore_index)
+                         for r in range(hidden.shape[0])])

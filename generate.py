@@ -18,6 +18,7 @@ commands /reset (forget the dialog) and /exit (or end of input).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +30,7 @@ import precision
 from errors import UserError, run_cli
 from model import Transformer
 from model_utils import load_model, tokenizer_source
+from quantize import int8_weights
 from tokenizer import ChatFormat, load_tokenizer
 
 
@@ -81,13 +83,15 @@ def generate(
     return_logits: bool = False,
     stop_check: Callable[[], None] | None = None,
     on_token: Callable[[int, int], None] | None = None,
+    int8: bool = False,
 ) -> list[list[int]] | tuple[list[list[int]], torch.Tensor]:
     """Continue each prompt; returns the new tokens per row, cut before the first stop id (the stop
     token itself is not included). Uses a KV cache sized to the longest prompt + max_new_tokens.
     return_logits: also return the fp32 logits (B, n_steps, V) each new token was sampled from
     (for tests and debugging). stop_check: called before every new token; it may raise to abandon the
     generation (the training loop's stop signal). on_token(row, token_id): called as each token of the
-    result is sampled (streaming), so exactly the returned tokens, in order."""
+    result is sampled (streaming), so exactly the returned tokens, in order. int8: decode with weight-only
+    int8 copies of the linear layers (quantize.int8_weights; half the bytes per token of bf16)."""
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens={max_new_tokens} must be >= 0")
     if top_k is not None and top_k < 1:
@@ -111,29 +115,32 @@ def generate(
     next_pos = positions[:, -1:] + 1  # (B, 1)
     was_training = model.training
     model.eval()
-    model.setup_caches(B, total, fuse_projections=True)  # frozen weights during generation
-    try:
-        logits = model(tokens, 0, positions=positions, key_mask=full_mask[:, :L])[:, -1]  # (B, V)
-        n = 0
-        for n in range(max_new_tokens):
-            if stop_check is not None:
-                stop_check()
-            if return_logits:
-                step_logits.append(logits.float())
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
-            out[:, n] = nxt
-            if on_token is not None:
-                for row in (~done & ~torch.isin(nxt, stop)).nonzero().flatten().tolist():
-                    on_token(row, int(nxt[row]))
-            done |= torch.isin(nxt, stop)
-            if bool(done.all()) or n == max_new_tokens - 1:
-                n += 1
-                break
-            logits = model(nxt[:, None], L + n, positions=next_pos, key_mask=full_mask[:, : L + n + 1])[:, -1]
-            next_pos = next_pos + 1
-    finally:
-        model.clear_caches()
-        model.train(was_training)
+    with int8_weights(model) if int8 else contextlib.nullcontext():
+        # frozen weights during generation; int8 keeps the projections apart (each one is an Int8Linear)
+        model.setup_caches(B, total, fuse_projections=not int8)
+        try:
+            h = model(tokens, 0, positions=positions, key_mask=full_mask[:, :L], return_hidden=True)  # (B, L, dim)
+            logits = model.output(h[:, -1])  # (B, V): only the last prompt position needs the head
+            n = 0
+            for n in range(max_new_tokens):
+                if stop_check is not None:
+                    stop_check()
+                if return_logits:
+                    step_logits.append(logits.float())
+                nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+                out[:, n] = nxt
+                if on_token is not None:
+                    for row in (~done & ~torch.isin(nxt, stop)).nonzero().flatten().tolist():
+                        on_token(row, int(nxt[row]))
+                done |= torch.isin(nxt, stop)
+                if bool(done.all()) or n == max_new_tokens - 1:
+                    n += 1
+                    break
+                logits = model(nxt[:, None], L + n, positions=next_pos, key_mask=full_mask[:, : L + n + 1])[:, -1]
+                next_pos = next_pos + 1
+        finally:
+            model.clear_caches()
+            model.train(was_training)
     results = []
     stop_set = set(stop_ids)
     for row in out[:, :n].tolist():
@@ -305,6 +312,8 @@ def main() -> int:
     ap.add_argument("--top-p", type=float, default=None)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--int8", action="store_true", help="decode with weight-only int8 linear layers (half the bytes "
+                    "per token of bf16; see bench/README.md for its greedy agreement and perplexity change)")
     ap.add_argument("--dtype", default="auto", choices=[*precision.CHOICES, *precision.ALIASES],
                     help="auto = bf16 where the device does it natively, else fp32 (fp16 on older GPUs)")
     ap.add_argument("--env-file", default=None, help="settings file whose HF_TOKEN / HF_HOME apply to hub "
@@ -322,7 +331,7 @@ def main() -> int:
     if not a.prompt:
         session = ChatSession(model, tok, system=a.system, max_new_tokens=a.max_new_tokens, stop_ids=stop,
                               pad_id=pad, sampling=dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                                                        seed=a.seed))
+                                                        seed=a.seed, int8=a.int8))
         interactive = sys.stdin.isatty()
         if interactive:
             try:
@@ -335,7 +344,7 @@ def main() -> int:
     prompts = [encode_prompt(tok, p, a.chat, a.system) for p in a.prompt]
     t0 = time.perf_counter()
     outs = generate(model, prompts, a.max_new_tokens, a.temperature, a.top_k, a.top_p, stop, a.seed,
-                    pad_id=pad)
+                    pad_id=pad, int8=a.int8)
     dt = time.perf_counter() - t0
     for i, ids in enumerate(outs):
         if len(outs) > 1:

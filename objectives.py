@@ -42,7 +42,7 @@ import precision
 import tokenizer
 from distributed import unwrap
 from errors import UserError, run_cli
-from fused_ce import fused_linear_cross_entropy_sum
+from fused_ce import fused_linear_cross_entropy_sum, fused_sequence_logps
 from losses import (
     IGNORE_INDEX,
     at_least_fp32,
@@ -166,6 +166,15 @@ def fused_loss_weight(model: nn.Module, n_tokens: int, device_type: str) -> torc
     return None if fp16 else weight
 
 
+def response_logps(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed log-probs of each row's targets (B,) fp32; with a fusable head only the target positions go
+    through it (fused_ce), else from the full logits."""
+    weight = fused_head_weight(model)
+    if weight is not None:
+        return fused_sequence_logps(model(ids, return_hidden=True), weight, labels)
+    return sequence_logps(logits_of(model, ids), labels)
+
+
 class LanguageModeling(Objective):
     """Next-token cross-entropy on every target whose label is not IGNORE_INDEX.
 
@@ -279,6 +288,9 @@ class Distillation(Objective):
                 raise UserError("TEACHER_CACHE_PATH is set but the batches carry no 'sample_index' (packed SFT rows "
                                 "have none): use SFT_BATCHING=padded, or unset TEACHER_CACHE_PATH to run the teacher live")
             logps, ids, tail = self.cache.lookup(batch["sample_index"], student_logits.device)  # (B,T,K)x2, (B,T)
+            if logps.shape[1] > student_logits.shape[1]:  # a batch trimmed of its padding (TRIM_PADDING)
+                T = student_logits.shape[1]
+                logps, ids, tail = logps[:, :T], ids[:, :T], tail[:, :T]
             if logps.shape[1] != student_logits.shape[1]:
                 raise UserError(f"teacher cache rows hold {logps.shape[1]} positions, batches {student_logits.shape[1]}"
                                 ": rebuild the cache with the same MAX_SEQ_LEN")
@@ -350,19 +362,19 @@ class DirectPreferenceOptimization(Objective):
             c, r = self.ref_cache.lookup(batch["sample_index"], ids.device)
             return torch.cat([c, r])
         if self.reference is not None:
-            return sequence_logps(logits_of(self.reference, ids), labels)
+            return response_logps(self.reference, ids, labels)
         if self.base_model is None:
             raise RuntimeError("DirectPreferenceOptimization.setup() was not called before loss()")
         if not any(True for _ in lora.lora_modules(self.base_model)):
             raise RuntimeError("LORA_ENABLED=true but the model has no adapters: apply_lora must run on the model "
                                "given to setup(); without adapters the policy would be its own reference")
         with lora.disable_lora(self.base_model):
-            return sequence_logps(logits_of(self.base_model, ids), labels)
+            return response_logps(self.base_model, ids, labels)
 
     def _forward(self, model: nn.Module, batch: dict[str, torch.Tensor]):
         ids, labels = concat_pairs(batch)
         B = batch["chosen_input_ids"].shape[0]
-        policy = sequence_logps(logits_of(model, ids), labels)  # (2B,) fp32
+        policy = response_logps(model, ids, labels)  # (2B,) fp32
         ref = self.reference_logps(batch, ids, labels)
         losses, cr, rr = dpo_loss(policy[:B], policy[B:], ref[:B], ref[B:], self.beta, self.label_smoothing,
                                   self.loss_type)

@@ -92,6 +92,9 @@ SETTINGS: list[Setting] = [
     S("PRETRAIN_DOC_RESET_POSITIONS", "data", "bool", False, "with PRETRAIN_DOC_MASKING: RoPE positions restart "
       "at 0 for each document in the window (false: positions count from the window start; under the mask "
       "RoPE sees only in-document distances, so both give the same logits up to rounding)"),
+    S("TRIM_PADDING", "data", "bool", True, "one-example-per-row batches (padded SFT, DPO) are padded only to their "
+      "longest row (rounded up to 16) and each optimizer step's samples are sorted by length before they are split "
+      "into micro-batches (the step trains on the same samples); false = every batch is MAX_SEQ_LEN wide"),
     S("VERIFY_DATA", "data", "bool", False, "check every shard's sha256 against its manifest before training "
       "starts (reads the whole dataset once)"),
     # ---- training ------------------------------------------------------------------------------

@@ -293,7 +293,8 @@ def build_loaders(cfg, objective, tok, info: D.DistInfo, G: int):
     pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
     common = dict(seq_len=cfg.model.max_seq_len, micro_batch=t.max_batch_size, rank=info.rank,
                   world_size=info.world_size, seed=t.seed, pad_id=pad, packed=cfg.data.sft_batching == "packed",
-                  tokenizer_identity=tok.identity(), **objective.loader_options(tok))
+                  tokenizer_identity=tok.identity(), trim=cfg.data.trim_padding,
+                  **objective.loader_options(tok))
     train = dataloaders.build_loader(objective.batch_format, root, "train", global_batch=G,
                                      check_hashes=cfg.data.verify_data, **common)  # hashes every split's shards
     val = dataloaders.build_loader(objective.batch_format, root, "val",

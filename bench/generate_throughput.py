@@ -10,6 +10,13 @@ the same dtype. Both decode the same random prompt (same length in every row, so
 exactly --new-tokens tokens: ours with no stop ids, transformers with min_new_tokens = max_new_tokens.
 Calls alternate A B A B in one process (the machine is shared; drift hits both alike); tokens/s is
 B * new_tokens / median wall time of a full generate call (prefill included, model loading excluded).
+--bandwidth adds the memory-bandwidth bound: decoding one step reads every weight once (the tied head
+included), so B * bandwidth / weight bytes tokens/s is the most any implementation can decode at batch B;
+the bandwidth is measured in the run by copying a 1 GiB buffer (read + write counted).
+--int8 adds the weight-only int8 row (generate(int8=True)) against transformers with torch's dynamic int8
+linear layers (`torch.ao.quantization.quantize_dynamic`, int8 weights, fp32 activations: its CPU int8 path),
+plus what int8 costs ours: greedy agreement with the unquantized model on natural prompts (the demo set's
+answers) and the perplexity of those texts with and without int8.
 """
 
 from __future__ import annotations
@@ -70,16 +77,85 @@ def hf_fn(hf, prompts: list[list[int]], n: int):
     return run
 
 
+def copy_bandwidth(nbytes: int = 2**30, rounds: int = 3) -> float:
+    """Bytes/s of a large buffer copy (read + write), best of `rounds`: the memory bandwidth decoding can use."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the distinct weights a decode step reads (a tied head is the embedding, counted once)."""
+    seen = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+    return sum(seen.values())
+
+
+def natural_texts(n: int) -> list[str]:
+    import demo_data
+
+    return [answer for _, answer in demo_data.demo_items(max_chars=1200, modules=False)[:n]]
+
+
+def int8_quality(model, name: str, prompt_len: int, new_tokens: int) -> dict:
+    """Greedy agreement (same token at the same step) and perplexity, unquantized vs int8, on natural text."""
+    from quantize import int8_weights
+    from tokenizer import load_tokenizer
+
+    if name != "smollm2":
+        return {}
+    tok = load_tokenizer(str(model_utils.smollm2_gguf()))
+    ids = [tok.encode(t)[:256] for t in natural_texts(8)]
+    prompts = [x[:prompt_len] for x in ids if len(x) > prompt_len]
+    base = generate(model, prompts, new_tokens, temperature=0.0)
+    q = generate(model, prompts, new_tokens, temperature=0.0, int8=True)
+    same = sum(x == y for rb, rq in zip(base, q, strict=True) for x, y in zip(rb, rq, strict=False))
+    total = sum(len(r) for r in base)
+
+    def ppl() -> float:
+        nll, count = 0.0, 0
+        with torch.no_grad():
+            for x in ids:
+                t = torch.tensor([x])
+                logits = model(t[:, :-1]).float()
+                nll += float(torch.nn.functional.cross_entropy(logits[0], t[0, 1:], reduction="sum"))
+                count += len(x) - 1
+        return float(torch.exp(torch.tensor(nll / count)))
+
+    p_base = ppl()
+    with int8_weights(model):
+        p_int8 = ppl()
+    return {"int8_greedy_agreement": same / max(total, 1), "ppl": p_base, "int8_ppl": p_int8}
+
+
+def hf_int8(hf):
+    """transformers' model with torch's dynamic int8 linear layers (int8 weights; fp32 activations)."""
+    import copy
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(hf).float(), {torch.nn.Linear}, dtype=torch.qint8)
+
+
 def bench_one(name: str, dtype_name: str, batches: list[int], a: argparse.Namespace) -> list[dict]:
     dtype = precision.dtype_of(dtype_name)
     model, args = load_ours(name, dtype)
     with tempfile.TemporaryDirectory() as tmp:
         hf = load_hf(model, args, dtype, Path(tmp))
+    hf_q = hf_int8(hf) if a.int8 else None
     rows = []
     g = torch.Generator().manual_seed(1)
     for B in batches:
         prompt = torch.randint(100, args.vocab_size, (B, a.prompt_len), generator=g).tolist()
         fns = {"ours": ours_fn(model, prompt, a.new_tokens), "hf": hf_fn(hf, prompt, a.new_tokens)}
+        if a.int8:
+            fns["ours_int8"] = lambda p=prompt: generate(model, p, a.new_tokens, temperature=0.0, int8=True)
+            fns["hf_int8"] = hf_fn(hf_q, prompt, a.new_tokens)
         outs = {k: f() for k, f in fns.items()}  # warm-up (and the outputs compared below)
         times: dict[str, list[float]] = {k: [] for k in fns}
         for _ in range(a.rounds):
@@ -94,6 +170,19 @@ def bench_one(name: str, dtype_name: str, batches: list[int], a: argparse.Namesp
         for k in fns:
             res[f"{k}_tokens_per_s"] = B * a.new_tokens / statistics.median(times[k])
         res["ratio"] = res["ours_tokens_per_s"] / res["hf_tokens_per_s"]
+        if a.int8:
+            res["int8_ratio"] = res["ours_int8_tokens_per_s"] / res["hf_int8_tokens_per_s"]
+            if B == batches[0]:
+                res.update(int8_quality(model, name, a.prompt_len, a.new_tokens))
+        if a.bandwidth:
+            bw, wb = copy_bandwidth(), weight_bytes(model)
+            res.update(bandwidth_gb_s=bw / 1e9, weight_mb=wb / 2**20, bound_tokens_per_s=B * bw / wb)
+            # the int8 rows read int8 linear weights and their scales: their own, lower byte count
+            wb8 = sum(m.weight.numel() + 4 * m.weight.shape[0] for m in model.modules() if type(m) is torch.nn.Linear)
+            res.update(int8_weight_mb=wb8 / 2**20, int8_bound_tokens_per_s=B * bw / wb8)
+            for k in fns:
+                bound = res["int8_bound_tokens_per_s" if k.endswith("int8") else "bound_tokens_per_s"]
+                res[f"{k}_fraction_of_bound"] = res[f"{k}_tokens_per_s"] / bound
         rows.append(res)
         print(json.dumps(res) if a.json else
               f"{name:<8} {dtype_name:<5} B={B:<2} ours {res['ours_tokens_per_s']:7.1f} tok/s  hf "
@@ -111,6 +200,9 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", action="store_true", help="one JSON line per row")
+    p.add_argument("--bandwidth", action="store_true", help="also report the memory-bandwidth bound (1 GiB copy)")
+    p.add_argument("--int8", action="store_true", help="also time weight-only int8 decoding (ours) against "
+                   "transformers with torch's dynamic int8 linear layers, with int8's greedy agreement and perplexity")
     a = p.parse_args()
     for name in a.models:
         for dt in a.dtypes:

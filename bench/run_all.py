@@ -6,7 +6,8 @@ Jobs (each in its own subprocess, each with a timeout so one slow job cannot eat
 training step vs transformers (bench/train_throughput.py) on `small` and `smollm2-135m`: in bf16 eager and
 torch.compile plus fp32 eager where the CPU has native bf16, fp32 eager and compiled where it does not; greedy generation vs transformers generate (bench/generate_throughput.py) on SmolLM2-135M
 and `tiny`; data preparation vs raw tiktoken (bench/data_prep.py); HellaSwag evaluator vs a per-ending
-loop (bench/hellaswag_throughput.py, lm-eval skipped: it needs its own venv). --quick shrinks every job
+loop (bench/hellaswag_throughput.py, lm-eval skipped: it needs its own venv); whole jobs against TRL,
+transformers Trainer / generate and lm-eval (bench/jobs.py, peers in bench-only venvs). --quick shrinks every job
 (shorter sequences, fewer rounds) for a smoke run; the targets are only judged on the full settings.
 Figures are ratios measured side by side inside one process; absolute numbers drift with machine load.
 The header names the CPU, PyTorch's kernel capability and the precision rule's measurement, so every
@@ -156,17 +157,27 @@ def hellaswag_rows(a: argparse.Namespace, table: list[tuple]) -> None:
             table.append(("hellaswag examples/s", f"ours vs {r[0]}", ours[1], r[1], r[5], "", "—"))
 
 
+def jobs_rows(a: argparse.Namespace, table: list[tuple]) -> None:
+    """bench/jobs.py: whole jobs against TRL / transformers Trainer / generate / lm-eval; its table's rows."""
+    out, status = run([PY, "bench/jobs.py", *(["--quick"] if a.quick else [])], a.timeout * 12)
+    rows = [r for r in md_rows(out) if len(r) == 7 and r[0] != "job"]
+    if not rows:
+        table.append(("whole jobs (bench/jobs.py)", "", status, "", "", "", verdict(None)))
+    table.extend(tuple(r) for r in rows)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: smaller shapes, fewer rounds")
     p.add_argument("--timeout", type=float, default=240.0, help="seconds per job (compiled jobs get 2x)")
-    p.add_argument("--only", nargs="+", default=["train", "generate", "data_prep", "hellaswag"],
-                   choices=["train", "generate", "data_prep", "hellaswag"])
+    p.add_argument("--only", nargs="+", default=["train", "generate", "data_prep", "hellaswag", "jobs"],
+                   choices=["train", "generate", "data_prep", "hellaswag", "jobs"])
     p.add_argument("--out", default=str(ROOT / "bench" / "results.md"))
     a = p.parse_args()
     t0 = time.perf_counter()
     table: list[tuple] = []
-    jobs = {"train": train_rows, "generate": generate_rows, "data_prep": data_prep_rows, "hellaswag": hellaswag_rows}
+    jobs = {"train": train_rows, "generate": generate_rows, "data_prep": data_prep_rows, "hellaswag": hellaswag_rows,
+            "jobs": jobs_rows}
     for name in a.only:
         print(f"[{name}]", file=sys.stderr, flush=True)
         try:

@@ -6,6 +6,8 @@
 - interleaved-pair RoPE with precomputed (cos, -sin/+sin) == rotating each pair by hand (complex multiply).
 - fused chunked output projection + cross-entropy == logits @ F.cross_entropy(sum): loss and both
   gradients, with ignored labels, ragged last chunk, tied weights, fp32 and bf16 autocast.
+- per-row response log-probs through the fused head (fused_sequence_logps, the DPO path) == log_softmax of
+  the full logits (losses.sequence_logps), values and gradients, with a non-linear loss on the rows.
 - compiled decode in generate() == eager generate() token for token (fp32 logits within 1e-4).
 """
 
@@ -16,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 import model as model_mod
-from fused_ce import fused_linear_cross_entropy_sum
+from fused_ce import fused_linear_cross_entropy_sum, fused_sequence_logps
 from generate import generate
+from losses import sequence_logps
 from model import ModelArgs, Transformer
 
 
@@ -186,6 +189,24 @@ def test_fused_ce_no_grad_and_all_ignored():
     loss = fused_linear_cross_entropy_sum(hh, w, torch.full((4,), -100))
     loss.backward()
     assert loss.item() == 0.0 and hh.grad.abs().max().item() == 0.0
+
+
+def test_fused_sequence_logps_equals_full_logits_values_and_grads(tiny_model):
+    x, y = _ce_batch()
+    results = []
+    for fused in (False, True):
+        tiny_model.zero_grad()
+        if fused:
+            lp = fused_sequence_logps(tiny_model(x, return_hidden=True), tiny_model.output.weight, y)
+        else:
+            lp = sequence_logps(tiny_model(x), y)
+        # a loss that is not linear in the rows (like DPO's): each row's gradient must carry its own weight
+        loss = -F.logsigmoid(lp * torch.linspace(0.01, 0.05, lp.shape[0])).sum()
+        loss.backward()
+        results.append((lp.detach(), {n: p.grad.clone() for n, p in tiny_model.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-3, rtol=1e-5)
+    for n, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][n], g, atol=1e-5, rtol=1e-4, msg=n)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])

@@ -1,0 +1,76 @@
+"""bench/jobs.py's shared measurements: one useful-token count for both label conventions, a held-out loss
+equal to the training loop's validation, and the GPU script is valid bash (it cannot run here)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import config
+import data_preparation_utils as dpu
+import dataloaders as dl
+import demo_data
+import load_instruct_dataset as lid
+import objectives
+import tokenizer
+from model import Transformer
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import jobs_common  # noqa: E402
+
+T = 256
+
+
+@pytest.fixture(scope="module")
+def sft(tmp_path_factory):
+    tok = tokenizer.load_tokenizer(ROOT / "tokenizer.model")
+    root = tmp_path_factory.mktemp("jobs") / "sft"
+    dpu.prepare("sft", demo_data.demo_instruct_set(300, modules=False)[:40], root, lid.SFTEncoder(tok, "", 0, T),
+                tokenizer_identity=tok.identity(), source="test", seed=1, val_fraction=0.0, shard_size=4000,
+                progress=False)
+    return tok, root
+
+
+def test_useful_tokens_are_one_count_for_our_batches_and_the_peers_rows(sft):
+    tok, root = sft
+    examples = jobs_common.shard_examples(root, "train")
+    # the peer's rows: unshifted labels built from the shard's mask
+    peer = sum(jobs_common.loss_tokens([jobs_common.sft_labels(e["tokens"], e["mask"])], shifted=False)
+               for e in examples)
+    # our loader's batches over one epoch (shifted labels), padded and packed
+    for packed in (False, True):
+        ld = dl.build_loader("sft", root, "train", seq_len=T, micro_batch=1, global_batch=1, rank=0, world_size=1,
+                             seed=0, pad_id=tok.pad_id, packed=packed)
+        ours = sum(jobs_common.loss_tokens(ld.next_batch()["labels"], shifted=True)
+                   for _ in range(ld.samples_per_epoch))
+        assert ours == peer
+    by_hand = sum(int(e["mask"][1:].sum()) for e in examples)  # targets: the trained tokens after the first
+    assert peer == by_hand > 0
+
+
+def test_heldout_loss_equals_the_loops_validation(sft):
+    tok, root = sft
+    cfg = config.load_config(None, {"MODEL_PRESET": "debug"}, use_environ=False)
+    torch.manual_seed(0)
+    model = Transformer(cfg.model_args(tok.vocab_size)).eval()
+    examples = jobs_common.shard_examples(root, "train")
+    rows = [(e["tokens"].tolist(), jobs_common.sft_labels(e["tokens"], e["mask"])) for e in examples]
+    got = jobs_common.heldout_loss(lambda x: model(x), rows, torch.no_grad)
+    # the loop's validation loss over the same examples: one padded batch holding the whole epoch
+    n = len(examples)
+    batch = dl.build_loader("sft", root, "train", seq_len=T, micro_batch=n, global_batch=n, rank=0, world_size=1,
+                            seed=0, pad_id=tok.pad_id).next_batch()
+    assert sorted(batch["sample_index"].tolist()) == list(range(n))
+    loss_sum, units = objectives.SupervisedFineTuning(cfg).eval_loss(model, batch)
+    assert got == pytest.approx(float(loss_sum) / units, rel=1e-5)
+
+
+def test_gpu_script_is_valid_bash():
+    r = subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu.sh")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

@@ -1,0 +1,105 @@
+"""TRIM_PADDING: one-example-per-row batches (padded SFT, DPO) are cut to their longest row and each step's
+samples are length-sorted into micro-batches; the step holds the same samples and the loss is unchanged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import config
+import data_preparation_utils as dpu
+import dataloaders as dl
+import demo_data
+import load_dpo_dataset as ldpo
+import load_instruct_dataset as lid
+import objectives
+import tokenizer
+from losses import IGNORE_INDEX
+from model import Transformer
+
+ROOT = Path(__file__).resolve().parent.parent
+T, B, G = 256, 2, 8
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tokenizer.load_tokenizer(ROOT / "tokenizer.model")
+
+
+@pytest.fixture(scope="module")
+def data(tok, tmp_path_factory):
+    root = tmp_path_factory.mktemp("trim")
+    kw = dict(tokenizer_identity=tok.identity(), source="test", seed=1, val_fraction=0.2, progress=False)
+    dpu.prepare("sft", demo_data.demo_instruct_set(300, modules=False), root / "sft", lid.SFTEncoder(tok, "", 0, T),
+                shard_size=2000, **kw)
+    dpu.prepare("dpo", demo_data.demo_preference_set(300, modules=False), root / "dpo", ldpo.DPOEncoder(tok, "", T),
+                shard_size=3000, **kw)
+    return root
+
+
+def loader(data, tok, kind, trim):
+    return dl.build_loader(kind, data / kind, "train", seq_len=T, micro_batch=B, global_batch=G, rank=0,
+                           world_size=1, seed=3, pad_id=tok.pad_id, tokenizer_identity=tok.identity(), trim=trim)
+
+
+def rows_by_sample(batch: dict, keys: list[str]) -> dict[int, list[list[int]]]:
+    return {int(i): [batch[k][r].tolist() for k in keys] for r, i in enumerate(batch["sample_index"])}
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_trimmed_steps_hold_the_same_samples_cut_to_their_longest_row(data, tok, kind):
+    keys = ["input_ids", "labels"] if kind == "sft" else ["chosen_input_ids", "chosen_labels", "rejected_input_ids",
+                                                          "rejected_labels"]
+    full, trimmed = loader(data, tok, kind, False), loader(data, tok, kind, True)
+    narrower = 0
+    for _ in range(3):  # optimizer steps
+        want: dict[int, list[list[int]]] = {}
+        got: dict[int, list[list[int]]] = {}
+        longest = []
+        for _ in range(G // B):
+            want.update(rows_by_sample(full.next_batch(), keys))
+            b = trimmed.next_batch()
+            width = b[keys[0]].shape[1]
+            assert width == T or width % dl.TRIM_MULTIPLE == 0
+            narrower += width < T
+            got.update(rows_by_sample(b, keys))
+            ends = [max((j for j, y in enumerate(b[k][r].tolist()) if y != IGNORE_INDEX), default=0)
+                    for r in range(B) for k in keys[1::2]]
+            longest.append(max(ends))
+        assert sorted(got) == sorted(want)  # the same samples in the step
+        for i, rows in got.items():
+            for n, (cut, whole) in enumerate(zip(rows, want[i], strict=True)):
+                assert cut == whole[:len(cut)]
+                if n % 2:  # labels: nothing trained was cut
+                    assert set(whole[len(cut):]) <= {IGNORE_INDEX}
+        assert longest == sorted(longest)  # micro-batches in length order
+    assert narrower > 0
+
+
+def test_trimmed_batch_gives_the_same_loss_and_gradients(data, tok):
+    cfg = config.load_config(None, {"MODEL_PRESET": "debug", "TRAINING_STAGE": "dpo"}, use_environ=False)
+    torch.manual_seed(0)
+    model = Transformer(cfg.model_args(tok.vocab_size))
+    for kind, objective in (("sft", objectives.SupervisedFineTuning(cfg)),
+                            ("dpo", objectives.DirectPreferenceOptimization(cfg))):
+        objective.setup(model, tok, torch.device("cpu"))
+        batch = loader(data, tok, kind, True).next_batch()
+        full = loader(data, tok, kind, False)
+        by_index = {}
+        for _ in range(G // B):
+            fb = full.next_batch()
+            for r, i in enumerate(fb["sample_index"].tolist()):
+                by_index[i] = {k: v[r] for k, v in fb.items()}
+        wide = {k: torch.stack([by_index[i][k] for i in batch["sample_index"].tolist()]) for k in batch}
+        assert wide[next(iter(batch))].shape[1] > batch[next(iter(batch))].shape[1]
+        results = []
+        for b in (batch, wide):
+            model.zero_grad()
+            loss, _ = objective.loss(model, b)
+            loss.backward()
+            results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+        for g1, g2 in zip(results[0][1], results[1][1], strict=True):
+            torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
