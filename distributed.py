@@ -87,10 +87,10 @@ def _tcp_store(rank: int, world: int, timeout_s: float) -> dist.Store:
 
 
 def destroy() -> None:
-    global _FLAG_GROUP
+    global _FLAG_GROUP, _CHECKPOINT_GROUP
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-    _FLAG_GROUP = None
+    _FLAG_GROUP = _CHECKPOINT_GROUP = None
 
 
 # ---- rank helpers -------------------------------------------------------------------------------------
@@ -145,6 +145,21 @@ def any_rank(flag: bool) -> bool:
     t = torch.tensor([float(flag)])
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_FLAG_GROUP)
     return bool(t.item())
+
+
+_CHECKPOINT_GROUP: Any = None  # a CPU (gloo) group for checkpoint writes, created on first use
+
+
+def checkpoint_group() -> Any:
+    """The process group checkpoint writes coordinate over (None in one process). A gloo group of its own, so
+    a write running in the background (async save) never interleaves its collectives with the training
+    step's. Collective on first use."""
+    global _CHECKPOINT_GROUP
+    if not is_dist() or dist.get_world_size() == 1:
+        return None
+    if _CHECKPOINT_GROUP is None:
+        _CHECKPOINT_GROUP = dist.new_group(backend="gloo")
+    return _CHECKPOINT_GROUP
 
 
 # ---- wrapping -----------------------------------------------------------------------------------------

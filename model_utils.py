@@ -34,7 +34,7 @@ import precision
 from errors import UserError, run_cli
 from fileio import atomic_dir, check_new_dir, read_json
 from model import ModelArgs, Transformer
-from model_formats import export_hf, export_meta, load_gguf, load_hf, load_meta, load_safetensors
+from model_formats import export_hf, export_meta, load_gguf, load_hf, load_meta
 from tokenizer import load_tokenizer
 
 
@@ -193,10 +193,7 @@ def _load_ours(path: Path, lora_base: str | None = None,
     """-> (args, state dict, LoRA spec when the state dict holds unmerged adapters, else None)."""
     cfg = read_json(path / ckpt.CONFIG_FILE)
     args = ModelArgs.from_dict(cfg["model_args"])
-    weights = path / ckpt.MODEL_FILE
-    if not weights.is_file():
-        raise UserError(f"{path} has {ckpt.CONFIG_FILE} but no {ckpt.MODEL_FILE}; the checkpoint is incomplete")
-    sd = load_safetensors(weights)
+    sd = ckpt.read_model_tensors(path)
     if not cfg.get("lora"):
         return args, sd, None
     base = _load_lora_base(path, cfg, lora_base)  # adapters only: rebuild the base first

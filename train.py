@@ -370,14 +370,12 @@ class StepResult:
 def initial_state(cfg: config.Config, args: argparse.Namespace, resume_dir: Path | None, init_source: str,
                   model: nn.Module, margs: ModelArgs, init_fingerprint: str | None = None,
                   requested: str = "") -> ckpt.TrainerState:
-    """A fresh state, or the checkpoint's (weights copied into the unwrapped model, before FSDP2 shards them);
-    --reset-optimizer takes only the weights, --start-step overrides the step counter."""
+    """A fresh state, or the checkpoint's (its weights are loaded after parallelize, so each FSDP2 rank reads
+    only its shards); --reset-optimizer takes only the weights, --start-step overrides the step counter."""
     state = ckpt.TrainerState(stage=cfg.training.training_stage, parent=init_source or None,
                               parent_fingerprint=init_fingerprint, parent_requested=requested or None)
-    if resume_dir is not None:
-        ckpt.load_model_weights(resume_dir, model, base_config_sha=ckpt.config_sha(margs.to_dict()))
-        if not args.reset_optimizer:
-            state = ckpt.read_trainer_state(resume_dir)
+    if resume_dir is not None and not args.reset_optimizer:
+        state = ckpt.read_trainer_state(resume_dir)
     if args.start_step is not None:
         state.step = args.start_step
     return state
@@ -418,6 +416,8 @@ def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) ->
                         cfg.lora.lora_dropout)
     state = initial_state(cfg, args, resume_dir, init_source, model, margs, init_fingerprint, requested)
     wrapped = D.parallelize(model, cfg, device)
+    if resume_dir is not None:
+        ckpt.load_model_weights(resume_dir, model, base_config_sha=ckpt.config_sha(margs.to_dict()))
     optimizer = optim.build_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type) if prec.name == "fp16" else None
     ptdtype = prec.dtype
@@ -483,7 +483,8 @@ def save_checkpoint(run: Run, best: bool = False) -> None:
              "grad_scaler": run.scaler.state_dict() if run.scaler is not None else None}
     ckpt.save(run.save_root, state.step, run.model, run.optimizer, trainer_state=state.to_dict(), config=conf,
               lora=cfg.lora.lora_enabled, best=best, keep=cfg.checkpoint.max_number_checkpoints,
-              extra_optimizer_json=extra, peft_adapter=cfg.lora.lora_save_peft_adapter)
+              extra_optimizer_json=extra, peft_adapter=cfg.lora.lora_save_peft_adapter,
+              async_save=cfg.checkpoint.checkpoint_async)
     run.saved_step = state.step
 
 
@@ -662,6 +663,7 @@ def train(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) -> int
                 if last_step or stop_early:
                     break
                 result = optimizer_step(run, spikes)
+                ckpt.poll_pending()  # an async save whose write finished is published now
                 control.step_done(result.dt)
                 loss = result.loss
                 if prof is not None:
@@ -671,6 +673,8 @@ def train(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) -> int
         except StopRequested as e:
             stopped = True
             stop_and_checkpoint(run, str(e))
+        finally:
+            ckpt.wait_pending()  # `latest` names the last save before the run ends, also when it fails
     if prof is not None:
         prof.stop()
     finish(run, loss, time.time() - t_start, stopped)

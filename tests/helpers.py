@@ -118,6 +118,22 @@ def make_parent(out: Path, seed: int = 7) -> Path:
     return out / "step_0000000"
 
 
+def model_shards(step: Path) -> list[Path]:
+    """The model's shard files in a checkpoint of ours (one per writing rank)."""
+    return sorted((Path(step) / "model").glob("*.safetensors"))
+
+
+def shift_model_weights(step: Path, delta: float) -> None:
+    """Add `delta` to every model weight of a checkpoint of ours in place, shard by shard (headers kept)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    for f in model_shards(step):
+        with safe_open(str(f), framework="pt") as h:
+            meta = h.metadata()
+        save_file({k: v + delta for k, v in load_file(str(f)).items()}, str(f), metadata=meta)
+
+
 def wandb_records(path: Path) -> list[bytes]:
     """Records of a .wandb file: a 7-byte header (':W&B', magic, version), then the LevelDB log format
     (32 KiB blocks; chunks of crc32 (4) + length (2, LE) + type (1: full, 2: first, 3: middle, 4: last))."""
