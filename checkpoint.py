@@ -45,6 +45,7 @@ import random
 import re
 import shutil
 import signal
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, fields
@@ -270,6 +271,11 @@ def _tensors_only_planner():
     return TensorsOnlyPlanner()
 
 
+def _single_process_is_meant() -> None:
+    """DCP warns on every call without a process group; one process is a supported way to run here."""
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
 def _dcp_write(state: dict[str, torch.Tensor], out: Path, async_save: bool) -> Future | None:
     """Every rank writes its pieces of `state` into `out` (a directory all ranks see). async_save: staged in
     memory, written in the background; -> the future of that write."""
@@ -279,6 +285,7 @@ def _dcp_write(state: dict[str, torch.Tensor], out: Path, async_save: bool) -> F
     bad = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
     if bad:
         raise AssertionError(f"non-tensor values {bad[:3]} passed to the sharded checkpoint writer")
+    _single_process_is_meant()
     writer = HuggingFaceStorageWriter(str(out), save_distributed=True)
     kw = dict(storage_writer=writer, planner=_tensors_only_planner(), process_group=D.checkpoint_group(),
               no_dist=not D.is_dist())
@@ -306,6 +313,7 @@ def _dcp_read(state: dict[str, torch.Tensor], d: Path) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
+    _single_process_is_meant()
     try:
         dcp.load(state, storage_reader=HuggingFaceStorageReader(str(d)), no_dist=not D.is_dist())
     except Exception as e:

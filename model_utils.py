@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 from collections.abc import Callable
@@ -34,7 +35,7 @@ import precision
 from errors import UserError, run_cli
 from fileio import atomic_dir, check_new_dir, read_json
 from model import ModelArgs, Transformer
-from model_formats import export_hf, export_meta, load_gguf, load_hf, load_meta
+from model_formats import export_hf, export_hf_tensors, export_meta, load_gguf, load_hf, load_meta
 from tokenizer import load_tokenizer
 
 
@@ -228,6 +229,32 @@ _LOADERS: dict[str, Callable[[Path], tuple[ModelArgs, dict[str, torch.Tensor]]]]
 }
 
 
+# ---- HF export of a checkpoint without building the model ---------------------------------------------
+def export_hf_from_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike,
+                              dtype: torch.dtype = torch.float32, tokenizer=None) -> Path:
+    """A checkpoint of ours (written by any number of ranks; not a LoRA one) -> an HF directory like export_hf's,
+    assembled and written one tensor at a time: no rank's full model in memory, no gather."""
+    kind, path = resolve_source(source)
+    conf = read_json(path / ckpt.CONFIG_FILE) if kind == "ours" else {}
+    if kind != "ours" or conf.get("lora"):
+        raise UserError(f"{source} is not a full-weight checkpoint of ours; export it with export_hf(load_model(...))")
+    args = ModelArgs.from_dict(conf["model_args"])
+    specs = ckpt.model_tensor_specs(path)
+    expected = _param_names(args)
+    missing, unexpected = sorted(expected - specs.keys()), sorted(specs.keys() - expected)
+    if missing or unexpected:
+        raise UserError(f"weights in {path} do not match its config.json: missing {missing[:4]}, unexpected "
+                        f"{unexpected[:4]}; the checkpoint is incomplete or corrupt: pick another")
+    return export_hf_tensors(args, specs, ckpt.iter_model_tensors(path), out_dir, tokenizer=tokenizer, dtype=dtype)
+
+
+def _param_names(args: ModelArgs) -> set[str]:
+    """The state-dict names of a model with these args (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        names = set(Transformer(args).state_dict())
+    return names - ({"output.weight"} if args.tie_embeddings else set())
+
+
 # ---- PEFT export ------------------------------------------------------------------------------------
 def _lora_checkpoint(source: str | os.PathLike) -> Path:
     """The step dir of a LoRA checkpoint of ours (a `latest`/`best` pointer or stage root is followed);
@@ -337,6 +364,12 @@ def main() -> int:
         return _export_peft_cli(a, dtype)
     if a.cmd == "export" and (a.base_out or a.base_id):
         raise UserError(f"--base-out / --base-id apply to --format peft only, not --format {a.format}: drop them")
+    if a.cmd == "export" and a.format == "hf" and _is_full_checkpoint(a.model):
+        tok = _try_tokenizer(a.tokenizer or tokenizer_source(a.model), required=bool(a.tokenizer))
+        out = export_hf_from_checkpoint(a.model, a.out, dtype=dtype, tokenizer=tok)
+        n = sum(math.prod(shape) for shape, _ in ckpt.model_tensor_specs(resolve_source(a.model)[1]).values())
+        print(f"exported {n:,} parameters from {a.model} to {out} (hf, one tensor at a time)")
+        return 0
     model, args = load_model(a.model, dtype=dtype)
     if a.cmd == "info":
         print(json.dumps({k: v for k, v in args.to_dict().items()}, indent=2, default=str))
@@ -361,6 +394,11 @@ def _export_peft_cli(a: argparse.Namespace, dtype: torch.dtype) -> int:
     print(f"exported the LoRA adapter of {a.model} to {out} (peft); base: {base}"
           f"{' (named, not exported)' if a.base_id is not None else ' (hf)'}")
     return 0
+
+
+def _is_full_checkpoint(source: str) -> bool:
+    kind, path = resolve_source(source)
+    return kind == "ours" and not read_json(path / ckpt.CONFIG_FILE).get("lora")
 
 
 def _try_tokenizer(source: str, required: bool):

@@ -90,9 +90,9 @@ def subprocess_env() -> dict[str, str]:
 
 
 def torchrun(tmp: Path, data: Path, nproc: int, *flags: str, torchrun_args: tuple[str, ...] | None = None,
-             timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+             timeout: float = 300, script: Path = ROOT / "train.py", **kw) -> subprocess.CompletedProcess:
     launcher = list(torchrun_args) if torchrun_args is not None else ["--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, str(ROOT / "train.py"),
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, str(script),
            *settings(tmp, data, **kw), *flags]
     p = subprocess.run(cmd, cwd=tmp, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

@@ -79,7 +79,7 @@ def test_checkpoint_contents_have_no_pickles_and_load_with_model_utils(straight)
     d = tmp / "ck" / "pretrain" / "step_0000020"
     names = sorted(str(p.relative_to(d)) for p in d.rglob("*"))
     shard = "shard-00001-model-00001-of-00001.safetensors"  # one process: one shard per directory
-    assert names == ["config.json", "model", f"model/{shard}", "optimizer", f"optimizer/{shard}", "optimizer.json",
+    assert names == ["config.json", "model", f"model/{shard}", "optimizer", "optimizer.json", f"optimizer/{shard}",
                      "trainer_state.json"]
     state = json.loads((d / "trainer_state.json").read_text())
     assert state["step"] == 20 and state["tokens_seen"] == 20 * 512 and state["stage"] == "pretrain"
