@@ -278,7 +278,8 @@ def _single_process_is_meant() -> None:
 
 def _dcp_write(state: dict[str, torch.Tensor], out: Path, async_save: bool) -> Future | None:
     """Every rank writes its pieces of `state` into `out` (a directory all ranks see). async_save: staged in
-    memory, written in the background; -> the future of that write."""
+    memory, written in the background; -> the future of that write. Writes into directories of different
+    names coordinate over different process groups (two may be in flight at once)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
@@ -287,7 +288,7 @@ def _dcp_write(state: dict[str, torch.Tensor], out: Path, async_save: bool) -> F
         raise AssertionError(f"non-tensor values {bad[:3]} passed to the sharded checkpoint writer")
     _single_process_is_meant()
     writer = HuggingFaceStorageWriter(str(out), save_distributed=True)
-    kw = dict(storage_writer=writer, planner=_tensors_only_planner(), process_group=D.checkpoint_group(),
+    kw = dict(storage_writer=writer, planner=_tensors_only_planner(), process_group=D.checkpoint_group(out.name),
               no_dist=not D.is_dist())
     if async_save:
         return dcp.async_save(state, **kw)

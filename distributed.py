@@ -87,10 +87,11 @@ def _tcp_store(rank: int, world: int, timeout_s: float) -> dist.Store:
 
 
 def destroy() -> None:
-    global _FLAG_GROUP, _CHECKPOINT_GROUP
+    global _FLAG_GROUP
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-    _FLAG_GROUP = _CHECKPOINT_GROUP = None
+    _FLAG_GROUP = None
+    _CHECKPOINT_GROUPS.clear()
 
 
 # ---- rank helpers -------------------------------------------------------------------------------------
@@ -147,19 +148,18 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
-_CHECKPOINT_GROUP: Any = None  # a CPU (gloo) group for checkpoint writes, created on first use
+_CHECKPOINT_GROUPS: dict[str, Any] = {}  # CPU (gloo) groups for checkpoint writes, created on first use
 
 
-def checkpoint_group() -> Any:
-    """The process group checkpoint writes coordinate over (None in one process). A gloo group of its own, so
-    a write running in the background (async save) never interleaves its collectives with the training
-    step's. Collective on first use."""
-    global _CHECKPOINT_GROUP
+def checkpoint_group(name: str) -> Any:
+    """The process group the checkpoint writes called `name` coordinate over (None in one process). A gloo
+    group per name, so writes running in the background (async save), each in its own thread, never interleave
+    their collectives with each other's or the training step's. Collective on first use of a name."""
     if not is_dist() or dist.get_world_size() == 1:
         return None
-    if _CHECKPOINT_GROUP is None:
-        _CHECKPOINT_GROUP = dist.new_group(backend="gloo")
-    return _CHECKPOINT_GROUP
+    if name not in _CHECKPOINT_GROUPS:
+        _CHECKPOINT_GROUPS[name] = dist.new_group(backend="gloo")
+    return _CHECKPOINT_GROUPS[name]
 
 
 # ---- wrapping -----------------------------------------------------------------------------------------

@@ -135,6 +135,7 @@ def test_a_pickle_in_a_shard_is_refused_not_run(tmp_path, reference):
 
 @pytest.mark.slow
 def test_four_fsdp2_ranks_resume_on_two(tmp_path, pretrain_data, reference):
+    (tmp_path / "four").mkdir(), (tmp_path / "two").mkdir()
     torchrun(tmp_path / "four", pretrain_data, 4, USE_FSDP="true", **{**COMMON, "MAX_STEPS": 3}, timeout=400)
     step3 = tmp_path / "four" / "ck" / "pretrain" / "step_0000003"
     _assert_split(step3, 4)
