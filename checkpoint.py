@@ -189,33 +189,21 @@ def resolve(spec: str, root: Path) -> Path:
 # ---- the state to save (collective under FSDP2, never a gather) -------------------------------------------
 
 
-def model_state(model: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+def model_state(model: nn.Module, trainable_only: bool = False, full: bool = False) -> dict[str, torch.Tensor]:
     """The model's tensors with model.py's names as this rank holds them: DTensor shards under FSDP2, plain
     tensors otherwise (the parameters themselves, detached: no copy, no gather). The tied output is left out
-    (it is tok_embeddings.weight); trainable_only keeps the trainable ones (a LoRA run's adapters)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    sd = get_model_state_dict(model)
-    if getattr(getattr(model, "args", None), "tie_embeddings", False):
-        sd.pop("output.weight", None)
-    if trainable_only:
-        keep = {n for n, p in model.named_parameters() if p.requires_grad}
-        sd = {k: v for k, v in sd.items() if k in keep}
-    return sd
-
-
-def full_model_state(model: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
-    """The unsharded CPU state dict with model.py's names (every rank must call it under FSDP2). Only for the
-    PEFT adapter copy of a LoRA run (small); checkpoints themselves are written sharded."""
+    (it is tok_embeddings.weight); trainable_only keeps the trainable ones (a LoRA run's adapters).
+    full: unsharded CPU copies instead (a gather under FSDP2, every rank must call it; only for the small PEFT
+    adapter copy of a LoRA run)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    sd = get_model_state_dict(model, options=StateDictOptions(**_DCP_FULL))
+    sd = get_model_state_dict(model, options=StateDictOptions(**_DCP_FULL) if full else None)
     if getattr(getattr(model, "args", None), "tie_embeddings", False):
         sd.pop("output.weight", None)
     if trainable_only:
         keep = {n for n, p in model.named_parameters() if p.requires_grad}
         sd = {k: v for k, v in sd.items() if k in keep}
-    return {k: v.detach().contiguous() for k, v in sd.items()}
+    return {k: v.detach().contiguous() for k, v in sd.items()} if full else sd
 
 
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -305,8 +293,8 @@ def _read_layout(d: Path) -> Any:
     try:
         return HuggingFaceStorageReader(str(d)).read_metadata()
     except Exception as e:  # SafetensorError (bad header, truncated), OSError, JSON in the header
-        raise UserError(f"shards in {d} are not valid safetensors files ({str(e)[:100]}); the checkpoint is "
-                        "corrupt: pick another") from None
+        raise UserError(f"a shard in {d} is not a valid safetensors file ({str(e)[:100]}); the checkpoint is "
+                        "corrupt or not ours: pick another (pickled files are never loaded from checkpoints)") from None
 
 
 def _dcp_read(state: dict[str, torch.Tensor], d: Path) -> None:
@@ -446,7 +434,7 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         tmp.mkdir()
     D.barrier()
-    adapters = full_model_state(model, trainable_only=True) if peft_adapter else None
+    adapters = model_state(model, trainable_only=True, full=True) if peft_adapter else None
     futures = []
     try:
         f = _dcp_write(model_state(model, trainable_only=lora), tmp / MODEL_DIR, async_save)

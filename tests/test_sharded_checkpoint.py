@@ -128,7 +128,7 @@ def test_a_pickle_in_a_shard_is_refused_not_run(tmp_path, reference):
             return (Path.touch, (marker,))
 
     model_shards(d)[0].write_bytes(pickle.dumps({"w": Evil()}))
-    with pytest.raises(UserError, match="not valid safetensors"):
+    with pytest.raises(UserError, match="not a valid safetensors file"):
         ckpt.load_model_weights(d, Transformer(ModelArgs(**json.loads((d / "config.json").read_text())["model_args"])))
     assert not marker.exists()
 
