@@ -586,13 +586,18 @@ def iter_model_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         pieces.setdefault(index.fqn, []).append((index.offset, info))
     with contextlib.ExitStack() as stack:
         files: dict[str, Any] = {}
+        def piece(info: Any) -> torch.Tensor:
+            if info.relative_path not in files:
+                files[info.relative_path] = stack.enter_context(safe_open(info.relative_path, framework="pt"))
+            return files[info.relative_path].get_tensor(name)
+
         for name, m in meta.state_dict_metadata.items():
-            full = torch.empty(tuple(m.size), dtype=m.properties.dtype)
-            for offset, info in pieces[name]:
-                if info.relative_path not in files:
-                    files[info.relative_path] = stack.enter_context(safe_open(info.relative_path, framework="pt"))
-                region = tuple(slice(o, o + n) for o, n in zip(offset, info.shape, strict=True))
-                full[region] = files[info.relative_path].get_tensor(name)
+            if len(pieces[name]) == 1 and tuple(pieces[name][0][1].shape) == tuple(m.size):
+                full = piece(pieces[name][0][1])  # written whole (one process, DDP): no assembly
+            else:
+                full = torch.empty(tuple(m.size), dtype=m.properties.dtype)
+                for offset, info in pieces[name]:
+                    full[tuple(slice(o, o + n) for o, n in zip(offset, info.shape, strict=True))] = piece(info)
             yield name, full
             del full
 
