@@ -1,5 +1,5 @@
 """Sharded checkpoints (torch.distributed.checkpoint, safetensors storage): every rank writes its own shard and
-nothing is gathered (DTensor.full_tensor refused during saves; bytes per rank ~1/N); a checkpoint written by N
+nothing is gathered (DTensor.full_tensor and .redistribute refused during saves; bytes per rank ~1/N); a checkpoint written by N
 ranks resumes on M (2 -> 1, 4 -> 2, 1 -> 2, FSDP2) with the losses of the uninterrupted run; loading never
 unpickles; kill -9 inside a sharded save leaves `latest` on a complete checkpoint; an async save is published
 only once written; the HF export of a sharded checkpoint is written one tensor at a time and gives
@@ -50,7 +50,7 @@ def reference(tmp_path_factory, pretrain_data) -> tuple[dict[int, float], Path]:
 
 @pytest.fixture(scope="module")
 def fsdp2_run(tmp_path_factory, pretrain_data) -> tuple[Path, str]:
-    """2 ranks, FSDP2, every save with DTensor.full_tensor refused."""
+    """2 ranks, FSDP2, every save with DTensor gathers refused."""
     tmp = tmp_path_factory.mktemp("fsdp2")
     p = torchrun(tmp, pretrain_data, 2, USE_FSDP="true", script=NO_GATHER, **COMMON)
     return tmp, p.stdout
@@ -75,8 +75,8 @@ def _assert_split(step: Path, n: int) -> None:
 @pytest.mark.slow
 def test_fsdp2_ranks_write_their_own_shards_without_a_gather(fsdp2_run, reference):
     tmp, out = fsdp2_run
-    assert out.count("saved step 3 with DTensor.full_tensor refused") == 2  # both ranks, both saves
-    assert out.count("saved step 5 with DTensor.full_tensor refused") == 2
+    assert out.count("saved step 3 with DTensor gathers refused") == 2  # both ranks, both saves
+    assert out.count("saved step 5 with DTensor gathers refused") == 2
     _assert_losses(train_losses(read_metrics(tmp / "run")), reference[0], range(1, 6))
     step = tmp / "ck" / "pretrain" / "step_0000005"
     _assert_split(step, 2)

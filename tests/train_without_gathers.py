@@ -1,5 +1,6 @@
-"""train.py under torchrun with DTensor.full_tensor raising while a checkpoint is saved: a save that gathers a
-full tensor onto any rank fails the run. Launched by tests/test_sharded_checkpoint.py."""
+"""train.py under torchrun with DTensor.full_tensor and DTensor.redistribute (the gather of a full state dict)
+raising while a checkpoint is saved: a save that gathers a tensor onto any rank fails the run. Launched by
+tests/test_sharded_checkpoint.py."""
 
 from __future__ import annotations
 
@@ -15,17 +16,17 @@ _save = checkpoint.save
 
 
 def _refuse(*_args, **_kw):
-    raise AssertionError("DTensor.full_tensor called during a checkpoint save")
+    raise AssertionError("a DTensor was gathered during a checkpoint save")
 
 
 def save_without_gathers(*args, **kw):
-    real = DTensor.full_tensor
-    DTensor.full_tensor = _refuse
+    real = DTensor.full_tensor, DTensor.redistribute
+    DTensor.full_tensor = DTensor.redistribute = _refuse
     try:
         out = _save(*args, **kw)
     finally:
-        DTensor.full_tensor = real
-    print(f"saved step {args[1]} with DTensor.full_tensor refused", flush=True)
+        DTensor.full_tensor, DTensor.redistribute = real
+    print(f"saved step {args[1]} with DTensor gathers refused", flush=True)
     return out
 
 
