@@ -11,6 +11,10 @@ loads the base (refusing one whose weights changed since the run started) and me
 keeps them as `lora.LoRALinear` modules with `merge_lora=False`; `export_peft` writes them unmerged in PEFT's
 format next to an HF export of the base.
 
+`export_hf_from_checkpoint` (the CLI's `export --format hf` for a full-weight checkpoint of ours) never builds
+the model: checkpoint.iter_model_tensors assembles one tensor at a time from the ranks' shards and
+model_formats.export_hf_tensors converts and streams it to disk.
+
 CLI:
     python model_utils.py export --model SOURCE --format hf|meta --out DIR [--shards N] [--dtype D]
     python model_utils.py export --model LORA_CHECKPOINT --format peft --out DIR [--base-out DIR | --base-id ID]

@@ -597,6 +597,7 @@ def apply_update(run: Run, spikes: SpikeGuard, loss: float, norm: float) -> str 
     run.log.print(f"step {state.step}: {kind} (loss {loss} / grad norm {norm}): update skipped "
                   f"({state.nonfinite_in_a_row} in a row)")
     if state.nonfinite_in_a_row >= t.max_nonfinite_steps:
+        ckpt.wait_pending()  # an async save in flight is the last good checkpoint once written
         kept = ckpt.latest_name(run.save_root) if D.is_main() else None
         raise UserError(f"loss or gradients were {kind} for {state.nonfinite_in_a_row} steps in a row "
                         f"(step {state.step}); stopped without saving, last good checkpoint kept: "
