@@ -556,9 +556,14 @@ def model_tensor_specs(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dty
 
         if not (path / MODEL_FILE).is_file():
             raise UserError(f"{path / MODEL_FILE} is missing; the checkpoint is incomplete: pick another")
-        with safe_open(str(path / MODEL_FILE), framework="pt") as f:
-            return {k: (tuple(f.get_slice(k).get_shape()), _safetensors_dtype(f.get_slice(k).get_dtype()))
-                    for k in f.keys()}
+        try:
+            with safe_open(str(path / MODEL_FILE), framework="pt") as f:
+                return {k: (tuple(f.get_slice(k).get_shape()), _safetensors_dtype(f.get_slice(k).get_dtype()))
+                        for k in f.keys()}
+        except Exception as e:  # SafetensorError (bad header, truncated), OSError
+            raise UserError(f"{path / MODEL_FILE} is not a valid safetensors file ({str(e)[:100]}); the checkpoint "
+                            "is corrupt or not ours: pick another (pickled files are never loaded from checkpoints)"
+                            ) from None
     meta = _read_layout(path / MODEL_DIR)
     return {k: (tuple(m.size), m.properties.dtype) for k, m in meta.state_dict_metadata.items()}
 
