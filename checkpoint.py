@@ -1,27 +1,43 @@
 """Training-state checkpoints: the directory format, atomic save, retention, resume. Never unpickles on load.
 
-Layout: `<root>/<stage>/step_NNNNNNN/` holding
-  model.safetensors       full, unsharded weights with model.py's names (tied output stored once);
-                          a LoRA run stores the adapters only (+ the base model's identity in config.json)
-  optimizer.safetensors   optimizer tensors keyed `state/<param name>/<slot>` (FQN keys: any world size,
-  optimizer.json          DDP or FSDP2 resumes it) + JSON for param groups, scalars, GradScaler, schedule
+Layout (format version 2): `<root>/<stage>/step_NNNNNNN/` holding
+  model/                  the weights as torch.distributed.checkpoint (DCP) wrote them with its safetensors
+                          storage: one `shard-RRRRR-model-00001-of-00001.safetensors` per writing rank, each
+                          holding that rank's pieces of tensors under model.py's names, with the piece's offsets
+                          in the file's header (tied output stored once; a LoRA run stores the adapters only,
+                          + the base model's identity in config.json)
+  optimizer/              optimizer tensors keyed `state/<param name>/<slot>`, sharded the same way
+  optimizer.json          param groups, non-tensor and 0-dim slots, GradScaler, schedule
   trainer_state.json      step, tokens, dataloader state, RNG states, best val, early stopping, parent
-  config.json             {"model_args", "settings", "lora"?, "base_model"?}
+  config.json             {"format_version", "model_args", "settings", "lora"?, "base_model"?}
   peft_adapter/           optional, LoRA runs: the adapters in Hugging Face PEFT's format (lora.save_peft_adapter;
                           base_model_name_or_path = the base model's source)
 and `<root>/<stage>/latest` (and `best`) — one-line text files naming a step dir, replaced atomically
 after the directory is complete. A checkpoint is written into `.tmp-step_*`, fsynced, then renamed:
 a crash leaves `latest` on the previous complete checkpoint.
 
+Every rank writes its own shards (no gather; DDP's replicated tensors are spread over the ranks by DCP's
+deduplication) into a directory all ranks see (a shared file system on many nodes); rank 0 writes the JSON
+files, renames and moves the pointers. Only tensors go to DCP, so its safetensors storage never pickles a
+value (the save plan is checked for byte items), and loading reads the safetensors headers for the layout,
+never DCP's pickled `.metadata`. DCP reshards on load: a checkpoint written by N ranks (DDP or FSDP2) loads
+on M ranks or into one unwrapped model. `iter_model_tensors` gives whole tensors one at a time (the export).
+With `async_save=True` the shards are staged in memory and written in the background (dcp.async_save over a
+CPU group of its own); `latest` moves when that write is complete, which `poll_pending` / `wait_pending`
+check (the next save and the end of the run wait for it).
+
+Format version 1 (no `format_version` in config.json): full tensors in `model.safetensors` and
+`optimizer.safetensors`; such checkpoints still load.
+
 `TrainerState` is the loop's state as trainer_state.json stores it; `config_json` builds config.json;
 `parent_source` names the weights a checkpointed run started from.
 
-Every rank calls save()/gather (FSDP2 gathers are collectives); rank 0 writes.
 Test-only: FAULT_INJECT_KILL_IN_CHECKPOINT_WRITE (see _inject_kill) kills the process inside a save.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,13 +45,16 @@ import random
 import re
 import shutil
 import signal
+import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 import distributed as D
@@ -44,7 +63,9 @@ from fileio import fsync_dir, fsync_file, read_json
 from lora import save_peft_adapter
 
 STEP_RE = re.compile(r"^step_(\d{7,})$")
-MODEL_FILE, OPTIM_FILE, OPTIM_JSON = "model.safetensors", "optimizer.safetensors", "optimizer.json"
+FORMAT_VERSION = 2
+MODEL_DIR, OPTIM_DIR, OPTIM_JSON = "model", "optimizer", "optimizer.json"
+MODEL_FILE, OPTIM_FILE = "model.safetensors", "optimizer.safetensors"  # format version 1
 STATE_FILE, CONFIG_FILE = "trainer_state.json", "config.json"
 PEFT_ADAPTER_DIR = "peft_adapter"
 POINTERS = ("latest", "best")  # one-line files naming a step dir
@@ -165,49 +186,137 @@ def resolve(spec: str, root: Path) -> Path:
     return path
 
 
-# ---- gathering state (collective) ------------------------------------------------------------------------
+# ---- the state to save (collective under FSDP2, never a gather) -------------------------------------------
 
 
-def full_model_state(model: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
-    """The unsharded CPU state dict with model.py's names (every rank must call it under FSDP2)."""
+def model_state(model: nn.Module, trainable_only: bool = False, full: bool = False) -> dict[str, torch.Tensor]:
+    """The model's tensors with model.py's names as this rank holds them: DTensor shards under FSDP2, plain
+    tensors otherwise (the parameters themselves, detached: no copy, no gather). The tied output is left out
+    (it is tok_embeddings.weight); trainable_only keeps the trainable ones (a LoRA run's adapters).
+    full: unsharded CPU copies instead (a gather under FSDP2, every rank must call it; only for the small PEFT
+    adapter copy of a LoRA run)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    sd = get_model_state_dict(model, options=StateDictOptions(**_DCP_FULL))
+    sd = get_model_state_dict(model, options=StateDictOptions(**_DCP_FULL) if full else None)
     if getattr(getattr(model, "args", None), "tie_embeddings", False):
-        sd.pop("output.weight", None)  # the same tensor as tok_embeddings.weight
+        sd.pop("output.weight", None)
     if trainable_only:
         keep = {n for n, p in model.named_parameters() if p.requires_grad}
         sd = {k: v for k, v in sd.items() if k in keep}
-    return {k: v.detach().contiguous() for k, v in sd.items()}
+    return {k: v.detach().contiguous() for k, v in sd.items()} if full else sd
 
 
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """-> (tensors keyed `state/<param name>/<slot>`, sharded like their parameters; the JSON rest: param groups
+    and the slots that are numbers or 0-dim tensors (Adam's step), with the 0-dim tensors' dtypes)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(**_DCP_FULL))
-
-
-def _flatten_optimizer(osd: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """{"state": {fqn: {slot: tensor|number}}, "param_groups": [...]} -> (tensors, JSON rest)."""
-    tensors, scalars = {}, {}
+    osd = get_optimizer_state_dict(model, optimizer)
+    tensors, scalars, scalar_dtypes = {}, {}, {}
     for fqn, slots in osd["state"].items():
         for slot, v in slots.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"state/{fqn}/{slot}"] = v.detach().cpu().contiguous()
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                tensors[f"state/{fqn}/{slot}"] = v.detach()
+            elif isinstance(v, torch.Tensor):
+                scalars.setdefault(fqn, {})[slot] = v.item()
+                scalar_dtypes.setdefault(fqn, {})[slot] = str(v.dtype).removeprefix("torch.")
             else:
                 scalars.setdefault(fqn, {})[slot] = v
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in osd["param_groups"]]
-    return tensors, {"scalars": scalars, "param_groups": groups}
+    return tensors, {"scalars": scalars, "scalar_dtypes": scalar_dtypes, "param_groups": groups}
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state: dict[str, dict] = {fqn: dict(s) for fqn, s in meta["scalars"].items()}
+    for fqn, slots in (meta.get("scalar_dtypes") or {}).items():
+        for slot, dtype in slots.items():
+            state[fqn][slot] = torch.tensor(state[fqn][slot], dtype=getattr(torch, dtype))
     for key, t in tensors.items():
         _, rest = key.split("/", 1)
         fqn, slot = rest.rsplit("/", 1)
         state.setdefault(fqn, {})[slot] = t
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
     return {"state": state, "param_groups": groups}
+
+
+# ---- DCP with its safetensors storage ---------------------------------------------------------------------
+
+
+def _tensors_only_planner():
+    """DCP's default save planner, refusing any byte item: the safetensors storage would pickle it."""
+    from torch.distributed.checkpoint import DefaultSavePlanner
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    class TensorsOnlyPlanner(DefaultSavePlanner):
+        def create_local_plan(self):
+            plan = super().create_local_plan()
+            pickled = [item.index.fqn for item in plan.items if item.type == WriteItemType.BYTE_IO]
+            if pickled:
+                raise AssertionError(f"checkpoint save plan has non-tensor items {pickled[:3]}: they would be "
+                                     "pickled; keep them in the JSON files")
+            return plan
+
+    return TensorsOnlyPlanner()
+
+
+def _single_process_is_meant() -> None:
+    """DCP warns on every call without a process group; one process is a supported way to run here."""
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
+def _dcp_write(state: dict[str, torch.Tensor], out: Path, async_save: bool) -> Future | None:
+    """Every rank writes its pieces of `state` into `out` (a directory all ranks see). async_save: staged in
+    memory, written in the background; -> the future of that write. Writes into directories of different
+    names coordinate over different process groups (two may be in flight at once)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    bad = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
+    if bad:
+        raise AssertionError(f"non-tensor values {bad[:3]} passed to the sharded checkpoint writer")
+    _single_process_is_meant()
+    writer = HuggingFaceStorageWriter(str(out), save_distributed=True)
+    kw = dict(storage_writer=writer, planner=_tensors_only_planner(), process_group=D.checkpoint_group(out.name),
+              no_dist=not D.is_dist())
+    if async_save:
+        return dcp.async_save(state, **kw)
+    dcp.save(state, **kw)
+    return None
+
+
+def _read_layout(d: Path) -> Any:
+    """DCP's Metadata of a sharded directory, from the safetensors headers (never the pickled `.metadata`)."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    if not d.is_dir() or not any(d.glob("*.safetensors")):
+        raise UserError(f"{d} is missing or holds no .safetensors shards; the checkpoint is incomplete: pick another")
+    try:
+        return HuggingFaceStorageReader(str(d)).read_metadata()
+    except Exception as e:  # SafetensorError (bad header, truncated), OSError, JSON in the header
+        raise UserError(f"a shard in {d} is not a valid safetensors file ({str(e)[:100]}); the checkpoint is "
+                        "corrupt or not ours: pick another (pickled files are never loaded from checkpoints)") from None
+
+
+def _dcp_read(state: dict[str, torch.Tensor], d: Path) -> None:
+    """Fill `state` (plain tensors or DTensor shards, any world size) in place from the shards in `d`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    _single_process_is_meant()
+    try:
+        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(d)), no_dist=not D.is_dist())
+    except Exception as e:
+        raise UserError(f"reading the shards in {d} failed ({str(e)[:160]}); the checkpoint is corrupt or does not "
+                        "fit this model: pick another") from e
+
+
+def format_version(path: Path) -> int:
+    conf = read_json(path / CONFIG_FILE, _CORRUPT) if (path / CONFIG_FILE).is_file() else {}
+    version = int(conf.get("format_version", 1))
+    if version > FORMAT_VERSION:
+        raise UserError(f"checkpoint {path} has format version {version}; this code reads up to {FORMAT_VERSION}: "
+                        "update the code")
+    return version
 
 
 # ---- RNG -----------------------------------------------------------------------------------------------
@@ -266,57 +375,127 @@ def config_sha(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
+@dataclass
+class _PendingSave:
+    """An async save in flight on this process: its DCP futures and, on rank 0, what publishes it."""
+
+    futures: list[Future]
+    publish: Callable[[], None] | None
+    tmp: Path
+
+
+_PENDING: _PendingSave | None = None
+
+
+def wait_pending() -> None:
+    """Block until this process's async save is written; rank 0 then renames it and moves `latest`. Call it
+    on every rank before a new save and before exiting."""
+    global _PENDING
+    pending, _PENDING = _PENDING, None
+    if pending is None:
+        return
+    try:
+        for f in pending.futures:
+            f.result()
+    except BaseException:
+        if pending.publish is not None:
+            shutil.rmtree(pending.tmp, ignore_errors=True)
+        raise
+    if pending.publish is not None:
+        pending.publish()
+
+
+def poll_pending() -> bool:
+    """Publish this process's async save if its write has finished (no waiting). -> True while one is in flight."""
+    if _PENDING is None:
+        return False
+    if all(f.done() for f in _PENDING.futures):
+        wait_pending()
+        return False
+    return True
+
+
 def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
          trainer_state: dict, config: dict, lora: bool = False, best: bool = False,
-         keep: int = 2, extra_optimizer_json: dict | None = None, peft_adapter: bool = False) -> Path | None:
+         keep: int = 2, extra_optimizer_json: dict | None = None, peft_adapter: bool = False,
+         async_save: bool = False) -> Path | None:
     """Write `<root>/step_NNNNNNN` atomically, move `latest` (and `best` when best) to it, apply retention.
     peft_adapter (a LoRA run): also write the adapters in PEFT's format into `<step dir>/peft_adapter/`.
-    Collective: every rank calls it; rank 0 writes; returns the path on rank 0 (None elsewhere)."""
-    msd = full_model_state(model, trainable_only=lora)
-    osd = full_optimizer_state(model, optimizer) if optimizer is not None else None
-    out = None
+    Collective: every rank calls it and writes its shards; rank 0 writes the JSON files and publishes.
+    async_save: returns once the state is staged in memory; the directory is published by a later
+    poll_pending / wait_pending (None is returned). Otherwise -> the path on rank 0 (None elsewhere)."""
+    global _PENDING
+    wait_pending()  # one save in flight at a time; its temp dir must not be taken for a leftover
+    name = step_name(step)
+    tmp = root / f".tmp-{name}"  # the same name on every rank: all write into it
     if D.is_main():
         root.mkdir(parents=True, exist_ok=True)
         for stale in [*root.glob(".tmp-*"), *root.glob(".*.tmp-*")]:  # leftovers of a killed save
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-        name = step_name(step)
-        tmp = root / f".tmp-{name}-{os.getpid()}"
         tmp.mkdir()
-        try:
-            save_file(msd, str(tmp / MODEL_FILE), metadata={"format": "pt", "lora_only": str(lora)})
-            _inject_kill(step, "tmp")
-            if osd is not None:
-                tensors, meta = _flatten_optimizer(osd)
-                save_file(tensors, str(tmp / OPTIM_FILE))
-                write_json(tmp / OPTIM_JSON, {**meta, **(extra_optimizer_json or {})})
-            write_json(tmp / CONFIG_FILE, config)
-            write_json(tmp / STATE_FILE, trainer_state)
-            if peft_adapter:
-                save_peft_adapter(model, tmp / PEFT_ADAPTER_DIR, state_dict=msd,
-                                  base_model=(config.get("base_model") or {}).get("source") or None)
-            for f in tmp.rglob("*"):
-                if f.is_dir():
-                    fsync_dir(f)
-                else:
-                    fsync_file(f)
-            fsync_dir(tmp)
-            out = root / name
-            if out.exists():  # re-saving a step (e.g. after --start-step): replace the old copy
-                old = root / f".tmp-old-{name}-{os.getpid()}"
-                os.replace(out, old)
-                shutil.rmtree(old)
-            os.replace(tmp, out)
-            fsync_dir(root)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _inject_kill(step, "renamed")  # complete dir, `latest` not moved yet
-        _replace_text(root / "latest", name + "\n")  # last: only complete checkpoints are pointed at
-        if best:
-            _replace_text(root / "best", name + "\n")
-        apply_retention(root, keep)
     D.barrier()
-    return out
+    adapters = model_state(model, trainable_only=True, full=True) if peft_adapter else None
+    futures = []
+    try:
+        f = _dcp_write(model_state(model, trainable_only=lora), tmp / MODEL_DIR, async_save)
+        futures += [f] if f is not None else []
+        _inject_kill(step, "tmp")
+        meta = None
+        if optimizer is not None:
+            tensors, meta = optimizer_state(model, optimizer)
+            f = _dcp_write(tensors, tmp / OPTIM_DIR, async_save)
+            futures += [f] if f is not None else []
+        if D.is_main():
+            if meta is not None:
+                write_json(tmp / OPTIM_JSON, {**meta, **(extra_optimizer_json or {})})
+            write_json(tmp / CONFIG_FILE, {**config, "format_version": FORMAT_VERSION})
+            write_json(tmp / STATE_FILE, trainer_state)
+            if adapters is not None:
+                save_peft_adapter(model, tmp / PEFT_ADAPTER_DIR, state_dict=adapters,
+                                  base_model=(config.get("base_model") or {}).get("source") or None)
+    except BaseException:
+        if D.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    def publish() -> None:
+        _publish(root, tmp, step, best, keep)
+
+    if async_save:
+        _PENDING = _PendingSave(futures, publish if D.is_main() else None, tmp)
+        return None
+    # DCP returns on every rank once all ranks' shards are written (the coordinator collects their results)
+    if D.is_main():
+        publish()
+    D.barrier()
+    return root / name if D.is_main() else None
+
+
+def _publish(root: Path, tmp: Path, step: int, best: bool, keep: int) -> None:
+    """Rank 0, all shards written: fsync, rename the temp dir to its step name, then move the pointers."""
+    name = step_name(step)
+    try:
+        for f in tmp.rglob("*"):
+            if f.is_dir():
+                fsync_dir(f)
+            else:
+                fsync_file(f)
+        fsync_dir(tmp)
+        out = root / name
+        if out.exists():  # re-saving a step (e.g. after --start-step): replace the old copy
+            old = root / f".tmp-old-{name}-{os.getpid()}"
+            os.replace(out, old)
+            shutil.rmtree(old)
+        os.replace(tmp, out)
+        fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _inject_kill(step, "renamed")  # complete dir, `latest` not moved yet
+    _replace_text(root / "latest", name + "\n")  # last: only complete checkpoints are pointed at
+    if best:
+        _replace_text(root / "best", name + "\n")
+    apply_retention(root, keep)
 
 
 def latest_name(root: Path) -> str | None:
@@ -327,7 +506,7 @@ def latest_name(root: Path) -> str | None:
 
 def _inject_kill(step: int, phase: str) -> None:
     """TEST-ONLY fault injection: FAULT_INJECT_KILL_IN_CHECKPOINT_WRITE="<step>:<phase>" SIGKILLs this process
-    inside the save of that step — phase `tmp` (model file written into the temp dir, the rest not) or
+    inside the save of that step — phase `tmp` (model shards written into the temp dir, the rest not) or
     `renamed` (step dir complete, `latest` not yet moved) — so tests can prove a kill never leaves `latest` on
     a partial checkpoint. Read only here; never set it in a real run."""
     spec = os.environ.get("FAULT_INJECT_KILL_IN_CHECKPOINT_WRITE", "")
@@ -370,50 +549,141 @@ def load_tensors(file: Path) -> dict[str, torch.Tensor]:
                         "not ours: pick another (pickled .pt/.bin files are never loaded from checkpoints)") from None
 
 
+def model_tensor_specs(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """{name: (full shape, dtype)} of a checkpoint's model tensors, from file headers only."""
+    if format_version(path) == 1:
+        from safetensors import safe_open
+
+        if not (path / MODEL_FILE).is_file():
+            raise UserError(f"{path / MODEL_FILE} is missing; the checkpoint is incomplete: pick another")
+        try:
+            with safe_open(str(path / MODEL_FILE), framework="pt") as f:
+                return {k: (tuple(f.get_slice(k).get_shape()), _safetensors_dtype(f.get_slice(k).get_dtype()))
+                        for k in f.keys()}
+        except Exception as e:  # SafetensorError (bad header, truncated), OSError
+            raise UserError(f"{path / MODEL_FILE} is not a valid safetensors file ({str(e)[:100]}); the checkpoint "
+                            "is corrupt or not ours: pick another (pickled files are never loaded from checkpoints)"
+                            ) from None
+    meta = _read_layout(path / MODEL_DIR)
+    return {k: (tuple(m.size), m.properties.dtype) for k, m in meta.state_dict_metadata.items()}
+
+
+def _safetensors_dtype(name: str) -> torch.dtype:
+    from safetensors.torch import _getdtype
+
+    return _getdtype(name)
+
+
+def iter_model_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """A checkpoint's model tensors as whole CPU tensors, one at a time, each assembled from the pieces the
+    ranks wrote: memory holds one tensor, not the model (the export path)."""
+    from safetensors import safe_open
+
+    if format_version(path) == 1:
+        specs = model_tensor_specs(path)
+        with safe_open(str(path / MODEL_FILE), framework="pt") as f:
+            for k in specs:
+                yield k, f.get_tensor(k)
+        return
+    meta = _read_layout(path / MODEL_DIR)
+    pieces: dict[str, list[tuple[Any, Any]]] = {}
+    for index, info in meta.storage_data.items():
+        pieces.setdefault(index.fqn, []).append((index.offset, info))
+    with contextlib.ExitStack() as stack:
+        files: dict[str, Any] = {}
+        def piece(info: Any) -> torch.Tensor:
+            if info.relative_path not in files:
+                files[info.relative_path] = stack.enter_context(safe_open(info.relative_path, framework="pt"))
+            return files[info.relative_path].get_tensor(name)
+
+        for name, m in meta.state_dict_metadata.items():
+            if len(pieces[name]) == 1 and tuple(pieces[name][0][1].shape) == tuple(m.size):
+                full = piece(pieces[name][0][1])  # written whole (one process, DDP): no assembly
+            else:
+                full = torch.empty(tuple(m.size), dtype=m.properties.dtype)
+                for offset, info in pieces[name]:
+                    full[tuple(slice(o, o + n) for o, n in zip(offset, info.shape, strict=True))] = piece(info)
+            yield name, full
+            del full
+
+
+def read_model_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's model tensors, whole, in one dict (loading a model in one process)."""
+    return dict(iter_model_tensors(path))
+
+
 def load_model_weights(path: Path, model: nn.Module, base_config_sha: str | None = None) -> None:
-    """Copy model.safetensors into an unwrapped model (before parallelize). A LoRA checkpoint fills only
-    the adapters; its base (from INIT_FROM) must be the one it was trained on (`base_config_sha`, the sha
-    of the base's model args). Any shape or name mismatch -> UserError naming it."""
-    sd = load_tensors(path / MODEL_FILE)
-    own = model.state_dict()
+    """Copy a checkpoint's weights into the model: unwrapped, or already sharded by FSDP2 (then every rank
+    reads only the pieces it holds). A LoRA checkpoint fills only the adapters; its base (from INIT_FROM) must
+    be the one it was trained on (`base_config_sha`, the sha of the base's model args). Any shape or name
+    mismatch -> UserError naming it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
     conf = read_json(path / CONFIG_FILE, _CORRUPT) if (path / CONFIG_FILE).is_file() else {}
     lora_only = bool(conf.get("lora"))
     saved_base = conf.get("base_model") or {}
     if lora_only and base_config_sha and saved_base.get("config_sha") not in (None, base_config_sha):
         raise UserError(f"LoRA checkpoint {path} was trained on base {saved_base.get('source')!r} with other model "
                         "settings than the current INIT_FROM: set INIT_FROM to that base model")
-    tied = getattr(getattr(model, "args", None), "tie_embeddings", False)
-    expected = {k for k in own if not (tied and k == "output.weight")}
-    if lora_only:
-        expected = {k for k in expected if k.endswith((".lora_a", ".lora_b"))}
-    missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - set(own))
+    own = model_state(model, trainable_only=lora_only)
+    saved = model_tensor_specs(path)
+    missing, unexpected = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
     if missing or unexpected:
         raise UserError(f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected "
                         f"{unexpected[:3]}; use the model settings (and LoRA settings) it was trained with")
-    for k, v in sd.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise UserError(f"checkpoint {path}: tensor {k} has shape {tuple(v.shape)} but the model has "
+    for k, (shape, _) in saved.items():
+        if shape != tuple(own[k].shape):
+            raise UserError(f"checkpoint {path}: tensor {k} has shape {shape} but the model has "
                             f"{tuple(own[k].shape)}; use the model settings the checkpoint was trained with")
-    with torch.no_grad():
-        for k, v in sd.items():
-            own[k].copy_(v)
+    if format_version(path) == 1:
+        full = load_tensors(path / MODEL_FILE)
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
+        return
+    _dcp_read(own, path / MODEL_DIR)
+    set_model_state_dict(model, own, options=StateDictOptions(strict=False))
 
 
 def load_optimizer(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Load optimizer tensors + groups into the (possibly sharded) optimizer; returns optimizer.json extras
-    (GradScaler state, schedule). The saved state is full and FQN-keyed, so any world size loads it."""
+    (GradScaler state, schedule). Tensors are FQN-keyed and DCP reshards them, so any world size loads them."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    if not (path / OPTIM_FILE).is_file():
+    version = format_version(path)
+    if not (path / (OPTIM_FILE if version == 1 else OPTIM_DIR)).exists():
         raise UserError(f"checkpoint {path} has no optimizer state: resume with --reset-optimizer")
     meta = read_json(path / OPTIM_JSON, _CORRUPT)
-    osd = _unflatten_optimizer(load_tensors(path / OPTIM_FILE), meta)
+    if version == 1:
+        osd = _unflatten_optimizer(load_tensors(path / OPTIM_FILE), meta)
+        options = StateDictOptions(full_state_dict=True)
+    else:
+        osd = _unflatten_optimizer(_optimizer_targets(path, model), meta)
+        options = StateDictOptions()
     try:
-        set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(model, optimizer, osd, options=options)
     except (KeyError, ValueError, RuntimeError) as e:
         raise UserError(f"optimizer state in {path} does not fit this run ({str(e)[:120]}); a different "
                         "OPTIMIZER or LoRA setting? resume with --reset-optimizer") from e
-    return {k: v for k, v in meta.items() if k not in ("scalars", "param_groups")}
+    return {k: v for k, v in meta.items() if k not in ("scalars", "scalar_dtypes", "param_groups")}
+
+
+def _optimizer_targets(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The saved optimizer tensors, read into tensors laid out like their parameters on this rank (a slot
+    shaped like its parameter is sharded like it; any other is read whole)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    params = get_model_state_dict(model)
+    targets = {}
+    for key, m in _read_layout(path / OPTIM_DIR).state_dict_metadata.items():
+        fqn = key.split("/", 1)[1].rsplit("/", 1)[0]
+        if fqn not in params:
+            raise UserError(f"optimizer state in {path} names parameter {fqn!r}, which this model does not have; "
+                            "a different model or LoRA setting? resume with --reset-optimizer")
+        p = params[fqn]
+        same = tuple(m.size) == tuple(p.shape)
+        targets[key] = torch.empty_like(p, dtype=m.properties.dtype) if same else \
+            torch.empty(tuple(m.size), dtype=m.properties.dtype, device=p.device)
+    _dcp_read(targets, path / OPTIM_DIR)
+    return targets
 
 
 def read_trainer_state(path: Path) -> TrainerState:

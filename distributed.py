@@ -94,6 +94,7 @@ def destroy() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     _FLAG_GROUP = None
+    _CHECKPOINT_GROUPS.clear()
 
 
 # ---- rank helpers -------------------------------------------------------------------------------------
@@ -167,6 +168,20 @@ def _cpu_group() -> dist.ProcessGroup:
     if _FLAG_GROUP is None:
         _FLAG_GROUP = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
     return _FLAG_GROUP
+
+
+_CHECKPOINT_GROUPS: dict[str, Any] = {}  # CPU (gloo) groups for checkpoint writes, created on first use
+
+
+def checkpoint_group(name: str) -> Any:
+    """The process group the checkpoint writes called `name` coordinate over (None in one process). A gloo
+    group per name, so writes running in the background (async save), each in its own thread, never interleave
+    their collectives with each other's or the training step's. Collective on first use of a name."""
+    if not is_dist() or dist.get_world_size() == 1:
+        return None
+    if name not in _CHECKPOINT_GROUPS:
+        _CHECKPOINT_GROUPS[name] = dist.new_group(backend="gloo")
+    return _CHECKPOINT_GROUPS[name]
 
 
 # ---- wrapping -----------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -148,19 +149,21 @@ def ours_to_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str
     """Our names + Meta q/k layout -> HF names + rotate-half q/k. A tied output is stored once
     (as embed_tokens), which is what HF expects with tie_word_embeddings=True."""
     to_hf = _hf_name_map(args)
-    out = {}
-    for name, t in state_dict.items():
-        if args.tie_embeddings and name == "output.weight":
-            continue
-        if ".feed_forward.experts." in name:
-            out.update(_moe_to_hf(name, t))
-            continue
-        if name.endswith("attention.wq.weight"):
-            t = permute_rotate_half(t, args.n_heads)
-        elif name.endswith("attention.wk.weight"):
-            t = permute_rotate_half(t, args.n_kv_heads)
-        out[to_hf[name]] = t
-    return out
+    return {hf: t for name, v in state_dict.items() for hf, t in _to_hf(name, v, args, to_hf)}
+
+
+def _to_hf(name: str, t: torch.Tensor, args: ModelArgs, to_hf: dict[str, str]) -> list[tuple[str, torch.Tensor]]:
+    """One tensor of ours -> its HF tensors (HF names, HF layout): one, one per expert for an MoE expert
+    stack, none for a tied output (HF stores it once)."""
+    if args.tie_embeddings and name == "output.weight":
+        return []
+    if ".feed_forward.experts." in name:
+        return list(_moe_to_hf(name, t).items())
+    if name.endswith("attention.wq.weight"):
+        t = permute_rotate_half(t, args.n_heads)
+    elif name.endswith("attention.wk.weight"):
+        t = permute_rotate_half(t, args.n_kv_heads)
+    return [(to_hf[name], t)]
 
 
 # ---- reading files -------------------------------------------------------------------------------
@@ -477,13 +480,47 @@ def export_hf(model: Transformer, args: ModelArgs, out_dir: str | os.PathLike,
     model.safetensors, generation_config.json (greedy; stops at the tokenizer's end-of-text and end-of-turn
     ids) and, with a tokenizer, its HF files (tokenizer.save_hf_tokenizer: tokenizer.json,
     tokenizer_config.json with the chat template, special_tokens_map.json)."""
-    from safetensors.torch import save_file
+    sd = _cpu_state(model)
+    return export_hf_tensors(args, {k: (tuple(v.shape), v.dtype) for k, v in sd.items()}, iter(sd.items()), out_dir,
+                             tokenizer)
 
+
+def export_hf_tensors(args: ModelArgs, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                      tensors: Iterator[tuple[str, torch.Tensor]], out_dir: str | os.PathLike,
+                      tokenizer: Tokenizer | None = None, dtype: torch.dtype | None = None) -> Path:
+    """export_hf from a stream of our tensors: `specs` {name: (shape, dtype)} in the order `tensors` yields
+    (name, tensor). Each tensor is renamed, q/k-permuted, cast to `dtype` (None: kept) and written before the
+    next is asked for, so memory holds one tensor, not the model (a sharded checkpoint exports this way)."""
     if args.moe_shared_expert:
         raise UserError("cannot export to HF: Mixtral has no shared expert (MOE_SHARED_EXPERT=true); keep the model "
                         "in our checkpoint format")
-    sd = {k: v.clone() for k, v in ours_to_hf(_cpu_state(model), args).items()}  # clone: no shared storage
-    dtype = next(iter(sd.values())).dtype
+    to_hf = _hf_name_map(args)
+    extra = sorted(set(specs) - _ours_state_names(args))
+    if extra:
+        raise UserError(f"cannot export: the model has non-Llama tensors {extra[:3]}; merge LoRA adapters "
+                        "first (lora.unload_lora(model)) and export the unwrapped model")
+    # names and shapes of the HF tensors, from the conversion applied to shape-only (meta) tensors
+    header = [(hf, tuple(m.shape), dtype or dt) for k, (shape, dt) in specs.items()
+              for hf, m in _to_hf(k, torch.empty(shape, dtype=dt, device="meta"), args, to_hf)]
+    out_dtype = header[0][2]
+    config, gen = _hf_config(args, out_dtype, tokenizer)
+
+    def converted() -> Iterator[torch.Tensor]:
+        for name, t in tensors:
+            for _, x in _to_hf(name, t, args, to_hf):
+                yield x.to(dtype or x.dtype)
+
+    with atomic_dir(out_dir) as tmp:
+        write_safetensors(tmp / "model.safetensors", header, converted(), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        if tokenizer is not None:
+            save_hf_tokenizer(tokenizer, tmp, model_max_length=args.max_seq_len)
+    return Path(out_dir)
+
+
+def _hf_config(args: ModelArgs, dtype: torch.dtype, tokenizer: Tokenizer | None) -> tuple[dict, dict]:
+    """-> (config.json, generation_config.json) of an HF LlamaForCausalLM (MixtralForCausalLM) export."""
     bos = tokenizer.bos_id if tokenizer is not None else None
     stops = tokenizer.stop_ids if tokenizer is not None else []
     eos = stops[0] if len(stops) == 1 else (stops or None)
@@ -514,13 +551,36 @@ def export_hf(model: Transformer, args: ModelArgs, out_dir: str | os.PathLike,
     if tokenizer is not None and tokenizer.vocab_size > args.vocab_size:
         raise UserError(f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens but the model only "
                         f"{args.vocab_size} embeddings; export with the tokenizer the model was trained with")
-    with atomic_dir(out_dir) as tmp:
-        save_file(sd, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        if tokenizer is not None:
-            save_hf_tokenizer(tokenizer, tmp, model_max_length=args.max_seq_len)
-    return Path(out_dir)
+    return config, gen
+
+
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors(path: Path, header: list[tuple[str, tuple[int, ...], torch.dtype]],
+                      tensors: Iterator[torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written as a stream: the header (names, shapes, dtypes, offsets) first, then each
+    tensor's bytes as `tensors` yields them, in header order (safetensors' own save needs them all at once).
+    Each yielded tensor must have the shape and dtype its header entry announced."""
+    entries: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, shape, dt in header:
+        n = torch.Size(shape).numel() * dt.itemsize
+        entries[name] = {"dtype": _SAFETENSORS_DTYPES[dt], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for (name, shape, dt), t in zip(header, tensors, strict=True):
+            if tuple(t.shape) != tuple(shape) or t.dtype != dt:
+                raise ValueError(f"tensor {name}: got {tuple(t.shape)} {t.dtype}, the header says {shape} {dt}")
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def export_meta(model: Transformer, args: ModelArgs, out_dir: str | os.PathLike, n_shards: int = 1) -> Path:

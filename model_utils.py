@@ -11,6 +11,10 @@ loads the base (refusing one whose weights changed since the run started) and me
 keeps them as `lora.LoRALinear` modules with `merge_lora=False`; `export_peft` writes them unmerged in PEFT's
 format next to an HF export of the base.
 
+`export_hf_from_checkpoint` (the CLI's `export --format hf` for a full-weight checkpoint of ours) never builds
+the model: checkpoint.iter_model_tensors assembles one tensor at a time from the ranks' shards and
+model_formats.export_hf_tensors converts and streams it to disk.
+
 CLI:
     python model_utils.py export --model SOURCE --format hf|meta --out DIR [--shards N] [--dtype D]
     python model_utils.py export --model LORA_CHECKPOINT --format peft --out DIR [--base-out DIR | --base-id ID]
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -42,11 +47,11 @@ from model import ModelArgs, Transformer
 from model_formats import (
     LazyStateDict,
     export_hf,
+    export_hf_tensors,
     export_meta,
     load_gguf,
     load_hf,
     load_meta,
-    load_safetensors,
     open_hf,
     open_meta,
 )
@@ -211,10 +216,7 @@ def _load_ours(path: Path, lora_base: str | None = None,
     """-> (args, state dict, LoRA spec when the state dict holds unmerged adapters, else None)."""
     cfg = read_json(path / ckpt.CONFIG_FILE)
     args = ModelArgs.from_dict(cfg["model_args"])
-    weights = path / ckpt.MODEL_FILE
-    if not weights.is_file():
-        raise UserError(f"{path} has {ckpt.CONFIG_FILE} but no {ckpt.MODEL_FILE}; the checkpoint is incomplete")
-    sd = load_safetensors(weights)
+    sd = ckpt.read_model_tensors(path)
     if not cfg.get("lora"):
         return args, sd, None
     base = _load_lora_base(path, cfg, lora_base)  # adapters only: rebuild the base first
@@ -311,6 +313,32 @@ def load_sharded(model: Transformer, weights: Mapping[str, torch.Tensor], device
 _LOADERS: dict[str, Callable[[Path], tuple[ModelArgs, dict[str, torch.Tensor]]]] = {
     "meta": load_meta, "hf": load_hf, "gguf": load_gguf,
 }
+
+
+# ---- HF export of a checkpoint without building the model ---------------------------------------------
+def export_hf_from_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike,
+                              dtype: torch.dtype = torch.float32, tokenizer=None) -> Path:
+    """A checkpoint of ours (written by any number of ranks; not a LoRA one) -> an HF directory like export_hf's,
+    assembled and written one tensor at a time: no rank's full model in memory, no gather."""
+    kind, path = resolve_source(source)
+    conf = read_json(path / ckpt.CONFIG_FILE) if kind == "ours" else {}
+    if kind != "ours" or conf.get("lora"):
+        raise UserError(f"{source} is not a full-weight checkpoint of ours; export it with export_hf(load_model(...))")
+    args = ModelArgs.from_dict(conf["model_args"])
+    specs = ckpt.model_tensor_specs(path)
+    expected = _param_names(args)
+    missing, unexpected = sorted(expected - specs.keys()), sorted(specs.keys() - expected)
+    if missing or unexpected:
+        raise UserError(f"weights in {path} do not match its config.json: missing {missing[:4]}, unexpected "
+                        f"{unexpected[:4]}; the checkpoint is incomplete or corrupt: pick another")
+    return export_hf_tensors(args, specs, ckpt.iter_model_tensors(path), out_dir, tokenizer=tokenizer, dtype=dtype)
+
+
+def _param_names(args: ModelArgs) -> set[str]:
+    """The state-dict names of a model with these args (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        names = set(Transformer(args).state_dict())
+    return names - ({"output.weight"} if args.tie_embeddings else set())
 
 
 # ---- PEFT export ------------------------------------------------------------------------------------
@@ -440,6 +468,12 @@ def main() -> int:
         return _export_peft_cli(a, dtype)
     if a.cmd == "export" and (a.base_out or a.base_id):
         raise UserError(f"--base-out / --base-id apply to --format peft only, not --format {a.format}: drop them")
+    if a.cmd == "export" and a.format == "hf" and _is_full_checkpoint(a.model):
+        tok = _try_tokenizer(a.tokenizer or tokenizer_source(a.model), required=bool(a.tokenizer))
+        out = export_hf_from_checkpoint(a.model, a.out, dtype=dtype, tokenizer=tok)
+        n = sum(math.prod(shape) for shape, _ in ckpt.model_tensor_specs(resolve_source(a.model)[1]).values())
+        print(f"exported {n:,} parameters from {a.model} to {out} (hf, one tensor at a time)")
+        return 0
     model, args = load_model(a.model, dtype=dtype)
     if a.cmd == "info":
         print(json.dumps({k: v for k, v in args.to_dict().items()}, indent=2, default=str))
@@ -508,6 +542,11 @@ def _export_peft_cli(a: argparse.Namespace, dtype: torch.dtype) -> int:
     print(f"exported the LoRA adapter of {a.model} to {out} (peft); base: {base}"
           f"{' (named, not exported)' if a.base_id is not None else ' (hf)'}")
     return 0
+
+
+def _is_full_checkpoint(source: str) -> bool:
+    kind, path = resolve_source(source)
+    return kind == "ours" and not read_json(path / ckpt.CONFIG_FILE).get("lora")
 
 
 def _try_tokenizer(source: str, required: bool):

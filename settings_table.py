@@ -144,6 +144,10 @@ SETTINGS: list[Setting] = [
     S("SAVE_BEST_ONLY", "checkpoint", "bool", False, "only write a checkpoint when validation improves"),
     S("MAX_NUMBER_CHECKPOINTS", "checkpoint", "int", 2, "periodic checkpoints kept (the best is kept besides)",
       min=1),
+    S("CHECKPOINT_ASYNC", "checkpoint", "bool", False, "write checkpoints in the background (torch.distributed."
+      "checkpoint.async_save): training continues once the state is copied to memory (one more copy of this rank's "
+      "weights and optimizer state in RAM); `latest` moves when the write is complete; the next save and the end of "
+      "the run wait for it"),
     S("PRETRAIN_SAVE_CHECKPOINTS_PATH", "checkpoint", "str", "checkpoints", "root; pretrain/ is appended"),
     S("INSTRUCT_SAVE_CHECKPOINTS_PATH", "checkpoint", "str", "checkpoints", "root; instruct/ is appended"),
     S("DPO_SAVE_CHECKPOINTS_PATH", "checkpoint", "str", "checkpoints", "root; dpo/ is appended"),

@@ -202,12 +202,12 @@ def build_model(cfg: config.Config, tok, init_source: str, device: torch.device)
     return model.to(device).train(), margs
 
 
-def builds_sharded(cfg: config.Config, objective: objectives.Objective, resume_dir: Path | None) -> bool:
-    """FSDP2 runs build the model on the meta device and let each rank fill only its shards after fully_shard,
-    unless something needs the whole model first: resuming (the checkpoint loads into the unsharded model),
-    LoRA (adapters go onto full weights) or an objective that copies the starting model (a frozen reference)."""
-    return (cfg.system.use_fsdp and D.is_dist() and resume_dir is None and not cfg.lora.lora_enabled
-            and not objective.copies_model())
+def builds_sharded(cfg: config.Config, objective: objectives.Objective) -> bool:
+    """FSDP2 runs build the model on the meta device and let each rank fill only its shards after fully_shard
+    (a resumed run then reads only its shards of the checkpoint), unless something needs the whole model
+    first: LoRA (adapters go onto full weights) or an objective that copies the starting model (a frozen
+    reference)."""
+    return cfg.system.use_fsdp and D.is_dist() and not cfg.lora.lora_enabled and not objective.copies_model()
 
 
 def build_meta_model(cfg: config.Config, tok, init_source: str) -> tuple[Transformer, ModelArgs, Any]:
@@ -438,14 +438,12 @@ class StepResult:
 def initial_state(cfg: config.Config, args: argparse.Namespace, resume_dir: Path | None, init_source: str,
                   model: nn.Module, margs: ModelArgs, init_fingerprint: str | None = None,
                   requested: str = "") -> ckpt.TrainerState:
-    """A fresh state, or the checkpoint's (weights copied into the unwrapped model, before FSDP2 shards them);
-    --reset-optimizer takes only the weights, --start-step overrides the step counter."""
+    """A fresh state, or the checkpoint's (its weights are loaded after parallelize, so each FSDP2 rank reads
+    only its shards); --reset-optimizer takes only the weights, --start-step overrides the step counter."""
     state = ckpt.TrainerState(stage=cfg.training.training_stage, parent=init_source or None,
                               parent_fingerprint=init_fingerprint, parent_requested=requested or None)
-    if resume_dir is not None:
-        ckpt.load_model_weights(resume_dir, model, base_config_sha=ckpt.config_sha(margs.to_dict()))
-        if not args.reset_optimizer:
-            state = ckpt.read_trainer_state(resume_dir)
+    if resume_dir is not None and not args.reset_optimizer:
+        state = ckpt.read_trainer_state(resume_dir)
     if args.start_step is not None:
         state.step = args.start_step
     return state
@@ -476,7 +474,7 @@ def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) ->
     init_source = str(model_utils.resolve_source(requested)[1]) if requested else ""  # not a moving `latest`
     tok = load_tokenizer(cfg, init_source)
     objective = objectives.build_objective(cfg)
-    sharded = builds_sharded(cfg, objective, resume_dir)
+    sharded = builds_sharded(cfg, objective)
     if sharded:
         model, margs, weights = build_meta_model(cfg, tok, init_source)
         init_fingerprint = D.on_rank0(lambda: ckpt.weights_fingerprint(model_utils.module_state_view(
@@ -489,7 +487,7 @@ def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) ->
     setup_facts = objective.setup(model, tok, device) or {}
     if cfg.system.use_fsdp:
         setup_facts["model build"] = "meta device, each rank fills its FSDP2 shards" if sharded else \
-            "whole model on every rank, then sharded (resume, LoRA or a frozen copy need it)"
+            "whole model on every rank, then sharded (LoRA or a frozen copy need it)"
     if cfg.lora.lora_enabled:
         lora.apply_lora(model, cfg.lora.lora_target_modules, cfg.lora.lora_rank, cfg.lora.lora_alpha,
                         cfg.lora.lora_dropout)
@@ -497,6 +495,8 @@ def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) ->
     wrapped = D.parallelize(model, cfg, device)
     if sharded:
         materialize_model(model, weights, t.seed, device, init_source)
+    if resume_dir is not None:
+        ckpt.load_model_weights(resume_dir, model, base_config_sha=ckpt.config_sha(margs.to_dict()))
     optimizer = optim.build_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type) if prec.name == "fp16" else None
     ptdtype = prec.dtype
@@ -560,7 +560,8 @@ def save_checkpoint(run: Run, best: bool = False) -> None:
              "grad_scaler": run.scaler.state_dict() if run.scaler is not None else None}
     ckpt.save(run.save_root, state.step, run.model, run.optimizer, trainer_state=state.to_dict(), config=conf,
               lora=cfg.lora.lora_enabled, best=best, keep=cfg.checkpoint.max_number_checkpoints,
-              extra_optimizer_json=extra, peft_adapter=cfg.lora.lora_save_peft_adapter)
+              extra_optimizer_json=extra, peft_adapter=cfg.lora.lora_save_peft_adapter,
+              async_save=cfg.checkpoint.checkpoint_async)
     run.saved_step = state.step
 
 
@@ -673,6 +674,7 @@ def apply_update(run: Run, spikes: SpikeGuard, loss: float, norm: float) -> str 
     run.log.print(f"step {state.step}: {kind} (loss {loss} / grad norm {norm}): update skipped "
                   f"({state.nonfinite_in_a_row} in a row)")
     if state.nonfinite_in_a_row >= t.max_nonfinite_steps:
+        ckpt.wait_pending()  # an async save in flight is the last good checkpoint once written
         kept = ckpt.latest_name(run.save_root) if D.is_main() else None
         raise UserError(f"loss or gradients were {kind} for {state.nonfinite_in_a_row} steps in a row "
                         f"(step {state.step}); stopped without saving, last good checkpoint kept: "
@@ -739,6 +741,7 @@ def train(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) -> int
                 if last_step or stop_early:
                     break
                 result = optimizer_step(run, spikes)
+                ckpt.poll_pending()  # an async save whose write finished is published now
                 control.step_done(result.dt)
                 loss = result.loss
                 if prof is not None:
@@ -748,6 +751,8 @@ def train(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) -> int
         except StopRequested as e:
             stopped = True
             stop_and_checkpoint(run, str(e))
+        finally:
+            ckpt.wait_pending()  # `latest` names the last save before the run ends, also when it fails
     if prof is not None:
         prof.stop()
     finish(run, loss, time.time() - t_start, stopped)

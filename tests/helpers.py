@@ -90,9 +90,9 @@ def subprocess_env() -> dict[str, str]:
 
 
 def torchrun(tmp: Path, data: Path, nproc: int, *flags: str, torchrun_args: tuple[str, ...] | None = None,
-             timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+             timeout: float = 300, script: Path = ROOT / "train.py", **kw) -> subprocess.CompletedProcess:
     launcher = list(torchrun_args) if torchrun_args is not None else ["--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, str(ROOT / "train.py"),
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, str(script),
            *settings(tmp, data, **kw), *flags]
     p = subprocess.run(cmd, cwd=tmp, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -116,6 +116,22 @@ def make_parent(out: Path, seed: int = 7) -> Path:
     ckpt.save(out, 0, model, None, trainer_state={"step": 0, "parent": None},
               config={"model_args": model.args.to_dict(), "settings": cfg.to_dict()})
     return out / "step_0000000"
+
+
+def model_shards(step: Path) -> list[Path]:
+    """The model's shard files in a checkpoint of ours (one per writing rank)."""
+    return sorted((Path(step) / "model").glob("*.safetensors"))
+
+
+def shift_model_weights(step: Path, delta: float) -> None:
+    """Add `delta` to every model weight of a checkpoint of ours in place, shard by shard (headers kept)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    for f in model_shards(step):
+        with safe_open(str(f), framework="pt") as h:
+            meta = h.metadata()
+        save_file({k: v + delta for k, v in load_file(str(f)).items()}, str(f), metadata=meta)
 
 
 def wandb_records(path: Path) -> list[bytes]:

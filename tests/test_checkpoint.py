@@ -43,8 +43,8 @@ def test_resume_equals_not_stopping(tmp_path, data, straight):
     va = {e["step"]: e["val_loss"] for e in m if "val_loss" in e}
     vb = {e["step"]: e["val_loss"] for e in resumed if "val_loss" in e}
     assert vb == pytest.approx({20: va[20]}, abs=1e-6)
-    wa = load_file(str(tmp / "ck" / "pretrain" / "step_0000020" / "model.safetensors"))
-    wb = load_file(str(tmp_path / "ck" / "pretrain" / "step_0000020" / "model.safetensors"))
+    wa = ckpt.read_model_tensors(tmp / "ck" / "pretrain" / "step_0000020")
+    wb = ckpt.read_model_tensors(tmp_path / "ck" / "pretrain" / "step_0000020")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
 
@@ -77,18 +77,20 @@ def test_checkpoint_contents_have_no_pickles_and_load_with_model_utils(straight)
 
     tmp, _ = straight
     d = tmp / "ck" / "pretrain" / "step_0000020"
-    names = sorted(p.name for p in d.iterdir())
-    assert names == ["config.json", "model.safetensors", "optimizer.json", "optimizer.safetensors",
+    names = sorted(str(p.relative_to(d)) for p in d.rglob("*"))
+    shard = "shard-00001-model-00001-of-00001.safetensors"  # one process: one shard per directory
+    assert names == ["config.json", "model", f"model/{shard}", "optimizer", "optimizer.json", f"optimizer/{shard}",
                      "trainer_state.json"]
     state = json.loads((d / "trainer_state.json").read_text())
     assert state["step"] == 20 and state["tokens_seen"] == 20 * 512 and state["stage"] == "pretrain"
     assert {"torch", "numpy", "python"} <= set(state["rng"]) and "dataloader" in state
     conf = json.loads((d / "config.json").read_text())
     assert conf["settings"]["MAX_STEPS"] == 20 and conf["model_args"]["dim"] == 64
-    osd = load_file(str(d / "optimizer.safetensors"))
+    assert conf["format_version"] == ckpt.FORMAT_VERSION
+    osd = load_file(str(d / "optimizer" / shard))
     assert "state/layers.0.attention.wq.weight/exp_avg" in osd
     model, args = model_utils.load_model(d)
-    sd = load_file(str(d / "model.safetensors"))
+    sd = load_file(str(d / "model" / shard))
     for k, v in sd.items():
         torch.testing.assert_close(model.state_dict()[k], v)
 

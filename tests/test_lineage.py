@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import run_inprocess
-from safetensors.torch import load_file, save_file
+from helpers import run_inprocess, shift_model_weights
 
 import checkpoint as ckpt
 import model_utils
@@ -37,9 +36,7 @@ def test_lora_checkpoint_keeps_its_base_when_latest_moves_and_refuses_a_changed_
     assert ckpt.latest_name(base_dir / "ck" / "pretrain") == ckpt.step_name(4)
     torch.testing.assert_close(_logits(model_utils.load_model(adapters)[0]), before, rtol=0, atol=0)
 
-    weights = base_step / ckpt.MODEL_FILE  # the recorded base itself is overwritten with other values
-    sd = load_file(str(weights))
-    save_file({k: v + 0.01 for k, v in sd.items()}, str(weights), metadata={"format": "pt", "lora_only": "False"})
+    shift_model_weights(base_step, 0.01)  # the recorded base itself is overwritten with other values
     with pytest.raises(UserError, match=r"was started from .*step_0000002 .* now holds other weights"):
         model_utils.load_model(adapters)
     for init_from in (lora_kw["INIT_FROM"], ""):  # the same command again (a `latest` now elsewhere), or none

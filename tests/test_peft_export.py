@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, make_parent, run_inprocess, subprocess_env, torchrun
+from helpers import ROOT, make_parent, run_inprocess, shift_model_weights, subprocess_env, torchrun
 from safetensors.torch import load_file, save_file
 
 import checkpoint as ckpt
@@ -243,8 +243,7 @@ def test_export_refuses_a_base_changed_since_training(lora_run, tmp_path):
     conf["base_model"]["source"] = str(parent)
     (step / ckpt.CONFIG_FILE).write_text(json.dumps(conf))
     model_utils.export_peft(step, tmp_path / "ok")  # the copy holds the same weights: accepted
-    weights = parent / ckpt.MODEL_FILE
-    save_file({k: v + 0.01 for k, v in load_file(str(weights)).items()}, str(weights))
+    shift_model_weights(parent, 0.01)
     with pytest.raises(UserError, match="now holds other weights"):
         model_utils.export_peft(step, tmp_path / "out")
     assert _nothing_left(tmp_path, tmp_path / "out")

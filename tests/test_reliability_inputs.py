@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, TOKENIZER, make_pretrain_data, run_inprocess, subprocess_env
+from helpers import ROOT, TOKENIZER, make_pretrain_data, model_shards, run_inprocess, subprocess_env
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
@@ -144,7 +144,7 @@ def test_train_bad_data_and_checkpoints_are_user_errors(tmp_path, data, broken_d
     assert "shape" in msg and "model settings" in msg
     # weights that are no safetensors file at all
     bad = Path(__import__("shutil").copytree(ck, tmp_path / "garbage"))
-    (bad / "model.safetensors").write_bytes(b"\x00garbage" * 100)
+    model_shards(bad)[0].write_bytes(b"\x00garbage" * 100)
     msg = _train_error(tmp_path / "g", data, "--pretrain_checkpoint", str(bad), DIM=96, N_HEADS=4)
     assert "not a valid safetensors file" in msg
 
@@ -220,7 +220,7 @@ def test_malicious_pickle_in_our_checkpoint_dir_never_runs(tmp_path, data, our_c
     model_utils.load_model(d)
     ckpt.load_model_weights(d, model_utils.load_model(d)[0])
     assert not marker.exists()
-    _evil_pickle(d / "model.safetensors", marker)  # a pickle disguised as the weights file
+    _evil_pickle(model_shards(d)[0], marker)  # a pickle disguised as a weights shard
     with pytest.raises(UserError, match="not a valid safetensors file"):
         ckpt.load_model_weights(d, model_utils.load_model(our_checkpoint)[0])
     with pytest.raises(Exception):  # noqa: B017 - model_utils' own message; the point is: no code ran

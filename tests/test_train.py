@@ -28,7 +28,8 @@ from helpers import (
     train_losses,
     wandb_records,
 )
-from safetensors.torch import load_file
+
+import checkpoint as ckpt
 
 # ---- the rule --------------------------------------------------------------------------------------------
 
@@ -66,7 +67,7 @@ def test_golden_loss_debug_fp32(tmp_path, pretrain_data):
 
 def _final_weights(tmp: Path) -> dict[str, torch.Tensor]:
     latest = (tmp / "ck" / "pretrain" / "latest").read_text().strip()
-    return load_file(str(tmp / "ck" / "pretrain" / latest / "model.safetensors"))
+    return ckpt.read_model_tensors(tmp / "ck" / "pretrain" / latest)
 
 
 def _compare_accumulation(tmp_path, data, **kw):
@@ -296,7 +297,7 @@ def test_lora_run_saves_adapters_and_base_identity(tmp_path, pretrain_data):
                       LORA_ENABLED="true", LORA_RANK=4, LORA_ALPHA=8, LORA_DROPOUT=0.0, MAX_LR=1e-2)
     assert len(train_losses(m)) == 3
     ck = tmp_path / "lora" / "ck" / "pretrain" / "step_0000003"
-    sd = load_file(str(ck / "model.safetensors"))
+    sd = ckpt.read_model_tensors(ck)
     assert sd and all(k.endswith((".lora_a", ".lora_b")) for k in sd)
     conf = json.loads((ck / "config.json").read_text())
     assert conf["lora"]["rank"] == 4 and conf["base_model"]["source"] == str(base)

@@ -14,7 +14,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from helpers import ROOT, read_metrics, run_inprocess, settings, train_losses
-from safetensors.torch import load_file
 
 import checkpoint as ckpt
 import distributed as D
@@ -107,7 +106,7 @@ def test_build_run_resumes_weights_state_data_position(tmp_path, pretrain_data):
     run = make_run(tmp_path, pretrain_data, "--pretrain_checkpoint", str(step3))
     assert run.resume_dir == step3 and run.state.step == 3 and run.state.best_val is not None
     assert run.train_loader.state_dict()["offset"] == 12
-    saved = load_file(str(step3 / ckpt.MODEL_FILE))
+    saved = ckpt.read_model_tensors(step3)
     for k, v in saved.items():
         torch.testing.assert_close(run.model.state_dict()[k], v, atol=0, rtol=0)
     assert run.optimizer.state  # moments restored
