@@ -37,7 +37,6 @@ Test-only: FAULT_INJECT_KILL_IN_CHECKPOINT_WRITE (see _inject_kill) kills the pr
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -574,37 +573,45 @@ def _safetensors_dtype(name: str) -> torch.dtype:
     return _getdtype(name)
 
 
-def iter_model_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """A checkpoint's model tensors as whole CPU tensors, one at a time, each assembled from the pieces the
-    ranks wrote: memory holds one tensor, not the model (the export path)."""
+def model_tensor_reader(path: Path) -> tuple[list[str], Callable[[str], torch.Tensor]]:
+    """(a checkpoint's model tensor names, read(name) -> that tensor whole on CPU, assembled from the pieces the
+    ranks wrote). Each read opens (memory-maps) only the files holding the tensor's pieces: memory holds the
+    tensor asked for, not the model (the export path and FSDP2's rank-local loading)."""
     from safetensors import safe_open
 
+    names = list(model_tensor_specs(path))  # also checks the files are there and readable
     if format_version(path) == 1:
-        specs = model_tensor_specs(path)
-        with safe_open(str(path / MODEL_FILE), framework="pt") as f:
-            for k in specs:
-                yield k, f.get_tensor(k)
-        return
+        def read_whole(name: str) -> torch.Tensor:
+            with safe_open(str(path / MODEL_FILE), framework="pt") as f:
+                return f.get_tensor(name)
+
+        return names, read_whole
     meta = _read_layout(path / MODEL_DIR)
     pieces: dict[str, list[tuple[Any, Any]]] = {}
     for index, info in meta.storage_data.items():
         pieces.setdefault(index.fqn, []).append((index.offset, info))
-    with contextlib.ExitStack() as stack:
-        files: dict[str, Any] = {}
-        def piece(info: Any) -> torch.Tensor:
-            if info.relative_path not in files:
-                files[info.relative_path] = stack.enter_context(safe_open(info.relative_path, framework="pt"))
-            return files[info.relative_path].get_tensor(name)
 
-        for name, m in meta.state_dict_metadata.items():
-            if len(pieces[name]) == 1 and tuple(pieces[name][0][1].shape) == tuple(m.size):
-                full = piece(pieces[name][0][1])  # written whole (one process, DDP): no assembly
-            else:
-                full = torch.empty(tuple(m.size), dtype=m.properties.dtype)
-                for offset, info in pieces[name]:
-                    full[tuple(slice(o, o + n) for o, n in zip(offset, info.shape, strict=True))] = piece(info)
-            yield name, full
-            del full
+    def piece(name: str, info: Any) -> torch.Tensor:
+        with safe_open(info.relative_path, framework="pt") as f:
+            return f.get_tensor(name)
+
+    def read(name: str) -> torch.Tensor:
+        m = meta.state_dict_metadata[name]
+        if len(pieces[name]) == 1 and tuple(pieces[name][0][1].shape) == tuple(m.size):
+            return piece(name, pieces[name][0][1])  # written whole (one process, DDP): no assembly
+        full = torch.empty(tuple(m.size), dtype=m.properties.dtype)
+        for offset, info in pieces[name]:
+            full[tuple(slice(o, o + n) for o, n in zip(offset, info.shape, strict=True))] = piece(name, info)
+        return full
+
+    return names, read
+
+
+def iter_model_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """A checkpoint's model tensors as whole CPU tensors, one at a time (see model_tensor_reader)."""
+    names, read = model_tensor_reader(path)
+    for name in names:
+        yield name, read(name)
 
 
 def read_model_tensors(path: Path) -> dict[str, torch.Tensor]:

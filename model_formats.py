@@ -480,9 +480,16 @@ def export_hf(model: Transformer, args: ModelArgs, out_dir: str | os.PathLike,
     model.safetensors, generation_config.json (greedy; stops at the tokenizer's end-of-text and end-of-turn
     ids) and, with a tokenizer, its HF files (tokenizer.save_hf_tokenizer: tokenizer.json,
     tokenizer_config.json with the chat template, special_tokens_map.json)."""
+    _check_hf_exportable(args)
     sd = _cpu_state(model)
     return export_hf_tensors(args, {k: (tuple(v.shape), v.dtype) for k, v in sd.items()}, iter(sd.items()), out_dir,
                              tokenizer)
+
+
+def _check_hf_exportable(args: ModelArgs) -> None:
+    if args.moe_shared_expert:
+        raise UserError("cannot export to HF: Mixtral has no shared expert (MOE_SHARED_EXPERT=true); keep the model "
+                        "in our checkpoint format")
 
 
 def export_hf_tensors(args: ModelArgs, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
@@ -491,9 +498,7 @@ def export_hf_tensors(args: ModelArgs, specs: dict[str, tuple[tuple[int, ...], t
     """export_hf from a stream of our tensors: `specs` {name: (shape, dtype)} in the order `tensors` yields
     (name, tensor). Each tensor is renamed, q/k-permuted, cast to `dtype` (None: kept) and written before the
     next is asked for, so memory holds one tensor, not the model (a sharded checkpoint exports this way)."""
-    if args.moe_shared_expert:
-        raise UserError("cannot export to HF: Mixtral has no shared expert (MOE_SHARED_EXPERT=true); keep the model "
-                        "in our checkpoint format")
+    _check_hf_exportable(args)
     to_hf = _hf_name_map(args)
     extra = sorted(set(specs) - _ours_state_names(args))
     if extra:

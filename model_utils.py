@@ -270,23 +270,12 @@ def open_weights(source: str | os.PathLike, rope_scaling_factor: float | None = 
 
 
 def _open_ours(path: Path) -> tuple[ModelArgs, Mapping[str, torch.Tensor]]:
-    from safetensors import safe_open
-
     args = ModelArgs.from_dict(read_json(path / ckpt.CONFIG_FILE)["model_args"])
-    weights = path / ckpt.MODEL_FILE
-    if not weights.is_file():
-        raise UserError(f"{path} has {ckpt.CONFIG_FILE} but no {ckpt.MODEL_FILE}; the checkpoint is incomplete")
-    with safe_open(weights, framework="pt") as h:
-        stored = set(h.keys())
+    stored, read = ckpt.model_tensor_reader(path)
     # a tied model may be stored under either name of its one matrix
     alias = {"tok_embeddings.weight": "output.weight"} if args.tie_embeddings and "tok_embeddings.weight" not in stored else {}
     names = [n for n in stored if not (args.tie_embeddings and n == "output.weight")] + list(alias)
-
-    def read(name: str) -> torch.Tensor:
-        with safe_open(weights, framework="pt") as h:
-            return h.get_tensor(alias.get(name, name))
-
-    return args, LazyStateDict(sorted(names), read)
+    return args, LazyStateDict(sorted(names), lambda name: read(alias.get(name, name)))
 
 
 def module_state_view(weights: Mapping[str, torch.Tensor], args: ModelArgs) -> Mapping[str, torch.Tensor]:
