@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import read_metrics, run_inprocess, torchrun
-from safetensors.torch import load_file
 
+import checkpoint as ckpt
 import model_utils
 import moe
 
@@ -23,7 +23,7 @@ def _steps(metrics: list[dict]) -> dict[int, dict]:
 
 def _final_weights(tmp) -> dict[str, torch.Tensor]:
     latest = (tmp / "ck" / "pretrain" / "latest").read_text().strip()
-    return load_file(str(tmp / "ck" / "pretrain" / latest / "model.safetensors"))
+    return ckpt.read_model_tensors(tmp / "ck" / "pretrain" / latest)
 
 
 def _accumulation_pair(tmp_path, data, **kw) -> tuple[dict[int, dict], dict[int, dict]]:
