@@ -21,7 +21,7 @@ one count (jobs_common.loss_tokens) over the same tokenization; for ours it is c
 loader with the run's seed and geometry, for the peer by wrapping its collator. The held-out SFT loss is
 the token-weighted mean CE over the same first validation examples (ours from train.py's validation, the
 peer from jobs_common.heldout_loss). Learning rate (constant), weight decay 0, clipping 1.0, AdamW betas
-(0.9, 0.999) and the seed are set alike; everything else is each tool's default (TRL defaults to gradient
+(0.9, 0.999) and the random seed are set alike; everything else is each tool's default (TRL defaults to gradient
 checkpointing; that is part of "its defaults").
 
 The peer runs in a bench-only venv (default ~/.cache/llama3-train/jobs-trl-<ver>) created on first use with
