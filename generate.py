@@ -7,6 +7,7 @@ so a padded row computes exactly what it would alone (tests/test_model.py checks
     python generate.py --model SOURCE [--tokenizer SRC] --prompt "..." [--prompt "..."] [--chat]
                        [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
     python generate.py --model SOURCE --chat [--system "..."]     # interactive: one user turn per line
+    add --compile to compile the decode step, --int8 to decode with int8 weights
 
 HF_TOKEN / HF_HOME for a hub download come from the environment, else from --env-file (default ./.env).
 
@@ -69,6 +70,29 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+CACHE_ROUND = 64  # a compiled decode step's KV cache length is a multiple of this
+_compiled_step = None
+
+
+def compiled_decode_step():
+    """Transformer.decode_step through torch.compile, created once per process (a new torch.compile wrapper would
+    compile again). Static shapes: one graph per (model, batch, cache length), reused by every step.
+
+    Inductor fuses the small ops of a step (norms, RoPE, residuals, the cache write, the mask) into a few
+    kernels, and with its memory-bound matmul pass on, rewrites each one-row product (batch 1) as its own
+    multiply-and-sum kernel over the weight with the input computed once: on bf16 weights that streams them
+    faster than the BLAS call (bench/README.md, "Decoding"). The pass's CPU size limit (2048) is raised to
+    cover every projection and the LM head; it only ever applies to products with a single row."""
+    global _compiled_step
+    if _compiled_step is None:
+        from torch._inductor.fx_passes import decompose_mem_bound_mm
+
+        decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = 1 << 20
+        _compiled_step = torch.compile(Transformer.decode_step, fullgraph=True, dynamic=False,
+                                       options={"post_grad_fusion_options": {"decompose_mm_pass": {}}})
+    return _compiled_step
+
+
 @torch.inference_mode()
 def generate(
     model: Transformer,
@@ -84,6 +108,7 @@ def generate(
     stop_check: Callable[[], None] | None = None,
     on_token: Callable[[int, int], None] | None = None,
     int8: bool = False,
+    compile: bool = False,
 ) -> list[list[int]] | tuple[list[list[int]], torch.Tensor]:
     """Continue each prompt; returns the new tokens per row, cut before the first stop id (the stop
     token itself is not included). Uses a KV cache sized to the longest prompt + max_new_tokens.
@@ -91,7 +116,9 @@ def generate(
     (for tests and debugging). stop_check: called before every new token; it may raise to abandon the
     generation (the training loop's stop signal). on_token(row, token_id): called as each token of the
     result is sampled (streaming), so exactly the returned tokens, in order. int8: decode with weight-only
-    int8 copies of the linear layers (quantize.int8_weights; half the bytes per token of bf16)."""
+    int8 copies of the linear layers (quantize.int8_weights; half the bytes per token of bf16). compile: run
+    the decode step through torch.compile (compiled_decode_step; the first call per model and shape compiles,
+    for the weights as they are: use it on a frozen model, not inside training)."""
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens={max_new_tokens} must be >= 0")
     if top_k is not None and top_k < 1:
@@ -106,20 +133,25 @@ def generate(
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    full_mask = torch.ones(B, total, dtype=torch.bool, device=device)
+    # compiled steps reuse their graph for any generation whose cache rounds up to the same length
+    cache_len = -(-total // CACHE_ROUND) * CACHE_ROUND if compile else total
+    full_mask = torch.ones(B, cache_len, dtype=torch.bool, device=device)
     full_mask[:, :L] = key_mask
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
     out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
     step_logits: list[torch.Tensor] = []
     done = torch.zeros(B, dtype=torch.bool, device=device)
     next_pos = positions[:, -1:] + 1  # (B, 1)
+    slot = torch.tensor([L], device=device)  # the cache slot the next token is written to
     was_training = model.training
     model.eval()
     with int8_weights(model) if int8 else contextlib.nullcontext():
         # frozen weights during generation; int8 keeps the projections apart (each one is an Int8Linear)
-        model.setup_caches(B, total, fuse_projections=not int8)
+        model.setup_caches(B, cache_len, fuse_projections=not int8)
+        step = compiled_decode_step() if compile else Transformer.decode_step
+        guards = contextlib.ExitStack()
         try:
-            h = model(tokens, 0, positions=positions, key_mask=full_mask[:, :L], return_hidden=True)  # (B, L, dim)
+            h = model(tokens, 0, positions=positions, key_mask=key_mask, return_hidden=True)  # (B, L, dim)
             logits = model.output(h[:, -1])  # (B, V): only the last prompt position needs the head
             n = 0
             for n in range(max_new_tokens):
@@ -136,9 +168,14 @@ def generate(
                 if bool(done.all()) or n == max_new_tokens - 1:
                     n += 1
                     break
-                logits = model(nxt[:, None], L + n, positions=next_pos, key_mask=full_mask[:, : L + n + 1])[:, -1]
-                next_pos = next_pos + 1
+                logits = step(model, nxt[:, None], slot, next_pos, full_mask)[:, -1]
+                next_pos, slot = next_pos + 1, slot + 1
+                if compile and n == 0:
+                    # the first step checked the compiled graph's guards; the same model and shapes follow, so
+                    # later steps evaluate only the guards that tell cached graphs apart
+                    guards.enter_context(torch.compiler.set_stance("default", skip_guard_eval_unsafe=True))
         finally:
+            guards.close()
             model.clear_caches()
             model.train(was_training)
     results = []
@@ -314,6 +351,8 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--int8", action="store_true", help="decode with weight-only int8 linear layers (half the bytes "
                     "per token of bf16; see bench/README.md for its greedy agreement and perplexity change)")
+    ap.add_argument("--compile", action="store_true", help="compile the decode step (torch.compile; the first "
+                    "reply waits for it, later ones of a similar length reuse it; bench/README.md has the speed-up)")
     ap.add_argument("--dtype", default="auto", choices=[*precision.CHOICES, *precision.ALIASES],
                     help="auto = bf16 where the device does it natively, else fp32 (fp16 on older GPUs)")
     ap.add_argument("--env-file", default=None, help="settings file whose HF_TOKEN / HF_HOME apply to hub "
@@ -331,7 +370,7 @@ def main() -> int:
     if not a.prompt:
         session = ChatSession(model, tok, system=a.system, max_new_tokens=a.max_new_tokens, stop_ids=stop,
                               pad_id=pad, sampling=dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                                                        seed=a.seed, int8=a.int8))
+                                                        seed=a.seed, int8=a.int8, compile=a.compile))
         interactive = sys.stdin.isatty()
         if interactive:
             try:
@@ -344,7 +383,7 @@ def main() -> int:
     prompts = [encode_prompt(tok, p, a.chat, a.system) for p in a.prompt]
     t0 = time.perf_counter()
     outs = generate(model, prompts, a.max_new_tokens, a.temperature, a.top_k, a.top_p, stop, a.seed,
-                    pad_id=pad, int8=a.int8)
+                    pad_id=pad, int8=a.int8, compile=a.compile)
     dt = time.perf_counter() - t0
     for i, ids in enumerate(outs):
         if len(outs) > 1:

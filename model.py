@@ -132,6 +132,8 @@ def rope_rotations(inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Ten
     complex rotations e^{i * pos * inv_freq} stored as real pairs (computed once per forward, shared by
     every layer)."""
     angles = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
+    if torch.compiler.is_compiling():  # inductor has no complex codegen (values equal to ~1 ulp)
+        return torch.stack((angles.cos(), angles.sin()), dim=-1)[:, :, None]
     return torch.view_as_real(torch.polar(torch.ones_like(angles), angles))[:, :, None]
 
 
@@ -147,6 +149,21 @@ def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
         return torch.stack((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1).flatten(-2).type_as(x)
     out = torch.view_as_complex(xf) * torch.view_as_complex(rot)
     return torch.view_as_real(out).flatten(-2).type_as(x)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, w) (no bias). In eager mode a single row on CPU (one token at batch 1: decoding) goes through
+    torch.mv, ATen's matrix-vector kernel: the same values bit for bit, and on bf16 weights it streams them ~1.4x
+    faster than the matrix-multiply call F.linear makes (bench/README.md, "Decoding"). Under torch.compile the
+    compiler chooses (generate.compiled_decode_step turns one-row products into fused kernels)."""
+    if x.device.type == "cpu" and x.numel() == x.shape[-1] and not torch.compiler.is_compiling():
+        return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])
+    return F.linear(x, w)
+
+
+def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x) for a projection: plain nn.Linear layers go through linear(); LoRA and int8 layers run their own."""
+    return linear(x, layer.weight) if type(layer) is nn.Linear else layer(x)
 
 
 class KVCache(nn.Module):
@@ -165,6 +182,13 @@ class KVCache(nn.Module):
         self.v[: v.shape[0], :, start:end] = v
         return self.k[: k.shape[0], :, :end], self.v[: v.shape[0], :, :end]
 
+    def write_at(self, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, Hkv, T, hd) at the cache slots `index` (T,) long and return the whole cache (B, Hkv,
+        max_len, hd): shapes that do not change from step to step (Transformer.decode_step)."""
+        self.k.index_copy_(2, index, k)
+        self.v.index_copy_(2, index, v)
+        return self.k, self.v
+
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -178,11 +202,13 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
         self.wqkv: torch.Tensor | None = None  # inference-only concatenation, see Transformer.setup_caches
 
-    def forward(self, x, rot, mask: torch.Tensor | None, start_pos: int) -> torch.Tensor:
+    def forward(self, x, rot, mask: torch.Tensor | None, start_pos: int | torch.Tensor) -> torch.Tensor:
+        """start_pos: the cache index of x[:, 0] (int), or the cache slots of x's T tokens as a (T,) long tensor
+        (a static-shape decode step: attention then spans the whole cache, `mask` hides the unwritten slots)."""
         B, T, _ = x.shape
         if self.wqkv is not None:  # one matmul instead of three (decoding is bound by per-kernel overhead)
             nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-            q, k, v = F.linear(x, self.wqkv).split((nq, nkv, nkv), dim=-1)
+            q, k, v = linear(x, self.wqkv).split((nq, nkv, nkv), dim=-1)
             q = q.view(B, T, self.n_heads, self.head_dim)
             k, v = k.view(B, T, self.n_kv_heads, self.head_dim), v.view(B, T, self.n_kv_heads, self.head_dim)
         else:
@@ -191,10 +217,15 @@ class Attention(nn.Module):
             v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, rot), apply_rope(k, rot)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
-        if self.cache is not None:
+        if isinstance(start_pos, torch.Tensor):
+            k, v = self.cache.write_at(start_pos, k, v)  # (B, Hkv, max_len, hd)
+        elif self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)  # (B, Hkv, S, hd)
-        y = attention(q, k, v, mask, resolve_attn_impl(self.attn_impl, x.device))  # (B, H, T, hd)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        if T == 1 and isinstance(start_pos, torch.Tensor) and torch.compiler.is_compiling():
+            y = single_query_attention(q, k, v, mask)  # fuses with its neighbours instead of an SDPA call
+        else:
+            y = attention(q, k, v, mask, resolve_attn_impl(self.attn_impl, x.device))  # (B, H, T, hd)
+        return project(self.wo, y.transpose(1, 2).reshape(B, T, -1))
 
 
 def resolve_attn_impl(attn_impl: str, device: torch.device) -> str:
@@ -274,6 +305,19 @@ def attention(q, k, v, mask: torch.Tensor | None, impl: str) -> torch.Tensor:
     return (probs.view(B, Hkv, n_rep * T, S) @ v).view(B, H, T, hd)
 
 
+def single_query_attention(q, k, v, bias: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per row, written as multiply-and-sum reductions in fp32: q (B, H, 1, hd), k, v
+    (B, Hkv, S, hd), bias (B, 1, 1, S) additive -> (B, H, 1, hd). Under torch.compile it becomes a few fused
+    loops instead of an SDPA call per layer (the decode step); same definition as attention()."""
+    B, H, _, hd = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    qg = q.float().view(B, Hkv, H // Hkv, 1, hd) * (1.0 / math.sqrt(hd))  # query heads grouped by kv head
+    scores = (qg * k.float()[:, :, None]).sum(-1)  # (B, Hkv, n_rep, S)
+    probs = torch.softmax(scores + bias.float().view(B, 1, 1, S), dim=-1)
+    out = (probs[..., None] * v.float()[:, :, None]).sum(-2)  # (B, Hkv, n_rep, hd)
+    return out.view(B, H, 1, hd).to(q.dtype)
+
+
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
@@ -284,8 +328,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w13 is not None:
-            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
-            return self.w2(F.silu(gate) * up)
+            gate, up = linear(x, self.w13).chunk(2, dim=-1)
+            return project(self.w2, F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -307,7 +351,7 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, rot, mask, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, x, rot, mask, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), rot, mask, start_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -387,6 +431,24 @@ class Transformer(nn.Module):
             if isinstance(layer.feed_forward, FeedForward):
                 layer.feed_forward.w13 = None
         self.cache_len = 0
+
+    def decode_step(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                    key_mask: torch.Tensor) -> torch.Tensor:
+        """One decoding step whose shapes never change, so one compiled graph serves every step.
+
+        tokens (B, T) are written to the KV cache slots `slots` (T,) long, ascending; RoPE uses `positions`
+        (B, T); each query attends the whole cache (B, Hkv, cache_len, hd) except slots after its own and keys
+        where key_mask (B, cache_len) is False (padding). -> logits (B, T, V). Needs setup_caches first; the
+        slots before `slots` must have been written (by forward() or earlier steps)."""
+        S = self.cache_len
+        index = torch.arange(S, device=tokens.device)
+        visible = (index[None, :] <= slots[:, None])[None, None] & key_mask[:, None, None, :]  # (B, 1, T, S)
+        bias = causal_bias(visible, tokens.shape[1], S, tokens.device)
+        rot = rope_rotations(self.inv_freq, positions)
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        for layer in self.layers:
+            h = layer(h, rot, bias, slots)
+        return project(self.output, self.norm(h))  # (B, T, V)
 
     # ---- forward ------------------------------------------------------------------------------------
     def forward(

@@ -8,7 +8,8 @@
   gradients, with ignored labels, ragged last chunk, tied weights, fp32 and bf16 autocast.
 - per-row response log-probs through the fused head (fused_sequence_logps, the DPO path) == log_softmax of
   the full logits (losses.sequence_logps), values and gradients, with a non-linear loss on the rows.
-- compiled decode in generate() == eager generate() token for token (fp32 logits within 1e-4).
+- one-row projections (decoding at batch 1) through torch.mv == F.linear bit for bit; the compiled decode
+  step in generate() == eager generate() token for token (fp32 logits within 1e-4).
 """
 
 import math
@@ -227,5 +228,53 @@ def test_fast_decode_equals_full_recompute(tiny_model, dtype, tol):
                 if dtype == torch.float32:
                     assert o[n] == int(ref.argmax())
                 seq.append(o[n])
+    finally:
+        tiny_model.to(torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_single_row_linear_is_f_linear_exactly(dtype):
+    """model.linear sends one row (decoding at batch 1) through torch.mv in eager mode: bit-identical to F.linear."""
+    g = torch.Generator().manual_seed(0)
+    for out_f, in_f in [(960, 576), (97, 64), (576, 1536), (5, 3)]:
+        w = torch.randn(out_f, in_f, generator=g).to(dtype)
+        for shape in [(1, 1, in_f), (1, in_f), (in_f,)]:
+            x = torch.randn(shape, generator=g).to(dtype)
+            got = model_mod.linear(x, w)
+            assert got.shape == F.linear(x, w).shape and torch.equal(got, F.linear(x, w))
+        x = torch.randn(2, 3, in_f, generator=g).to(dtype)  # more rows: F.linear itself
+        assert torch.equal(model_mod.linear(x, w), F.linear(x, w))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])
+def test_compiled_decode_equals_eager_and_compiles_once(tiny_model, dtype, tol):
+    """generate(compile=True) (static cache of a rounded length, torch.compile'd Transformer.decode_step whose
+    one-row products at batch 1 become inductor multiply-and-sum kernels) == eager generate(): tokens (fp32),
+    logits within tol; left padding and a stop id behave alike; a second generation whose cache rounds up to the
+    same length reuses the compiled graph."""
+    import generate as generate_mod
+    from torch._dynamo.utils import counters
+
+    m = tiny_model.to(dtype)
+    try:
+        for prompts, steps in [([[5, 9, 11, 200, 3], [17, 4]], 7), ([[42]], 9)]:
+            eager, eager_logits = generate(m, prompts, steps, return_logits=True)
+            before, decomposed = counters["stats"]["unique_graphs"], counters["inductor"]["decompose_mm"]
+            compiled, comp_logits = generate(m, prompts, steps, return_logits=True, compile=True)
+            compiles = counters["stats"]["unique_graphs"] - before
+            assert compiles <= 1
+            if compiles and len(prompts) == 1:  # batch 1: every projection and the head became a fused kernel
+                assert counters["inductor"]["decompose_mm"] - decomposed >= 4 * len(m.layers) + 1
+            torch.testing.assert_close(comp_logits, eager_logits, atol=tol, rtol=tol)
+            if dtype == torch.float32:
+                assert compiled == eager
+            # same batch, a length that rounds to the same cache: no new graph
+            before = counters["stats"]["unique_graphs"]
+            again = generate(m, prompts, steps + 3, compile=True, stop_ids=[eager[0][2]])
+            assert counters["stats"]["unique_graphs"] == before
+            if dtype == torch.float32:
+                assert again[0] == eager[0][:2]
+        assert generate_mod.CACHE_ROUND > 12
     finally:
         tiny_model.to(torch.float32)
