@@ -34,6 +34,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` so that a reader sees the old file or the whole new one, never a partial write."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    fsync_file(tmp)
+    tmp.replace(path)
+    fsync_dir(path.parent)
+
+
 def check_new_dir(out: Path, flag: str = "--out") -> None:
     """An output directory must not exist yet or be empty: a UserError naming it otherwise."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

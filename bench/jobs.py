@@ -9,7 +9,7 @@ effective batch and step count, run A/B in one invocation.
 | sft | `train.py` TRAINING_STAGE=instruct from SmolLM2-135M-Instruct, SFT_BATCHING=packed (and padded) | TRL `SFTTrainer`, its defaults, and with `packing=True` |
 | dpo | `train.py` TRAINING_STAGE=dpo with LoRA (reference = adapters off) | TRL `DPOTrainer` with a peft `LoraConfig` |
 | pretrain | `train.py` MODEL_PRESET=small on the embedded corpus | transformers `Trainer` + `LlamaForCausalLM` |
-| generate | bench/generate_throughput.py (greedy, batch 1 and 8, plus the memory-bandwidth bound) | transformers `generate` |
+| generate | bench/generate_throughput.py (greedy, batch 1 and 8, eager and `generate(compile=True)`, plus the memory-bandwidth bound) | transformers `generate`, and its static cache + torch.compile (the faster is the peer of our compiled decode) |
 | hellaswag | bench/hellaswag_throughput.py | lm-evaluation-harness (its own venv) |
 
 Precision: the auto rule is resolved once (its bf16-vs-fp32 probe can flip on a loaded machine) and the
@@ -46,9 +46,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 PY = sys.executable
-sys.path.insert(0, str(BENCH))
+sys.path[:0] = [str(BENCH), str(ROOT)]  # bench helpers; the project's torch-free fileio
 
 from jobs_common import loss_tokens, parse_result, print_result, sft_labels, shard_examples  # noqa: E402
+
+from fileio import write_text_atomic  # noqa: E402
 
 TRL_VERSION = "1.16.0"
 TORCH_VERSION = "2.13.0"
@@ -122,11 +124,7 @@ def peer_python(venv: Path) -> Path:
 
 
 def write_jsonl(path: Path, rows) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def run_cli_step(args: list[str], work: Path) -> None:
@@ -428,8 +426,8 @@ def pretrain_rows(a, specs, facts, work, peer_py, table, record) -> None:
 def generate_rows(a, specs, facts, work, peer_py, table, record) -> None:
     cmd = [PY, str(BENCH / "generate_throughput.py"), "--json", "--models", "smollm2", "--dtypes",
            facts["precision"], "--batches", "1", "8", "--new-tokens", "16" if a.quick else "64",
-           "--rounds", "1" if a.quick else "3", "--bandwidth", "--int8"]
-    res = measure(cmd, ROOT, work / "log_generate.txt", a.timeout * 2)
+           "--rounds", "1" if a.quick else "3", "--bandwidth", "--int8", "--compiled"]
+    res = measure(cmd, ROOT, work / "log_generate.txt", a.timeout * 3)
     rows = [json.loads(ln) for ln in res["stdout"].splitlines() if ln.startswith("{")]
     record["generate"] = rows
     if not rows:
@@ -437,11 +435,23 @@ def generate_rows(a, specs, facts, work, peer_py, table, record) -> None:
     for r in rows:
         target = r["batch"] == 1
         bound = r.get("bound_tokens_per_s")
-        table.append(row("generate tokens/s (greedy)", f"SmolLM2-135M {r['dtype']} batch {r['batch']} vs transformers "
-                         f"generate; of the bandwidth bound: ours {fmt(r.get('ours_fraction_of_bound'), '.0%')}, "
-                         f"transformers {fmt(r.get('hf_fraction_of_bound'), '.0%')} (bound {fmt(bound, '.1f')} tok/s)",
-                         fmt(r["ours_tokens_per_s"], ".1f"), fmt(r["hf_tokens_per_s"], ".1f"), r["ratio"],
-                         "≥ 1.5×" if target else "", r["ratio"] >= 1.5 if target else None))
+        if "compiled_ratio" in r:
+            best = r["hf_best"]
+            peer = "generate (its default dynamic cache)" if best == "hf" else "static cache + torch.compile"
+            table.append(row("generate tokens/s (greedy), compiled", f"SmolLM2-135M {r['dtype']} batch {r['batch']}: "
+                             f"ours generate(compile=True) vs transformers' faster setting, {peer}; of the bandwidth "
+                             f"bound: ours {fmt(r.get('ours_compiled_fraction_of_bound'), '.0%')}, transformers "
+                             f"{fmt(r.get(f'{best}_fraction_of_bound'), '.0%')}; compile s ours "
+                             f"{r['compile_s']['ours_compiled']:.0f} / transformers {r['compile_s']['hf_compiled']:.0f}"
+                             f"; greedy tokens equal to our eager decode {r['compiled_same_tokens']:.0%}",
+                             fmt(r["ours_compiled_tokens_per_s"], ".1f"), fmt(r[f"{best}_tokens_per_s"], ".1f"),
+                             r["compiled_ratio"], "≥ 1.5×" if target else "",
+                             r["compiled_ratio"] >= 1.5 if target else None))
+        table.append(row("generate tokens/s (greedy), eager", f"SmolLM2-135M {r['dtype']} batch {r['batch']} vs "
+                         f"transformers generate (default); of the bandwidth bound: ours "
+                         f"{fmt(r.get('ours_fraction_of_bound'), '.0%')}, transformers "
+                         f"{fmt(r.get('hf_fraction_of_bound'), '.0%')} (bound {fmt(bound, '.1f')} tok/s)",
+                         fmt(r["ours_tokens_per_s"], ".1f"), fmt(r["hf_tokens_per_s"], ".1f"), r["ratio"], "", None))
         if "int8_ratio" in r:
             quality = (f"; greedy agreement with {r['dtype']} {r['int8_greedy_agreement']:.0%}, perplexity "
                        f"{r['ppl']:.2f} -> {r['int8_ppl']:.2f}" if "int8_ppl" in r else "")
@@ -493,7 +503,6 @@ def main() -> int:
     p.add_argument("--prepare", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.prepare:  # child mode: build model + data, print facts
-        sys.path.insert(0, str(ROOT))
         print_result(prepare(Path(a.work), json.loads(a.prepare)))
         return 0
     t0 = time.perf_counter()
@@ -533,10 +542,7 @@ def main() -> int:
     if a.json:
         print(json.dumps(record, default=str))
     if a.out:
-        out = Path(a.out)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(out)
+        write_text_atomic(a.out, text)
     return 0
 
 

@@ -29,6 +29,7 @@ PY = sys.executable
 sys.path.insert(0, str(ROOT))
 
 import precision  # noqa: E402
+from fileio import write_text_atomic  # noqa: E402
 
 
 def host_line() -> str:
@@ -191,10 +192,7 @@ def main() -> int:
               f"{time.perf_counter() - t0:.0f}s total\n\nhost: {host_line()}")
     text = header + "\n\n" + "\n".join(lines) + "\n"
     print(text)
-    out = Path(a.out)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    write_text_atomic(a.out, text)
     return 0
 
 

@@ -1,5 +1,6 @@
 """bench/jobs.py's shared measurements: one useful-token count for both label conventions, a held-out loss
-equal to the training loop's validation, and the GPU script is valid bash (it cannot run here)."""
+equal to the training loop's validation, the GPU script is valid bash (it cannot run here), tables are
+written whole."""
 
 from __future__ import annotations
 
@@ -74,3 +75,17 @@ def test_heldout_loss_equals_the_loops_validation(sft):
 def test_gpu_script_is_valid_bash():
     r = subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu.sh")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_bench_tables_are_written_whole_and_the_orchestrator_stays_torch_free(tmp_path):
+    """fileio.write_text_atomic (both bench drivers' table writer) replaces the file in one rename and leaves
+    no temp file; bench/jobs.py imports it without importing torch (its children's peak RSS is measured)."""
+    from fileio import write_text_atomic
+
+    out = tmp_path / "table.md"
+    write_text_atomic(out, "old\n")
+    write_text_atomic(out, "| new |\n")
+    assert out.read_text() == "| new |\n" and [p.name for p in tmp_path.iterdir()] == ["table.md"]
+    code = "import sys; sys.path.insert(0, 'bench'); import jobs; print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "False"
