@@ -74,22 +74,27 @@ CACHE_ROUND = 64  # a compiled decode step's KV cache length is a multiple of th
 _compiled_step = None
 
 
+def _inductor_keeping_matvec(gm, example_inputs):
+    """torch.compile backend: inductor, except that matrix-vector products stay ATen calls. Inductor would
+    rewrite them as multiply-and-sum loops (and fuse their inputs' producers into every output row); ATen's
+    kernel reads bf16 weights faster (bench/README.md, "Decoding")."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    keep = (torch.ops.aten.mv.default, torch.ops.aten.addmv.default)
+    return compile_fx(gm, example_inputs, decompositions={k: v for k, v in select_decomp_table().items()
+                                                          if k not in keep})
+
+
 def compiled_decode_step():
     """Transformer.decode_step through torch.compile, created once per process (a new torch.compile wrapper would
-    compile again). Static shapes: one graph per (model, batch, cache length), reused by every step.
-
-    Inductor fuses the small ops of a step (norms, RoPE, residuals, the cache write, the mask) into a few
-    kernels, and with its memory-bound matmul pass on, rewrites each one-row product (batch 1) as its own
-    multiply-and-sum kernel over the weight with the input computed once: on bf16 weights that streams them
-    faster than the BLAS call (bench/README.md, "Decoding"). The pass's CPU size limit (2048) is raised to
-    cover every projection and the LM head; it only ever applies to products with a single row."""
+    compile again). Static shapes: one graph per (model, batch, cache length), reused by every step. The small
+    ops of a step (norms, RoPE, residuals, the cache write, the mask, one-query attention) fuse into a few
+    kernels between the weight products, which is what is left of a step."""
     global _compiled_step
     if _compiled_step is None:
-        from torch._inductor.fx_passes import decompose_mem_bound_mm
-
-        decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = 1 << 20
         _compiled_step = torch.compile(Transformer.decode_step, fullgraph=True, dynamic=False,
-                                       options={"post_grad_fusion_options": {"decompose_mm_pass": {}}})
+                                       backend=_inductor_keeping_matvec)
     return _compiled_step
 
 
