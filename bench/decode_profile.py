@@ -5,8 +5,9 @@
 1. Memory: read bandwidth (a 1 GiB sum, every thread) and the bytes a step must read (every weight once,
    the tied head counted once), so the fastest possible step is bytes / bandwidth.
 2. The matrix-vector products alone: the model's 121 weight matrices in decode order (per block wq|wk|wv,
-   wo, w1|w3, w2; then the head), one row each, through F.linear (what the eager model called before),
-   torch.mv (what it calls now) and an inductor-compiled multiply-and-sum; ms per step and GB/s.
+   wo, w1|w3, w2; then the head), one row each, through F.linear (the BLAS matrix-multiply call), torch.mv
+   (what the model calls for one row, eager and compiled) and inductor's own multiply-and-sum (what
+   torch.compile would make of them); ms per step and GB/s.
 3. torch.profiler tables of one whole generate() call, eager and compiled (the compiled one after its
    warm-up), with inductor's kernels named: ms per step by op.
 """
