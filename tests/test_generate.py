@@ -276,3 +276,25 @@ def test_generate_cli_hands_the_env_files_hub_token_to_the_download(tmp_path, mo
     with pytest.raises(UserError, match="could not be fetched"):
         generate_mod.main()
     assert seen == {"HF_TOKEN": "hf_from_env", "HF_HOME": str(tmp_path / "user-cache")}
+
+
+def test_generate_cli_compile_flag_decodes_the_same_tokens(monkeypatch, capsys):
+    """--compile reaches generate(compile=True) and prints what the eager CLI prints (fp32: identical greedy)."""
+    import generate as generate_mod
+
+    tok = tokenizer_mod.load_tokenizer(ROOT / "tokenizer.model")
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.n_words,
+                                  multiple_of=32, max_seq_len=128))
+    model.init_weights(std=0.3, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(generate_mod, "load_model", lambda *a, **kw: (model, model.args))
+    calls = []
+    real = generate_mod.generate
+    monkeypatch.setattr(generate_mod, "generate", lambda *a, **kw: calls.append(kw["compile"]) or real(*a, **kw))
+    texts = []
+    for extra in ([], ["--compile"]):
+        monkeypatch.setattr(sys, "argv", ["generate.py", "--model", "m", "--tokenizer", str(ROOT / "tokenizer.model"),
+                                          "--prompt", "Once upon a time", "--max-new-tokens", "6", "--dtype",
+                                          "fp32", *extra])
+        assert generate_mod.main() == 0
+        texts.append(capsys.readouterr().out)
+    assert calls == [False, True] and texts[0] == texts[1] and texts[0].strip()
