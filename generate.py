@@ -31,6 +31,7 @@ import precision
 from errors import UserError, run_cli
 from model import Transformer
 from model_utils import load_model, tokenizer_source
+from moe import moe_layers
 from quantize import int8_weights
 from tokenizer import ChatFormat, load_tokenizer
 
@@ -70,14 +71,22 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-CACHE_ROUND = 64  # a compiled decode step's KV cache length is a multiple of this
+CACHE_MIN = 64  # a compiled decode step's KV cache length: a power of two, at least this
 _compiled_step = None
+
+
+def compiled_cache_len(total: int) -> int:
+    """The KV cache length a compiled generation of `total` tokens uses: the next power of two (at least
+    CACHE_MIN), so a process compiles a handful of graphs per batch size however its prompts vary (a chat's
+    grows every turn), well within torch.compile's per-function recompile limit (8)."""
+    return max(CACHE_MIN, 1 << (total - 1).bit_length())
 
 
 def _inductor_keeping_matvec(gm, example_inputs):
     """torch.compile backend: inductor, except that matrix-vector products stay ATen calls. Inductor would
-    rewrite them as multiply-and-sum loops (and fuse their inputs' producers into every output row); ATen's
-    kernel reads bf16 weights faster (bench/README.md, "Decoding")."""
+    rewrite them as multiply-and-sum loops with their inputs' producers (the RMSNorm) fused in and recomputed
+    for every output row, which made the compiled step slower than with ATen's kernel (bench/README.md,
+    "Decoding")."""
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.decomposition import select_decomp_table
 
@@ -122,8 +131,8 @@ def generate(
     generation (the training loop's stop signal). on_token(row, token_id): called as each token of the
     result is sampled (streaming), so exactly the returned tokens, in order. int8: decode with weight-only
     int8 copies of the linear layers (quantize.int8_weights; half the bytes per token of bf16). compile: run
-    the decode step through torch.compile (compiled_decode_step; the first call per model and shape compiles,
-    for the weights as they are: use it on a frozen model, not inside training)."""
+    the decode step through torch.compile (compiled_decode_step; the first call per model, batch and cache
+    length compiles, and the cache length is rounded up to a power of two; dense models only)."""
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens={max_new_tokens} must be >= 0")
     if top_k is not None and top_k < 1:
@@ -138,8 +147,11 @@ def generate(
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
+    if compile and moe_layers(model):
+        raise UserError("compile=True (--compile) does not take Mixture-of-Experts models (their expert dispatch "
+                        "runs outside torch.compile): generate without it")
     # compiled steps reuse their graph for any generation whose cache rounds up to the same length
-    cache_len = -(-total // CACHE_ROUND) * CACHE_ROUND if compile else total
+    cache_len = compiled_cache_len(total) if compile else total
     full_mask = torch.ones(B, cache_len, dtype=torch.bool, device=device)
     full_mask[:, :L] = key_mask
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
@@ -173,7 +185,19 @@ def generate(
                 if bool(done.all()) or n == max_new_tokens - 1:
                     n += 1
                     break
-                logits = step(model, nxt[:, None], slot, next_pos, full_mask)[:, -1]
+                try:
+                    logits = step(model, nxt[:, None], slot, next_pos, full_mask)[:, -1]
+                except torch._dynamo.exc.FailOnRecompileLimitHit:
+                    # this process compiled as many decode graphs as torch allows: the rest decodes eagerly
+                    # (same values; raised before the step ran, so nothing was written to the cache)
+                    print("generate: torch.compile's recompile limit is reached in this process; decoding "
+                          "eagerly", file=sys.stderr)
+                    step = Transformer.decode_step
+                    logits = step(model, nxt[:, None], slot, next_pos, full_mask)[:, -1]
+                except torch._dynamo.exc.BackendCompilerFailed as e:
+                    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                    raise UserError(f"compile=True (--compile): torch.compile could not build the decode step "
+                                    f"({first[:200]}); generate without it") from None
                 next_pos, slot = next_pos + 1, slot + 1
                 if compile and n == 0:
                     # the first step checked the compiled graph's guards; the same model and shapes follow, so

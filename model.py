@@ -156,9 +156,9 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     ATen's matrix-vector kernel: the same values bit for bit, and on bf16 weights it streams them ~1.4x faster
     than the matrix-multiply call F.linear makes (bench/README.md, "Decoding"). generate's compiled decode step
     keeps these calls whole."""
-    if x.device.type == "cpu" and x.numel() == x.shape[-1]:
+    if x.device.type == "cpu" and x.numel() == x.shape[-1] and not torch.is_autocast_enabled("cpu"):
         return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])
-    return F.linear(x, w)
+    return F.linear(x, w)  # (autocast casts F.linear's operands, not torch.mv's)
 
 
 def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -439,10 +439,14 @@ class Transformer(nn.Module):
         tokens (B, T) are written to the KV cache slots `slots` (T,) long, ascending; RoPE uses `positions`
         (B, T); each query attends the whole cache (B, Hkv, cache_len, hd) except slots after its own and keys
         where key_mask (B, cache_len) is False (padding). -> logits (B, T, V). Needs setup_caches first; the
-        slots before `slots` must have been written (by forward() or earlier steps)."""
+        slots before `slots` must have been written (by forward() or earlier steps). Eager, the step attends the
+        whole cache from the first step on (masked), which costs little next to the weight reads at decode
+        lengths. The embedding and head are called directly, not through forward(): under FSDP2 the root's
+        parameters stay unsharded after the prefill's forward, which is what generation runs first."""
         S = self.cache_len
         index = torch.arange(S, device=tokens.device)
         visible = (index[None, :] <= slots[:, None])[None, None] & key_mask[:, None, None, :]  # (B, 1, T, S)
+        visible = visible | (index[None, :] == slots[:, None])[None, None]  # a padding query sees itself
         bias = causal_bias(visible, tokens.shape[1], S, tokens.device)
         rot = rope_rotations(self.inv_freq, positions)
         h = self.tok_embeddings(tokens)  # (B, T, dim)

@@ -121,6 +121,7 @@ class MoEFeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, n_experts: int, top_k: int, capacity_factor: float = 0.0,
                  shared_expert: nn.Module | None = None, impl: str = "auto"):
         super().__init__()
+        _compile_dispatch_eagerly()
         if not 1 <= top_k <= n_experts:
             raise ValueError(f"experts per token {top_k} must be between 1 and the number of experts {n_experts}")
         if impl not in ("auto", "grouped", "dense"):
@@ -153,9 +154,9 @@ class MoEFeedForward(nn.Module):
             y = y + self.shared_expert(x)
         return y
 
-    # Eager under torch.compile: the sort, the capacity cut and the group sizes are data-dependent shapes, and
-    # dynamo's meta kernel of torch._grouped_mm accepts bf16 only (torch 2.13); the block's other ops compile.
-    @torch.compiler.disable
+    # Eager under torch.compile (_compile_dispatch_eagerly): the sort, the capacity cut and the group sizes are
+    # data-dependent shapes, and dynamo's meta kernel of torch._grouped_mm accepts bf16 only (torch 2.13); the
+    # block's other ops compile.
     def _grouped(self, flat, weights, experts, cap):
         """Sort the N*k assignments (slot-major) by expert, drop those past capacity, grouped GEMMs, scatter-add."""
         N, k = experts.shape
@@ -174,7 +175,6 @@ class MoEFeedForward(nn.Module):
         y = torch.zeros_like(flat).index_add_(0, token[order], out.to(flat.dtype))
         return y, counts.sum()
 
-    @torch.compiler.disable
     def _dense(self, flat, weights, experts, cap):
         """Reference: the (N, E) combine matrix from a cumulative count of assignments per expert."""
         N, k = experts.shape
@@ -185,6 +185,16 @@ class MoEFeedForward(nn.Module):
         combine = (onehot.view(k, N, -1) * weights.t()[:, :, None]).sum(0)  # (N, E) fp32
         y = torch.einsum("ne,ned->nd", combine, self.experts.dense(flat).to(combine.dtype))
         return y.to(flat.dtype), onehot.sum()
+
+
+def _compile_dispatch_eagerly() -> None:
+    """Mark MoEFeedForward's token dispatch (_grouped, _dense) to run eagerly under torch.compile. Done when the
+    first MoE layer is built rather than at import: torch.compiler.disable loads torch._dynamo, about 1 s of
+    every process's start, which dense models never need."""
+    if not getattr(MoEFeedForward, "_dispatch_eager", False):
+        MoEFeedForward._grouped = torch.compiler.disable(MoEFeedForward._grouped)
+        MoEFeedForward._dense = torch.compiler.disable(MoEFeedForward._dense)
+        MoEFeedForward._dispatch_eager = True
 
 
 # ---- router losses and statistics over a model's MoE layers -----------------------------------------

@@ -253,6 +253,19 @@ class Distillation(Objective):
                 raise UserError(f"TEACHER_CACHE_PATH={d.teacher_cache_path} holds log-probs at temperature "
                                 f"{self.cache.temperature} but DISTILLATION_TEMPERATURE={self.temperature}: rebuild "
                                 "the cache with this DISTILLATION_TEMPERATURE or use the cache's")
+            if self.base.batch_format == "pretrain":
+                keys = ("doc_masking", "doc_reset_positions")
+                if any(k not in self.cache.manifest for k in keys):
+                    raise UserError(f"TEACHER_CACHE_PATH={d.teacher_cache_path} records no PRETRAIN_DOC_MASKING / "
+                                    "PRETRAIN_DOC_RESET_POSITIONS (an older cache): rebuild it with `python "
+                                    "objectives.py cache-teacher ...`")
+                built = {k: bool(self.cache.manifest[k]) for k in keys}
+                if built != document_attention(self.cfg, self.base.batch_format):
+                    raise UserError(f"TEACHER_CACHE_PATH={d.teacher_cache_path} was built with PRETRAIN_DOC_MASKING="
+                                    f"{str(built['doc_masking']).lower()}, PRETRAIN_DOC_RESET_POSITIONS="
+                                    f"{str(built['doc_reset_positions']).lower()}, unlike this run (its teacher saw "
+                                    "other document attention or positions): rebuild it with this run's settings "
+                                    "or use the cache's")
             teacher_vocab, where = self.cache.vocab_size, f"TEACHER_CACHE_PATH={d.teacher_cache_path}"
             self.teacher_memory_bytes = 0
             info = {"teacher": f"cache {d.teacher_cache_path} (top-{self.cache.top_k})"}
@@ -544,6 +557,15 @@ def build_objective(cfg: Any) -> Objective:
 # ---- CLI: precompute frozen-model outputs ----------------------------------------------------------
 
 
+def document_attention(cfg: Any, batch_format: str) -> dict[str, bool]:
+    """What a pretraining teacher's outputs depend on besides the tokens: per-document attention and
+    positions (PRETRAIN_DOC_MASKING / PRETRAIN_DOC_RESET_POSITIONS); recorded in a teacher cache's manifest."""
+    pretrain = batch_format == "pretrain"
+    return {"doc_masking": pretrain and bool(cfg["PRETRAIN_DOC_MASKING"]),
+            "doc_reset_positions": pretrain and bool(cfg["PRETRAIN_DOC_MASKING"])
+            and bool(cfg["PRETRAIN_DOC_RESET_POSITIONS"])}
+
+
 def _cache_loader(cfg: Any, kind: str, data: str, batch_size: int, tok: Any, options: dict[str, Any]):
     return dataloaders.build_loader(
         kind, data, "train", seq_len=cfg["MAX_SEQ_LEN"], micro_batch=batch_size, global_batch=batch_size,
@@ -574,7 +596,7 @@ def build_cache(kind: str, cfg: Any, model_source: str, data: str, out: str, top
     n = loader.samples_per_epoch
     batches = (loader.next_batch() for _ in range(2 * ((n + batch_size - 1) // batch_size)))
     meta = {"model": str(model_source), "data": str(data), "batch_format": batch_format, "split": "train",
-            "tokenizer": tok.identity()}
+            "tokenizer": tok.identity(), **document_attention(cfg, batch_format)}
     return write_cache(kind, model, batches, n, cfg["MAX_SEQ_LEN"], out, top_k=top_k, device=device, meta=meta,
                        temperature=cfg["DISTILLATION_TEMPERATURE"])
 

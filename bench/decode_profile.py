@@ -6,8 +6,9 @@
    the tied head counted once), so the fastest possible step is bytes / bandwidth.
 2. The matrix-vector products alone: the model's 121 weight matrices in decode order (per block wq|wk|wv,
    wo, w1|w3, w2; then the head), one row each, through F.linear (the BLAS matrix-multiply call), torch.mv
-   (what the model calls for one row, eager and compiled) and inductor's own multiply-and-sum (what
-   torch.compile would make of them); ms per step and GB/s.
+   (the kernel the model's one-row products use, eager and in the compiled step) and inductor's own
+   multiply-and-sum (what torch.compile makes of a product by default); ms per step and GB/s, each timed
+   on its own.
 3. torch.profiler tables of one whole generate() call, eager and compiled (the compiled one after its
    warm-up), with inductor's kernels named: ms per step by op.
 """

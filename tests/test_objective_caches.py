@@ -60,7 +60,8 @@ def test_teacher_cache_reader_gives_the_topk_loss(tmp_path):
     np.save(tmp_path / "topk_logps.npy", lp)
     np.save(tmp_path / "topk_ids.npy", ii)
     np.save(tmp_path / "tail_logps.npy", tl)
-    manifest = {"format": objective_caches.CACHE_FORMAT, "kind": "teacher", "vocab_size": 32, "top_k": K, "temperature": 2.0}
+    manifest = {"format": objective_caches.CACHE_FORMAT, "kind": "teacher", "vocab_size": 32, "top_k": K,
+                "temperature": 2.0, "doc_masking": False, "doc_reset_positions": False}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     o = distill_objective(TEACHER_CACHE_PATH=tmp_path)
     info = o.setup(student, None, torch.device("cpu"))
@@ -80,6 +81,23 @@ def test_teacher_cache_reader_gives_the_topk_loss(tmp_path):
     with pytest.raises(UserError, match=r"temperature 2.0 but DISTILLATION_TEMPERATURE=1.0"):
         distill_objective(TEACHER_CACHE_PATH=tmp_path, DISTILLATION_TEMPERATURE=1.0).setup(
             student, None, torch.device("cpu"))
+    # the teacher's attention must be the run's: a cache without document masking refuses a masked run
+    older = {k: v for k, v in manifest.items() if not k.startswith("doc_")}  # a manifest from before the keys
+    (tmp_path / "manifest.json").write_text(json.dumps(older))
+    with pytest.raises(UserError, match="records no PRETRAIN_DOC_MASKING"):
+        distill_objective(TEACHER_CACHE_PATH=tmp_path).setup(student, None, torch.device("cpu"))
+    distill_objective("instruct", TEACHER_CACHE_PATH=tmp_path).setup(student, None, torch.device("cpu"))  # SFT: n/a
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="built with PRETRAIN_DOC_MASKING=false, PRETRAIN_DOC_RESET_POSITIONS=false"):
+        distill_objective(TEACHER_CACHE_PATH=tmp_path, PRETRAIN_DOC_MASKING="true").setup(
+            student, None, torch.device("cpu"))
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "doc_masking": True}))
+    distill_objective(TEACHER_CACHE_PATH=tmp_path, PRETRAIN_DOC_MASKING="true").setup(student, None, torch.device("cpu"))
+    with pytest.raises(UserError, match="PRETRAIN_DOC_MASKING=true"):
+        distill_objective(TEACHER_CACHE_PATH=tmp_path).setup(student, None, torch.device("cpu"))
+    with pytest.raises(UserError, match="PRETRAIN_DOC_RESET_POSITIONS=false"):
+        distill_objective(TEACHER_CACHE_PATH=tmp_path, PRETRAIN_DOC_MASKING="true",
+                          PRETRAIN_DOC_RESET_POSITIONS="true").setup(student, None, torch.device("cpu"))
     for bad, match in (({"vocab_size": 50}, r"50 tokens.*32"), ({"temperature": None}, "older teacher cache")):
         m = {**manifest, **bad}
         (tmp_path / "manifest.json").write_text(json.dumps({k: v for k, v in m.items() if v is not None}))
@@ -165,6 +183,8 @@ def test_cache_teacher_cli_over_shards_feeds_the_distillation_term(tmp_path, sta
                              cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=120)
         assert bad.returncode == 2 and "SFT_BATCHING=padded" in bad.stderr and not (tmp_path / "c2").exists()
 
+    built = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert (built["doc_masking"], built["doc_reset_positions"]) == (False, False)
     # training reads it under another seed and world size: rows are found by sample_index, not by position
     o = distill_objective(stage, TEACHER_CACHE_PATH=tmp_path / "cache", MAX_SEQ_LEN=T)
     student = tiny_model(0, vocab=tok.vocab_size)

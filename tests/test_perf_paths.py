@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import model as model_mod
+from errors import UserError
 from fused_ce import fused_linear_cross_entropy_sum, fused_sequence_logps
-from generate import CACHE_ROUND, generate
+from generate import compiled_cache_len, generate
 from losses import sequence_logps
 from model import ModelArgs, Transformer
 
@@ -245,6 +246,10 @@ def test_single_row_linear_is_f_linear_exactly(dtype):
             assert got.shape == F.linear(x, w).shape and torch.equal(got, F.linear(x, w))
         x = torch.randn(2, 3, in_f, generator=g).to(dtype)  # more rows: F.linear itself
         assert torch.equal(model_mod.linear(x, w), F.linear(x, w))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts F.linear's operands: one row too
+        x, w = torch.randn(1, 64, generator=g), torch.randn(32, 64, generator=g)
+        got, want = model_mod.linear(x, w), F.linear(x, w)
+    assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)
 
 
 @pytest.mark.slow
@@ -271,7 +276,8 @@ def test_compiled_decode_equals_eager_and_compiles_once(tiny_model, dtype, tol):
             if dtype == torch.float32:
                 assert compiled == eager
             # same batch, a length that rounds to the same cache: no new graph
-            assert max(map(len, prompts)) + steps + 3 <= CACHE_ROUND
+            L = max(map(len, prompts))
+            assert compiled_cache_len(L + steps + 3) == compiled_cache_len(L + steps) == 64
             before = counters["stats"]["unique_graphs"]
             again = generate(m, prompts, steps + 3, compile=True, stop_ids=[eager[0][2]])
             assert counters["stats"]["unique_graphs"] == before
@@ -279,3 +285,21 @@ def test_compiled_decode_equals_eager_and_compiles_once(tiny_model, dtype, tol):
                 assert again[0] == eager[0][:2]
     finally:
         tiny_model.to(torch.float32)
+
+
+def test_compiled_cache_lengths_are_few_and_the_recompile_limit_falls_back_to_eager(tiny_model, monkeypatch, capsys):
+    """Cache lengths are powers of two (a chat's growing prompts compile a handful of graphs); past torch's
+    recompile limit, generate(compile=True) decodes eagerly with a note instead of failing."""
+    assert [compiled_cache_len(n) for n in (1, 64, 65, 100, 129, 5000)] == [64, 64, 128, 128, 256, 8192]
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    runs = [([[5, 9, 11]], 4), ([[5, 9, 11], [7, 1, 2], [3, 3, 3]], 4)]  # two batch sizes: two graphs
+    for prompts, steps in runs:
+        assert generate(tiny_model, prompts, steps, compile=True) == generate(tiny_model, prompts, steps)
+    assert "recompile limit is reached in this process; decoding eagerly" in capsys.readouterr().err
+
+
+def test_compiled_generation_refuses_moe_models():
+    m = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=64, multiple_of=16,
+                              moe_num_experts=2, moe_top_k=1))
+    with pytest.raises(UserError, match="does not take Mixture-of-Experts models"):
+        generate(m, [[1, 2]], 3, compile=True)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import ast
 import importlib
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -136,3 +138,11 @@ def test_docs_name_public_names():
 @pytest.mark.parametrize("module,name", sorted(public_names()))
 def test_public_name_imports(module, name):
     assert hasattr(importlib.import_module(module), name), f"{module}.{name} is shown in the docs"
+
+
+def test_the_entry_points_start_without_loading_torch_dynamo():
+    """torch._dynamo costs about a second of every process's start; a dense run that does not compile never
+    needs it (MoE layers and compiled paths load it when used)."""
+    code = "import sys, train, generate, evaluate, model_utils; print('torch._dynamo' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr[-2000:]
