@@ -303,10 +303,15 @@ def row(job, setting, ours, peer, r, target, met) -> tuple:
 
 
 def ab(sides: dict[str, tuple[list[str], Path | None]], rounds: int, work: Path, timeout: float) -> dict[str, list]:
-    """Every side once per round, in a fixed A B A B order; -> name -> list of measure() results."""
+    """Every side once per round, in a fixed A B A B order; -> name -> list of measure() results. A side with a
+    run directory starts each round from an empty one (our runs refuse to overwrite a finished run)."""
+    import shutil
+
     out: dict[str, list] = {k: [] for k in sides}
     for r in range(rounds):
-        for name, (cmd, _) in sides.items():
+        for name, (cmd, run_dir) in sides.items():
+            if run_dir is not None:
+                shutil.rmtree(run_dir, ignore_errors=True)
             out[name].append(measure(cmd, work, work / f"log_{name}_{r}.txt", timeout))
     return out
 
