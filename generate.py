@@ -132,7 +132,7 @@ def generate(
     result is sampled (streaming), so exactly the returned tokens, in order. int8: decode with weight-only
     int8 copies of the linear layers (quantize.int8_weights; half the bytes per token of bf16). compile: run
     the decode step through torch.compile (compiled_decode_step; the first call per model, batch and cache
-    length compiles, and the cache length is rounded up to a power of two; dense models only)."""
+    length compiles, and the cache length is rounded up to a power of two; dense models, not with int8)."""
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens={max_new_tokens} must be >= 0")
     if top_k is not None and top_k < 1:
@@ -147,6 +147,9 @@ def generate(
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
+    if compile and int8:
+        raise UserError("compile=True (--compile) and int8=True (--int8) do not combine (inductor cannot build "
+                        "the int8 decode step here): use one of them")
     if compile and moe_layers(model):
         raise UserError("compile=True (--compile) does not take Mixture-of-Experts models (their expert dispatch "
                         "runs outside torch.compile): generate without it")

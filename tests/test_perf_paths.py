@@ -298,8 +298,10 @@ def test_compiled_cache_lengths_are_few_and_the_recompile_limit_falls_back_to_ea
     assert "recompile limit is reached in this process; decoding eagerly" in capsys.readouterr().err
 
 
-def test_compiled_generation_refuses_moe_models():
+def test_compiled_generation_refuses_moe_models_and_int8():
     m = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=64, multiple_of=16,
                               moe_num_experts=2, moe_top_k=1))
     with pytest.raises(UserError, match="does not take Mixture-of-Experts models"):
         generate(m, [[1, 2]], 3, compile=True)
+    with pytest.raises(UserError, match="do not combine"):
+        generate(m, [[1, 2]], 3, compile=True, int8=True)
