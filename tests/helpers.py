@@ -75,6 +75,17 @@ def train_losses(metrics: list[dict]) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in metrics if "loss" in e}
 
 
+def objective_steps(objective, model, loader, opt, steps: int) -> None:
+    """`steps` optimizer steps of an objective on the loader's batches, one micro-batch each (the training
+    loop's normalization: the loss sum over the objective's units)."""
+    for _ in range(steps):
+        batch = loader.next_batch()
+        loss_sum, _ = objective.loss(model, batch)
+        (loss_sum / objective.units(batch)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

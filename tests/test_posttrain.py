@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import objective_steps
 
 import config
 import data_preparation_utils as dpu
@@ -228,12 +229,7 @@ def test_dpo_twenty_steps_learn_the_preference_pairs(tmp_path):
 
     acc0, loss0 = accuracy_and_loss()
     assert acc0 == 0.0 and abs(loss0 - 0.6931472) < 1e-5
-    for _ in range(20):
-        batch = loader.next_batch()
-        loss_sum, _ = objective.loss(model, batch)
-        (loss_sum / objective.units(batch)).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    objective_steps(objective, model, loader, opt, 20)
     acc, loss = accuracy_and_loss()
     print(f"DPO 20 steps on {n} pairs: reward accuracy {acc0:.2f} -> {acc:.2f}, loss {loss0:.4f} -> {loss:.4f}")
     assert acc >= 0.9 and loss < 0.5

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import TOKENIZER, make_parent, read_metrics, run_inprocess
+from helpers import TOKENIZER, make_parent, objective_steps, read_metrics, run_inprocess
 from test_objectives import dpo_batch, tiny_model
 
 import config
@@ -225,12 +225,7 @@ def test_fifteen_steps_on_the_debug_preset_learn_the_pairs(name, pairs):
         return loss.item() / n, (m["avg_logps_chosen"] - m["avg_logps_rejected"]).item() / n
 
     loss0, margin0 = loss_and_margin()
-    for _ in range(15):
-        batch = loader.next_batch()
-        loss_sum, _ = objective.loss(model, batch)
-        (loss_sum / objective.units(batch)).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    objective_steps(objective, model, loader, opt, 15)
     loss, margin = loss_and_margin()
     print(f"{name} 15 steps on {n} pairs: loss {loss0:.4f} -> {loss:.4f}, margin {margin0:.4f} -> {margin:.4f}")
     assert loss < 0.8 * loss0 and margin > margin0 + 0.5
