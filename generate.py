@@ -29,7 +29,7 @@ import torch
 import config
 import precision
 from errors import UserError, run_cli
-from model import Transformer
+from model import Transformer, project
 from model_utils import load_model, tokenizer_source
 from moe import moe_layers
 from quantize import int8_weights
@@ -172,7 +172,7 @@ def generate(
         guards = contextlib.ExitStack()
         try:
             h = model(tokens, 0, positions=positions, key_mask=key_mask, return_hidden=True)  # (B, L, dim)
-            logits = model.output(h[:, -1])  # (B, V): only the last prompt position needs the head
+            logits = project(model.output, h[:, -1])  # (B, V): only the last prompt position needs the head
             n = 0
             for n in range(max_new_tokens):
                 if stop_check is not None:

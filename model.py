@@ -206,7 +206,7 @@ class Attention(nn.Module):
         """start_pos: the cache index of x[:, 0] (int), or the cache slots of x's T tokens as a (T,) long tensor
         (a static-shape decode step: attention then spans the whole cache, `mask` hides the unwritten slots)."""
         B, T, _ = x.shape
-        if self.wqkv is not None:  # one matmul instead of three (decoding is bound by per-kernel overhead)
+        if self.wqkv is not None:  # one weight product instead of three (inference: fewer kernels per step)
             nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
             q, k, v = linear(x, self.wqkv).split((nq, nkv, nkv), dim=-1)
             q = q.view(B, T, self.n_heads, self.head_dim)
