@@ -58,7 +58,7 @@ from torch import nn
 
 import distributed as D
 from errors import UserError
-from fileio import fsync_dir, fsync_file, read_json
+from fileio import fsync_dir, fsync_file, read_json, write_text_atomic
 from lora import save_peft_adapter
 
 STEP_RE = re.compile(r"^step_(\d{7,})$")
@@ -361,15 +361,6 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON-serializable: {type(o).__name__}")
 
 
-def _replace_text(path: Path, text: str) -> None:
-    """Atomic text-file replace: write tmp, fsync, rename over."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    fsync_file(tmp)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def config_sha(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -491,9 +482,9 @@ def _publish(root: Path, tmp: Path, step: int, best: bool, keep: int) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _inject_kill(step, "renamed")  # complete dir, `latest` not moved yet
-    _replace_text(root / "latest", name + "\n")  # last: only complete checkpoints are pointed at
+    write_text_atomic(root / "latest", name + "\n")  # last: only complete checkpoints are pointed at
     if best:
-        _replace_text(root / "best", name + "\n")
+        write_text_atomic(root / "best", name + "\n")
     apply_retention(root, keep)
 
 

@@ -35,9 +35,11 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` so that a reader sees the old file or the whole new one, never a partial write."""
+    """Write `text` to `path` so that a reader sees the old file or the whole new one, never a partial write
+    (fsynced temp file in the same directory, renamed over; the temp name carries the pid, so concurrent
+    writers never share one)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     fsync_file(tmp)
     tmp.replace(path)

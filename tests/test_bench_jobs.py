@@ -78,8 +78,8 @@ def test_gpu_script_is_valid_bash():
 
 
 def test_bench_tables_are_written_whole_and_the_orchestrator_stays_torch_free(tmp_path):
-    """fileio.write_text_atomic (both bench drivers' table writer) replaces the file in one rename and leaves
-    no temp file; bench/jobs.py imports it without importing torch (its children's peak RSS is measured)."""
+    """fileio.write_text_atomic (the writer of the bench tables and the checkpoint pointers) replaces the file in
+    one rename and leaves no temp file; bench/jobs.py imports it without importing torch (its children's peak RSS is measured)."""
     from fileio import write_text_atomic
 
     out = tmp_path / "table.md"
