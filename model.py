@@ -221,10 +221,7 @@ class Attention(nn.Module):
             k, v = self.cache.write_at(start_pos, k, v)  # (B, Hkv, max_len, hd)
         elif self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)  # (B, Hkv, S, hd)
-        if T == 1 and isinstance(start_pos, torch.Tensor) and torch.compiler.is_compiling():
-            y = single_query_attention(q, k, v, mask)  # fuses with its neighbours instead of an SDPA call
-        else:
-            y = attention(q, k, v, mask, resolve_attn_impl(self.attn_impl, x.device))  # (B, H, T, hd)
+        y = attention(q, k, v, mask, resolve_attn_impl(self.attn_impl, x.device))  # (B, H, T, hd)
         return project(self.wo, y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -286,6 +283,10 @@ def attention(q, k, v, mask: torch.Tensor | None, impl: str) -> torch.Tensor:
     n_rep = H // Hkv
     if isinstance(mask, BlockMask):
         return flex(q, k, v, mask, enable_gqa=n_rep > 1)
+    if T == 1 and torch.compiler.is_compiling():  # one query per row: a compiled decode step
+        if mask is None or mask.dtype == torch.bool:
+            mask = causal_bias(mask, T, S, q.device)
+        return single_query_attention(q, k, v, mask)  # fuses with its neighbours instead of a kernel call
     if impl == "flex":
         impl = "sdpa"  # flex serves document masks only; causal, padded and tree masks stay on SDPA
     if impl == "sdpa":
@@ -307,13 +308,13 @@ def attention(q, k, v, mask: torch.Tensor | None, impl: str) -> torch.Tensor:
 
 def single_query_attention(q, k, v, bias: torch.Tensor) -> torch.Tensor:
     """Attention of one query per row, written as multiply-and-sum reductions in fp32: q (B, H, 1, hd), k, v
-    (B, Hkv, S, hd), bias (B, 1, 1, S) additive -> (B, H, 1, hd). Under torch.compile it becomes a few fused
-    loops instead of an SDPA call per layer (the decode step); same definition as attention()."""
+    (B, Hkv, S, hd), bias (B|1, 1, 1, S) additive -> (B, H, 1, hd). Under torch.compile it becomes a few fused
+    loops instead of an SDPA call per layer (attention() takes it for one query while compiling)."""
     B, H, _, hd = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     qg = q.float().view(B, Hkv, H // Hkv, 1, hd) * (1.0 / math.sqrt(hd))  # query heads grouped by kv head
     scores = (qg * k.float()[:, :, None]).sum(-1)  # (B, Hkv, n_rep, S)
-    probs = torch.softmax(scores + bias.float().view(B, 1, 1, S), dim=-1)
+    probs = torch.softmax(scores + bias.float().reshape(-1, 1, 1, S), dim=-1)
     out = (probs[..., None] * v.float()[:, :, None]).sum(-2)  # (B, Hkv, n_rep, hd)
     return out.view(B, H, 1, hd).to(q.dtype)
 

@@ -8,8 +8,9 @@
   gradients, with ignored labels, ragged last chunk, tied weights, fp32 and bf16 autocast.
 - per-row response log-probs through the fused head (fused_sequence_logps, the DPO path) == log_softmax of
   the full logits (losses.sequence_logps), values and gradients, with a non-linear loss on the rows.
-- one-row projections (decoding at batch 1) through torch.mv == F.linear bit for bit; the compiled decode
-  step in generate() == eager generate() token for token (fp32 logits within 1e-4).
+- one-row projections (decoding at batch 1) through torch.mv == F.linear bit for bit; one-query attention as
+  reductions == attention(); the compiled decode step in generate() == eager generate() token for token (fp32
+  logits within 1e-4).
 """
 
 import math
@@ -252,6 +253,21 @@ def test_single_row_linear_is_f_linear_exactly(dtype):
     assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)
 
 
+def test_single_query_attention_is_attention():
+    """The one-query attention compiled decoding uses (reductions in fp32) == attention()'s SDPA and math paths:
+    grouped query heads, a padded row, a bias shared by the batch (B=1 dim) and one per row."""
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, S, hd = 3, 6, 2, 11, 16
+    q, k, v = (torch.randn(B, h, t, hd, generator=g) for h, t in ((H, 1), (Hkv, S), (Hkv, S)))
+    keys = torch.ones(B, 1, 1, S, dtype=torch.bool)
+    keys[1, ..., :4] = False  # left padding of row 1
+    for mask in (keys, keys[:1]):
+        bias = model_mod.causal_bias(mask, 1, S, q.device)
+        got = model_mod.single_query_attention(q, k, v, bias)
+        for impl in ("sdpa", "math"):
+            torch.testing.assert_close(got, model_mod.attention(q, k, v, mask, impl), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])
 def test_compiled_decode_equals_eager_and_compiles_once(tiny_model, dtype, tol):
@@ -270,8 +286,10 @@ def test_compiled_decode_equals_eager_and_compiles_once(tiny_model, dtype, tol):
             if len(prompts) == 1:  # batch 1: every projection and the head stay ATen matrix-vector calls
                 with torch.profiler.profile() as prof:
                     generate(m, prompts, steps, compile=True)
-                n_mv = sum(e.count for e in prof.key_averages() if e.key == "aten::mv")
-                assert n_mv == (steps - 1) * (4 * len(m.layers) + 1) + 1  # + the prefill's head on one row
+                count = {e.key: e.count for e in prof.key_averages()}
+                assert count["aten::mv"] == (steps - 1) * (4 * len(m.layers) + 1) + 1  # + the prefill's head
+                # the compiled steps' one-query attention is fused reductions: SDPA runs in the prefill only
+                assert count["aten::scaled_dot_product_attention"] == len(m.layers)
             torch.testing.assert_close(comp_logits, eager_logits, atol=tol, rtol=tol)
             if dtype == torch.float32:
                 assert compiled == eager
