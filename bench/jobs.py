@@ -37,6 +37,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -251,11 +252,7 @@ def prepare(work: Path, specs: dict) -> dict:
 
 
 def ours_cmd(job: str, s: dict, facts: dict, work: Path, variant: str) -> tuple[list[str], Path]:
-    run_dir = work / f"ours_{job}_{variant}"
-    if run_dir.exists():
-        import shutil
-
-        shutil.rmtree(run_dir)
+    run_dir = work / f"ours_{job}_{variant}"  # ab() empties it before every round
     G = s["batch"] * s["accum"]
     kv = {"MAX_SEQ_LEN": s["seq_len"], "MAX_BATCH_SIZE": s["batch"], "TOTAL_BATCH_SIZE": G * s["seq_len"],
           "MAX_STEPS": s["steps"], "MAX_LR": s["lr"], "MIN_LR": s["lr"], "LR_SCHEDULE": "constant",
@@ -305,8 +302,6 @@ def row(job, setting, ours, peer, r, target, met) -> tuple:
 def ab(sides: dict[str, tuple[list[str], Path | None]], rounds: int, work: Path, timeout: float) -> dict[str, list]:
     """Every side once per round, in a fixed A B A B order; -> name -> list of measure() results. A side with a
     run directory starts each round from an empty one (our runs refuse to overwrite a finished run)."""
-    import shutil
-
     out: dict[str, list] = {k: [] for k in sides}
     for r in range(rounds):
         for name, (cmd, run_dir) in sides.items():
