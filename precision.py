@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -176,28 +177,42 @@ def inference_dtype(requested: str, device: torch.device | str) -> torch.dtype:
     return resolve(requested, device).dtype
 
 
-# Dense (no sparsity) peak FLOP/s per GPU, by a substring of torch.cuda.get_device_name, most specific first.
-# Vendor datasheet tensor-core figures; fp32 is the plain (non-TF32) rate, which torch's default matmul uses.
+# Dense (no sparsity) peak FLOP/s per GPU. A row's key is a few whole tokens of torch.cuda.get_device_name
+# (see gpu_peak: "NVIDIA L40" is not an "L4", "A10G" not an "A10", "GH200" not an "H200"); rows with more
+# tokens come first, so "H100 PCIe" wins over "H100". Vendor datasheet tensor-core figures (the dense
+# column, half the "with sparsity" one); fp32 is the plain (non-TF32) rate, which torch's default matmul uses.
 GPU_PEAKS: tuple[tuple[str, dict[str, float]], ...] = (
-    ("B200", {"bf16": 2250e12, "fp16": 2250e12, "fp32": 80e12}),
-    ("H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
     ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12}),
     ("H100 NVL", {"bf16": 835e12, "fp16": 835e12, "fp32": 60e12}),
+    ("RTX 4090", {"bf16": 165e12, "fp16": 165e12, "fp32": 82.6e12}),
+    ("B200", {"bf16": 2250e12, "fp16": 2250e12, "fp32": 80e12}),
+    ("GH200", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),  # NVIDIA GH200 Grace Hopper Superchip datasheet
+    ("H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
     ("H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),  # SXM
     ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}),  # SXM and PCIe
-    ("L40S", {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12}),
+    ("L40S", {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12}),  # NVIDIA L40S datasheet
+    ("L40", {"bf16": 181e12, "fp16": 181e12, "fp32": 90.5e12}),  # NVIDIA L40 datasheet
     ("L4", {"bf16": 121e12, "fp16": 121e12, "fp32": 30.3e12}),
-    ("A10", {"bf16": 125e12, "fp16": 125e12, "fp32": 31.2e12}),
-    ("RTX 4090", {"bf16": 165e12, "fp16": 165e12, "fp32": 82.6e12}),
+    # AWS's A10 variant (EC2 G5): NVIDIA publishes no datasheet for it; the figures AWS and NVIDIA quote for
+    # G5 (tabulated in Baseten's "NVIDIA A10 vs A10G" comparison) give it half the A10's tensor rate
+    ("A10G", {"bf16": 70e12, "fp16": 70e12, "fp32": 35e12}),
+    ("A10", {"bf16": 125e12, "fp16": 125e12, "fp32": 31.2e12}),  # NVIDIA A10 datasheet
     ("V100", {"fp16": 125e12, "fp32": 15.7e12}),
     ("T4", {"fp16": 65e12, "fp32": 8.1e12}),
 )
 
 
+def name_tokens(name: str) -> list[str]:
+    """A device name as upper-case alphanumeric tokens: "NVIDIA A100-SXM4-80GB" -> NVIDIA, A100, SXM4, 80GB."""
+    return re.findall(r"[A-Z0-9]+", name.upper())
+
+
 def gpu_peak(name: str, precision: str) -> float | None:
-    """Dense peak FLOP/s of the GPU called `name` in `precision`, or None when the table does not know it."""
+    """Dense peak FLOP/s of the GPU called `name` in `precision`, or None when the table does not know it.
+    A row matches when every token of its key is a whole token of the name."""
+    tokens = set(name_tokens(name))
     for key, peaks in GPU_PEAKS:
-        if key.lower() in name.lower():
+        if set(name_tokens(key)) <= tokens:
             return peaks.get(precision)
     return None
 

@@ -127,6 +127,35 @@ def test_gpu_peaks_are_dense_and_most_specific_first():
     assert precision.gpu_peak("Some Future GPU", "bf16") is None
 
 
+@pytest.mark.parametrize("name,bf16,fp32", [
+    ("NVIDIA H100 80GB HBM3", 989e12, 67e12),
+    ("NVIDIA H100 PCIe", 756e12, 51e12),
+    ("NVIDIA H100 NVL", 835e12, 60e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12, 19.5e12),
+    ("NVIDIA A100 80GB PCIe", 312e12, 19.5e12),
+    ("NVIDIA L40S", 362e12, 91.6e12),
+    ("NVIDIA L40", 181e12, 90.5e12),  # not an L4
+    ("NVIDIA L4", 121e12, 30.3e12),
+    ("NVIDIA A10G", 70e12, 35e12),  # not an A10
+    ("NVIDIA A10", 125e12, 31.2e12),
+    ("NVIDIA GH200 480GB", 989e12, 67e12),  # not an H200 (the same Hopper rate, its own row)
+    ("NVIDIA H200", 989e12, 67e12),
+    ("NVIDIA GeForce RTX 4090", 165e12, 82.6e12),
+    ("Tesla V100-SXM2-16GB", None, 15.7e12),  # no bf16 on Volta
+    ("Tesla T4", None, 8.1e12),
+])
+def test_gpu_peaks_match_whole_tokens_of_the_device_name(name, bf16, fp32):
+    assert precision.gpu_peak(name, "bf16") == bf16
+    assert precision.gpu_peak(name, "fp32") == fp32
+
+
+def test_gpu_peak_rows_are_reached_and_names_that_only_contain_a_key_do_not_match():
+    for key, peaks in precision.GPU_PEAKS:  # no row is shadowed by an earlier, less specific one
+        assert precision.gpu_peak(f"NVIDIA {key}", "fp32") == peaks["fp32"], key
+    for name in ("NVIDIA L40X", "NVIDIA A10X", "NVIDIA XH100", "NVIDIA T40"):
+        assert precision.gpu_peak(name, "fp32") is None, name
+
+
 def test_peak_flops_sources(monkeypatch):
     assert precision.peak_flops("cpu", "fp32", override=1e12) == (1e12, "PEAK_FLOPS")
     peak, src = precision.peak_flops("cpu", "fp32")
