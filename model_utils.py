@@ -401,22 +401,45 @@ def count_parameters(model: torch.nn.Module, exclude_embeddings: bool = False) -
     return n
 
 
-def flops_per_token(args: ModelArgs, seq_len: int) -> float:
-    """Training FLOPs per token, PaLM appendix B / nanoGPT's estimate_mfu: 6 N + 12 L d T.
-
-    N counts the weights that take part in a matmul (every linear layer incl. the output projection;
-    not the embedding lookup, not norms): 2 FLOPs per weight forward, 4 backward. 12 L d T is the
-    attention scores and weighted sum (QK^T and AV), forward + backward, without the causal halving.
-    A Mixture-of-Experts FFN counts the weights a token is routed through: the router, its top-k experts
-    and the shared expert (the active parameters, as MoE papers report them).
-    """
-    hd = args.head_dim
+def matmul_weights(args: ModelArgs) -> tuple[int, int]:
+    """-> (weights a position multiplies through in the blocks, weights of the output head). Every linear
+    layer counts, not the embedding lookup and not norms; a Mixture-of-Experts FFN counts the weights a token
+    is routed through: the router, its top-k experts and the shared expert (the active parameters, as MoE
+    papers report them)."""
     ffn = 3 * args.dim * args.hidden_dim
     if args.moe_num_experts:
         ffn = args.dim * args.moe_num_experts + (args.moe_top_k + args.moe_shared_expert) * ffn
-    per_layer = args.dim * hd * (2 * args.n_heads + 2 * args.n_kv_heads) + ffn
-    n_matmul = args.n_layers * per_layer + args.vocab_size * args.dim
-    return 6.0 * n_matmul + 12.0 * args.n_layers * args.dim * seq_len
+    per_layer = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads) + ffn
+    return args.n_layers * per_layer, args.vocab_size * args.dim
+
+
+def flops_per_token(args: ModelArgs, seq_len: int) -> float:
+    """Training FLOPs per position of a full `seq_len` row, PaLM appendix B / nanoGPT's estimate_mfu:
+    6 N + 12 L d T (see model_flops)."""
+    body, head = matmul_weights(args)
+    return 6.0 * (body + head) + 12.0 * args.n_layers * args.dim * seq_len
+
+
+def model_flops(args: ModelArgs, rows: int, width: int, head_positions: int | None = None,
+                backward: bool = True, weight_grads: bool = True) -> float:
+    """FLOPs of one forward of `rows` x `width` positions (a micro-batch as fed to the model), and of its
+    backward when `backward` (PaLM appendix B's count, evaluated at the batch's own width):
+
+    - weights: 2 FLOPs per weight and position forward; backward 2 for the input gradients and, when
+      `weight_grads` (the weights are trained: not a frozen LoRA base), 2 for the weight gradients;
+    - attention scores and weighted sum (QK^T, AV): 4 L d `width` per position forward, twice that backward,
+      without the causal halving: attention depends on the row's own width, not MAX_SEQ_LEN;
+    - the output head runs on `head_positions` positions (default all: a fused loss head runs on the
+      positions with a target only).
+    A forward-only pass (a frozen teacher or reference) is a third of a trained one."""
+    body, head = matmul_weights(args)
+    positions = rows * width
+    heads = positions if head_positions is None else head_positions
+    weights = 2.0 * (body * positions + head * heads)
+    attention = 4.0 * args.n_layers * args.dim * width * positions
+    if not backward:
+        return weights + attention
+    return weights * (3 if weight_grads else 2) + 3 * attention
 
 
 # ---- CLI --------------------------------------------------------------------------------------------

@@ -10,6 +10,12 @@ The loop (train.py) never names an objective. For each optimizer step it
      micro-batch means (which would over-weight short micro-batches in SFT).
 `loss()` therefore returns SUMS over units; metrics are sums too and are divided by N when logged.
 
+`work(model, batch, args, device_type)` says what a micro-batch costs, read from the host batch before it
+goes to the device (shapes and labels: no device sync): the positions fed to the trained model (its B x T
+after trimming; 2B x T for preference pairs), the targets that carry loss, and the FLOPs of every forward
+and backward the loss step runs, frozen teacher / reference forwards included (model_utils.model_flops at
+the batch's own width). The loop sums it over micro-batches and ranks for tokens/s and MFU.
+
 Frozen helpers (a distillation teacher, a DPO reference) are built in `setup()`, which must be called
 with the UNWRAPPED model, before DDP/FSDP/compile: the DPO reference is a deep copy of that model
 (or, under LoRA, the same model with adapters disabled) and is never wrapped in DDP. `setup()`
@@ -28,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -57,7 +64,7 @@ from losses import (
     topk_distillation_loss_sum,
 )
 from losses import dpo_loss as _dpo_loss
-from model import Transformer
+from model import ModelArgs, Transformer
 from objective_caches import (
     ReferenceCache,
     TeacherCache,
@@ -97,6 +104,30 @@ def _require_unwrapped(model: nn.Module) -> None:
                            "frozen helpers are copies of it and must never be wrapped")
 
 
+@dataclass(frozen=True)
+class Work:
+    """What micro-batches cost: positions fed to the trained model (B x T as computed, after trimming),
+    targets that carry loss, and the FLOPs of all model passes (frozen helpers' forwards included)."""
+
+    positions: int = 0
+    loss_tokens: int = 0
+    flops: float = 0.0
+
+    def __add__(self, other: Work) -> Work:
+        return Work(self.positions + other.positions, self.loss_tokens + other.loss_tokens, self.flops + other.flops)
+
+
+def args_of(model: nn.Module | None) -> ModelArgs | None:
+    """The ModelArgs of our Transformer (bare or wrapped), None for other models (their FLOPs are not counted)."""
+    args = getattr(unwrap(model), "args", None) if model is not None else None
+    return args if isinstance(args, ModelArgs) else None
+
+
+def positions_through_head(weight: torch.Tensor | None, labels: torch.Tensor) -> int:
+    """Positions the output head runs on: the targets when fused_ce computes it (`weight` not None), else all."""
+    return count_targets(labels) if weight is not None else labels.numel()
+
+
 class Objective:
     """Base: a batch format, optional frozen helpers, a loss step."""
 
@@ -124,6 +155,32 @@ class Objective:
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         """How many normalizing units (target tokens by default) this micro-batch holds."""
         return count_targets(batch["labels"])
+
+    def shape(self, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+        """(rows, width) of the trained model's forward on this micro-batch: its B x T as fed to the model."""
+        return tuple(batch["input_ids"].shape)
+
+    def loss_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """Targets that carry loss in this micro-batch (labels other than IGNORE_INDEX)."""
+        return count_targets(batch["labels"])
+
+    def head_positions(self, model: nn.Module, batch: dict[str, torch.Tensor], device_type: str) -> int | None:
+        """Positions the trained model's output head runs on (None: all of them)."""
+        return None
+
+    def frozen_flops(self, batch: dict[str, torch.Tensor]) -> float:
+        """FLOPs of the frozen helpers' forwards (teacher, reference) on this micro-batch."""
+        return 0.0
+
+    def work(self, model: nn.Module, batch: dict[str, torch.Tensor], args: ModelArgs, device_type: str,
+             weight_grads: bool = True) -> Work:
+        """What loss() on this micro-batch computes (see the module docstring); `model` is what the loop's
+        forward calls (its head decides the loss path), `args` the trained model's, `weight_grads` False for a
+        frozen base under LoRA. Call it under the training autocast, where loss() decides its path."""
+        rows, width = self.shape(batch)
+        flops = model_utils.model_flops(args, rows, width, self.head_positions(model, batch, device_type),
+                                        weight_grads=weight_grads)
+        return Work(rows * width, self.loss_tokens(batch), flops + self.frozen_flops(batch))
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
@@ -183,6 +240,10 @@ class LanguageModeling(Objective):
     allows, the model returns hidden states and fused_ce computes head + loss in chunks: the (B, T, V)
     logits, their fp32 copy and their gradient are never materialized (same loss and gradients).
     """
+
+    def head_positions(self, model, batch, device_type):
+        labels = batch["labels"]
+        return positions_through_head(fused_loss_weight(model, labels.numel(), device_type), labels)
 
     def loss(self, model, batch):
         labels = batch["labels"]
@@ -293,6 +354,13 @@ class Distillation(Objective):
     def loader_options(self, tokenizer):
         return self.base.loader_options(tokenizer)
 
+    def frozen_flops(self, batch):
+        teacher = None if self.cache is not None else args_of(self.teacher)
+        if teacher is None:  # a cache, or a model of another architecture
+            return 0.0
+        rows, width = self.shape(batch)
+        return model_utils.model_flops(teacher, rows, width, backward=False)
+
     def kd_sum(self, student_logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """alpha-free T^2 * KL summed over target positions, from the live teacher or the cache."""
         mask = batch["labels"] != IGNORE_INDEX  # (B, T)
@@ -322,6 +390,17 @@ class Distillation(Objective):
 
     def eval_loss(self, model, batch):
         return self.base.eval_loss(model, batch)
+
+
+def preference_shape(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(2B, T): chosen and rejected go through the model as one concatenated forward."""
+    B, T = batch["chosen_input_ids"].shape
+    return 2 * B, T
+
+
+def preference_loss_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The response tokens of chosen and rejected (the positions whose log-probs the loss reads)."""
+    return count_targets(batch["chosen_labels"]) + count_targets(batch["rejected_labels"])
 
 
 class DirectPreferenceOptimization(Objective):
@@ -363,6 +442,26 @@ class DirectPreferenceOptimization(Objective):
 
     def units(self, batch):
         return int(batch["chosen_input_ids"].shape[0])
+
+    def shape(self, batch):
+        return preference_shape(batch)
+
+    def loss_tokens(self, batch):
+        return preference_loss_tokens(batch)
+
+    def head_positions(self, model, batch, device_type):
+        return positions_through_head(fused_head_weight(model), concat_pairs(batch)[1])
+
+    def frozen_flops(self, batch):
+        if self.ref_cache is not None:
+            return 0.0
+        reference = self.reference if self.reference is not None else self.base_model
+        args = args_of(reference)
+        if args is None:
+            return 0.0
+        rows, width = self.shape(batch)
+        heads = positions_through_head(fused_head_weight(reference), concat_pairs(batch)[1])
+        return model_utils.model_flops(args, rows, width, heads, backward=False)
 
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, torch.Tensor], ids: torch.Tensor, labels: torch.Tensor
@@ -426,6 +525,12 @@ class ReferenceFreePreference(Objective):
 
     def units(self, batch):
         return int(batch["chosen_input_ids"].shape[0])
+
+    def shape(self, batch):
+        return preference_shape(batch)
+
+    def loss_tokens(self, batch):
+        return preference_loss_tokens(batch)
 
     def pair_losses(self, chosen: torch.Tensor, rejected: torch.Tensor
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -504,6 +609,9 @@ class RouterLosses(Objective):
 
     def units(self, batch):
         return self.base.units(batch)
+
+    def work(self, model, batch, args, device_type, weight_grads=True):
+        return self.base.work(model, batch, args, device_type, weight_grads)
 
     def loss(self, model, batch):
         bare = unwrap(model)

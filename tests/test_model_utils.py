@@ -287,6 +287,38 @@ def test_counts_against_transformers_and_hand_formula(tie):
     assert flops_per_token(args, 128) == 6 * n_matmul + 12 * 2 * 64 * 128
 
 
+
+@pytest.mark.parametrize("rows,width", [(2, 32), (3, 80)])
+def test_model_flops_is_what_torch_counts_at_the_batch_width(rows, width):
+    """model_flops against torch's FlopCounterMode (SDPA's math kernel, so attention is counted): training,
+    forward-only, and a frozen base (input gradients only); attention grows with the batch's own width."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from model_utils import model_flops
+
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, ffn_hidden_dim=96, max_seq_len=128)
+    model = Transformer(args)
+    ids = torch.randint(0, 96, (rows, width))
+
+    def counted(no_grad: bool = False) -> int:
+        with FlopCounterMode(display=False) as c, sdpa_kernel(SDPBackend.MATH), torch.set_grad_enabled(not no_grad):
+            out = model(ids)
+            if not no_grad:
+                out.float().square().mean().backward()
+        return c.get_total_flops()
+
+    assert model_flops(args, rows, width) == counted()
+    assert model_flops(args, rows, width, backward=False) == counted(no_grad=True)
+    for name, p in model.named_parameters():  # a frozen base with one trained weight at the bottom
+        p.requires_grad_(name == "layers.0.attention_norm.weight")
+    assert model_flops(args, rows, width, weight_grads=False) == counted()
+    assert model_flops(args, rows, width) - model_flops(args, rows, width, head_positions=5) == 6 * 96 * 64 * (
+        rows * width - 5)
+    # per position, a row of `width` costs what flops_per_token says at T = width
+    assert model_flops(args, 1, width) == pytest.approx(width * flops_per_token(args, width))
+
+
 # ---- CLI --------------------------------------------------------------------------------------------
 def _cli(*argv: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline"}

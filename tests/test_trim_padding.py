@@ -3,6 +3,7 @@ samples are length-sorted into micro-batches; the step holds the same samples an
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,52 @@ def test_trimmed_batch_gives_the_same_loss_and_gradients(data, tok):
         torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
         for g1, g2 in zip(results[0][1], results[1][1], strict=True):
             torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
+
+
+# ---- what a trimmed micro-batch costs (objectives.Objective.work) ------------------------------------------
+
+
+def counted_flops(objective, model, batch) -> int:
+    """FLOPs torch's FlopCounterMode sees in one loss step (forward + backward), with SDPA's math kernel so the
+    attention matmuls are visible to it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.zero_grad()
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        loss, _ = objective.loss(model, batch)
+        loss.backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("name", ["instruct", "dpo", "orpo", "instruct+distill"])
+def test_work_of_a_trimmed_batch_is_what_torch_counts(data, tok, name):
+    """positions = the trimmed B x T fed to the model (2B x T for pairs), loss tokens = targets, and FLOPs equal
+    torch's count of the loss step: attention at the batch's own width, the fused head on targets only, the
+    frozen teacher's / reference's forward included."""
+    stage = name.split("+")[0]
+    kind = {"instruct": "sft", "dpo": "dpo", "orpo": "dpo"}[stage]
+    cfg = config.load_config(None, {"MODEL_PRESET": "debug", "TRAINING_STAGE": "dpo" if kind == "dpo" else stage,
+                                    "PREFERENCE_OBJECTIVE": stage if kind == "dpo" else "dpo",
+                                    "IS_MODEL_DISTILLATION": str(name.endswith("distill")).lower(),
+                                    "TEACHER_MODEL_CHECKPOINT": "in-memory", "TEACHER_PRECISION": "fp32"},
+                             use_environ=False)
+    torch.manual_seed(0)
+    args = cfg.model_args(tok.vocab_size)
+    args.max_seq_len = T
+    model = Transformer(args)
+    objective = objectives.build_objective(cfg)
+    if name.endswith("distill"):  # a teacher of another size: its own FLOPs per position
+        objective.teacher = Transformer(replace(args, dim=32, n_layers=1, n_heads=2, n_kv_heads=1))
+    objective.setup(model, tok, torch.device("cpu"))
+    batch = loader(data, tok, kind, True).next_batch()
+    ids = [batch[k] for k in ("input_ids", "chosen_input_ids", "rejected_input_ids") if k in batch]
+    labels = [batch[k] for k in ("labels", "chosen_labels", "rejected_labels") if k in batch]
+    width = ids[0].shape[1]
+    assert width < T  # trimmed: a count at MAX_SEQ_LEN would be wrong
+    work = objective.work(model, batch, args, "cpu")
+    assert work.positions == sum(x.numel() for x in ids)
+    assert work.loss_tokens == sum(int((y != IGNORE_INDEX).sum()) for y in labels)
+    assert work.flops == counted_flops(objective, model, batch)
+    frozen = objective.frozen_flops(batch)
+    assert (frozen > 0) == (name in ("dpo", "instruct+distill"))
