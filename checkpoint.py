@@ -84,7 +84,8 @@ class TrainerState:
     Every field has a default, so a file written before a field existed still loads."""
 
     step: int = 0
-    tokens_seen: int = 0
+    tokens_seen: int = 0  # positions fed to the trained model (B x T after trimming), all ranks
+    loss_tokens_seen: int = 0  # targets that carried loss, all ranks
     stage: str = ""
     parent: str | None = None  # the weights the run started from, resolved to a directory or file (None = random init)
     parent_fingerprint: str | None = None  # weights_fingerprint of those weights when the run started

@@ -21,7 +21,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -419,11 +419,13 @@ class Run:
     save_root: Path
     run_dir: Path
     log: Logger
-    fpt: float  # training FLOPs per token
+    fpt: float  # training FLOPs per position of a full MAX_SEQ_LEN row (the banner's figure)
     peak: float | None  # peak FLOP/s of one device in the run's precision (None: MFU not reported)
     peak_source: str  # where that figure comes from, or why there is none
     stop_check: Callable[[], None] = lambda: None  # raises StopRequested on every rank (set by train())
     saved_step: int | None = None  # the step this process last checkpointed
+    done: objectives.Work = field(default_factory=objectives.Work)  # this process's steps, all ranks
+    step_seconds: float = 0.0  # time in those steps
 
 
 @dataclass
@@ -433,6 +435,7 @@ class StepResult:
     metrics: dict[str, float]  # the objective's metrics per unit
     dt: float  # seconds
     skipped: str | None = None  # "non-finite" / "loss spike" when the update was skipped
+    work: objectives.Work = field(default_factory=objectives.Work)  # what the step computed, all ranks
 
 
 def initial_state(cfg: config.Config, args: argparse.Namespace, resume_dir: Path | None, init_source: str,
@@ -531,11 +534,12 @@ def print_banner(run: Run, setup_facts: dict[str, Any]) -> None:
     run.log.banner({"commit": git_commit(), "stage": f"{t.training_stage} (objective "
                     f"{type(run.objective).__name__}, loader {run.objective.batch_format})",
                     "world size": info.world_size, "device": str(info.device),
-                    "precision": run.precision.describe(), "tokens per step": f"{G * T:,} = {G} seq x {T}",
+                    "precision": run.precision.describe(),
+                    "batch per step": f"{G} sequences of up to {T} positions (tokens/s counts those fed)",
                     "grad accumulation": f"{run.accum} = {G} / ({t.max_batch_size} x {info.world_size} ranks)",
                     "parameters": f"{model_utils.count_parameters(run.model):,} "
                                   f"({sum(p.numel() for p in run.params):,} trainable)",
-                    "FLOPs per token": f"{run.fpt:.3e}",
+                    "FLOPs per position": f"{run.fpt:.3e} at T={T} (MFU counts each micro-batch at its own T)",
                     "MFU peak": f"{run.peak:.3g} FLOP/s per device ({run.peak_source})" if run.peak
                     else run.peak_source,
                     "steps": f"{run.state.step} -> {run.max_steps}",
@@ -621,14 +625,30 @@ def evaluate_and_save(run: Run, last_step: bool) -> bool:
 # ---- one optimizer step --------------------------------------------------------------------------------
 
 
-def forward_backward(run: Run) -> tuple[torch.Tensor, list[str], float]:
+def step_work(run: Run, batches: list[dict[str, torch.Tensor]]) -> objectives.Work:
+    """What this rank's micro-batches cost (objectives.Objective.work), counted from the host batches as
+    they will be fed (after trimming), under the training autocast where the loss picks its path."""
+    work = objectives.Work()
+    with run.autocast():
+        for b in batches:
+            work += run.objective.work(run.wrapped, b, run.margs, run.info.device.type,
+                                       weight_grads=not run.cfg.lora.lora_enabled)
+    return work
+
+
+def forward_backward(run: Run) -> tuple[torch.Tensor, list[str], float, objectives.Work]:
     """The step's micro-batches through forward and backward, gradients scaled so the step's loss is per
-    unit of the whole step (all ranks). -> (rank-summed [loss, *metrics] sums, metric names, units).
-    A stop between micro-batches abandons the step: gradients dropped, the loader back where the step began."""
+    unit of the whole step (all ranks). -> (rank-summed [loss, *metrics] sums, metric names, units, the
+    step's work summed over ranks). A stop between micro-batches abandons the step: gradients dropped, the
+    loader back where the step began."""
     device, objective = run.info.device, run.objective
     loader_at_start = run.train_loader.state_dict()
     batches = [run.train_loader.next_batch() for _ in range(run.accum)]
-    n_units = D.sum_floats([sum(objective.units(b) for b in batches)], device)[0]
+    mine = step_work(run, batches)
+    # the units and the work ride one collective (host numbers: no device sync)
+    n_units, positions, loss_tokens, flops = D.sum_floats(
+        [sum(objective.units(b) for b in batches), mine.positions, mine.loss_tokens, mine.flops], device)
+    work = objectives.Work(int(positions), int(loss_tokens), flops)
     scale = run.info.world_size / max(n_units, 1)  # DDP/FSDP average over ranks: undo, then / step's units
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     metric_sums: dict[str, torch.Tensor] = {}  # the objective's per-unit metrics, summed like the loss
@@ -650,7 +670,7 @@ def forward_backward(run: Run) -> tuple[torch.Tensor, list[str], float]:
         for k, v in (micro_metrics or {}).items():
             metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().double()
     names = sorted(metric_sums)  # the same keys on every rank: one collective for all of them
-    return D.all_reduce_sum(torch.stack([loss_sum, *(metric_sums[k] for k in names)])), names, n_units
+    return D.all_reduce_sum(torch.stack([loss_sum, *(metric_sums[k] for k in names)])), names, n_units, work
 
 
 def apply_update(run: Run, spikes: SpikeGuard, loss: float, norm: float) -> str | None:
@@ -686,7 +706,7 @@ def apply_update(run: Run, spikes: SpikeGuard, loss: float, norm: float) -> str 
 def optimizer_step(run: Run, spikes: SpikeGuard) -> StepResult:
     """micro-steps -> clip -> step (or skip) -> zero grads; advances run.state by one step."""
     t0 = time.time()
-    reduced, names, n_units = forward_backward(run)
+    reduced, names, n_units, work = forward_backward(run)
     inject_rank_exit(run.state.step, run.info.rank)
     inject_step_sleep(run.state.step)
     if run.scaler is not None:
@@ -700,16 +720,28 @@ def optimizer_step(run: Run, spikes: SpikeGuard) -> StepResult:
     if run.info.device.type == "cuda":
         torch.cuda.synchronize()
     run.state.step += 1
-    run.state.tokens_seen += run.G * run.cfg.model.max_seq_len
+    run.state.tokens_seen += work.positions
+    run.state.loss_tokens_seen += work.loss_tokens
+    dt = time.time() - t0
+    run.done, run.step_seconds = run.done + work, run.step_seconds + dt
     return StepResult(loss, norm, {k: v / max(n_units, 1) for k, v in zip(names, sums[1:], strict=True)},
-                      time.time() - t0, skipped)
+                      dt, skipped, work)
+
+
+def mfu(run: Run, flops: float, seconds: float) -> float | None:
+    """Model FLOPs utilization: the FLOPs computed on all ranks over what their devices' peak allows in
+    `seconds`. Never clamped: it stays below 1 because the FLOPs are the ones computed."""
+    return flops / (seconds * run.peak * run.info.world_size) if run.peak and seconds > 0 else None
 
 
 def log_step(run: Run, r: StepResult, lr: float) -> None:
-    tps = run.G * run.cfg.model.max_seq_len / r.dt
+    """The step's record. `tokens` / `tokens_per_s` count positions computed by the trained model (each
+    micro-batch's B x T as fed to it, after trimming, all ranks), `loss_tokens` / `loss_tokens_per_s` the
+    targets that carried loss; `mfu` counts all model FLOPs (frozen teacher / reference forwards included)."""
     t, state = run.cfg.training, run.state
-    run.log.log({"step": state.step, "loss": r.loss, "lr": lr, "tokens": state.tokens_seen, "tokens_per_s": tps,
-                 "mfu": run.fpt * tps / (run.peak * run.info.world_size) if run.peak else None,
+    run.log.log({"step": state.step, "loss": r.loss, "lr": lr, "tokens": state.tokens_seen,
+                 "tokens_per_s": r.work.positions / r.dt, "loss_tokens": state.loss_tokens_seen,
+                 "loss_tokens_per_s": r.work.loss_tokens / r.dt, "mfu": mfu(run, r.work.flops, r.dt),
                  "grad_norm": r.grad_norm, "dt_ms": r.dt * 1000, "nonfinite_steps": state.nonfinite_total,
                  **r.metrics, **({"spike_steps": state.spike_steps} if t.loss_spike_zscore > 0 else {})},
                 console=True)
@@ -800,12 +832,23 @@ def finish(run: Run, loss: float, seconds: float, stopped: bool) -> None:
     plot = log.plot_loss()
     best = f", best val {state.best_val:.4f} @ {state.best_step}" if state.best_val is not None else ""
     log.print(f"{'stopped' if stopped else 'done'}: {run.cfg.training.training_stage} step {state.step}/"
-              f"{run.max_steps}, loss {loss:.4f}{best}, {state.tokens_seen:,} tokens in {seconds:.1f} s")
+              f"{run.max_steps}, loss {loss:.4f}{best}, {seconds:.1f} s; {throughput_summary(run)}")
     kept = ckpt.latest_name(run.save_root) if D.is_main() and run.save_root.is_dir() else None
     log.print(f"  checkpoint: {run.save_root / kept if kept else 'none saved'}")
     log.print(f"  metrics:    {run.run_dir / 'metrics.jsonl'}")
     log.print(f"  loss plot:  {plot if plot else 'none (no losses logged)'}")
     log.close()
+
+
+def throughput_summary(run: Run) -> str:
+    """This process's training steps (all ranks): positions computed (the B x T fed to the model, after
+    trimming) and loss tokens (targets with loss), their rates over the steps' time, and MFU."""
+    w, sec = run.done, run.step_seconds
+    if sec <= 0:
+        return "no training step"
+    util = mfu(run, w.flops, sec)
+    return (f"steps: {w.positions:,} positions computed ({w.positions / sec:,.0f}/s), {w.loss_tokens:,} loss "
+            f"tokens ({w.loss_tokens / sec:,.0f}/s)" + (f", mfu {util:.1%}" if util is not None else ""))
 
 
 def make_profiler(cfg: config.Config, run_dir: Path):

@@ -17,6 +17,8 @@ from helpers import ROOT, read_metrics, run_inprocess, settings, train_losses
 
 import checkpoint as ckpt
 import distributed as D
+import model_utils
+import objectives
 import train
 from errors import UserError
 
@@ -194,8 +196,9 @@ def test_save_checkpoint_writes_state_at_the_current_step(tmp_path, pretrain_dat
 
 def test_forward_backward_sums_units_and_fills_gradients(tmp_path, pretrain_data):
     run = make_run(tmp_path, pretrain_data)
-    reduced, names, n_units = train.forward_backward(run)
+    reduced, names, n_units, work = train.forward_backward(run)
     assert names == ["ce"] and n_units == run.G * 32  # every position of a pretrain window is a target
+    assert work == objectives.Work(run.G * 32, run.G * 32, model_utils.model_flops(run.margs, run.G, 32))
     assert reduced[0].item() == pytest.approx(reduced[1].item())  # the loss is the ce here
     assert reduced[0].item() / n_units == pytest.approx(math.log(8448), abs=0.1)  # ~uniform at init
     assert all(p.grad is not None for p in run.params)
@@ -230,12 +233,15 @@ def test_optimizer_step_advances_state_and_clears_gradients(tmp_path, pretrain_d
 
 def test_log_step_writes_the_step_record(tmp_path, pretrain_data):
     run = make_run(tmp_path, pretrain_data)
-    run.state.step, run.state.tokens_seen = 4, 512
-    train.log_step(run, train.StepResult(loss=2.5, grad_norm=0.5, metrics={"ce": 2.5}, dt=0.5), lr=1e-3)
+    run.state.step, run.state.tokens_seen, run.state.loss_tokens_seen = 4, 512, 300
+    work = objectives.Work(positions=96, loss_tokens=40, flops=3e9)
+    train.log_step(run, train.StepResult(loss=2.5, grad_norm=0.5, metrics={"ce": 2.5}, dt=0.5, work=work), lr=1e-3)
     run.log.close()
     (rec,) = [e for e in read_metrics(tmp_path / "run") if "loss" in e]
     assert rec["step"] == 4 and rec["loss"] == 2.5 and rec["tokens"] == 512 and rec["lr"] == 1e-3
-    assert rec["tokens_per_s"] == pytest.approx(128 / 0.5) and rec["ce"] == 2.5 and rec["grad_norm"] == 0.5
+    assert rec["tokens_per_s"] == pytest.approx(96 / 0.5) and rec["ce"] == 2.5 and rec["grad_norm"] == 0.5
+    assert rec["loss_tokens"] == 300 and rec["loss_tokens_per_s"] == pytest.approx(40 / 0.5)
+    assert rec["mfu"] == pytest.approx(3e9 / 0.5 / run.peak)  # unclamped, all model FLOPs of the step
 
 
 def test_train_loop_fits_on_one_screen():

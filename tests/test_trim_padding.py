@@ -153,3 +153,61 @@ def test_work_of_a_trimmed_batch_is_what_torch_counts(data, tok, name):
     assert work.flops == counted_flops(objective, model, batch)
     frozen = objective.frozen_flops(batch)
     assert (frozen > 0) == (name in ("dpo", "instruct+distill"))
+
+
+@pytest.mark.slow
+def test_logged_throughput_and_mfu_follow_the_trimmed_batches(data, tok, tmp_path, monkeypatch, capsys):
+    """A short-row SFT run with MAX_SEQ_LEN far above the rows: metrics.jsonl's positions are the B x T the
+    model was fed (recorded at its forward), loss tokens are the targets, and the MFU numerator is the FLOPs
+    torch counts in those passes; so MFU against the peak used stays below 1 (a count at MAX_SEQ_LEN puts it
+    far above)."""
+    from helpers import make_parent, read_metrics, settings
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import model
+    import precision
+    import train
+
+    fed: list[tuple[int, int]] = []
+    targets: list[int] = []
+    forward = model.Transformer.forward
+
+    def recording_forward(self, tokens, *args, **kw):
+        if self.training and torch.is_grad_enabled():
+            fed.append(tuple(tokens.shape))
+        return forward(self, tokens, *args, **kw)
+
+    next_batch = dl.Loader.next_batch
+
+    def recording_next_batch(self):  # the training loader draws each micro-batch once (no validation here)
+        batch = next_batch(self)
+        targets.append(int((batch["labels"] != IGNORE_INDEX).sum()))
+        return batch
+
+    monkeypatch.setattr(model.Transformer, "forward", recording_forward)
+    monkeypatch.setattr(dl.Loader, "next_batch", recording_next_batch)
+    max_len, steps, accum = 4096, 3, 4
+    peak, _ = precision.peak_flops("cpu", "fp32")  # measured (and cached) outside the FLOP counter
+    parent = make_parent(tmp_path / "parent")
+    argv = settings(tmp_path, data, TRAINING_STAGE="instruct", INSTRUCT_DATALOADER_ROOT_PATH=data / "sft", INIT_FROM=parent,
+                    INSTRUCT_SAVE_CHECKPOINTS_PATH=tmp_path / "ck", MAX_SEQ_LEN=max_len,
+                    TOTAL_BATCH_SIZE=max_len * B * accum, MAX_BATCH_SIZE=B, MAX_STEPS=steps, LOG_EVERY_X_STEPS=1,
+                    VALIDATE_EVERY_X_STEPS=0, SAVE_CHECKPOINTS="false", TRIM_PADDING="true")
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        assert train.main(argv) == 0
+    rows = [e for e in read_metrics(tmp_path / "run") if "loss" in e]
+    assert len(rows) == steps and len(fed) == len(targets) == steps * accum
+    assert all(t < max_len for _, t in fed)
+    for n, e in enumerate(rows):
+        dt = e["dt_ms"] / 1000
+        step = slice(n * accum, (n + 1) * accum)
+        assert e["tokens_per_s"] * dt == pytest.approx(sum(b * t for b, t in fed[step]), rel=1e-9)
+        assert e["loss_tokens_per_s"] * dt == pytest.approx(sum(targets[step]), rel=1e-9)
+        assert 0 < e["mfu"] <= 1.0
+    assert rows[-1]["tokens"] == sum(b * t for b, t in fed)
+    assert rows[-1]["loss_tokens"] == sum(targets)
+    computed = sum(e["mfu"] * peak * e["dt_ms"] / 1000 for e in rows)
+    assert computed == pytest.approx(counter.get_total_flops(), rel=1e-6)
+    done = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("done:"))
+    assert f"{sum(b * t for b, t in fed):,} positions computed" in done and f"{sum(targets):,} loss tokens" in done
