@@ -150,10 +150,12 @@ def _plain(v: Any) -> Any:
 
 
 def format_event(e: dict[str, Any]) -> str:
-    """One aligned console line: `step    12 | loss 5.4321 | lr 3.00e-04 | norm 0.812 | 12,345 tok/s | mfu 3.1%`."""
+    """One aligned console line: `step    12 | loss 5.4321 | lr 3.00e-04 | norm 0.812 | 12,345 tok/s |
+    4,321 loss tok/s | mfu 3.1%` (tok/s: positions computed, loss tok/s: targets with loss; see train.log_step)."""
     parts = [f"step {e['step']:>6}"]
     fmt = {"loss": "loss {:.4f}", "val_loss": "val_loss {:.4f}", "lr": "lr {:.2e}", "grad_norm": "norm {:.3f}",
-           "tokens_per_s": "{:,.0f} tok/s", "mfu": "mfu {:.1%}", "dt_ms": "{:.0f} ms",
+           "tokens_per_s": "{:,.0f} tok/s", "loss_tokens_per_s": "{:,.0f} loss tok/s", "mfu": "mfu {:.1%}",
+           "dt_ms": "{:.0f} ms",
            "hellaswag_acc_norm": "hellaswag acc_norm {:.4f}", "hellaswag_acc": "acc {:.4f}",
            "nonfinite_steps": "nonfinite {}"}
     for k, f in fmt.items():
@@ -167,4 +169,4 @@ def format_event(e: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
-_NOT_ON_CONSOLE = ("step", "tokens")
+_NOT_ON_CONSOLE = ("step", "tokens", "loss_tokens")

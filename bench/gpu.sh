@@ -49,7 +49,7 @@ name = torch.cuda.get_device_name(0)
 peak, source = precision.peak_flops("cuda", precision.resolve("auto", "cuda").name)
 ok = rows[-1]["loss"] < rows[0]["loss"]
 print(f"| 1-GPU train smoke (1b, {len(rows)} steps) | {'pass' if ok else '**fail**'} | loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f} |")
-print(f"| train tokens/s (1b, median of the last {len(steady)} steps) | {name} | {statistics.median(r['tokens_per_s'] for r in steady):,.0f} |")
+print(f"| train tokens/s (positions computed; 1b, median of the last {len(steady)} steps) | {name} | {statistics.median(r['tokens_per_s'] for r in steady):,.0f} |")
 mfu = [r["mfu"] for r in steady if r.get("mfu") is not None]
 print(f"| train MFU (1b) vs {source} ({(peak or 0) / 1e12:.0f} TFLOP/s) | | {statistics.median(mfu):.1%} |" if mfu else
       f"| train MFU (1b) | no peak: {source} | — |")

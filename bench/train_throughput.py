@@ -4,9 +4,11 @@
 
 One training step = forward (autocast for bf16) -> summed CE / targets -> backward -> fused AdamW step
 -> zero_grad, identical for both models. The models alternate A B A B in one process (so drifting
-machine load hits both alike); the median step time per model gives tokens/s. MFU uses the
-6N + 12LdT FLOPs per token (model_utils.flops_per_token) against the peak the training log uses
-(precision.peak_flops: on CPU a 1024^3 matmul in the same dtype, measured in the same run). Peak memory per model is measured in a fresh subprocess each
+machine load hits both alike); the median step time per model gives tokens/s, which here are positions
+(batch x seq, every one a target, so positions and loss tokens coincide). MFU is defined as in the training
+log: the step's FLOPs (model_utils.model_flops, 6N + 12LdT per position at the batch's width) over the peak
+the training log uses (precision.peak_flops: on CPU a 1024^3 matmul in the same dtype, measured in the
+same run). Peak memory per model is measured in a fresh subprocess each
 (CUDA: max_memory_allocated; CPU: growth of the process's peak RSS, VmHWM, over the post-import
 baseline).
 """
@@ -162,7 +164,7 @@ def main() -> int:
     peak, peak_source = precision_mod.peak_flops(device, a.precision)
     if peak is None:
         raise SystemExit(f"no peak FLOP/s for MFU: {peak_source}")
-    fpt = model_utils.flops_per_token(args, T)
+    flops = model_utils.model_flops(args, a.batch, T)  # one step's forward + backward, as train.py counts it
     tokens = a.batch * T
     res = {"preset": a.preset, "precision": a.precision, "compile": a.compile, "device": str(device),
            "tokens_per_step": tokens, "params": model_utils.count_parameters(ours),
@@ -171,7 +173,7 @@ def main() -> int:
     for name in steps:
         med = statistics.median(times[name])
         res[f"{name}_tokens_per_s"] = tokens / med
-        res[f"{name}_mfu"] = fpt * tokens / med / peak
+        res[f"{name}_mfu"] = flops / med / peak
     res["ratio_ours_over_hf"] = res["ours_tokens_per_s"] / res["hf_tokens_per_s"]
     del ours, hf, steps
     for name in ("ours", "hf"):

@@ -231,7 +231,7 @@ def test_optimizer_step_advances_state_and_clears_gradients(tmp_path, pretrain_d
     run.log.close()
 
 
-def test_log_step_writes_the_step_record(tmp_path, pretrain_data):
+def test_log_step_writes_the_step_record(tmp_path, pretrain_data, capsys):
     run = make_run(tmp_path, pretrain_data)
     run.state.step, run.state.tokens_seen, run.state.loss_tokens_seen = 4, 512, 300
     work = objectives.Work(positions=96, loss_tokens=40, flops=3e9)
@@ -242,6 +242,8 @@ def test_log_step_writes_the_step_record(tmp_path, pretrain_data):
     assert rec["tokens_per_s"] == pytest.approx(96 / 0.5) and rec["ce"] == 2.5 and rec["grad_norm"] == 0.5
     assert rec["loss_tokens"] == 300 and rec["loss_tokens_per_s"] == pytest.approx(40 / 0.5)
     assert rec["mfu"] == pytest.approx(3e9 / 0.5 / run.peak)  # unclamped, all model FLOPs of the step
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step      4"))
+    assert "| 192 tok/s | 80 loss tok/s |" in line
 
 
 def test_train_loop_fits_on_one_screen():
