@@ -51,6 +51,8 @@ def _assert_same(got: dict[int, dict], ref: dict[int, dict], steps) -> None:
         assert got[s]["grad_norm"] == pytest.approx(ref[s]["grad_norm"], rel=1e-4), (s, got[s], ref[s])
         # the objective's metrics are all-reduced with the loss: a rank-local value would differ
         assert got[s]["ce"] == pytest.approx(ref[s]["ce"], abs=1e-4), (s, got[s], ref[s])
+        # positions and loss tokens are summed over ranks (and kept by a checkpoint): the same totals
+        assert (got[s]["tokens"], got[s]["loss_tokens"]) == (ref[s]["tokens"], ref[s]["loss_tokens"]), s
 
 
 @pytest.mark.slow
