@@ -415,6 +415,9 @@ def _cross_check(v: dict[str, Any], src: dict[str, str]) -> None:
     if v["LORA_SAVE_PEFT_ADAPTER"] and not v["LORA_ENABLED"]:
         raise UserError(f"LORA_SAVE_PEFT_ADAPTER=true ({where('LORA_SAVE_PEFT_ADAPTER')}) but LORA_ENABLED=false: "
                         "there are no adapters to save; set LORA_ENABLED=true or drop LORA_SAVE_PEFT_ADAPTER")
+    if v["FSDP_SHARD_GROUP_SIZE"] and not v["USE_FSDP"]:
+        raise UserError(f"FSDP_SHARD_GROUP_SIZE={v['FSDP_SHARD_GROUP_SIZE']} ({where('FSDP_SHARD_GROUP_SIZE')}) but "
+                        "USE_FSDP=false: HSDP is a way of sharding; set USE_FSDP=true or FSDP_SHARD_GROUP_SIZE=0")
     allowed = {"wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"}
     bad = [t for t in v["LORA_TARGET_MODULES"] if t not in allowed]
     if bad:

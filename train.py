@@ -492,7 +492,7 @@ def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) ->
         lora.apply_lora(model, cfg.lora.lora_target_modules, cfg.lora.lora_rank, cfg.lora.lora_alpha,
                         cfg.lora.lora_dropout)
     state = initial_state(cfg, args, resume_dir, init_source, model, margs, init_fingerprint, requested)
-    wrapped = D.parallelize(model, cfg, device)
+    wrapped = D.parallelize(model, cfg, device, compute_dtype=prec.dtype)
     if sharded:
         materialize_model(model, weights, t.seed, device, init_source)
     if resume_dir is not None:
@@ -641,7 +641,8 @@ def forward_backward(run: Run) -> tuple[torch.Tensor, list[str], float]:
                 run.train_loader.load_state_dict(loader_at_start)
                 raise
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with D.gradient_sync(run.wrapped, sync=m == run.accum - 1):
+        with D.gradient_sync(run.wrapped, sync=m == run.accum - 1,
+                             unsharded_accumulation=run.cfg.system.fsdp_unsharded_accumulation):
             with run.autocast():
                 micro_sum, micro_metrics = objective.loss(run.wrapped, batch)
             loss = micro_sum * scale
