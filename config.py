@@ -103,6 +103,17 @@ class Config:
         except ValueError as e:
             raise UserError(f"model settings do not form a valid model: {e}; fix the model keys named") from None
 
+    def batch_geometry(self, world: int) -> tuple[int, int]:
+        """-> (global batch in sequences, grad accumulation steps per rank) on `world` ranks, asserted exact
+        (llm.c style): TOTAL_BATCH_SIZE tokens = MAX_SEQ_LEN x MAX_BATCH_SIZE x world x accumulation."""
+        t, T = self.training, self.model.max_seq_len
+        G = t.total_batch_size // T
+        if G == 0 or t.total_batch_size % T or G % (t.max_batch_size * world):
+            raise UserError(f"TOTAL_BATCH_SIZE={t.total_batch_size} tokens must be a multiple of MAX_SEQ_LEN={T} "
+                            f"* MAX_BATCH_SIZE={t.max_batch_size} * world size {world} "
+                            f"(= {T * t.max_batch_size * world}); adjust one of them")
+        return G, G // (t.max_batch_size * world)
+
     def summary(self) -> str:
         """Grouped, aligned listing of every setting and where it came from (secrets masked), then one line
         naming every value the environment overrode. Lines with a source end with ")"."""

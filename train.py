@@ -259,17 +259,6 @@ def training_precision(cfg: config.Config, device: torch.device) -> precision.Ch
     return choice
 
 
-def batch_geometry(cfg: config.Config, world: int) -> tuple[int, int]:
-    """-> (global batch in sequences, grad accumulation steps), asserted exact (llm.c style)."""
-    t, T = cfg.training, cfg.model.max_seq_len
-    G = t.total_batch_size // T
-    if G == 0 or t.total_batch_size % T or G % (t.max_batch_size * world):
-        raise UserError(f"TOTAL_BATCH_SIZE={t.total_batch_size} tokens must be a multiple of MAX_SEQ_LEN={T} "
-                        f"* MAX_BATCH_SIZE={t.max_batch_size} * world size {world} "
-                        f"(= {T * t.max_batch_size * world}); adjust one of them")
-    return G, G // (t.max_batch_size * world)
-
-
 def planned_steps(cfg: config.Config, samples_per_epoch: int, G: int) -> int:
     """MAX_STEPS, or one pass over the training data for MAX_STEPS=-1 — which must be at least one step: a
     run that would train nothing is refused before anything is written."""
@@ -504,7 +493,7 @@ def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) ->
     def autocast():
         return precision.autocast(device.type, ptdtype)
 
-    G, accum = batch_geometry(cfg, info.world_size)
+    G, accum = cfg.batch_geometry(info.world_size)
     train_loader, val_loader = build_loaders(cfg, objective, tok, info, G)
     if resume_dir is not None and not args.reset_optimizer:
         restore_training(resume_dir, model, optimizer, scaler, train_loader, state)

@@ -4,6 +4,7 @@ torchrun launches as two nodes (--master_addr, or c10d rendezvous) train and che
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -67,6 +68,51 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path, data, reference, fs
     one = _steps(tmp_path / "one" / "run")
     assert sorted(one) == [4, 5]
     _assert_same(one, reference, [4, 5])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("unsharded", [False, True], ids=["sharded", "unsharded"])
+def test_fsdp2_accumulation_modes_match_one_process(tmp_path, data, reference, unsharded):
+    """4 micro-batches of 1 sequence per rank (the reference: 2 of 4 in one process), gradients reduce-scattered
+    after each micro-batch or accumulated unsharded and reduced once: the same losses either way."""
+    p = torchrun(tmp_path, data, 2, USE_FSDP="true", MAX_BATCH_SIZE=1,
+                 FSDP_UNSHARDED_ACCUMULATION=str(unsharded).lower(), **COMMON)
+    assert "4 = 8 / (1 x 2 ranks)" in p.stdout + p.stderr  # the banner's grad accumulation
+    _assert_same(_steps(tmp_path / "run"), reference, range(1, 6))
+
+
+@pytest.mark.slow
+def test_fsdp2_accumulation_keeps_gradients_sharded_unless_asked(tmp_path):
+    """The gradient bytes a rank holds (its .grad shards + FSDP2's unsharded accumulation buffers) after each
+    of 4 micro-batches equal those of 1 micro-batch by default; with FSDP_UNSHARDED_ACCUMULATION they are a
+    full fp32 copy of the model's gradients until the last micro-batch reduces them. The memory plan's
+    gradient term says the same bytes. fp32 and bf16 (parameters gathered in bf16, gradients kept in fp32)."""
+    import config
+    import memory_plan
+    import tokenizer
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "sharded_worker.py"), "--grad-bytes", str(tmp_path)]
+    p = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    vocab = tokenizer.load_tokenizer(str(ROOT / "tokenizer.model")).vocab_size
+    args = config.load_config(str(ROOT / "configs" / "debug.env"), use_environ=False).model_args(vocab)
+    for rank in (0, 1):
+        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for dtype, prec in (("float32", "fp32"), ("bfloat16", "bf16")):
+            one, four = r[f"{dtype} sharded 1"], r[f"{dtype} sharded 4"]
+            shards, whole = 4 * one["local_numel"], 4 * one["numel"]
+            assert one["held"] == [shards] and four["held"] == [shards] * 4, (dtype, one, four)
+            unsharded = r[f"{dtype} unsharded 4"]
+            assert unsharded["held"] == [whole] * 3 + [shards], (dtype, unsharded)
+            assert r[f"{dtype} unsharded 1"]["held"] == [shards]  # one micro-batch: nothing to accumulate
+            for got in (four, unsharded):  # the same summed gradients, in another order of additions
+                assert got["grad_abs"] == pytest.approx(one["grad_abs"], rel=1e-6 if prec == "fp32" else 1e-3)
+            if rank == 0:  # the plan counts rank 0's shards (dim-0 chunks padded to the largest)
+                for accum, mode, held in ((1, False, one), (4, False, four), (4, True, unsharded)):
+                    plan = memory_plan.plan(args, 2, prec, "adamw", micro_batch=1, seq_len=31, grad_accum=accum,
+                                            unsharded_accumulation=mode)
+                    assert plan.gradients == max(held["held"]), (prec, accum, mode, plan)
 
 
 def _launch_node(tmp, data, launcher: list[str]) -> subprocess.Popen:
