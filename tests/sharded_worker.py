@@ -139,6 +139,8 @@ def accumulation_bytes(cfg: config.Config, tok, accum: int, unsharded: bool, com
     train.materialize_model(model, None, cfg.training.seed, torch.device("cpu"), "")
     g = torch.Generator().manual_seed(D.rank())
     x = torch.randint(0, margs.vocab_size, (4, 32), generator=g)
+    gathered = []  # the dtype the first block's matmuls see: FSDP2's gathered parameters
+    model.layers[0].register_forward_pre_hook(lambda mod, _: gathered.append(str(mod.attention.wq.weight.dtype)))
     held = []
     for m, rows in enumerate(x.chunk(accum)):  # the same 4 rows per rank, in `accum` micro-batches
         with D.gradient_sync(model, sync=m == accum - 1, unsharded_accumulation=unsharded):
@@ -147,7 +149,7 @@ def accumulation_bytes(cfg: config.Config, tok, accum: int, unsharded: bool, com
             (loss / x[:, 1:].numel()).backward()
         held.append(held_gradient_bytes(model))
     grads = torch.cat([p.grad.to_local().flatten() for p in model.parameters()])
-    return {"held": held, "grad_sum": grads.double().sum().item(), "grad_abs": grads.double().abs().sum().item(),
+    return {"held": held, "gathered_dtype": gathered[0], "grad_dtype": str(grads.dtype), "grad_sum": grads.double().sum().item(), "grad_abs": grads.double().abs().sum().item(),
             "numel": sum(p.numel() for p in model.parameters()),
             "local_numel": sum(p.to_local().numel() for p in model.parameters())}
 
