@@ -85,22 +85,24 @@ def test_fsdp2_accumulation_modes_match_one_process(tmp_path, data, reference, u
 
 
 @pytest.mark.slow
-def test_fsdp2_accumulation_keeps_gradients_sharded_unless_asked(tmp_path):
-    """The gradient bytes a rank holds (its .grad shards + FSDP2's unsharded accumulation buffers) after each
-    of 4 micro-batches equal those of 1 micro-batch by default; with FSDP_UNSHARDED_ACCUMULATION they are a
-    full fp32 copy of the model's gradients until the last micro-batch reduces them. The memory plan's
-    gradient term says the same bytes. fp32 and bf16 (parameters gathered in bf16, gradients kept in fp32)."""
+@pytest.mark.parametrize("nproc,shard_group", [(2, 0), (4, 2)], ids=["fsdp2", "hsdp-2x2"])
+def test_fsdp2_accumulation_keeps_gradients_sharded_unless_asked(tmp_path, nproc, shard_group):
+    """The gradient bytes a rank holds (its .grad shards + FSDP2's unsharded accumulation buffers, and under
+    HSDP the partial sums awaiting the all-reduce across replicas) after each of 4 micro-batches equal those of
+    1 micro-batch by default; with FSDP_UNSHARDED_ACCUMULATION they are a full fp32 copy of the model's
+    gradients until the last micro-batch reduces them. The memory plan's gradient term says the same bytes.
+    fp32 and bf16 (parameters gathered in bf16, gradients kept in fp32)."""
     import config
     import memory_plan
     import tokenizer
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "sharded_worker.py"), "--grad-bytes", str(tmp_path)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "tests" / "sharded_worker.py"), "--grad-bytes", str(tmp_path), str(shard_group)]
     p = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     vocab = tokenizer.load_tokenizer(str(ROOT / "tokenizer.model")).vocab_size
     args = config.load_config(str(ROOT / "configs" / "debug.env"), use_environ=False).model_args(vocab)
-    for rank in (0, 1):
+    for rank in range(nproc):
         r = json.loads((tmp_path / f"rank{rank}.json").read_text())
         for dtype, prec in (("float32", "fp32"), ("bfloat16", "bf16")):
             one, four = r[f"{dtype} sharded 1"], r[f"{dtype} sharded 4"]
@@ -115,8 +117,8 @@ def test_fsdp2_accumulation_keeps_gradients_sharded_unless_asked(tmp_path):
                 assert got["grad_abs"] == pytest.approx(one["grad_abs"], rel=1e-6 if prec == "fp32" else 1e-3)
             if rank == 0:  # the plan counts rank 0's shards (dim-0 chunks padded to the largest)
                 for accum, mode, held in ((1, False, one), (4, False, four), (4, True, unsharded)):
-                    plan = memory_plan.plan(args, 2, prec, "adamw", micro_batch=1, seq_len=31, grad_accum=accum,
-                                            unsharded_accumulation=mode)
+                    plan = memory_plan.plan(args, nproc, prec, "adamw", micro_batch=1, seq_len=31, grad_accum=accum,
+                                            unsharded_accumulation=mode, shard_group=shard_group or None)
                     assert plan.gradients == max(held["held"]), (prec, accum, mode, plan)
 
 
