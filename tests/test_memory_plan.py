@@ -154,3 +154,18 @@ def test_plan_cli_refuses_a_job_it_cannot_plan(flags, message):
     p = subprocess.run([sys.executable, str(ROOT / "model_utils.py"), "plan", *flags], env=subprocess_env(),
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_readme_plan_outputs_are_what_the_commands_print(capsys, monkeypatch):
+    """Every `$ python model_utils.py plan ...` in the README is followed by exactly what that command prints."""
+    import re
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    shown = re.findall(r"^\$ python model_utils\.py (plan [^\n]*)\n(.*?)(?=\n\$ |\n```)", text, re.S | re.M)
+    assert len(shown) >= 2
+    monkeypatch.chdir(ROOT)
+    for command, output in shown:
+        monkeypatch.setattr(sys, "argv", ["model_utils.py", *shlex.split(command)])
+        assert model_utils.main() == 0
+        assert capsys.readouterr().out.strip() == output.strip(), command
