@@ -223,7 +223,7 @@ def parallelize(model: nn.Module, cfg: Any, device: torch.device,
 
         if not is_dist():
             raise UserError("USE_FSDP=true needs a process group: launch with torchrun (even --nproc_per_node 1)")
-        mesh = fsdp_mesh(getattr(s, "fsdp_shard_group_size", 0), device)
+        mesh = fsdp_mesh(s.fsdp_shard_group_size, device)
         mp = fsdp_mixed_precision(compute_dtype)
         for b in blocks:
             fully_shard(b, mesh=mesh, mp_policy=mp)
