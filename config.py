@@ -103,6 +103,17 @@ class Config:
         except ValueError as e:
             raise UserError(f"model settings do not form a valid model: {e}; fix the model keys named") from None
 
+    def batch_geometry(self, world: int) -> tuple[int, int]:
+        """-> (global batch in sequences, grad accumulation steps per rank) on `world` ranks, asserted exact
+        (llm.c style): TOTAL_BATCH_SIZE tokens = MAX_SEQ_LEN x MAX_BATCH_SIZE x world x accumulation."""
+        t, T = self.training, self.model.max_seq_len
+        G = t.total_batch_size // T
+        if G == 0 or t.total_batch_size % T or G % (t.max_batch_size * world):
+            raise UserError(f"TOTAL_BATCH_SIZE={t.total_batch_size} tokens must be a multiple of MAX_SEQ_LEN={T} "
+                            f"* MAX_BATCH_SIZE={t.max_batch_size} * world size {world} "
+                            f"(= {T * t.max_batch_size * world}); adjust one of them")
+        return G, G // (t.max_batch_size * world)
+
     def summary(self) -> str:
         """Grouped, aligned listing of every setting and where it came from (secrets masked), then one line
         naming every value the environment overrode. Lines with a source end with ")"."""
@@ -415,6 +426,9 @@ def _cross_check(v: dict[str, Any], src: dict[str, str]) -> None:
     if v["LORA_SAVE_PEFT_ADAPTER"] and not v["LORA_ENABLED"]:
         raise UserError(f"LORA_SAVE_PEFT_ADAPTER=true ({where('LORA_SAVE_PEFT_ADAPTER')}) but LORA_ENABLED=false: "
                         "there are no adapters to save; set LORA_ENABLED=true or drop LORA_SAVE_PEFT_ADAPTER")
+    if v["FSDP_SHARD_GROUP_SIZE"] and not v["USE_FSDP"]:
+        raise UserError(f"FSDP_SHARD_GROUP_SIZE={v['FSDP_SHARD_GROUP_SIZE']} ({where('FSDP_SHARD_GROUP_SIZE')}) but "
+                        "USE_FSDP=false: HSDP is a way of sharding; set USE_FSDP=true or FSDP_SHARD_GROUP_SIZE=0")
     allowed = {"wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"}
     bad = [t for t in v["LORA_TARGET_MODULES"] if t not in allowed]
     if bad:

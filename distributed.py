@@ -200,14 +200,16 @@ def _checkpoint_block(block: nn.Module) -> None:
     block.forward = forward
 
 
-def parallelize(model: nn.Module, cfg: Any, device: torch.device) -> nn.Module:
+def parallelize(model: nn.Module, cfg: Any, device: torch.device,
+                compute_dtype: torch.dtype | None = None) -> nn.Module:
     """Apply, in this order (torchtitan's): activation checkpointing per block -> torch.compile per block
     -> FSDP2 (fully_shard per block, then the root) or DDP (root) when world_size > 1.
 
     Returns the module to call in the loop. Parameter names of `model` are unchanged by every step
     (compile and fully_shard work in place; DDP's `.module` is the original model), so the caller keeps
     using `model` for state dicts. With USE_FSDP in a single process, FSDP2 still shards over a world of
-    one — useful to test the code path."""
+    one — useful to test the code path. `compute_dtype` is the run's training precision: FSDP2 gathers the
+    parameters in it when it is bf16 (fsdp_mixed_precision)."""
     s = cfg.system
     blocks = list(model.layers)
     if s.activation_checkpointing:
@@ -217,15 +219,15 @@ def parallelize(model: nn.Module, cfg: Any, device: torch.device) -> nn.Module:
         for b in blocks:
             b.compile()  # in place: keeps names; per block compiles once and reuses the graph
     if s.use_fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import fully_shard
 
         if not is_dist():
             raise UserError("USE_FSDP=true needs a process group: launch with torchrun (even --nproc_per_node 1)")
-        # fp32 master weights; compute dtype comes from autocast in the loop, gradients reduced in fp32
-        mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
+        mesh = fsdp_mesh(s.fsdp_shard_group_size, device)
+        mp = fsdp_mixed_precision(compute_dtype)
         for b in blocks:
-            fully_shard(b, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+            fully_shard(b, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
         return model
     if world_size() > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -233,6 +235,35 @@ def parallelize(model: nn.Module, cfg: Any, device: torch.device) -> nn.Module:
         ids = [device.index] if device.type == "cuda" else None
         return DDP(model, device_ids=ids)
     return model
+
+
+def fsdp_mixed_precision(compute_dtype: torch.dtype | None) -> Any:
+    """FSDP2's MixedPrecisionPolicy for a run computing in `compute_dtype`. bf16: the fp32 shards (the master
+    weights the optimizer updates) are cast once per all-gather, so the gather moves half the bytes and every
+    matmul gets bf16 weights without autocast's per-call cast; gradients are reduced and kept in fp32. fp32
+    (and anything else): parameters gathered as stored. fp16 never reaches FSDP2 (train.training_precision
+    refuses it: GradScaler would find overflow per shard and the ranks would skip different steps)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    param_dtype = torch.bfloat16 if compute_dtype == torch.bfloat16 else None
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+
+
+def fsdp_mesh(shard_group_size: int, device: torch.device) -> Any:
+    """The device mesh FSDP2 shards over: None (every rank, fully_shard's default) when shard_group_size is 0
+    or the world size; else HSDP, a 2-D mesh ("replicate", "shard"): parameters sharded within groups of
+    `shard_group_size` consecutive ranks (one node's GPUs under torchrun), each group a replica of the others,
+    gradients reduce-scattered within a group and all-reduced across groups. Collective (creates groups)."""
+    world = world_size()
+    if shard_group_size in (0, world):
+        return None
+    if shard_group_size < 0 or world % shard_group_size:
+        raise UserError(f"FSDP_SHARD_GROUP_SIZE={shard_group_size} does not divide the world size {world}: set it "
+                        f"to the GPUs per node (a divisor of {world}), or 0 to shard over all ranks")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (world // shard_group_size, shard_group_size),
+                            mesh_dim_names=("replicate", "shard"))
 
 
 def materialize(model: nn.Module, device: torch.device,
@@ -294,14 +325,26 @@ def is_fsdp(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def gradient_sync(model: nn.Module, sync: bool) -> Iterator[None]:
-    """Skip the gradient all-reduce on non-final micro-steps (DDP no_sync; FSDP2 requires_gradient_sync)."""
+def gradient_sync(model: nn.Module, sync: bool, unsharded_accumulation: bool = False) -> Iterator[None]:
+    """How one micro-batch's backward reduces its gradients; `sync` is True on the step's last micro-batch.
+
+    DDP: no all-reduce before the last micro-batch (no_sync; its gradients are whole on every rank anyway).
+    FSDP2, by default: a reduce-scatter after every micro-batch (as torchtitan does), so a rank only ever holds
+    its gradient shards, summed over the micro-batches; under HSDP the all-reduce across replicas waits for
+    the last micro-batch, the partial sums kept sharded meanwhile (set_requires_all_reduce).
+    FSDP2 with unsharded_accumulation (FSDP_UNSHARDED_ACCUMULATION): no reduction until the last
+    micro-batch (set_requires_gradient_sync), so one collective per step instead of one per micro-batch,
+    but every rank holds a full fp32 gradient copy from the first micro-batch's backward to the last's."""
     if isinstance(model, nn.parallel.DistributedDataParallel) and not sync:
         with model.no_sync():
             yield
         return
     if is_fsdp(model):
-        model.set_requires_gradient_sync(sync)
+        if unsharded_accumulation:
+            model.set_requires_gradient_sync(sync)
+        else:
+            model.set_requires_gradient_sync(True)
+            model.set_requires_all_reduce(sync)
     yield
 
 

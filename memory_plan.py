@@ -2,11 +2,18 @@
 state, activations and the transient buffers around them, and the peak those add up to.
 
 The arithmetic follows what this repo's training step does (distributed.parallelize, train.py):
-- FSDP2 shards every parameter on dim 0 over the ranks (fully_shard per block, then the root) and keeps
-  fp32 master weights (MixedPrecisionPolicy(param_dtype=None)); gradients are fp32 shards of the same size.
-- bf16 runs under torch.autocast: every matmul casts its fp32 weight to a bf16 copy that autograd saves for
-  backward, so without activation checkpointing each layer holds a bf16 copy of its weights from its forward
-  to its backward, besides its activations. fp32 runs have no casts.
+- FSDP2 shards every parameter on dim 0 over the ranks of a shard group (all ranks, or under HSDP the
+  FSDP_SHARD_GROUP_SIZE ranks of one node; replicas add no per-GPU state) and keeps fp32 master weights;
+  gradients are fp32 shards of the same size.
+- bf16 runs gather the parameters in bf16 (MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)): a
+  gathered block holds 2 bytes per parameter, its matmuls need no casts (autocast finds bf16 weights), the
+  residual stream is bf16, and the gradients are computed in bf16, then reduce-scattered in fp32.
+  fp32 runs gather and compute in fp32.
+- Gradient accumulation over `grad_accum` micro-batches: by default every micro-batch's backward reduce-scatters
+  into the fp32 shards, so a rank holds its gradient shards from the first micro-batch on (they are held at
+  every later backward). With unsharded accumulation (FSDP_UNSHARDED_ACCUMULATION) no reduction happens before
+  the last micro-batch: every rank holds a full fp32 copy of the model's gradients from the first micro-batch's
+  backward until the last one's reduce-scatters free it block by block.
 - Optimizer state per parameter: AdamW two fp32 moments; SGD one momentum buffer; Muon one momentum buffer on
   the hidden matrices (AdamW on embeddings, head and gains) plus, at the step, the whole matrix gathered and
   orthogonalized in bf16 on every rank (optim.Muon).
@@ -16,9 +23,11 @@ The arithmetic follows what this repo's training step does (distributed.parallel
 The peak is the largest of three moments: the start of backward (every activation alive), the end of
 backward (every gradient shard written, the root's full gradients not yet reduced) and the optimizer step.
 Activation bytes per token and layer are counted from the tensors autograd saves in model.py's blocks
-(fp32 residual stream and RMSNorm outputs, the bf16 casts of matmul inputs, RoPE's fp32 q/k, SDPA's
-q/k/v/output, SwiGLU's inputs). tests/test_memory_plan.py checks the total against torch's FSDP2 memory
-tracker run under fake tensors on real layer widths.
+(RMSNorm's fp32 input and its compute-dtype outputs, SDPA's q/k/v/output, SwiGLU's inputs).
+tests/test_memory_plan.py checks the total against torch's FSDP2 memory tracker run under fake tensors on
+real layer widths (one micro-batch: the tracker refuses several forwards per step), and tests/test_distributed.py
+checks the gradient term against the gradient buffers FSDP2 holds in a 2-process CPU run with 1 and 4
+micro-batches in both accumulation modes.
 """
 
 from __future__ import annotations
@@ -40,13 +49,17 @@ OPTIMIZERS = ("adamw", "sgd", "muon")
 
 @dataclass
 class MemoryPlan:
-    """Bytes per GPU: the sharded fp32 parameters, gradients and optimizer state, the activations saved for
-    backward (with the compute-dtype weight copies autocast saves), and at the peak moment `peak_at` the
-    transient buffers on top of those it holds (gathered parameters, gradient buffers, logits, recomputed
-    activations, the optimizer's work buffers). Gradients are not held at the head's backward (the previous
-    step's were freed by zero_grad), activations not at the optimizer step."""
+    """Bytes per GPU: the sharded fp32 parameters and optimizer state, the most gradient bytes a rank holds
+    (its fp32 shards, or under unsharded accumulation the full fp32 copy), the activations saved for backward,
+    and at the peak moment `peak_at` the transient buffers on top of those it holds (gathered parameters,
+    gradient buffers, logits, recomputed activations, the optimizer's work buffers). Gradients are held at the
+    head's backward only from the second micro-batch on (the previous step's were freed by zero_grad),
+    activations not at the optimizer step."""
 
     gpus: int
+    shard_group: int
+    grad_accum: int
+    unsharded_accumulation: bool
     parameters: int
     gradients: int
     optimizer: int
@@ -76,62 +89,71 @@ def _is_hidden_matrix(name: str, shape: tuple[int, ...]) -> bool:
 
 def activation_bytes_per_token(args: ModelArgs, precision: str) -> int:
     """Bytes one token leaves saved for backward in one block (no checkpointing), weights not included.
-    c = bytes of the compute dtype. RoPE saves nothing per token (its rotations need no gradient), and
-    SDPA's output is already laid out (B, T, H, hd), so wo reuses it."""
+    c = bytes of the compute dtype (the gathered parameters' dtype, so no matmul casts its input). Each RMSNorm
+    saves its input in fp32 (the upcast), its normalized output and the gained output (the matmuls' input) in
+    c; RoPE saves nothing per token (its rotations need no gradient), and SDPA's output is already laid out
+    (B, T, H, hd), so wo reuses it."""
     c = 2 if precision == "bf16" else 4
     d, q, kv, h = args.dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.hidden_dim
-    casts = (3 + 2) * c * d if c < 4 else 0  # wq, wk, wv and w1, w3 each cast their fp32 input
-    norms = 2 * (4 * d + 4 * d)  # residual input and normalized output of both RMSNorms, fp32
+    norms = 2 * (4 * d + 2 * c * d)  # attention_norm and ffn_norm
     attention = c * (q + 2 * kv) + c * q  # SDPA's q, k, v and output
     mlp = 4 * c * h  # silu input, silu output, w3 output, w2 input
-    return casts + norms + attention + mlp
+    return norms + attention + mlp
 
 
 def plan(args: ModelArgs, gpus: int, precision: str = "bf16", optimizer: str = "adamw",
-         activation_checkpointing: bool = False, micro_batch: int = 1, seq_len: int | None = None) -> MemoryPlan:
-    """The per-GPU memory of training `args` with FSDP2 on `gpus` ranks (see the module docstring)."""
+         activation_checkpointing: bool = False, micro_batch: int = 1, seq_len: int | None = None,
+         grad_accum: int = 1, unsharded_accumulation: bool = False, shard_group: int | None = None) -> MemoryPlan:
+    """The per-GPU memory of training `args` with FSDP2 on `gpus` ranks, parameters sharded over groups of
+    `shard_group` ranks (default: all; HSDP otherwise), `grad_accum` micro-batches per step (see the module
+    docstring)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {PRECISIONS}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer {optimizer!r}: expected one of {OPTIMIZERS}")
+    shard = shard_group or gpus
+    if gpus % shard:
+        raise ValueError(f"shard group {shard} does not divide {gpus} GPUs")
     shapes = _shapes(args)
     tokens = micro_batch * (seq_len or args.max_seq_len)
     c = 2 if precision == "bf16" else 4
-    sharded = {n: _sharded_numel(s, gpus) for n, s in shapes.items()}
+    sharded = {n: _sharded_numel(s, shard) for n, s in shapes.items()}
     params = grads = 4 * sum(sharded.values())
+    full_grads = 4 * sum(math.prod(s) for s in shapes.values())
+    # what a later micro-batch's backward finds already held: the gradient shards, or the unsharded copy
+    accumulated = 0 if grad_accum == 1 else full_grads if unsharded_accumulation else grads
     hidden = {n for n, s in shapes.items() if _is_hidden_matrix(n, s)}
     per_param = {"adamw": lambda n: 8, "sgd": lambda n: 4, "muon": lambda n: 4 if n in hidden else 8}[optimizer]
     opt = sum(per_param(n) * k for n, k in sharded.items())
 
     d, V = args.dim, args.vocab_size
     block = [n for n in shapes if n.startswith("layers.0.")]
-    block_full = 4 * sum(math.prod(shapes[n]) for n in block)  # one block's fp32 parameters, gathered
-    block_matmul = sum(math.prod(shapes[n]) for n in block if len(shapes[n]) == 2)
-    root_full = 4 * sum(math.prod(s) for n, s in shapes.items() if not n.startswith("layers."))
-    low = c < 4  # autocast: matmuls run on compute-dtype copies of the fp32 weights
-    weight_copy = c * block_matmul if low else 0  # what one block's matmuls save of their weights
+    block_numel = sum(math.prod(shapes[n]) for n in block)
+    block_gathered = c * block_numel  # one block's parameters as gathered (and its unsharded gradients)
+    root_gathered = c * sum(math.prod(s) for n, s in shapes.items() if not n.startswith("layers."))
     per_layer = activation_bytes_per_token(args, precision) * tokens
-    if activation_checkpointing:  # each block keeps its fp32 input; backward recomputes one block at a time
-        layer_saved, recompute = 4 * d * tokens, per_layer + weight_copy
+    if activation_checkpointing:  # each block keeps its input; backward recomputes one block at a time
+        layer_saved, recompute = c * d * tokens, per_layer
     else:
-        layer_saved, recompute = per_layer + weight_copy, 0
+        layer_saved, recompute = per_layer, 0
     saved = args.n_layers * layer_saved
-    saved += 8 * d * tokens  # the final RMSNorm's input and output
-    out_copy = c * V * d if low else 0  # the head's compute-dtype weight, saved for its backward
+    saved += (4 + 2 * c) * d * tokens  # the final RMSNorm's fp32 input and outputs
 
-    # gathered block + its fp32 gradients, + the previous block's reduce-scatter and the next one's all-gather
-    # buffers when there are such blocks (the second block from the top has both from 3 blocks on)
-    block_buffers = 2 + min(args.n_layers - 1, 1) + (args.n_layers >= 3)
+    # a block's backward: its unsharded gradients (compute dtype) beside first the block gathered, then (the
+    # parameters resharded) its fp32 reduce-scatter input; the previous block's reduce-scatter buffer (from
+    # the second block on) and the next one's all-gather buffer (the second block from the top has both from
+    # 3 blocks on)
+    block_buffers = block_gathered + max(block_gathered, 4 * block_numel) \
+        + min(args.n_layers - 1, 1) * 4 * block_numel + (args.n_layers >= 3) * block_gathered
     # the root's parameters (embedding, final norm, head) stay gathered from its forward to its backward
     moments = {
         # the loss's backward: saved log-probabilities (fp32) and two fp32 buffers of their gradient
-        "head backward": root_full + saved + out_copy + 12 * V * tokens,
-        # a block's backward: the block gathered, the next one's all-gather buffer, the previous one's
-        # reduce-scatter buffer (from the second block on: the first block's saved activations are freed by
-        # then), its fp32 and compute-dtype weight gradients, its recomputed activations. Going down the
-        # blocks, saved activations are freed as gradient shards are written: the larger of the two is held.
-        "block backward": root_full + block_buffers * block_full + 2 * weight_copy + recompute
-        + max(saved - layer_saved, grads),
+        "head backward": root_gathered + saved + 12 * V * tokens + accumulated,
+        # a block's backward: its buffers and recomputed activations. Going down the blocks, saved activations
+        # are freed as gradient shards are written: the larger of the two is held (both, when a previous
+        # micro-batch's gradients are held; an unsharded copy shrinks as it is reduce-scattered)
+        "block backward": root_gathered + block_buffers + recompute
+        + (saved - layer_saved + accumulated if accumulated else max(saved - layer_saved, grads)),
     }
     if optimizer == "muon":  # the whole update gathered in fp32, orthogonalized in bf16 (x, A, A @ A)
         # per matrix: its fp32 update, and in bf16 x, A = x x^T and A @ A (A is min(rows, cols) square)
@@ -141,6 +163,10 @@ def plan(args: ModelArgs, gpus: int, precision: str = "bf16", optimizer: str = "
         moments["optimizer step"] = grads + 4 * max(sharded.values())  # one parameter's temporary at a time
     peak_at = max(moments, key=moments.get)
     at_peak = moments[peak_at]
-    held = {"head backward": saved, "block backward": max(saved - layer_saved, grads), "optimizer step": grads}[peak_at]
-    return MemoryPlan(gpus=gpus, parameters=params, gradients=grads, optimizer=opt, activations=saved,
+    held = {"head backward": saved + accumulated,
+            "block backward": saved - layer_saved + accumulated if accumulated else max(saved - layer_saved, grads),
+            "optimizer step": grads}[peak_at]
+    return MemoryPlan(gpus=gpus, shard_group=shard, grad_accum=grad_accum,
+                      unsharded_accumulation=unsharded_accumulation and grad_accum > 1, parameters=params,
+                      gradients=max(grads, accumulated), optimizer=opt, activations=saved,
                       transient=at_peak - held, peak=params + opt + at_peak, peak_at=peak_at)

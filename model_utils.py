@@ -20,7 +20,9 @@ CLI:
     python model_utils.py export --model LORA_CHECKPOINT --format peft --out DIR [--base-out DIR | --base-id ID]
     python model_utils.py info --model SOURCE
     python model_utils.py plan --preset NAME --gpus G [--precision bf16|fp32] [--activation-checkpointing]
-                               [--micro-batch B] [--seq-len T] [--optimizer adamw|sgd|muon] [--vocab-size V]
+                               [--micro-batch B] [--seq-len T] [--grad-accum N] [--unsharded-accumulation]
+                               [--shard-group S] [--optimizer adamw|sgd|muon] [--vocab-size V]
+    python model_utils.py plan --env-file CONFIG --gpus G [any flag above, to override the config]
 """
 
 from __future__ import annotations
@@ -462,15 +464,26 @@ def main() -> int:
     info.add_argument("--model", required=True)
     pl = sub.add_parser("plan", help="per-GPU memory of FSDP2 training (parameters, gradients, optimizer state, "
                         "activations, peak) and which GPU sizes it fits")
-    pl.add_argument("--preset", required=True, help="a MODEL_PRESET name, e.g. llama3.1-8b, llama3.1-70b")
+    pl.add_argument("--env-file", default=None, help="a training config: its MODEL_PRESET, MAX_BATCH_SIZE, "
+                    "MAX_SEQ_LEN, TOTAL_BATCH_SIZE (-> the accumulation on --gpus), TRAINING_PRECISION, OPTIMIZER, "
+                    "ACTIVATION_CHECKPOINTING, FSDP_UNSHARDED_ACCUMULATION, FSDP_SHARD_GROUP_SIZE, VOCAB_SIZE; the "
+                    "flags below override it")
+    pl.add_argument("--preset", default=None, help="a MODEL_PRESET name, e.g. llama3.1-8b, llama3.1-70b")
     pl.add_argument("--gpus", type=int, required=True, help="FSDP2 ranks in total (nodes x GPUs per node)")
-    pl.add_argument("--precision", default="bf16", choices=memory_plan.PRECISIONS)
-    pl.add_argument("--activation-checkpointing", action="store_true")
-    pl.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per micro-step (MAX_BATCH_SIZE)")
+    pl.add_argument("--precision", default=None, choices=memory_plan.PRECISIONS, help="default bf16")
+    pl.add_argument("--activation-checkpointing", action="store_true", default=None)
+    pl.add_argument("--micro-batch", type=int, default=None, help="sequences per GPU per micro-step "
+                    "(MAX_BATCH_SIZE; default 1)")
     pl.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's MAX_SEQ_LEN)")
+    pl.add_argument("--grad-accum", type=int, default=None, help="micro-steps per optimizer step (default 1, or "
+                    "TOTAL_BATCH_SIZE / (MAX_SEQ_LEN x MAX_BATCH_SIZE x --gpus) with --env-file)")
+    pl.add_argument("--unsharded-accumulation", action="store_true", default=None,
+                    help="FSDP_UNSHARDED_ACCUMULATION=true: a full fp32 gradient copy per GPU while accumulating")
+    pl.add_argument("--shard-group", type=int, default=None, help="HSDP: shard over groups of this many GPUs "
+                    "(FSDP_SHARD_GROUP_SIZE; default: all --gpus)")
     pl.add_argument("--optimizer", default=None, choices=memory_plan.OPTIMIZERS, help="default: all of them")
-    pl.add_argument("--vocab-size", type=int, default=None, help="default: the preset's VOCAB_SIZE, else 128256 "
-                    "(Meta's Llama 3 tokenizer)")
+    pl.add_argument("--vocab-size", type=int, default=None, help="default: VOCAB_SIZE of the config or preset, else "
+                    "128256 (Meta's Llama 3 tokenizer)")
     a = ap.parse_args()
     if a.cmd == "plan":
         return _plan_cli(a)
@@ -507,29 +520,76 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def _plan_job(a: argparse.Namespace) -> dict:
+    """The job the plan is for: the flags given, the rest from --env-file's config (the accumulation derived
+    as training derives it, config.Config.batch_geometry), else the defaults."""
+    job = {"preset": a.preset, "precision": a.precision, "activation_checkpointing": a.activation_checkpointing,
+           "micro_batch": a.micro_batch, "seq_len": a.seq_len, "grad_accum": a.grad_accum,
+           "unsharded_accumulation": a.unsharded_accumulation, "shard_group": a.shard_group,
+           "optimizer": a.optimizer, "vocab_size": a.vocab_size}
+    if a.env_file is not None:
+        cfg = config.load_config(a.env_file)
+        s, t = cfg.system, cfg.training
+        if not s.use_fsdp:
+            raise UserError(f"--env-file {a.env_file} has USE_FSDP=false: the plan is for FSDP2 runs; set USE_FSDP=true "
+                            "in it or plan with --preset")
+        if t.training_precision == "fp16":
+            raise UserError(f"--env-file {a.env_file} has TRAINING_PRECISION=fp16, which FSDP2 runs refuse: use bf16, "
+                            "fp32 or auto")
+        if a.micro_batch is None and a.seq_len is None and a.grad_accum is None:
+            cfg_accum = cfg.batch_geometry(a.gpus)[1]
+        else:
+            cfg_accum = None
+        from_file = {"preset": cfg["MODEL_PRESET"], "activation_checkpointing": s.activation_checkpointing,
+                     # auto is bf16 on every GPU with bf16 (A100, H100, L4, ...), the GPUs these configs are for
+                     "precision": "fp32" if t.training_precision == "fp32" else "bf16",
+                     "micro_batch": t.max_batch_size, "seq_len": cfg.model.max_seq_len, "grad_accum": cfg_accum,
+                     "unsharded_accumulation": s.fsdp_unsharded_accumulation,
+                     "shard_group": s.fsdp_shard_group_size or None, "optimizer": t.optimizer,
+                     "vocab_size": cfg.model.vocab_size or None}
+        job = {k: v if v is not None else from_file[k] for k, v in job.items()}
+    if job["preset"] is None:
+        raise UserError("plan needs --preset NAME or --env-file CONFIG: name the model to plan for")
+    defaults = {"precision": "bf16", "activation_checkpointing": False, "micro_batch": 1, "grad_accum": 1,
+                "unsharded_accumulation": False}
+    return {k: defaults[k] if v is None and k in defaults else v for k, v in job.items()}
+
+
 def _plan_cli(a: argparse.Namespace) -> int:
-    if a.preset not in PRESETS:
-        raise UserError(f"--preset {a.preset!r} is not a model preset; choose one of {', '.join(PRESETS)}")
-    for flag, v in (("--gpus", a.gpus), ("--micro-batch", a.micro_batch), ("--seq-len", a.seq_len or 1),
-                    ("--vocab-size", a.vocab_size or 1)):
+    j = _plan_job(a)
+    preset = j["preset"]
+    if preset not in PRESETS:
+        raise UserError(f"--preset {preset!r} is not a model preset; choose one of {', '.join(PRESETS)}")
+    for flag, v in (("--gpus", a.gpus), ("--micro-batch", j["micro_batch"]), ("--seq-len", j["seq_len"] or 1),
+                    ("--vocab-size", j["vocab_size"] or 1), ("--grad-accum", j["grad_accum"]),
+                    ("--shard-group", j["shard_group"] or 1)):
         if v < 1:
             raise UserError(f"{flag} {v}: must be at least 1")
-    vocab = a.vocab_size or PRESETS[a.preset].get("VOCAB_SIZE") or LLAMA3_VOCAB
-    args = config.load_config(None, {"MODEL_PRESET": a.preset}, use_environ=False).model_args(vocab)
+    shard = j["shard_group"] or a.gpus
+    if a.gpus % shard:
+        raise UserError(f"--shard-group {shard} does not divide --gpus {a.gpus}: use the GPUs per node")
+    vocab = j["vocab_size"] or PRESETS[preset].get("VOCAB_SIZE") or LLAMA3_VOCAB
+    args = config.load_config(None, {"MODEL_PRESET": preset}, use_environ=False).model_args(vocab)
     if args.moe_num_experts:
-        raise UserError(f"--preset {a.preset} is a Mixture-of-Experts model; the memory plan models dense "
+        raise UserError(f"--preset {preset} is a Mixture-of-Experts model; the memory plan models dense "
                         "models only (expert weights and routing buffers are not counted): pick a dense preset")
-    T = a.seq_len or args.max_seq_len
-    names = [a.optimizer] if a.optimizer else list(memory_plan.OPTIMIZERS)
-    plans = {o: memory_plan.plan(args, a.gpus, a.precision, o, a.activation_checkpointing, a.micro_batch, T)
+    T, prec, ac, B, accum = j["seq_len"] or args.max_seq_len, j["precision"], j["activation_checkpointing"], \
+        j["micro_batch"], j["grad_accum"]
+    names = [j["optimizer"]] if j["optimizer"] else list(memory_plan.OPTIMIZERS)
+    plans = {o: memory_plan.plan(args, a.gpus, prec, o, ac, B, T, accum, j["unsharded_accumulation"], shard)
              for o in names}
     with torch.device("meta"):
         n = count_parameters(Transformer(args))
-    print(f"memory plan: {a.preset} ({n / 1e9:.2f}B parameters, vocabulary {args.vocab_size}), FSDP2 over {a.gpus} GPUs, {a.precision}"
-          f"{' autocast' if a.precision == 'bf16' else ''}, activation checkpointing "
-          f"{'on' if a.activation_checkpointing else 'off'}, micro-batch {a.micro_batch} x {T} tokens")
+    sharding = f"FSDP2 over {a.gpus} GPUs" if shard == a.gpus else \
+        f"HSDP over {a.gpus} GPUs ({a.gpus // shard} replicas of {shard}-GPU shard groups)"
+    mode = "unsharded: a full fp32 gradient copy per GPU" if j["unsharded_accumulation"] else "sharded"
+    print(f"memory plan: {preset} ({n / 1e9:.2f}B parameters, vocabulary {args.vocab_size}), {sharding}, {prec}"
+          f"{' (parameters gathered in bf16)' if prec == 'bf16' else ''}, activation checkpointing "
+          f"{'on' if ac else 'off'}, micro-batch {B} x {T} tokens, grad accumulation {accum}"
+          f"{f' ({mode})' if accum > 1 else ''}{f', from {a.env_file}' if a.env_file else ''}")
+    full_copy = next(iter(plans.values())).unsharded_accumulation
     rows = [("parameters (fp32 shard)", lambda p: _size(p.parameters)),
-            ("gradients (fp32 shard)", lambda p: _size(p.gradients)),
+            (f"gradients (fp32 {'full copy' if full_copy else 'shard'})", lambda p: _size(p.gradients)),
             ("optimizer state", lambda p: _size(p.optimizer)),
             ("activations", lambda p: _size(p.activations)),
             ("transient at peak", lambda p: _size(p.transient)),

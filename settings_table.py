@@ -211,6 +211,12 @@ SETTINGS: list[Setting] = [
       choices=("auto", "cpu", "cuda", "mps")),
     S("USE_TORCH_COMPILE", "system", "bool", False, "torch.compile each block"),
     S("USE_FSDP", "system", "bool", False, "FSDP2 fully_shard per block instead of DDP"),
+    S("FSDP_UNSHARDED_ACCUMULATION", "system", "bool", False, "FSDP2 gradient accumulation: false = "
+      "reduce-scatter after every micro-batch (each GPU holds gradient shards only); true = reduce once per step "
+      "(fewer collectives, but every GPU holds a full fp32 gradient copy: `model_utils.py plan` counts it)"),
+    S("FSDP_SHARD_GROUP_SIZE", "system", "int", 0, "FSDP2 shards over groups of this many ranks and replicates "
+      "across the groups (HSDP: shard within a node, e.g. 8 = GPUs per node); 0 = shard over all ranks",
+      min=0),
     S("ACTIVATION_CHECKPOINTING", "system", "bool", False, "recompute block activations in backward"),
     S("ATTN_IMPL", "system", "str", "auto", "auto (= sdpa) | sdpa | math | flex: document masks (packed SFT, "
       "PRETRAIN_DOC_MASKING) through flex_attention's block-sparse mask, compiled on CUDA, instead of a dense "

@@ -259,17 +259,6 @@ def training_precision(cfg: config.Config, device: torch.device) -> precision.Ch
     return choice
 
 
-def batch_geometry(cfg: config.Config, world: int) -> tuple[int, int]:
-    """-> (global batch in sequences, grad accumulation steps), asserted exact (llm.c style)."""
-    t, T = cfg.training, cfg.model.max_seq_len
-    G = t.total_batch_size // T
-    if G == 0 or t.total_batch_size % T or G % (t.max_batch_size * world):
-        raise UserError(f"TOTAL_BATCH_SIZE={t.total_batch_size} tokens must be a multiple of MAX_SEQ_LEN={T} "
-                        f"* MAX_BATCH_SIZE={t.max_batch_size} * world size {world} "
-                        f"(= {T * t.max_batch_size * world}); adjust one of them")
-    return G, G // (t.max_batch_size * world)
-
-
 def planned_steps(cfg: config.Config, samples_per_epoch: int, G: int) -> int:
     """MAX_STEPS, or one pass over the training data for MAX_STEPS=-1 — which must be at least one step: a
     run that would train nothing is refused before anything is written."""
@@ -495,7 +484,7 @@ def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) ->
         lora.apply_lora(model, cfg.lora.lora_target_modules, cfg.lora.lora_rank, cfg.lora.lora_alpha,
                         cfg.lora.lora_dropout)
     state = initial_state(cfg, args, resume_dir, init_source, model, margs, init_fingerprint, requested)
-    wrapped = D.parallelize(model, cfg, device)
+    wrapped = D.parallelize(model, cfg, device, compute_dtype=prec.dtype)
     if sharded:
         materialize_model(model, weights, t.seed, device, init_source)
     if resume_dir is not None:
@@ -507,7 +496,7 @@ def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) ->
     def autocast():
         return precision.autocast(device.type, ptdtype)
 
-    G, accum = batch_geometry(cfg, info.world_size)
+    G, accum = cfg.batch_geometry(info.world_size)
     train_loader, val_loader = build_loaders(cfg, objective, tok, info, G)
     if resume_dir is not None and not args.reset_optimizer:
         restore_training(resume_dir, model, optimizer, scaler, train_loader, state)
@@ -661,7 +650,8 @@ def forward_backward(run: Run) -> tuple[torch.Tensor, list[str], float, objectiv
                 run.train_loader.load_state_dict(loader_at_start)
                 raise
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with D.gradient_sync(run.wrapped, sync=m == run.accum - 1):
+        with D.gradient_sync(run.wrapped, sync=m == run.accum - 1,
+                             unsharded_accumulation=run.cfg.system.fsdp_unsharded_accumulation):
             with run.autocast():
                 micro_sum, micro_metrics = objective.loss(run.wrapped, batch)
             loss = micro_sum * scale

@@ -55,7 +55,8 @@ def tracked_peak(args: ModelArgs, gpus: int, precision: str = "bf16", optimizer:
     try:
         with torch.device("meta"):
             model = Transformer(args)
-        D.parallelize(model, SimpleNamespace(system=cfg.system), torch.device("cpu"))  # shards the meta model
+        D.parallelize(model, SimpleNamespace(system=cfg.system), torch.device("cpu"),  # shards the meta model
+                      compute_dtype=precision_mod.dtype_of(precision))
         with FakeTensorMode(allow_non_fake_inputs=True):  # the meta parameters become fake ones
             model.to_empty(device="cpu")
             opt = optim.build_optimizer(model, cfg, torch.device("cpu"))

@@ -56,7 +56,7 @@ def worker(out: Path, preset: str, batch: int, seq: int, prec: str) -> None:
                                     "ADAMW_USE_FUSED": "false", "MAX_SEQ_LEN": str(seq)}, use_environ=False)
     tok = type("Vocab", (), {"vocab_size": 8448})()  # the project tokenizer's vocabulary size
     model, margs, _ = train.build_meta_model(cfg, tok, "")
-    D.parallelize(model, cfg, torch.device("cpu"))
+    D.parallelize(model, cfg, torch.device("cpu"), compute_dtype=precision.dtype_of(prec))
     train.materialize_model(model, None, cfg.training.seed, torch.device("cpu"), "")
     opt = optim.build_optimizer(model, cfg, torch.device("cpu"))
     g = torch.Generator().manual_seed(info.rank)

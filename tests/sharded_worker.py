@@ -10,6 +10,13 @@ rank's shard of every parameter equals the same slice of the single-process tens
 the source were alive at once while loading, and how many parameter elements this rank holds. Last, one AdamW
 step on the sharded model: the bytes of this rank's parameters and optimizer state. Writes
 OUT_DIR/rank<R>.json.
+
+    torchrun --nproc_per_node N tests/sharded_worker.py --grad-bytes OUT_DIR [SHARD_GROUP_SIZE]
+
+Gradient accumulation under FSDP2 instead: for both accumulation modes (distributed.gradient_sync), fp32 and
+bf16, 1 and 4 micro-batches, the most gradient bytes this rank held after any micro-batch's backward (its
+.grad shards plus FSDP2's own accumulation buffers, read from FSDP2's internals: held_gradient_bytes), and
+the summed gradient shards after the last one.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import distributed as D  # noqa: E402
 import optim  # noqa: E402
 import tokenizer  # noqa: E402
 import train  # noqa: E402
+from losses import cross_entropy_sum  # noqa: E402
 
 
 class CountingWeights(Mapping):
@@ -95,7 +103,76 @@ def step_memory(cfg: config.Config, tok) -> dict:
     return {"param_bytes": params, "optimizer_bytes": state}
 
 
+def held_gradient_bytes(model: torch.nn.Module) -> int:
+    """Bytes of gradients this rank holds: the .grad of its parameter shards, and what FSDP2 keeps outside
+    them while accumulating: an unsharded parameter's .grad and its reduce-dtype copy
+    (FSDPParam.unsharded_accumulated_grad) when gradient sync is off, HSDP's partial reduce-scatter output
+    when only the all-reduce is off."""
+    from torch.distributed.fsdp import FSDPModule
+
+    def nbytes(t: torch.Tensor | None) -> int:
+        if t is None:
+            return 0
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+
+    total = sum(nbytes(p.grad) for p in model.parameters())
+    for m in model.modules():
+        if not isinstance(m, FSDPModule):
+            continue
+        for group in m._get_fsdp_state()._fsdp_param_groups:
+            total += nbytes(group._partial_reduce_output)
+            for fp in group.fsdp_params:
+                total += nbytes(fp.unsharded_accumulated_grad)
+                if hasattr(fp, "_unsharded_param"):
+                    total += nbytes(fp._unsharded_param.grad)
+    return total
+
+
+def accumulation_bytes(cfg: config.Config, tok, accum: int, unsharded: bool, compute_dtype: torch.dtype) -> dict:
+    """`accum` micro-batches of one step through the sharded model as train.forward_backward runs them ->
+    the most gradient bytes held after any micro-batch, and a digest of the summed gradient shards."""
+    import precision
+
+    model, margs, _ = train.build_meta_model(cfg, tok, "")
+    D.parallelize(model, cfg, torch.device("cpu"), compute_dtype=compute_dtype)
+    train.materialize_model(model, None, cfg.training.seed, torch.device("cpu"), "")
+    g = torch.Generator().manual_seed(D.rank())
+    x = torch.randint(0, margs.vocab_size, (4, 32), generator=g)
+    gathered = []  # the dtype the first block's matmuls see: FSDP2's gathered parameters
+    model.layers[0].register_forward_pre_hook(lambda mod, _: gathered.append(str(mod.attention.wq.weight.dtype)))
+    held = []
+    for m, rows in enumerate(x.chunk(accum)):  # the same 4 rows per rank, in `accum` micro-batches
+        with D.gradient_sync(model, sync=m == accum - 1, unsharded_accumulation=unsharded):
+            with precision.autocast("cpu", compute_dtype):
+                loss = cross_entropy_sum(model(rows[:, :-1]), rows[:, 1:])
+            (loss / x[:, 1:].numel()).backward()
+        held.append(held_gradient_bytes(model))
+    grads = torch.cat([p.grad.to_local().flatten() for p in model.parameters()])
+    return {"held": held, "gathered_dtype": gathered[0], "grad_dtype": str(grads.dtype), "grad_sum": grads.double().sum().item(), "grad_abs": grads.double().abs().sum().item(),
+            "numel": sum(p.numel() for p in model.parameters()),
+            "local_numel": sum(p.to_local().numel() for p in model.parameters())}
+
+
+def grad_bytes_main(out: Path, shard_group_size: int) -> None:
+    D.init_distributed("cpu")
+    base = {"USE_FSDP": "true", "DEVICE": "cpu", "FSDP_SHARD_GROUP_SIZE": str(shard_group_size)}
+    cfg = config.load_config(str(ROOT / "configs" / "debug.env"), base, use_environ=False)
+    tok = tokenizer.load_tokenizer(str(ROOT / "tokenizer.model"))
+    result = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for unsharded in (False, True):
+            for accum in (1, 4):
+                key = f"{str(dtype).removeprefix('torch.')} {'unsharded' if unsharded else 'sharded'} {accum}"
+                result[key] = accumulation_bytes(cfg, tok, accum, unsharded, dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{D.rank()}.json").write_text(json.dumps(result))
+    D.destroy()
+
+
 def main() -> None:
+    if sys.argv[1] == "--grad-bytes":
+        return grad_bytes_main(Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 0)
     out, sources = Path(sys.argv[1]), sys.argv[2:]
     info = D.init_distributed("cpu")
     if not D.is_dist():  # one process: FSDP2 still shards, over a world of one

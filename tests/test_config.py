@@ -174,18 +174,23 @@ def test_shipped_configs_load_and_fit_their_batch(name, capsys):
     assert t.total_batch_size % per_step == 0, (name, t.total_batch_size, per_step)
 
 
-@pytest.mark.parametrize("name,preset,gpus", [("gpu-8b-fsdp.env", "llama3.1-8b", 8),
-                                              ("gpu-70b-fsdp.env", "llama3.1-70b", 64)])
-def test_scale_out_configs_fit_their_gpus(name, preset, gpus):
-    """The 8B / 70B configs shard with FSDP2 and, by the memory plan, fit 80 GB GPUs at their batch geometry."""
+@pytest.mark.parametrize("name,preset,gpus,fits_gb", [("gpu-1b-fsdp.env", "1b", 8, 40), ("gpu-8b-fsdp.env", "llama3.1-8b", 8, 40),
+                                                      ("gpu-70b-fsdp.env", "llama3.1-70b", 64, 80)])
+def test_scale_out_configs_fit_their_gpus(name, preset, gpus, fits_gb):
+    """The 1B / 8B / 70B configs shard with FSDP2 and, by the memory plan at their own batch geometry (micro-batch,
+    sequence length and the gradient accumulation training derives on `gpus` GPUs), fit `fits_gb` GPUs with
+    the default sharded accumulation; unsharded accumulation (a full fp32 gradient copy per GPU) would not."""
     import memory_plan
 
     cfg = config.load_config(str(ROOT / "configs" / name), use_environ=False)
     assert cfg["MODEL_PRESET"] == preset and cfg.system.use_fsdp and cfg.system.activation_checkpointing
-    assert (cfg.training.total_batch_size // cfg.model.max_seq_len) % (cfg.training.max_batch_size * gpus) == 0
-    plan = memory_plan.plan(cfg.model_args(128256), gpus, "bf16", cfg.training.optimizer, True,
-                            cfg.training.max_batch_size, cfg.model.max_seq_len)
-    assert plan.fits(80)
+    assert not cfg.system.fsdp_unsharded_accumulation
+    accum = cfg.batch_geometry(gpus)[1]
+    assert accum > 1  # the plan below covers accumulation, not one micro-batch
+    job = (cfg.model_args(128256), gpus, "bf16", cfg.training.optimizer, True, cfg.training.max_batch_size,
+           cfg.model.max_seq_len, accum)
+    assert memory_plan.plan(*job).fits(fits_gb)
+    assert not memory_plan.plan(*job, unsharded_accumulation=True).fits(fits_gb)
 
 
 def test_config_show_takes_overrides_after_env_file(tmp_path):

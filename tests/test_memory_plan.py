@@ -81,3 +81,91 @@ def test_plan_cli_refuses_an_unknown_or_moe_preset(preset):
     p = subprocess.run([sys.executable, str(ROOT / "model_utils.py"), "plan", "--preset", preset, "--gpus", "8"],
                        env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and preset in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_accumulation_counts_a_full_gradient_copy_only_when_unsharded():
+    args = bench.preset_args("llama3.1-8b")
+    with torch.device("meta"):
+        n = model_utils.count_parameters(Transformer(args))
+    one = memory_plan.plan(args, 8, "bf16", "adamw", True, 1, 8192)
+    sharded = memory_plan.plan(args, 8, "bf16", "adamw", True, 1, 8192, grad_accum=16)
+    unsharded = memory_plan.plan(args, 8, "bf16", "adamw", True, 1, 8192, grad_accum=16,
+                                 unsharded_accumulation=True)
+    assert sharded.gradients == one.gradients == one.parameters  # fp32 shards, whatever the accumulation
+    assert unsharded.gradients == 4 * n and unsharded.unsharded_accumulation  # every rank: the whole model's
+    # from the second micro-batch on the previous micro-batches' gradients are held at every backward
+    assert one.peak_at == sharded.peak_at == "head backward" and sharded.peak == one.peak + one.gradients
+    assert unsharded.peak - sharded.peak == 4 * n - sharded.gradients
+    # one micro-batch accumulates nothing in either mode
+    assert memory_plan.plan(args, 8, "bf16", "adamw", True, 1, 8192, unsharded_accumulation=True).peak == one.peak
+
+
+def test_hsdp_holds_what_its_shard_group_alone_would():
+    args = bench.preset_args("llama3.1-70b")
+    hsdp = memory_plan.plan(args, 64, "bf16", "adamw", True, 1, 8192, shard_group=8)
+    node = memory_plan.plan(args, 8, "bf16", "adamw", True, 1, 8192)
+    assert (hsdp.parameters, hsdp.optimizer, hsdp.peak) == (node.parameters, node.optimizer, node.peak)
+    assert hsdp.parameters > 7 * memory_plan.plan(args, 64, "bf16", "adamw", True, 1, 8192).parameters
+    with pytest.raises(ValueError, match="does not divide"):
+        memory_plan.plan(args, 64, shard_group=6)
+
+
+def test_bf16_gathers_half_the_bytes_of_fp32():
+    """MixedPrecisionPolicy(param_dtype=bf16): a gathered block and the root are 2 bytes per parameter; no
+    weight copies for autocast; without checkpointing the activations are those of a bf16 residual stream."""
+    args = bench.preset_args("llama3.1-8b", layers=4)
+    bf16 = memory_plan.plan(args, 8, "bf16", "sgd", True, 1, 1)  # one token: the buffers dominate
+    fp32 = memory_plan.plan(args, 8, "fp32", "sgd", True, 1, 1)
+    assert bf16.parameters == fp32.parameters and bf16.optimizer == fp32.optimizer  # fp32 master weights
+    assert bf16.transient < 0.75 * fp32.transient
+
+
+def test_plan_cli_reads_the_job_from_a_config(capsys, monkeypatch):
+    """--env-file: preset, micro-batch, sequence length, precision, optimizer, checkpointing and the
+    accumulation mode from the config, the accumulation derived as training derives it (8B: 128 sequences /
+    (1 x 8 GPUs) = 16 micro-steps); flags override the file."""
+    import config
+
+    env = str(ROOT / "configs" / "gpu-8b-fsdp.env")
+    monkeypatch.setattr(sys, "argv", ["model_utils.py", "plan", "--env-file", env, "--gpus", "8"])
+    assert model_utils.main() == 0
+    out = capsys.readouterr().out
+    cfg = config.load_config(env, use_environ=False)
+    accum = cfg.batch_geometry(8)[1]
+    assert accum == 16 and "grad accumulation 16 (sharded)" in out and "micro-batch 1 x 8192" in out
+    p = memory_plan.plan(bench.preset_args("llama3.1-8b"), 8, "bf16", "adamw", True, 1, 8192, accum)
+    assert f"{p.peak / 2**30:.2f} GiB" in out and out.split("muon")[0].count("adamw") == 1  # the config's optimizer
+    monkeypatch.setattr(sys, "argv", ["model_utils.py", "plan", "--env-file", env, "--gpus", "8",
+                                      "--unsharded-accumulation"])
+    assert model_utils.main() == 0
+    out = capsys.readouterr().out
+    q = memory_plan.plan(bench.preset_args("llama3.1-8b"), 8, "bf16", "adamw", True, 1, 8192, accum, True)
+    assert "gradients (fp32 full copy)" in out and f"{q.gradients / 2**30:.2f} GiB" in out
+    assert f"{q.peak / 2**30:.2f} GiB" in out and q.peak > p.peak + 20 * 2**30
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--env-file", str(ROOT / "configs" / "gpu-125m.env"), "--gpus", "8"], "USE_FSDP=false"),
+    (["--env-file", str(ROOT / "configs" / "gpu-8b-fsdp.env"), "--gpus", "3"], "TOTAL_BATCH_SIZE"),
+    (["--preset", "llama3.1-8b", "--gpus", "12", "--shard-group", "8"], "--shard-group 8 does not divide"),
+    (["--gpus", "8"], "--preset NAME or --env-file"),
+])
+def test_plan_cli_refuses_a_job_it_cannot_plan(flags, message):
+    p = subprocess.run([sys.executable, str(ROOT / "model_utils.py"), "plan", *flags], env=subprocess_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_readme_plan_outputs_are_what_the_commands_print(capsys, monkeypatch):
+    """Every `$ python model_utils.py plan ...` in the README is followed by exactly what that command prints."""
+    import re
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    shown = re.findall(r"^\$ python model_utils\.py (plan [^\n]*)\n(.*?)(?=\n\$ |\n```)", text, re.S | re.M)
+    assert len(shown) >= 2
+    monkeypatch.chdir(ROOT)
+    for command, output in shown:
+        monkeypatch.setattr(sys, "argv", ["model_utils.py", *shlex.split(command)])
+        assert model_utils.main() == 0
+        assert capsys.readouterr().out.strip() == output.strip(), command
