@@ -20,7 +20,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -371,8 +371,11 @@ def validate(model, objective, val_loader, steps: int, device, autocast,
     return total / max(units, 1)
 
 
-def sample_prompts(model, tok, cfg, log: Logger, stop_check: Callable[[], None] | None = None) -> None:
-    """Continue the stage's test prompts (a str = plain text, a list = chat messages) on every rank."""
+def sample_prompts(model, tok, cfg, log: Logger, stop_check: Callable[[], None] | None = None,
+                   autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
+    """Continue the stage's test prompts (a str = plain text, a list = chat messages) on every rank, under the
+    run's autocast. The ranks decode together (an FSDP2 block gathers its weights in every forward), so they stop
+    at the same step; no fused projection copies are made (they would add ~70% of the block weights)."""
     path = Path(cfg.eval.test_prompts_file)
     prompts = json.loads(path.read_text()).get(cfg.training.training_stage, []) if path.is_file() else []
     ids = [tk.ChatFormat(tok).encode_dialog(p, add_generation_prompt=True)[0] if isinstance(p, list)
@@ -380,8 +383,10 @@ def sample_prompts(model, tok, cfg, log: Logger, stop_check: Callable[[], None] 
     if not ids:
         return
     stops = [i for i in {tok.eos_id, tok.eot_id} if i is not None]
-    outs = generate.generate(model, ids, cfg.eval.max_test_gen_len, temperature=0.0, stop_ids=stops,
-                             pad_id=tok.pad_id or 0, stop_check=stop_check)
+    with autocast():
+        outs = generate.generate(model, ids, cfg.eval.max_test_gen_len, temperature=0.0, stop_ids=stops,
+                                 pad_id=tok.pad_id or 0, stop_check=stop_check, fuse_projections=False,
+                                 all_ranks_done=lambda done: not D.any_rank(not done))
     for p, o in zip(prompts, outs, strict=True):
         shown = p if isinstance(p, str) else p[-1]["content"]
         log.print(f"  sample | {shown!r} -> {tok.decode(o)!r}")
@@ -585,9 +590,31 @@ def wants_checkpoint(c: Any, step: int, improved: bool, last_step: bool) -> bool
     return bool(c.save_checkpoints and (improved or periodic or (last_step and not c.save_best_only)))
 
 
+@contextlib.contextmanager
+def eager_blocks(model: nn.Module) -> Iterator[None]:
+    """Inside, the modules compiled in place (USE_TORCH_COMPILE: nn.Module.compile, which keeps the compiled call
+    in `_compiled_call_impl`) run their plain forward. Their compiled frames are the training step's; evaluation
+    and sampling (no_grad, inference mode, a KV cache, one-token steps) would each add a variant of them and
+    recompile until torch's recompile limit, after which the training step's new variants would run eager."""
+    compiled = [m for m in D.unwrap(model).modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    calls = [m._compiled_call_impl for m in compiled]
+    for m in compiled:
+        m._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for m, call in zip(compiled, calls, strict=True):
+            m._compiled_call_impl = call
+
+
 def evaluate_and_save(run: Run, last_step: bool) -> bool:
     """The hooks after the update of run.state.step: validation (+ early stopping), HellaSwag, samples,
-    checkpoint. -> True when early stopping ends the run."""
+    checkpoint, with the compiled blocks running eager (eager_blocks). -> True when early stopping ends the run."""
+    with eager_blocks(run.model):
+        return run_hooks(run, last_step)
+
+
+def run_hooks(run: Run, last_step: bool) -> bool:
     cfg, state, log, step = run.cfg, run.state, run.log, run.state.step
     c, e = cfg.checkpoint, cfg.eval
     improved = stop_early = False
@@ -609,7 +636,7 @@ def evaluate_and_save(run: Run, last_step: bool) -> bool:
                                               stop_check=run.stop_check)
         log.log({"step": step, "winogrande_acc": wg["acc"]}, console=True)
     if due(e.generate_every_x_steps, step, last_step):
-        sample_prompts(run.eval_model, run.tok, cfg, log, run.stop_check)
+        sample_prompts(run.eval_model, run.tok, cfg, log, run.stop_check, run.autocast)
     if wants_checkpoint(c, step, improved, last_step):
         save_checkpoint(run, best=improved)
     if stop_early:
