@@ -455,13 +455,14 @@ def initial_state(cfg: config.Config, args: argparse.Namespace, resume_dir: Path
 
 
 def restore_training(resume_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     scaler: torch.amp.GradScaler | None, train_loader: Any, state: ckpt.TrainerState) -> None:
-    """Optimizer moments, loss scale, data position and RNG streams of a checkpoint."""
+                     scaler: torch.amp.GradScaler | None, train_loader: Any, state: ckpt.TrainerState,
+                     device: torch.device | None = None) -> None:
+    """Optimizer moments, loss scale, data position and this rank's RNG streams of a checkpoint."""
     extra = ckpt.load_optimizer(resume_dir, model, optimizer)
     if scaler is not None and extra.get("grad_scaler"):
         scaler.load_state_dict(extra["grad_scaler"])
     train_loader.load_state_dict(state.dataloader)
-    ckpt.set_rng_state(state.rng)
+    ckpt.set_rng_state(ckpt.own_rng_state(state, D.rank()), device)
 
 
 def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) -> Run:
@@ -500,6 +501,9 @@ def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) ->
     wrapped = D.parallelize(model, cfg, device)
     if sharded:
         materialize_model(model, weights, t.seed, device, init_source)
+    # the weights are drawn, the same on every rank; from here each rank draws its own stream (dropout masks
+    # differ across data-parallel ranks)
+    torch.manual_seed(t.seed + info.rank)
     if resume_dir is not None:
         ckpt.load_model_weights(resume_dir, model, base_config_sha=ckpt.config_sha(margs.to_dict()))
     optimizer = optim.build_optimizer(model, cfg, device)
@@ -512,7 +516,7 @@ def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) ->
     G, accum = batch_geometry(cfg, info.world_size)
     train_loader, val_loader = build_loaders(cfg, objective, tok, info, G)
     if resume_dir is not None and not args.reset_optimizer:
-        restore_training(resume_dir, model, optimizer, scaler, train_loader, state)
+        restore_training(resume_dir, model, optimizer, scaler, train_loader, state, device)
     max_steps = planned_steps(cfg, train_loader.samples_per_epoch, G)
     run_dir = Path(cfg.logging.run_dir or f"runs/{t.training_stage}")
     log = Logger(run_dir, D.is_main(), cfg.to_dict(), cfg.logging.wandb_enabled, cfg.logging.wandb_project_name,
@@ -559,8 +563,8 @@ def save_checkpoint(run: Run, best: bool = False) -> None:
     lora_config = lora.lora_config(run.model) if cfg.lora.lora_enabled else None
     conf = ckpt.config_json(run.margs.to_dict(), cfg.to_dict(), lora_config, run.init_source,
                             run.state.parent_fingerprint)
-    state = replace(run.state, dataloader=run.train_loader.state_dict(), rng=ckpt.rng_state(),
-                    world_size=run.info.world_size)
+    state = replace(run.state, dataloader=run.train_loader.state_dict(), rng=None,
+                    rng_ranks=ckpt.rank_rng_states(run.info.device), world_size=run.info.world_size)
     extra = {"schedule": {"kind": t.lr_schedule, "step": state.step, "max_steps": run.max_steps},
              "grad_scaler": run.scaler.state_dict() if run.scaler is not None else None}
     ckpt.save(run.save_root, state.step, run.model, run.optimizer, trainer_state=state.to_dict(), config=conf,

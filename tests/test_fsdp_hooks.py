@@ -3,6 +3,7 @@ process gives: losses, validation loss, HellaSwag accuracy and the greedy sample
 
 from __future__ import annotations
 
+import json
 import re
 from types import SimpleNamespace
 
@@ -13,7 +14,7 @@ from helpers import ROOT, TOKENIZER, make_pretrain_data, read_metrics, run_inpro
 HOOKS = dict(MAX_STEPS=4, VALIDATE_EVERY_X_STEPS=2, GENERATE_EVERY_X_STEPS=2, MAX_TEST_GEN_LEN=6,
              HELLASWAG_EVERY_X_STEPS=2, HELLASWAG_PATH=ROOT / "tests" / "fixtures" / "hellaswag_golden.jsonl",
              HELLASWAG_NUMBER_OF_EXAMPLES=4, SAVE_CHECKPOINTS="false", MAX_LR=1e-2)
-# dropout off: each rank draws its own dropout masks, so with dropout the two runs differ by design
+# dropout off: each rank draws its own dropout masks, so with dropout the two runs differ (as they should)
 LORA = dict(LORA_ENABLED="true", LORA_RANK=4, LORA_ALPHA=8, LORA_DROPOUT=0.0)
 
 
@@ -105,3 +106,25 @@ def test_evaluation_and_sampling_never_recompile_the_training_blocks(tmp_path, d
     assert {e["step"] for e in m if "hellaswag_acc" in e} == {2, 3}
     assert graphs_after[1] > start  # the blocks were compiled
     assert graphs_after[3] == graphs_after[1] == counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.slow
+def test_each_rank_resumes_its_own_random_streams_and_draws_its_own_dropout(tmp_path, data):
+    """2 FSDP2 ranks with LoRA dropout: each rank checkpoints its own streams (torch CPU, Python, NumPy) and
+    gets them back on resume, and the ranks' dropout masks differ."""
+    worker = ROOT / "tests" / "rank_rng_worker.py"
+    kw = dict(USE_FSDP="true", MAX_STEPS=2, VALIDATE_EVERY_X_STEPS=0, **{**LORA, "LORA_DROPOUT": 0.5})
+    torchrun(tmp_path, data, 2, "--worker-out", str(tmp_path / "fresh"), script=worker, **kw)
+    step = tmp_path / "ck" / "pretrain" / "step_0000000"
+    state = json.loads((step / "trainer_state.json").read_text())
+    assert len(state["rng_ranks"]) == 2
+    torchrun(tmp_path, data, 2, "--worker-out", str(tmp_path / "resumed"), "--pretrain_checkpoint", str(step),
+             script=worker, **kw)
+    fresh, resumed = ([json.loads((tmp_path / d / f"rank{r}.json").read_text()) for r in (0, 1)]
+                      for d in ("fresh", "resumed"))
+    assert [r["step"] for r in resumed] == [0, 0]
+    assert fresh[0]["next"] != fresh[1]["next"]
+    for r in (0, 1):
+        assert resumed[r]["next"] == fresh[r]["next"], r
+    assert fresh[0]["mask"] != fresh[1]["mask"]
+    assert 0 < sum(fresh[0]["mask"]) < 256
