@@ -148,8 +148,8 @@ def generate(
     int8 copies of the linear layers (quantize.int8_weights; half the bytes per token of bf16). compile: run
     the decode step through torch.compile (compiled_decode_step; the first call per model, batch and cache
     length compiles, and the cache length is rounded up to a power of two; dense models, not with int8).
-    fuse_projections: decode with wq|wk|wv and w1|w3 concatenated per block (temporary copies, ~70% of the block
-    weights, dropped on return); never for sharded (FSDP2 DTensor) weights, whose blocks all-gather their own
+    fuse_projections: decode with wq|wk|wv and w1|w3 concatenated per block (temporary copies, about two thirds
+    of a block's weights at Llama 3 shapes, dropped on return); never for sharded (FSDP2 DTensor) weights, whose blocks all-gather their own
     weights in every forward. all_ranks_done(this process's rows are all done) -> whether every process's are:
     processes that decode together (FSDP2 all-gathers in every step) must stop at the same step.
     The caller's autocast applies; the KV cache is then kept in the autocast dtype."""

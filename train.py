@@ -375,7 +375,7 @@ def sample_prompts(model, tok, cfg, log: Logger, stop_check: Callable[[], None] 
                    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
     """Continue the stage's test prompts (a str = plain text, a list = chat messages) on every rank, under the
     run's autocast. The ranks decode together (an FSDP2 block gathers its weights in every forward), so they stop
-    at the same step; no fused projection copies are made (they would add ~70% of the block weights)."""
+    at the same step; no fused projection copies are made (they would add about two thirds of the block weights)."""
     path = Path(cfg.eval.test_prompts_file)
     prompts = json.loads(path.read_text()).get(cfg.training.training_stage, []) if path.is_file() else []
     ids = [tk.ChatFormat(tok).encode_dialog(p, add_generation_prompt=True)[0] if isinstance(p, list)
@@ -598,8 +598,8 @@ def wants_checkpoint(c: Any, step: int, improved: bool, last_step: bool) -> bool
 def eager_blocks(model: nn.Module) -> Iterator[None]:
     """Inside, the modules compiled in place (USE_TORCH_COMPILE: nn.Module.compile, which keeps the compiled call
     in `_compiled_call_impl`) run their plain forward. Their compiled frames are the training step's; evaluation
-    and sampling (no_grad, inference mode, a KV cache, one-token steps) would each add a variant of them and
-    recompile until torch's recompile limit, after which the training step's new variants would run eager."""
+    and sampling (no_grad, inference mode, a KV cache, one-token steps) would each add variants of them, compiled
+    on every rank, until torch's recompile limit (8), past which the frame is no longer compiled at all."""
     compiled = [m for m in D.unwrap(model).modules() if getattr(m, "_compiled_call_impl", None) is not None]
     calls = [m._compiled_call_impl for m in compiled]
     for m in compiled:
