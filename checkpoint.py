@@ -8,7 +8,7 @@ Layout (format version 2): `<root>/<stage>/step_NNNNNNN/` holding
                           + the base model's identity in config.json)
   optimizer/              optimizer tensors keyed `state/<param name>/<slot>`, sharded the same way
   optimizer.json          param groups, non-tensor and 0-dim slots, GradScaler, schedule
-  trainer_state.json      step, tokens, dataloader state, RNG states, best val, early stopping, parent
+  trainer_state.json      step, tokens, dataloader state, every rank's RNG states, best val, early stopping, parent
   config.json             {"format_version", "model_args", "settings", "lora"?, "base_model"?}
   peft_adapter/           optional, LoRA runs: the adapters in Hugging Face PEFT's format (lora.save_peft_adapter;
                           base_model_name_or_path = the base model's source)
@@ -97,8 +97,9 @@ class TrainerState:
     nonfinite_in_a_row: int = 0  # non-finite or spike steps in a row
     spike_steps: int = 0
     dataloader: dict | None = None  # the train loader's state_dict()
-    rng: dict | None = None  # rng_state()
+    rng: dict | None = None  # rank 0's rng_state() in checkpoints written before rng_ranks existed
     world_size: int = 1
+    rng_ranks: list[dict] | None = None  # rank_rng_states(): rng_state() of every rank, by rank
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainerState:
@@ -106,7 +107,8 @@ class TrainerState:
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # a checkpoint holds one of the two RNG layouts: the absent one is left out rather than written as null
+        return {k: v for k, v in asdict(self).items() if not (k in ("rng", "rng_ranks") and v is None)}
 
 
 def config_json(model_args: dict, settings: dict, lora_config: dict | None = None, base_source: str = "",
@@ -322,23 +324,52 @@ def format_version(path: Path) -> int:
 # ---- RNG -----------------------------------------------------------------------------------------------
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device | None = None) -> dict:
+    """This process's RNG streams: torch's CPU generator, Python's, NumPy's and, on CUDA, the generator of its
+    own GPU `device` ("cuda_device"; the other GPUs of the node belong to the other ranks)."""
     np_state = np.random.get_state()
     st = {"torch": torch.get_rng_state().tolist(), "python": _listify(random.getstate()),
           "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
-    if torch.cuda.is_available():
-        st["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    if device is not None and device.type == "cuda":
+        st["cuda_device"] = torch.cuda.get_rng_state(device).tolist()
     return st
 
 
-def set_rng_state(st: dict) -> None:
+def rank_rng_states(device: torch.device) -> list[dict]:
+    """rng_state(device) of every rank, by rank (collective over a CPU group; one process: its own)."""
+    own = rng_state(device)
+    if not D.is_dist() or D.world_size() == 1:
+        return [own]
+    states: list[Any] = [None] * D.world_size()
+    torch.distributed.all_gather_object(states, own, group=D.checkpoint_group("rng"))
+    return states
+
+
+def own_rng_state(state: TrainerState, rank: int) -> dict | None:
+    """The RNG streams rank `rank` saved in `state`, or None when it saved none (a resume on more ranks than
+    saved; the state of a checkpoint written before rng_ranks existed is rank 0's): that rank keeps its seeding."""
+    if state.rng_ranks is not None:
+        return state.rng_ranks[rank] if rank < len(state.rng_ranks) else None
+    return state.rng if rank == 0 else None
+
+
+def set_rng_state(st: dict | None, device: torch.device | None = None) -> None:
+    """Restore rng_state(device)'s streams (None: nothing). A state of the older format holds the generators of
+    every GPU the writing process saw under "cuda": `device` takes the one of its own index."""
+    if st is None:
+        return
     torch.set_rng_state(torch.tensor(st["torch"], dtype=torch.uint8))
     v, internal, gauss = st["python"]
     random.setstate((v, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = st["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    if "cuda" in st and torch.cuda.is_available() and len(st["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in st["cuda"]])
+    if device is None or device.type != "cuda":
+        return
+    own = st.get("cuda_device")
+    if own is None and (device.index or 0) < len(st.get("cuda") or []):
+        own = st["cuda"][device.index or 0]
+    if own is not None:
+        torch.cuda.set_rng_state(torch.tensor(own, dtype=torch.uint8), device)
 
 
 def _listify(x: Any) -> Any:

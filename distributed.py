@@ -31,7 +31,9 @@ class DistInfo:
 
 
 def select_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
-    """DEVICE: auto picks cuda -> mps -> cpu; an explicit device that is missing is a user error."""
+    """DEVICE: auto picks cuda -> mps -> cpu; an explicit device that is missing is a user error. On CUDA the
+    process takes GPU `local_rank` of its node; more local ranks than GPUs is a user error (NCCL refuses two ranks
+    on one GPU), unless CUDA_VISIBLE_DEVICES gives each process one GPU of its own (then device 0)."""
     if preference == "auto":
         if torch.cuda.is_available():
             preference = "cuda"
@@ -42,8 +44,15 @@ def select_device(preference: str = "auto", local_rank: int = 0) -> torch.device
     if preference == "cuda":
         if not torch.cuda.is_available():
             raise UserError("DEVICE=cuda but torch sees no CUDA device: install a CUDA build of torch or set DEVICE=cpu")
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+        n = torch.cuda.device_count()
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        bound = n == 1 and visible != "" and "," not in visible  # the launcher gave this process its own GPU
+        if local_rank >= n and not bound:
+            raise UserError(f"LOCAL_RANK={local_rank} but this node has {n} CUDA device(s): two ranks would share a "
+                            f"GPU; start at most {n} processes per node (torchrun --nproc_per_node {n})")
+        index = 0 if bound else local_rank
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     if preference == "mps" and not torch.backends.mps.is_available():
         raise UserError("DEVICE=mps but MPS is not available: set DEVICE=cpu")
     return torch.device(preference)

@@ -113,6 +113,13 @@ def compiled_decode_step():
     return _compiled_step
 
 
+def has_sharded_weights(model: torch.nn.Module) -> bool:
+    """True when a parameter is a DTensor (FSDP2): each rank holds a shard, which the block's forward gathers."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 @torch.inference_mode()
 def generate(
     model: Transformer,
@@ -129,6 +136,8 @@ def generate(
     on_token: Callable[[int, int], None] | None = None,
     int8: bool = False,
     compile: bool = False,
+    fuse_projections: bool = True,
+    all_ranks_done: Callable[[bool], bool] | None = None,
 ) -> list[list[int]] | tuple[list[list[int]], torch.Tensor]:
     """Continue each prompt; returns the new tokens per row, cut before the first stop id (the stop
     token itself is not included). Uses a KV cache sized to the longest prompt + max_new_tokens.
@@ -138,7 +147,12 @@ def generate(
     result is sampled (streaming), so exactly the returned tokens, in order. int8: decode with weight-only
     int8 copies of the linear layers (quantize.int8_weights; half the bytes per token of bf16). compile: run
     the decode step through torch.compile (compiled_decode_step; the first call per model, batch and cache
-    length compiles, and the cache length is rounded up to a power of two; dense models, not with int8)."""
+    length compiles, and the cache length is rounded up to a power of two; dense models, not with int8).
+    fuse_projections: decode with wq|wk|wv and w1|w3 concatenated per block (temporary copies, about two thirds
+    of a block's weights at Llama 3 shapes, dropped on return); never for sharded (FSDP2 DTensor) weights, whose blocks all-gather their own
+    weights in every forward. all_ranks_done(this process's rows are all done) -> whether every process's are:
+    processes that decode together (FSDP2 all-gathers in every step) must stop at the same step.
+    The caller's autocast applies; the KV cache is then kept in the autocast dtype."""
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens={max_new_tokens} must be >= 0")
     if top_k is not None and top_k < 1:
@@ -171,9 +185,11 @@ def generate(
     slot = torch.tensor([L], device=device)  # the cache slot the next token is written to
     was_training = model.training
     model.eval()
+    cache_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
     with int8_weights(model) if int8 else contextlib.nullcontext():
         # frozen weights during generation; int8 keeps the projections apart (each one is an Int8Linear)
-        model.setup_caches(B, cache_len, fuse_projections=not int8)
+        model.setup_caches(B, cache_len, dtype=cache_dtype,
+                           fuse_projections=fuse_projections and not int8 and not has_sharded_weights(model))
         step = compiled_decode_step() if compile else Transformer.decode_step
         guards = contextlib.ExitStack()
         try:
@@ -191,7 +207,10 @@ def generate(
                     for row in (~done & ~torch.isin(nxt, stop)).nonzero().flatten().tolist():
                         on_token(row, int(nxt[row]))
                 done |= torch.isin(nxt, stop)
-                if bool(done.all()) or n == max_new_tokens - 1:
+                finished = bool(done.all())
+                if all_ranks_done is not None:
+                    finished = all_ranks_done(finished)
+                if finished or n == max_new_tokens - 1:
                     n += 1
                     break
                 try:

@@ -427,6 +427,9 @@ class Transformer(nn.Module):
 
     def clear_caches(self) -> None:
         for layer in self.layers:
+            # setup_caches registered the cache as a submodule: removed, the block is again as built (a compiled
+            # block's guards check its attributes, so a leftover `cache` entry would recompile it)
+            del layer.attention.cache
             layer.attention.cache = None
             layer.attention.wqkv = None
             if isinstance(layer.feed_forward, FeedForward):

@@ -20,7 +20,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -360,8 +360,11 @@ def validate(model, objective, val_loader, steps: int, device, autocast,
     return total / max(units, 1)
 
 
-def sample_prompts(model, tok, cfg, log: Logger, stop_check: Callable[[], None] | None = None) -> None:
-    """Continue the stage's test prompts (a str = plain text, a list = chat messages) on every rank."""
+def sample_prompts(model, tok, cfg, log: Logger, stop_check: Callable[[], None] | None = None,
+                   autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
+    """Continue the stage's test prompts (a str = plain text, a list = chat messages) on every rank, under the
+    run's autocast. The ranks decode together (an FSDP2 block gathers its weights in every forward), so they stop
+    at the same step; no fused projection copies are made (they would add about two thirds of the block weights)."""
     path = Path(cfg.eval.test_prompts_file)
     prompts = json.loads(path.read_text()).get(cfg.training.training_stage, []) if path.is_file() else []
     ids = [tk.ChatFormat(tok).encode_dialog(p, add_generation_prompt=True)[0] if isinstance(p, list)
@@ -369,8 +372,10 @@ def sample_prompts(model, tok, cfg, log: Logger, stop_check: Callable[[], None] 
     if not ids:
         return
     stops = [i for i in {tok.eos_id, tok.eot_id} if i is not None]
-    outs = generate.generate(model, ids, cfg.eval.max_test_gen_len, temperature=0.0, stop_ids=stops,
-                             pad_id=tok.pad_id or 0, stop_check=stop_check)
+    with autocast():
+        outs = generate.generate(model, ids, cfg.eval.max_test_gen_len, temperature=0.0, stop_ids=stops,
+                                 pad_id=tok.pad_id or 0, stop_check=stop_check, fuse_projections=False,
+                                 all_ranks_done=lambda done: not D.any_rank(not done))
     for p, o in zip(prompts, outs, strict=True):
         shown = p if isinstance(p, str) else p[-1]["content"]
         log.print(f"  sample | {shown!r} -> {tok.decode(o)!r}")
@@ -442,13 +447,14 @@ def initial_state(cfg: config.Config, args: argparse.Namespace, resume_dir: Path
 
 
 def restore_training(resume_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     scaler: torch.amp.GradScaler | None, train_loader: Any, state: ckpt.TrainerState) -> None:
-    """Optimizer moments, loss scale, data position and RNG streams of a checkpoint."""
+                     scaler: torch.amp.GradScaler | None, train_loader: Any, state: ckpt.TrainerState,
+                     device: torch.device | None = None) -> None:
+    """Optimizer moments, loss scale, data position and this rank's RNG streams of a checkpoint."""
     extra = ckpt.load_optimizer(resume_dir, model, optimizer)
     if scaler is not None and extra.get("grad_scaler"):
         scaler.load_state_dict(extra["grad_scaler"])
     train_loader.load_state_dict(state.dataloader)
-    ckpt.set_rng_state(state.rng)
+    ckpt.set_rng_state(ckpt.own_rng_state(state, D.rank()), device)
 
 
 def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) -> Run:
@@ -487,6 +493,9 @@ def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) ->
     wrapped = D.parallelize(model, cfg, device, compute_dtype=prec.dtype)
     if sharded:
         materialize_model(model, weights, t.seed, device, init_source)
+    # the weights are drawn, the same on every rank; from here each rank draws its own stream (dropout masks
+    # differ across data-parallel ranks)
+    torch.manual_seed(t.seed + info.rank)
     if resume_dir is not None:
         ckpt.load_model_weights(resume_dir, model, base_config_sha=ckpt.config_sha(margs.to_dict()))
     optimizer = optim.build_optimizer(model, cfg, device)
@@ -499,7 +508,7 @@ def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) ->
     G, accum = cfg.batch_geometry(info.world_size)
     train_loader, val_loader = build_loaders(cfg, objective, tok, info, G)
     if resume_dir is not None and not args.reset_optimizer:
-        restore_training(resume_dir, model, optimizer, scaler, train_loader, state)
+        restore_training(resume_dir, model, optimizer, scaler, train_loader, state, device)
     max_steps = planned_steps(cfg, train_loader.samples_per_epoch, G)
     run_dir = Path(cfg.logging.run_dir or f"runs/{t.training_stage}")
     log = Logger(run_dir, D.is_main(), cfg.to_dict(), cfg.logging.wandb_enabled, cfg.logging.wandb_project_name,
@@ -547,8 +556,8 @@ def save_checkpoint(run: Run, best: bool = False) -> None:
     lora_config = lora.lora_config(run.model) if cfg.lora.lora_enabled else None
     conf = ckpt.config_json(run.margs.to_dict(), cfg.to_dict(), lora_config, run.init_source,
                             run.state.parent_fingerprint)
-    state = replace(run.state, dataloader=run.train_loader.state_dict(), rng=ckpt.rng_state(),
-                    world_size=run.info.world_size)
+    state = replace(run.state, dataloader=run.train_loader.state_dict(), rng=None,
+                    rng_ranks=ckpt.rank_rng_states(run.info.device), world_size=run.info.world_size)
     extra = {"schedule": {"kind": t.lr_schedule, "step": state.step, "max_steps": run.max_steps},
              "grad_scaler": run.scaler.state_dict() if run.scaler is not None else None}
     ckpt.save(run.save_root, state.step, run.model, run.optimizer, trainer_state=state.to_dict(), config=conf,
@@ -578,9 +587,31 @@ def wants_checkpoint(c: Any, step: int, improved: bool, last_step: bool) -> bool
     return bool(c.save_checkpoints and (improved or periodic or (last_step and not c.save_best_only)))
 
 
+@contextlib.contextmanager
+def eager_blocks(model: nn.Module) -> Iterator[None]:
+    """Inside, the modules compiled in place (USE_TORCH_COMPILE: nn.Module.compile, which keeps the compiled call
+    in `_compiled_call_impl`) run their plain forward. Their compiled frames are the training step's; evaluation
+    and sampling (no_grad, inference mode, a KV cache, one-token steps) would each add variants of them, compiled
+    on every rank, until torch's recompile limit (8), past which the frame is no longer compiled at all."""
+    compiled = [m for m in D.unwrap(model).modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    calls = [m._compiled_call_impl for m in compiled]
+    for m in compiled:
+        m._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for m, call in zip(compiled, calls, strict=True):
+            m._compiled_call_impl = call
+
+
 def evaluate_and_save(run: Run, last_step: bool) -> bool:
     """The hooks after the update of run.state.step: validation (+ early stopping), HellaSwag, samples,
-    checkpoint. -> True when early stopping ends the run."""
+    checkpoint, with the compiled blocks running eager (eager_blocks). -> True when early stopping ends the run."""
+    with eager_blocks(run.model):
+        return run_hooks(run, last_step)
+
+
+def run_hooks(run: Run, last_step: bool) -> bool:
     cfg, state, log, step = run.cfg, run.state, run.log, run.state.step
     c, e = cfg.checkpoint, cfg.eval
     improved = stop_early = False
@@ -602,7 +633,7 @@ def evaluate_and_save(run: Run, last_step: bool) -> bool:
                                               stop_check=run.stop_check)
         log.log({"step": step, "winogrande_acc": wg["acc"]}, console=True)
     if due(e.generate_every_x_steps, step, last_step):
-        sample_prompts(run.eval_model, run.tok, cfg, log, run.stop_check)
+        sample_prompts(run.eval_model, run.tok, cfg, log, run.stop_check, run.autocast)
     if wants_checkpoint(c, step, improved, last_step):
         save_checkpoint(run, best=improved)
     if stop_early:

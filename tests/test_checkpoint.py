@@ -83,7 +83,7 @@ def test_checkpoint_contents_have_no_pickles_and_load_with_model_utils(straight)
                      "trainer_state.json"]
     state = json.loads((d / "trainer_state.json").read_text())
     assert state["step"] == 20 and state["tokens_seen"] == 20 * 512 and state["stage"] == "pretrain"
-    assert {"torch", "numpy", "python"} <= set(state["rng"]) and "dataloader" in state
+    assert {"torch", "numpy", "python"} <= set(state["rng_ranks"][0]) and "dataloader" in state
     conf = json.loads((d / "config.json").read_text())
     assert conf["settings"]["MAX_STEPS"] == 20 and conf["model_args"]["dim"] == 64
     assert conf["format_version"] == ckpt.FORMAT_VERSION
@@ -147,6 +147,30 @@ def test_rng_state_round_trip():
     ckpt.set_rng_state(st)
     b = (torch.rand(3), np.random.rand(2), random.random())
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+def test_rng_state_holds_the_own_gpu_generator_only(monkeypatch):
+    """A rank saves and restores the generator of its own GPU; a state of the older format (every GPU the
+    writing process saw) gives a device the entry of its own index."""
+    gens = {0: [1, 2], 1: [3, 4]}
+    restored = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: torch.tensor(gens[device.index], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda t, device: restored.append((t.tolist(), device.index)))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("reads every GPU's generator"))
+    st = ckpt.rng_state(torch.device("cuda", 1))
+    assert st["cuda_device"] == [3, 4] and "cuda" not in st
+    ckpt.set_rng_state(st, torch.device("cuda", 1))
+    old = {k: v for k, v in st.items() if k != "cuda_device"} | {"cuda": [[1, 2], [3, 4]]}
+    ckpt.set_rng_state(old, torch.device("cuda", 1))
+    assert restored == [([3, 4], 1), ([3, 4], 1)]
+
+
+def test_each_rank_takes_its_own_rng_entry():
+    a, b = {"torch": "a"}, {"torch": "b"}
+    new = ckpt.TrainerState(rng_ranks=[a, b])
+    assert [ckpt.own_rng_state(new, r) for r in (0, 1, 2)] == [a, b, None]  # rank 2: not saved, keeps its seed
+    old = ckpt.TrainerState.from_dict({"rng": a})  # written by rank 0 alone
+    assert [ckpt.own_rng_state(old, r) for r in (0, 1)] == [a, None]
 
 
 def test_missing_checkpoint_is_a_user_error(tmp_path, data):

@@ -212,6 +212,23 @@ def test_device_selection():
             D.select_device("cuda")
 
 
+def test_more_local_ranks_than_gpus_is_a_user_error(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert [D.select_device("cuda", r) for r in (0, 1)] == [torch.device("cuda", 0), torch.device("cuda", 1)]
+    assert chosen == [0, 1]
+    with pytest.raises(UserError, match=r"LOCAL_RANK=2 but this node has 2 CUDA device\(s\).*--nproc_per_node 2"):
+        D.select_device("auto", 2)  # local_rank % 2 would put it on GPU 0 with rank 0
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match="LOCAL_RANK=1"):
+        D.select_device("cuda", 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")  # a launcher bound this process to one GPU of its own
+    assert D.select_device("cuda", 5) == torch.device("cuda", 0)
+
+
 def test_fsdp_without_process_group_is_a_user_error(tmp_path, data):
     with pytest.raises(UserError, match="USE_FSDP=true needs a process group"):
         run_inprocess(tmp_path, data, USE_FSDP="true", MAX_STEPS=1)
