@@ -193,10 +193,12 @@ def model_state(model: nn.Module, trainable_only: bool = False, full: bool = Fal
     tensors otherwise (the parameters themselves, detached: no copy, no gather). The tied output is left out
     (it is tok_embeddings.weight); trainable_only keeps the trainable ones (a LoRA run's adapters).
     full: unsharded CPU copies instead (a gather under FSDP2, every rank must call it; only for the small PEFT
-    adapter copy of a LoRA run)."""
+    adapter copy of a LoRA run). With trainable_only the frozen parameters are dropped before that gather
+    (ignore_frozen_params), so only the adapters travel, never the frozen base."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    sd = get_model_state_dict(model, options=StateDictOptions(**_DCP_FULL) if full else None)
+    options = StateDictOptions(**_DCP_FULL, ignore_frozen_params=trainable_only) if full else None
+    sd = get_model_state_dict(model, options=options)
     if getattr(getattr(model, "args", None), "tie_embeddings", False):
         sd.pop("output.weight", None)
     if trainable_only:
