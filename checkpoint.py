@@ -8,7 +8,7 @@ Layout (format version 2): `<root>/<stage>/step_NNNNNNN/` holding
                           + the base model's identity in config.json)
   optimizer/              optimizer tensors keyed `state/<param name>/<slot>`, sharded the same way
   optimizer.json          param groups, non-tensor and 0-dim slots, GradScaler, schedule
-  trainer_state.json      step, tokens, dataloader state, RNG states, best val, early stopping, parent
+  trainer_state.json      step, tokens, dataloader state, RNG states, best val, early stopping, parent, precision
   config.json             {"format_version", "model_args", "settings", "lora"?, "base_model"?}
   peft_adapter/           optional, LoRA runs: the adapters in Hugging Face PEFT's format (lora.save_peft_adapter;
                           base_model_name_or_path = the base model's source)
@@ -98,6 +98,7 @@ class TrainerState:
     dataloader: dict | None = None  # the train loader's state_dict()
     rng: dict | None = None  # rng_state()
     world_size: int = 1
+    precision: str | None = None  # what the run computed in (precision.resolve's name); a resume keeps it
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainerState:
