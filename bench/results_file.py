@@ -45,12 +45,21 @@ def cpu_profile() -> str:
             f"{precision.resolve('auto', 'cpu').describe()}")
 
 
-def write(name: str, command: str, figures: dict[str, Any], out_dir: Path = RESULTS) -> Path:
-    """bench/results/<name>.json for a measurement this process just made (machine-written)."""
+def split_host_line(line: str) -> tuple[str, str]:
+    """bench/run_all.py's host line ("<CPU>, N CPUs, ATen capability ..., precision ...") -> (host, profile)."""
+    head, sep, tail = line.partition(", ATen capability")
+    return (head, "ATen capability" + tail) if sep else (line, "unknown")
+
+
+def write(name: str, command: str, figures: dict[str, Any], out_dir: Path = RESULTS,
+          host_and_profile: tuple[str, str] | None = None) -> Path:
+    """bench/results/<name>.json for a measurement this process just made (machine-written). host_and_profile:
+    given by a caller that measured them in another process (one that must not import torch itself)."""
     sys.path.insert(0, str(ROOT))
     from fileio import write_text_atomic
 
-    record = {"host": host(), "cpu_profile": cpu_profile(), "date": time.strftime("%Y-%m-%d %H:%M"),
+    where, profile = host_and_profile or (host(), cpu_profile())
+    record = {"host": where, "cpu_profile": profile, "date": time.strftime("%Y-%m-%d %H:%M"),
               "command": command, "recorded": f"machine-written by {Path(sys.argv[0]).name}", "figures": figures}
     path = out_dir / f"{name}.json"
     write_text_atomic(path, json.dumps(record, indent=1) + "\n")

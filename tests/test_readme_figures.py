@@ -61,3 +61,12 @@ def test_every_table_of_measured_results_is_rendered():
 def test_a_marker_without_a_table_is_refused():
     with pytest.raises(KeyError):
         readme_tables.render(README + "\n<!-- table:nothing -->\n<!-- /table -->\n")
+
+
+def test_a_script_writes_a_result_file_of_the_form(tmp_path):
+    path = results_file.write("probe", "python bench/x.py --flag", {"tok_s": 1.5}, out_dir=tmp_path)
+    record = results_file.load(path.stem, tmp_path)
+    assert record["command"] == "python bench/x.py --flag" and record["figures"] == {"tok_s": 1.5}
+    assert "CPUs" in record["host"] and "ATen capability" in record["cpu_profile"] and "precision" in record["cpu_profile"]
+    assert results_file.split_host_line("Xeon, 2 CPUs, ATen capability AVX512, precision auto -> bf16") == (
+        "Xeon, 2 CPUs", "ATen capability AVX512, precision auto -> bf16")
