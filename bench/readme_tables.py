@@ -206,13 +206,13 @@ def distill(load: Load) -> list[str]:
     rec = load("distill_pays")
     f = rec["figures"]
     st = f["settings"]
-    lines = _head("run", "held-out cross-entropy")
-    lines.append(_row("plain cross-entropy", f"{f['ce']['held_out_ce']:.3f}"))
+    lines = _head("run", "held-out cross-entropy", "time per step")
+    lines.append(_row("plain cross-entropy", f"{f['ce']['held_out_ce']:.3f}", f"{f['ce']['ms_per_step'] / 1e3:.1f} s"))
     lines.append(_row(f"KD from SmolLM2-135M-Instruct, live teacher (α = {st['alpha']:g}, T = {st['temperature']:g})",
-                      f"**{f['kd-live']['held_out_ce']:.3f}**"))
+                      f"**{f['kd-live']['held_out_ce']:.3f}**", f"{f['kd-live']['ms_per_step'] / 1e3:.1f} s"))
     lines.append(_row(f"KD from the precomputed top-{st['top_k']} + tail teacher cache",
                       f"{f['kd-cache']['held_out_ce']:.3f} ({f['kd-cache']['share_of_live_kd_gain']:.0%} of the live "
-                      "gain)"))
+                      "gain)", f"{f['kd-cache']['ms_per_step'] / 1e3:.1f} s"))
     return lines + ["", _sources({"distill_pays": rec})]
 
 
@@ -255,9 +255,33 @@ def export_memory(load: Load) -> list[str]:
     return lines + ["", _sources({"export_memory_125m": rec})]
 
 
+def posttrain_demo(load: Load) -> list[str]:
+    name = "posttrain_demo_2026-11-23_1830"
+    rec = load(name)
+    f = rec["figures"]
+    lines = _head("`make demo-posttrain`", "before → after")
+    lines.append(_row("held-out SFT cross-entropy of the assistant tokens", "{:.3f} → {:.3f}".format(*f["sft_heldout_ce"])))
+    lines.append(_row(f"held-out DPO loss (step 1: {f['dpo_step1_loss']:.4f} = ln 2, policy = reference)",
+                      "{:.3f} → {:.3f}".format(*f["dpo_heldout_loss"])))
+    lines.append(_row("distilled student's held-out cross-entropy", "{:.3f} → {:.3f}".format(*f["distill_heldout_ce"])))
+    lines.append(_row("wall time, 2 cores", _minsec(f["wall_s"])))
+    return lines + ["", _sources({name: rec})]
+
+
+def hellaswag_cli(load: Load) -> list[str]:
+    name = "hellaswag_cli_2026-11-23_1717"
+    rec = load(name)
+    f = rec["figures"]
+    lines = _head("n", "acc", "acc_norm", "acc_token_norm", "seconds")
+    lines.append(_row(f["n"], f"{f['acc']:.3f}", f"{f['acc_norm']:.3f}", f"{f['acc_token_norm']:.3f}",
+                      f"{f['seconds']:.0f}"))
+    return lines + ["", _sources({name: rec})]
+
+
 TABLES: dict[str, Callable[[Load], list[str]]] = {
     "demo": demo, "performance": performance, "jobs": jobs, "distill": distill, "plan_vs_tracker": plan_vs_tracker,
-    "sharded_memory": sharded_memory, "export_memory": export_memory}
+    "sharded_memory": sharded_memory, "export_memory": export_memory, "posttrain_demo": posttrain_demo,
+    "hellaswag_cli": hellaswag_cli}
 
 
 def render(readme: str, results: Path = results_file.RESULTS) -> str:
