@@ -1,5 +1,5 @@
 """The README's measured tables, rendered from the result files under bench/results/ (bench/results_file.py's
-form: host, CPU profile, date, command, figures). Each table sits in README.md between
+form: host, CPU profile, date, command, figures). Each table sits in README.md (or bench/README.md) between
 
     <!-- table:NAME -->
     ...
@@ -8,8 +8,8 @@ form: host, CPU profile, date, command, figures). Each table sits in README.md b
 and ends with a line naming the files it came from, their host, date and command. Ratios are computed from
 the recorded figures unless the measuring script printed its own from unrounded values (then that one).
 
-    python bench/readme_tables.py           # rewrite README.md's tables from the files
-    python bench/readme_tables.py --check   # exit 1 when README.md differs from what the files give
+    python bench/readme_tables.py           # rewrite the documents' tables from the files
+    python bench/readme_tables.py --check   # exit 1 when a document differs from what the files give
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import results_file  # noqa: E402
 
 README = results_file.ROOT / "README.md"
+DOCUMENTS = (README, results_file.ROOT / "bench" / "README.md")
 MARKER = re.compile(r"(<!-- table:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 
 Load = Callable[[str], dict[str, Any]]
@@ -230,6 +231,19 @@ def plan_vs_tracker(load: Load) -> list[str]:
     return lines + ["", f"Largest deviation {worst:.1%}. " + _sources({"memory_plan": rec})]
 
 
+def sharded_memory_full(load: Load) -> list[str]:
+    rec = load("sharded_memory")
+    f = rec["figures"]
+    lines = _head("processes", "parameters", "gradients", "optimizer state", "params + optimizer x N", "tracker peak",
+                  "plan peak", "peak RSS (VmHWM)")
+    for r in f["mib_per_rank"]:
+        n = r["processes"]
+        lines.append(_row(n, f"{r['params']:.1f}", f"{r['grads']:.1f}", f"{r['optimizer']:.1f}",
+                          f"{(r['params'] + r['optimizer']) * n:.1f}", f"{r['tracked_peak']:.1f}",
+                          f"{r['plan_peak']:.1f}", f"{r['vm_hwm']:.0f}"))
+    return lines + ["", _sources({"sharded_memory": rec})]
+
+
 def sharded_memory(load: Load) -> list[str]:
     rec = load("sharded_memory")
     f = rec["figures"]
@@ -281,41 +295,44 @@ def hellaswag_cli(load: Load) -> list[str]:
 TABLES: dict[str, Callable[[Load], list[str]]] = {
     "demo": demo, "performance": performance, "jobs": jobs, "distill": distill, "plan_vs_tracker": plan_vs_tracker,
     "sharded_memory": sharded_memory, "export_memory": export_memory, "posttrain_demo": posttrain_demo,
-    "hellaswag_cli": hellaswag_cli}
+    "hellaswag_cli": hellaswag_cli, "sharded_memory_full": sharded_memory_full}
 
 
-def render(readme: str, results: Path = results_file.RESULTS) -> str:
-    """README text with every marked table replaced by what the result files give. Raises KeyError on a
-    marker without a table, ValueError when a table has no marker or a result file lacks a key of the form."""
-    seen: set[str] = set()
+def render(text: str, results: Path = results_file.RESULTS) -> str:
+    """A document's text with every marked table replaced by what the result files give. Raises KeyError on a
+    marker without a table, ValueError when a result file lacks a key of the form."""
 
     def fill(m: re.Match) -> str:
-        name = m.group("name")
-        seen.add(name)
-        body = "\n".join(TABLES[name](lambda n: results_file.load(n, results)))
+        body = "\n".join(TABLES[m.group("name")](lambda n: results_file.load(n, results)))
         return f"{m.group(1)}{body}\n{m.group(4)}"
 
-    out = MARKER.sub(fill, readme)
-    missing = set(TABLES) - seen
-    if missing:
-        raise ValueError(f"README.md has no <!-- table:NAME --> marker for {', '.join(sorted(missing))}")
-    return out
+    return MARKER.sub(fill, text)
+
+
+def unplaced(texts: list[str]) -> set[str]:
+    """The tables no document has a marker for."""
+    return set(TABLES) - {m.group("name") for text in texts for m in MARKER.finditer(text)}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--check", action="store_true", help="only compare; exit 1 when README.md is out of date")
+    ap.add_argument("--check", action="store_true", help="only compare; exit 1 when a document is out of date")
     a = ap.parse_args()
-    text = README.read_text()
-    new = render(text)
-    if a.check:
+    texts = {doc: doc.read_text() for doc in DOCUMENTS}
+    missing = unplaced(list(texts.values()))
+    if missing:
+        raise SystemExit(f"no document has a <!-- table:NAME --> marker for {', '.join(sorted(missing))}")
+    stale = []
+    for doc, text in texts.items():
+        new = render(text)
         if new != text:
-            print("README.md's measured tables differ from bench/results/: run python bench/readme_tables.py",
-                  file=sys.stderr)
-            return 1
-        return 0
-    if new != text:
-        README.write_text(new)
+            stale.append(doc.name)
+            if not a.check:
+                doc.write_text(new)
+    if a.check and stale:
+        print(f"{', '.join(stale)}: the measured tables differ from bench/results/: run python bench/readme_tables.py",
+              file=sys.stderr)
+        return 1
     return 0
 
 

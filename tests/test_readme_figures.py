@@ -1,5 +1,5 @@
-"""The README's measured tables are what bench/readme_tables.py renders from the result files under
-bench/results/: a number edited by hand in README.md, or a result file that changed without the README being
+"""The README's measured tables (and bench/README.md's memory tables) are what bench/readme_tables.py renders
+from the result files under bench/results/: a number edited by hand in a document, or a result file that changed without the README being
 regenerated, fails here. Every result file has the form's keys (host, CPU profile, date, command, figures)."""
 
 from __future__ import annotations
@@ -21,9 +21,15 @@ import results_file  # noqa: E402
 README = (ROOT / "README.md").read_text()
 
 
-def test_readme_tables_are_the_result_files_rendered():
-    rendered = readme_tables.render(README)
-    assert rendered == README, "README.md's tables differ from bench/results/: run python bench/readme_tables.py"
+@pytest.mark.parametrize("doc", readme_tables.DOCUMENTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_tables_are_the_result_files_rendered(doc):
+    text = doc.read_text()
+    assert readme_tables.render(text) == text, f"{doc.name}'s tables differ from bench/results/: run " \
+                                               "python bench/readme_tables.py"
+
+
+def test_every_table_is_placed_in_a_document():
+    assert readme_tables.unplaced([doc.read_text() for doc in readme_tables.DOCUMENTS]) == set()
 
 
 def test_a_number_edited_by_hand_is_caught():
