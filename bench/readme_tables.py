@@ -180,7 +180,9 @@ def jobs(load: Load) -> list[str]:
     g = gen[1]
     lines.append(_row("greedy generation tokens/s, SmolLM2-135M, batch 1, ours `compile=True` vs transformers' faster "
                       "setting (static cache + torch.compile); in one process after warm-up, compile time left out: "
-                      f"ours {g['compile_s']['ours_compiled']:.0f} s, transformers {g['compile_s']['hf_compiled']:.0f} s",
+                      f"ours {g['compile_s']['ours_compiled']:.0f} s, transformers {g['compile_s']['hf_compiled']:.0f} s; "
+                      f"of the memory-bandwidth bound: ours {g['ours_compiled_fraction_of_bound']:.0%}, transformers "
+                      f"{g['hf_compiled_fraction_of_bound']:.0%}",
                       f"{g['ours_compiled_tokens_per_s']:.1f}", f"{g['hf_compiled_tokens_per_s']:.1f}",
                       _x(g["compiled_ratio"]), _target(g["compiled_ratio"], 1.5)))
     lines.append(_row("the same, eager, vs transformers `generate` default", f"{g['ours_tokens_per_s']:.1f}",
@@ -292,10 +294,52 @@ def hellaswag_cli(load: Load) -> list[str]:
     return lines + ["", _sources({name: rec})]
 
 
+def _recipe(load: Load) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    rec = load("recipe_memory")
+    configs = rec["figures"]["configs"]
+    return rec, configs["llama3.2-1b-sft-lora.env"], configs["llama3.2-1b-dpo-lora.env"]
+
+
+def recipe_memory(load: Load) -> list[str]:
+    rec, sft, dpo = _recipe(load)
+    gb = "{:.2f} GB".format
+    lines = _head("", f"SFT, micro-batch {sft['micro_batch_rows']} x {sft['seq_len']} tokens",
+                  f"DPO, micro-batch {dpo['micro_batch_rows'] // 2} pairs = {dpo['micro_batch_rows']} x "
+                  f"{dpo['seq_len']} tokens")
+    lines.append(_row(f"frozen base weights (fp32, {sft['parameters'] / 1e9:.3f} B parameters)", gb(sft["weights_gb"]),
+                      gb(dpo["weights_gb"])))
+    lines.append(_row(f"LoRA ({sft['lora_parameters'] / 1e6:.2f} M parameters) + gradients + AdamW moments",
+                      gb(sft["adapters_gb"]), gb(dpo["adapters_gb"])))
+    lines.append(_row("activations kept for backward (checkpointed blocks)", gb(sft["activations_gb"]),
+                      gb(dpo["activations_gb"]) + " (mostly the fp32 log-softmax of the policy's logits)"))
+    lines.append(_row("one block recomputed in backward", gb(sft["recomputed_block_gb"]), gb(dpo["recomputed_block_gb"])))
+    lines.append(_row("reference forward's logits (transient)", "–", gb(dpo["reference_logits_gb"])))
+    lines.append(_row("**estimate without the CUDA context**", f"**{sft['estimate_gb']:.1f} GB**",
+                      f"**{dpo['estimate_gb']:.1f} GB**"))
+    lines.append(_row("activations without checkpointing", f"{sft['activations_without_checkpointing_gb']:.1f} GB",
+                      f"{dpo['activations_without_checkpointing_gb']:.1f} GB"))
+    return lines + ["", _sources({"recipe_memory": rec})]
+
+
+def recipe_time(load: Load) -> list[str]:
+    rec, sft, dpo = _recipe(load)
+    tflops = rec["figures"]["gpu_bf16_tflops"]
+    gpus = [g for g in ("H100", "A100", "L4") if g in tflops]
+    names = {"H100": "H100 SXM"}
+    lines = _head("", f"FLOPs for {sft['max_steps']} steps",
+                  *(f"{names.get(g, g)} ({tflops[g]:.0f} TFLOP/s)" for g in gpus))
+    for label, c in (("LoRA-SFT", sft), ("DPO", dpo)):
+        lines.append(_row(label, f"{c['flops'] / 1e18:.2f} EFLOP",
+                          *(f"{c['hours_at_assumed_mfu'][g]:.1f} h" for g in gpus)))
+    return lines + ["", f"At an assumed {rec['figures']['assumed_mfu']:.0%} of each peak. "
+                    + _sources({"recipe_memory": rec})]
+
+
 TABLES: dict[str, Callable[[Load], list[str]]] = {
     "demo": demo, "performance": performance, "jobs": jobs, "distill": distill, "plan_vs_tracker": plan_vs_tracker,
     "sharded_memory": sharded_memory, "export_memory": export_memory, "posttrain_demo": posttrain_demo,
-    "hellaswag_cli": hellaswag_cli, "sharded_memory_full": sharded_memory_full}
+    "hellaswag_cli": hellaswag_cli, "sharded_memory_full": sharded_memory_full, "recipe_memory": recipe_memory,
+    "recipe_time": recipe_time}
 
 
 def render(text: str, results: Path = results_file.RESULTS) -> str:
