@@ -21,7 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if str(Path(__file__).resolve().parent) not in sys.path:  # appended: bench/ must not shadow the project's modules
+    sys.path.append(str(Path(__file__).resolve().parent))
 import results_file  # noqa: E402
 
 README = results_file.ROOT / "README.md"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.append(str(ROOT / "bench"))  # appended: bench/memory_plan.py must not shadow the project's memory_plan
 
 import readme_tables  # noqa: E402
 import results_file  # noqa: E402
