@@ -8,7 +8,7 @@ Layout (format version 2): `<root>/<stage>/step_NNNNNNN/` holding
                           + the base model's identity in config.json)
   optimizer/              optimizer tensors keyed `state/<param name>/<slot>`, sharded the same way
   optimizer.json          param groups, non-tensor and 0-dim slots, GradScaler, schedule
-  trainer_state.json      step, tokens, dataloader state, every rank's RNG states, best val, early stopping, parent
+  trainer_state.json      step, tokens, dataloader state, every rank's RNG states, best val, early stopping, parent, precision
   config.json             {"format_version", "model_args", "settings", "lora"?, "base_model"?}
   peft_adapter/           optional, LoRA runs: the adapters in Hugging Face PEFT's format (lora.save_peft_adapter;
                           base_model_name_or_path = the base model's source)
@@ -100,6 +100,7 @@ class TrainerState:
     rng: dict | None = None  # rank 0's rng_state() in checkpoints written before rng_ranks existed
     world_size: int = 1
     rng_ranks: list[dict] | None = None  # rank_rng_states(): rng_state() of every rank, by rank
+    precision: str | None = None  # what the run computed in (precision.resolve's name); a resume keeps it
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainerState:
@@ -196,10 +197,12 @@ def model_state(model: nn.Module, trainable_only: bool = False, full: bool = Fal
     tensors otherwise (the parameters themselves, detached: no copy, no gather). The tied output is left out
     (it is tok_embeddings.weight); trainable_only keeps the trainable ones (a LoRA run's adapters).
     full: unsharded CPU copies instead (a gather under FSDP2, every rank must call it; only for the small PEFT
-    adapter copy of a LoRA run)."""
+    adapter copy of a LoRA run). With trainable_only the frozen parameters are dropped before that gather
+    (ignore_frozen_params), so only the adapters travel, never the frozen base."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    sd = get_model_state_dict(model, options=StateDictOptions(**_DCP_FULL) if full else None)
+    options = StateDictOptions(**_DCP_FULL, ignore_frozen_params=trainable_only) if full else None
+    sd = get_model_state_dict(model, options=options)
     if getattr(getattr(model, "args", None), "tie_embeddings", False):
         sd.pop("output.weight", None)
     if trainable_only:

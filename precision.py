@@ -12,7 +12,9 @@ turns a requested precision (`auto`, `bf16`, `fp16`, `fp32`) into the one a run 
   bf16 instructions, and flags ignore `ONEDNN_MAX_CPU_ISA`. Measured once per process (~0.1 s).
 - MPS: bf16 on macOS 14 and newer (where torch supports it), fp32 before.
 
-An explicit bf16 on a CPU without native bf16 is honoured with one warning.
+An explicit bf16 on a CPU without native bf16 is honoured with one warning. `auto` with the precision a
+resumed checkpoint `recorded` keeps it (the probe may answer otherwise today) unless the device cannot
+compute in it (`unavailable()`), then decides afresh and prints one line saying so.
 
 `peak_flops()` gives the dense peak FLOP/s of one device in the precision actually used, for MFU: a
 table of vendor dense (no sparsity) tensor-core figures for known GPUs, and on CPU a measured
@@ -128,13 +130,42 @@ def _warn_once(key: str, message: str) -> None:
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def resolve(requested: str, device: torch.device | str, fsdp: bool = False) -> Choice:
+def unavailable(name: str, device: torch.device | str, fsdp: bool = False) -> str:
+    """Why `auto` could never pick precision `name` on `device` ('' when it could): the precisions a device
+    can train in, whatever the CPU probe measures today. fp32 runs everywhere; bf16 needs native bf16 on CUDA
+    and macOS 14 on MPS (CPUs always run it, natively or emulated); fp16 is for CUDA GPUs, and not under FSDP2."""
+    name, device = canonical(name), torch.device(device)
+    if name == "fp32":
+        return ""
+    if name == "fp16":
+        if device.type != "cuda":
+            return f"fp16 with GradScaler is for CUDA GPUs, not {device.type}"
+        return "fp16's GradScaler would check overflow per FSDP2 shard" if fsdp else ""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return f"{torch.cuda.get_device_name(device)} has no native bf16"
+    if device.type == "mps" and not torch.backends.mps.is_macos_or_newer(14, 0):
+        return "MPS before macOS 14 has no bf16"
+    return ""
+
+
+def resolve(requested: str, device: torch.device | str, fsdp: bool = False, recorded: str | None = None) -> Choice:
     """The precision to compute in on `device` for a requested one ('auto' or a concrete name).
 
     fsdp: the model is sharded with FSDP2 (auto then never picks fp16: GradScaler's overflow check is
-    per rank). Explicit choices are kept; an explicit bf16 on a CPU without native bf16 warns once."""
+    per rank). Explicit choices are kept; an explicit bf16 on a CPU without native bf16 warns once.
+    recorded: the precision a resumed checkpoint computed in. `auto` keeps it, so a run and its resume compute
+    alike even where the CPU probe would now answer otherwise; when this device cannot compute in it, auto
+    decides afresh and one line says what changed and why."""
     requested = canonical(requested)
     device = torch.device(device)
+    if requested == "auto" and recorded:
+        why_not = unavailable(recorded, device, fsdp)
+        if not why_not:
+            return Choice(canonical(recorded), "auto", "kept from the checkpoint being resumed")
+        fresh = resolve("auto", device, fsdp)
+        print(f"warning: precision changes from the checkpoint's {recorded} to {fresh.name}: {why_not} "
+              f"({fresh.reason})", file=sys.stderr, flush=True)
+        return Choice(fresh.name, "auto", f"{fresh.reason}; the checkpoint's {recorded} is unavailable: {why_not}")
     if requested != "auto":
         if requested == "bf16" and device.type == "cpu":
             slowdown = cpu_bf16_slowdown()

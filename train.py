@@ -247,12 +247,25 @@ def check_vocab(margs: ModelArgs, tok, init_source: str) -> None:
                         f"{tok.vocab_size}: use the tokenizer that model was trained with")
 
 
-def training_precision(cfg: config.Config, device: torch.device) -> precision.Choice:
-    """TRAINING_PRECISION resolved for this device (auto -> bf16 / fp16 / fp32, see precision.resolve).
+def training_precision(cfg: config.Config, device: torch.device,
+                       resume_dir: Path | None = None) -> precision.Choice:
+    """TRAINING_PRECISION resolved for this device (auto -> bf16 / fp16 / fp32, see precision.resolve), one
+    decision per job: rank 0 resolves `auto` (its CPU probe is a timing, which may answer differently on a
+    loaded rank) and every rank takes its answer; a resumed run keeps the precision its checkpoint recorded.
     fp16 under FSDP2 is refused: GradScaler would find overflow on one rank's shard and skip the step there
-    only, so the ranks' weights would drift apart."""
-    fsdp = cfg.system.use_fsdp
-    choice = precision.resolve(cfg.training.training_precision, device, fsdp=fsdp)
+    only, so the ranks' weights would drift apart. Collective."""
+    fsdp, requested = cfg.system.use_fsdp, cfg.training.training_precision
+    if precision.canonical(requested) == "auto":
+        recorded = ckpt.read_trainer_state(resume_dir).precision if resume_dir is not None else None
+
+        def decide() -> str:
+            c = precision.resolve("auto", device, fsdp=fsdp, recorded=recorded)
+            return f"{c.name}\t{c.reason}"
+
+        name, reason = D.on_rank0(decide).split("\t", 1)
+        choice = precision.Choice(name, "auto", reason)
+    else:
+        choice = precision.resolve(requested, device, fsdp=fsdp)
     if choice.name == "fp16" and fsdp:
         raise UserError("TRAINING_PRECISION=fp16 with USE_FSDP=true: GradScaler checks overflow per shard, so "
                         "ranks would skip different steps; use TRAINING_PRECISION=auto, bf16 or fp32")
@@ -463,8 +476,8 @@ def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) ->
     t, device = cfg.training, info.device
     random.seed(t.seed)
     np.random.seed(t.seed)
-    prec = training_precision(cfg, device)
     resume_dir, requested = starting_point(cfg, args)
+    prec = training_precision(cfg, device, resume_dir)
     # the parent recorded by a resumed run must still hold the same weights; weights INIT_FROM names under
     # another name than the recorded one are the user's explicit choice
     verify_parent = resume_dir is not None and bool(requested) and cfg.model.init_from in (
@@ -490,6 +503,7 @@ def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) ->
         lora.apply_lora(model, cfg.lora.lora_target_modules, cfg.lora.lora_rank, cfg.lora.lora_alpha,
                         cfg.lora.lora_dropout)
     state = initial_state(cfg, args, resume_dir, init_source, model, margs, init_fingerprint, requested)
+    state.precision = prec.name  # recorded in every checkpoint: a resume computes in it
     wrapped = D.parallelize(model, cfg, device, compute_dtype=prec.dtype)
     if sharded:
         materialize_model(model, weights, t.seed, device, init_source)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import math
 import os
 import subprocess
@@ -219,7 +218,11 @@ def main() -> int:
         for r in cached:
             results[r]["share_of_live_kd_gain"] = (results["ce"]["held_out_ce"] - results[r]["held_out_ce"]) / gain
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import results_file
+
+    results_file.write(Path(args.out).stem, "python bench/distill_pays.py " + " ".join(sys.argv[1:]), results,
+                       out_dir=Path(args.out).parent)
     line = ", ".join(f"{r} {results[r]['held_out_ce']:.4f} ({results[r]['ms_per_step']:.0f} ms/step)"
                      for r in runs if r in results)
     print(f"held-out CE after {args.steps} steps: {line}; results in {args.out}")

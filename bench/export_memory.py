@@ -4,6 +4,8 @@ the peak anonymous resident memory (RssAnon, sampled every 5 ms) above the level
 checkpoint's memory-mapped file pages do not count. Linux only.
 
     python bench/export_memory.py [--preset 125m]
+
+Writes bench/results/export_memory_<preset>.json (bench/results_file.py's form) too.
 """
 
 from __future__ import annotations
@@ -77,6 +79,13 @@ def main() -> int:
     print(f"preset {a.preset}: {sum(sizes) / 2**20:.0f} MiB of fp32 weights, largest tensor {max(sizes) / 2**20:.0f} MiB")
     for how, mib in rows.items():
         print(f"  {how:<24} peak memory above the imports: {mib:.0f} MiB")
+    sys.path.insert(0, str(ROOT / "bench"))
+    import results_file
+
+    print(results_file.write(f"export_memory_{a.preset}", f"python bench/export_memory.py --preset {a.preset}",
+                             {"preset": a.preset, "weights_mib": sum(sizes) / 2**20,
+                              "largest_tensor_mib": max(sizes) / 2**20, "peak_mib_streamed": rows["streamed"],
+                              "peak_mib_load_model": rows["load_model + export_hf"]}))
     return 0
 
 

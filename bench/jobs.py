@@ -2,7 +2,7 @@
 effective batch and step count, run A/B in one invocation.
 
     python bench/jobs.py [--jobs sft dpo pretrain generate hellaswag] [--quick] [--rounds 1] [--work DIR]
-                         [--peer-venv DIR] [--json]
+                         [--peer-venv DIR] [--json] [--save NAME]
 
 | job | ours | peer |
 |---|---|---|
@@ -500,6 +500,8 @@ def main() -> int:
     p.add_argument("--peer-venv", default=str(Path.home() / ".cache" / "llama3-train" / f"jobs-trl-{TRL_VERSION}"))
     p.add_argument("--out", default=None, help="also write the table to this markdown file")
     p.add_argument("--json", action="store_true", help="print every measured figure as one JSON line too")
+    p.add_argument("--save", default=None, metavar="NAME",
+                   help="also write every figure to bench/results/NAME.json (read by bench/readme_tables.py)")
     p.add_argument("--prepare", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.prepare:  # child mode: build model + data, print facts
@@ -543,6 +545,11 @@ def main() -> int:
         print(json.dumps(record, default=str))
     if a.out:
         write_text_atomic(a.out, text)
+    if a.save:
+        import results_file
+
+        results_file.write(a.save, "python bench/jobs.py " + " ".join(sys.argv[1:]), record,
+                           host_and_profile=results_file.split_host_line(host_line()))
     return 0
 
 

@@ -94,10 +94,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=None, help="blocks per model (default: the preset's full depth)")
     ap.add_argument("--quick", action="store_true", help="the first three cases only")
+    ap.add_argument("--save", default=None, metavar="NAME",
+                    help="also write the cases to bench/results/NAME.json (read by bench/readme_tables.py)")
     a = ap.parse_args()
     print("| model | GPUs | precision | act. ckpt | B x T | FSDPMemTracker peak | plan peak (at) | plan / tracker |")
     print("|---|---|---|---|---|---|---|---|")
-    worst, t0 = 0.0, time.time()
+    worst, t0, cases = 0.0, time.time(), []
     for preset, gpus, prec, ac, b, t in CASES[:3] if a.quick else CASES:
         args = preset_args(preset, a.layers)
         got = tracked_peak(args, gpus, prec, "adamw", ac, b, t)
@@ -107,7 +109,14 @@ def main() -> int:
         name = preset + (f" ({args.n_layers} layers)" if a.layers else "")
         print(f"| {name} | {gpus} | {prec} | {'yes' if ac else 'no'} | {b} x {t} | {got / GIB:.2f} GiB | "
               f"{p.peak / GIB:.2f} GiB ({p.peak_at}) | {ratio:.3f} |", flush=True)
+        cases.append({"model": name, "gpus": gpus, "precision": prec, "activation_checkpointing": ac,
+                      "micro_batch": f"{b} x {t}", "tracker_peak_gib": got / GIB, "plan_peak_gib": p.peak / GIB,
+                      "plan_peak_at": p.peak_at})
     print(f"largest deviation {worst:.1%} over {len(CASES[:3] if a.quick else CASES)} cases in {time.time() - t0:.0f} s")
+    if a.save:
+        import results_file
+
+        results_file.write(a.save, "python bench/memory_plan.py " + " ".join(sys.argv[1:]), {"cases": cases})
     return 0
 
 

@@ -16,7 +16,7 @@ the reference forward). Counted exactly:
 - FLOPs an optimizer step executes (step_flops), and the hours they take at an ASSUMED fraction (--mfu) of
   the GPUs' dense bf16 datasheet peaks: a planning figure, not a measurement.
 Not counted: the CUDA context, the caching allocator's slack and a backward kernel's transient buffers.
-Hence "estimate" in the output: leave a few GB of headroom.
+Hence "estimate" in the output: leave a few GB of headroom. The figures also go to bench/results/recipe_memory.json.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def step_flops(args, seq_len: int, stage: str, recompute: bool, total_batch_toke
     return total_batch_tokens * per_token
 
 
-def report(env_file: str, peak_tflops: dict[str, float], mfu: float) -> None:
+def report(env_file: str, peak_tflops: dict[str, float], mfu: float) -> dict:
     cfg = config.load_config(env_file, {"MODEL_PRESET": "llama3.2-1b", "DEVICE": "cpu"})
     args = cfg.model_args()
     stage, t, lo = cfg.training.training_stage, cfg.training, cfg.lora
@@ -152,6 +152,12 @@ def report(env_file: str, peak_tflops: dict[str, float], mfu: float) -> None:
     for gpu, peak in peak_tflops.items():
         hours = flops / (peak * 1e12 * mfu) / 3600
         print(f"  {gpu} (bf16 dense {peak:.0f} TFLOP/s) at an assumed {mfu:.0%} of it: {hours:.1f} h")
+    return {"stage": stage, "micro_batch_rows": rows, "seq_len": T, "parameters": n_params, "lora_parameters": n_lora,
+            "weights_gb": weights / GB, "adapters_gb": adapters / GB, "activations_gb": acts / GB,
+            "recomputed_block_gb": extra / GB, "activations_without_checkpointing_gb": no_ac / GB if extra else None,
+            "reference_logits_gb": reference / GB, "estimate_gb": total / GB, "max_steps": t.max_steps,
+            "flops": flops, "hours_at_assumed_mfu": {gpu: flops / (peak * 1e12 * mfu) / 3600
+                                                     for gpu, peak in peak_tflops.items()}}
 
 
 def main() -> int:
@@ -163,8 +169,12 @@ def main() -> int:
 
     peaks = {name: p["bf16"] / 1e12 for name, p in precision.GPU_PEAKS if name in ("A100", "L4", "H100")}
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    for f in a.env_files:
-        report(f, peaks, a.mfu)
+    results = {Path(f).name: report(f, peaks, a.mfu) for f in a.env_files}
+    sys.path.insert(0, str(ROOT / "bench"))
+    import results_file
+
+    print(results_file.write("recipe_memory", "python bench/recipe_memory.py " + " ".join(sys.argv[1:]),
+                             {"assumed_mfu": a.mfu, "gpu_bf16_tflops": peaks, "configs": results}))
     return 0
 
 

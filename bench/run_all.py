@@ -1,6 +1,6 @@
 """Run every benchmark and print ONE markdown table (also written to bench/results.md).
 
-    python bench/run_all.py [--quick] [--timeout 300] [--out bench/results.md]
+    python bench/run_all.py [--quick] [--timeout 300] [--out bench/results.md] [--save run_all]
 
 Jobs (each in its own subprocess, each with a timeout so one slow job cannot eat the budget):
 training step vs transformers (bench/train_throughput.py) on `small` and `smollm2-135m`: in bf16 eager and
@@ -9,6 +9,8 @@ and `tiny`; data preparation vs raw tiktoken (bench/data_prep.py); HellaSwag eva
 loop (bench/hellaswag_throughput.py, lm-eval skipped: it needs its own venv); whole jobs against TRL,
 transformers Trainer / generate and lm-eval (bench/jobs.py, peers in bench-only venvs). --quick shrinks every job
 (shorter sequences, fewer rounds) for a smoke run; the targets are only judged on the full settings.
+--save NAME also writes the rows to bench/results/NAME.json and, on a full run, the whole-job figures to
+bench/results/jobs.json: the files bench/readme_tables.py renders the README's tables from.
 Figures are ratios measured side by side inside one process; absolute numbers drift with machine load.
 The header names the CPU, PyTorch's kernel capability and the precision rule's measurement, so every
 figure can be read against the host it was measured on.
@@ -160,7 +162,8 @@ def hellaswag_rows(a: argparse.Namespace, table: list[tuple]) -> None:
 
 def jobs_rows(a: argparse.Namespace, table: list[tuple]) -> None:
     """bench/jobs.py: whole jobs against TRL / transformers Trainer / generate / lm-eval; its table's rows."""
-    out, status = run([PY, "bench/jobs.py", *(["--quick"] if a.quick else [])], a.timeout * 12)
+    save = ["--save", "jobs"] if a.save and not a.quick else []  # the README's whole-job table reads jobs.json
+    out, status = run([PY, "bench/jobs.py", *(["--quick"] if a.quick else []), *save], a.timeout * 12)
     rows = [r for r in md_rows(out) if len(r) == 7 and r[0] != "job"]
     if not rows:
         table.append(("whole jobs (bench/jobs.py)", "", status, "", "", "", verdict(None)))
@@ -174,6 +177,8 @@ def main() -> int:
     p.add_argument("--only", nargs="+", default=["train", "generate", "data_prep", "hellaswag", "jobs"],
                    choices=["train", "generate", "data_prep", "hellaswag", "jobs"])
     p.add_argument("--out", default=str(ROOT / "bench" / "results.md"))
+    p.add_argument("--save", default=None, metavar="NAME",
+                   help="also write the table's rows to bench/results/NAME.json (read by bench/readme_tables.py)")
     a = p.parse_args()
     t0 = time.perf_counter()
     table: list[tuple] = []
@@ -193,6 +198,13 @@ def main() -> int:
     text = header + "\n\n" + "\n".join(lines) + "\n"
     print(text)
     write_text_atomic(a.out, text)
+    if a.save:
+        import results_file
+
+        keys = ("benchmark", "setting", "ours", "reference", "ratio", "target", "met")
+        results_file.write(a.save, "python bench/run_all.py " + " ".join(sys.argv[1:]),
+                           {"rows": [dict(zip(keys, (str(c) for c in row), strict=True)) for row in table]},
+                           host_and_profile=results_file.split_host_line(host_line()))
     return 0
 
 

@@ -7,7 +7,8 @@ Each launch (torchrun --standalone) builds the model as train.py does under FSDP
 step, zero_grad) under torch's FSDPMemTracker on real tensors. Per rank it reports the bytes of the local
 parameter, gradient and optimizer-state shards (summed over the rank's tensors after the second step's
 backward), the tracker's peak and the process's peak RSS (VmHWM, which includes the Python / torch runtime
-every process carries). The table sets them beside memory_plan.plan for the same shapes.
+every process carries). The table sets them beside memory_plan.plan for the same shapes; the figures also go
+to bench/results/sharded_memory.json (bench/results_file.py's form).
 """
 
 from __future__ import annotations
@@ -116,13 +117,23 @@ def main() -> int:
     print("| processes | parameters | gradients | optimizer state | params + optimizer x N | tracker peak | "
           "plan peak | peak RSS (VmHWM) |")
     print("|---|---|---|---|---|---|---|---|")
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in (int(v) for v in a.procs.split(",")):
             r = launch(n, a, Path(tmp))[0]
             plan = memory_plan.plan(args, n, a.precision, "adamw", False, a.batch, a.seq)
+            rows.append({"processes": n, **{k: r[k] / MIB for k in ("params", "grads", "optimizer", "tracked_peak",
+                                                                       "vm_hwm")}, "plan_peak": plan.peak / MIB})
             print(f"| {n} | {r['params'] / MIB:.1f} | {r['grads'] / MIB:.1f} | {r['optimizer'] / MIB:.1f} | "
                   f"{(r['params'] + r['optimizer']) * n / MIB:.1f} | {r['tracked_peak'] / MIB:.1f} | "
                   f"{plan.peak / MIB:.1f} | {r['vm_hwm'] / MIB:.0f} |", flush=True)
+    sys.path.insert(0, str(ROOT / "bench"))
+    import results_file
+
+    command = (f"python bench/sharded_memory.py --preset {a.preset} --procs {a.procs} --batch {a.batch} "
+               f"--seq {a.seq} --precision {a.precision}")
+    print(results_file.write("sharded_memory", command, {"preset": a.preset, "batch": a.batch, "seq": a.seq,
+                                                         "precision": a.precision, "mib_per_rank": rows}))
     return 0
 
 

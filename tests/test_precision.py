@@ -2,7 +2,8 @@
 
 Device capabilities are monkeypatched so each branch runs on any host; the probe itself is also run for
 real, and once more in a subprocess with PyTorch and oneDNN limited to AVX2 (bf16 emulated), where auto
-must pick fp32 whatever CPU the test runs on."""
+must pick fp32 whatever CPU the test runs on. One precision per job: two ranks whose probes disagree take
+rank 0's; a resume keeps the recorded precision unless the host cannot compute in it."""
 
 import json
 import os
@@ -12,7 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_inprocess, subprocess_env
 
+import checkpoint as ckpt
 import precision
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -212,3 +215,82 @@ def test_teacher_precision_auto_follows_the_rule(monkeypatch, fresh_probe, slowd
     assert next(o.teacher.parameters()).dtype == want and info["teacher_precision"] == precision.name_of(want)
     loss, _ = o.loss(tiny_model(0), lm_batch())
     assert torch.isfinite(loss)
+
+
+# ---- one precision per job: rank 0 decides, the checkpoint records it, a resume keeps it ---------------------
+
+
+def probe_says(monkeypatch, slowdown: float) -> None:
+    """The CPU probe measures bf16 `slowdown` times the fp32 time (cache forgotten, so the next resolve asks)."""
+    precision.cpu_bf16_slowdown.cache_clear()
+    monkeypatch.setattr(precision, "_matmul_time", lambda dtype, *a, **k: slowdown if dtype == torch.bfloat16 else 1.0)
+
+
+def test_what_a_device_can_never_compute_in(monkeypatch):
+    assert precision.unavailable("fp32", "cpu") == precision.unavailable("bf16", "cpu") == ""
+    assert "CUDA" in precision.unavailable("fp16", "cpu")
+    fake_cuda(monkeypatch, "Tesla V100-SXM2-16GB", bf16=False)
+    assert "V100" in precision.unavailable("bf16", "cuda")
+    assert precision.unavailable("fp16", "cuda") == "" and "FSDP2" in precision.unavailable("fp16", "cuda", fsdp=True)
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: False)
+    assert "macOS 14" in precision.unavailable("bf16", "mps")
+
+
+def test_auto_keeps_the_recorded_precision_whatever_the_probe_says_now(monkeypatch, fresh_probe, capsys):
+    probe_says(monkeypatch, 9.0)
+    assert precision.resolve("auto", "cpu").name == "fp32"
+    c = precision.resolve("auto", "cpu", recorded="bf16")
+    assert (c.name, c.requested) == ("bf16", "auto") and "checkpoint" in c.reason
+    probe_says(monkeypatch, 0.3)
+    assert precision.resolve("auto", "cpu", recorded="fp32").name == "fp32"
+    assert precision.resolve("fp32", "cpu", recorded="bf16").name == "fp32"  # an explicit request wins
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("device,recorded,fsdp,want", [("cpu", "fp16", False, "bf16"), ("cuda", "bf16", False, "fp16"),
+                                                       ("cuda", "fp16", True, "fp32")])
+def test_auto_changes_a_recorded_precision_the_device_cannot_do_in_one_line(monkeypatch, fresh_probe, capsys,
+                                                                             device, recorded, fsdp, want):
+    probe_says(monkeypatch, 0.3)
+    fake_cuda(monkeypatch, "Tesla V100-SXM2-16GB", bf16=False)
+    c = precision.resolve("auto", device, fsdp=fsdp, recorded=recorded)
+    assert c.name == want and "unavailable" in c.reason
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and f"from the checkpoint's {recorded} to {want}" in lines[0], lines
+
+
+@pytest.mark.slow
+def test_two_ranks_compute_in_rank_0s_precision(tmp_path):
+    """Rank 1's probe answers the opposite of rank 0's: both ranks still compute in rank 0's answer."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "precision_worker.py"), str(tmp_path)]
+    p = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["own_probe"] for r in ranks] == ["bf16", "fp32"]  # the probes disagree ...
+    assert [r["name"] for r in ranks] == ["bf16", "bf16"] and ranks[0]["reason"] == ranks[1]["reason"]  # ... not the job
+
+
+def _recorded(step_dir: Path) -> str:
+    return json.loads((step_dir / "trainer_state.json").read_text())["precision"]
+
+
+def test_a_resume_keeps_the_recorded_precision_unless_the_host_cannot(tmp_path, pretrain_data, monkeypatch,
+                                                                       fresh_probe, capsys):
+    kw = dict(TRAINING_PRECISION="auto", SAVE_EVERY_X_STEPS=1, VALIDATE_EVERY_X_STEPS=0, MAX_NUMBER_CHECKPOINTS=3)
+    root = tmp_path / "ck" / "pretrain"
+    probe_says(monkeypatch, 0.5)
+    run_inprocess(tmp_path, pretrain_data, MAX_STEPS=1, **kw)
+    assert _recorded(root / ckpt.step_name(1)) == "bf16"
+    capsys.readouterr()
+    probe_says(monkeypatch, 9.0)  # the probe now says fp32: the resume keeps bf16, silently
+    run_inprocess(tmp_path, pretrain_data, MAX_STEPS=2, **kw)
+    assert _recorded(root / ckpt.step_name(2)) == "bf16"
+    assert "precision changes" not in capsys.readouterr().err
+    # the checkpoint says fp16 (a GPU run's): this CPU cannot, so auto decides afresh and says so once
+    state_file = root / ckpt.step_name(2) / "trainer_state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "precision": "fp16"}))
+    run_inprocess(tmp_path, pretrain_data, MAX_STEPS=3, **kw)
+    assert _recorded(root / ckpt.step_name(3)) == "fp32"
+    err = capsys.readouterr().err
+    assert err.count("precision changes") == 1 and "from the checkpoint's fp16 to fp32" in err, err

@@ -45,7 +45,7 @@ def test_trainer_state_reads_the_fixture_checkpoint_and_writes_it_back_identical
     # every key of the file, same order and values; fields added since (with defaults) are the only extras
     assert json.dumps({k: v for k, v in written.items() if k in raw}) == json.dumps(raw)
     assert {k: v for k, v in written.items() if k not in raw} == {"loss_tokens_seen": 0, "parent_fingerprint": None,
-                                                                  "parent_requested": None}
+                                                                  "parent_requested": None, "precision": None}
 
 
 def test_trainer_state_defaults_fill_keys_an_older_file_lacks():

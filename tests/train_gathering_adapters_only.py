@@ -1,0 +1,48 @@
+"""train.py under torchrun (LoRA, FSDP2) with DTensor.redistribute and DTensor.full_tensor (the gathers of a
+full state dict) raising while a checkpoint is saved, unless the DTensor is a shard of a LoRA adapter weight:
+a save that gathers any frozen base weight fails the run. Every rank prints how many adapter tensors it gathered.
+Launched by tests/test_peft_export.py."""
+
+from __future__ import annotations
+
+import sys
+
+from torch.distributed.tensor import DTensor
+
+import checkpoint
+import train
+from errors import run_cli
+
+_save = checkpoint.save
+
+
+def save_gathering_adapters_only(*args, **kw):
+    model = args[2]
+    # a state dict's DTensors are detached views of the parameters: their local shards share the storage
+    adapters = {p.to_local().data_ptr(): name for name, p in model.named_parameters()
+                if name.endswith((".lora_a", ".lora_b"))}
+    gathered: list[str] = []
+    real = DTensor.full_tensor, DTensor.redistribute
+
+    def guard(fn):
+        def checked(self, *a, **k):
+            ptr = self._local_tensor.data_ptr()
+            if ptr not in adapters:
+                raise AssertionError(f"a DTensor that is not an adapter weight was gathered: shape {tuple(self.shape)}")
+            gathered.append(adapters[ptr])
+            return fn(self, *a, **k)
+        return checked
+
+    DTensor.full_tensor, DTensor.redistribute = guard(real[0]), guard(real[1])
+    try:
+        out = _save(*args, **kw)
+    finally:
+        DTensor.full_tensor, DTensor.redistribute = real
+    print(f"saved step {args[1]} gathering {len(set(gathered))} of {len(adapters)} adapter weights and nothing "
+          "else", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    checkpoint.save = save_gathering_adapters_only
+    run_cli(lambda: train.main(sys.argv[1:]))
