@@ -29,7 +29,6 @@ import argparse
 import json
 import math
 import os
-import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -42,7 +41,7 @@ import lora
 import memory_plan
 import precision
 from errors import UserError, run_cli
-from fileio import atomic_dir, check_new_dir, read_json
+from fileio import HUB_ID, atomic_dir, check_hub_id, check_new_dir, read_json
 from model import ModelArgs, Transformer
 from model_formats import (
     LazyStateDict,
@@ -147,6 +146,7 @@ def tokenizer_source(source: str | os.PathLike) -> str:
     sources carry their own."""
     path = Path(source).expanduser()
     if not path.exists():
+        check_hub_id(str(source), "model source")
         return str(source)
     kind, resolved = resolve_source(path)
     if kind != "ours":
@@ -172,13 +172,8 @@ def _pointer_target(path: Path) -> Path | None:
     return target if name and "\n" not in name and target.is_dir() else None
 
 
-HUB_ID = re.compile(r"[\w.\-]+/[\w.\-]+")  # a Hugging Face hub repo id: org/name
-
-
 def _download_hub(repo_id: str) -> Path:
-    if not HUB_ID.fullmatch(repo_id):
-        raise UserError(f"model source {repo_id!r} does not exist; pass an existing path or a hub id "
-                        "like org/name")
+    check_hub_id(repo_id, "model source")
     try:
         from huggingface_hub import snapshot_download
 
