@@ -9,7 +9,7 @@ Layout (format version 2): `<root>/<stage>/step_NNNNNNN/` holding
   optimizer/              optimizer tensors keyed `state/<param name>/<slot>`, sharded the same way
   optimizer.json          param groups, non-tensor and 0-dim slots, GradScaler, schedule
   trainer_state.json      step, tokens, dataloader state, RNG states, best val, early stopping, parent
-  config.json             {"format_version", "model_args", "settings", "lora"?, "base_model"?}
+  config.json             {"format_version", "model_args", "settings", "cwd", "lora"?, "base_model"?}
   peft_adapter/           optional, LoRA runs: the adapters in Hugging Face PEFT's format (lora.save_peft_adapter;
                           base_model_name_or_path = the base model's source)
 and `<root>/<stage>/latest` (and `best`) — one-line text files naming a step dir, replaced atomically
@@ -110,10 +110,16 @@ class TrainerState:
 
 def config_json(model_args: dict, settings: dict, lora_config: dict | None = None, base_source: str = "",
                 base_fingerprint: str | None = None) -> dict:
-    """config.json: the model args and resolved settings; a LoRA run adds its adapter settings and the
+    """config.json: the model args and resolved settings (a local tokenizer path made absolute), the directory
+    the run ran in (`cwd`); a LoRA run adds its adapter settings and the
     identity of the base model its adapters belong to (source, sha of the base's model args, fingerprint of
     the base's weights)."""
-    conf: dict[str, Any] = {"model_args": model_args, "settings": settings}
+    settings = dict(settings)
+    tok = settings.get("TOKENIZER_CHECKPOINT_PATH")
+    if tok and tok != "model" and Path(tok).expanduser().exists():  # readable from any directory once absolute
+        settings["TOKENIZER_CHECKPOINT_PATH"] = os.path.abspath(Path(tok).expanduser())
+    # the directory the run's other relative paths (e.g. INIT_FROM) are relative to
+    conf: dict[str, Any] = {"model_args": model_args, "settings": settings, "cwd": os.getcwd()}
     if lora_config is not None:
         conf["lora"] = lora_config
         conf["base_model"] = {"source": base_source, "config_sha": config_sha(model_args),
