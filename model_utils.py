@@ -267,7 +267,7 @@ def _load_lora_base(path: Path, cfg: dict, lora_base: str | None = None) -> Tran
     except UserError as e:
         raise UserError(f"LoRA checkpoint {path}: its base model {base_src!r} did not load ({e})") from e
     if lora_base is None:
-        ckpt.check_parent(path, base_src, ckpt.weights_fingerprint(base.state_dict()))
+        ckpt.check_parent(path, base_src, ckpt.source_fingerprint(base_src, base.state_dict), weights=base.state_dict)
     return base
 
 
