@@ -127,9 +127,13 @@ def _train_error(tmp: Path, data: Path, *flags: str, **kw) -> str:
 def test_train_bad_data_and_checkpoints_are_user_errors(tmp_path, data, broken_data):
     import data_preparation_utils as dpu
 
-    # an empty dataset (prepared from no documents)
+    # an empty dataset (preparation refuses to write one: a manifest listing no shard, as a hand-edited one)
     empty = tmp_path / "empty"
-    _prepare(empty, [])
+    _prepare(empty, ["one short document"])
+    m = json.loads((empty / dpu.MANIFEST).read_text())
+    for split in m["splits"].values():
+        split.update(shards=[], documents=0, tokens=0)
+    (empty / dpu.MANIFEST).write_text(json.dumps(m))
     msg = _train_error(tmp_path / "e", empty)
     assert str(empty) in msg
     # a manifest written with another tokenizer
