@@ -350,3 +350,13 @@ def test_preparation_that_yields_no_record_exits_2_naming_the_counts_and_writes_
         assert "0 records" in lines[-1] and str(src) in lines[-1], lines[-1]
     assert not (tmp_path / "new").exists()
     assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
+
+
+def test_a_missing_local_dataset_path_is_refused_before_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for spec in ("data/train.jsonl", "data/nothing", "./x", "a/b/c"):
+        with pytest.raises(UserError, match=rf"--dataset '{spec}' not found"):
+            data_sources.open_dataset(spec)
+    records, desc = data_sources.open_dataset("someorg/someset")  # a hub id: streamed lazily, not opened here
+    assert desc.startswith("hf someorg/someset")
