@@ -48,7 +48,7 @@ import shutil
 import signal
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -171,16 +171,32 @@ def weights_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
 
 def _row_digest_sum(t: torch.Tensor, first_row: int) -> np.ndarray:
     """Sum over the rows of t (a 0-dim tensor is one row) of sha256(global row index, fp32 bytes of the row),
-    read as eight little-endian 32-bit words; exact in int64 for up to 2**31 rows."""
-    acc = np.zeros(8, dtype=np.int64)
+    read as eight little-endian 32-bit words, mod 2**32. Blocks of rows are hashed in threads (hashlib releases
+    the GIL on large buffers); the sum does not depend on the order."""
     n_rows = t.shape[0] if t.ndim else 1
     if n_rows == 0:  # a rank whose shard of a short tensor is empty
-        return acc
-    rows = t.to(device="cpu", dtype=torch.float32).reshape(n_rows, math.prod(t.shape[1:])).contiguous()
-    for i, row in enumerate(rows.numpy()):
-        digest = hashlib.sha256((first_row + i).to_bytes(8, "little") + row.astype("<f4").tobytes()).digest()
-        acc += np.frombuffer(digest, dtype="<u4")
-    return acc % (1 << 32)
+        return np.zeros(8, dtype=np.int64)
+    rows = t.to(device="cpu", dtype=torch.float32).reshape(n_rows, math.prod(t.shape[1:])).contiguous().numpy()
+    rows = rows.astype("<f4", copy=False)  # the bytes hashed are little-endian whatever the host
+
+    def block(start: int) -> np.ndarray:
+        digests = bytearray()
+        for i in range(start, min(start + _HASH_BLOCK, n_rows)):
+            h = hashlib.sha256((first_row + i).to_bytes(8, "little"))
+            h.update(rows[i].data)
+            digests += h.digest()
+        return np.frombuffer(bytes(digests), dtype="<u4").reshape(-1, 8).astype(np.int64).sum(0)
+
+    starts = range(0, n_rows, _HASH_BLOCK)
+    if rows.nbytes < (1 << 24) or len(starts) == 1:
+        parts = [block(s) for s in starts]
+    else:
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+            parts = list(pool.map(block, starts))
+    return np.sum(parts, axis=0) % (1 << 32)
+
+
+_HASH_BLOCK = 4096  # rows per hashing task
 
 
 def sampled_fingerprint(state_dict: Mapping[str, torch.Tensor], samples: int = 1 << 16) -> str:
