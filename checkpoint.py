@@ -9,7 +9,8 @@ Layout (format version 2): `<root>/<stage>/step_NNNNNNN/` holding
   optimizer/              optimizer tensors keyed `state/<param name>/<slot>`, sharded the same way
   optimizer.json          param groups, non-tensor and 0-dim slots, GradScaler, schedule
   trainer_state.json      step, tokens, dataloader state, every rank's RNG states, best val, early stopping, parent, precision
-  config.json             {"format_version", "model_args", "settings", "lora"?, "base_model"?}
+  config.json             {"format_version", "model_args", "settings", "cwd", "weights_fingerprint" (full-weight
+                          checkpoints: checkpoint.weights_fingerprint of the saved weights), "lora"?, "base_model"?}
   peft_adapter/           optional, LoRA runs: the adapters in Hugging Face PEFT's format (lora.save_peft_adapter;
                           base_model_name_or_path = the base model's source)
 and `<root>/<stage>/latest` (and `best`) — one-line text files naming a step dir, replaced atomically
@@ -39,14 +40,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import re
 import shutil
 import signal
 import warnings
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -114,10 +116,16 @@ class TrainerState:
 
 def config_json(model_args: dict, settings: dict, lora_config: dict | None = None, base_source: str = "",
                 base_fingerprint: str | None = None) -> dict:
-    """config.json: the model args and resolved settings; a LoRA run adds its adapter settings and the
+    """config.json: the model args and resolved settings (a local tokenizer path made absolute), the directory
+    the run ran in (`cwd`); a LoRA run adds its adapter settings and the
     identity of the base model its adapters belong to (source, sha of the base's model args, fingerprint of
     the base's weights)."""
-    conf: dict[str, Any] = {"model_args": model_args, "settings": settings}
+    settings = dict(settings)
+    tok = settings.get("TOKENIZER_CHECKPOINT_PATH")
+    if tok and tok != "model" and Path(tok).expanduser().exists():  # readable from any directory once absolute
+        settings["TOKENIZER_CHECKPOINT_PATH"] = os.path.abspath(Path(tok).expanduser())
+    # the directory the run's other relative paths (e.g. INIT_FROM) are relative to
+    conf: dict[str, Any] = {"model_args": model_args, "settings": settings, "cwd": os.getcwd()}
     if lora_config is not None:
         conf["lora"] = lora_config
         conf["base_model"] = {"source": base_source, "config_sha": config_sha(model_args),
@@ -125,11 +133,80 @@ def config_json(model_args: dict, settings: dict, lora_config: dict | None = Non
     return conf
 
 
-def weights_fingerprint(state_dict: dict[str, torch.Tensor], samples: int = 1 << 16) -> str:
-    """A content hash of model weights, independent of the dtype they were loaded in: sha256 over each
-    tensor's name, shape and fp32 values — every value of a small tensor, an evenly strided sample of
-    `samples` values of a large one (training moves every weight, so a sample sees any update; hashing a
-    70B model in full would take minutes)."""
+FINGERPRINT_PREFIX = "rows:"  # full-content fingerprints; an older sampled one is bare hex (sampled_fingerprint)
+
+
+def weights_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """A hash of every value of the model weights, independent of the dtype they were loaded in and of how
+    they are sharded. Each row (a slice along dim 0, the dim FSDP2 shards) is hashed with its index as fp32
+    bytes; a tensor's digest is the sum of its rows' digests (eight 32-bit words, each mod 2**32), so a rank
+    holding some rows of a DTensor adds up its own and one all-reduce of the sums completes the tensor: no
+    rank gathers anything, and N ranks give one process's value. The result hashes name, shape and digest of
+    each tensor in name order. Collective when a value is a DTensor (every rank calls it with the same names)."""
+    names = sorted(state_dict)
+    sums = np.zeros((len(names), 8), dtype=np.int64)
+    mesh_device = None
+    for i, name in enumerate(names):
+        t = state_dict[name].detach()
+        first_row, rows = 0, t
+        if hasattr(t, "device_mesh"):  # a DTensor: this rank's rows, at their offset in the whole tensor
+            from torch.distributed.tensor import Replicate, Shard
+            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+            if any(not isinstance(pl, Replicate) and pl != Shard(0) for pl in t.placements):
+                raise ValueError(f"{name}: weights_fingerprint reads tensors sharded along dim 0 only")
+            mesh_device = t.device_mesh.device_type
+            coordinate = t.device_mesh.get_coordinate()
+            replica = coordinate is not None and any(
+                c and isinstance(pl, Replicate) for c, pl in zip(coordinate, t.placements, strict=True))
+            _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+            first_row, rows = (offset[0] if t.ndim else 0), t.to_local()
+            if replica or coordinate is None:
+                continue  # another rank adds these rows
+        sums[i] = _row_digest_sum(rows, first_row)
+    if mesh_device is not None:
+        sums = D.all_reduce_sum(torch.from_numpy(sums).to(mesh_device)).cpu().numpy()
+    h = hashlib.sha256()
+    for name, digest in zip(names, sums % (1 << 32), strict=True):
+        h.update(f"{name}:{tuple(state_dict[name].shape)}:".encode())
+        h.update(digest.astype("<u4").tobytes())
+    return FINGERPRINT_PREFIX + h.hexdigest()
+
+
+def _row_digest_sum(t: torch.Tensor, first_row: int) -> np.ndarray:
+    """Sum over the rows of t (a 0-dim tensor is one row) of sha256(global row index, fp32 bytes of the row),
+    read as eight little-endian 32-bit words, mod 2**32. Blocks of rows are hashed in threads (hashlib releases
+    the GIL on large buffers); the sum does not depend on the order."""
+    n_rows = t.shape[0] if t.ndim else 1
+    if n_rows == 0:  # a rank whose shard of a short tensor is empty
+        return np.zeros(8, dtype=np.int64)
+    rows = t.to(device="cpu", dtype=torch.float32).reshape(n_rows, math.prod(t.shape[1:])).contiguous().numpy()
+    rows = rows.astype("<f4", copy=False)  # the bytes hashed are little-endian whatever the host
+
+    def block(start: int) -> np.ndarray:
+        digests = bytearray()
+        for i in range(start, min(start + _HASH_BLOCK, n_rows)):
+            h = hashlib.sha256((first_row + i).to_bytes(8, "little"))
+            h.update(rows[i].data)
+            digests += h.digest()
+        return np.frombuffer(bytes(digests), dtype="<u4").reshape(-1, 8).astype(np.int64).sum(0)
+
+    starts = range(0, n_rows, _HASH_BLOCK)
+    if rows.nbytes < (1 << 24) or len(starts) == 1:
+        parts = [block(s) for s in starts]
+    else:
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+            parts = list(pool.map(block, starts))
+    return np.sum(parts, axis=0) % (1 << 32)
+
+
+_HASH_BLOCK = 4096  # rows per hashing task
+
+
+def sampled_fingerprint(state_dict: Mapping[str, torch.Tensor], samples: int = 1 << 16) -> str:
+    """The fingerprint checkpoints recorded before weights_fingerprint: sha256 over each tensor's name, shape and
+    fp32 values, of a large tensor an evenly strided sample of `samples` values (blind to a change between the
+    samples). Kept to check the parents such checkpoints name."""
     h = hashlib.sha256()
     for name in sorted(state_dict):
         t = state_dict[name].detach()
@@ -139,6 +216,23 @@ def weights_fingerprint(state_dict: dict[str, torch.Tensor], samples: int = 1 <<
         h.update(f"{name}:{tuple(t.shape)}".encode())
         h.update(flat.to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """weights_fingerprint of a model (FSDP2-sharded or not) under the names Transformer.state_dict() has (a tied
+    head under both of its names), from the rows each rank holds. Collective under FSDP2."""
+    sd = dict(model_state(model))
+    if getattr(getattr(model, "args", None), "tie_embeddings", False) and "tok_embeddings.weight" in sd:
+        sd["output.weight"] = sd["tok_embeddings.weight"]
+    return weights_fingerprint(sd)
+
+
+def source_fingerprint(source: str, weights: Callable[[], Mapping[str, torch.Tensor]]) -> str:
+    """The fingerprint of the weights at `source`: the one a checkpoint of ours stored when it was saved (its
+    weights are not hashed again), else weights_fingerprint(weights()) of the weights as read."""
+    conf = Path(source) / CONFIG_FILE
+    stored = read_json(conf, _CORRUPT).get("weights_fingerprint") if conf.is_file() else None
+    return stored or weights_fingerprint(weights())
 
 
 def parent_fingerprint(path: Path) -> str | None:
@@ -155,14 +249,21 @@ def parent_requested(path: Path) -> str | None:
     return read_trainer_state(path).parent_requested if (path / STATE_FILE).is_file() else None
 
 
-def check_parent(path: Path, source: str, got: str) -> None:
+def check_parent(path: Path, source: str, got: str,
+                 weights: Callable[[], Mapping[str, torch.Tensor]] | None = None) -> None:
     """Refuse weights (their weights_fingerprint `got`) that are not the ones the checkpoint at `path` was
     started from, e.g. a base directory re-saved since: adapters or a frozen reference on other weights
-    would silently give other numbers."""
+    would silently give other numbers. A checkpoint that recorded the older sampled fingerprint is checked
+    in that form, from `weights()` (the same weights as `got`; without them there is nothing to compare)."""
     want = parent_fingerprint(path)
+    if want is not None and not want.startswith(FINGERPRINT_PREFIX):
+        if weights is None:
+            return
+        got = sampled_fingerprint(weights())
     if want is not None and got != want:
-        raise UserError(f"checkpoint {path} was started from {source} (weights fingerprint {want[:12]}), but "
-                        f"{source} now holds other weights ({got[:12]}): it changed since; point INIT_FROM at "
+        shown = lambda fp: fp.removeprefix(FINGERPRINT_PREFIX)[:12]  # noqa: E731
+        raise UserError(f"checkpoint {path} was started from {source} (weights fingerprint {shown(want)}), but "
+                        f"{source} now holds other weights ({shown(got)}): it changed since; point INIT_FROM at "
                         "the original weights (or at these, to continue on them knowingly)")
 
 
@@ -465,6 +566,7 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
         f = _dcp_write(model_state(model, trainable_only=lora), tmp / MODEL_DIR, async_save)
         futures += [f] if f is not None else []
         _inject_kill(step, "tmp")
+        fingerprint = None if lora else model_fingerprint(model)  # collective: each rank hashes its own rows
         meta = None
         if optimizer is not None:
             tensors, meta = optimizer_state(model, optimizer)
@@ -473,7 +575,8 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
         if D.is_main():
             if meta is not None:
                 write_json(tmp / OPTIM_JSON, {**meta, **(extra_optimizer_json or {})})
-            write_json(tmp / CONFIG_FILE, {**config, "format_version": FORMAT_VERSION})
+            write_json(tmp / CONFIG_FILE, {**config, "format_version": FORMAT_VERSION,
+                                           **({"weights_fingerprint": fingerprint} if fingerprint else {})})
             write_json(tmp / STATE_FILE, trainer_state)
             if adapters is not None:
                 save_peft_adapter(model, tmp / PEFT_ADAPTER_DIR, state_dict=adapters,

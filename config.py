@@ -8,9 +8,11 @@ Values in the env file expand `${VAR}` and `${VAR:-default}` as python-dotenv do
 undefined VAR without a default becomes the empty string; `$VAR` without braces stays literal; single and
 double quotes expand alike. The lines themselves are read by this module's parser, not python-dotenv's: python-dotenv
 skips a malformed line with a log message, this parser stops on it naming `file:line`.
-Unknown keys warn with the closest valid key (not a key that a later line uses as `${KEY}`: a helper
-variable); a bad value fails before any work starts, naming the key, the value, where it came from and
-what was expected. Secret values (settings_table.is_secret) are never printed, saved or logged.
+Unknown keys in the env file warn with the closest valid key (not a key that a later line uses as `${KEY}`: a
+helper variable); an unknown `KEY=VALUE` on the command line is a request that cannot be met and fails with the
+closest valid key. Quoting follows python-dotenv: double quotes decode \\n \\t \\" \\\\ (unicode is kept as
+written), single quotes decode only \\' and \\\\. A bad value fails before any work starts, naming the key, the
+value, where it came from and what was expected. Secret values (settings_table.is_secret) are never printed, saved or logged.
 Retired keys of the predecessor repo (settings_table.RETIRED) are accepted with a note saying why they are not read. A data
 directory named by only one of its two keys (settings_table.SAME_DIR: where preparation writes, where
 training reads) is used for both. Settings flagged `env` (HF_HOME, HF_TOKEN, WANDB_API_KEY) are exported to
@@ -26,6 +28,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -179,22 +182,32 @@ def expand_variables(entries: list[tuple[str, str, int]], environ: dict[str, str
     return out, referenced
 
 
+# A quoted value as python-dotenv reads it: `\"` does not close a double-quoted value nor `\'` a single-quoted
+# one; double quotes decode the escapes below (any other backslash stays), single quotes only \' and \\.
+_DOUBLE_QUOTED = re.compile(r'"((?:\\"|[^"])*)"')
+_SINGLE_QUOTED = re.compile(r"'((?:\\'|[^'])*)'")
+_DOUBLE_ESCAPE = re.compile(r"\\([\\'\"abfnrtv])")
+_SINGLE_ESCAPE = re.compile(r"\\([\\'])")
+_ESCAPED = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
+_INLINE_COMMENT = re.compile(r"\s+#.*")
+
+
 def _unquote(raw: str, where: str, secret: bool = False) -> str:
     if raw[:1] in ("'", '"'):
         q = raw[0]
-        end = raw.find(q, 1)
-        if end < 0:
+        m = (_DOUBLE_QUOTED if q == '"' else _SINGLE_QUOTED).match(raw)
+        if m is None:
             raise UserError(f"{where}: unterminated {q} quote in value {MASK if secret else repr(raw[:60])}: "
                             "close the quote")
-        rest = raw[end + 1:].strip()
+        rest = raw[m.end():].strip()
         if rest and not rest.startswith("#"):
             raise UserError(f"{where}: unexpected text {MASK if secret else repr(rest[:40])} after the quoted "
                             "value: remove it")
-        inner = raw[1:end]
-        return inner.encode().decode("unicode_escape") if q == '"' and "\\" in inner else inner
-    # unquoted: an inline comment starts at " #"
-    cut = raw.find(" #")
-    return (raw[:cut] if cut >= 0 else raw).strip()
+        if q == "'":
+            return _SINGLE_ESCAPE.sub(r"\1", m.group(1))
+        return _DOUBLE_ESCAPE.sub(lambda e: _ESCAPED.get(e.group(1), e.group(1)), m.group(1))
+    # unquoted: an inline comment starts at whitespace followed by "#"
+    return _INLINE_COMMENT.sub("", raw).strip()
 
 
 def convert(setting: Setting, raw: Any, where: str) -> Any:
@@ -309,7 +322,7 @@ def load_config(env_file: str | None = None, overrides: dict[str, str] | None = 
                 overridden[key] = raw[key][1]
             raw[key] = (environ[key], "environment")
     for key, value in (overrides or {}).items():
-        _put(raw, key, value, "command line")
+        _put(raw, key, value, "command line", unknown_is_error=True)
 
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
@@ -380,12 +393,17 @@ def export_library_settings(env_file: str | None = None) -> None:
     _export(values, sources)
 
 
-def _put(raw: dict, key: str, value: str, where: str, warn_unknown: bool = True) -> None:
+def _put(raw: dict, key: str, value: str, where: str, warn_unknown: bool = True,
+         unknown_is_error: bool = False) -> None:
     key = ALIASES.get(key, key)
     if key in RETIRED:
         print(f"note: {key} ({where}) is no longer a setting and is not read: {RETIRED[key]}; remove it",
               file=sys.stderr)
         return
+    if key not in BY_KEY and unknown_is_error:
+        hint = closest_key(key)
+        raise UserError(f"unknown setting {key} ({where})" + (f"; did you mean {hint}?" if hint else "")
+                        + " Fix the key (`python config.py show` lists every setting)")
     if key not in BY_KEY:
         if warn_unknown:
             _warn_unknown(key, where)

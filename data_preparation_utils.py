@@ -358,6 +358,14 @@ class ShardWriter:
         self.on_shard()
 
 
+# What each preparation reads, named when a source yields no record at all.
+_EXPECTED_RECORDS = {
+    "pretrain": "text: .txt/.md files, or jsonl/parquet records with a string text field (--text-field)",
+    "sft": "chat records: jsonl/parquet with messages, conversations or instruction/output fields",
+    "dpo": "preference records: jsonl/parquet with prompt/chosen/rejected (or chosen/rejected conversations)",
+}
+
+
 def _clean(root: Path) -> None:
     """Remove only what a preparation writes (never a whole directory the user may have pointed at)."""
     for split in SPLITS:
@@ -466,6 +474,14 @@ def _prepare(kind: str, records: Iterable[Any], root: Path, encoder: Any, *, tok
     bar.close()
     for w in writers.values():
         w.finish(n_records)
+    if not any(w.documents for w in writers.values()):
+        skipped = {}
+        for w in writers.values():
+            for k, v in w.stats.items():
+                skipped[k] = skipped.get(k, 0) + v
+        counts = ", ".join(f"{k} {v:,}" for k, v in sorted(skipped.items())) or "none skipped"
+        raise UserError(f"{source}: 0 records out of {n_records:,} read ({counts}); nothing was written: "
+                        f"the {kind} preparation expects {_EXPECTED_RECORDS[kind]}")
     manifest = dict(fp_json, complete=True, splits={})
     for s, w in writers.items():
         manifest["splits"][s] = {"documents": w.documents, "tokens": sum(e["tokens"] for e in w.shards),

@@ -24,6 +24,7 @@ import config
 import data_preparation_utils as dpu
 import tokenizer
 from errors import UserError
+from fileio import check_hub_id
 
 TEXT_SUFFIXES = (".txt", ".md")
 # The embedded corpus and demo sets have a few hundred documents: at least this val fraction, so the
@@ -84,8 +85,7 @@ def open_dataset(spec: str, name: str | None = None, split: str = "train") -> tu
     files = local_files(spec)
     if files is not None:
         return iter_local(files), f"local {spec} ({len(files)} files)"
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise UserError(f"--dataset {spec!r}: no such file or directory")
+    check_hub_id(spec, "--dataset")  # a mistyped local path is refused here, not asked of the hub
     return iter_hub(spec, name, split), f"hf {spec} name={name} split={split}"
 
 

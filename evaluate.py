@@ -8,7 +8,8 @@ The model (a checkpoint of ours, a Meta or HF directory, a hub id or a .gguf fil
 temporary HF directory (model_utils.export_hf: weights, config, tokenizer files) and handed to lm-eval's own
 HF backend (`HFLM`), so the scores are lm-eval's, computed as it computes them for any HF model. The
 results JSON lm-eval returns (per-task metrics, task configs, versions) is written to `<out>/results.json`
-(default `runs/eval/<model name>`); one summary line per task is printed.
+(default `runs/eval/<stage>-step_NNNNNNN` for a checkpoint of ours, `runs/eval/<name>` for other sources: see
+default_out; never over another model's results); one summary line per task is printed.
 
 lm-eval is an optional dependency (`pip install lm-eval`, included in requirements-dev.txt). Its
 built-in tasks download their data from the Hugging Face hub; offline, `--data TASK=FILE` keeps a built-in
@@ -27,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import checkpoint as ckpt
 import model_utils
 import precision
 import tokenizer as tk
@@ -140,11 +142,46 @@ def evaluate(source: str, tasks: list[str], out: Path, limit: int | None = None,
         seconds = time.perf_counter() - t0
     results = {k: v for k, v in results.items() if k in ("results", "configs", "versions", "n-shot", "config")}
     results["model_source"], results["seconds"] = str(source), round(seconds, 3)
+    results["model"] = model_identity(source)
     out.mkdir(parents=True, exist_ok=True)
     tmp_file = out / "results.json.tmp"
     tmp_file.write_text(json.dumps(results, indent=2, default=str))
     os.replace(tmp_file, out / "results.json")
     return results
+
+
+def model_identity(source: str) -> str:
+    """What a model source names, independent of how it was spelled: the resolved local directory or file
+    (`latest` followed to its step), or the hub id."""
+    if not Path(source).expanduser().exists():
+        return str(source)
+    return str(model_utils.resolve_source(source)[1])
+
+
+def default_out(source: str) -> Path:
+    """runs/eval/<name> from what the source resolves to: `<stage>-step_NNNNNNN` for a checkpoint of ours
+    (`checkpoints/pretrain/latest` and `checkpoints/dpo/latest` get their own), the directory or file name for
+    other local sources, `org--name` for a hub id. Refused when that directory holds another model's results
+    (two runs' checkpoints at the same stage and step): results are never overwritten by default."""
+    model = model_identity(source)
+    path = Path(model)
+    if not path.exists():
+        name = model.replace("/", "--")
+    elif ckpt.STEP_RE.match(path.name):
+        name = f"{path.parent.name}-{path.name}"
+    else:
+        name = path.stem if path.is_file() else path.name
+    out = Path("runs/eval") / name
+    previous = out / "results.json"
+    if previous.is_file():
+        try:
+            theirs = json.loads(previous.read_text()).get("model")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            theirs = None
+        if theirs != model:
+            raise UserError(f"{previous} holds the results of {theirs or 'another model'}, not of {model}: pass "
+                            "--out DIR for this evaluation (or move that directory)")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", action="append", default=[], metavar="TASK=FILE",
                     help="read TASK's evaluation documents from a local jsonl/json/csv/parquet file with the hub "
                     "dataset's columns (repeatable)")
-    ap.add_argument("--out", default=None, help="where results.json goes (default runs/eval/<model name>)")
+    ap.add_argument("--out", default=None, help="where results.json goes (default runs/eval/<stage>-<step> for a "
+                    "checkpoint of ours, runs/eval/<name> otherwise; never another model's)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=precision.CHOICES,
@@ -168,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
     if not tasks:
         raise UserError("--tasks is empty: name at least one lm-eval task")
-    out = Path(a.out) if a.out else Path("runs/eval") / Path(str(a.model).rstrip("/")).name
+    out = Path(a.out) if a.out else default_out(a.model)
     res = evaluate(a.model, tasks, out, a.limit, a.include_path, a.batch_size, a.device, a.dtype, parse_data(a.data))
     for task, metrics in res["results"].items():
         shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items()

@@ -1,10 +1,12 @@
-"""Files on disk: fsync, a directory written atomically, JSON reading with a user-facing error, sha256 of a file."""
+"""Files on disk: fsync, a directory written atomically, JSON reading with a user-facing error, sha256 of a file,
+and whether a source that does not exist here is a Hugging Face hub id or a mistyped local path."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -89,3 +91,27 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+HUB_ID = re.compile(r"[\w.\-]+/[\w.\-]+")  # a Hugging Face hub repo id: org/name
+# Names of files the loaders read: a hub repo id never ends in one
+_FILE_SUFFIXES = (".gguf", ".safetensors", ".pt", ".pth", ".bin", ".json", ".model", ".npy", ".jsonl", ".parquet",
+                  ".txt")
+
+
+def check_hub_id(source: str, what: str) -> None:
+    """`source` does not exist on disk: return when it can be a hub id (org/name), else raise a UserError naming
+    it as a missing path, before any hub request. A local path is what is not org/name, what starts with . or ~,
+    ends in a file suffix, or whose first component exists here (`checkpoints/x` where checkpoints/ exists)."""
+    s = str(source)
+    first = s.split("/", 1)[0]
+    if not HUB_ID.fullmatch(s) or s.startswith((".", "~")):
+        why = "(and it is not a hub id, org/name)"
+    elif s.lower().endswith(_FILE_SUFFIXES):
+        why = "(a file name, not a hub id)"
+    elif Path(first).exists():
+        why = f"({first}/ exists here, so this is read as a local path, not a hub id)"
+    else:
+        return
+    raise UserError(f"{what} {s!r} not found: the path does not exist {why}; check it (relative to {Path.cwd()}), "
+                    "or pass a hub id as org/name")

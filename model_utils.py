@@ -17,6 +17,7 @@ model_formats.export_hf_tensors converts and streams it to disk.
 
 CLI:
     python model_utils.py export --model SOURCE --format hf|meta --out DIR [--shards N] [--dtype D]
+                                 [--tokenizer T | --no-tokenizer]
     python model_utils.py export --model LORA_CHECKPOINT --format peft --out DIR [--base-out DIR | --base-id ID]
     python model_utils.py info --model SOURCE
     python model_utils.py plan --preset NAME --gpus G [--precision bf16|fp32] [--activation-checkpointing]
@@ -31,7 +32,6 @@ import argparse
 import json
 import math
 import os
-import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -44,7 +44,7 @@ import lora
 import memory_plan
 import precision
 from errors import UserError, run_cli
-from fileio import atomic_dir, check_new_dir, read_json
+from fileio import HUB_ID, atomic_dir, check_hub_id, check_new_dir, read_json
 from model import ModelArgs, Transformer
 from model_formats import (
     LazyStateDict,
@@ -146,20 +146,58 @@ def smollm2_gguf(install: bool = True) -> Path:
 def tokenizer_source(source: str | os.PathLike) -> str:
     """Where the tokenizer of a model source lives: our checkpoints name the tokenizer they were trained
     with (settings TOKENIZER_CHECKPOINT_PATH; `model` = the tokenizer of INIT_FROM); Meta, HF and GGUF
-    sources carry their own."""
+    sources carry their own. A relative path recorded by a checkpoint is looked up where the run ran (see
+    _recorded_path), so the answer does not depend on the directory this process runs in."""
     path = Path(source).expanduser()
     if not path.exists():
+        check_hub_id(str(source), "model source")
         return str(source)
     kind, resolved = resolve_source(path)
     if kind != "ours":
         return str(resolved)
-    settings = read_json(resolved / ckpt.CONFIG_FILE).get("settings", {})
+    conf = read_json(resolved / ckpt.CONFIG_FILE)
+    settings = conf.get("settings", {})
     tok = settings.get("TOKENIZER_CHECKPOINT_PATH", "")
     if tok == "model" and settings.get("INIT_FROM"):
-        return tokenizer_source(settings["INIT_FROM"])
+        return tokenizer_source(_recorded_path(settings["INIT_FROM"], "INIT_FROM", conf, resolved))
     if not tok or tok == "model":
         raise UserError(f"{resolved}/config.json does not name its tokenizer: pass --tokenizer PATH")
-    return tok
+    return _recorded_path(tok, "TOKENIZER_CHECKPOINT_PATH", conf, resolved)
+
+
+def _recorded_path(value: str, key: str, conf: dict, step: Path) -> str:
+    """A path setting recorded in the config.json of checkpoint `step`: absolute as is; relative, looked up
+    from the directory the run recorded (`cwd`), then from the one its layout gives, then from this process's
+    cwd; a hub id (org/name) found nowhere stays a hub id. Otherwise a UserError naming the record."""
+    p = Path(value).expanduser()
+    bases = [] if p.is_absolute() else [b for b in (conf.get("cwd"), _training_dir(conf, step)) if b] + [Path.cwd()]
+    for base in bases:
+        if (Path(base) / p).exists():
+            return str(Path(base) / p)
+    if p.exists():
+        return value
+    try:
+        check_hub_id(value, key)
+        return value
+    except UserError:
+        pass
+    where = ", ".join(dict.fromkeys(str(b) for b in bases)) or "its absolute path"
+    raise UserError(f"{step}/config.json names {key}={value!r}, which is not found (looked in {where}): "
+                    "pass --tokenizer PATH")
+
+
+def _training_dir(conf: dict, step: Path) -> Path | None:
+    """For a checkpoint without a recorded cwd: the directory its run ran in, when its layout
+    <dir>/<STAGE>_SAVE_CHECKPOINTS_PATH/<stage>/step_N names a relative save path."""
+    stage = step.parent.name
+    save = (conf.get("settings") or {}).get(f"{stage.upper()}_SAVE_CHECKPOINTS_PATH")
+    if not save or Path(save).expanduser().is_absolute():
+        return None
+    parts = Path(os.path.normpath(save)).parts
+    root = step.parent.parent
+    if ".." in parts or root.parts[-len(parts):] != parts:
+        return None
+    return Path(*root.parts[:-len(parts)])
 
 
 def _pointer_target(path: Path) -> Path | None:
@@ -174,13 +212,8 @@ def _pointer_target(path: Path) -> Path | None:
     return target if name and "\n" not in name and target.is_dir() else None
 
 
-HUB_ID = re.compile(r"[\w.\-]+/[\w.\-]+")  # a Hugging Face hub repo id: org/name
-
-
 def _download_hub(repo_id: str) -> Path:
-    if not HUB_ID.fullmatch(repo_id):
-        raise UserError(f"model source {repo_id!r} does not exist; pass an existing path or a hub id "
-                        "like org/name")
+    check_hub_id(repo_id, "model source")
     try:
         from huggingface_hub import snapshot_download
 
@@ -236,7 +269,7 @@ def _load_lora_base(path: Path, cfg: dict, lora_base: str | None = None) -> Tran
     except UserError as e:
         raise UserError(f"LoRA checkpoint {path}: its base model {base_src!r} did not load ({e})") from e
     if lora_base is None:
-        ckpt.check_parent(path, base_src, ckpt.weights_fingerprint(base.state_dict()))
+        ckpt.check_parent(path, base_src, ckpt.source_fingerprint(base_src, base.state_dict), weights=base.state_dict)
     return base
 
 
@@ -460,6 +493,7 @@ def main() -> int:
     ex.add_argument("--shards", type=int, default=1, help="Meta model-parallel shards")
     ex.add_argument("--dtype", default="float32", choices=[*precision.ALIASES, *precision.DTYPES])
     ex.add_argument("--tokenizer", default=None, help="tokenizer to save with an HF export (default: the model's)")
+    ex.add_argument("--no-tokenizer", action="store_true", help="export the weights without a tokenizer")
     info = sub.add_parser("info", help="print the model's args and parameter counts")
     info.add_argument("--model", required=True)
     pl = sub.add_parser("plan", help="per-GPU memory of FSDP2 training (parameters, gradients, optimizer state, "
@@ -494,7 +528,7 @@ def main() -> int:
     if a.cmd == "export" and (a.base_out or a.base_id):
         raise UserError(f"--base-out / --base-id apply to --format peft only, not --format {a.format}: drop them")
     if a.cmd == "export" and a.format == "hf" and _is_full_checkpoint(a.model):
-        tok = _try_tokenizer(a.tokenizer or tokenizer_source(a.model), required=bool(a.tokenizer))
+        tok = _export_tokenizer(a)
         out = export_hf_from_checkpoint(a.model, a.out, dtype=dtype, tokenizer=tok)
         n = sum(math.prod(shape) for shape, _ in ckpt.model_tensor_specs(resolve_source(a.model)[1]).values())
         print(f"exported {n:,} parameters from {a.model} to {out} (hf, one tensor at a time)")
@@ -508,7 +542,7 @@ def main() -> int:
     if a.format == "meta":
         export_meta(model, args, a.out, n_shards=a.shards)
     else:
-        export_hf(model, args, a.out, tokenizer=_try_tokenizer(a.tokenizer or tokenizer_source(a.model), required=bool(a.tokenizer)))
+        export_hf(model, args, a.out, tokenizer=_export_tokenizer(a))
     print(f"exported {count_parameters(model):,} parameters from {a.model} to {a.out} ({a.format})")
     return 0
 
@@ -608,7 +642,7 @@ def _export_peft_cli(a: argparse.Namespace, dtype: torch.dtype) -> int:
     _lora_checkpoint(a.model)  # a non-LoRA source fails here, before any other work
     tok = None
     if a.base_id is None:
-        tok = _try_tokenizer(a.tokenizer or tokenizer_source(a.model), required=bool(a.tokenizer))
+        tok = _export_tokenizer(a)
     out = export_peft(a.model, a.out, base_out=a.base_out, base_id=a.base_id, dtype=dtype, tokenizer=tok)
     base = json.loads((out / lora.PEFT_CONFIG).read_text())["base_model_name_or_path"]
     print(f"exported the LoRA adapter of {a.model} to {out} (peft); base: {base}"
@@ -621,14 +655,17 @@ def _is_full_checkpoint(source: str) -> bool:
     return kind == "ours" and not read_json(path / ckpt.CONFIG_FILE).get("lora")
 
 
-def _try_tokenizer(source: str, required: bool):
-    try:
-        return load_tokenizer(source)
-    except Exception as e:
-        if required:
-            raise UserError(f"could not load tokenizer {source!r}: {e}") from e
-        print(f"note: no tokenizer exported ({type(e).__name__}: {e})")
+def _export_tokenizer(a: argparse.Namespace):
+    """The tokenizer an HF export writes: --tokenizer, else the model's; none with --no-tokenizer. Not finding
+    it is an error (an HF directory without its tokenizer fails in transformers later, far from the cause)."""
+    if a.no_tokenizer:
         return None
+    try:
+        return load_tokenizer(a.tokenizer or tokenizer_source(a.model))
+    except Exception as e:
+        why = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        raise UserError(f"no tokenizer to export: {why}; or pass --no-tokenizer to export the weights "
+                        "without one") from e
 
 
 if __name__ == "__main__":

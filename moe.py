@@ -102,6 +102,15 @@ class GroupedExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))  # gate
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))  # down
         self.w3 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))  # up
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Each expert as nn.Linear initializes its weight: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), so the model is
+        usable as built, like its other layers (Transformer.init_weights replaces it for training). On the meta
+        device this draws nothing."""
+        for w in (self.w1, self.w2, self.w3):
+            bound = 1 / math.sqrt(w.shape[-1])  # (E, out, in): fan_in is the last dim
+            nn.init.uniform_(w, -bound, bound)
 
     def grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (M, dim) sorted by expert, counts (E,) -> (M, dim): three grouped GEMMs."""

@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from bpe import LLAMA3_PAT, embedded_corpus, train_bpe
 from errors import UserError, run_cli
-from fileio import sha256_file
+from fileio import check_hub_id, sha256_file
 
 NUM_SPECIAL_TOKENS = 256
 # Names and order exactly as Meta's Llama 3 tokenizer, so Meta's tokenizer.model drops in with its ids.
@@ -588,10 +588,8 @@ def load_tokenizer(source: str | Path | Tokenizer) -> Tokenizer:
         if (path / "tokenizer.model").is_file() and _looks_like_tiktoken(path / "tokenizer.model"):
             return TiktokenTokenizer(path / "tokenizer.model")
         raise UserError(f"{path} holds no tokenizer.json, tokenizer_config.json or tiktoken tokenizer.model")
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) and not str(source).startswith("."):
-        return _from_transformers(str(source), "hf")
-    raise UserError(f"tokenizer {str(source)!r} not found: pass a tokenizer.model path, an HF dir or hub id "
-                    "(org/name), or a .gguf file")
+    check_hub_id(str(source), "tokenizer")
+    return _from_transformers(str(source), "hf")
 
 
 # -------------------------------------------------------------------------------------------- chat format

@@ -488,13 +488,16 @@ def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) ->
     sharded = builds_sharded(cfg, objective)
     if sharded:
         model, margs, weights = build_meta_model(cfg, tok, init_source)
-        init_fingerprint = D.on_rank0(lambda: ckpt.weights_fingerprint(model_utils.module_state_view(
-            weights, margs))) if init_source else None  # one rank reads the source for it, not all
+        source_weights = lambda: model_utils.module_state_view(weights, margs)  # noqa: E731
+        # our checkpoints store their fingerprint; another source is read for it by one rank, not all
+        init_fingerprint = D.on_rank0(lambda: ckpt.source_fingerprint(init_source, source_weights)) \
+            if init_source else None
     else:
         model, margs = build_model(cfg, tok, init_source, device)
-        init_fingerprint = ckpt.weights_fingerprint(model.state_dict()) if init_source else None
+        source_weights = model.state_dict
+        init_fingerprint = ckpt.source_fingerprint(init_source, source_weights) if init_source else None
     if verify_parent:
-        ckpt.check_parent(resume_dir, init_source, init_fingerprint)
+        ckpt.check_parent(resume_dir, init_source, init_fingerprint, weights=source_weights)
     setup_facts = objective.setup(model, tok, device) or {}
     if cfg.system.use_fsdp:
         setup_facts["model build"] = "meta device, each rank fills its FSDP2 shards" if sharded else \

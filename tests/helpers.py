@@ -135,14 +135,22 @@ def model_shards(step: Path) -> list[Path]:
 
 
 def shift_model_weights(step: Path, delta: float) -> None:
-    """Add `delta` to every model weight of a checkpoint of ours in place, shard by shard (headers kept)."""
+    """Add `delta` to every model weight of a checkpoint of ours in place, shard by shard (headers kept), and
+    store the new weights' fingerprint in its config.json, as a save of the shifted weights would."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
+
+    import checkpoint as ckpt
+    import model_utils
 
     for f in model_shards(step):
         with safe_open(str(f), framework="pt") as h:
             meta = h.metadata()
         save_file({k: v + delta for k, v in load_file(str(f)).items()}, str(f), metadata=meta)
+    conf = ckpt.read_json(Path(step) / ckpt.CONFIG_FILE)
+    if "weights_fingerprint" in conf and not conf.get("lora"):
+        conf["weights_fingerprint"] = ckpt.model_fingerprint(model_utils.load_model(step)[0])
+        ckpt.write_json(Path(step) / ckpt.CONFIG_FILE, conf)
 
 
 def wandb_records(path: Path) -> list[bytes]:

@@ -51,8 +51,9 @@ def test_types_lists_and_json():
     assert config.load_config(None, {"LORA_TARGET_MODULES": "wq, w2"}).lora.lora_target_modules == ["wq", "w2"]
 
 
-def test_typo_warns_with_closest_key(capsys):
-    config.load_config(None, {"MAX_LRR": "1"})
+def test_typo_in_a_file_warns_with_closest_key(tmp_path, capsys):
+    (tmp_path / "x.env").write_text("MAX_LRR=1\n")
+    config.load_config(str(tmp_path / "x.env"))
     err = capsys.readouterr().err
     assert "MAX_LRR" in err and "did you mean MAX_LR" in err
 
@@ -395,3 +396,53 @@ def test_hub_and_wandb_libraries_are_imported_only_inside_functions():
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
                 found += [f"{path.name}:{node.lineno} {n}" for n in names if n.split(".")[0] in libraries]
     assert not found, found
+
+
+# ---- quoting as python-dotenv, unknown keys on the command line ------------------------------------------
+
+
+def test_quoting_equals_python_dotenv(tmp_path):
+    """Each line parsed alone by parse_env_file and by python-dotenv (the reference) gives the same value:
+    unicode kept, \\n \\t \\" \\\\ decoded in double quotes only, single quotes literal but for \\' and \\\\,
+    `export`, inline comments after whitespace, empty values."""
+    from dotenv import dotenv_values
+
+    lines = ['A="café\\nx"', 'B="a \\"b\\" c"', 'C="tab\\there"', 'D="back\\\\slash"', "E='single \\n literal'",
+             "export F=plain value # comment", "G=", 'H=""', "I=''", 'J="quoted" # comment', "K=naïve ünïcode",
+             'L="\\u00e9 stays"', "M=a\\tb", "N=value\t# after a tab", "O=#not a comment", 'P="a#b"',
+             "Q='with \"double\" inside'", 'R="with \'single\' inside"', "S=  spaced  ", "T='it\\'s'",
+             'U="x\\q"', 'V="日本語 ✓"', "W='a\\\\b'", 'X="end\\\\"']
+    env = tmp_path / "q.env"
+    env.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    theirs = dotenv_values(env, interpolate=False, encoding="utf-8")
+    ours = {k: v for k, v, _ in config.parse_env_file(env)}
+    assert ours == dict(theirs)
+    assert ours["A"] == "café\nx" and ours["B"] == 'a "b" c' and ours["L"] == "\\u00e9 stays"
+
+
+def test_unknown_key_on_the_command_line_stops_with_the_suggestion(tmp_path, capsys):
+    """A typed KEY=VALUE is a request: an unknown one is an error naming the closest key. A file may keep
+    helper keys (a warning), and a retired key on the command line keeps its note."""
+    with pytest.raises(UserError) as e:
+        config.load_config(None, {"MAX_STPES": "10"}, use_environ=False)
+    msg = str(e.value)
+    assert "MAX_STPES" in msg and "command line" in msg and "did you mean MAX_STEPS?" in msg and "\n" not in msg
+    env = tmp_path / "x.env"
+    env.write_text("MAX_STPES=10\n")
+    assert config.load_config(str(env), use_environ=False)["MAX_STEPS"] == BY_KEY["MAX_STEPS"].default
+    assert "did you mean MAX_STEPS?" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script,args", [("train.py", []), ("config.py", ["show"]),
+                                         ("load_pretrain_dataset.py", []),
+                                         ("objectives.py", ["cache-teacher", "--teacher", "t", "--data", "d",
+                                                            "--out", "o"])])
+def test_every_cli_refuses_an_unknown_command_line_key(tmp_path, script, args):
+    (tmp_path / "demo.env").write_text("MODEL_PRESET=debug\n")
+    r = subprocess.run([sys.executable, str(ROOT / script), *args, "--env-file", "demo.env", "MAX_STPES=10"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"})
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "MAX_STPES" in last and "did you mean MAX_STEPS?" in last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.env"]  # nothing written

@@ -323,3 +323,40 @@ def test_unreachable_hub_id_fails_in_one_line_and_leaves_no_directory(script, tm
         assert r.returncode == 2 and lines[-1].startswith("error: ") and "someorg/nosuchset" in lines[-1], r.stderr
     assert not (tmp_path / "new").exists()
     assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
+
+
+@pytest.mark.parametrize("script,content", [
+    ("load_instruct_dataset.py", "notes.txt"), ("load_dpo_dataset.py", "notes.txt"),
+    ("load_instruct_dataset.py", "chat.jsonl"), ("load_pretrain_dataset.py", "empty.jsonl")])
+def test_preparation_that_yields_no_record_exits_2_naming_the_counts_and_writes_nothing(script, content, tmp_path):
+    """A plain text file given to the chat / preference CLIs, jsonl lines without the expected fields, or a
+    jsonl without text: no record comes out, so the run fails in one line with the counts and leaves no
+    manifest, no shard and no directory it made (a directory the user made stays, empty)."""
+    src = tmp_path / content
+    if content == "notes.txt":
+        src.write_text("".join(f"note {i}: buy milk\n" for i in range(24)))
+    elif content == "chat.jsonl":
+        src.write_text("".join(json.dumps({"note": i}) + "\n" for i in range(5)) + "{not json\n")
+    else:
+        src.write_text("".join(json.dumps({"body": f"doc {i}"}) + "\n" for i in range(5)))
+    (tmp_path / "mine").mkdir()
+    for out in (tmp_path / "new" / "out", tmp_path / "mine"):
+        r = subprocess.run([sys.executable, str(ROOT / script), "--dataset", str(src), "--out", str(out),
+                            "--no-progress", f"TOKENIZER_CHECKPOINT_PATH={ROOT / 'tokenizer.model'}"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and lines[-1].startswith("error: "), r.stderr[-2000:]
+        assert "0 records" in lines[-1] and str(src) in lines[-1], lines[-1]
+    assert not (tmp_path / "new").exists()
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
+
+
+def test_a_missing_local_dataset_path_is_refused_before_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for spec in ("data/train.jsonl", "data/nothing", "./x", "a/b/c"):
+        with pytest.raises(UserError, match=rf"--dataset '{spec}' not found"):
+            data_sources.open_dataset(spec)
+    records, desc = data_sources.open_dataset("someorg/someset")  # a hub id: streamed lazily, not opened here
+    assert desc.startswith("hf someorg/someset")

@@ -162,3 +162,57 @@ def test_data_flag_refuses_a_few_shot_task(tmp_path, lm_eval_tasks):
     data.write_text(json.dumps(DOCS[0]) + "\n")
     with pytest.raises(UserError, match="gsm8k is a 5-shot task"):
         evaluate.local_task(lm_eval_tasks, "gsm8k", str(data))
+
+
+# ---- where results go by default --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_lm_eval(monkeypatch):
+    """lm-eval replaced by a stand-in that scores every model 0.5 on task `tiny`: evaluate.py's own steps (model
+    export, results file) run for real, fast."""
+    from types import SimpleNamespace
+
+    import evaluate as ev
+
+    class Manager:
+        all_tasks = ["tiny"]
+
+        def __init__(self, include_path=None):
+            pass
+
+    class LM:
+        def __init__(self, **kw):
+            pass
+
+    def simple_evaluate(model, tasks, **kw):
+        return {"results": {"tiny": {"acc,none": 0.5}}}
+
+    monkeypatch.setattr(ev, "_lm_eval", lambda: (SimpleNamespace(simple_evaluate=simple_evaluate), LM, Manager))
+    return ev
+
+
+def test_default_out_never_overwrites_another_models_results(tmp_path, monkeypatch, fake_lm_eval):
+    """checkpoints/pretrain/latest then checkpoints/dpo/latest: two results files, each naming its model; a
+    second run elsewhere whose checkpoint has the same stage and step is refused (exit 2), the first kept."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(ROOT / "tokenizer.model", tmp_path / "tokenizer.model")  # the checkpoints name ./tokenizer.model
+    for stage in ("pretrain", "dpo"):
+        make_parent(tmp_path / "checkpoints" / stage)
+    for stage in ("pretrain", "dpo"):
+        assert fake_lm_eval.main(["--model", f"checkpoints/{stage}/latest", "--tasks", "tiny"]) == 0
+    results = sorted((tmp_path / "runs" / "eval").glob("*/results.json"))
+    assert len(results) == 2, results
+    named = {json.loads(p.read_text())["model_source"]: p for p in results}
+    assert set(named) == {"checkpoints/pretrain/latest", "checkpoints/dpo/latest"}
+    other = tmp_path / "other-run"
+    make_parent(other / "checkpoints" / "pretrain")
+    before = {p: p.read_bytes() for p in results}
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--model", str(other / "checkpoints" / "pretrain" / "latest"),
+                                      "--tasks", "tiny"])
+    with pytest.raises(SystemExit) as e:
+        run_cli(fake_lm_eval.main)
+    assert e.value.code == 2
+    assert {p: p.read_bytes() for p in results} == before

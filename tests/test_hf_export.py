@@ -312,3 +312,78 @@ def test_readme_transformers_commands_run(trained, tmp_path):
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == ANSWER
+
+
+# ---- the tokenizer of a checkpoint, from any directory -----------------------------------------------------
+def _checkpoint_recording(train_dir: Path, tok_record: str, extra: dict | None = None,
+                          settings: dict | None = None) -> Path:
+    """A checkpoint of ours under train_dir/checkpoints/instruct whose config.json records the tokenizer as
+    `tok_record` (as a run that ran in train_dir with TOKENIZER_CHECKPOINT_PATH=tok_record wrote it)."""
+    import shutil
+
+    args = tiny_args(T.load_tokenizer(ROOT / "tokenizer.model").vocab_size)
+    torch.manual_seed(0)
+    model = Transformer(args)
+    train_dir.mkdir(parents=True)
+    shutil.copy(ROOT / "tokenizer.model", train_dir / "tokenizer.model")
+    root = train_dir / "checkpoints" / "instruct"
+    step = root / "step_0000001"
+    step.mkdir(parents=True)
+    save_model(model, str(step / "model.safetensors"))
+    conf = {"model_args": args.to_dict(), "settings": {"TOKENIZER_CHECKPOINT_PATH": tok_record, **(settings or {})},
+            **(extra or {})}
+    (step / "config.json").write_text(json.dumps(conf))
+    (root / "latest").write_text("step_0000001\n")
+    return root / "latest"
+
+
+def _export(model: Path, out: Path, cwd: Path, *flags: str) -> subprocess.CompletedProcess:
+    cwd.mkdir(exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / "model_utils.py"), "export", "--model", str(model), "--format",
+                           "hf", "--out", str(out), *flags], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("how", ["recorded cwd", "checkpoint layout"])
+def test_export_from_another_directory_finds_a_relative_tokenizer_record(own, tmp_path, how):
+    """A checkpoint that names its tokenizer relative to the directory it trained in (./tokenizer.model) exports
+    it when run from anywhere: relative to the cwd config.json records, or, for a checkpoint without one, to the
+    training directory its layout gives (<dir>/<INSTRUCT_SAVE_CHECKPOINTS_PATH>/instruct/step_N)."""
+    train = tmp_path / "train"
+    if how == "recorded cwd":
+        latest = _checkpoint_recording(train, "./tokenizer.model", extra={"cwd": str(train)})
+    else:
+        latest = _checkpoint_recording(train, "./tokenizer.model",
+                                       settings={"INSTRUCT_SAVE_CHECKPOINTS_PATH": "checkpoints"})
+    r = _export(latest, tmp_path / "hf", tmp_path / "elsewhere")
+    assert r.returncode == 0, r.stderr
+    assert "no tokenizer" not in r.stdout + r.stderr
+    assert set(SPECIAL_FILES) <= {p.name for p in (tmp_path / "hf").iterdir()}
+    assert T.load_tokenizer(tmp_path / "hf").encode("héllo wörld") == own.encode("héllo wörld")
+
+
+def test_export_that_cannot_find_the_tokenizer_exits_2_naming_why_unless_told_to_skip(tmp_path):
+    latest = _checkpoint_recording(tmp_path / "train", "./tokenizer.model")  # no cwd, no layout to infer it from
+    r = _export(latest, tmp_path / "hf", tmp_path / "elsewhere")
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and last.startswith("error: ") and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "./tokenizer.model" in last and "config.json" in last and "--no-tokenizer" in last, last
+    assert not (tmp_path / "hf").exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    r = _export(latest, tmp_path / "hf", tmp_path / "elsewhere", "--no-tokenizer")
+    assert r.returncode == 0, r.stderr
+    assert not set(SPECIAL_FILES) & {p.name for p in (tmp_path / "hf").iterdir()}
+
+
+def test_checkpoints_record_the_tokenizer_path_absolute_and_the_cwd(tmp_path, monkeypatch):
+    import checkpoint as ckpt
+
+    (tmp_path / "tokenizer.model").write_bytes((ROOT / "tokenizer.model").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    conf = ckpt.config_json({}, {"TOKENIZER_CHECKPOINT_PATH": "./tokenizer.model", "SEED": 1})
+    assert conf["settings"] == {"TOKENIZER_CHECKPOINT_PATH": str(tmp_path / "tokenizer.model"), "SEED": 1}
+    assert conf["cwd"] == str(tmp_path)
+    # a hub id or `model` is not a local path: recorded as given
+    for value in ("org/name", "model"):
+        assert ckpt.config_json({}, {"TOKENIZER_CHECKPOINT_PATH": value})["settings"] == {
+            "TOKENIZER_CHECKPOINT_PATH": value}

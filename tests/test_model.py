@@ -131,3 +131,27 @@ def test_rope_frequencies_stay_fp32_after_dtype_casts_and_meta_init():
         lazy = _T(args)
     lazy.to_empty(device="cpu")  # FSDP-style deferred init: buffers come back as garbage unless recomputed
     assert _t.equal(lazy.inv_freq, ref)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(), dict(tie_embeddings=True), dict(moe_num_experts=4, moe_top_k=2),
+    dict(moe_num_experts=4, moe_top_k=1, moe_shared_expert=True), dict(moe_num_experts=4, moe_top_k=2, moe_impl="dense"),
+    dict(moe_num_experts=4, moe_top_k=2, tie_embeddings=True), dict(n_kv_heads=1, ffn_hidden_dim=40)],
+    ids=["dense", "tied", "moe", "moe-shared", "moe-dense-impl", "moe-tied", "gqa-ffn"])
+def test_a_model_is_usable_as_built_in_every_configuration(kw):
+    """Transformer(args) without init_weights(): every parameter holds a seeded, finite, non-zero init of the
+    size nn.Linear / nn.Embedding give (|w| < 10, not empty memory), and the logits are finite."""
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=64, max_seq_len=16, **{"n_kv_heads": 2, **kw})
+    builds = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        builds.append(Transformer(args))
+    m = builds[0]
+    for (name, p), q in zip(m.named_parameters(), builds[1].parameters(), strict=True):
+        assert torch.isfinite(p).all() and p.abs().max() < 10 and p.abs().sum() > 0, name
+        assert torch.equal(p, q), f"{name} is not drawn from the seeded generator"
+    logits = m(torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0)))
+    assert torch.isfinite(logits).all() and logits.std() > 0
+    with torch.device("meta"):  # the sharded build path allocates nothing and draws nothing
+        meta = Transformer(args)
+    assert all(p.is_meta for p in meta.parameters())

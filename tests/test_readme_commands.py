@@ -84,7 +84,7 @@ def test_readme_lm_eval_commands(tmp_path):
     files = {"hellaswag": data / "hellaswag" / "hellaswag_val.jsonl", "winogrande": data / "winogrande.jsonl",
              "arc_easy": data / "arc_easy.jsonl"}
     sizes = {"hellaswag": 6, "winogrande": 3, "arc_easy": 3}
-    results = tmp_path / "runs" / "eval" / "latest" / "results.json"  # the default --out for checkpoints/dpo/latest
+    results = tmp_path / "runs" / "eval" / "dpo-step_0000000" / "results.json"  # default --out: stage and step
 
     hub = commands[0]
     tasks = shlex.split(hub)[shlex.split(hub).index("--tasks") + 1].split(",")

@@ -127,9 +127,13 @@ def _train_error(tmp: Path, data: Path, *flags: str, **kw) -> str:
 def test_train_bad_data_and_checkpoints_are_user_errors(tmp_path, data, broken_data):
     import data_preparation_utils as dpu
 
-    # an empty dataset (prepared from no documents)
+    # an empty dataset (preparation refuses to write one: a manifest listing no shard, as a hand-edited one)
     empty = tmp_path / "empty"
-    _prepare(empty, [])
+    _prepare(empty, ["one short document"])
+    m = json.loads((empty / dpu.MANIFEST).read_text())
+    for split in m["splits"].values():
+        split.update(shards=[], documents=0, tokens=0)
+    (empty / dpu.MANIFEST).write_text(json.dumps(m))
     msg = _train_error(tmp_path / "e", empty)
     assert str(empty) in msg
     # a manifest written with another tokenizer
@@ -337,3 +341,64 @@ def test_verify_data_refuses_a_flipped_byte_one_line_exit_2_nothing_written(tmp_
     _nothing_written(tmp_path / "v")
     p = _run(tmp_path / "n", broken_data, MAX_STEPS=1, VALIDATE_EVERY_X_STEPS=0)
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+# ---- model and tokenizer sources: a missing local path is refused before any hub request ------------------
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """Every hub entry point the loaders use records its call instead of reaching the network."""
+    import huggingface_hub
+    import transformers
+
+    calls = []
+
+    def snapshot(repo_id, **kw):
+        calls.append(repo_id)
+        raise OSError("hub call recorded by the test")
+
+    def from_pretrained(source, **kw):
+        calls.append(source)
+        raise OSError("hub call recorded by the test")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", from_pretrained)
+    return calls
+
+
+@pytest.mark.parametrize("source", ["checkpoints/nothing", "./nothing", "../nothing", "~/no-such-dir-here",
+                                    "runs/a/b", "org/model.gguf", "org/weights.safetensors", "/no/such/dir"])
+def test_a_missing_local_model_source_is_refused_before_any_hub_request(tmp_path, monkeypatch, no_hub, source):
+    import model_utils
+    import tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "checkpoints").mkdir()  # exists here: checkpoints/<name> is a path, not the hub id of org "checkpoints"
+    for load, what in ((model_utils.load_model, "model source"), (model_utils.tokenizer_source, "model source"),
+                       (tokenizer.load_tokenizer, "tokenizer")):
+        with pytest.raises(UserError) as e:
+            load(source)
+        msg = str(e.value)
+        assert msg.startswith(f"{what} {source!r} not found") and "\n" not in msg, msg
+    assert no_hub == []
+
+
+def test_a_hub_id_without_a_local_directory_still_goes_to_the_hub(tmp_path, monkeypatch, no_hub):
+    import model_utils
+    import tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="could not be fetched"):
+        model_utils.load_model("someorg/somemodel")
+    assert model_utils.tokenizer_source("someorg/somemodel") == "someorg/somemodel"
+    with pytest.raises(UserError, match="hub"):
+        tokenizer.load_tokenizer("someorg/Llama-3.2-1B")
+    assert no_hub == ["someorg/somemodel", "someorg/Llama-3.2-1B"]
+
+
+def test_generate_with_a_missing_checkpoint_names_it_in_one_line(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    p = _cli("generate.py", "--model", "checkpoints/nothing", "--prompt", "hi", cwd=tmp_path)
+    line = _assert_cli_error(p, "model source 'checkpoints/nothing' not found")
+    assert "tokenizer" not in line and "hub" not in line.split("not found")[0]

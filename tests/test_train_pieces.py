@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -56,7 +57,7 @@ def test_trainer_state_defaults_fill_keys_an_older_file_lacks():
 
 def test_config_json_and_parent_source(tmp_path):
     plain = ckpt.config_json({"dim": 4}, {"K": 1})
-    assert plain == {"model_args": {"dim": 4}, "settings": {"K": 1}}
+    assert plain == {"model_args": {"dim": 4}, "settings": {"K": 1}, "cwd": os.getcwd()}
     lora_conf = ckpt.config_json({"dim": 4}, {}, {"rank": 2}, "/base", "f1ng3r")
     assert lora_conf["base_model"] == {"source": "/base", "config_sha": ckpt.config_sha({"dim": 4}),
                                        "fingerprint": "f1ng3r"}
