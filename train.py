@@ -640,7 +640,7 @@ def forward_backward(run: Run) -> tuple[torch.Tensor, list[str], float]:
                 run.optimizer.zero_grad(set_to_none=True)
                 run.train_loader.load_state_dict(loader_at_start)
                 raise
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = objectives.batch_to_device(batch, device)
         with D.gradient_sync(run.wrapped, sync=m == run.accum - 1):
             with run.autocast():
                 micro_sum, micro_metrics = objective.loss(run.wrapped, batch)
