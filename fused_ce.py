@@ -172,6 +172,9 @@ def fusing_pays(n_tokens: int, dim: int) -> bool:
     return 5 * n_tokens >= 2 * dim
 
 
+CHUNK_ROWS = 1024  # positions per chunk in head_loss: (1024, V) fp32 logits at a time (0.5 GB at V = 128,256)
+
+
 def head_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, per_row: bool = False) -> torch.Tensor:
     """The LM head and the next-token loss from the final hidden states (B, T, d) and shifted labels (B, T):
     the summed fp32 cross-entropy (a scalar), or with per_row the summed log-probs of each row's targets (B,).
@@ -182,11 +185,11 @@ def head_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, per_r
     if type(head) is nn.Linear:
         w = head.weight
         if per_row:
-            return fused_sequence_logps(hidden, w, labels)
+            return fused_sequence_logps(hidden, w, labels, chunk_size=CHUNK_ROWS)
         dev = hidden.device.type
         fp16 = (torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.float16
                 or w.dtype == torch.float16)
         if not fp16 and fusing_pays(labels.numel(), w.shape[1]):
-            return fused_linear_cross_entropy_sum(hidden, w, labels)
+            return fused_linear_cross_entropy_sum(hidden, w, labels, chunk_size=CHUNK_ROWS)
     logits = head(hidden)  # (B, T, V)
     return sequence_logps(logits, labels) if per_row else cross_entropy_sum(logits, labels)
