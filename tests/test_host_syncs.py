@@ -8,7 +8,8 @@ step) and counts, on those tensors only:
     a bool index), bincount, unique, repeat_interleave without output_size;
   - device-to-host reads: .tolist(), .numpy(), .cpu() (on CPU these dispatch no op, so they are counted by
     wrapping the Tensor methods).
-With 4 micro-steps per optimizer step, a sync in every micro-step would count at least 4. The step's deliberate
+Distillation and DPO run with their frozen model live and from its cache (looked up by sample_index, which
+stays on the host). With 4 micro-steps per optimizer step, a sync in every micro-step would count at least 4. The step's deliberate
 syncs are two: the all-reduced unit count (distributed.sum_floats, read before the micro-steps) and the one
 read of the loss, metrics and gradient norm together (train.optimizer_step)."""
 
@@ -19,10 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TOKENIZER, make_parent, settings
+from helpers import ROOT, TOKENIZER, make_parent, settings
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import config
 import distributed as D
 import objectives
 import train
@@ -114,18 +116,32 @@ def data(tmp_path_factory, pretrain_data) -> dict[str, Path]:
                 source="demo chats", **kw)
     dpu.prepare("dpo", demo_data.demo_preference_set(max_chars=100), root / "dpo", DPOEncoder(tok, "", 64),
                 source="demo pairs", **kw)
-    return {"pretrain": pretrain_data, "sft": root / "sft", "dpo": root / "dpo", "parent": make_parent(root / "parent")}
+    parent = make_parent(root / "parent")
+    # the frozen models' outputs cached by sample_index (objectives.build_cache, as the CLI runs it)
+    base = str(ROOT / "configs" / "debug.env")
+    objectives.build_cache("reference", config.load_config(base, {"TRAINING_STAGE": "dpo"}, use_environ=False),
+                           str(parent), str(root / "dpo"), str(root / "ref_cache"))
+    objectives.build_cache("teacher", config.load_config(base, {"DISTILLATION_TEMPERATURE": "2.0"}, use_environ=False),
+                           str(parent), str(pretrain_data), str(root / "teacher_cache"), top_k=8)
+    return {"pretrain": pretrain_data, "sft": root / "sft", "dpo": root / "dpo", "parent": parent,
+            "ref_cache": root / "ref_cache", "teacher_cache": root / "teacher_cache"}
 
 
 def stage(kind: str, data: dict[str, Path]) -> dict:
     return {"pretrain": {},
             "sft": dict(TRAINING_STAGE="instruct", INSTRUCT_DATALOADER_ROOT_PATH=data["sft"], INIT_FROM=data["parent"]),
             "dpo": dict(TRAINING_STAGE="dpo", DPO_DATALOADER_ROOT_PATH=data["dpo"], INIT_FROM=data["parent"]),
+            "dpo_cached": dict(TRAINING_STAGE="dpo", DPO_DATALOADER_ROOT_PATH=data["dpo"], INIT_FROM=data["parent"],
+                               DPO_REFERENCE_LOGPS_PATH=data["ref_cache"]),
+            "distill": dict(IS_MODEL_DISTILLATION="true", TEACHER_MODEL_CHECKPOINT=data["parent"]),
+            "distill_cached": dict(IS_MODEL_DISTILLATION="true", TEACHER_CACHE_PATH=data["teacher_cache"],
+                                   DISTILLATION_TEMPERATURE=2.0),
             "moe": dict(MOE_NUM_EXPERTS=4, MOE_TOP_K=2),
             "moe_capacity": dict(MOE_NUM_EXPERTS=4, MOE_TOP_K=2, MOE_CAPACITY_FACTOR=1.0)}[kind]
 
 
-@pytest.mark.parametrize("kind", ["pretrain", "sft", "dpo", "moe", "moe_capacity"])
+@pytest.mark.parametrize("kind", ["pretrain", "sft", "dpo", "dpo_cached", "distill", "distill_cached", "moe",
+                                  "moe_capacity"])
 def test_optimizer_step_syncs_only_deliberately(tmp_path, data, kind, monkeypatch):
     # 4 micro-steps of 2 rows each (TOTAL_BATCH_SIZE 512 = 8 rows of 64): a per-micro-step sync counts >= 4
     kw = dict(SAVE_CHECKPOINTS="false", VALIDATE_EVERY_X_STEPS=0, MAX_BATCH_SIZE=2, **stage(kind, data))
