@@ -58,6 +58,15 @@ def _softmax_minus_one_hot_(logits: torch.Tensor, lse: torch.Tensor, safe: torch
     return g.mul_(scale[:, None])
 
 
+def _accumulate(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
+    """grad_w (V, d) fp32 += g.T @ h across chunks: in place when g is fp32 (no (V, d) temporary), else through
+    one compute-dtype product."""
+    if g.dtype == grad_w.dtype:
+        grad_w.addmm_(g.t(), h)
+    else:
+        grad_w.add_(g.t() @ h)
+
+
 class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int,
@@ -82,7 +91,8 @@ class _FusedLinearCE(torch.autograd.Function):
                 g = _softmax_minus_one_hot_(logits, lse, safe, valid.float()).to(dt)
                 grad_h[s:s + chunk_size] = g @ w
                 if grad_w is not None:
-                    grad_w.add_(g.t() @ hc)  # (V, d), accumulated in fp32 across chunks
+                    _accumulate(grad_w, g, hc)
+            logits = g = None  # freed before the next chunk's logits exist
         ctx.save_for_backward(grad_h if need_grad else None, grad_w)
         ctx.shapes = (hidden.shape, hidden.dtype, weight.dtype)
         return total
@@ -149,7 +159,8 @@ class _FusedLinearRowNLL(torch.autograd.Function):
             if need_h:
                 grad_h[s:s + chunk] = g @ w
             if need_w:
-                grad_w.add_(g.t() @ hc)
+                _accumulate(grad_w, g, hc)
+            logits = g = None  # freed before the next chunk's logits exist
         gh = grad_h.to(hidden.dtype).view(R, T, d) if need_h else None
         gw = grad_w.to(weight.dtype) if need_w else None
         return gh, gw, None, None, None

@@ -118,7 +118,7 @@ def simpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: f
 # the fp32 upcast, the softmaxes and their products exist for one chunk at a time, and backward recomputes a
 # chunk's terms to write its gradient into the one (N, V) gradient autograd would hand back anyway.
 
-CHUNK_ELEMENTS = 1 << 25  # logits per chunk: 128 MB in fp32 (261 rows at V = 128,256)
+CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MB in fp32 (130 rows at V = 128,256)
 
 
 class _RowChunkedSum(torch.autograd.Function):
