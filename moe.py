@@ -8,8 +8,9 @@ weights are stacked per expert: `feed_forward.experts.w1` / `w3` (E, hidden, dim
 
 Capacity: with capacity_factor c > 0 each expert takes at most ceil(c * tokens * k / E) assignments per
 training forward (in train mode; eval and generation never drop, like Mixtral at inference); first choices are served before second choices (slot-major priority), and within a slot earlier
-tokens first. A dropped assignment contributes nothing (the residual stream carries the token). c = 0 is
-no-drop (Mixtral).
+tokens first. A dropped assignment contributes nothing (the residual stream carries the token); in the grouped
+path it still goes through its expert's GEMM with routing weight 0, so no shape depends on the routing and
+nothing waits for the device. c = 0 is no-drop (Mixtral).
 
 Two numerically equivalent paths:
 - "grouped" (training): the (token, slot) assignments are sorted by expert and each projection is ONE grouped
