@@ -112,14 +112,74 @@ def simpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: f
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
+# ---- distillation: row-chunked, masked (no boolean indexing, no full-size fp32 copies) ------------------------
+# The KD terms read every position and zero the ones the mask excludes (a boolean selection would have a
+# data-dependent shape: a host sync on CUDA). The rows go through in chunks of about CHUNK_ELEMENTS logits:
+# the fp32 upcast, the softmaxes and their products exist for one chunk at a time, and backward recomputes a
+# chunk's terms to write its gradient into the one (N, V) gradient autograd would hand back anyway.
+
+CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MB in fp32 (130 rows at V = 128,256)
+
+
+class _RowChunkedSum(torch.autograd.Function):
+    """sum over rows of fn(logit rows (n, V), *row tensors (n, ...)) -> fp32 scalar; differentiable w.r.t.
+    the logits only. Keeps the inputs, nothing else, from forward to backward."""
+
+    @staticmethod
+    def forward(ctx, fn, rows_per_chunk: int, logits: torch.Tensor, *rows: torch.Tensor) -> torch.Tensor:
+        x = logits.reshape(-1, logits.shape[-1])  # (N, V)
+        rs = [r.reshape(x.shape[0], *r.shape[logits.ndim - 1:]) for r in rows]  # (N, ...) each
+        total = torch.zeros((), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
+        for s in range(0, x.shape[0], rows_per_chunk):
+            total += fn(x[s:s + rows_per_chunk], *(r[s:s + rows_per_chunk] for r in rs))
+        ctx.save_for_backward(logits, *rows)
+        ctx.fn, ctx.rows_per_chunk = fn, rows_per_chunk
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, *rows = ctx.saved_tensors
+        x = logits.reshape(-1, logits.shape[-1])
+        rs = [r.reshape(x.shape[0], *r.shape[logits.ndim - 1:]) for r in rows]
+        grad = torch.empty_like(x)
+        n = ctx.rows_per_chunk
+        for s in range(0, x.shape[0], n):
+            xc = x[s:s + n].detach().requires_grad_()
+            with torch.enable_grad():
+                out = ctx.fn(xc, *(r[s:s + n] for r in rs))
+            grad[s:s + n] = torch.autograd.grad(out, xc, grad_out)[0]
+        return None, None, grad.view_as(logits), *(None for _ in rows)
+
+
+def row_chunked_sum(fn, logits: torch.Tensor, *rows: torch.Tensor) -> torch.Tensor:
+    """fn summed over the rows of logits (..., V), computed a chunk of rows at a time (see _RowChunkedSum);
+    rows are tensors whose leading dims match the logits' (e.g. a (B, T) mask for (B, T, V) logits)."""
+    return _RowChunkedSum.apply(fn, max(1, CHUNK_ELEMENTS // logits.shape[-1]), logits, *rows)
+
+
+def _ce_rows(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    return F.cross_entropy(at_least_fp32(logits), labels, ignore_index=ignore_index, reduction="sum")
+
+
+def chunked_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """cross_entropy_sum without an fp32 copy or log-softmax of the whole (B, T, V) logits (row chunks)."""
+    return row_chunked_sum(_ce_rows, logits, labels)
+
+
+def _kl_rows(temperature: float):
+    def kl(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        s = at_least_fp32(s) / temperature  # (n, V)
+        t = at_least_fp32(t).to(s.dtype) / temperature
+        rows = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)
+        return torch.where(mask, rows, 0.0).sum()
+    return kl
+
+
 def distillation_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
                           temperature: float) -> torch.Tensor:
     """T^2 * sum over masked positions of KL(softmax(teacher/T) || softmax(student/T)) (Hinton et al. 2015;
     T^2 keeps the gradient scale independent of T). logits (B, T, V); mask (B, T) bool. fp32 math."""
-    s = at_least_fp32(student_logits[mask]) / temperature  # (N, V), only positions that count
-    t = at_least_fp32(teacher_logits[mask]).to(s.dtype) / temperature
-    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)  # (N,)
-    return temperature**2 * kl.sum()
+    return temperature**2 * row_chunked_sum(_kl_rows(temperature), student_logits, teacher_logits, mask)
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
@@ -127,6 +187,32 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     """T^2 * KL(teacher || student) AVERAGED over masked positions (mean per target token; 0 if none)."""
     n = mask.sum().clamp(min=1)
     return distillation_loss_sum(student_logits, teacher_logits, mask, temperature) / n
+
+
+def _topk_kl_rows(temperature: float, has_tail: bool):
+    def kl_rows(s: torch.Tensor, log_p: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                log_p_tail: torch.Tensor | None = None) -> torch.Tensor:
+        s = at_least_fp32(s) / temperature  # (n, V)
+        ids = ids.long()
+        lse = torch.logsumexp(s, -1)  # (n,)
+        log_q = s.gather(-1, ids) - lse[:, None]  # (n, K)
+        log_p = log_p.to(s.dtype)
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (n,)
+        if ids.shape[-1] < s.shape[-1]:  # a non-empty complement: add the tail bucket
+            log_q_tail = torch.logsumexp(s.scatter(-1, ids, float("-inf")), -1) - lse  # (n,)
+            if log_p_tail is None:
+                p_tail = (1.0 - log_p.exp().sum(-1)).clamp(min=0.0)  # (n,)
+                log_p_tail = torch.log(p_tail)
+            else:
+                log_p_tail = log_p_tail.to(s.dtype)
+                p_tail = log_p_tail.exp()
+            # 0 * log 0 = 0: a teacher with no tail mass adds nothing (and no NaN through the -inf)
+            kl = kl + torch.where(p_tail > 0, p_tail * (log_p_tail.clamp(min=-1e30) - log_q_tail), 0.0)
+        return torch.where(mask, kl, 0.0).sum()
+
+    if has_tail:
+        return kl_rows
+    return lambda s, log_p, ids, mask: kl_rows(s, log_p, ids, mask)
 
 
 def topk_distillation_loss_sum(student_logits: torch.Tensor, teacher_topk_logps: torch.Tensor,
@@ -147,20 +233,8 @@ def topk_distillation_loss_sum(student_logits: torch.Tensor, teacher_topk_logps:
     ids (the same ids as at T = 1: scaling by 1/T keeps the order); teacher_tail_logps (B, T): log p_tail if
     known exactly (the cache stores it), else log(1 - sum p_i) clamped at 0 mass. student_logits (B, T, V) raw.
     """
-    s = at_least_fp32(student_logits[mask]) / temperature  # (N, V), only positions that count
-    ids = teacher_topk_ids[mask].long()  # (N, K)
-    lse = torch.logsumexp(s, -1)  # (N,)
-    log_q = s.gather(-1, ids) - lse[:, None]  # (N, K)
-    log_p = teacher_topk_logps[mask].to(s.dtype)  # (N, K)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (N,)
-    if ids.shape[-1] < s.shape[-1]:  # a non-empty complement: add the tail bucket
-        log_q_tail = torch.logsumexp(s.scatter(-1, ids, float("-inf")), -1) - lse  # (N,)
-        if teacher_tail_logps is None:
-            p_tail = (1.0 - log_p.exp().sum(-1)).clamp(min=0.0)  # (N,)
-            log_p_tail = torch.log(p_tail)
-        else:
-            log_p_tail = teacher_tail_logps[mask].to(s.dtype)
-            p_tail = log_p_tail.exp()
-        # 0 * log 0 = 0: a teacher with no tail mass adds nothing (and no NaN through the -inf)
-        kl = kl + torch.where(p_tail > 0, p_tail * (log_p_tail.clamp(min=-1e30) - log_q_tail), 0.0)
-    return temperature**2 * kl.sum()
+    rows = (teacher_topk_logps, teacher_topk_ids, mask)
+    if teacher_tail_logps is not None:
+        rows = (*rows, teacher_tail_logps)
+    fn = _topk_kl_rows(temperature, teacher_tail_logps is not None)
+    return temperature**2 * row_chunked_sum(fn, student_logits, *rows)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from fused_ce import head_loss
 from moe import MoEFeedForward
 
 
@@ -469,8 +470,10 @@ class Transformer(nn.Module):
         key_mask: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         return_hidden: bool = False,
+        labels: torch.Tensor | None = None,
+        per_row: bool = False,
     ) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, V) in the compute dtype.
+        """tokens (B, T) -> logits (B, T, V) in the compute dtype; with `labels`, the training loss instead.
 
         start_pos: index of tokens[:, 0] in the KV cache (decoding); 0 for training.
         positions: (B, T) RoPE positions; default start_pos + arange(T).
@@ -480,6 +483,10 @@ class Transformer(nn.Module):
         attn_mask: (B, T, T) bool, True where query t may attend key s, for any other pattern (e.g.
                    HellaSwag's context + 4 endings in one row); give `positions` with it. No KV cache.
         return_hidden: return the final normed hidden states (B, T, dim) instead of logits.
+        labels:    (B, T) next-token targets, already shifted (IGNORE_INDEX: none): return the summed fp32
+                   cross-entropy, or with per_row each row's summed target log-probs (B,), from the head and
+                   the loss fused in row chunks (fused_ce.head_loss: no (B, T, V) logits). Computed here, in
+                   the root's forward, so every wrapper (DDP, FSDP2, compile) runs its hooks around it.
         """
         B, T = tokens.shape
         device = tokens.device
@@ -524,6 +531,8 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if return_hidden:
             return h
+        if labels is not None:
+            return head_loss(h, self.output, labels, per_row)  # () or (B,) fp32
         return self.output(h)  # (B, T, V)
 
 

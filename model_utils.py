@@ -455,8 +455,7 @@ def flops_per_token(args: ModelArgs, seq_len: int) -> float:
     return 6.0 * (body + head) + 12.0 * args.n_layers * args.dim * seq_len
 
 
-def model_flops(args: ModelArgs, rows: int, width: int, head_positions: int | None = None,
-                backward: bool = True, weight_grads: bool = True) -> float:
+def model_flops(args: ModelArgs, rows: int, width: int, backward: bool = True, weight_grads: bool = True) -> float:
     """FLOPs of one forward of `rows` x `width` positions (a micro-batch as fed to the model), and of its
     backward when `backward` (PaLM appendix B's count, evaluated at the batch's own width):
 
@@ -464,13 +463,11 @@ def model_flops(args: ModelArgs, rows: int, width: int, head_positions: int | No
       `weight_grads` (the weights are trained: not a frozen LoRA base), 2 for the weight gradients;
     - attention scores and weighted sum (QK^T, AV): 4 L d `width` per position forward, twice that backward,
       without the causal halving: attention depends on the row's own width, not MAX_SEQ_LEN;
-    - the output head runs on `head_positions` positions (default all: a fused loss head runs on the
-      positions with a target only).
+    - the output head runs on every position (the fused loss head masks the positions without a target).
     A forward-only pass (a frozen teacher or reference) is a third of a trained one."""
     body, head = matmul_weights(args)
     positions = rows * width
-    heads = positions if head_positions is None else head_positions
-    weights = 2.0 * (body * positions + head * heads)
+    weights = 2.0 * (body + head) * positions
     attention = 4.0 * args.n_layers * args.dim * width * positions
     if not backward:
         return weights + attention

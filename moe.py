@@ -8,8 +8,9 @@ weights are stacked per expert: `feed_forward.experts.w1` / `w3` (E, hidden, dim
 
 Capacity: with capacity_factor c > 0 each expert takes at most ceil(c * tokens * k / E) assignments per
 training forward (in train mode; eval and generation never drop, like Mixtral at inference); first choices are served before second choices (slot-major priority), and within a slot earlier
-tokens first. A dropped assignment contributes nothing (the residual stream carries the token). c = 0 is
-no-drop (Mixtral).
+tokens first. A dropped assignment contributes nothing (the residual stream carries the token); in the grouped
+path it still goes through its expert's GEMM with routing weight 0, so no shape depends on the routing and
+nothing waits for the device. c = 0 is no-drop (Mixtral).
 
 Two numerically equivalent paths:
 - "grouped" (training): the (token, slot) assignments are sorted by expert and each projection is ONE grouped
@@ -53,6 +54,13 @@ def capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) 
     return math.ceil(capacity_factor * n_tokens * top_k / n_experts)
 
 
+def expert_counts(expert: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Assignments per expert (E,) long of expert ids (M,): torch.bincount's counts with a fixed output size
+    (bincount reads the largest id on the host first, a device sync)."""
+    return torch.zeros(n_experts, dtype=torch.long, device=expert.device).index_add_(
+        0, expert, torch.ones_like(expert))
+
+
 def _as_compute(x: torch.Tensor, *ws: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Under autocast, cast to its dtype (torch._grouped_mm has no autocast rule); else unchanged."""
     dev = x.device.type
@@ -84,10 +92,11 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, use_g
     if use_grouped_mm:
         offs = torch.cumsum(counts, 0).to(torch.int32)
         return torch._grouped_mm(x, w, offs=offs)
-    # batched fallback: scatter the groups into (E, C, K) padded to the largest group, one bmm, gather back
+    # batched fallback: scatter the groups into (E, C, K) padded to the largest group, one bmm, gather back.
+    # The largest group's size is read on the host: a device sync, on devices without torch._grouped_mm only.
     E, C = w.shape[0], int(counts.max()) if counts.numel() else 0
     starts = torch.cumsum(counts, 0) - counts
-    expert_of_row = torch.repeat_interleave(torch.arange(E, device=x.device), counts)  # (M,)
+    expert_of_row = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=x.shape[0])  # (M,)
     slot = torch.arange(x.shape[0], device=x.device) - starts[expert_of_row]  # (M,) position in its group
     padded = x.new_zeros(E, C, x.shape[1])
     padded[expert_of_row, slot] = x
@@ -167,22 +176,25 @@ class MoEFeedForward(nn.Module):
     # data-dependent shapes, and dynamo's meta kernel of torch._grouped_mm accepts bf16 only (torch 2.13); the
     # block's other ops compile.
     def _grouped(self, flat, weights, experts, cap):
-        """Sort the N*k assignments (slot-major) by expert, drop those past capacity, grouped GEMMs, scatter-add."""
+        """Sort the N*k assignments (slot-major) by expert, grouped GEMMs, scatter-add. Every shape is fixed by
+        N and k (nothing waits for the device): an assignment past its expert's capacity stays in its group
+        with routing weight 0, so it adds nothing and receives no gradient."""
         N, k = experts.shape
         expert = experts.t().reshape(-1)  # (k*N,) slot-major: every first choice, then every second ...
         token = torch.arange(N, device=flat.device).repeat(k)  # (k*N,)
         weight = weights.t().reshape(-1)
         order = torch.argsort(expert, stable=True)  # grouped by expert, priority order kept inside a group
-        counts = torch.bincount(expert, minlength=self.n_experts)  # (E,)
+        counts = expert_counts(expert, self.n_experts)  # (E,)
+        w = weight[order, None]  # (k*N, 1) fp32 routing weight, as Mixtral
+        kept = counts.sum()
         if cap is not None:
             starts = torch.cumsum(counts, 0) - counts
             rank = torch.arange(order.numel(), device=flat.device) - starts[expert[order]]
-            order = order[rank < cap]
-            counts = counts.clamp(max=cap)
-        out = self.experts.grouped(flat[token[order]], counts)  # (M, D)
-        out = out * weight[order, None]  # fp32 routing weight, as Mixtral
+            w = torch.where((rank < cap)[:, None], w, 0.0)
+            kept = counts.clamp(max=cap).sum()
+        out = self.experts.grouped(flat[token[order]], counts) * w  # (k*N, D)
         y = torch.zeros_like(flat).index_add_(0, token[order], out.to(flat.dtype))
-        return y, counts.sum()
+        return y, kept
 
     def _dense(self, flat, weights, experts, cap):
         """Reference: the (N, E) combine matrix from a cumulative count of assignments per expert."""
@@ -259,7 +271,7 @@ def expert_load(model: nn.Module) -> dict[str, torch.Tensor]:
     layers = [m for m in moe_layers(model) if m.assignments is not None]
     if not layers:
         return {}
-    shares = torch.stack([torch.bincount(m.assignments.reshape(-1), minlength=m.n_experts).float()
+    shares = torch.stack([expert_counts(m.assignments.reshape(-1), m.n_experts).float()
                           / m.assignments.numel() * m.n_experts for m in layers])  # (L, E)
     dropped = sum(m.dropped.float() for m in layers) / sum(m.assignments.numel() for m in layers)
     return {"max_load": shares.max(), "min_load": shares.min(), "dropped": dropped}

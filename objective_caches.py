@@ -76,6 +76,7 @@ def _read_cache_manifest(path: str, kind: str, setting: str) -> dict[str, Any]:
 
 
 def _rows(index: torch.Tensor, n: int, path: str) -> Any:
+    # the training step keeps sample_index on the host (objectives.batch_to_device): .cpu() is then free
     idx = index.cpu().long().numpy()
     if idx.min() < 0:
         raise UserError(f"cache {path}: a batch row has sample_index {int(idx.min())} (a filler row, not a sample); "
@@ -111,7 +112,7 @@ class TeacherCache:
         logps = torch.from_numpy(np.ascontiguousarray(self.logps[idx])).float()
         ids = torch.from_numpy(np.ascontiguousarray(self.ids[idx]).astype(np.int64))
         tail = torch.from_numpy(np.ascontiguousarray(self.tail[idx])).float()
-        return logps.to(device), ids.to(device), tail.to(device)
+        return logps.to(device, non_blocking=True), ids.to(device, non_blocking=True), tail.to(device, non_blocking=True)
 
 
 class ReferenceCache:
@@ -125,7 +126,7 @@ class ReferenceCache:
 
     def lookup(self, sample_index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         rows = torch.from_numpy(self.logps[_rows(sample_index, self.logps.shape[0], self.path)].copy())
-        return rows[:, 0].to(device), rows[:, 1].to(device)
+        return rows[:, 0].to(device, non_blocking=True), rows[:, 1].to(device, non_blocking=True)
 
 
 def write_cache(kind: str, model: nn.Module, batches: Any, n: int, seq_len: int, out: str, top_k: int = 64,

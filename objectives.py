@@ -49,10 +49,9 @@ import precision
 import tokenizer
 from distributed import unwrap
 from errors import UserError, run_cli
-from fused_ce import fused_linear_cross_entropy_sum, fused_sequence_logps
 from losses import (
     IGNORE_INDEX,
-    at_least_fp32,
+    chunked_cross_entropy_sum,
     count_targets,
     cross_entropy_sum,
     distillation_loss,  # noqa: F401  (public here too: objectives.distillation_loss)
@@ -123,11 +122,6 @@ def args_of(model: nn.Module | None) -> ModelArgs | None:
     return args if isinstance(args, ModelArgs) else None
 
 
-def positions_through_head(weight: torch.Tensor | None, labels: torch.Tensor) -> int:
-    """Positions the output head runs on: the targets when fused_ce computes it (`weight` not None), else all."""
-    return count_targets(labels) if weight is not None else labels.numel()
-
-
 class Objective:
     """Base: a batch format, optional frozen helpers, a loss step."""
 
@@ -164,22 +158,16 @@ class Objective:
         """Targets that carry loss in this micro-batch (labels other than IGNORE_INDEX)."""
         return count_targets(batch["labels"])
 
-    def head_positions(self, model: nn.Module, batch: dict[str, torch.Tensor], device_type: str) -> int | None:
-        """Positions the trained model's output head runs on (None: all of them)."""
-        return None
-
     def frozen_flops(self, batch: dict[str, torch.Tensor]) -> float:
         """FLOPs of the frozen helpers' forwards (teacher, reference) on this micro-batch."""
         return 0.0
 
-    def work(self, model: nn.Module, batch: dict[str, torch.Tensor], args: ModelArgs, device_type: str,
-             weight_grads: bool = True) -> Work:
-        """What loss() on this micro-batch computes (see the module docstring); `model` is what the loop's
-        forward calls (its head decides the loss path), `args` the trained model's, `weight_grads` False for a
-        frozen base under LoRA. Call it under the training autocast, where loss() decides its path."""
+    def work(self, batch: dict[str, torch.Tensor], args: ModelArgs, weight_grads: bool = True) -> Work:
+        """What loss() on this micro-batch computes (see the module docstring): `args` the trained model's,
+        `weight_grads` False for a frozen base under LoRA. The output head runs on every position (the fused
+        head too: it masks targets instead of selecting them, which would cost a host sync)."""
         rows, width = self.shape(batch)
-        flops = model_utils.model_flops(args, rows, width, self.head_positions(model, batch, device_type),
-                                        weight_grads=weight_grads)
+        flops = model_utils.model_flops(args, rows, width, weight_grads=weight_grads)
         return Work(rows * width, self.loss_tokens(batch), flops + self.frozen_flops(batch))
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -187,8 +175,21 @@ class Objective:
 
     def eval_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """(summed validation loss, units) — the plain cross-entropy for language-model stages."""
-        logits = model(batch["input_ids"], **document_inputs(batch))
-        return cross_entropy_sum(logits, batch["labels"]).detach(), self.units(batch)
+        with torch.no_grad():
+            if is_ours(model):
+                loss_sum = model(batch["input_ids"], **document_inputs(batch), labels=batch["labels"])
+            else:
+                loss_sum = cross_entropy_sum(model(batch["input_ids"], **document_inputs(batch)), batch["labels"])
+        return loss_sum, self.units(batch)
+
+
+HOST_KEYS = ("sample_index",)  # batch entries only ever read on the host (cache lookups by sample)
+
+
+def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch's tensors on `device`, except HOST_KEYS: reading a device tensor on the host (a cache's row
+    numbers) would wait for every kernel queued before it."""
+    return {k: v if k in HOST_KEYS else v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def document_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -197,38 +198,17 @@ def document_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: batch[k] for k in ("doc_ids", "positions") if k in batch}
 
 
-def fused_head_weight(model: nn.Module) -> torch.Tensor | None:
-    """The output weight when the LM head and the loss can be fused (fused_ce): our Transformer, bare or
-    under DDP / torch.compile, with a plain nn.Linear head. None for FSDP2 (fully_shard swaps the root's
-    class, and its output weight is a sharded DTensor only the module's own forward gathers), for a
-    LoRA-wrapped head and for other models."""
-    m = unwrap(model)
-    if type(m) is Transformer and type(m.output) is nn.Linear:
-        return m.output.weight
-    return None
-
-
-def fused_loss_weight(model: nn.Module, n_tokens: int, device_type: str) -> torch.Tensor | None:
-    """fused_head_weight, when fusing also pays and is safe for this micro-batch:
-    - memory: the fused path holds the (V, dim) fp32 head gradient from forward to backward instead of
-      ~10 bytes per logit (compute-dtype logits, their fp32 copy, the saved log-softmax), so it only wins
-      from n_tokens >= 0.4 * dim (SmolLM2: 230 tokens; Llama 3 8B: 1639) and loses below;
-    - fp16: the fused path rounds the per-logit gradient to fp16 in the forward, before GradScaler's
-      scale reaches it, so small gradients would underflow: fp16 keeps the full logits."""
-    weight = fused_head_weight(model)
-    if weight is None or 5 * n_tokens < 2 * weight.shape[1]:
-        return None
-    fp16 = (torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16
-            or weight.dtype == torch.float16)
-    return None if fp16 else weight
+def is_ours(model: nn.Module) -> bool:
+    """Whether the model (bare, under DDP / torch.compile, or FSDP2's subclass of it) is our Transformer, whose
+    forward takes `labels` and returns the loss with the LM head fused into it (fused_ce.head_loss)."""
+    return isinstance(unwrap(model), Transformer)
 
 
 def response_logps(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed log-probs of each row's targets (B,) fp32; with a fusable head only the target positions go
-    through it (fused_ce), else from the full logits."""
-    weight = fused_head_weight(model)
-    if weight is not None:
-        return fused_sequence_logps(model(ids, return_hidden=True), weight, labels)
+    """Summed log-probs of each row's targets (B,) fp32: through the model's own fused head and loss when it
+    is ours (no (B, T, V) logits), else from the full logits."""
+    if is_ours(model):
+        return model(ids, labels=labels, per_row=True)
     return sequence_logps(logits_of(model, ids), labels)
 
 
@@ -236,24 +216,16 @@ class LanguageModeling(Objective):
     """Next-token cross-entropy on every target whose label is not IGNORE_INDEX.
 
     Pretraining labels every position; SFT labels only assistant content and its end-of-turn token
-    (the loader writes IGNORE_INDEX elsewhere), so the same loss serves both. Where fused_loss_weight
-    allows, the model returns hidden states and fused_ce computes head + loss in chunks: the (B, T, V)
-    logits, their fp32 copy and their gradient are never materialized (same loss and gradients).
+    (the loader writes IGNORE_INDEX elsewhere), so the same loss serves both. Our model takes the labels and
+    returns the summed loss, its head fused with the loss in chunks (fused_ce.head_loss): the (B, T, V)
+    logits, their fp32 copy and their gradient are never materialized, under any wrapper.
     """
 
-    def head_positions(self, model, batch, device_type):
-        labels = batch["labels"]
-        return positions_through_head(fused_loss_weight(model, labels.numel(), device_type), labels)
-
     def loss(self, model, batch):
-        labels = batch["labels"]
-        weight = fused_loss_weight(model, labels.numel(), labels.device.type)
-        if weight is not None:
-            h = model(batch["input_ids"], **document_inputs(batch), return_hidden=True)  # (B, T, dim)
-            loss_sum = fused_linear_cross_entropy_sum(h, weight, batch["labels"])
+        if is_ours(model):
+            loss_sum = model(batch["input_ids"], **document_inputs(batch), labels=batch["labels"])
         else:
-            logits = model(batch["input_ids"], **document_inputs(batch))  # (B, T, V)
-            loss_sum = cross_entropy_sum(logits, batch["labels"])
+            loss_sum = cross_entropy_sum(model(batch["input_ids"], **document_inputs(batch)), batch["labels"])
         return loss_sum, {"ce": loss_sum.detach()}
 
 
@@ -381,9 +353,9 @@ class Distillation(Objective):
         return distillation_loss_sum(student_logits, teacher_logits, mask, self.temperature)
 
     def loss(self, model, batch):
-        # one fp32 copy of the student logits serves both terms (each would otherwise upcast its own)
-        logits = at_least_fp32(model(batch["input_ids"], **document_inputs(batch)))  # (B, T, V)
-        ce = cross_entropy_sum(logits, batch["labels"])
+        # both terms read the compute-dtype logits in row chunks (losses.row_chunked_sum): no fp32 copy of them
+        logits = model(batch["input_ids"], **document_inputs(batch))  # (B, T, V)
+        ce = chunked_cross_entropy_sum(logits, batch["labels"])
         kd = self.kd_sum(logits, batch)
         loss_sum = (1.0 - self.alpha) * ce + self.alpha * kd
         return loss_sum, {"ce": ce.detach(), "kd": kd.detach()}
@@ -449,9 +421,6 @@ class DirectPreferenceOptimization(Objective):
     def loss_tokens(self, batch):
         return preference_loss_tokens(batch)
 
-    def head_positions(self, model, batch, device_type):
-        return positions_through_head(fused_head_weight(model), concat_pairs(batch)[1])
-
     def frozen_flops(self, batch):
         if self.ref_cache is not None:
             return 0.0
@@ -460,8 +429,7 @@ class DirectPreferenceOptimization(Objective):
         if args is None:
             return 0.0
         rows, width = self.shape(batch)
-        heads = positions_through_head(fused_head_weight(reference), concat_pairs(batch)[1])
-        return model_utils.model_flops(args, rows, width, heads, backward=False)
+        return model_utils.model_flops(args, rows, width, backward=False)
 
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, torch.Tensor], ids: torch.Tensor, labels: torch.Tensor
@@ -540,7 +508,7 @@ class ReferenceFreePreference(Objective):
     def loss(self, model, batch):
         ids, labels = concat_pairs(batch)
         B = batch["chosen_input_ids"].shape[0]
-        logps = sequence_logps(logits_of(model, ids), labels) / response_lengths(labels).clamp(min=1)  # (2B,)
+        logps = response_logps(model, ids, labels) / response_lengths(labels).clamp(min=1)  # (2B,)
         losses, metrics = self.pair_losses(logps[:B], logps[B:])
         metrics.update(avg_logps_chosen=logps[:B].detach(), avg_logps_rejected=logps[B:].detach())
         return losses.sum(), {k: v.sum() for k, v in metrics.items()}
@@ -610,8 +578,8 @@ class RouterLosses(Objective):
     def units(self, batch):
         return self.base.units(batch)
 
-    def work(self, model, batch, args, device_type, weight_grads=True):
-        return self.base.work(model, batch, args, device_type, weight_grads)
+    def work(self, batch, args, weight_grads=True):
+        return self.base.work(batch, args, weight_grads)
 
     def loss(self, model, batch):
         bare = unwrap(model)
@@ -619,7 +587,8 @@ class RouterLosses(Objective):
         loss_sum, metrics = self.base.loss(model, batch)
         aux, load = moe.router_losses(bare, self.top_k), moe.expert_load(bare)
         moe.forget_routing(bare)
-        n = self.base.units(batch)
+        # the base's units, counted on the device for language-model batches (units() would read it: a sync)
+        n = (batch["labels"] != IGNORE_INDEX).sum() if "labels" in batch else self.base.units(batch)
         loss_sum = loss_sum + n * (self.lb_weight * aux["lb"] + self.z_weight * aux["z"])
         extra = {f"moe_{k}": v.detach() * n for k, v in (*aux.items(), *load.items())}
         return loss_sum, {**metrics, **extra}

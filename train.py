@@ -664,12 +664,10 @@ def run_hooks(run: Run, last_step: bool) -> bool:
 
 def step_work(run: Run, batches: list[dict[str, torch.Tensor]]) -> objectives.Work:
     """What this rank's micro-batches cost (objectives.Objective.work), counted from the host batches as
-    they will be fed (after trimming), under the training autocast where the loss picks its path."""
+    they will be fed (after trimming)."""
     work = objectives.Work()
-    with run.autocast():
-        for b in batches:
-            work += run.objective.work(run.wrapped, b, run.margs, run.info.device.type,
-                                       weight_grads=not run.cfg.lora.lora_enabled)
+    for b in batches:
+        work += run.objective.work(b, run.margs, weight_grads=not run.cfg.lora.lora_enabled)
     return work
 
 
@@ -697,7 +695,7 @@ def forward_backward(run: Run) -> tuple[torch.Tensor, list[str], float, objectiv
                 run.optimizer.zero_grad(set_to_none=True)
                 run.train_loader.load_state_dict(loader_at_start)
                 raise
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = objectives.batch_to_device(batch, device)
         with D.gradient_sync(run.wrapped, sync=m == run.accum - 1,
                              unsharded_accumulation=run.cfg.system.fsdp_unsharded_accumulation):
             with run.autocast():

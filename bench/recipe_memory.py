@@ -80,7 +80,7 @@ def saved_bytes(cfg: config.Config, n_layers: int, seq_len: int, rows: int) -> i
 def fit(cfg: config.Config) -> tuple[float, float, float, float]:
     """Exact fit of saved bytes = a + b*L + c*N + d*L*N (N = tokens of the micro-batch, both rows of a DPO
     pair) from four single-row runs. SFT rows are long enough (>= 0.4 dim tokens) for the fused LM head +
-    loss that objectives.fused_loss_weight picks at the recipe's micro-batch; DPO always keeps the logits."""
+    loss that fused_ce.head_loss picks at the recipe's micro-batch."""
     dpo = cfg.training.training_stage == "dpo"
     pts = [(L, T) for L in (1, 2) for T in ((256, 512) if dpo else (1024, 2048))]
     y = torch.tensor([float(saved_bytes(cfg, L, T, 1)) for L, T in pts], dtype=torch.float64)

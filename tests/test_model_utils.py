@@ -313,8 +313,6 @@ def test_model_flops_is_what_torch_counts_at_the_batch_width(rows, width):
     for name, p in model.named_parameters():  # a frozen base with one trained weight at the bottom
         p.requires_grad_(name == "layers.0.attention_norm.weight")
     assert model_flops(args, rows, width, weight_grads=False) == counted()
-    assert model_flops(args, rows, width) - model_flops(args, rows, width, head_positions=5) == 6 * 96 * 64 * (
-        rows * width - 5)
     # per position, a row of `width` costs what flops_per_token says at T = width
     assert model_flops(args, 1, width) == pytest.approx(width * flops_per_token(args, width))
 

@@ -341,7 +341,7 @@ def test_language_modeling_fused_head_equals_plain_cross_entropy(tied):
     model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32, multiple_of=16,
                                   max_seq_len=16, tie_embeddings=tied))
     model.init_weights(std=0.3, generator=torch.Generator().manual_seed(3))
-    assert obj.fused_head_weight(model) is model.output.weight
+    assert obj.is_ours(model)
     batch = lm_batch()
     loss, _ = obj.Pretrain().loss(model, batch)
     loss.backward()
@@ -353,28 +353,37 @@ def test_language_modeling_fused_head_equals_plain_cross_entropy(tied):
     assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
     for n, p in model.named_parameters():
         torch.testing.assert_close(fused[n], p.grad, atol=2e-5, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
-    # a LoRA-wrapped head (and any non-Transformer model) takes the plain path
+    # a LoRA-wrapped head computes its logits (adapters start at zero: the same loss)
     lora.apply_lora(model, targets=["output"], rank=2, alpha=4.0)
-    assert obj.fused_head_weight(model) is None
+    assert obj.Pretrain().loss(model, batch)[0].item() == pytest.approx(ref.item(), rel=1e-6)
 
 
-def test_fused_loss_only_where_it_saves_memory_and_never_under_fp16():
+def test_fused_loss_only_where_it_saves_memory_and_never_under_fp16(monkeypatch):
+    import fused_ce
+
+    calls = []
+    real = fused_ce.fused_linear_cross_entropy_sum
+    monkeypatch.setattr(fused_ce, "fused_linear_cross_entropy_sum", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=32, multiple_of=16, max_seq_len=16))
-    w = model.output.weight
-    assert obj.fused_loss_weight(model, 26, "cpu") is w  # 5 * 26 >= 2 * 64: the (V, dim) gradient is cheaper
-    assert obj.fused_loss_weight(model, 25, "cpu") is None  # fewer tokens: the logits are cheaper to hold
+
+    def fused(n_tokens: int) -> bool:
+        calls.clear()
+        model(torch.zeros(1, n_tokens, dtype=torch.long), labels=torch.ones(1, n_tokens, dtype=torch.long))
+        return bool(calls)
+
+    assert fused(26)  # 5 * 26 >= 2 * 64: the (V, dim) gradient is cheaper
+    assert not fused(25)  # fewer tokens: the logits are cheaper to hold
     with torch.autocast("cpu", dtype=torch.float16):  # GradScaler's scale must reach the per-logit gradient
-        assert obj.fused_loss_weight(model, 4096, "cpu") is None
+        assert not fused(64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert obj.fused_loss_weight(model, 4096, "cpu") is w
-    assert obj.fused_loss_weight(model.half(), 4096, "cpu") is None
+        assert fused(64)
+    model.half()
+    assert not fused(64)
     # without grad mode the fused function computes the loss only (and still the same loss)
     h, y = torch.randn(40, 64, dtype=torch.float32), torch.randint(0, 32, (40,))
     model.float()
-    from fused_ce import fused_linear_cross_entropy_sum
-
     with torch.no_grad():
-        a = fused_linear_cross_entropy_sum(h, model.output.weight, y)
+        a = real(h, model.output.weight, y)
     b = F.cross_entropy(h @ model.output.weight.detach().T, y, reduction="sum")
     assert a.item() == pytest.approx(b.item(), rel=1e-5)
 

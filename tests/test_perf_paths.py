@@ -7,18 +7,23 @@
 - fused chunked output projection + cross-entropy == logits @ F.cross_entropy(sum): loss and both
   gradients, with ignored labels, ragged last chunk, tied weights, fp32 and bf16 autocast.
 - per-row response log-probs through the fused head (fused_sequence_logps, the DPO path) == log_softmax of
-  the full logits (losses.sequence_logps), values and gradients, with a non-linear loss on the rows.
+  the full logits (losses.sequence_logps), values and gradients, with a non-linear loss on the rows; it holds
+  one fp32 (V, d) weight gradient whatever the number of rows.
+- the distillation terms in row chunks == the whole-rows formulas, without an fp32 copy of the logits.
 - one-row projections (decoding at batch 1) through torch.mv == F.linear bit for bit; one-query attention as
   reductions == attention(); the compiled decode step in generate() == eager generate() token for token (fp32
   logits within 1e-4).
 """
 
 import math
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import model as model_mod
 from errors import UserError
@@ -211,6 +216,100 @@ def test_fused_sequence_logps_equals_full_logits_values_and_grads(tiny_model):
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-3, rtol=1e-5)
     for n, g in results[0][1].items():
         torch.testing.assert_close(results[1][1][n], g, atol=1e-5, rtol=1e-4, msg=n)
+
+
+class LiveStorages(TorchDispatchMode):
+    """The most storages alive at once among the op outputs that `keep(tensor)` selects (a storage counted once,
+    however many views of it exist), and how many bytes they held then."""
+
+    def __init__(self, keep):
+        super().__init__()
+        self.keep, self.refs, self.nbytes, self.peak, self.peak_bytes = keep, {}, {}, 0, 0
+
+    def _drop(self, key):
+        self.refs[key] -= 1
+        if not self.refs[key]:
+            del self.refs[key], self.nbytes[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and self.keep(t):
+                key = t.untyped_storage().data_ptr()
+                self.refs[key] = self.refs.get(key, 0) + 1
+                self.nbytes[key] = t.untyped_storage().nbytes()
+                weakref.finalize(t, self._drop, key)
+                self.peak = max(self.peak, len(self.refs))
+                self.peak_bytes = max(self.peak_bytes, sum(self.nbytes.values()))
+        return out
+
+
+def test_fused_sequence_logps_holds_one_head_gradient_whatever_the_rows():
+    """DPO's per-row log-probs through the fused head: forward and backward of 6 rows never hold more than one
+    fp32 (V, d) weight gradient (one per row would be 2.1 GB each at 8B), and ragged chunks give the values and
+    gradients of the full logits."""
+    g = torch.Generator().manual_seed(0)
+    R, T, d, V = 6, 9, 16, 50
+    h = torch.randn(R, T, d, generator=g, requires_grad=True)
+    w = torch.randn(V, d, generator=g, requires_grad=True)
+    y = torch.randint(0, V, (R, T), generator=g)
+    y[:, :3] = -100
+    row_weights = torch.linspace(0.1, 0.6, R)
+    with LiveStorages(lambda t: tuple(t.shape) == (V, d) and t.dtype == torch.float32) as live:
+        lp = fused_sequence_logps(h, w, y, chunk_size=7)
+        (lp * row_weights).exp().sum().backward()
+    assert live.peak == 1
+    got = (lp.detach(), h.grad.clone(), w.grad.clone())
+    h.grad = w.grad = None
+    ref = sequence_logps(h @ w.t(), y)
+    (ref * row_weights).exp().sum().backward()
+    for a, b in zip(got, (ref.detach(), h.grad, w.grad), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("topk", [False, True])
+def test_distillation_terms_keep_no_fp32_copy_of_the_logits_and_equal_the_whole_rows(monkeypatch, topk):
+    """CE + KD over bf16 student logits (B, T, V) in row chunks: no fp32 tensor of the logits' size ever exists
+    (the whole-tensor formulas hold ~5), and the loss and gradient equal those formulas in fp32."""
+    import losses
+
+    g = torch.Generator().manual_seed(1)
+    B, T, V, K, temp = 2, 6, 40, 5, 2.0
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 3 * V)  # 3 rows per chunk, the last one ragged
+    student = torch.randn(B, T, V, generator=g).bfloat16().requires_grad_()
+    teacher = torch.randn(B, T, V, generator=g).bfloat16()
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :2] = -100
+    mask = labels != -100
+    top_logps, top_ids = torch.log_softmax(teacher.float() / temp, -1).topk(K, -1)
+
+    def loss_of(s):
+        kd = (losses.topk_distillation_loss_sum(s, top_logps, top_ids, mask, temp) if topk
+              else losses.distillation_loss_sum(s, teacher, mask, temp))
+        return 0.7 * losses.chunked_cross_entropy_sum(s, labels) + 0.3 * kd
+
+    n_logits = int(mask.sum()) * V  # the logits of the positions that count
+    with LiveStorages(lambda t: t.dtype == torch.float32 and t.numel() >= n_logits) as live:
+        loss = loss_of(student)
+        loss.backward()
+    assert live.peak == 0
+    # the whole-rows formulas in fp32 on the selected positions (an independent statement of both terms)
+    s32 = student.detach().float().requires_grad_()
+    sel = s32[mask] / temp
+    log_q = F.log_softmax(sel, -1)
+    if topk:
+        log_p = top_logps[mask]
+        kl = (log_p.exp() * (log_p - log_q.gather(-1, top_ids[mask]))).sum(-1)
+        p_tail = (1 - log_p.exp().sum(-1)).clamp(min=0)
+        q_tail = log_q.exp().scatter(-1, top_ids[mask], 0.0).sum(-1)
+        kl = kl + p_tail * (p_tail.log() - q_tail.log())
+    else:
+        log_p = F.log_softmax(teacher.float()[mask] / temp, -1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    ref = 0.7 * F.cross_entropy(s32.flatten(0, 1), labels.flatten(), reduction="sum") + 0.3 * temp**2 * kl.sum()
+    ref.backward()
+    torch.testing.assert_close(loss.detach(), ref.detach(), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(student.grad.float(), s32.grad.bfloat16().float(), atol=1e-2, rtol=1e-2)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])

@@ -147,7 +147,7 @@ def test_work_of_a_trimmed_batch_is_what_torch_counts(data, tok, name):
     labels = [batch[k] for k in ("labels", "chosen_labels", "rejected_labels") if k in batch]
     width = ids[0].shape[1]
     assert width < T  # trimmed: a count at MAX_SEQ_LEN would be wrong
-    work = objective.work(model, batch, args, "cpu")
+    work = objective.work(batch, args)
     assert work.positions == sum(x.numel() for x in ids)
     assert work.loss_tokens == sum(int((y != IGNORE_INDEX).sum()) for y in labels)
     assert work.flops == counted_flops(objective, model, batch)
