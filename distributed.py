@@ -246,12 +246,7 @@ def materialize(model: nn.Module, device: torch.device,
 
     ties = _ties(model)
     model.to_empty(device=device)
-    for names in ties:  # to_empty gives each module its own tensor (FSDP2 keeps the ties it manages)
-        first = model.get_parameter(names[0])
-        for other in names[1:]:
-            owner, _, attr = other.rpartition(".")
-            if model.get_parameter(other) is not first:
-                setattr(model.get_submodule(owner), attr, first)
+    _restore_ties(model, ties)
     named = list(model.named_parameters())
     with torch.no_grad():
         for name, p in tqdm(named, desc="filling the shards", unit="tensor", disable=not is_main(), leave=False):
@@ -265,6 +260,47 @@ def materialize(model: nn.Module, device: torch.device,
             else:
                 p.copy_(full)
             del full
+
+
+def shard_frozen_copy(frozen: nn.Module, model: nn.Module, device: torch.device) -> None:
+    """`frozen`: a meta-device copy of `model` taken before parallelize (a frozen reference). `model` is now
+    FSDP2-sharded and filled: shard `frozen` on the same mesh (fully_shard per block, then the root; no
+    activation checkpointing, no compile, resharded after each forward) and copy `model`'s local shards into
+    it. Every rank copies only what it holds: no read of the source, no gather."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    sharded = dict(model.named_parameters())
+    meshes = {p.device_mesh for p in sharded.values() if isinstance(p, DTensor)}
+    if len(meshes) != 1:
+        raise RuntimeError(f"shard_frozen_copy: the model's parameters are on {len(meshes)} meshes, expected one "
+                           "(an FSDP2-sharded model)")
+    mesh = meshes.pop()
+    for block in frozen.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(frozen, mesh=mesh)
+    ties = _ties(frozen)
+    frozen.to_empty(device=device)
+    _restore_ties(frozen, ties)
+    with torch.no_grad():
+        for name, p in frozen.named_parameters():
+            src = sharded[name]
+            if tuple(p.shape) != tuple(src.shape) or getattr(p, "placements", None) != getattr(src, "placements", None):
+                raise RuntimeError(f"shard_frozen_copy: {name} is {tuple(p.shape)} {getattr(p, 'placements', None)} "
+                                   f"in the copy but {tuple(src.shape)} {getattr(src, 'placements', None)} in the "
+                                   "model; the copy must be taken from the model before parallelize")
+            local = p.to_local() if isinstance(p, DTensor) else p
+            local.copy_(src.to_local() if isinstance(src, DTensor) else src)
+
+
+def _restore_ties(model: nn.Module, ties: list[list[str]]) -> None:
+    """to_empty gives each module its own tensor (FSDP2 keeps the ties it manages): share them again."""
+    for names in ties:
+        first = model.get_parameter(names[0])
+        for other in names[1:]:
+            owner, _, attr = other.rpartition(".")
+            if model.get_parameter(other) is not first:
+                setattr(model.get_submodule(owner), attr, first)
 
 
 def _ties(model: nn.Module) -> list[list[str]]:

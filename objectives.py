@@ -40,7 +40,7 @@ import model_utils
 import moe
 import precision
 import tokenizer
-from distributed import unwrap
+from distributed import shard_frozen_copy, unwrap, world_size
 from errors import UserError, run_cli
 from fused_ce import fused_linear_cross_entropy_sum, fused_sequence_logps
 from losses import (
@@ -117,9 +117,13 @@ class Objective:
         return {}
 
     def copies_model(self) -> bool:
-        """Whether setup() keeps a copy of the starting model's weights (it then needs them in full, so the
-        loop builds the whole model before sharding it)."""
+        """Whether setup() keeps a copy of the starting model's weights (a meta-device copy when the model was
+        built on the meta device, filled by fill_frozen)."""
         return False
+
+    def fill_frozen(self, model: nn.Module, device: torch.device) -> None:
+        """After a meta-device build: `model` is sharded (FSDP2) and filled; shard the frozen copies setup()
+        took of it the same way and fill them from its local shards (no rank holds a whole copy)."""
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         """How many normalizing units (target tokens by default) this micro-batch holds."""
@@ -357,9 +361,16 @@ class DirectPreferenceOptimization(Objective):
         if self.cfg.lora.lora_enabled or any(True for _ in lora.lora_modules(model)):
             self.base_model = model
             return {"reference": "policy with LoRA adapters disabled", "reference_memory_mb": 0.0}
-        self.reference = freeze(copy.deepcopy(model))
+        self.reference = freeze(copy.deepcopy(model))  # on the meta device too: fill_frozen fills it
+        if self.reference.tok_embeddings.weight.is_meta:
+            return {"reference": "frozen copy of the initial policy, sharded like it (FSDP2)",
+                    "reference_memory_mb": round(_memory_bytes(self.reference) / world_size() / 2**20, 1)}
         return {"reference": "frozen copy of the initial policy",
                 "reference_memory_mb": round(_memory_bytes(self.reference) / 2**20, 1)}
+
+    def fill_frozen(self, model, device):
+        if self.reference is not None and self.reference.tok_embeddings.weight.is_meta:
+            shard_frozen_copy(self.reference, model, device)
 
     def units(self, batch):
         return int(batch["chosen_input_ids"].shape[0])
@@ -501,6 +512,9 @@ class RouterLosses(Objective):
 
     def copies_model(self):
         return self.base.copies_model()
+
+    def fill_frozen(self, model, device):
+        self.base.fill_frozen(model, device)
 
     def units(self, batch):
         return self.base.units(batch)
