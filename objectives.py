@@ -611,8 +611,10 @@ def build_cache(kind: str, cfg: Any, model_source: str, data: str, out: str, top
     batches = (loader.next_batch() for _ in range(2 * ((n + batch_size - 1) // batch_size)))
     meta = {"model": str(model_source), "data": str(data), "batch_format": batch_format, "split": "train",
             "tokenizer": tok.identity(), **document_attention(cfg, batch_format)}
+    compute = precision.resolve(cfg["TRAINING_PRECISION"], device).dtype  # what the live teacher / reference runs in
+    meta["compute_precision"] = precision.name_of(compute)
     return write_cache(kind, model, batches, n, cfg["MAX_SEQ_LEN"], out, top_k=top_k, device=device, meta=meta,
-                       temperature=cfg["DISTILLATION_TEMPERATURE"])
+                       temperature=cfg["DISTILLATION_TEMPERATURE"], compute_dtype=compute)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -622,7 +624,8 @@ def main(argv: list[str] | None = None) -> int:
     for cmd, who in (("cache-teacher", "--teacher"), ("cache-reference", "--reference")):
         s = sub.add_parser(cmd, help=f"run {who[2:]} once over the train shards and store its outputs",
                            epilog="Settings (MAX_SEQ_LEN, SEED, TOKENIZER_CHECKPOINT_PATH, TRAINING_STAGE, "
-                           "SFT_BATCHING, TEACHER_PRECISION ...) may follow as KEY=VALUE.")
+                           "SFT_BATCHING, TEACHER_PRECISION, TRAINING_PRECISION ...) may follow as "
+                           "KEY=VALUE.")
         s.add_argument(who, dest="model", required=True, help="any model_utils.load_model source")
         s.add_argument("--data", required=True, help="shard root (the loader's root: train/ val/ manifest.json)")
         s.add_argument("--out", required=True, help="cache directory to write")
