@@ -221,7 +221,7 @@ def test_cache_teacher_cli_over_shards_feeds_the_distillation_term(tmp_path, sta
     (tmp_path / "teacher" / "config.json").write_text(json.dumps({"model_args": teacher.args.to_dict(),
                                                                   "settings": {}}))
     settings = [f"TRAINING_STAGE={stage}", f"MAX_SEQ_LEN={T}", "SEED=5", "DISTILLATION_TEMPERATURE=2.0",
-                f"TOKENIZER_CHECKPOINT_PATH={root / 'tokenizer.model'}"]
+                f"TOKENIZER_CHECKPOINT_PATH={root / 'tokenizer.model'}", "TRAINING_PRECISION=fp32"]
     cmd = [sys.executable, str(root / "objectives.py"), "cache-teacher", "--teacher", str(tmp_path / "teacher"),
            "--data", str(tmp_path / "data"), "--out", str(tmp_path / "cache"), "--top-k", "16", "--batch-size", "4"]
     p = subprocess.run(cmd + settings, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=120)
@@ -233,6 +233,7 @@ def test_cache_teacher_cli_over_shards_feeds_the_distillation_term(tmp_path, sta
 
     built = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert (built["doc_masking"], built["doc_reset_positions"]) == (False, False)
+    assert built["compute_precision"] == "fp32"  # the forward ran under the run's TRAINING_PRECISION
     # training reads it under another seed and world size: rows are found by sample_index, not by position
     o = distill_objective(stage, TEACHER_CACHE_PATH=tmp_path / "cache", MAX_SEQ_LEN=T)
     student = tiny_model(0, vocab=tok.vocab_size)
