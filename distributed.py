@@ -236,12 +236,15 @@ def parallelize(model: nn.Module, cfg: Any, device: torch.device) -> nn.Module:
 
 
 def materialize(model: nn.Module, device: torch.device,
-                full_tensor: Callable[[str, nn.Parameter], torch.Tensor]) -> None:
+                full_tensor: Callable[[str, nn.Parameter], torch.Tensor],
+                rows: Callable[[str, int, int, tuple[int, ...]], torch.Tensor | None] | None = None) -> None:
     """Allocate a model built on the meta device (FSDP2-sharded or not) on `device` and fill every parameter,
     in named_parameters() order, from `full_tensor(name, param)`: the whole tensor, of which this rank keeps
-    its own shard. One full tensor exists at a time, never the whole model. Buffers are the model's own
-    business (Transformer recomputes its RoPE table when moved)."""
+    its own shard. One full tensor exists at a time, never the whole model. With `rows(name, start, stop,
+    full_shape)` (a source that reads dim-0 slices and checks the tensor's full shape; None where it cannot) a
+    rank whose shard is a block of rows reads only that block. Buffers are the model's own business (Transformer recomputes its RoPE table when moved)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
     from tqdm import tqdm
 
     ties = _ties(model)
@@ -250,6 +253,20 @@ def materialize(model: nn.Module, device: torch.device,
     named = list(model.named_parameters())
     with torch.no_grad():
         for name, p in tqdm(named, desc="filling the shards", unit="tensor", disable=not is_main(), leave=False):
+            if rows is not None and isinstance(p, DTensor):
+                local_shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+                whole_rows = p.ndim > 0 and all(o == 0 and n == f for o, n, f in
+                                                zip(offset[1:], local_shape[1:], p.shape[1:], strict=True))
+                if whole_rows and local_shape[0] == 0:  # an uneven split left this rank no rows
+                    continue
+                part = rows(name, offset[0], offset[0] + local_shape[0], tuple(p.shape)) if whole_rows else None
+                if part is not None:
+                    if tuple(part.shape) != tuple(local_shape):
+                        raise UserError(f"tensor {name}: rows {offset[0]}:{offset[0] + local_shape[0]} read as "
+                                        f"{tuple(part.shape)}, the shard is {tuple(local_shape)}; the config and "
+                                        "weights disagree")
+                    p.to_local().copy_(part.to(device=device, dtype=p.dtype))
+                    continue
             full = full_tensor(name, p)
             if tuple(full.shape) != tuple(p.shape):
                 raise UserError(f"tensor {name} has shape {tuple(full.shape)}, the model {tuple(p.shape)}; the "

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -47,7 +46,7 @@ import winogrande_utils
 from errors import UserError, run_cli
 from fileio import read_json
 from logger import Logger, git_commit
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, tensor_generator
 from model_formats import LazyStateDict
 from run_control import RESUMABLE_EXIT, RunControl, StopRequested
 from settings_table import BY_KEY
@@ -199,8 +198,9 @@ def build_model(cfg: config.Config, tok, init_source: str, device: torch.device)
     else:
         margs = cfg.model_args(tok.vocab_size)
         torch.manual_seed(cfg.training.seed)
-        model = Transformer(margs)
-        model.init_weights(generator=torch.Generator().manual_seed(cfg.training.seed))
+        with torch.device(device):  # drawn where it trains: a GPU draws the values the sharded build draws
+            model = Transformer(margs)
+        model.init_weights(generator=torch.Generator(device).manual_seed(cfg.training.seed))
     return model.to(device).train(), margs
 
 
@@ -227,21 +227,14 @@ def build_meta_model(cfg: config.Config, tok, init_source: str) -> tuple[Transfo
     return model.train(), margs, weights
 
 
-def tensor_generator(seed: int, name: str) -> torch.Generator:
-    """A CPU generator of the tensor `name` alone: its values depend on the seed and the name, not on what was
-    drawn before, so any rank can draw any tensor by itself and get the single process's values."""
-    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-
-
 def apply_lora(cfg: config.Config, model: Transformer, seed: int) -> None:
     """Swap in the LoRA adapters (on a built or a meta model) and draw them, each from its own generator
-    (tensor_generator), so a sharded build fills the same values (materialize_model)."""
+    (tensor_generator) on the model's device, so a sharded build fills the same values (materialize_model)."""
     c = cfg.lora
     lora.apply_lora(model, c.lora_target_modules, c.lora_rank, c.lora_alpha, c.lora_dropout)
     for name, p in model.named_parameters():
         if lora.is_adapter(name) and p.device.type != "meta":
-            lora.init_adapter(name, p, tensor_generator(seed, name))
+            lora.init_adapter(name, p, tensor_generator(seed, name, p.device))
 
 
 def hold_frozen_base_in(model: Transformer, prec: precision.Choice) -> None:
@@ -261,12 +254,13 @@ def hold_frozen_base_in(model: Transformer, prec: precision.Choice) -> None:
 
 def materialize_model(model: Transformer, weights: Any, seed: int, device: torch.device, where: str) -> None:
     """Allocate a meta-built (sharded) model on `device`: from `weights`, or the random init of build_model —
-    the same generator drawing the same values in the same parameter order, each rank keeping its shards.
-    LoRA adapters are drawn by name (tensor_generator), as apply_lora does on a built model."""
+    every tensor drawn on `device` from its own generator (model.tensor_generator), so each rank draws at the
+    device's speed the values one process draws, and keeps its shards. LoRA adapters are drawn by name too,
+    as apply_lora does on a built model."""
 
     def adapter(name: str, p: nn.Parameter) -> torch.Tensor:
-        t = torch.empty(p.shape, dtype=torch.float32)
-        lora.init_adapter(name, t, tensor_generator(seed, name))
+        t = torch.empty(p.shape, dtype=torch.float32, device=device)
+        lora.init_adapter(name, t, tensor_generator(seed, name, device))
         return t
 
     adapters = [n for n, _ in model.named_parameters() if lora.is_adapter(n)]
@@ -274,16 +268,19 @@ def materialize_model(model: Transformer, weights: Any, seed: int, device: torch
         if adapters:
             params = dict(model.named_parameters())
             base = weights
+            base_rows = getattr(base, "rows", None)
             weights = LazyStateDict(
-                [*base, *adapters], lambda n: adapter(n, params[n]) if lora.is_adapter(n) else base[n])
+                [*base, *adapters], lambda n: adapter(n, params[n]) if lora.is_adapter(n) else base[n],
+                None if base_rows is None else lambda n, a, b: (params[n].shape, None if lora.is_adapter(n)
+                                                                else base_rows(n, a, b, tuple(params[n].shape))))
         model_utils.load_sharded(model, weights, device, where)
         return
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed)  # each tensor drawn on the device, from its own seed
 
     def init_value(name: str, p: nn.Parameter) -> torch.Tensor:
         if lora.is_adapter(name):
             return adapter(name, p)
-        t = torch.empty(p.shape, dtype=torch.float32)
+        t = torch.empty(p.shape, dtype=torch.float32, device=device)
         model.init_parameter(name, t, generator=generator)
         return t
 
@@ -658,7 +655,8 @@ def evaluate_and_save(run: Run, last_step: bool) -> bool:
                                               stop_check=run.stop_check)
         log.log({"step": step, "winogrande_acc": wg["acc"]}, console=True)
     if due(e.generate_every_x_steps, step, last_step):
-        sample_prompts(run.eval_model, run.tok, cfg, log, run.stop_check)
+        with run.autocast():  # the run's precision (a LoRA base held in bf16 needs it)
+            sample_prompts(run.eval_model, run.tok, cfg, log, run.stop_check)
     if wants_checkpoint(c, step, improved, last_step):
         save_checkpoint(run, best=improved)
     if stop_early:
