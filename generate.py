@@ -179,7 +179,9 @@ def generate(
     model.eval()
     with int8_weights(model) if int8 else contextlib.nullcontext():
         # frozen weights during generation; int8 keeps the projections apart (each one is an Int8Linear)
-        model.setup_caches(B, cache_len, fuse_projections=not int8)
+        # under autocast the keys and values come out in its dtype: the cache holds them in it
+        cache_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        model.setup_caches(B, cache_len, dtype=cache_dtype, fuse_projections=not int8)
         step = compiled_decode_step() if compile else Transformer.decode_step
         guards = contextlib.ExitStack()
         try:

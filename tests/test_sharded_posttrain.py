@@ -120,3 +120,15 @@ def test_frozen_lora_base_in_bf16_gives_the_fp32_forward_under_autocast():
     train.apply_lora(cfg, fp32, 1)
     train.hold_frozen_base_in(fp32, precision.resolve("fp32", torch.device("cpu")))
     assert {p.dtype for p in fp32.parameters()} == {torch.float32}  # only bf16 runs hold the base in bf16
+
+
+@pytest.mark.slow
+def test_lora_with_a_bf16_base_validates_evaluates_and_samples(tmp_path, pretrain_data, capsys):
+    """The evaluation hooks run on the bf16-held base too (sampling under the run's autocast, its KV cache in the
+    autocast dtype)."""
+    hs = ROOT / "tests" / "fixtures" / "hellaswag_golden.jsonl"
+    m = run_inprocess(tmp_path, pretrain_data, MAX_STEPS=2, VALIDATE_EVERY_X_STEPS=2, SAVE_CHECKPOINTS="false",
+                      LORA_ENABLED="true", TRAINING_PRECISION="bf16", GENERATE_EVERY_X_STEPS=2, MAX_TEST_GEN_LEN=4,
+                      HELLASWAG_EVERY_X_STEPS=2, HELLASWAG_PATH=hs, HELLASWAG_NUMBER_OF_EXAMPLES=4)
+    assert any("val_loss" in e for e in m) and any("hellaswag_acc_norm" in e for e in m)
+    assert "sample |" in capsys.readouterr().out
