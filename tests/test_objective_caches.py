@@ -251,3 +251,22 @@ def test_cache_teacher_cli_over_shards_feeds_the_distillation_term(tmp_path, sta
         assert m["kd"].item() == pytest.approx(want.item(), rel=3e-3)  # float16 log-probs in the cache
         checked += int((batch["labels"] != -100).sum())
     assert checked > 0
+
+
+def test_write_cache_computes_under_the_given_precision(tmp_path):
+    """compute_dtype=bf16: the reference log-probs are those of the bf16-autocast forward (what the live
+    reference computes in a bf16 run), not the fp32 ones."""
+    import precision
+
+    model = tiny_model(2, vocab=64)
+    batch = {**dpo_batch(B=3, vocab=64), "sample_index": torch.arange(3)}
+    objective_caches.write_cache("reference", model, iter([batch]), 3, 10, str(tmp_path / "bf16"),
+                                 compute_dtype=torch.bfloat16)
+    got = np.load(tmp_path / "bf16" / "ref_logps.npy").T.reshape(-1)
+    ids, labels = concat_pairs(batch)
+    with torch.no_grad():
+        with precision.autocast("cpu", torch.bfloat16):
+            want = obj.sequence_logps(model(ids), labels).numpy()
+        fp32 = obj.sequence_logps(model(ids), labels).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-2)
+    assert np.abs(got - want).max() < np.abs(got - fp32).max()  # closer to the bf16 forward than to fp32
