@@ -736,6 +736,40 @@ def model_tensor_reader(path: Path) -> tuple[list[str], Callable[[str], torch.Te
     return names, read
 
 
+def model_tensor_row_reader(path: Path) -> Callable[[str, int, int], tuple[tuple[int, ...], torch.Tensor]]:
+    """read_rows(name, start, stop) -> (the full shape, rows start:stop (dim 0)) of a checkpoint's model
+    tensor, read as safetensors slices of only the files and rows that hold them (an FSDP2 rank reading its
+    shard)."""
+    from safetensors import safe_open
+
+    if format_version(path) == 1:
+        def rows_of_one_file(name: str, start: int, stop: int) -> tuple[tuple[int, ...], torch.Tensor]:
+            with safe_open(str(path / MODEL_FILE), framework="pt") as f:
+                sl = f.get_slice(name)
+                return tuple(sl.get_shape()), sl[start:stop]
+
+        return rows_of_one_file
+    meta = _read_layout(path / MODEL_DIR)
+    pieces: dict[str, list[tuple[Any, Any]]] = {}
+    for index, info in meta.storage_data.items():
+        pieces.setdefault(index.fqn, []).append((index.offset, info))
+
+    def read_rows(name: str, start: int, stop: int) -> tuple[tuple[int, ...], torch.Tensor]:
+        m = meta.state_dict_metadata[name]
+        out = torch.empty((stop - start, *m.size[1:]), dtype=m.properties.dtype)
+        for offset, info in pieces[name]:
+            lo, hi = max(start, offset[0]), min(stop, offset[0] + info.shape[0])
+            if lo >= hi:
+                continue
+            with safe_open(info.relative_path, framework="pt") as f:
+                part = f.get_slice(name)[lo - offset[0]:hi - offset[0]]
+            out[(slice(lo - start, hi - start), *(slice(o, o + n) for o, n in zip(offset[1:], info.shape[1:],
+                                                                                  strict=True)))] = part
+        return tuple(m.size), out
+
+    return read_rows
+
+
 def iter_model_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """A checkpoint's model tensors as whole CPU tensors, one at a time (see model_tensor_reader)."""
     names, read = model_tensor_reader(path)

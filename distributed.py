@@ -276,25 +276,37 @@ def fsdp_mesh(shard_group_size: int, device: torch.device) -> Any:
 
 
 def materialize(model: nn.Module, device: torch.device,
-                full_tensor: Callable[[str, nn.Parameter], torch.Tensor]) -> None:
+                full_tensor: Callable[[str, nn.Parameter], torch.Tensor],
+                rows: Callable[[str, int, int, tuple[int, ...]], torch.Tensor | None] | None = None) -> None:
     """Allocate a model built on the meta device (FSDP2-sharded or not) on `device` and fill every parameter,
     in named_parameters() order, from `full_tensor(name, param)`: the whole tensor, of which this rank keeps
-    its own shard. One full tensor exists at a time, never the whole model. Buffers are the model's own
-    business (Transformer recomputes its RoPE table when moved)."""
+    its own shard. One full tensor exists at a time, never the whole model. With `rows(name, start, stop,
+    full_shape)` (a source that reads dim-0 slices and checks the tensor's full shape; None where it cannot) a
+    rank whose shard is a block of rows reads only that block. Buffers are the model's own business (Transformer recomputes its RoPE table when moved)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
     from tqdm import tqdm
 
     ties = _ties(model)
     model.to_empty(device=device)
-    for names in ties:  # to_empty gives each module its own tensor (FSDP2 keeps the ties it manages)
-        first = model.get_parameter(names[0])
-        for other in names[1:]:
-            owner, _, attr = other.rpartition(".")
-            if model.get_parameter(other) is not first:
-                setattr(model.get_submodule(owner), attr, first)
+    _restore_ties(model, ties)
     named = list(model.named_parameters())
     with torch.no_grad():
         for name, p in tqdm(named, desc="filling the shards", unit="tensor", disable=not is_main(), leave=False):
+            if rows is not None and isinstance(p, DTensor):
+                local_shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+                whole_rows = p.ndim > 0 and all(o == 0 and n == f for o, n, f in
+                                                zip(offset[1:], local_shape[1:], p.shape[1:], strict=True))
+                if whole_rows and local_shape[0] == 0:  # an uneven split left this rank no rows
+                    continue
+                part = rows(name, offset[0], offset[0] + local_shape[0], tuple(p.shape)) if whole_rows else None
+                if part is not None:
+                    if tuple(part.shape) != tuple(local_shape):
+                        raise UserError(f"tensor {name}: rows {offset[0]}:{offset[0] + local_shape[0]} read as "
+                                        f"{tuple(part.shape)}, the shard is {tuple(local_shape)}; the config and "
+                                        "weights disagree")
+                    p.to_local().copy_(part.to(device=device, dtype=p.dtype))
+                    continue
             full = full_tensor(name, p)
             if tuple(full.shape) != tuple(p.shape):
                 raise UserError(f"tensor {name} has shape {tuple(full.shape)}, the model {tuple(p.shape)}; the "
@@ -305,6 +317,47 @@ def materialize(model: nn.Module, device: torch.device,
             else:
                 p.copy_(full)
             del full
+
+
+def shard_frozen_copy(frozen: nn.Module, model: nn.Module, device: torch.device) -> None:
+    """`frozen`: a meta-device copy of `model` taken before parallelize (a frozen reference). `model` is now
+    FSDP2-sharded and filled: shard `frozen` on the same mesh (fully_shard per block, then the root; no
+    activation checkpointing, no compile, resharded after each forward) and copy `model`'s local shards into
+    it. Every rank copies only what it holds: no read of the source, no gather."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    sharded = dict(model.named_parameters())
+    meshes = {p.device_mesh for p in sharded.values() if isinstance(p, DTensor)}
+    if len(meshes) != 1:
+        raise RuntimeError(f"shard_frozen_copy: the model's parameters are on {len(meshes)} meshes, expected one "
+                           "(an FSDP2-sharded model)")
+    mesh = meshes.pop()
+    for block in frozen.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(frozen, mesh=mesh)
+    ties = _ties(frozen)
+    frozen.to_empty(device=device)
+    _restore_ties(frozen, ties)
+    with torch.no_grad():
+        for name, p in frozen.named_parameters():
+            src = sharded[name]
+            if tuple(p.shape) != tuple(src.shape) or getattr(p, "placements", None) != getattr(src, "placements", None):
+                raise RuntimeError(f"shard_frozen_copy: {name} is {tuple(p.shape)} {getattr(p, 'placements', None)} "
+                                   f"in the copy but {tuple(src.shape)} {getattr(src, 'placements', None)} in the "
+                                   "model; the copy must be taken from the model before parallelize")
+            local = p.to_local() if isinstance(p, DTensor) else p
+            local.copy_(src.to_local() if isinstance(src, DTensor) else src)
+
+
+def _restore_ties(model: nn.Module, ties: list[list[str]]) -> None:
+    """to_empty gives each module its own tensor (FSDP2 keeps the ties it manages): share them again."""
+    for names in ties:
+        first = model.get_parameter(names[0])
+        for other in names[1:]:
+            owner, _, attr = other.rpartition(".")
+            if model.get_parameter(other) is not first:
+                setattr(model.get_submodule(owner), attr, first)
 
 
 def _ties(model: nn.Module) -> list[list[str]]:

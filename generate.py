@@ -82,11 +82,17 @@ def compiled_cache_len(total: int) -> int:
     return max(CACHE_MIN, 1 << (total - 1).bit_length())
 
 
+def _on_cuda(example_inputs) -> bool:
+    return any(getattr(getattr(t, "device", None), "type", None) == "cuda" for t in example_inputs)
+
+
 def _inductor_keeping_matvec(gm, example_inputs):
     """torch.compile backend: inductor, except that matrix-vector products stay ATen calls. Inductor would
     rewrite them as multiply-and-sum loops with their inputs' producers (the RMSNorm) fused in and recomputed
     for every output row, which made the compiled step slower than with ATen's kernel (bench/README.md,
-    "Decoding")."""
+    "Decoding"). On CUDA the step is also captured as a CUDA graph (inductor's cudagraph trees, what
+    mode="reduce-overhead" turns on): a decode step is hundreds of small kernels whose launch cost would
+    otherwise bound it. That path has not run on a GPU here."""
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.decomposition import select_decomp_table
     from torch._inductor.lowering import lowerings, make_fallback
@@ -97,8 +103,8 @@ def _inductor_keeping_matvec(gm, example_inputs):
         # have a decomposition when the CI environment variable is set
         if op not in lowerings:
             make_fallback(op, warn=False, override_decomp=True)
-    return compile_fx(gm, example_inputs, decompositions={k: v for k, v in select_decomp_table().items()
-                                                          if k not in keep})
+    return compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": True} if _on_cuda(example_inputs)
+                      else None, decompositions={k: v for k, v in select_decomp_table().items() if k not in keep})
 
 
 def compiled_decode_step():
@@ -226,6 +232,8 @@ def generate(
                     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                     raise UserError(f"compile=True (--compile): torch.compile could not build the decode step "
                                     f"({first[:200]}); generate without it") from None
+                if compile and device.type == "cuda":
+                    logits = logits.clone()  # a CUDA graph's replay overwrites its output buffer
                 next_pos, slot = next_pos + 1, slot + 1
                 if compile and n == 0:
                     # the first step checked the compiled graph's guards; the same model and shapes follow, so

@@ -65,11 +65,9 @@ class LoRALinear(nn.Linear):
         self.merged = False  # True: weight already holds W + scaling * B A
         self.reset_lora_parameters()
 
-    def reset_lora_parameters(self) -> None:
-        # PEFT's default (init_lora_weights=True): A like nn.Linear's default init, B = 0, so the
-        # adapted model starts exactly equal to the base model.
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_b)
+    def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
+        init_adapter("lora_a", self.lora_a, generator)
+        init_adapter("lora_b", self.lora_b, generator)
 
     @property
     def dropout_p(self) -> float:
@@ -106,6 +104,22 @@ class LoRALinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha:g}, dropout={self.dropout_p:g}"
+
+
+@torch.no_grad()
+def init_adapter(name: str, t: torch.Tensor, generator: torch.Generator | None = None) -> None:
+    """The initial value of the adapter parameter `name` (`...lora_a` / `...lora_b`), in place on `t` (the
+    parameter, or a full-size tensor standing in for a sharded one). PEFT's default (init_lora_weights=True):
+    A like nn.Linear's default init, B = 0, so the adapted model starts exactly equal to the base model."""
+    if name.endswith("lora_a"):
+        nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
+    else:
+        nn.init.zeros_(t)
+
+
+def is_adapter(name: str) -> bool:
+    """Whether the parameter name is a LoRA adapter matrix."""
+    return name.endswith((".lora_a", ".lora_b"))
 
 
 # ---- applying and inspecting ---------------------------------------------------------------------

@@ -13,6 +13,7 @@ Architecture only: no process groups, no devices, no logging, no checkpoint poli
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -358,6 +359,13 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def tensor_generator(seed: int, name: str, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator of the tensor `name` alone, on `device`: seeded from the seed and the name (a stable hash),
+    so the tensor's values are the same whichever other tensors were drawn, and where."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -391,15 +399,17 @@ class Transformer(nn.Module):
     def init_parameter(self, name: str, t: torch.Tensor, std: float = 0.02,
                        generator: torch.Generator | None = None) -> None:
         """init_weights' rule for the parameter `name`, applied in place to `t` (the parameter, or a full-size
-        tensor standing in for a sharded one). Drawn in named_parameters() order from one generator, the
-        values do not depend on where the parameters live."""
+        tensor standing in for a sharded one). With a generator, the tensor draws from its own one
+        (tensor_generator of the generator's seed and the name, on the generator's device): its values depend
+        on neither the order nor the other tensors, so a sharded build can draw any tensor alone, on the GPU."""
+        g = tensor_generator(generator.initial_seed(), name, generator.device) if generator is not None else None
         if t.ndim == 1:
             nn.init.ones_(t)
         elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight", "feed_forward.experts.w2",
                             "shared_expert.w2.weight")):
-            nn.init.normal_(t, 0.0, std / math.sqrt(2 * self.args.n_layers), generator=generator)
+            nn.init.normal_(t, 0.0, std / math.sqrt(2 * self.args.n_layers), generator=g)
         else:
-            nn.init.normal_(t, 0.0, std, generator=generator)
+            nn.init.normal_(t, 0.0, std, generator=g)
 
     # ---- KV cache ---------------------------------------------------------------------------------
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype=None, device=None,

@@ -236,8 +236,24 @@ class LazyStateDict(Mapping):
     """A state dict whose tensors are read when looked up, one at a time (`read(name)`), in our names and
     layout: a loader that must never hold the whole model (FSDP2's rank-local loading) walks it name by name."""
 
-    def __init__(self, names: list[str], read: Callable[[str], torch.Tensor]):
-        self._names, self._read = list(names), read
+    def __init__(self, names: list[str], read: Callable[[str], torch.Tensor],
+                 read_rows: Callable[[str, int, int], tuple[tuple[int, ...], torch.Tensor]] | None = None,
+                 where: str = ""):
+        self._names, self._read, self._read_rows, self._where = list(names), read, read_rows, where
+
+    def rows(self, name: str, start: int, stop: int, full_shape: tuple[int, ...]) -> torch.Tensor | None:
+        """Rows start:stop (dim 0) of the tensor `name`, whose full shape must be `full_shape`, read alone (a
+        safetensors slice: an FSDP2 rank reads only its shard), or None when this source reads only whole
+        tensors."""
+        if name not in self._names:
+            raise KeyError(name)
+        if self._read_rows is None:
+            return None
+        stored, part = self._read_rows(name, start, stop)
+        if tuple(stored) != tuple(full_shape):
+            raise UserError(f"tensor {name} has shape {tuple(stored)} in {self._where}, the model "
+                            f"{tuple(full_shape)}; the config and weights disagree")
+        return part
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._names:
@@ -302,7 +318,21 @@ def open_hf(path: Path) -> tuple[ModelArgs, Mapping[str, torch.Tensor]]:
             t = h.get_tensor(to_hf[name])
         return hf_to_ours({to_hf[name]: t}, replace(args, tie_embeddings=False))[name]
 
-    return args, LazyStateDict(names, read)
+    def read_rows(name: str, start: int, stop: int) -> torch.Tensor:
+        heads = (args.n_heads if name.endswith("attention.wq.weight") else
+                 args.n_kv_heads if name.endswith("attention.wk.weight") else None)
+        with safe_open(where[to_hf[name]], framework="pt") as h:
+            sl = h.get_slice(to_hf[name])
+            shape = tuple(sl.get_shape())
+            if heads is None:
+                return shape, sl[start:stop]
+            # q/k rows are permuted within each head: read the whole heads the rows fall in, un-permute them
+            hd = shape[0] // heads
+            first, last = start // hd, -(-stop // hd)
+            block = unpermute_rotate_half(sl[first * hd:last * hd], last - first)
+        return shape, block[start - first * hd:stop - first * hd]
+
+    return args, LazyStateDict(names, read, read_rows, str(path))
 
 
 def _meta_merge(shards: list[dict[str, torch.Tensor]], dim: int) -> dict[str, torch.Tensor]:

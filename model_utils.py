@@ -310,7 +310,9 @@ def _open_ours(path: Path) -> tuple[ModelArgs, Mapping[str, torch.Tensor]]:
     # a tied model may be stored under either name of its one matrix
     alias = {"tok_embeddings.weight": "output.weight"} if args.tie_embeddings and "tok_embeddings.weight" not in stored else {}
     names = [n for n in stored if not (args.tie_embeddings and n == "output.weight")] + list(alias)
-    return args, LazyStateDict(sorted(names), lambda name: read(alias.get(name, name)))
+    read_rows = ckpt.model_tensor_row_reader(path)
+    return args, LazyStateDict(sorted(names), lambda name: read(alias.get(name, name)),
+                               lambda name, start, stop: read_rows(alias.get(name, name), start, stop), str(path))
 
 
 def module_state_view(weights: Mapping[str, torch.Tensor], args: ModelArgs) -> Mapping[str, torch.Tensor]:
@@ -325,13 +327,14 @@ def module_state_view(weights: Mapping[str, torch.Tensor], args: ModelArgs) -> M
 def load_sharded(model: Transformer, weights: Mapping[str, torch.Tensor], device: torch.device,
                  where: str = "") -> None:
     """Fill a model built on the meta device (and sharded by FSDP2, or not) from `weights` (open_weights),
-    one tensor at a time: each rank keeps its shard of each tensor and drops the rest."""
+    one tensor at a time: each rank reads only its rows of each tensor where the source can slice (our
+    checkpoints, HF safetensors: `weights.rows`), else reads it whole and keeps its shard."""
     expected = {n for n, _ in model.named_parameters()}
     missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
     if missing or unexpected:
         raise UserError(f"weights in {where} do not match the model: missing {missing[:4]}, "
                         f"unexpected {unexpected[:4]}; is this a Llama-architecture checkpoint?")
-    D.materialize(model, device, lambda name, _p: weights[name])
+    D.materialize(model, device, lambda name, _p: weights[name], getattr(weights, "rows", None))
 
 
 _LOADERS: dict[str, Callable[[Path], tuple[ModelArgs, dict[str, torch.Tensor]]]] = {

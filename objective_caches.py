@@ -5,14 +5,18 @@ cache-reference`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+import precision
 from distributed import unwrap
 from errors import UserError
-from losses import sequence_logps
+from losses import IGNORE_INDEX
+from model import Transformer
 
 # ---- frozen models (teacher, reference): calling and freezing them --------------------------------------
 
@@ -42,6 +46,18 @@ def freeze(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def hidden_rows(model: nn.Module, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """-> (rows (B*T, d), head: rows (n, d) -> logits (n, V)): the final hidden states of our Transformer and
+    its output layer, so a caller can take the logits a chunk of rows at a time. A transformers model makes
+    the logits inside its forward: its rows are then the logits (B*T, V) and the head the identity."""
+    m = unwrap(model)
+    if isinstance(m, Transformer):
+        h = model(input_ids, doc_ids=doc_ids, positions=positions, return_hidden=True)  # (B, T, d)
+        return h.flatten(0, 1), m.output
+    return logits_of(model, input_ids, doc_ids, positions).flatten(0, 1), lambda rows: rows
 
 
 def concat_pairs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,9 +145,49 @@ class ReferenceCache:
         return rows[:, 0].to(device, non_blocking=True), rows[:, 1].to(device, non_blocking=True)
 
 
+# (rows, V) logits a cache builder holds at once: 2**26 values (256 MiB in fp32), e.g. 523 rows of Llama 3's
+# 128,256-token vocabulary; a whole (B, T, V) batch at B = 8, T = 8192 would be 33.6 GB.
+CHUNK_VALUES = 2**26
+
+
+def teacher_topk(rows: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], top_k: int,
+                 temperature: float, chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Of log_softmax(head(rows) / temperature), chunk_rows rows at a time: (top-k log-probs (N, K) fp32, their
+    ids (N, K), log of the mass outside the top-k (N,) fp32, exact: a log-sum-exp over the complement)."""
+    vals, ids, tails = [], [], []
+    for s in range(0, rows.shape[0], chunk_rows):
+        z = head(rows[s:s + chunk_rows]).float() / temperature  # (n, V) fp32
+        lse = torch.logsumexp(z, -1)  # (n,)
+        v, i = z.topk(top_k, dim=-1)  # (n, K)
+        tail = (torch.logsumexp(z.scatter_(-1, i, float("-inf")), -1) - lse if top_k < z.shape[-1]
+                else torch.full_like(lse, float("-inf")))
+        vals.append(v - lse[:, None])
+        ids.append(i)
+        tails.append(tail)
+        del z
+    return torch.cat(vals), torch.cat(ids), torch.cat(tails)
+
+
+def sequence_logps_chunked(rows: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
+                           chunk_rows: int) -> torch.Tensor:
+    """losses.sequence_logps of head(rows) without its (B, T, V) logits: rows (B*T, d), labels (B, T) already
+    shifted; only the target positions go through the head, chunk_rows at a time. -> (B,) fp32."""
+    B, T = labels.shape
+    flat = labels.flatten()
+    where = (flat != IGNORE_INDEX).nonzero().squeeze(1)  # (M,) target positions
+    out = torch.zeros(B, dtype=torch.float32, device=rows.device)
+    for s in range(0, where.numel(), chunk_rows):
+        at = where[s:s + chunk_rows]
+        logits = head(rows[at]).float()  # (n, V) fp32
+        out.index_add_(0, at // T, -F.cross_entropy(logits, flat[at], reduction="none"))
+        del logits
+    return out
+
+
 def write_cache(kind: str, model: nn.Module, batches: Any, n: int, seq_len: int, out: str, top_k: int = 64,
                 device: str | torch.device = "cpu", meta: dict[str, Any] | None = None,
-                temperature: float = 1.0) -> dict[str, Any]:
+                temperature: float = 1.0, compute_dtype: torch.dtype = torch.float32,
+                chunk_rows: int | None = None) -> dict[str, Any]:
     """Store a frozen model's outputs for samples 0..n-1, read from `batches` (dicts with "sample_index"
     (B,) and the loader's keys; extra batches past the first full cover are skipped):
       kind "teacher":   of the TEMPERED teacher log_softmax(logits / temperature) at every position: the top-k
@@ -141,6 +197,9 @@ def write_cache(kind: str, model: nn.Module, batches: Any, n: int, seq_len: int,
                         DISTILLATION_TEMPERATURE) because top-k values at T = 1 cannot give the tail mass at
                         another T; the ids are the same for every T.
       kind "reference": summed response log-probs of chosen and rejected, (n, 2) float32.
+    The forward runs under autocast to `compute_dtype` (the training run's precision: the live teacher and
+    reference run under it too); the logits exist chunk_rows rows at a time (default: CHUNK_VALUES / V),
+    never for a whole batch, and the softmax statistics are fp32.
     Written into <out>.tmp, renamed to <out> when complete. Returns the manifest."""
     import json
     import os
@@ -153,6 +212,8 @@ def write_cache(kind: str, model: nn.Module, batches: Any, n: int, seq_len: int,
 
     model, V = freeze(model), vocab_size_of(model)
     top_k = min(top_k, V)
+    chunk_rows = chunk_rows or max(1, CHUNK_VALUES // V)
+    device_type = torch.device(device).type
     final, tmp = Path(out), Path(f"{out}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -175,17 +236,19 @@ def write_cache(kind: str, model: nn.Module, batches: Any, n: int, seq_len: int,
                 rows, keep = idx[new], torch.from_numpy(new)
                 if kind == "teacher":
                     doc_ids, positions = (batch[k].to(device) if k in batch else None for k in ("doc_ids", "positions"))
-                    z = logits_of(model, batch["input_ids"].to(device), doc_ids, positions).float() / temperature
-                    lse = torch.logsumexp(z, -1)  # (B, T)
-                    vals, ids = z.topk(top_k, dim=-1)  # (B, T, K)
-                    tail = (torch.logsumexp(z.scatter_(-1, ids, float("-inf")), -1) - lse if top_k < V
-                            else torch.full_like(lse, float("-inf")))  # (B, T) log mass outside the top-k
-                    logps_arr[rows] = (vals - lse[..., None])[keep].cpu().numpy().astype(np.float16)
-                    ids_arr[rows] = ids[keep].cpu().numpy().astype(ids_arr.dtype)
-                    tail_arr[rows] = tail[keep].cpu().numpy()
+                    B, T = batch["input_ids"].shape
+                    with precision.autocast(device_type, compute_dtype):
+                        hidden, head = hidden_rows(model, batch["input_ids"].to(device), doc_ids, positions)
+                        vals, ids, tail = teacher_topk(hidden, head, top_k, temperature, chunk_rows)
+                    vals, ids, tail = vals.view(B, T, -1).cpu(), ids.view(B, T, -1).cpu(), tail.view(B, T).cpu()
+                    logps_arr[rows] = vals[keep].numpy().astype(np.float16)
+                    ids_arr[rows] = ids[keep].numpy().astype(ids_arr.dtype)
+                    tail_arr[rows] = tail[keep].numpy()
                 else:
                     ids, labels = concat_pairs({k: v.to(device) for k, v in batch.items()})
-                    lp = sequence_logps(logits_of(model, ids), labels).cpu().numpy()  # (2B,)
+                    with precision.autocast(device_type, compute_dtype):
+                        hidden, head = hidden_rows(model, ids)
+                        lp = sequence_logps_chunked(hidden, head, labels, chunk_rows).cpu().numpy()  # (2B,)
                     B = len(idx)
                     ref_arr[rows, 0], ref_arr[rows, 1] = lp[:B][new], lp[B:][new]
                 filled[rows] = True

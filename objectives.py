@@ -47,7 +47,7 @@ import model_utils
 import moe
 import precision
 import tokenizer
-from distributed import unwrap
+from distributed import shard_frozen_copy, unwrap, world_size
 from errors import UserError, run_cli
 from losses import (
     IGNORE_INDEX,
@@ -142,9 +142,13 @@ class Objective:
         return {}
 
     def copies_model(self) -> bool:
-        """Whether setup() keeps a copy of the starting model's weights (it then needs them in full, so the
-        loop builds the whole model before sharding it)."""
+        """Whether setup() keeps a copy of the starting model's weights (a meta-device copy when the model was
+        built on the meta device, filled by fill_frozen)."""
         return False
+
+    def fill_frozen(self, model: nn.Module, device: torch.device) -> None:
+        """After a meta-device build: `model` is sharded (FSDP2) and filled; shard the frozen copies setup()
+        took of it the same way and fill them from its local shards (no rank holds a whole copy)."""
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         """How many normalizing units (target tokens by default) this micro-batch holds."""
@@ -408,9 +412,16 @@ class DirectPreferenceOptimization(Objective):
         if self.cfg.lora.lora_enabled or any(True for _ in lora.lora_modules(model)):
             self.base_model = model
             return {"reference": "policy with LoRA adapters disabled", "reference_memory_mb": 0.0}
-        self.reference = freeze(copy.deepcopy(model))
+        self.reference = freeze(copy.deepcopy(model))  # on the meta device too: fill_frozen fills it
+        if self.reference.tok_embeddings.weight.is_meta:
+            return {"reference": "frozen copy of the initial policy, sharded like it (FSDP2)",
+                    "reference_memory_mb": round(_memory_bytes(self.reference) / world_size() / 2**20, 1)}
         return {"reference": "frozen copy of the initial policy",
                 "reference_memory_mb": round(_memory_bytes(self.reference) / 2**20, 1)}
+
+    def fill_frozen(self, model, device):
+        if self.reference is not None and self.reference.tok_embeddings.weight.is_meta:
+            shard_frozen_copy(self.reference, model, device)
 
     def units(self, batch):
         return int(batch["chosen_input_ids"].shape[0])
@@ -575,6 +586,9 @@ class RouterLosses(Objective):
     def copies_model(self):
         return self.base.copies_model()
 
+    def fill_frozen(self, model, device):
+        self.base.fill_frozen(model, device)
+
     def units(self, batch):
         return self.base.units(batch)
 
@@ -674,8 +688,10 @@ def build_cache(kind: str, cfg: Any, model_source: str, data: str, out: str, top
     batches = (loader.next_batch() for _ in range(2 * ((n + batch_size - 1) // batch_size)))
     meta = {"model": str(model_source), "data": str(data), "batch_format": batch_format, "split": "train",
             "tokenizer": tok.identity(), **document_attention(cfg, batch_format)}
+    compute = precision.resolve(cfg["TRAINING_PRECISION"], device).dtype  # what the live teacher / reference runs in
+    meta["compute_precision"] = precision.name_of(compute)
     return write_cache(kind, model, batches, n, cfg["MAX_SEQ_LEN"], out, top_k=top_k, device=device, meta=meta,
-                       temperature=cfg["DISTILLATION_TEMPERATURE"])
+                       temperature=cfg["DISTILLATION_TEMPERATURE"], compute_dtype=compute)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -685,7 +701,8 @@ def main(argv: list[str] | None = None) -> int:
     for cmd, who in (("cache-teacher", "--teacher"), ("cache-reference", "--reference")):
         s = sub.add_parser(cmd, help=f"run {who[2:]} once over the train shards and store its outputs",
                            epilog="Settings (MAX_SEQ_LEN, SEED, TOKENIZER_CHECKPOINT_PATH, TRAINING_STAGE, "
-                           "SFT_BATCHING, TEACHER_PRECISION ...) may follow as KEY=VALUE.")
+                           "SFT_BATCHING, TEACHER_PRECISION, TRAINING_PRECISION ...) may follow as "
+                           "KEY=VALUE.")
         s.add_argument(who, dest="model", required=True, help="any model_utils.load_model source")
         s.add_argument("--data", required=True, help="shard root (the loader's root: train/ val/ manifest.json)")
         s.add_argument("--out", required=True, help="cache directory to write")

@@ -4,8 +4,9 @@ round-to-nearest), activations stay in their dtype.
 Greedy decoding at batch 1 reads every weight once per token, so its speed is bounded by memory bandwidth /
 weight bytes; int8 weights are half the bytes of bf16 and a quarter of fp32. `int8_weights(model)` swaps every
 plain nn.Linear for an Int8Linear for the duration of a with-block and puts the originals back after (the
-model's own weights are never modified). On CPU the matmul is ATen's int8-weight kernel
-(`_weight_int8pack_mm`, bf16 / fp32 activations); elsewhere the weight is dequantized per call.
+model's own weights are never modified). The matmul is ATen's CPU int8-weight kernel (`_weight_int8pack_mm`,
+bf16 / fp32 activations; other activation dtypes dequantize the weight per call). A model on a GPU is refused:
+there the weight would be dequantized to a full copy on every call, reading more bytes than bf16 weights do.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from errors import UserError
 
 
 class Int8Linear(nn.Module):
@@ -47,6 +50,10 @@ class Int8Linear(nn.Module):
 def int8_weights(model: nn.Module) -> Iterator[nn.Module]:
     """Every plain nn.Linear of `model` runs with int8 weights inside the block (a tied output layer is
     quantized as the head; the embedding table stays as it is); the original modules come back after."""
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        raise UserError(f"int8 decoding (--int8) runs on CPU only, the model is on {device}: there each call would "
+                        "dequantize the whole weight, slower than bf16; decode in bf16 (--dtype bf16) instead")
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     try:
         for parent in list(model.modules()):

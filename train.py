@@ -46,7 +46,8 @@ import winogrande_utils
 from errors import UserError, run_cli
 from fileio import read_json
 from logger import Logger, git_commit
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, tensor_generator
+from model_formats import LazyStateDict
 from run_control import RESUMABLE_EXIT, RunControl, StopRequested
 from settings_table import BY_KEY
 
@@ -197,17 +198,18 @@ def build_model(cfg: config.Config, tok, init_source: str, device: torch.device)
     else:
         margs = cfg.model_args(tok.vocab_size)
         torch.manual_seed(cfg.training.seed)
-        model = Transformer(margs)
-        model.init_weights(generator=torch.Generator().manual_seed(cfg.training.seed))
+        with torch.device(device):  # drawn where it trains: a GPU draws the values the sharded build draws
+            model = Transformer(margs)
+        model.init_weights(generator=torch.Generator(device).manual_seed(cfg.training.seed))
     return model.to(device).train(), margs
 
 
-def builds_sharded(cfg: config.Config, objective: objectives.Objective) -> bool:
+def builds_sharded(cfg: config.Config) -> bool:
     """FSDP2 runs build the model on the meta device and let each rank fill only its shards after fully_shard
-    (a resumed run then reads only its shards of the checkpoint), unless something needs the whole model
-    first: LoRA (adapters go onto full weights) or an objective that copies the starting model (a frozen
-    reference)."""
-    return cfg.system.use_fsdp and D.is_dist() and not cfg.lora.lora_enabled and not objective.copies_model()
+    (a resumed run then reads only its shards of the checkpoint). LoRA adapters are swapped in on the meta
+    model and drawn in the same pass; a frozen copy of the starting model (the DPO reference) is sharded like
+    the policy and filled from its shards (Objective.fill_frozen). No rank ever holds the whole model."""
+    return cfg.system.use_fsdp and D.is_dist()
 
 
 def build_meta_model(cfg: config.Config, tok, init_source: str) -> tuple[Transformer, ModelArgs, Any]:
@@ -225,16 +227,60 @@ def build_meta_model(cfg: config.Config, tok, init_source: str) -> tuple[Transfo
     return model.train(), margs, weights
 
 
+def apply_lora(cfg: config.Config, model: Transformer, seed: int) -> None:
+    """Swap in the LoRA adapters (on a built or a meta model) and draw them, each from its own generator
+    (tensor_generator) on the model's device, so a sharded build fills the same values (materialize_model)."""
+    c = cfg.lora
+    lora.apply_lora(model, c.lora_target_modules, c.lora_rank, c.lora_alpha, c.lora_dropout)
+    for name, p in model.named_parameters():
+        if lora.is_adapter(name) and p.device.type != "meta":
+            lora.init_adapter(name, p, tensor_generator(seed, name, p.device))
+
+
+def hold_frozen_base_in(model: Transformer, prec: precision.Choice) -> None:
+    """Under bf16, the frozen Linear weights of a LoRA model are stored in bf16, the compute dtype (QLoRA and
+    torchtune hold the frozen base in it too). Autocast casts every matmul's weight to bf16 anyway (nn.Linear
+    and the fused head alike), so the forward is the same to the bit while the base takes half the memory
+    and FSDP2 gathers half the bytes; the adapters (trained) stay fp32. Embeddings and norms stay fp32, so
+    the residual stream keeps its precision, and so does a head tied to the embedding. fp16 and fp32 keep
+    the base in fp32 (fp16 weights would need GradScaler-free overflow care)."""
+    if prec.name != "bf16":
+        return
+    embedding = model.tok_embeddings.weight
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and not m.weight.requires_grad and m.weight is not embedding:
+            m.weight.data = m.weight.data.to(torch.bfloat16)
+
+
 def materialize_model(model: Transformer, weights: Any, seed: int, device: torch.device, where: str) -> None:
     """Allocate a meta-built (sharded) model on `device`: from `weights`, or the random init of build_model —
-    the same generator drawing the same values in the same parameter order, each rank keeping its shards."""
+    every tensor drawn on `device` from its own generator (model.tensor_generator), so each rank draws at the
+    device's speed the values one process draws, and keeps its shards. LoRA adapters are drawn by name too,
+    as apply_lora does on a built model."""
+
+    def adapter(name: str, p: nn.Parameter) -> torch.Tensor:
+        t = torch.empty(p.shape, dtype=torch.float32, device=device)
+        lora.init_adapter(name, t, tensor_generator(seed, name, device))
+        return t
+
+    adapters = [n for n, _ in model.named_parameters() if lora.is_adapter(n)]
     if weights is not None:
+        if adapters:
+            params = dict(model.named_parameters())
+            base = weights
+            base_rows = getattr(base, "rows", None)
+            weights = LazyStateDict(
+                [*base, *adapters], lambda n: adapter(n, params[n]) if lora.is_adapter(n) else base[n],
+                None if base_rows is None else lambda n, a, b: (params[n].shape, None if lora.is_adapter(n)
+                                                                else base_rows(n, a, b, tuple(params[n].shape))))
         model_utils.load_sharded(model, weights, device, where)
         return
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed)  # each tensor drawn on the device, from its own seed
 
     def init_value(name: str, p: nn.Parameter) -> torch.Tensor:
-        t = torch.empty(p.shape, dtype=torch.float32)
+        if lora.is_adapter(name):
+            return adapter(name, p)
+        t = torch.empty(p.shape, dtype=torch.float32, device=device)
         model.init_parameter(name, t, generator=generator)
         return t
 
@@ -485,7 +531,7 @@ def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) ->
     init_source = str(model_utils.resolve_source(requested)[1]) if requested else ""  # not a moving `latest`
     tok = load_tokenizer(cfg, init_source)
     objective = objectives.build_objective(cfg)
-    sharded = builds_sharded(cfg, objective)
+    sharded = builds_sharded(cfg)
     if sharded:
         model, margs, weights = build_meta_model(cfg, tok, init_source)
         source_weights = lambda: model_utils.module_state_view(weights, margs)  # noqa: E731
@@ -499,17 +545,17 @@ def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) ->
     if verify_parent:
         ckpt.check_parent(resume_dir, init_source, init_fingerprint, weights=source_weights)
     setup_facts = objective.setup(model, tok, device) or {}
-    if cfg.system.use_fsdp:
-        setup_facts["model build"] = "meta device, each rank fills its FSDP2 shards" if sharded else \
-            "whole model on every rank, then sharded (LoRA or a frozen copy need it)"
+    if sharded:
+        setup_facts["model build"] = "meta device, each rank fills its FSDP2 shards"
     if cfg.lora.lora_enabled:
-        lora.apply_lora(model, cfg.lora.lora_target_modules, cfg.lora.lora_rank, cfg.lora.lora_alpha,
-                        cfg.lora.lora_dropout)
+        apply_lora(cfg, model, t.seed)
+        hold_frozen_base_in(model, prec)
     state = initial_state(cfg, args, resume_dir, init_source, model, margs, init_fingerprint, requested)
     state.precision = prec.name  # recorded in every checkpoint: a resume computes in it
     wrapped = D.parallelize(model, cfg, device, compute_dtype=prec.dtype)
     if sharded:
         materialize_model(model, weights, t.seed, device, init_source)
+        objective.fill_frozen(model, device)
     # the weights are drawn, the same on every rank; from here each rank draws its own stream (dropout masks
     # differ across data-parallel ranks)
     torch.manual_seed(t.seed + info.rank)

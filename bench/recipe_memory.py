@@ -5,7 +5,8 @@
 For each config: the model shape of MODEL_PRESET (default llama3.2-1b; the recipe's INIT_FROM is not read),
 the config's LoRA adapters, precision (bf16 autocast), activation checkpointing and stage (SFT or DPO with
 the reference forward). Counted exactly:
-- resident bytes: the fp32 weights, the LoRA parameters with their fp32 gradients and AdamW's two moments;
+- resident bytes: the frozen base as training holds it under bf16 (Linear weights bf16, embeddings and norms
+  fp32: train.hold_frozen_base_in), the LoRA parameters with their fp32 gradients and AdamW's two moments;
 - saved activations: the bytes autograd keeps from one micro-step's forward to its backward, summed with
   torch.autograd.graph.saved_tensors_hooks (each storage once; parameters excluded, they are resident).
   Measured on CPU with one and two layers and single rows, then fitted exactly as a + b*L + c*tokens + d*L*tokens
@@ -35,6 +36,8 @@ import distributed  # noqa: E402
 import lora  # noqa: E402
 import model_utils  # noqa: E402
 import objectives  # noqa: E402
+import precision  # noqa: E402
+import train  # noqa: E402
 from model import Transformer  # noqa: E402
 
 GB = 1e9
@@ -116,8 +119,10 @@ def report(env_file: str, peak_tflops: dict[str, float], mfu: float) -> dict:
     n_params = model_utils.count_parameters(model)
     lora.apply_lora(model, lo.lora_target_modules, lo.lora_rank, lo.lora_alpha, lo.lora_dropout)
     n_lora = sum(p.numel() for p in lora.lora_parameters(model))
+    train.hold_frozen_base_in(model, precision.resolve("bf16", "cpu"))  # the frozen Linear weights in bf16
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)  # ties once
     del model
-    weights, adapters = 4 * n_params, 16 * n_lora  # fp32 weights; LoRA fp32 param + grad + 2 AdamW moments
+    adapters = 16 * n_lora  # LoRA fp32 param + grad + 2 AdamW moments
 
     a, b, c, d = fit(cfg)
     tokens = rows * T
@@ -136,7 +141,7 @@ def report(env_file: str, peak_tflops: dict[str, float], mfu: float) -> dict:
     print(f"\n{env_file}: {stage}, {args.n_layers} layers, dim {args.dim}, vocab {args.vocab_size}, "
           f"micro-batch {rows} x {T} tokens, LoRA r={lo.lora_rank} on {','.join(lo.lora_target_modules)}")
     print(f"  parameters {n_params / 1e9:.3f} B, LoRA {n_lora / 1e6:.2f} M")
-    print(f"  fp32 weights                         {weights / GB:6.2f} GB")
+    print(f"  frozen base (bf16 Linear weights, fp32 embeddings and norms) {weights / GB:6.2f} GB")
     print(f"  LoRA params + grads + AdamW moments  {adapters / GB:6.2f} GB")
     print(f"  saved activations (bf16 autocast)    {acts / GB:6.2f} GB   ({d / 1e3:.1f} kB per token per layer, "
           f"{c / 1e3:.1f} kB per token outside the layers, {b / 1e6:.1f} MB per layer, {a / 1e6:.1f} MB fixed)")

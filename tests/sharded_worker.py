@@ -7,7 +7,8 @@ For random init (debug preset, untied and tied) and for every SOURCE (any model_
 builds the model as a single process does (train.build_model: the whole model) and as an FSDP2 rank does
 (train.build_meta_model -> distributed.parallelize -> train.materialize_model), then records whether this
 rank's shard of every parameter equals the same slice of the single-process tensor, how many full matrices of
-the source were alive at once while loading, and how many parameter elements this rank holds. Last, one AdamW
+the source were alive at once while loading, how many elements it read from safetensors files (and how many
+whole matrices), and how many parameter elements this rank holds. Last, one AdamW
 step on the sharded model: the bytes of this rank's parameters and optimizer state. Writes
 OUT_DIR/rank<R>.json.
 
@@ -27,6 +28,7 @@ import weakref
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import safetensors
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,11 +62,61 @@ class CountingWeights(Mapping):
     def _freed(self) -> None:
         self.alive -= 1
 
+    def rows(self, name: str, start: int, stop: int, full_shape: tuple[int, ...]) -> torch.Tensor | None:
+        return self.inner.rows(name, start, stop, full_shape) if hasattr(self.inner, "rows") else None
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.inner)
 
     def __len__(self) -> int:
         return len(self.inner)
+
+
+class RecordingSafeOpen:
+    """safetensors.safe_open that counts what is read: elements fetched (whole tensors and slices) and how many
+    whole matrices (get_tensor of a 2-D tensor)."""
+
+    elements = 0
+    whole_matrices = 0
+
+    def __init__(self, *args, **kwargs):
+        self.handle = _safe_open(*args, **kwargs)
+
+    def __enter__(self):
+        self.handle.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.handle.__exit__(*exc)
+
+    def __getattr__(self, name: str):  # keys(), metadata(), ...
+        return getattr(self.handle, name)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        t = self.handle.get_tensor(name)
+        RecordingSafeOpen.elements += t.numel()
+        RecordingSafeOpen.whole_matrices += t.ndim >= 2
+        return t
+
+    def get_slice(self, name: str):
+        return RecordingSlice(self.handle.get_slice(name))
+
+
+class RecordingSlice:
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name: str):  # get_shape(), get_dtype()
+        return getattr(self.inner, name)
+
+    def __getitem__(self, index):
+        t = self.inner[index]
+        RecordingSafeOpen.elements += t.numel()
+        return t
+
+
+_safe_open = safetensors.safe_open
+safetensors.safe_open = RecordingSafeOpen  # the readers import it when they run
 
 
 def compare(cfg: config.Config, tok, source: str) -> dict:
@@ -75,7 +127,9 @@ def compare(cfg: config.Config, tok, source: str) -> dict:
     model, margs, weights = train.build_meta_model(cfg, tok, source)
     counting = CountingWeights(weights) if weights is not None else None
     D.parallelize(model, cfg, torch.device("cpu"))
+    RecordingSafeOpen.elements = RecordingSafeOpen.whole_matrices = 0
     train.materialize_model(model, counting, cfg.training.seed, torch.device("cpu"), source)
+    read = {"read_elements": RecordingSafeOpen.elements, "whole_matrices_read": RecordingSafeOpen.whole_matrices}
     equal, local, total = True, 0, 0
     for name, p in model.named_parameters():
         assert isinstance(p, DTensor), name
@@ -85,7 +139,8 @@ def compare(cfg: config.Config, tok, source: str) -> dict:
         total += p.numel()
     tied = margs.tie_embeddings and model.output.weight is model.tok_embeddings.weight
     return {"equal": bool(equal), "local_numel": local, "total_numel": total, "tied_kept": tied,
-            "max_alive": counting.max_alive if counting else None, "reads": counting.reads if counting else None}
+            "max_alive": counting.max_alive if counting else None, "reads": counting.reads if counting else None,
+            **read}
 
 
 def step_memory(cfg: config.Config, tok) -> dict:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils._python_dispatch
 from test_objectives import (
     _tempered_topk,
     cfg_for,
@@ -134,6 +135,53 @@ def test_write_cache_round_trip_and_atomicity(tmp_path):
     torch.testing.assert_close(torch.cat([c, r]), want)
 
 
+class WidestLogits(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the most rows any new tensor (..., V) produced under it holds (V = the vocabulary; views, such as
+    the head weight's transpose (d, V), are not new memory)."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.rows = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(r.alias_info is not None for r in func._schema.returns):  # a view or an in-place result
+            return out
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.ndim >= 2 and t.shape[-1] == self.vocab:
+                self.rows = max(self.rows, t.numel() // self.vocab)
+        return out
+
+
+@pytest.mark.parametrize("kind", ["teacher", "reference"])
+def test_write_cache_in_row_chunks_equals_one_chunk_and_bounds_the_logits(tmp_path, kind):
+    """The logits exist chunk_rows rows at a time (the whole batch's would be B * T rows) and the stored
+    values are the one-chunk (unchunked) ones, in fp32."""
+    teacher = tiny_model(2, vocab=64)
+    if kind == "teacher":
+        data = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(3))
+        batches = [{"input_ids": data, "sample_index": torch.arange(4)}]
+        files, n, T = ("topk_logps.npy", "topk_ids.npy", "tail_logps.npy"), 4, 8
+    else:
+        batches = [{**dpo_batch(B=3, vocab=64), "sample_index": torch.arange(3)}]
+        files, n, T = ("ref_logps.npy",), 3, 10
+    whole = objective_caches.write_cache(kind, teacher, iter(batches), n, T, str(tmp_path / "whole"), top_k=5,
+                                         temperature=1.5, chunk_rows=10**6)
+    with WidestLogits(64) as seen:
+        objective_caches.write_cache(kind, teacher, iter(batches), n, T, str(tmp_path / "chunked"), top_k=5,
+                                     temperature=1.5, chunk_rows=3)
+    assert 0 < seen.rows <= 3  # never more than a chunk of (rows, V) logits
+    assert whole["n_samples"] == n
+    for f in files:
+        a, b = np.load(tmp_path / "whole" / f), np.load(tmp_path / "chunked" / f)
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    if kind == "reference":  # and both are losses.sequence_logps of the full logits
+        ids, labels = concat_pairs(batches[0])
+        with torch.no_grad():
+            want = obj.sequence_logps(teacher(ids), labels).numpy()
+        np.testing.assert_allclose(np.load(tmp_path / "chunked" / "ref_logps.npy").T.reshape(-1), want, rtol=1e-5)
+
+
 # ---- the teacher cache end to end: shards -> `objectives.py cache-teacher` -> loader batches -> KD term -----
 
 
@@ -173,7 +221,7 @@ def test_cache_teacher_cli_over_shards_feeds_the_distillation_term(tmp_path, sta
     (tmp_path / "teacher" / "config.json").write_text(json.dumps({"model_args": teacher.args.to_dict(),
                                                                   "settings": {}}))
     settings = [f"TRAINING_STAGE={stage}", f"MAX_SEQ_LEN={T}", "SEED=5", "DISTILLATION_TEMPERATURE=2.0",
-                f"TOKENIZER_CHECKPOINT_PATH={root / 'tokenizer.model'}"]
+                f"TOKENIZER_CHECKPOINT_PATH={root / 'tokenizer.model'}", "TRAINING_PRECISION=fp32"]
     cmd = [sys.executable, str(root / "objectives.py"), "cache-teacher", "--teacher", str(tmp_path / "teacher"),
            "--data", str(tmp_path / "data"), "--out", str(tmp_path / "cache"), "--top-k", "16", "--batch-size", "4"]
     p = subprocess.run(cmd + settings, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=120)
@@ -185,6 +233,7 @@ def test_cache_teacher_cli_over_shards_feeds_the_distillation_term(tmp_path, sta
 
     built = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert (built["doc_masking"], built["doc_reset_positions"]) == (False, False)
+    assert built["compute_precision"] == "fp32"  # the forward ran under the run's TRAINING_PRECISION
     # training reads it under another seed and world size: rows are found by sample_index, not by position
     o = distill_objective(stage, TEACHER_CACHE_PATH=tmp_path / "cache", MAX_SEQ_LEN=T)
     student = tiny_model(0, vocab=tok.vocab_size)
@@ -202,3 +251,22 @@ def test_cache_teacher_cli_over_shards_feeds_the_distillation_term(tmp_path, sta
         assert m["kd"].item() == pytest.approx(want.item(), rel=3e-3)  # float16 log-probs in the cache
         checked += int((batch["labels"] != -100).sum())
     assert checked > 0
+
+
+def test_write_cache_computes_under_the_given_precision(tmp_path):
+    """compute_dtype=bf16: the reference log-probs are those of the bf16-autocast forward (what the live
+    reference computes in a bf16 run), not the fp32 ones."""
+    import precision
+
+    model = tiny_model(2, vocab=64)
+    batch = {**dpo_batch(B=3, vocab=64), "sample_index": torch.arange(3)}
+    objective_caches.write_cache("reference", model, iter([batch]), 3, 10, str(tmp_path / "bf16"),
+                                 compute_dtype=torch.bfloat16)
+    got = np.load(tmp_path / "bf16" / "ref_logps.npy").T.reshape(-1)
+    ids, labels = concat_pairs(batch)
+    with torch.no_grad():
+        with precision.autocast("cpu", torch.bfloat16):
+            want = obj.sequence_logps(model(ids), labels).numpy()
+        fp32 = obj.sequence_logps(model(ids), labels).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-2)
+    assert np.abs(got - want).max() < np.abs(got - fp32).max()  # closer to the bf16 forward than to fp32

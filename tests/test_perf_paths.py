@@ -422,3 +422,22 @@ def test_compiled_generation_refuses_moe_models_and_int8():
         generate(m, [[1, 2]], 3, compile=True)
     with pytest.raises(UserError, match="do not combine"):
         generate(m, [[1, 2]], 3, compile=True, int8=True)
+
+
+def test_compiled_decode_backend_asks_for_cuda_graphs_on_cuda_only(monkeypatch):
+    """The decode step's backend turns on inductor's CUDA graphs for a graph whose inputs are on CUDA and leaves
+    the CPU compile as it is (the CUDA path itself runs only on a GPU)."""
+    import torch._inductor.compile_fx as cfx
+
+    import generate as gen
+
+    seen = []
+    monkeypatch.setattr(cfx, "compile_fx", lambda gm, inputs, config_patches=None, decompositions=None:
+                        seen.append(config_patches))
+
+    class OnCuda:
+        device = torch.device("cuda")
+
+    gen._inductor_keeping_matvec(None, [torch.zeros(2), OnCuda()])
+    gen._inductor_keeping_matvec(None, [torch.zeros(2)])
+    assert seen == [{"triton.cudagraphs": True}, None]

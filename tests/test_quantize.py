@@ -55,3 +55,16 @@ def test_int8_generate_equals_greedy_with_dequantized_weights():
     assert all(type(m) is not Int8Linear for m in model.modules())
     with int8_weights(model):
         assert sum(type(m) is Int8Linear for m in model.modules()) == 2 * 7 + 1  # 7 per block + the head
+
+
+def test_int8_refuses_a_model_off_the_cpu():
+    """Off the CPU Int8Linear would dequantize the whole weight on every call: refused with one line."""
+    from errors import UserError
+
+    with torch.device("meta"):
+        model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16,
+                                      max_seq_len=16))
+    with pytest.raises(UserError, match="CPU only.*meta.*bf16"):
+        with int8_weights(model):
+            pass
+    assert all(type(m) is not Int8Linear for m in model.modules())

@@ -1,6 +1,6 @@
 """FSDP2's meta-device build on CPU (gloo, torchrun): random init and pretrained weights (ours, HF safetensors,
-Meta shards) land on each rank as exactly the single-process model's slices, with one full matrix of the
-source in memory at a time and half the parameters per rank on two ranks; per-rank parameter + optimizer bytes
+Meta shards) land on each rank as exactly the single-process model's slices, each rank reading only its rows of
+a safetensors source (a Meta .pth source one full matrix at a time), and half the parameters per rank on two ranks; per-rank parameter + optimizer bytes
 fall 1/N; and a run started from pretrained weights trains with the single-process losses."""
 
 from __future__ import annotations
@@ -73,6 +73,24 @@ def test_rank_local_readers_equal_load_model(sources, tied_sources):
             ckpt.weights_fingerprint(ref.state_dict()), src
 
 
+def test_row_reads_of_safetensors_sources_equal_the_whole_tensors_rows(sources, tied_sources):
+    """weights.rows(name, start, stop, shape) of our checkpoints and HF safetensors == the whole tensor's rows,
+    also for q/k row ranges that cut through a head (HF stores q/k permuted within each head); a shape other
+    than the stored one is refused; Meta .pth shards read whole (rows -> None)."""
+    for src in [sources["ours"], sources["hf"], tied_sources["ours"], tied_sources["hf"]]:
+        _, weights = model_utils.open_weights(src)
+        for name in weights:
+            full = weights[name]
+            n = full.shape[0]
+            for start, stop in ((0, n), (0, n // 2), (n // 2, n), (3, n - 5), (n - 1, n)):
+                assert torch.equal(weights.rows(name, start, stop, tuple(full.shape)), full[start:stop]), \
+                    (src, name, start, stop)
+        with pytest.raises(UserError, match="shape"):
+            weights.rows("tok_embeddings.weight", 0, 2, (1, 1))
+    _, meta = model_utils.open_weights(sources["meta"])
+    assert meta.rows("tok_embeddings.weight", 0, 2, tuple(meta["tok_embeddings.weight"].shape)) is None
+
+
 def test_rank_local_reader_of_a_tied_lora_checkpoint_equals_load_model(tied_sources, tmp_path, pretrain_data):
     run_inprocess(tmp_path, pretrain_data, INIT_FROM=tied_sources["ours"], LORA_ENABLED="true", MAX_STEPS=1,
                   VALIDATE_EVERY_X_STEPS=0, SAVE_EVERY_X_STEPS=1)
@@ -121,7 +139,11 @@ def test_meta_build_shards_equal_single_process_and_memory_halves(tmp_path, sour
         assert r["random_tied"]["tied_kept"]  # the tied head is still the embedding after to_empty
         assert r["from_rank0"] == "computed on rank 0"  # D.on_rank0: rank 0's text on every rank
         for name, got in r["sources"].items():
-            assert got["reads"] > 0 and got["max_alive"] == 1, (name, got)  # one full matrix at a time
+            if name == sources["meta"]:  # Meta's .pth shards are read whole: one full matrix at a time
+                assert got["reads"] > 0 and got["max_alive"] == 1, (name, got)
+            else:  # safetensors (ours, HF): each rank reads exactly its rows, no whole matrix
+                assert got["whole_matrices_read"] == 0 and got["reads"] == 0, (name, got)
+                assert got["read_elements"] == got["local_numel"], (name, got)
     # parameters + AdamW moments per rank after a step: 1/2 of the single process's
     for r in two:
         for key in ("param_bytes", "optimizer_bytes"):

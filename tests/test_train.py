@@ -135,7 +135,7 @@ def test_grad_accumulation_uneven_targets_normalized_per_step(tmp_path, pretrain
         means = [float(objectives.cross_entropy_sum(model(b["input_ids"][i:i + 1]), b["labels"][i:i + 1]))
                  / int((b["labels"][i] != -100).sum()) for i in range(4)]
     assert losses[1] == pytest.approx(ref, abs=1e-5)
-    assert abs(sum(means) / 4 - ref) > 1e-3  # the mean of per-sequence means would be a different number
+    assert abs(sum(means) / 4 - ref) > 1e-4  # the mean of per-sequence means would be a different number
 
 
 def test_batch_geometry_error_names_the_values(tmp_path, pretrain_data):
