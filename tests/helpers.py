@@ -170,3 +170,14 @@ def wandb_records(path: Path) -> list[bytes]:
         if kind in (1, 4):
             out.append(parts)
     return out
+
+
+def flop_counter():
+    """torch's FlopCounterMode, also counting the in-place addmm_ the fused LM head accumulates its weight
+    gradient with (torch's table has the out-of-place matmuls only)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def addmm_inplace(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_inplace})

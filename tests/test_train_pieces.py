@@ -209,14 +209,13 @@ def test_forward_backward_sums_units_and_fills_gradients(tmp_path, pretrain_data
 def test_forward_backward_work_is_what_torch_counts_with_a_live_teacher(tmp_path, pretrain_data):
     """The step's FLOPs (the MFU numerator) are every pass forward_backward runs, the distillation teacher's
     forwards included (a model of another size than the student): torch's FlopCounterMode sees the same."""
-    from helpers import make_parent
+    from helpers import flop_counter, make_parent
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
 
     teacher = make_parent(tmp_path / "teacher")  # the debug preset, larger than SMALL
     run = make_run(tmp_path, pretrain_data, IS_MODEL_DISTILLATION="true", TEACHER_MODEL_CHECKPOINT=teacher,
                    TEACHER_PRECISION="fp32")
-    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+    with flop_counter() as counter, sdpa_kernel(SDPBackend.MATH):
         _, names, _, work = train.forward_backward(run)
     assert names == ["ce", "kd"] and work.positions == run.G * 32
     student = model_utils.model_flops(run.margs, run.G, 32)
