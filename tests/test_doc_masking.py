@@ -90,7 +90,7 @@ def test_masked_window_loss_equals_documents_forwarded_separately(pretrain_data,
         unmasked = cross_entropy_sum(model(batch["input_ids"]), batch["labels"])
     assert n_docs >= 8
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
-    assert abs(unmasked.item() - want.item()) > 1e-3 * want.item()
+    assert abs(unmasked.item() - want.item()) > 1e-4 * want.item()  # 10x the tolerance above: the mask matters
 
 
 def test_restarting_positions_changes_only_rounding_under_the_mask(pretrain_data):
