@@ -154,7 +154,9 @@ def plan(args: ModelArgs, gpus: int, precision: str = "bf16", optimizer: str = "
     # post-backward: the parameters resharded and the previous reduce-scatter done, the gradients are copied
     # into its own fp32 reduce-scatter input beside the next block, gathered
     reduce_input = 4 * block_numel
-    block_buffers = max(2 * block_gathered + recompute + min(args.n_layers - 1, 1) * reduce_input
+    # in a block's backward one (tokens, hidden_dim) activation gradient is in flight beside what it recomputed
+    in_flight = c * args.hidden_dim * tokens
+    block_buffers = max(2 * block_gathered + recompute + in_flight + min(args.n_layers - 1, 1) * reduce_input
                         + (args.n_layers >= 3) * block_gathered,
                         block_gathered + reduce_input + (args.n_layers >= 2) * block_gathered)
     # the root's parameters (embedding, final norm, head) stay gathered from its forward to its backward
