@@ -29,11 +29,14 @@ The arithmetic follows what this repo's training step does (distributed.parallel
   gradient (fp16 would too, but FSDP2 runs here gather bf16 or fp32).
 
 The peak is the largest of four moments: the fused head's forward (every activation alive, one chunk's
-logits), the head's backward, a block's backward and the optimizer step.
+logits), the head's backward (the last block's parameters already gathered), a block's backward (the block
+gathered, its gradients, its recomputed activations and one activation gradient, the neighbours' all-gather
+and reduce-scatter buffers, the head's gradient) and the optimizer step.
 Activation bytes per token and layer are counted from the tensors autograd saves in model.py's blocks
 (RMSNorm's fp32 input and its compute-dtype outputs, SDPA's q/k/v/output, SwiGLU's inputs).
 tests/test_memory_plan.py checks the total against torch's FSDP2 memory tracker run under fake tensors on
-real layer widths (one micro-batch: the tracker refuses several forwards per step), and tests/test_distributed.py
+real layer widths over the training step itself, `model(x, labels=y)` (one micro-batch: the tracker refuses
+several forwards per step), and tests/test_distributed.py
 checks the gradient term against the gradient buffers FSDP2 holds in a 2-process CPU run with 1 and 4
 micro-batches in both accumulation modes.
 """
@@ -61,7 +64,7 @@ class MemoryPlan:
     """Bytes per GPU: the sharded fp32 parameters and optimizer state, the most gradient bytes a rank holds
     (its fp32 shards, or under unsharded accumulation the full fp32 copy), the activations saved for backward,
     and at the peak moment `peak_at` the transient buffers on top of those it holds (gathered parameters,
-    gradient buffers, logits, recomputed activations, the optimizer's work buffers). Gradients are held at the
+    gradient buffers, the LM head's work, recomputed activations, the optimizer's work buffers). Gradients are held at the
     head's backward only from the second micro-batch on (the previous step's were freed by zero_grad),
     activations not at the optimizer step."""
 
