@@ -4,8 +4,10 @@
 
 For each case the model is built on the meta device, sharded by distributed.parallelize over a fake process
 group of G ranks (no communication; rank 0's view), materialized as fake tensors (no memory is allocated)
-and run through two training steps (forward under the run's autocast, backward, optimizer step, zero_grad)
-under torch.distributed._tools.fsdp2_mem_tracker.FSDPMemTracker, whose peak is compared with the plan's.
+and run through two training steps as training runs them (`model(x, labels=y)`: the LM head and the loss fused
+in the forward, fused_ce's autograd.Function included, under the run's autocast; backward, optimizer step,
+zero_grad) under torch.distributed._tools.fsdp2_mem_tracker.FSDPMemTracker, whose peak is compared with the
+plan's.
 `--layers N` keeps the full width but N blocks (the tests' setting); without it the full depth is run.
 Muon is not tracked: its AdamW half reads the step count on the host, which fake tensors cannot.
 """

@@ -93,6 +93,13 @@ def fit(cfg: config.Config) -> tuple[float, float, float, float]:
     return a, b, c, d
 
 
+def reference_head_bytes(args, tokens: int) -> int:
+    """Transient bytes of a reference forward's head over `tokens` positions under bf16 autocast with fp32
+    weights: fused_sequence_logps under no_grad holds the bf16 copies of the head weight (V, d) and the hidden
+    states (tokens, d), and one chunk's logits at a time, bf16 (2 B) and their fp32 copy (4 B)."""
+    return 6 * min(CHUNK_ROWS, tokens) * args.vocab_size + 2 * (args.vocab_size + tokens) * args.dim
+
+
 def step_flops(args, seq_len: int, stage: str, recompute: bool, total_batch_tokens: int) -> float:
     """FLOPs one optimizer step executes. Per token: forward 2N + 4 L d T (N = weights in a matmul,
     model_utils.flops_per_token's count; attention scores and weighted sum without the causal halving);
@@ -132,11 +139,8 @@ def report(env_file: str, peak_tflops: dict[str, float], mfu: float) -> dict:
         pa, pb, pc, pd = fit(plain)
         extra = pb + pd * tokens  # one block recomputed in backward
         no_ac = pa + pb * args.n_layers + pc * tokens + pd * args.n_layers * tokens
-    # DPO: the reference forward runs after the policy's, while the policy's activations are held; its head
-    # (fused_sequence_logps under no_grad) holds the bf16 copies of the head weight (V, d) and the hidden states
-    # (tokens, d), and one chunk's logits at a time: bf16 (2 B) and fp32 (4 B)
-    reference = (6.0 * min(CHUNK_ROWS, tokens) * args.vocab_size + 2.0 * (args.vocab_size + tokens) * args.dim
-                 if stage == "dpo" else 0.0)
+    # DPO: the reference forward runs after the policy's, while the policy's activations are held
+    reference = float(reference_head_bytes(args, tokens)) if stage == "dpo" else 0.0
     total = weights + adapters + acts + extra + reference
     print(f"\n{env_file}: {stage}, {args.n_layers} layers, dim {args.dim}, vocab {args.vocab_size}, "
           f"micro-batch {rows} x {T} tokens, LoRA r={lo.lora_rank} on {','.join(lo.lora_target_modules)}")

@@ -3,8 +3,9 @@
     python bench/sharded_memory.py [--preset small] [--procs 1,2,4] [--batch 2] [--seq 512] [--precision bf16]
 
 Each launch (torchrun --standalone) builds the model as train.py does under FSDP2 (meta device -> fully_shard
--> each rank fills its shards), then runs two AdamW training steps (forward under the run's autocast, backward,
-step, zero_grad) under torch's FSDPMemTracker on real tensors. Per rank it reports the bytes of the local
+-> each rank fills its shards), then runs two AdamW training steps (`model(x, labels=y)` under the run's autocast,
+the LM head and loss fused in the forward as in training; backward, step, zero_grad) under torch's
+FSDPMemTracker on real tensors. Per rank it reports the bytes of the local
 parameter, gradient and optimizer-state shards (summed over the rank's tensors after the second step's
 backward), the tracker's peak and the process's peak RSS (VmHWM, which includes the Python / torch runtime
 every process carries). The table sets them beside memory_plan.plan for the same shapes; the figures also go

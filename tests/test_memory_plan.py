@@ -182,3 +182,27 @@ def test_readme_plan_outputs_are_what_the_commands_print(capsys, monkeypatch):
         monkeypatch.setattr(sys, "argv", ["model_utils.py", *shlex.split(command)])
         assert model_utils.main() == 0
         assert capsys.readouterr().out.strip() == output.strip(), command
+
+
+def test_recipe_memory_counts_the_reference_head_as_fused_ce_holds_it():
+    """bench/recipe_memory.py's DPO reference term is what the reference's fused per-row log-probs allocate
+    under no_grad and bf16 autocast (MemTracker on real tensors, small widths): bf16 head and hidden copies and
+    one chunk of logits, not the (rows, T, V) logits (10 bytes each)."""
+    from types import SimpleNamespace
+
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    import fused_ce
+
+    spec = importlib.util.spec_from_file_location("bench_recipe_memory", ROOT / "bench" / "recipe_memory.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    rows, T, d, V = 2, 1536, 64, 4096
+    h, w, y = torch.randn(rows, T, d), torch.randn(V, d), torch.randint(0, V, (rows, T))
+    tracker = MemTracker()
+    tracker.track_external(h, w, y)
+    with tracker, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fused_ce.fused_sequence_logps(h, w, y, chunk_size=fused_ce.CHUNK_ROWS)
+    held = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"] - h.nbytes - w.nbytes - y.nbytes
+    counted = recipe.reference_head_bytes(SimpleNamespace(vocab_size=V, dim=d), rows * T)
+    assert counted == pytest.approx(held, rel=0.02) and counted < 10 * rows * T * V / 2
