@@ -17,15 +17,26 @@ The arithmetic follows what this repo's training step does (distributed.parallel
 - Optimizer state per parameter: AdamW two fp32 moments; SGD one momentum buffer; Muon one momentum buffer on
   the hidden matrices (AdamW on embeddings, head and gains) plus, at the step, the whole matrix gathered and
   orthogonalized in bf16 on every rank (optim.Muon).
-- The LM head under FSDP2 materializes the logits (B, T, V): the compute-dtype logits, their fp32 copy for
-  the log-softmax, the saved log-probabilities and their gradient.
+- The LM head and the loss run inside the model's forward (`model(x, labels=y)`, fused_ce.head_loss). When
+  fusing pays (fused_ce.fusing_pays: at least ~0.4 x dim tokens per micro-batch) no (B, T, V) logits exist:
+  the forward computes the fp32 (V, d) head gradient and the compute-dtype (B*T, d) hidden gradient and keeps
+  both for backward, working through CHUNK_ROWS positions at a time (a chunk's logits in fp32, and under
+  bf16 their compute-dtype copy, the softmax gradient cast back to bf16 and one bf16 (V, d) product per
+  chunk); its backward scales the fp32 head gradient into a second fp32 (V, d) tensor and casts that to the
+  gathered weight's dtype, beside the scaled hidden gradient. The head's gathered-dtype gradient then stays
+  until the root's post-backward at the end of backward. A smaller micro-batch takes the plain path, whose
+  loss backward holds the compute-dtype logits, their fp32 copy, the saved log-probabilities and their
+  gradient (fp16 would too, but FSDP2 runs here gather bf16 or fp32).
 
-The peak is the largest of three moments: the start of backward (every activation alive), the end of
-backward (every gradient shard written, the root's full gradients not yet reduced) and the optimizer step.
+The peak is the largest of four moments: the fused head's forward (every activation alive, one chunk's
+logits), the head's backward (the last block's parameters already gathered), a block's backward (the block
+gathered, its gradients, its recomputed activations and one activation gradient, the neighbours' all-gather
+and reduce-scatter buffers, the head's gradient) and the optimizer step.
 Activation bytes per token and layer are counted from the tensors autograd saves in model.py's blocks
 (RMSNorm's fp32 input and its compute-dtype outputs, SDPA's q/k/v/output, SwiGLU's inputs).
 tests/test_memory_plan.py checks the total against torch's FSDP2 memory tracker run under fake tensors on
-real layer widths (one micro-batch: the tracker refuses several forwards per step), and tests/test_distributed.py
+real layer widths over the training step itself, `model(x, labels=y)` (one micro-batch: the tracker refuses
+several forwards per step), and tests/test_distributed.py
 checks the gradient term against the gradient buffers FSDP2 holds in a 2-process CPU run with 1 and 4
 micro-batches in both accumulation modes.
 """
@@ -37,6 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fused_ce import CHUNK_ROWS, fusing_pays
 from model import ModelArgs, Transformer
 
 # GPU memory sizes the plan checks against, GB (10^9 bytes) as the datasheets state them
@@ -52,7 +64,7 @@ class MemoryPlan:
     """Bytes per GPU: the sharded fp32 parameters and optimizer state, the most gradient bytes a rank holds
     (its fp32 shards, or under unsharded accumulation the full fp32 copy), the activations saved for backward,
     and at the peak moment `peak_at` the transient buffers on top of those it holds (gathered parameters,
-    gradient buffers, logits, recomputed activations, the optimizer's work buffers). Gradients are held at the
+    gradient buffers, the LM head's work, recomputed activations, the optimizer's work buffers). Gradients are held at the
     head's backward only from the second micro-batch on (the previous step's were freed by zero_grad),
     activations not at the optimizer step."""
 
@@ -139,20 +151,43 @@ def plan(args: ModelArgs, gpus: int, precision: str = "bf16", optimizer: str = "
     saved = args.n_layers * layer_saved
     saved += (4 + 2 * c) * d * tokens  # the final RMSNorm's fp32 input and outputs
 
-    # a block's backward: its unsharded gradients (compute dtype) beside first the block gathered, then (the
-    # parameters resharded) its fp32 reduce-scatter input; the previous block's reduce-scatter buffer (from
-    # the second block on) and the next one's all-gather buffer (the second block from the top has both from
-    # 3 blocks on)
-    block_buffers = block_gathered + max(block_gathered, 4 * block_numel) \
-        + min(args.n_layers - 1, 1) * 4 * block_numel + (args.n_layers >= 3) * block_gathered
+    # a block's backward, while it computes: the block gathered, its unsharded gradients (compute dtype), its
+    # recomputed activations, the previous block's fp32 reduce-scatter input (from the second block on) and the
+    # next one's all-gather buffer (the second block from the top has both from 3 blocks on). Then its
+    # post-backward: the parameters resharded and the previous reduce-scatter done, the gradients are copied
+    # into its own fp32 reduce-scatter input beside the next block, gathered
+    reduce_input = 4 * block_numel
+    # in a block's backward one (tokens, hidden_dim) activation gradient is in flight beside what it recomputed
+    in_flight = c * args.hidden_dim * tokens
+    block_buffers = max(2 * block_gathered + recompute + in_flight + min(args.n_layers - 1, 1) * reduce_input
+                        + (args.n_layers >= 3) * block_gathered,
+                        block_gathered + reduce_input + (args.n_layers >= 2) * block_gathered)
     # the root's parameters (embedding, final norm, head) stay gathered from its forward to its backward
+    # the head's gradient in the gathered dtype, held from the head's backward to the root's post-backward (after
+    # the last block's backward)
+    head_grad = c * V * d
+    if fusing_pays(tokens, d):  # fused_ce: no (B, T, V) logits
+        n = min(CHUNK_ROWS, tokens)
+        # kept from the head's forward to its backward: the fp32 (V, d) head gradient, the hidden gradient
+        head_held = 4 * V * d + c * tokens * d
+        # one chunk: its fp32 logits, then (bf16) the softmax gradient cast to bf16 beside them and either the
+        # (n, d) hidden-gradient product or the (V, d) bf16 product added into the fp32 head gradient; fp32
+        # computes in place, with one (n, d) product
+        chunk = 4 * n * V + (2 * n * V + 2 * max(n, V) * d if c == 2 else 4 * n * d)
+        # backward: the scaled fp32 head gradient, its cast to the gathered dtype (bf16), the scaled hidden one
+        head_backward = head_held + 4 * V * d + (c == 2) * c * V * d + c * tokens * d
+        head_moments = {"head forward": root_gathered + saved + head_held + chunk + accumulated}
+    else:  # the plain path: saved fp32 log-probabilities and two fp32 buffers of their gradient
+        head_backward = 12 * V * tokens
+        head_moments = {}
     moments = {
-        # the loss's backward: saved log-probabilities (fp32) and two fp32 buffers of their gradient
-        "head backward": root_gathered + saved + 12 * V * tokens + accumulated,
+        **head_moments,
+        # the last block's parameters are gathered (prefetched) while the head's backward runs
+        "head backward": root_gathered + saved + head_backward + block_gathered + accumulated,
         # a block's backward: its buffers and recomputed activations. Going down the blocks, saved activations
         # are freed as gradient shards are written: the larger of the two is held (both, when a previous
         # micro-batch's gradients are held; an unsharded copy shrinks as it is reduce-scattered)
-        "block backward": root_gathered + block_buffers + recompute
+        "block backward": root_gathered + head_grad + block_buffers
         + (saved - layer_saved + accumulated if accumulated else max(saved - layer_saved, grads)),
     }
     if optimizer == "muon":  # the whole update gathered in fp32, orthogonalized in bf16 (x, A, A @ A)
@@ -163,7 +198,7 @@ def plan(args: ModelArgs, gpus: int, precision: str = "bf16", optimizer: str = "
         moments["optimizer step"] = grads + 4 * max(sharded.values())  # one parameter's temporary at a time
     peak_at = max(moments, key=moments.get)
     at_peak = moments[peak_at]
-    held = {"head backward": saved + accumulated,
+    held = {"head forward": saved + accumulated, "head backward": saved + accumulated,
             "block backward": saved - layer_saved + accumulated if accumulated else max(saved - layer_saved, grads),
             "optimizer step": grads}[peak_at]
     return MemoryPlan(gpus=gpus, shard_group=shard, grad_accum=grad_accum,

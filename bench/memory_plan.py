@@ -4,8 +4,10 @@
 
 For each case the model is built on the meta device, sharded by distributed.parallelize over a fake process
 group of G ranks (no communication; rank 0's view), materialized as fake tensors (no memory is allocated)
-and run through two training steps (forward under the run's autocast, backward, optimizer step, zero_grad)
-under torch.distributed._tools.fsdp2_mem_tracker.FSDPMemTracker, whose peak is compared with the plan's.
+and run through two training steps as training runs them (`model(x, labels=y)`: the LM head and the loss fused
+in the forward, fused_ce's autograd.Function included, under the run's autocast; backward, optimizer step,
+zero_grad) under torch.distributed._tools.fsdp2_mem_tracker.FSDPMemTracker, whose peak is compared with the
+plan's.
 `--layers N` keeps the full width but N blocks (the tests' setting); without it the full depth is run.
 Muon is not tracked: its AdamW half reads the step count on the host, which fake tensors cannot.
 """
@@ -28,7 +30,6 @@ import distributed as D  # noqa: E402
 import memory_plan  # noqa: E402
 import optim  # noqa: E402
 import precision as precision_mod  # noqa: E402
-from losses import cross_entropy_sum  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 
 GIB = 2**30
@@ -68,7 +69,7 @@ def tracked_peak(args: ModelArgs, gpus: int, precision: str = "bf16", optimizer:
             with tracker:
                 for step in range(2):  # the second step has the optimizer state the first one created
                     with precision_mod.autocast("cpu", dtype):
-                        loss = cross_entropy_sum(model(x), y)
+                        loss = model(x, labels=y)  # the training path: head and loss fused
                     loss.backward()
                     opt.step()
                     opt.zero_grad(set_to_none=True)

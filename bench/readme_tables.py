@@ -312,9 +312,10 @@ def recipe_memory(load: Load) -> list[str]:
     lines.append(_row(f"LoRA ({sft['lora_parameters'] / 1e6:.2f} M parameters) + gradients + AdamW moments",
                       gb(sft["adapters_gb"]), gb(dpo["adapters_gb"])))
     lines.append(_row("activations kept for backward (checkpointed blocks)", gb(sft["activations_gb"]),
-                      gb(dpo["activations_gb"]) + " (mostly the fp32 log-softmax of the policy's logits)"))
+                      gb(dpo["activations_gb"])))
     lines.append(_row("one block recomputed in backward", gb(sft["recomputed_block_gb"]), gb(dpo["recomputed_block_gb"])))
-    lines.append(_row("reference forward's logits (transient)", "–", gb(dpo["reference_logits_gb"])))
+    lines.append(_row("reference forward's head (bf16 head copy, one chunk of logits; transient)", "–",
+                      gb(dpo["reference_logits_gb"])))
     lines.append(_row("**estimate without the CUDA context**", f"**{sft['estimate_gb']:.1f} GB**",
                       f"**{dpo['estimate_gb']:.1f} GB**"))
     lines.append(_row("activations without checkpointing", f"{sft['activations_without_checkpointing_gb']:.1f} GB",

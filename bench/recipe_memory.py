@@ -13,7 +13,9 @@ the reference forward). Counted exactly:
   (per-token tensors grow with tokens, per-layer ones with layers; attention keeps no T x T matrix with
   SDPA) and evaluated at the config's layers and micro-batch tokens. With activation checkpointing the
   backward of a block recomputes that block: one block's non-checkpointed activations come on top.
-- for DPO, the reference forward's transient logits (10 bytes per logit, from the code path);
+- for DPO, the reference forward's transient head: the model's fused per-row log-probs (fused_ce) hold the
+  bf16 copies of the fp32 head weight and hidden states and one chunk of CHUNK_ROWS positions' logits at a
+  time, in bf16 and their fp32 copy (6 bytes per logit), never the micro-batch's (rows, T, V) logits;
 - FLOPs an optimizer step executes (step_flops), and the hours they take at an ASSUMED fraction (--mfu) of
   the GPUs' dense bf16 datasheet peaks: a planning figure, not a measurement.
 Not counted: the CUDA context, the caching allocator's slack and a backward kernel's transient buffers.
@@ -38,6 +40,7 @@ import model_utils  # noqa: E402
 import objectives  # noqa: E402
 import precision  # noqa: E402
 import train  # noqa: E402
+from fused_ce import CHUNK_ROWS  # noqa: E402
 from model import Transformer  # noqa: E402
 
 GB = 1e9
@@ -93,6 +96,13 @@ def fit(cfg: config.Config) -> tuple[float, float, float, float]:
     return a, b, c, d
 
 
+def reference_head_bytes(args, tokens: int) -> int:
+    """Transient bytes of a reference forward's head over `tokens` positions under bf16 autocast with fp32
+    weights: fused_sequence_logps under no_grad holds the bf16 copies of the head weight (V, d) and the hidden
+    states (tokens, d), and one chunk's logits at a time, bf16 (2 B) and their fp32 copy (4 B)."""
+    return 6 * min(CHUNK_ROWS, tokens) * args.vocab_size + 2 * (args.vocab_size + tokens) * args.dim
+
+
 def step_flops(args, seq_len: int, stage: str, recompute: bool, total_batch_tokens: int) -> float:
     """FLOPs one optimizer step executes. Per token: forward 2N + 4 L d T (N = weights in a matmul,
     model_utils.flops_per_token's count; attention scores and weighted sum without the causal halving);
@@ -134,9 +144,8 @@ def report(env_file: str, peak_tflops: dict[str, float], mfu: float) -> dict:
         pa, pb, pc, pd = fit(plain)
         extra = pb + pd * tokens  # one block recomputed in backward
         no_ac = pa + pb * args.n_layers + pc * tokens + pd * args.n_layers * tokens
-    # DPO: the reference forward runs after the policy's, while the policy's activations are held; its
-    # logits are transient: compute dtype (2 B) + the fp32 copy and log-softmax of sequence_logps (4 + 4 B)
-    reference = 10.0 * tokens * args.vocab_size if stage == "dpo" else 0.0
+    # DPO: the reference forward runs after the policy's, while the policy's activations are held
+    reference = float(reference_head_bytes(args, tokens)) if stage == "dpo" else 0.0
     total = weights + adapters + acts + extra + reference
     print(f"\n{env_file}: {stage}, {args.n_layers} layers, dim {args.dim}, vocab {args.vocab_size}, "
           f"micro-batch {rows} x {T} tokens, LoRA r={lo.lora_rank} on {','.join(lo.lora_target_modules)}")
@@ -149,7 +158,8 @@ def report(env_file: str, peak_tflops: dict[str, float], mfu: float) -> dict:
         print(f"  + one block recomputed in backward   {extra / GB:6.2f} GB   (without checkpointing the "
               f"activations would be {no_ac / GB:.1f} GB: {pd / 1e3:.1f} kB per token per layer)")
     if reference:
-        print(f"  + reference forward's logits         {reference / GB:6.2f} GB   (10 B per logit, transient)")
+        print(f"  + reference forward's logits         {reference / GB:6.2f} GB   (bf16 head + one {min(CHUNK_ROWS, tokens)}"
+              "-position chunk of logits, transient)")
     print(f"  estimate without CUDA context / allocator slack: {total / GB:.1f} GB")
     flops = step_flops(args, T, stage, cfg.system.activation_checkpointing, t.total_batch_size) * t.max_steps
     print(f"  executed FLOPs: {flops / t.max_steps / 1e15:.3f} PFLOP per step, {flops / 1e18:.2f} EFLOP for "

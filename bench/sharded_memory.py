@@ -3,8 +3,9 @@
     python bench/sharded_memory.py [--preset small] [--procs 1,2,4] [--batch 2] [--seq 512] [--precision bf16]
 
 Each launch (torchrun --standalone) builds the model as train.py does under FSDP2 (meta device -> fully_shard
--> each rank fills its shards), then runs two AdamW training steps (forward under the run's autocast, backward,
-step, zero_grad) under torch's FSDPMemTracker on real tensors. Per rank it reports the bytes of the local
+-> each rank fills its shards), then runs two AdamW training steps (`model(x, labels=y)` under the run's autocast,
+the LM head and loss fused in the forward as in training; backward, step, zero_grad) under torch's
+FSDPMemTracker on real tensors. Per rank it reports the bytes of the local
 parameter, gradient and optimizer-state shards (summed over the rank's tensors after the second step's
 backward), the tracker's peak and the process's peak RSS (VmHWM, which includes the Python / torch runtime
 every process carries). The table sets them beside memory_plan.plan for the same shapes; the figures also go
@@ -31,7 +32,6 @@ import memory_plan  # noqa: E402
 import optim  # noqa: E402
 import precision  # noqa: E402
 import train  # noqa: E402
-from losses import cross_entropy_sum  # noqa: E402
 
 MIB = 2**20
 
@@ -68,7 +68,7 @@ def worker(out: Path, preset: str, batch: int, seq: int, prec: str) -> None:
     with tracker:
         for step in range(2):
             with precision.autocast("cpu", dtype):
-                loss = cross_entropy_sum(model(x), y)
+                loss = model(x, labels=y)  # the training path: head and loss fused
             loss.backward()
             if step == 1:
                 grads = _local_bytes(p.grad for p in model.parameters() if p.grad is not None)

@@ -175,12 +175,14 @@ def test_shipped_configs_load_and_fit_their_batch(name, capsys):
     assert t.total_batch_size % per_step == 0, (name, t.total_batch_size, per_step)
 
 
-@pytest.mark.parametrize("name,preset,gpus,fits_gb", [("gpu-1b-fsdp.env", "1b", 8, 40), ("gpu-8b-fsdp.env", "llama3.1-8b", 8, 40),
-                                                      ("gpu-70b-fsdp.env", "llama3.1-70b", 64, 80)])
-def test_scale_out_configs_fit_their_gpus(name, preset, gpus, fits_gb):
+@pytest.mark.parametrize("name,preset,gpus,fits_gb,unsharded_fits", [
+    ("gpu-1b-fsdp.env", "1b", 8, 40, True), ("gpu-8b-fsdp.env", "llama3.1-8b", 8, 40, False),
+    ("gpu-70b-fsdp.env", "llama3.1-70b", 64, 80, False)])
+def test_scale_out_configs_fit_their_gpus(name, preset, gpus, fits_gb, unsharded_fits):
     """The 1B / 8B / 70B configs shard with FSDP2 and, by the memory plan at their own batch geometry (micro-batch,
     sequence length and the gradient accumulation training derives on `gpus` GPUs), fit `fits_gb` GPUs with
-    the default sharded accumulation; unsharded accumulation (a full fp32 gradient copy per GPU) would not."""
+    the default sharded accumulation; unsharded accumulation (a full fp32 gradient copy per GPU) would not for
+    8B and 70B (the 1B copy, 5.6 GiB, still fits)."""
     import memory_plan
 
     cfg = config.load_config(str(ROOT / "configs" / name), use_environ=False)
@@ -191,7 +193,7 @@ def test_scale_out_configs_fit_their_gpus(name, preset, gpus, fits_gb):
     job = (cfg.model_args(128256), gpus, "bf16", cfg.training.optimizer, True, cfg.training.max_batch_size,
            cfg.model.max_seq_len, accum)
     assert memory_plan.plan(*job).fits(fits_gb)
-    assert not memory_plan.plan(*job, unsharded_accumulation=True).fits(fits_gb)
+    assert memory_plan.plan(*job, unsharded_accumulation=True).fits(fits_gb) == unsharded_fits
 
 
 def test_config_show_takes_overrides_after_env_file(tmp_path):
