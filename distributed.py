@@ -319,11 +319,14 @@ def materialize(model: nn.Module, device: torch.device,
             del full
 
 
-def shard_frozen_copy(frozen: nn.Module, model: nn.Module, device: torch.device) -> None:
+def shard_frozen_copy(frozen: nn.Module, model: nn.Module, device: torch.device,
+                      compute_dtype: torch.dtype | None = None) -> None:
     """`frozen`: a meta-device copy of `model` taken before parallelize (a frozen reference). `model` is now
-    FSDP2-sharded and filled: shard `frozen` on the same mesh (fully_shard per block, then the root; no
-    activation checkpointing, no compile, resharded after each forward) and copy `model`'s local shards into
-    it. Every rank copies only what it holds: no read of the source, no gather."""
+    FSDP2-sharded and filled: shard `frozen` on the same mesh with the same mixed precision as the model
+    (`compute_dtype`, as given to parallelize: the copy's forward must compute exactly as the model's does)
+    — fully_shard per block, then the root; no activation checkpointing, no compile, resharded after each
+    forward — and copy `model`'s local shards into it. Every rank copies only what it holds: no read of the
+    source, no gather."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
@@ -332,10 +335,10 @@ def shard_frozen_copy(frozen: nn.Module, model: nn.Module, device: torch.device)
     if len(meshes) != 1:
         raise RuntimeError(f"shard_frozen_copy: the model's parameters are on {len(meshes)} meshes, expected one "
                            "(an FSDP2-sharded model)")
-    mesh = meshes.pop()
+    mesh, mp = meshes.pop(), fsdp_mixed_precision(compute_dtype)
     for block in frozen.layers:
-        fully_shard(block, mesh=mesh)
-    fully_shard(frozen, mesh=mesh)
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(frozen, mesh=mesh, mp_policy=mp)
     ties = _ties(frozen)
     frozen.to_empty(device=device)
     _restore_ties(frozen, ties)

@@ -555,7 +555,7 @@ def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) ->
     wrapped = D.parallelize(model, cfg, device, compute_dtype=prec.dtype)
     if sharded:
         materialize_model(model, weights, t.seed, device, init_source)
-        objective.fill_frozen(model, device)
+        objective.fill_frozen(model, device, prec.dtype)
     # the weights are drawn, the same on every rank; from here each rank draws its own stream (dropout masks
     # differ across data-parallel ranks)
     torch.manual_seed(t.seed + info.rank)
