@@ -566,7 +566,9 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
         f = _dcp_write(model_state(model, trainable_only=lora), tmp / MODEL_DIR, async_save)
         futures += [f] if f is not None else []
         _inject_kill(step, "tmp")
-        fingerprint = None if lora else model_fingerprint(model)  # collective: each rank hashes its own rows
+        # FSDP2: collective, each rank hashes its own rows; whole tensors (DDP, one process): rank 0, which
+        # writes config.json, hashes them alone
+        fingerprint = None if lora or not (D.is_fsdp(model) or D.is_main()) else model_fingerprint(model)
         meta = None
         if optimizer is not None:
             tensors, meta = optimizer_state(model, optimizer)

@@ -137,10 +137,14 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def sum_floats(values: list[float], device: torch.device) -> list[float]:
-    """Sum a few Python numbers over ranks in one collective (float64 so token counts stay exact)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    return all_reduce_sum(t).tolist()
+def sum_floats(values: list[float]) -> list[float]:
+    """Sum a few Python numbers over ranks in one collective (float64 so token counts stay exact). The
+    numbers travel over the CPU (gloo) group: no device tensor, so no wait for the GPU's queued work."""
+    if not is_dist() or dist.get_world_size() == 1:
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, group=_cpu_group())
+    return t.tolist()
 
 
 _FLAG_GROUP: Any = None  # a CPU (gloo) group for flags, created on first use

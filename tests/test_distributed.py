@@ -198,7 +198,7 @@ def test_world_of_one_helpers():
     assert D.rank() == 0 and D.world_size() == 1 and D.is_main()
     t = torch.tensor([3.0])
     assert D.all_reduce_sum(t) is t and t.item() == 3.0
-    assert D.sum_floats([1.5, 2.0], torch.device("cpu")) == [1.5, 2.0]
+    assert D.sum_floats([1.5, 2]) == [1.5, 2.0]
     assert D.any_rank(True) and not D.any_rank(False)
     D.barrier()
 
