@@ -161,6 +161,8 @@ def test_hsdp_needs_fsdp():
 
     with pytest.raises(UserError, match="FSDP_SHARD_GROUP_SIZE=8 .* but USE_FSDP=false"):
         config.load_config(None, {"FSDP_SHARD_GROUP_SIZE": "8"}, use_environ=False)
+    with pytest.raises(UserError, match="FSDP_UNSHARDED_ACCUMULATION=true .* but USE_FSDP=false"):
+        config.load_config(None, {"FSDP_UNSHARDED_ACCUMULATION": "true"}, use_environ=False)
 
 
 def _launch_node(tmp, data, launcher: list[str]) -> subprocess.Popen:
