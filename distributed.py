@@ -33,7 +33,8 @@ class DistInfo:
 def select_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
     """DEVICE: auto picks cuda -> mps -> cpu; an explicit device that is missing is a user error. On CUDA the
     process takes GPU `local_rank` of its node; more local ranks than GPUs is a user error (NCCL refuses two ranks
-    on one GPU), unless CUDA_VISIBLE_DEVICES gives each process one GPU of its own (then device 0)."""
+    on one GPU), unless CUDA_VISIBLE_DEVICES gives each process one GPU of its own (then device 0; not under a
+    torchrun that starts several processes on the node, which all see the same CUDA_VISIBLE_DEVICES)."""
     if preference == "auto":
         if torch.cuda.is_available():
             preference = "cuda"
@@ -46,7 +47,9 @@ def select_device(preference: str = "auto", local_rank: int = 0) -> torch.device
             raise UserError("DEVICE=cuda but torch sees no CUDA device: install a CUDA build of torch or set DEVICE=cpu")
         n = torch.cuda.device_count()
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-        bound = n == 1 and visible != "" and "," not in visible  # the launcher gave this process its own GPU
+        # a launcher (e.g. srun --gpus-per-task=1) gave this process a GPU of its own; torchrun passes one
+        # CUDA_VISIBLE_DEVICES to all its local workers, so several of them under one GPU are sharing it
+        bound = n == 1 and visible != "" and "," not in visible and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) == 1
         if local_rank >= n and not bound:
             raise UserError(f"LOCAL_RANK={local_rank} but this node has {n} CUDA device(s): two ranks would share a "
                             f"GPU; start at most {n} processes per node (torchrun --nproc_per_node {n})")

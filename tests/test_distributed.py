@@ -228,7 +228,11 @@ def test_more_local_ranks_than_gpus_is_a_user_error(monkeypatch):
     with pytest.raises(UserError, match="LOCAL_RANK=1"):
         D.select_device("cuda", 1)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")  # a launcher bound this process to one GPU of its own
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert D.select_device("cuda", 5) == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun gave its 2 local workers the same one GPU
+    with pytest.raises(UserError, match="LOCAL_RANK=1"):
+        D.select_device("cuda", 1)
 
 
 def test_fsdp_without_process_group_is_a_user_error(tmp_path, data):
