@@ -151,7 +151,6 @@ def weights_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
         first_row, rows = 0, t
         if hasattr(t, "device_mesh"):  # a DTensor: this rank's rows, at their offset in the whole tensor
             from torch.distributed.tensor import Replicate, Shard
-            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
             if any(not isinstance(pl, Replicate) and pl != Shard(0) for pl in t.placements):
                 raise ValueError(f"{name}: weights_fingerprint reads tensors sharded along dim 0 only")
@@ -159,7 +158,7 @@ def weights_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
             coordinate = t.device_mesh.get_coordinate()
             replica = coordinate is not None and any(
                 c and isinstance(pl, Replicate) for c, pl in zip(coordinate, t.placements, strict=True))
-            _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+            _, offset = D.local_block(t)
             first_row, rows = (offset[0] if t.ndim else 0), t.to_local()
             if replica or coordinate is None:
                 continue  # another rank adds these rows

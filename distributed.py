@@ -282,6 +282,15 @@ def fsdp_mesh(shard_group_size: int, device: torch.device) -> Any:
                             mesh_dim_names=("replicate", "shard"))
 
 
+def local_block(t: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(shape, offset) of the block of the whole tensor this rank holds of DTensor `t` (torch's own
+    computation of it, the one DTensor uses: uneven splits give the last ranks fewer rows, or none)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return tuple(shape), tuple(offset)
+
+
 def materialize(model: nn.Module, device: torch.device,
                 full_tensor: Callable[[str, nn.Parameter], torch.Tensor],
                 rows: Callable[[str, int, int, tuple[int, ...]], torch.Tensor | None] | None = None) -> None:
@@ -291,7 +300,6 @@ def materialize(model: nn.Module, device: torch.device,
     full_shape)` (a source that reads dim-0 slices and checks the tensor's full shape; None where it cannot) a
     rank whose shard is a block of rows reads only that block. Buffers are the model's own business (Transformer recomputes its RoPE table when moved)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
     from tqdm import tqdm
 
     ties = _ties(model)
@@ -301,7 +309,7 @@ def materialize(model: nn.Module, device: torch.device,
     with torch.no_grad():
         for name, p in tqdm(named, desc="filling the shards", unit="tensor", disable=not is_main(), leave=False):
             if rows is not None and isinstance(p, DTensor):
-                local_shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+                local_shape, offset = local_block(p)
                 whole_rows = p.ndim > 0 and all(o == 0 and n == f for o, n, f in
                                                 zip(offset[1:], local_shape[1:], p.shape[1:], strict=True))
                 if whole_rows and local_shape[0] == 0:  # an uneven split left this rank no rows
