@@ -25,6 +25,7 @@ def test_gpu_bench_dry_run_runs_a_config_saves_resumes_and_reports(tmp_path):
     assert "cpu peak RSS" in cells[5] and float(cells[6]) > 0  # measured peak, planned peak
     assert cells[7] == "val samples save resume"
     assert "model_utils.py plan --preset debug" in cells[9]
+    assert cells[10] == "—"  # CUDA's sync debug mode counts host syncs on GPUs only
     fsdp = next(line for line in p.stdout.splitlines() if line.startswith("| gpu-1b-fsdp"))
     cells = [c.strip() for c in fsdp.strip("|").split("|")]  # FSDP2 on 2 ranks: sampling included, = 1 rank
     assert cells[1:3] == ["2", "pass"] and cells[7] == "val samples save resume" and cells[8].startswith("pass"), fsdp
