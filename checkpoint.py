@@ -151,7 +151,6 @@ def weights_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
         first_row, rows = 0, t
         if hasattr(t, "device_mesh"):  # a DTensor: this rank's rows, at their offset in the whole tensor
             from torch.distributed.tensor import Replicate, Shard
-            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
             if any(not isinstance(pl, Replicate) and pl != Shard(0) for pl in t.placements):
                 raise ValueError(f"{name}: weights_fingerprint reads tensors sharded along dim 0 only")
@@ -159,7 +158,7 @@ def weights_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
             coordinate = t.device_mesh.get_coordinate()
             replica = coordinate is not None and any(
                 c and isinstance(pl, Replicate) for c, pl in zip(coordinate, t.placements, strict=True))
-            _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+            _, offset = D.local_block(t)
             first_row, rows = (offset[0] if t.ndim else 0), t.to_local()
             if replica or coordinate is None:
                 continue  # another rank adds these rows
@@ -566,7 +565,9 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
         f = _dcp_write(model_state(model, trainable_only=lora), tmp / MODEL_DIR, async_save)
         futures += [f] if f is not None else []
         _inject_kill(step, "tmp")
-        fingerprint = None if lora else model_fingerprint(model)  # collective: each rank hashes its own rows
+        # FSDP2: collective, each rank hashes its own rows; whole tensors (DDP, one process): rank 0, which
+        # writes config.json, hashes them alone
+        fingerprint = None if lora or not (D.is_fsdp(model) or D.is_main()) else model_fingerprint(model)
         meta = None
         if optimizer is not None:
             tensors, meta = optimizer_state(model, optimizer)

@@ -447,6 +447,10 @@ def _cross_check(v: dict[str, Any], src: dict[str, str]) -> None:
     if v["FSDP_SHARD_GROUP_SIZE"] and not v["USE_FSDP"]:
         raise UserError(f"FSDP_SHARD_GROUP_SIZE={v['FSDP_SHARD_GROUP_SIZE']} ({where('FSDP_SHARD_GROUP_SIZE')}) but "
                         "USE_FSDP=false: HSDP is a way of sharding; set USE_FSDP=true or FSDP_SHARD_GROUP_SIZE=0")
+    if v["FSDP_UNSHARDED_ACCUMULATION"] and not v["USE_FSDP"]:
+        raise UserError(f"FSDP_UNSHARDED_ACCUMULATION=true ({where('FSDP_UNSHARDED_ACCUMULATION')}) but USE_FSDP=false: "
+                        "it chooses how FSDP2 accumulates gradients (DDP always accumulates locally); set "
+                        "USE_FSDP=true or remove it")
     allowed = {"wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"}
     bad = [t for t in v["LORA_TARGET_MODULES"] if t not in allowed]
     if bad:

@@ -33,7 +33,8 @@ class DistInfo:
 def select_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
     """DEVICE: auto picks cuda -> mps -> cpu; an explicit device that is missing is a user error. On CUDA the
     process takes GPU `local_rank` of its node; more local ranks than GPUs is a user error (NCCL refuses two ranks
-    on one GPU), unless CUDA_VISIBLE_DEVICES gives each process one GPU of its own (then device 0)."""
+    on one GPU), unless CUDA_VISIBLE_DEVICES gives each process one GPU of its own (then device 0; not under a
+    torchrun that starts several processes on the node, which all see the same CUDA_VISIBLE_DEVICES)."""
     if preference == "auto":
         if torch.cuda.is_available():
             preference = "cuda"
@@ -46,7 +47,9 @@ def select_device(preference: str = "auto", local_rank: int = 0) -> torch.device
             raise UserError("DEVICE=cuda but torch sees no CUDA device: install a CUDA build of torch or set DEVICE=cpu")
         n = torch.cuda.device_count()
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-        bound = n == 1 and visible != "" and "," not in visible  # the launcher gave this process its own GPU
+        # a launcher (e.g. srun --gpus-per-task=1) gave this process a GPU of its own; torchrun passes one
+        # CUDA_VISIBLE_DEVICES to all its local workers, so several of them under one GPU are sharing it
+        bound = n == 1 and visible != "" and "," not in visible and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) == 1
         if local_rank >= n and not bound:
             raise UserError(f"LOCAL_RANK={local_rank} but this node has {n} CUDA device(s): two ranks would share a "
                             f"GPU; start at most {n} processes per node (torchrun --nproc_per_node {n})")
@@ -137,10 +140,14 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def sum_floats(values: list[float], device: torch.device) -> list[float]:
-    """Sum a few Python numbers over ranks in one collective (float64 so token counts stay exact)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    return all_reduce_sum(t).tolist()
+def sum_floats(values: list[float]) -> list[float]:
+    """Sum a few Python numbers over ranks in one collective (float64 so token counts stay exact). The
+    numbers travel over the CPU (gloo) group: no device tensor, so no wait for the GPU's queued work."""
+    if not is_dist() or dist.get_world_size() == 1:
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, group=_cpu_group())
+    return t.tolist()
 
 
 _FLAG_GROUP: Any = None  # a CPU (gloo) group for flags, created on first use
@@ -275,6 +282,15 @@ def fsdp_mesh(shard_group_size: int, device: torch.device) -> Any:
                             mesh_dim_names=("replicate", "shard"))
 
 
+def local_block(t: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(shape, offset) of the block of the whole tensor this rank holds of DTensor `t` (torch's own
+    computation of it, the one DTensor uses: uneven splits give the last ranks fewer rows, or none)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return tuple(shape), tuple(offset)
+
+
 def materialize(model: nn.Module, device: torch.device,
                 full_tensor: Callable[[str, nn.Parameter], torch.Tensor],
                 rows: Callable[[str, int, int, tuple[int, ...]], torch.Tensor | None] | None = None) -> None:
@@ -284,7 +300,6 @@ def materialize(model: nn.Module, device: torch.device,
     full_shape)` (a source that reads dim-0 slices and checks the tensor's full shape; None where it cannot) a
     rank whose shard is a block of rows reads only that block. Buffers are the model's own business (Transformer recomputes its RoPE table when moved)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
     from tqdm import tqdm
 
     ties = _ties(model)
@@ -294,7 +309,7 @@ def materialize(model: nn.Module, device: torch.device,
     with torch.no_grad():
         for name, p in tqdm(named, desc="filling the shards", unit="tensor", disable=not is_main(), leave=False):
             if rows is not None and isinstance(p, DTensor):
-                local_shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+                local_shape, offset = local_block(p)
                 whole_rows = p.ndim > 0 and all(o == 0 and n == f for o, n, f in
                                                 zip(offset[1:], local_shape[1:], p.shape[1:], strict=True))
                 if whole_rows and local_shape[0] == 0:  # an uneven split left this rank no rows
@@ -319,11 +334,14 @@ def materialize(model: nn.Module, device: torch.device,
             del full
 
 
-def shard_frozen_copy(frozen: nn.Module, model: nn.Module, device: torch.device) -> None:
+def shard_frozen_copy(frozen: nn.Module, model: nn.Module, device: torch.device,
+                      compute_dtype: torch.dtype | None = None) -> None:
     """`frozen`: a meta-device copy of `model` taken before parallelize (a frozen reference). `model` is now
-    FSDP2-sharded and filled: shard `frozen` on the same mesh (fully_shard per block, then the root; no
-    activation checkpointing, no compile, resharded after each forward) and copy `model`'s local shards into
-    it. Every rank copies only what it holds: no read of the source, no gather."""
+    FSDP2-sharded and filled: shard `frozen` on the same mesh with the same mixed precision as the model
+    (`compute_dtype`, as given to parallelize: the copy's forward must compute exactly as the model's does)
+    — fully_shard per block, then the root; no activation checkpointing, no compile, resharded after each
+    forward — and copy `model`'s local shards into it. Every rank copies only what it holds: no read of the
+    source, no gather."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
@@ -332,10 +350,10 @@ def shard_frozen_copy(frozen: nn.Module, model: nn.Module, device: torch.device)
     if len(meshes) != 1:
         raise RuntimeError(f"shard_frozen_copy: the model's parameters are on {len(meshes)} meshes, expected one "
                            "(an FSDP2-sharded model)")
-    mesh = meshes.pop()
+    mesh, mp = meshes.pop(), fsdp_mixed_precision(compute_dtype)
     for block in frozen.layers:
-        fully_shard(block, mesh=mesh)
-    fully_shard(frozen, mesh=mesh)
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(frozen, mesh=mesh, mp_policy=mp)
     ties = _ties(frozen)
     frozen.to_empty(device=device)
     _restore_ties(frozen, ties)

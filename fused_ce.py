@@ -38,13 +38,19 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype
 
 
+def _targets(y: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The valid mask of a chunk's targets, and the targets with ignored positions mapped to class 0 (so gather
+    / scatter stay in range): masks, not a selection, so nothing waits for the device."""
+    valid = y != ignore_index
+    return valid, torch.where(valid, y, torch.zeros_like(y))
+
+
 def _chunk_logits(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, ignore_index: int
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One chunk: fp32 logits (n, V), log-sum-exp (n,), the target's logit (n,), the valid mask (n,) and the
     targets with ignored positions mapped to class 0 (so gather / scatter stay in range)."""
     logits = (h @ w.t()).float()  # (n, V) fp32
-    valid = y != ignore_index
-    safe = torch.where(valid, y, torch.zeros_like(y))
+    valid, safe = _targets(y, ignore_index)
     lse = torch.logsumexp(logits, dim=-1)  # (n,)
     target = logits.gather(1, safe[:, None]).squeeze(1)
     return logits, lse, target, valid, safe
@@ -152,8 +158,7 @@ class _FusedLinearRowNLL(torch.autograd.Function):
         for s in range(0, R * T, chunk):
             hc, yc = h[s:s + chunk], y[s:s + chunk]
             logits = (hc @ w.t()).float()  # (n, V) recomputed, as in forward
-            valid = yc != ctx.ignore_index
-            safe = torch.where(valid, yc, torch.zeros_like(yc))
+            valid, safe = _targets(yc, ctx.ignore_index)
             g = _softmax_minus_one_hot_(logits, lse_all[s:s + chunk], safe, per_position[s:s + chunk] * valid)
             g = g.to(dt)
             if need_h:

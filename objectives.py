@@ -10,7 +10,7 @@ The loop (train.py) never names an objective. For each optimizer step it
      micro-batch means (which would over-weight short micro-batches in SFT).
 `loss()` therefore returns SUMS over units; metrics are sums too and are divided by N when logged.
 
-`work(model, batch, args, device_type)` says what a micro-batch costs, read from the host batch before it
+`work(batch, args)` says what a micro-batch costs, read from the host batch before it
 goes to the device (shapes and labels: no device sync): the positions fed to the trained model (its B x T
 after trimming; 2B x T for preference pairs), the targets that carry loss, and the FLOPs of every forward
 and backward the loss step runs, frozen teacher / reference forwards included (model_utils.model_flops at
@@ -141,14 +141,10 @@ class Objective:
         """Extra keyword arguments for dataloaders.build_loader (how this objective's batches are cut)."""
         return {}
 
-    def copies_model(self) -> bool:
-        """Whether setup() keeps a copy of the starting model's weights (a meta-device copy when the model was
-        built on the meta device, filled by fill_frozen)."""
-        return False
-
-    def fill_frozen(self, model: nn.Module, device: torch.device) -> None:
-        """After a meta-device build: `model` is sharded (FSDP2) and filled; shard the frozen copies setup()
-        took of it the same way and fill them from its local shards (no rank holds a whole copy)."""
+    def fill_frozen(self, model: nn.Module, device: torch.device, compute_dtype: torch.dtype | None) -> None:
+        """After a meta-device build: `model` is sharded (FSDP2, gathering in `compute_dtype`) and filled; shard
+        the frozen copies setup() took of it the same way and fill them from its local shards (no rank holds a
+        whole copy)."""
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         """How many normalizing units (target tokens by default) this micro-batch holds."""
@@ -398,9 +394,6 @@ class DirectPreferenceOptimization(Objective):
         self.base_model: nn.Module | None = None  # the unwrapped policy, for the adapters-off reference pass
         self.ref_cache = None
 
-    def copies_model(self) -> bool:
-        return not self.cfg.dpo.dpo_reference_logps_path and not self.cfg.lora.lora_enabled
-
     def setup(self, model, tokenizer, device):
         _require_unwrapped(model)
         path = self.cfg.dpo.dpo_reference_logps_path
@@ -419,9 +412,9 @@ class DirectPreferenceOptimization(Objective):
         return {"reference": "frozen copy of the initial policy",
                 "reference_memory_mb": round(_memory_bytes(self.reference) / 2**20, 1)}
 
-    def fill_frozen(self, model, device):
+    def fill_frozen(self, model, device, compute_dtype):
         if self.reference is not None and self.reference.tok_embeddings.weight.is_meta:
-            shard_frozen_copy(self.reference, model, device)
+            shard_frozen_copy(self.reference, model, device, compute_dtype)
 
     def units(self, batch):
         return int(batch["chosen_input_ids"].shape[0])
@@ -583,11 +576,8 @@ class RouterLosses(Objective):
     def loader_options(self, tokenizer):
         return self.base.loader_options(tokenizer)
 
-    def copies_model(self):
-        return self.base.copies_model()
-
-    def fill_frozen(self, model, device):
-        self.base.fill_frozen(model, device)
+    def fill_frozen(self, model, device, compute_dtype):
+        self.base.fill_frozen(model, device, compute_dtype)
 
     def units(self, batch):
         return self.base.units(batch)

@@ -130,10 +130,16 @@ def _warn_once(key: str, message: str) -> None:
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+# bf16 this many times slower than fp32 on a CPU means emulated bf16 (AVX2: ~20-90x), not a probe that flipped
+# on a loaded host (native bf16 measures ~0.2-0.5x, and a loaded probe stays within ~2x of that)
+CPU_BF16_EMULATED = 4.0
+
+
 def unavailable(name: str, device: torch.device | str, fsdp: bool = False) -> str:
     """Why `auto` could never pick precision `name` on `device` ('' when it could): the precisions a device
-    can train in, whatever the CPU probe measures today. fp32 runs everywhere; bf16 needs native bf16 on CUDA
-    and macOS 14 on MPS (CPUs always run it, natively or emulated); fp16 is for CUDA GPUs, and not under FSDP2."""
+    can train in at speed. fp32 runs everywhere; bf16 needs native bf16 on CUDA, macOS 14 on MPS, and a CPU
+    that does not emulate it (the probe measuring it CPU_BF16_EMULATED times slower than fp32 or more: a
+    host's load moves the probe far less than that); fp16 is for CUDA GPUs, and not under FSDP2."""
     name, device = canonical(name), torch.device(device)
     if name == "fp32":
         return ""
@@ -145,6 +151,8 @@ def unavailable(name: str, device: torch.device | str, fsdp: bool = False) -> st
         return f"{torch.cuda.get_device_name(device)} has no native bf16"
     if device.type == "mps" and not torch.backends.mps.is_macos_or_newer(14, 0):
         return "MPS before macOS 14 has no bf16"
+    if name == "bf16" and device.type == "cpu" and cpu_bf16_slowdown() >= CPU_BF16_EMULATED:
+        return f"this CPU emulates bf16 ({_cpu_reason(cpu_bf16_slowdown())})"
     return ""
 
 

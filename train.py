@@ -409,13 +409,13 @@ def validate(model, objective, val_loader, steps: int, device, autocast,
         for _ in range(steps):
             if stop_check is not None:
                 stop_check()
-            batch = {k: v.to(device) for k, v in val_loader.next_batch().items()}
+            batch = objectives.batch_to_device(val_loader.next_batch(), device)
             with autocast():
                 loss_sum, n = objective.eval_loss(model, batch)
             total, units = total + float(loss_sum), units + int(n)
     finally:
         model.train()
-    total, units = D.sum_floats([total, units], device)
+    total, units = D.sum_floats([total, units])
     return total / max(units, 1)
 
 
@@ -541,7 +541,9 @@ def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) ->
     else:
         model, margs = build_model(cfg, tok, init_source, device)
         source_weights = model.state_dict
-        init_fingerprint = ckpt.source_fingerprint(init_source, source_weights) if init_source else None
+        # every rank holds the same whole weights: one hashes them
+        init_fingerprint = D.on_rank0(lambda: ckpt.source_fingerprint(init_source, source_weights)) \
+            if init_source else None
     if verify_parent:
         ckpt.check_parent(resume_dir, init_source, init_fingerprint, weights=source_weights)
     setup_facts = objective.setup(model, tok, device) or {}
@@ -555,7 +557,7 @@ def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) ->
     wrapped = D.parallelize(model, cfg, device, compute_dtype=prec.dtype)
     if sharded:
         materialize_model(model, weights, t.seed, device, init_source)
-        objective.fill_frozen(model, device)
+        objective.fill_frozen(model, device, prec.dtype)
     # the weights are drawn, the same on every rank; from here each rank draws its own stream (dropout masks
     # differ across data-parallel ranks)
     torch.manual_seed(t.seed + info.rank)
@@ -728,7 +730,7 @@ def forward_backward(run: Run) -> tuple[torch.Tensor, list[str], float, objectiv
     mine = step_work(run, batches)
     # the units and the work ride one collective (host numbers: no device sync)
     n_units, positions, loss_tokens, flops = D.sum_floats(
-        [sum(objective.units(b) for b in batches), mine.positions, mine.loss_tokens, mine.flops], device)
+        [sum(objective.units(b) for b in batches), mine.positions, mine.loss_tokens, mine.flops])
     work = objectives.Work(int(positions), int(loss_tokens), flops)
     scale = run.info.world_size / max(n_units, 1)  # DDP/FSDP average over ranks: undo, then / step's units
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)

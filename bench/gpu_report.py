@@ -81,7 +81,8 @@ def row(cfg_dir: Path) -> tuple[list[str], bool]:
     name, steps = cfg_dir.name, int((cfg_dir / "steps").read_text())
     if not info["fits"]:
         need = f"plan {_gib(info['plan_peak_bytes'])} GiB > {_gib(info['device_bytes'])} GiB per GPU"
-        return [name, str(info["ranks"]), f"skipped ({need}: more GPUs)", *["—"] * 6, f"`{info['plan_command']}`"], True
+        return [name, str(info["ranks"]), f"skipped ({need}: more GPUs)", *["—"] * 6, f"`{info['plan_command']}`",
+                "—"], True
     a, b, one = cfg_dir / "a", cfg_dir / "b", cfg_dir / "one"
     ma, mb = _metrics(a), _metrics(b)
     la, lb = _losses(ma), _losses(mb)
@@ -113,13 +114,21 @@ def row(cfg_dir: Path) -> tuple[list[str], bool]:
             f"{statistics.median(mfu):.1%}" if mfu else "—",
             f"{_gib(peak)} ({peak_kind})" if peak is not None else "—", _gib(info["plan_peak_bytes"]),
             " ".join(k for k in ("val", "samples", "save", "resume") if checks[k]) or "—", equal,
-            f"`{info['plan_command']}`"], passed
+            f"`{info['plan_command']}`", _syncs(peaks, steps)], passed
+
+
+def _syncs(peaks: list[dict], steps: int) -> str:
+    """The host syncs CUDA's sync debug mode reported on rank 0 over the whole run (evaluation, sampling and the
+    save included) and per training step; '—' on CPU."""
+    counts = [p.get("cuda_syncs") for p in peaks[:1] if p.get("cuda_syncs") is not None]
+    return f"{counts[0]:,} ({counts[0] / steps:.1f} / step)" if counts else "—"
 
 
 def table(out: str) -> int:
     dirs = sorted(d for d in Path(out).iterdir() if (d / "plan.json").is_file())
     head = ["config", "ranks", "status", "step ms (median)", "MFU (datasheet peak)", "peak memory GiB",
-            "plan peak GiB", "checked", "2 ranks = 1 rank (max rel. loss diff)", "plan command"]
+            "plan peak GiB", "checked", "2 ranks = 1 rank (max rel. loss diff)", "plan command",
+            "CUDA host syncs, whole run (sync debug mode)"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     ok = True

@@ -4,7 +4,9 @@
 
 When the run ends (finished or failed) every rank writes OUT_DIR/peak_memory_rank<R>.json: on CUDA the
 allocator's peak (torch.cuda.max_memory_allocated, what memory_plan models), on CPU the process's peak
-resident set (getrusage, which also counts the interpreter and libraries)."""
+resident set (getrusage, which also counts the interpreter and libraries). On CUDA the run goes under
+torch.cuda.set_sync_debug_mode("warn") and the file also counts the host syncs it reported ("cuda_syncs":
+every op that made the host wait for the GPU, evaluation, sampling and checkpoints included)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import json
 import os
 import resource
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,12 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train  # noqa: E402
 from errors import run_cli  # noqa: E402
 
+SYNC_WARNING = "synchronizing CUDA operation"  # the text of set_sync_debug_mode's warning
 
-def record_peak(out: Path) -> None:
+
+def record_peak(out: Path, syncs: int | None) -> None:
     rank = int(os.environ.get("RANK", "0"))
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         peak = {"kind": "cuda max_memory_allocated", "bytes": torch.cuda.max_memory_allocated(),
-                "device": torch.cuda.get_device_name()}
+                "device": torch.cuda.get_device_name(), "cuda_syncs": syncs}
     else:
         peak = {"kind": "cpu peak RSS", "bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                 "device": "cpu"}
@@ -36,10 +41,17 @@ def record_peak(out: Path) -> None:
 
 def main(argv: list[str]) -> int:
     out = Path(argv[0])
-    try:
-        return train.main(argv[1:])
-    finally:
-        record_peak(out)
+    cuda = torch.cuda.is_available()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            return train.main(argv[1:])
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
+            record_peak(out, sum(SYNC_WARNING in str(w.message) for w in seen) if cuda else None)
 
 
 if __name__ == "__main__":

@@ -161,6 +161,8 @@ def test_hsdp_needs_fsdp():
 
     with pytest.raises(UserError, match="FSDP_SHARD_GROUP_SIZE=8 .* but USE_FSDP=false"):
         config.load_config(None, {"FSDP_SHARD_GROUP_SIZE": "8"}, use_environ=False)
+    with pytest.raises(UserError, match="FSDP_UNSHARDED_ACCUMULATION=true .* but USE_FSDP=false"):
+        config.load_config(None, {"FSDP_UNSHARDED_ACCUMULATION": "true"}, use_environ=False)
 
 
 def _launch_node(tmp, data, launcher: list[str]) -> subprocess.Popen:
@@ -198,7 +200,7 @@ def test_world_of_one_helpers():
     assert D.rank() == 0 and D.world_size() == 1 and D.is_main()
     t = torch.tensor([3.0])
     assert D.all_reduce_sum(t) is t and t.item() == 3.0
-    assert D.sum_floats([1.5, 2.0], torch.device("cpu")) == [1.5, 2.0]
+    assert D.sum_floats([1.5, 2]) == [1.5, 2.0]
     assert D.any_rank(True) and not D.any_rank(False)
     D.barrier()
 
@@ -226,7 +228,11 @@ def test_more_local_ranks_than_gpus_is_a_user_error(monkeypatch):
     with pytest.raises(UserError, match="LOCAL_RANK=1"):
         D.select_device("cuda", 1)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")  # a launcher bound this process to one GPU of its own
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert D.select_device("cuda", 5) == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun gave its 2 local workers the same one GPU
+    with pytest.raises(UserError, match="LOCAL_RANK=1"):
+        D.select_device("cuda", 1)
 
 
 def test_fsdp_without_process_group_is_a_user_error(tmp_path, data):

@@ -9,9 +9,9 @@ step) and counts, on those tensors only:
   - device-to-host reads: .tolist(), .numpy(), .cpu() (on CPU these dispatch no op, so they are counted by
     wrapping the Tensor methods).
 Distillation and DPO run with their frozen model live and from its cache (looked up by sample_index, which
-stays on the host). With 4 micro-steps per optimizer step, a sync in every micro-step would count at least 4. The step's deliberate
-syncs are two: the all-reduced unit count (distributed.sum_floats, read before the micro-steps) and the one
-read of the loss, metrics and gradient norm together (train.optimizer_step)."""
+stays on the host). With 4 micro-steps per optimizer step, a sync in every micro-step would count at least 4. The step's one
+deliberate sync is the read of the loss, metrics and gradient norm together (train.optimizer_step); the unit
+count is summed over ranks as host numbers (distributed.sum_floats, over the CPU group: no device tensor)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import distributed as D
 import objectives
 import train
 
-PER_STEP = 2  # sum_floats of the unit count + the loss / metrics / grad-norm read (see the module docstring)
+PER_STEP = 1  # the loss / metrics / grad-norm read (see the module docstring)
 
 SHAPE_FROM_VALUES = {"nonzero", "masked_select", "bincount", "_unique", "_unique2", "unique_dim",
                      "unique_consecutive"}

@@ -226,8 +226,13 @@ def probe_says(monkeypatch, slowdown: float) -> None:
     monkeypatch.setattr(precision, "_matmul_time", lambda dtype, *a, **k: slowdown if dtype == torch.bfloat16 else 1.0)
 
 
-def test_what_a_device_can_never_compute_in(monkeypatch):
+def test_what_a_device_can_never_compute_in(monkeypatch, fresh_probe):
+    probe_says(monkeypatch, 0.3)
     assert precision.unavailable("fp32", "cpu") == precision.unavailable("bf16", "cpu") == ""
+    probe_says(monkeypatch, 1.6)  # slower here today, but native
+    assert precision.unavailable("bf16", "cpu") == ""
+    probe_says(monkeypatch, 88.0)
+    assert "emulates bf16" in precision.unavailable("bf16", "cpu")
     assert "CUDA" in precision.unavailable("fp16", "cpu")
     fake_cuda(monkeypatch, "Tesla V100-SXM2-16GB", bf16=False)
     assert "V100" in precision.unavailable("bf16", "cuda")
@@ -237,7 +242,7 @@ def test_what_a_device_can_never_compute_in(monkeypatch):
 
 
 def test_auto_keeps_the_recorded_precision_whatever_the_probe_says_now(monkeypatch, fresh_probe, capsys):
-    probe_says(monkeypatch, 9.0)
+    probe_says(monkeypatch, 1.6)  # a loaded host's probe flipped: bf16 is native here all the same
     assert precision.resolve("auto", "cpu").name == "fp32"
     c = precision.resolve("auto", "cpu", recorded="bf16")
     assert (c.name, c.requested) == ("bf16", "auto") and "checkpoint" in c.reason
@@ -248,10 +253,10 @@ def test_auto_keeps_the_recorded_precision_whatever_the_probe_says_now(monkeypat
 
 
 @pytest.mark.parametrize("device,recorded,fsdp,want", [("cpu", "fp16", False, "bf16"), ("cuda", "bf16", False, "fp16"),
-                                                       ("cuda", "fp16", True, "fp32")])
+                                                       ("cuda", "fp16", True, "fp32"), ("cpu", "bf16", False, "fp32")])
 def test_auto_changes_a_recorded_precision_the_device_cannot_do_in_one_line(monkeypatch, fresh_probe, capsys,
                                                                              device, recorded, fsdp, want):
-    probe_says(monkeypatch, 0.3)
+    probe_says(monkeypatch, 88.0 if recorded == "bf16" and device == "cpu" else 0.3)  # an AVX2 CPU emulates bf16
     fake_cuda(monkeypatch, "Tesla V100-SXM2-16GB", bf16=False)
     c = precision.resolve("auto", device, fsdp=fsdp, recorded=recorded)
     assert c.name == want and "unavailable" in c.reason
@@ -283,7 +288,7 @@ def test_a_resume_keeps_the_recorded_precision_unless_the_host_cannot(tmp_path, 
     run_inprocess(tmp_path, pretrain_data, MAX_STEPS=1, **kw)
     assert _recorded(root / ckpt.step_name(1)) == "bf16"
     capsys.readouterr()
-    probe_says(monkeypatch, 9.0)  # the probe now says fp32: the resume keeps bf16, silently
+    probe_says(monkeypatch, 1.6)  # the probe now says fp32 (a loaded host): the resume keeps bf16, silently
     run_inprocess(tmp_path, pretrain_data, MAX_STEPS=2, **kw)
     assert _recorded(root / ckpt.step_name(2)) == "bf16"
     assert "precision changes" not in capsys.readouterr().err

@@ -167,18 +167,3 @@ def test_fsdp2_from_pretrained_weights_matches_one_process(tmp_path, sources):
         assert got[s]["grad_norm"] == pytest.approx(ref[s]["grad_norm"], rel=1e-4), (s, got[s], ref[s])
 
 
-@pytest.mark.parametrize("overrides,copies", [
-    ({"TRAINING_STAGE": "pretrain"}, False),
-    ({"TRAINING_STAGE": "instruct", "IS_MODEL_DISTILLATION": "true", "TEACHER_MODEL_CHECKPOINT": "t"}, False),
-    ({"TRAINING_STAGE": "dpo"}, True),  # the frozen reference is a copy of the starting weights
-    ({"TRAINING_STAGE": "dpo", "LORA_ENABLED": "true"}, False),  # reference = adapters off, no copy
-    ({"TRAINING_STAGE": "dpo", "DPO_REFERENCE_LOGPS_PATH": "cache"}, False),
-    ({"TRAINING_STAGE": "dpo", "PREFERENCE_OBJECTIVE": "orpo"}, False),  # reference-free
-    ({"TRAINING_STAGE": "dpo", "PREFERENCE_OBJECTIVE": "simpo"}, False),
-    ({"TRAINING_STAGE": "dpo", "MODEL_PRESET": "moe-debug"}, True),  # through the router-loss wrapper
-])
-def test_objectives_that_copy_the_model_keep_the_whole_build(overrides, copies):
-    import objectives
-
-    cfg = config.load_config(str(ROOT / "configs" / "debug.env"), overrides, use_environ=False)
-    assert objectives.build_objective(cfg).copies_model() is copies

@@ -74,6 +74,20 @@ def test_fsdp2_dpo_reference_is_sharded_and_equals_one_process(tmp_path, dpo_dat
         assert r["reference"]["trained_dtypes"] == []
 
 
+@pytest.mark.slow
+def test_fsdp2_bf16_dpo_reference_computes_as_the_policy(tmp_path, dpo_data):
+    """Under bf16 FSDP2 gathers the policy's parameters in bf16; the sharded reference must gather and compute
+    the same way, so at step 1 (policy = reference) every log-ratio is 0 and the DPO loss is exactly ln 2."""
+    import math
+
+    parent = make_parent(tmp_path / "parent")
+    torchrun(tmp_path, dpo_data, 2, USE_FSDP="true", TRAINING_PRECISION="bf16", TRAINING_STAGE="dpo",
+             DPO_DATALOADER_ROOT_PATH=dpo_data, DPO_SAVE_CHECKPOINTS_PATH=tmp_path / "ck", MAX_STEPS=1,
+             VALIDATE_EVERY_X_STEPS=0, SAVE_CHECKPOINTS="false", INIT_FROM=parent)
+    first = [e for e in read_metrics(tmp_path / "run") if "loss" in e][0]
+    assert first["step"] == 1 and first["loss"] == pytest.approx(math.log(2), abs=1e-6), first
+
+
 def test_lora_adapters_are_drawn_by_name_as_the_sharded_build_draws_them():
     """apply_lora on a built model and materialize_model on a meta model give the same adapters (and base)."""
     cfg = config.load_config(str(ROOT / "configs" / "debug.env"), {"LORA_ENABLED": "true"}, use_environ=False)
