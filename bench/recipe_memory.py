@@ -180,8 +180,6 @@ def main() -> int:
     ap.add_argument("env_files", nargs="+")
     ap.add_argument("--mfu", type=float, default=0.35, help="assumed model FLOPs utilization for the time figure")
     a = ap.parse_args()
-    import precision
-
     peaks = {name: p["bf16"] / 1e12 for name, p in precision.GPU_PEAKS if name in ("A100", "L4", "H100")}
     torch.set_num_threads(max(1, torch.get_num_threads()))
     results = {Path(f).name: report(f, peaks, a.mfu) for f in a.env_files}
