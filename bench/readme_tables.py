@@ -307,8 +307,8 @@ def recipe_memory(load: Load) -> list[str]:
     lines = _head("", f"SFT, micro-batch {sft['micro_batch_rows']} x {sft['seq_len']} tokens",
                   f"DPO, micro-batch {dpo['micro_batch_rows'] // 2} pairs = {dpo['micro_batch_rows']} x "
                   f"{dpo['seq_len']} tokens")
-    lines.append(_row(f"frozen base weights (fp32, {sft['parameters'] / 1e9:.3f} B parameters)", gb(sft["weights_gb"]),
-                      gb(dpo["weights_gb"])))
+    lines.append(_row(f"frozen base ({sft['parameters'] / 1e9:.3f} B parameters: Linear weights bf16, embedding and "
+                      "norms fp32)", gb(sft["weights_gb"]), gb(dpo["weights_gb"])))
     lines.append(_row(f"LoRA ({sft['lora_parameters'] / 1e6:.2f} M parameters) + gradients + AdamW moments",
                       gb(sft["adapters_gb"]), gb(dpo["adapters_gb"])))
     lines.append(_row("activations kept for backward (checkpointed blocks)", gb(sft["activations_gb"]),
