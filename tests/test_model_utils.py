@@ -365,15 +365,18 @@ def test_tokenizer_source_follows_our_checkpoints_to_their_tokenizer(tmp_path):
     parent = tmp_path / "pretrain" / "step_0000005"
     parent.mkdir(parents=True)
     save_model(model, str(parent / "model.safetensors"))
+    tok_file = tmp_path / "my" / "tok.model"  # checkpoints record a local tokenizer path absolute
+    tok_file.parent.mkdir()
+    tok_file.write_bytes((ROOT / "tokenizer.model").read_bytes())
     (parent / "config.json").write_text(json.dumps({"model_args": args.to_dict(),
-                                                    "settings": {"TOKENIZER_CHECKPOINT_PATH": "my/tok.model"}}))
+                                                    "settings": {"TOKENIZER_CHECKPOINT_PATH": str(tok_file)}}))
     (tmp_path / "pretrain" / "latest").write_text("step_0000005\n")
     child = tmp_path / "instruct" / "step_0000003"
     child.mkdir(parents=True)
     save_model(model, str(child / "model.safetensors"))
     (child / "config.json").write_text(json.dumps({"model_args": args.to_dict(), "settings": {
         "TOKENIZER_CHECKPOINT_PATH": "model", "INIT_FROM": str(tmp_path / "pretrain" / "latest")}}))
-    assert tokenizer_source(tmp_path / "pretrain" / "latest") == "my/tok.model"
-    assert tokenizer_source(child) == "my/tok.model"  # 'model' = the tokenizer of the run it started from
+    assert tokenizer_source(tmp_path / "pretrain" / "latest") == str(tok_file)
+    assert tokenizer_source(child) == str(tok_file)  # 'model' = the tokenizer of the run it started from
     gguf = smollm2_gguf()
     assert tokenizer_source(gguf) == str(gguf)  # other sources carry their own tokenizer
