@@ -207,8 +207,8 @@ def build_model(cfg: config.Config, tok, init_source: str, device: torch.device)
 def builds_sharded(cfg: config.Config) -> bool:
     """FSDP2 runs build the model on the meta device and let each rank fill only its shards after fully_shard
     (a resumed run then reads only its shards of the checkpoint). LoRA adapters are swapped in on the meta
-    model and drawn in the same pass; a frozen copy of the starting model (the DPO reference) is sharded like
-    the policy and filled from its shards (Objective.fill_frozen). No rank ever holds the whole model."""
+    model and drawn in the same pass; a frozen copy of the starting model (a preference reference) is sharded
+    like the policy and filled from its shards (Objective.fill_frozen). No rank ever holds the whole model."""
     return cfg.system.use_fsdp and D.is_dist()
 
 
