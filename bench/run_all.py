@@ -36,19 +36,9 @@ from fileio import write_text_atomic  # noqa: E402
 
 def host_line() -> str:
     """CPU model, ATen's kernel capability and what the precision rule measured on this host."""
-    import platform
+    import results_file
 
-    import torch
-
-    model = platform.processor() or "unknown CPU"
-    try:
-        model = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                     if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    auto = precision.resolve("auto", "cpu")
-    return (f"{model}, {os.cpu_count()} CPUs, ATen capability {torch.backends.cpu.get_cpu_capability()}, "
-            f"precision {auto.describe()}")
+    return f"{results_file.host()}, {results_file.cpu_profile()}"
 
 
 def precisions() -> list[str]:
