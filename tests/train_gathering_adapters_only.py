@@ -5,6 +5,7 @@ Launched by tests/test_peft_export.py."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 from torch.distributed.tensor import DTensor
@@ -38,8 +39,10 @@ def save_gathering_adapters_only(*args, **kw):
         out = _save(*args, **kw)
     finally:
         DTensor.full_tensor, DTensor.redistribute = real
-    print(f"saved step {args[1]} gathering {len(set(gathered))} of {len(adapters)} adapter weights and nothing "
-          "else", flush=True)
+    # one write per line: the ranks share the launcher's stdout, and print() writes the text and its newline
+    # separately, so two ranks' lines could interleave
+    os.write(sys.stdout.fileno(), f"saved step {args[1]} gathering {len(set(gathered))} of {len(adapters)} adapter "
+             "weights and nothing else\n".encode())
     return out
 
 
