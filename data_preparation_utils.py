@@ -198,7 +198,7 @@ class ChatEncoder:
     def __init__(self, tok: Tokenizer, system_prompt: str, max_seq_len: int):
         self.tok, self.system_prompt, self.max_seq_len = tok, system_prompt, max_seq_len
         self.dtype = token_dtype(tok.vocab_size)
-        self._chat = None
+        self._chat: ChatFormat | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_chat": None}
