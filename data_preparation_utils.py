@@ -427,16 +427,16 @@ def _prepare(kind: str, records: Iterable[Any], root: Path, encoder: Encoder, *,
     start = min(w.next_doc for w in writers.values())
     if start:
         print(f"{root}: resuming at input record {start}", file=sys.stderr)
-    bar = _Progress(kind, start, progress)
-    n_records = _tokenize_into(writers, records, start, encoder, workers, seed, val_fraction, bar)
-    bar.close()
+    meter = _Progress(kind, start, progress)
+    n_records = _tokenize_into(writers, records, start, encoder, workers, seed, val_fraction, meter)
+    meter.close()
     for w in writers.values():
         w.finish(n_records)
     _check_some_documents(writers, kind, source, n_records)
     manifest = _manifest(fingerprint, writers)
     atomic_write(root / MANIFEST, json.dumps(manifest, indent=1).encode())
     (root / JOURNAL).unlink(missing_ok=True)
-    print(_summary(manifest, root, time.perf_counter() - bar.t0, bar.tokens), file=sys.stderr)
+    print(_summary(manifest, root, time.perf_counter() - meter.t0, meter.tokens), file=sys.stderr)
     return manifest
 
 
@@ -504,6 +504,9 @@ class _Progress:
         self.bar = tqdm(desc=f"tokenizing {kind}", unit=" doc", disable=not enabled, dynamic_ncols=True,
                         initial=start)
 
+    def advance(self) -> None:
+        self.bar.update(1)
+
     def warn(self, warning: str) -> None:
         from tqdm import tqdm
 
@@ -531,7 +534,7 @@ def _tokenize_into(writers: dict[str, ShardWriter], records: Iterable[Any], star
     for i, result in _encoded_stream(iter(islice(records, start, None)), start, encoder, workers, seed,
                                      val_fraction, resume_from):
         n_records = i + 1
-        progress.bar.update(1)
+        progress.advance()
         if result is None:
             continue
         split, arrays, event, warning = result
