@@ -45,7 +45,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol
 
 import numpy as np
 
@@ -61,7 +61,7 @@ from data_manifest import (
 )
 from errors import UserError, run_cli
 from fileio import fsync_dir
-from tokenizer import ChatFormat, load_tokenizer
+from tokenizer import ChatFormat, Tokenizer, load_tokenizer
 
 
 def auto_workers(n: int) -> int:
@@ -152,12 +152,21 @@ def _jsonl_lines(lines: Iterable[str], name: str, malformed: str, hint: str | No
         yield lineno, value
 
 
+class Encoder(Protocol):
+    """What prepare runs in the worker processes (so it must pickle): a record's split key, and the record ->
+    its token arrays by role (None when it is skipped) with an event to count (a skip reason, a truncation)."""
+
+    def split_key(self, record: Any) -> str: ...
+
+    def __call__(self, record: Any) -> tuple[dict[str, np.ndarray] | None, str | None]: ...
+
+
 class PretrainEncoder:
     """Plain-text document -> BOS + ids + EOS. Runs in the worker processes."""
 
     kind = "pretrain"
 
-    def __init__(self, tok: Any):
+    def __init__(self, tok: Tokenizer):
         self.tok = tok
         self.dtype = token_dtype(tok.vocab_size)
 
@@ -186,10 +195,10 @@ class ChatEncoder:
     """Shared part of the SFT and DPO encoders: the tokenizer, the ChatFormat built lazily in each worker
     process (it is not sent through pickling), and the record's split key."""
 
-    def __init__(self, tok: Any, system_prompt: str, max_seq_len: int):
+    def __init__(self, tok: Tokenizer, system_prompt: str, max_seq_len: int):
         self.tok, self.system_prompt, self.max_seq_len = tok, system_prompt, max_seq_len
         self.dtype = token_dtype(tok.vocab_size)
-        self._chat = None
+        self._chat: ChatFormat | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_chat": None}
@@ -212,7 +221,7 @@ def record_key(record: Any) -> str:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(encoder: Any, seed: int, val_fraction: float) -> None:
+def _init_worker(encoder: Encoder, seed: int, val_fraction: float) -> None:
     _WORKER.update(encoder=encoder, seed=seed, val_fraction=val_fraction)
 
 
@@ -249,7 +258,7 @@ def _chunks(records: Iterator[Any], start: int, max_records: int, max_chars: int
         yield start, chunk
 
 
-def _encoded_stream(records: Iterator[Any], start: int, encoder: Any, workers: int, seed: int,
+def _encoded_stream(records: Iterator[Any], start: int, encoder: Encoder, workers: int, seed: int,
                     val_fraction: float, resume_from: dict[str, int]) -> Iterator[tuple[int, tuple | None]]:
     """(record index, result) in input order. Pool.imap would read ahead without bound (its feeder thread
     drains the input), so at most 2 chunks per worker are in flight here."""
@@ -375,7 +384,7 @@ def _clean(root: Path) -> None:
         (root / name).unlink(missing_ok=True)
 
 
-def prepare(kind: str, records: Iterable[Any], out_dir: str | Path, encoder: Any, **kw: Any) -> dict[str, Any]:
+def prepare(kind: str, records: Iterable[Any], out_dir: str | Path, encoder: Encoder, **kw: Any) -> dict[str, Any]:
     """Tokenize `records` (an iterable read lazily, in a fixed order) into shards under out_dir; returns the
     manifest. A re-run after an interruption resumes; a finished dir with the same settings is left as is.
     A failure before the first shard removes the directories this call created (a source that cannot be
@@ -397,105 +406,183 @@ def prepare(kind: str, records: Iterable[Any], out_dir: str | Path, encoder: Any
         raise
 
 
-def _prepare(kind: str, records: Iterable[Any], root: Path, encoder: Any, *, tokenizer_identity: dict,
+def _prepare(kind: str, records: Iterable[Any], root: Path, encoder: Encoder, *, tokenizer_identity: dict,
              source: str, seed: int, val_fraction: float, shard_size: int, workers: int = 0,
-             options: dict[str, Any] | None = None, overwrite: bool = False, progress: bool = True,
-             fail_after_shards: int | None = None) -> dict[str, Any]:
-    """prepare's work. `fail_after_shards` is a test hook: raise after that many shards have been journaled."""
-    from tqdm import tqdm
-
+             options: dict[str, Any] | None = None, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """prepare's work: settle what the dir already holds, stream the records into one ShardWriter per split
+    (each journals the shards it closes), then write the manifest and drop the journal."""
     root.mkdir(parents=True, exist_ok=True)
     workers = auto_workers(workers)
-    dtype = token_dtype(tokenizer_identity["vocab_size"])
-    fingerprint = {"format_version": FORMAT_VERSION, "kind": kind, "tokenizer": tokenizer_identity,
-                   "dtype": str(dtype), "source": source, "split_seed": seed, "val_fraction": val_fraction,
-                   "shard_size": shard_size, "options": options or {}}
-    fp_json = json.loads(json.dumps(fingerprint))
-    manifest_path, journal_path = root / MANIFEST, root / JOURNAL
+    fingerprint = _fingerprint(kind, tokenizer_identity, source, seed, val_fraction, shard_size, options)
     if overwrite:
         _clean(root)
-    if manifest_path.is_file():
-        old = json.loads(manifest_path.read_text())
-        if {k: old.get(k) for k in fp_json} == fp_json and old.get("complete"):
-            print(f"{root}: already prepared with these settings; nothing to do", file=sys.stderr)
-            return old
-        raise UserError(f"{root} already holds data prepared with other settings ({MANIFEST}); "
-                        "pass --overwrite or choose another output directory")
+    finished = _finished_manifest(root, fingerprint)
+    if finished is not None:
+        return finished
+    journal = _resumable_journal(root, fingerprint)
+    writers = {s: ShardWriter(root, kind, s, shard_size, journal["splits"][s] if journal else None)
+               for s in SPLITS}
+    for w in writers.values():
+        w.on_shard = lambda: write_journal(root, fingerprint, writers)
+    start = min(w.next_doc for w in writers.values())
+    if start:
+        print(f"{root}: resuming at input record {start}", file=sys.stderr)
+    meter = _Progress(kind, start, progress)
+    n_records = _tokenize_into(writers, records, start, encoder, workers, seed, val_fraction, meter)
+    meter.close()
+    for w in writers.values():
+        w.finish(n_records)
+    _check_some_documents(writers, kind, source, n_records)
+    manifest = _manifest(fingerprint, writers)
+    atomic_write(root / MANIFEST, json.dumps(manifest, indent=1).encode())
+    (root / JOURNAL).unlink(missing_ok=True)
+    print(_summary(manifest, root, time.perf_counter() - meter.t0, meter.tokens), file=sys.stderr)
+    return manifest
+
+
+# ---------------------------------------------------------------------------- journal and resume
+
+
+def _fingerprint(kind: str, tokenizer_identity: dict, source: str, seed: int, val_fraction: float,
+                 shard_size: int, options: dict[str, Any] | None) -> dict[str, Any]:
+    """The settings a prepared dir is made from, as its manifest and journal store them (JSON round trip):
+    a re-run with an equal fingerprint resumes or finds the work done."""
+    fingerprint = {"format_version": FORMAT_VERSION, "kind": kind, "tokenizer": tokenizer_identity,
+                   "dtype": str(token_dtype(tokenizer_identity["vocab_size"])), "source": source,
+                   "split_seed": seed, "val_fraction": val_fraction, "shard_size": shard_size,
+                   "options": options or {}}
+    return json.loads(json.dumps(fingerprint))
+
+
+def _finished_manifest(root: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest of a finished preparation with these settings (nothing to do), None when there is no
+    manifest; a manifest of other settings is a UserError."""
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        return None
+    old = json.loads(manifest_path.read_text())
+    if {k: old.get(k) for k in fingerprint} == fingerprint and old.get("complete"):
+        print(f"{root}: already prepared with these settings; nothing to do", file=sys.stderr)
+        return old
+    raise UserError(f"{root} already holds data prepared with other settings ({MANIFEST}); "
+                    "pass --overwrite or choose another output directory")
+
+
+def _resumable_journal(root: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    """The journal of an unfinished preparation with these settings (None: start from the first record);
+    one of other settings is a UserError. Removes the *.tmp files an interrupted shard write left."""
+    journal_path = root / JOURNAL
     journal = json.loads(journal_path.read_text()) if journal_path.is_file() else None
-    if journal is not None and journal["fingerprint"] != fp_json:
+    if journal is not None and journal["fingerprint"] != fingerprint:
         raise UserError(f"{root} holds an unfinished preparation with other settings ({JOURNAL}); "
                         "re-run it with its settings, or pass --overwrite to start over")
     for split in SPLITS:
         for tmp in (root / split).glob("*.tmp"):
             tmp.unlink()
-    writers = {s: ShardWriter(root, kind, s, shard_size, journal["splits"][s] if journal else None)
-               for s in SPLITS}
-    shards_written = 0
+    return journal
 
-    def write_journal() -> None:
-        nonlocal shards_written
-        body = {"fingerprint": fp_json, "splits": {s: w.state() for s, w in writers.items()}}
-        atomic_write(journal_path, json.dumps(body).encode())
-        shards_written += 1
-        if fail_after_shards is not None and shards_written >= fail_after_shards:
-            raise RuntimeError(f"test hook: stopping after {shards_written} shards")
 
-    for w in writers.values():
-        w.on_shard = write_journal
+def write_journal(root: Path, fingerprint: dict[str, Any], writers: dict[str, ShardWriter]) -> None:
+    """Record every split's finished shards and input position in the resume journal (atomically). Called
+    in the preparing process each time a shard is closed; the workers only encode."""
+    body = {"fingerprint": fingerprint, "splits": {s: w.state() for s, w in writers.items()}}
+    atomic_write(root / JOURNAL, json.dumps(body).encode())
+
+
+# ------------------------------------------------------------------------------ the tokenizing pass
+
+
+class _Progress:
+    """The tokenizing pass's bar (records read, tokens/s at most every 0.5 s), its first 10 warnings, and the
+    tokens it added (this run's, for the summary's rate)."""
+
+    def __init__(self, kind: str, start: int, enabled: bool):
+        from tqdm import tqdm
+
+        self.t0 = self.last_postfix = time.perf_counter()
+        self.tokens, self.warned = 0, 0
+        self.bar = tqdm(desc=f"tokenizing {kind}", unit=" doc", disable=not enabled, dynamic_ncols=True,
+                        initial=start)
+
+    def advance(self) -> None:
+        self.bar.update(1)
+
+    def warn(self, warning: str) -> None:
+        from tqdm import tqdm
+
+        if self.warned < 10:
+            self.warned += 1
+            tqdm.write(f"warning: {warning}" + (" (further warnings suppressed)" if self.warned == 10 else ""),
+                       file=sys.stderr)
+
+    def show_rate(self) -> None:
+        now = time.perf_counter()
+        if now - self.last_postfix > 0.5:
+            self.bar.set_postfix_str(f"{self.tokens / (now - self.t0):,.0f} tok/s")
+            self.last_postfix = now
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _tokenize_into(writers: dict[str, ShardWriter], records: Iterable[Any], start: int, encoder: Encoder,
+                   workers: int, seed: int, val_fraction: float, progress: _Progress) -> int:
+    """Encode the records from index `start` on (those a split has already finished are skipped by the
+    workers) and add each to its split's writer; -> the number of input records read."""
     resume_from = {s: w.next_doc for s, w in writers.items()}
-    start = min(resume_from.values())
-    if start:
-        print(f"{root}: resuming at input record {start}", file=sys.stderr)
-    t0 = time.perf_counter()
-    n_records, n_tokens, warned = start, 0, 0
-    bar = tqdm(desc=f"tokenizing {kind}", unit=" doc", disable=not progress, dynamic_ncols=True, initial=start)
-    last_postfix = t0
+    n_records = start
     for i, result in _encoded_stream(iter(islice(records, start, None)), start, encoder, workers, seed,
                                      val_fraction, resume_from):
         n_records = i + 1
-        bar.update(1)
+        progress.advance()
         if result is None:
             continue
         split, arrays, event, warning = result
         w = writers[split]
-        if warning and warned < 10:
-            warned += 1
-            tqdm.write(f"warning: {warning}" + (" (further warnings suppressed)" if warned == 10 else ""),
-                       file=sys.stderr)
+        if warning:
+            progress.warn(warning)
         if arrays is None:
             w.count(event)
         else:
             w.add(i, arrays, event)
-            n_tokens += sum(len(arrays[r]) for r in TOKEN_ROLES[kind])
-        now = time.perf_counter()
-        if now - last_postfix > 0.5:
-            bar.set_postfix_str(f"{n_tokens / (now - t0):,.0f} tok/s")
-            last_postfix = now
-    bar.close()
+            progress.tokens += sum(len(arrays[r]) for r in TOKEN_ROLES[w.kind])
+        progress.show_rate()
+    return n_records
+
+
+# ----------------------------------------------------------------------------- manifest and summary
+
+
+def _check_some_documents(writers: dict[str, ShardWriter], kind: str, source: str, n_records: int) -> None:
+    """A source none of whose records became a document is a UserError naming what was skipped and why."""
+    if any(w.documents for w in writers.values()):
+        return
+    skipped: dict[str, int] = {}
     for w in writers.values():
-        w.finish(n_records)
-    if not any(w.documents for w in writers.values()):
-        skipped = {}
-        for w in writers.values():
-            for k, v in w.stats.items():
-                skipped[k] = skipped.get(k, 0) + v
-        counts = ", ".join(f"{k} {v:,}" for k, v in sorted(skipped.items())) or "none skipped"
-        raise UserError(f"{source}: 0 records out of {n_records:,} read ({counts}); nothing was written: "
-                        f"the {kind} preparation expects {_EXPECTED_RECORDS[kind]}")
-    manifest = dict(fp_json, complete=True, splits={})
+        for k, v in w.stats.items():
+            skipped[k] = skipped.get(k, 0) + v
+    counts = ", ".join(f"{k} {v:,}" for k, v in sorted(skipped.items())) or "none skipped"
+    raise UserError(f"{source}: 0 records out of {n_records:,} read ({counts}); nothing was written: "
+                    f"the {kind} preparation expects {_EXPECTED_RECORDS[kind]}")
+
+
+def _manifest(fingerprint: dict[str, Any], writers: dict[str, ShardWriter]) -> dict[str, Any]:
+    manifest = dict(fingerprint, complete=True, splits={})
     for s, w in writers.items():
         manifest["splits"][s] = {"documents": w.documents, "tokens": sum(e["tokens"] for e in w.shards),
                                  "stats": w.stats, "shards": w.shards}
-    atomic_write(manifest_path, json.dumps(manifest, indent=1).encode())
-    journal_path.unlink(missing_ok=True)
-    dt = time.perf_counter() - t0
+    return manifest
+
+
+def _summary(manifest: dict[str, Any], root: Path, seconds: float, tokens_this_run: int) -> str:
+    """The one line a finished preparation ends with: records per split, tokens, shards, rate, skip counts."""
     tr, va = manifest["splits"]["train"], manifest["splits"]["val"]
     stats = {k: tr["stats"].get(k, 0) + va["stats"].get(k, 0) for k in {**tr["stats"], **va["stats"]}}
-    print(f"prepared {kind} from {manifest['source']}: {tr['documents'] + va['documents']:,} records (train {tr['documents']:,} / val "
-          f"{va['documents']:,}), {tr['tokens'] + va['tokens']:,} tokens in {len(tr['shards']) + len(va['shards'])} "
-          f"shards ({dtype}) -> {root} in {dt:.1f} s ({n_tokens / max(dt, 1e-9):,.0f} tok/s this run)"
-          + "".join(f", {k} {v:,}" for k, v in sorted(stats.items())), file=sys.stderr)
-    return manifest
+    return (f"prepared {manifest['kind']} from {manifest['source']}: {tr['documents'] + va['documents']:,} records "
+            f"(train {tr['documents']:,} / val {va['documents']:,}), {tr['tokens'] + va['tokens']:,} tokens in "
+            f"{len(tr['shards']) + len(va['shards'])} shards ({manifest['dtype']}) -> {root} in {seconds:.1f} s "
+            f"({tokens_this_run / max(seconds, 1e-9):,.0f} tok/s this run)"
+            + "".join(f", {k} {v:,}" for k, v in sorted(stats.items())))
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -5,8 +5,8 @@ cache-reference`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,11 @@ from distributed import unwrap
 from errors import UserError
 from losses import IGNORE_INDEX
 from model import Transformer
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import numpy as np
 
 # ---- frozen models (teacher, reference): calling and freezing them --------------------------------------
 
@@ -37,7 +42,7 @@ def logits_of(model: nn.Module, input_ids: torch.Tensor, doc_ids: torch.Tensor |
 
 def vocab_size_of(model: nn.Module) -> int:
     m = unwrap(model)
-    args = getattr(m, "args", None) or getattr(m, "config", None)
+    args: Any = getattr(m, "args", None) or getattr(m, "config", None)  # ModelArgs, or a transformers config
     return int(args.vocab_size)
 
 
@@ -91,7 +96,7 @@ def _read_cache_manifest(path: str, kind: str, setting: str) -> dict[str, Any]:
     return m
 
 
-def _rows(index: torch.Tensor, n: int, path: str) -> Any:
+def _rows(index: torch.Tensor, n: int, path: str) -> np.ndarray:
     # the training step keeps sample_index on the host (objectives.batch_to_device): .cpu() is then free
     idx = index.cpu().long().numpy()
     if idx.min() < 0:
@@ -184,8 +189,8 @@ def sequence_logps_chunked(rows: torch.Tensor, head: Callable[[torch.Tensor], to
     return out
 
 
-def write_cache(kind: str, model: nn.Module, batches: Any, n: int, seq_len: int, out: str, top_k: int = 64,
-                device: str | torch.device = "cpu", meta: dict[str, Any] | None = None,
+def write_cache(kind: str, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], n: int, seq_len: int,
+                out: str, top_k: int = 64, device: str | torch.device = "cpu", meta: dict[str, Any] | None = None,
                 temperature: float = 1.0, compute_dtype: torch.dtype = torch.float32,
                 chunk_rows: int | None = None) -> dict[str, Any]:
     """Store a frozen model's outputs for samples 0..n-1, read from `batches` (dicts with "sample_index"
@@ -201,31 +206,123 @@ def write_cache(kind: str, model: nn.Module, batches: Any, n: int, seq_len: int,
     reference run under it too); the logits exist chunk_rows rows at a time (default: CHUNK_VALUES / V),
     never for a whole batch, and the softmax statistics are fp32.
     Written into <out>.tmp, renamed to <out> when complete. Returns the manifest."""
-    import json
-    import os
     import shutil
     import time
+    from functools import partial
     from pathlib import Path
-
-    import numpy as np
-    from tqdm import tqdm
 
     model, V = freeze(model), vocab_size_of(model)
     top_k = min(top_k, V)
     chunk_rows = chunk_rows or max(1, CHUNK_VALUES // V)
-    device_type = torch.device(device).type
     final, tmp = Path(out), Path(f"{out}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    arrays: _TeacherArrays | _ReferenceArrays
+    outputs: Callable[[dict[str, torch.Tensor]], Any]
     if kind == "teacher":
-        logps_arr = np.lib.format.open_memmap(tmp / "topk_logps.npy", "w+", np.float16, (n, seq_len, top_k))
-        ids_arr = np.lib.format.open_memmap(tmp / "topk_ids.npy", "w+", np.uint16 if V <= 65536 else np.int32,
-                                            (n, seq_len, top_k))
-        tail_arr = np.lib.format.open_memmap(tmp / "tail_logps.npy", "w+", np.float32, (n, seq_len))
+        arrays = _TeacherArrays(tmp, n, seq_len, top_k, V)
+        outputs = partial(_teacher_outputs, model=model, device=device, compute_dtype=compute_dtype,
+                          chunk_rows=chunk_rows, top_k=top_k, temperature=temperature)
     else:
-        ref_arr = np.zeros((n, 2), np.float32)
+        arrays = _ReferenceArrays(tmp, n)
+        outputs = partial(_reference_outputs, model=model, device=device, compute_dtype=compute_dtype,
+                          chunk_rows=chunk_rows)
+    t0 = time.time()
+    missing = _fill(kind, batches, n, outputs, arrays)
+    if missing:
+        shutil.rmtree(tmp)
+        raise UserError(f"cache-{kind}: the batches never produced {missing} of {n} sample indices; "
+                        "sample_index must cover 0..n-1")
+    arrays.close()
+    manifest = {"format": CACHE_FORMAT, "kind": kind, **(meta or {}), "n_samples": n, "seq_len": seq_len,
+                "vocab_size": V, "top_k": top_k if kind == "teacher" else None,
+                **({"temperature": float(temperature), "values": "log_softmax(logits / temperature): top-k and "
+                    "log of the mass outside it"} if kind == "teacher" else {}),
+                "seconds": round(time.time() - t0, 1)}
+    _commit(tmp, final, manifest)
+    print(f"cache-{kind}: {n} samples x {seq_len} positions -> {final} in {manifest['seconds']} s")
+    return manifest
+
+
+def _teacher_outputs(batch: dict[str, torch.Tensor], model: nn.Module, device: str | torch.device,
+                     compute_dtype: torch.dtype, chunk_rows: int, top_k: int, temperature: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch's tempered teacher top-k on the host: (log-probs (B, T, K) fp32, ids (B, T, K), log of the
+    mass outside the top-k (B, T) fp32)."""
+    doc_ids, positions = (batch[k].to(device) if k in batch else None for k in ("doc_ids", "positions"))
+    B, T = batch["input_ids"].shape
+    with precision.autocast(torch.device(device).type, compute_dtype):
+        hidden, head = hidden_rows(model, batch["input_ids"].to(device), doc_ids, positions)
+        vals, ids, tail = teacher_topk(hidden, head, top_k, temperature, chunk_rows)
+    return vals.view(B, T, -1).cpu(), ids.view(B, T, -1).cpu(), tail.view(B, T).cpu()
+
+
+def _reference_outputs(batch: dict[str, torch.Tensor], model: nn.Module, device: str | torch.device,
+                       compute_dtype: torch.dtype, chunk_rows: int) -> torch.Tensor:
+    """One preference batch's summed response log-probs on the host: (B, 2) fp32, chosen then rejected."""
+    ids, labels = concat_pairs({k: v.to(device) for k, v in batch.items()})
+    with precision.autocast(torch.device(device).type, compute_dtype):
+        hidden, head = hidden_rows(model, ids)
+        lp = sequence_logps_chunked(hidden, head, labels, chunk_rows).cpu()  # (2B,): chosen rows, then rejected
+    return lp.view(2, -1).T
+
+
+class _TeacherArrays:
+    """The teacher cache's .npy files, memory-mapped in the cache's temporary dir and filled row by row."""
+
+    def __init__(self, root: Path, n: int, seq_len: int, top_k: int, vocab_size: int):
+        import numpy as np
+
+        shape = (n, seq_len, top_k)
+        self.logps = np.lib.format.open_memmap(root / "topk_logps.npy", "w+", np.float16, shape)
+        self.ids = np.lib.format.open_memmap(root / "topk_ids.npy", "w+",
+                                             np.uint16 if vocab_size <= 65536 else np.int32, shape)
+        self.tail = np.lib.format.open_memmap(root / "tail_logps.npy", "w+", np.float32, (n, seq_len))
+
+    def put(self, rows: np.ndarray, new: np.ndarray, outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+            ) -> None:
+        """Store the batch rows flagged `new` (bool (B,)) at sample rows `rows`."""
+        import numpy as np
+
+        vals, ids, tail = outputs
+        keep = torch.from_numpy(new)
+        self.logps[rows] = vals[keep].numpy().astype(np.float16)
+        self.ids[rows] = ids[keep].numpy().astype(self.ids.dtype)
+        self.tail[rows] = tail[keep].numpy()
+
+    def close(self) -> None:
+        """Flush the files and drop the maps (the dir is renamed next)."""
+        for arr in (self.logps, self.ids, self.tail):
+            arr.flush()
+        del self.logps, self.ids, self.tail
+
+
+class _ReferenceArrays:
+    """The reference cache's (n, 2) log-probs, held in memory and saved as one .npy on close."""
+
+    def __init__(self, root: Path, n: int):
+        import numpy as np
+
+        self.root, self.logps = root, np.zeros((n, 2), np.float32)
+
+    def put(self, rows: np.ndarray, new: np.ndarray, outputs: torch.Tensor) -> None:
+        self.logps[rows] = outputs.numpy()[new]
+
+    def close(self) -> None:
+        import numpy as np
+
+        np.save(self.root / "ref_logps.npy", self.logps)
+
+
+def _fill(kind: str, batches: Iterable[dict[str, torch.Tensor]], n: int,
+          outputs: Callable[[dict[str, torch.Tensor]], Any], arrays: _TeacherArrays | _ReferenceArrays) -> int:
+    """Compute and store the outputs of each batch that holds samples not stored yet, with a progress bar,
+    until all n are; -> how many samples the batches never produced."""
+    import numpy as np
+    from tqdm import tqdm
+
     filled = np.zeros(n, bool)
-    t0, bar = time.time(), tqdm(total=n, desc=f"cache-{kind}", unit="sample")
+    bar = tqdm(total=n, desc=f"cache-{kind}", unit="sample")
     with torch.no_grad():
         for batch in batches:
             if "sample_index" not in batch:
@@ -233,47 +330,22 @@ def write_cache(kind: str, model: nn.Module, batches: Any, n: int, seq_len: int,
             idx = batch["sample_index"].cpu().numpy()
             new = ~filled[idx]
             if new.any():
-                rows, keep = idx[new], torch.from_numpy(new)
-                if kind == "teacher":
-                    doc_ids, positions = (batch[k].to(device) if k in batch else None for k in ("doc_ids", "positions"))
-                    B, T = batch["input_ids"].shape
-                    with precision.autocast(device_type, compute_dtype):
-                        hidden, head = hidden_rows(model, batch["input_ids"].to(device), doc_ids, positions)
-                        vals, ids, tail = teacher_topk(hidden, head, top_k, temperature, chunk_rows)
-                    vals, ids, tail = vals.view(B, T, -1).cpu(), ids.view(B, T, -1).cpu(), tail.view(B, T).cpu()
-                    logps_arr[rows] = vals[keep].numpy().astype(np.float16)
-                    ids_arr[rows] = ids[keep].numpy().astype(ids_arr.dtype)
-                    tail_arr[rows] = tail[keep].numpy()
-                else:
-                    ids, labels = concat_pairs({k: v.to(device) for k, v in batch.items()})
-                    with precision.autocast(device_type, compute_dtype):
-                        hidden, head = hidden_rows(model, ids)
-                        lp = sequence_logps_chunked(hidden, head, labels, chunk_rows).cpu().numpy()  # (2B,)
-                    B = len(idx)
-                    ref_arr[rows, 0], ref_arr[rows, 1] = lp[:B][new], lp[B:][new]
-                filled[rows] = True
+                arrays.put(idx[new], new, outputs(batch))
+                filled[idx[new]] = True
                 bar.update(int(new.sum()))
             if filled.all():
                 break
     bar.close()
-    if not filled.all():
-        shutil.rmtree(tmp)
-        raise UserError(f"cache-{kind}: the batches never produced {int((~filled).sum())} of {n} sample indices; "
-                        "sample_index must cover 0..n-1")
-    if kind == "teacher":
-        for arr in (logps_arr, ids_arr, tail_arr):
-            arr.flush()
-        del logps_arr, ids_arr, tail_arr, arr
-    else:
-        np.save(tmp / "ref_logps.npy", ref_arr)
-    manifest = {"format": CACHE_FORMAT, "kind": kind, **(meta or {}), "n_samples": n, "seq_len": seq_len,
-                "vocab_size": V, "top_k": top_k if kind == "teacher" else None,
-                **({"temperature": float(temperature), "values": "log_softmax(logits / temperature): top-k and "
-                    "log of the mass outside it"} if kind == "teacher" else {}),
-                "seconds": round(time.time() - t0, 1)}
+    return int((~filled).sum())
+
+
+def _commit(tmp: Path, final: Path, manifest: dict[str, Any]) -> None:
+    """The manifest last, then <out>.tmp renamed to <out> (replacing an older cache there)."""
+    import json
+    import os
+    import shutil
+
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    print(f"cache-{kind}: {n} samples x {seq_len} positions -> {final} in {manifest['seconds']} s")
-    return manifest

@@ -3,6 +3,7 @@ SFT/DPO rendering goldens, input adapters, and the training-start checks (tokeni
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -118,6 +119,32 @@ def test_split_is_deterministic_and_worker_independent(tok, tmp_path):
     assert dir_bytes(tmp_path / "w1") == dir_bytes(tmp_path / "w2")
 
 
+@contextlib.contextmanager
+def interrupted_after_shards(n: int):
+    """A preparation stopped right after its n-th shard is journaled (the kill the journal exists for):
+    dpu.write_journal, which runs in the preparing process (the pool's workers only encode), raises once the
+    journal is on disk. The block must end in that interruption."""
+    journal = dpu.write_journal
+    written = 0
+
+    def journal_then_stop(*args, **kwargs):
+        nonlocal written
+        journal(*args, **kwargs)
+        written += 1
+        if written == n:
+            raise RuntimeError(f"interrupted after {written} shards")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dpu, "write_journal", journal_then_stop)
+        with pytest.raises(RuntimeError, match=f"interrupted after {n} shards"):
+            yield
+
+
+def journaled_shards(root: Path) -> int:
+    journal = json.loads((root / dpu.JOURNAL).read_text())
+    return sum(len(journal["splits"][s]["shards"]) for s in ("train", "val"))
+
+
 @pytest.mark.parametrize("kind", ["pretrain", "sft"])
 def test_interrupted_prep_resumes_byte_identical(tok, tmp_path, kind):
     if kind == "pretrain":
@@ -131,12 +158,13 @@ def test_interrupted_prep_resumes_byte_identical(tok, tmp_path, kind):
     full = dpu.prepare(kind, records, tmp_path / "a", enc, **kw)
     assert sum(len(full["splits"][s]["shards"]) for s in ("train", "val")) > 5
     b = tmp_path / "b"
-    with pytest.raises(RuntimeError, match="test hook"):
-        dpu.prepare(kind, records, b, enc, fail_after_shards=2, workers=2, **kw)
-    assert not (b / dpu.MANIFEST).exists()
+    with interrupted_after_shards(2):
+        dpu.prepare(kind, records, b, enc, workers=2, **kw)
+    assert not (b / dpu.MANIFEST).exists() and journaled_shards(b) == 2
     journal_2 = (b / dpu.JOURNAL).read_bytes()
-    with pytest.raises(RuntimeError, match="test hook"):  # resume, interrupted again
-        dpu.prepare(kind, records, b, enc, fail_after_shards=2, **kw)
+    with interrupted_after_shards(2):  # resume, interrupted again
+        dpu.prepare(kind, records, b, enc, **kw)
+    assert journaled_shards(b) == 4
     # a kill after a shard's rename but before its journal entry: the journal lags behind the files
     (b / dpu.JOURNAL).write_bytes(journal_2)
     (b / "train" / "data_000001.npy.tmp").write_bytes(b"half a shard")
@@ -146,6 +174,20 @@ def test_interrupted_prep_resumes_byte_identical(tok, tmp_path, kind):
     assert dpu.prepare(kind, records, b, enc, **kw) == full
     with pytest.raises(UserError, match="--overwrite"):
         dpu.prepare(kind, records, b, enc, **{**kw, "seed": 4})
+
+
+def test_preparation_has_no_test_hooks():
+    """Interruptions are simulated by patching the journal write (above); no function of the preparation takes
+    a parameter, or holds a message, that exists only for tests."""
+    import ast
+    import re
+
+    src = (ROOT / "data_preparation_utils.py").read_text()
+    params = [a.arg for node in ast.walk(ast.parse(src)) if isinstance(node, ast.arguments)
+              for a in node.posonlyargs + node.args + node.kwonlyargs]
+    assert "encoder" in params and "shard_size" in params  # the walk sees prepare's parameters
+    assert [p for p in params if re.search("fail|fault|hook|inject", p)] == []
+    assert "test hook" not in src
 
 
 def test_tokenizer_mismatch_is_one_clear_line_exit_2(tok, byte_tok, tmp_path):
