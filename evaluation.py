@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import distributed as D
+from errors import UserError
 from model import Transformer
 from tokenizer import Tokenizer
 
@@ -57,7 +58,9 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str,
     ctx = tokenizer.encode(context, bos=False, eos=False)
     cont = whole[len(ctx):]
     if add_bos:
-        ctx = [tokenizer.bos_id] + ctx
+        if tokenizer.bos_id is None:
+            raise UserError("add_bos is on but the tokenizer has no BOS token; pass add_bos=False")
+        ctx = [tokenizer.bos_id, *ctx]
     return ctx, cont
 
 
@@ -165,7 +168,7 @@ class Task(Generic[T, E]):
     name: str
     counts: tuple[str, ...]
     encode: Callable[[T], E]
-    score: Callable[[list[E]], list[Sequence[float]]]
+    score: Callable[[list[E]], Sequence[Sequence[float]]]
     order: Callable[[E], float] | None = None
 
 
@@ -185,8 +188,9 @@ def run(model: torch.nn.Module, task: Task[T, E], examples: Sequence[T], *, batc
     over all ranks when a process group is initialized and world_size > 1 (see the module doc).
     progress: a tqdm bar on rank 0 over all ranks' examples."""
     share = [(task.encode(ex), weight) for ex, weight in shard(examples, rank, world_size)]
-    if task.order is not None:
-        share.sort(key=lambda pair: task.order(pair[0]))
+    order = task.order
+    if order is not None:
+        share.sort(key=lambda pair: order(pair[0]))
     batches = [share[b : b + batch_size] for b in range(0, len(share), batch_size)]
     totals = _count(model, task, batches, len(examples) if progress and rank == 0 else None, world_size,
                     stop_check)

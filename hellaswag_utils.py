@@ -272,7 +272,7 @@ def hellaswag_task(model: torch.nn.Module, tokenizer: Tokenizer, add_bos: bool, 
     pad_id = evaluation.padding_id(tokenizer)
 
     def score(batch: list[_Encoded]) -> list[list[float]]:
-        scored = _score_batch(model, batch, device, dtype, max_len, pad_id, tree)
+        scored = _log_likelihoods(model, batch, device, dtype, max_len, pad_id, tree)
         return [_correct(enc, lls, ntoks) for enc, (lls, ntoks) in zip(batch, scored, strict=True)]
 
     def length(e: _Encoded) -> float:
@@ -281,8 +281,8 @@ def hellaswag_task(model: torch.nn.Module, tokenizer: Tokenizer, add_bos: bool, 
     return evaluation.Task("hellaswag", METRICS, lambda ex: _encode(tokenizer, ex, add_bos), score, length)
 
 
-def _score_batch(model: torch.nn.Module, batch: list[_Encoded], device: torch.device, dtype: torch.dtype | None,
-                 max_len: int | None, pad_id: int, tree: bool) -> list[tuple[list[float], list[int]]]:
+def _log_likelihoods(model: torch.nn.Module, batch: list[_Encoded], device: torch.device, dtype: torch.dtype | None,
+                     max_len: int | None, pad_id: int, tree: bool) -> list[tuple[list[float], list[int]]]:
     """Per example (summed ll, n tokens) x 4: tree rows when allowed and every full sequence fits the
     context window (and no KV cache is set up), else full right-padded rows (truncated as lm-eval does)."""
     fits = max_len is None or all(len(e.ctx) + max(map(len, e.conts)) <= max_len + 1 for e in batch)

@@ -325,6 +325,15 @@ def test_loader_cli_local_file_and_errors(tmp_path: Path) -> None:
     assert r.returncode == 2 and "--source FILE" in r.stderr and r.stderr.count("\n") == 1
 
 
+def test_clis_start_from_another_directory_without_pythonpath(tmp_path: Path) -> None:
+    """`python /path/to/FILE.py` puts the repository on sys.path itself: no PYTHONPATH, any working directory."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for script in ("hellaswag_utils.py", "load_hellaswag_dataset.py"):
+        r = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, env=env,
+                           cwd=tmp_path, timeout=120)
+        assert r.returncode == 0 and r.stdout.startswith("usage:"), (script, r.stderr[-2000:])
+
+
 def test_hf_layout_via_datasets(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
