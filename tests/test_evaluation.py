@@ -14,6 +14,8 @@ import torch
 from helpers import free_port
 
 import evaluation
+from errors import UserError
+from tokenizer import Tokenizer
 
 
 class Recorder(torch.nn.Module):
@@ -115,6 +117,18 @@ def test_load_once_reads_a_file_once_per_task_path_and_limit(tmp_path):
     evaluation.load_once("t_test", load, tmp_path / "a", None)
     evaluation.load_once("t_other", load, tmp_path / "a", 3)
     assert reads == [(str(tmp_path / "a"), 3), (str(tmp_path / "a"), None), (str(tmp_path / "a"), 3)]
+
+
+def test_bos_asked_of_a_tokenizer_without_one_is_a_user_error():
+    class Bytes(Tokenizer):
+        bos_id = None
+
+        def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+            return list(text.encode())
+
+    assert evaluation.encode_pair(Bytes(), "ab ", "c", add_bos=False) == ([97, 98], [32, 99])
+    with pytest.raises(UserError, match="no BOS token; pass add_bos=False"):
+        evaluation.encode_pair(Bytes(), "ab", " c", add_bos=True)
 
 
 def _gloo_worker(rank: int, world: int, port: int, out_dir: str) -> None:
