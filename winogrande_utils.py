@@ -6,19 +6,18 @@ sentence's blank "_" splits it (lm-eval `preprocess_winogrande`):
     continuation = " " + sentence[blank + 1:].strip()        (lm-eval's target_delimiter " ")
 Partial scoring (Trinh & Le 2018): the option whose context gives the SHARED continuation the higher summed
 log-likelihood is the answer; acc = how often that is the labelled option (ties to option 1, as numpy's
-argmax does). Tokenization is lm-eval's HFLM split (hellaswag_utils.encode_pair); BOS follows the
-tokenizer's convention unless add_bos is given.
+argmax does). Tokenization is lm-eval's HFLM split (evaluation.encode_pair); BOS follows the tokenizer's
+convention unless add_bos is given.
 
 Batching: `batch_size` records (2 sequences each) per right-padded forward; only continuation positions go
-through the LM head. Distributed: record i goes to rank i % world_size, every rank runs the same number of
-batches (weight-0 padding), counts are all-reduced.
+through the LM head. Distributed (evaluation.run): record i goes to rank i % world_size, every rank runs the
+same number of batches (weight-0 padding), counts are all-reduced.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -30,18 +29,13 @@ from typing import Any
 
 import torch
 
+import distributed as D
+import evaluation
 import precision
 from data_preparation_utils import iter_jsonl
 from errors import UserError, run_cli
-from hellaswag_utils import (
-    dist_info,
-    encode_pair,
-    first_argmax,
-    resolve_add_bos,
-    score_pairs,
-)
 from model_utils import load_model, tokenizer_source
-from tokenizer import load_tokenizer
+from tokenizer import Tokenizer, load_tokenizer
 
 DEFAULT_DATA = "data/winogrande/winogrande_dev.jsonl"
 REQUIRED_FIELDS = ("sentence", "option1", "option2", "answer")
@@ -83,59 +77,55 @@ def load_items(path: str | os.PathLike, limit: int | None = None) -> list[Item]:
     return [render(validate_record(doc, f"{p}:{lineno}")) for lineno, doc in lines]
 
 
-def evaluate(model: torch.nn.Module, tokenizer: Any, items: list[Item], batch_size: int = 16,
+@dataclass
+class _Encoded:
+    pairs: list[tuple[list[int], list[int]]]  # (context ids, continuation ids) per option
+    label: int
+
+
+def _encode(tokenizer: Tokenizer, item: Item, add_bos: bool) -> _Encoded:
+    pairs = [evaluation.encode_pair(tokenizer, c, item.continuation, add_bos) for c in item.contexts]
+    if any(not ctx for ctx, _ in pairs) or any(not cont for _, cont in pairs):
+        raise UserError("a WinoGrande context or continuation encodes to no tokens: check the record")
+    return _Encoded(pairs, item.label)
+
+
+def winogrande_task(model: torch.nn.Module, tokenizer: Tokenizer, add_bos: bool, device: torch.device,
+                    dtype: torch.dtype | None) -> evaluation.Task[Item, _Encoded]:
+    """WinoGrande for evaluation.run: a batch's 2 sequences per record in one right-padded forward; a record
+    counts 1 when the option with the higher log-likelihood of the continuation is the labelled one."""
+    pad_id = evaluation.padding_id(tokenizer)
+
+    def score(batch: list[_Encoded]) -> list[list[float]]:
+        lls = evaluation.score_pairs(model, [p for enc in batch for p in enc.pairs], device, dtype, pad_id)
+        return [[float(evaluation.first_argmax(lls[2 * j : 2 * j + 2]) == enc.label)]
+                for j, enc in enumerate(batch)]
+
+    return evaluation.Task("winogrande", ("acc",), lambda it: _encode(tokenizer, it, add_bos), score)
+
+
+def evaluate(model: torch.nn.Module, tokenizer: Tokenizer, items: list[Item], batch_size: int = 16,
              device: str | torch.device | None = None, dtype: torch.dtype | None = None, rank: int = 0,
              world_size: int = 1, add_bos: bool | None = None,
              stop_check: Callable[[], None] | None = None) -> dict[str, float | int]:
     """-> {"acc", "n"} over `items` (this rank's share; summed over ranks when a process group is up).
     stop_check runs before every batch (the same number on every rank) and may raise to abandon it."""
-    import torch.distributed as dist
-
     if batch_size < 1:
         raise UserError(f"batch_size={batch_size}; expected >= 1")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    bos = resolve_add_bos(tokenizer, add_bos)
-    pad_id = getattr(tokenizer, "pad_id", None)
-    pad_id = pad_id if isinstance(pad_id, int) and pad_id >= 0 else 0
-    mine = [(it, 1) for it in items[rank::world_size]]
-    per_rank = math.ceil(len(items) / world_size) if items else 0
-    mine += [(items[0], 0)] * (per_rank - len(mine))  # equal batch counts on every rank; never counted
-    was_training = model.training
-    model.eval()
-    right = n = 0
-    try:
-        for b in range(0, len(mine), batch_size):
-            if stop_check is not None:
-                stop_check()
-            batch = mine[b : b + batch_size]
-            pairs = [encode_pair(tokenizer, c, it.continuation, bos) for it, _ in batch for c in it.contexts]
-            if any(not ctx for ctx, _ in pairs) or any(not cont for _, cont in pairs):
-                raise UserError("a WinoGrande context or continuation encodes to no tokens: check the record")
-            lls = score_pairs(model, pairs, device, dtype, pad_id)
-            for j, (it, weight) in enumerate(batch):
-                right += weight * (first_argmax(lls[2 * j : 2 * j + 2]) == it.label)
-                n += weight
-    finally:
-        model.train(was_training)
-    if dist.is_available() and dist.is_initialized():
-        t = torch.tensor([right, n], dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        right, n = (int(v) for v in t.tolist())
-    return {"acc": right / max(n, 1), "n": n}
+    task = winogrande_task(model, tokenizer, evaluation.resolve_add_bos(tokenizer, add_bos), device, dtype)
+    sums, n = evaluation.run(model, task, items, batch_size=batch_size, rank=rank, world_size=world_size,
+                             device=device, stop_check=stop_check)
+    return {"acc": sums["acc"] / max(n, 1), "n": n}
 
 
-_ITEMS_CACHE: dict[tuple[str, int | None], list[Item]] = {}
-
-
-def winogrande_hook(model: torch.nn.Module, tokenizer: Any, path: str | os.PathLike, limit: int | None = None,
+def winogrande_hook(model: torch.nn.Module, tokenizer: Tokenizer, path: str | os.PathLike, limit: int | None = None,
                     dtype: torch.dtype | None = None, stop_check: Callable[[], None] | None = None) -> dict:
-    """For the training loop: every rank calls it; the first `limit` records of `path` (read once) are split
-    over the ranks of the initialized process group; returns the global accuracy."""
-    key = (str(path), limit)
-    if key not in _ITEMS_CACHE:
-        _ITEMS_CACHE[key] = load_items(path, limit)
-    rank, world = dist_info(None, None)
-    return evaluate(model, tokenizer, _ITEMS_CACHE[key], dtype=dtype, rank=rank, world_size=world,
+    """For the training loop: every rank calls it; the first `limit` records of `path` (read once per process,
+    evaluation.load_once) are split over the ranks of the initialized process group; returns the global
+    accuracy."""
+    items = evaluation.load_once("winogrande", load_items, path, limit)
+    return evaluate(model, tokenizer, items, dtype=dtype, rank=D.rank(), world_size=D.world_size(),
                     stop_check=stop_check)
 
 

@@ -27,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import evaluation  # noqa: E402
 import hellaswag_utils as hs  # noqa: E402
 import load_hellaswag_dataset as lhd  # noqa: E402
 
@@ -94,7 +95,7 @@ def per_ending_loop(model: torch.nn.Module, tok, examples: list[hs.Example], add
         for ex in examples:
             lls = []
             for ending in ex.endings:
-                ctx, cont = hs.encode_pair(tok, ex.context, " " + ending, add_bos)
+                ctx, cont = evaluation.encode_pair(tok, ex.context, " " + ending, add_bos)
                 ids = torch.tensor([ctx + cont])
                 logp = torch.log_softmax(model(ids[:, :-1])[0].float(), dim=-1)  # (L-1, V)
                 tgt = ids[0, len(ctx):]
@@ -139,7 +140,7 @@ def main() -> int:
     examples = hs.load_examples(data, a.limit)
     model, args = model_utils.load_model(str(gguf), device="cpu", dtype=torch.float32)
     tok = tokenizer_mod.load_tokenizer(str(gguf))
-    add_bos = hs.resolve_add_bos(tok, None)
+    add_bos = evaluation.resolve_add_bos(tok, None)
     print(f"model SmolLM2-135M-Instruct (fp32, {torch.get_num_threads()} threads), {len(examples)} examples "
           f"of {label}, batch {a.batch_size}, add_bos={add_bos}", flush=True)
 

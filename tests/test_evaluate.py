@@ -1,6 +1,6 @@
 """evaluate.py: any checkpoint through lm-evaluation-harness, offline on a local task file. lm-eval's
 accuracy must equal the one computed here directly from our model's log-probabilities with lm-eval's
-context/continuation split (hellaswag_utils.encode_pair), and the results JSON lands in the output dir."""
+context/continuation split (evaluation.encode_pair), and the results JSON lands in the output dir."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import ROOT, make_parent, subprocess_env
 
+import evaluation
 import hellaswag_utils as hs
 import model_utils
 import tokenizer as tk
@@ -59,7 +60,7 @@ def _our_accuracy(source: str) -> float:
         for doc in DOCS:
             lls = []
             for choice in doc["choices"]:
-                ctx, cont = hs.encode_pair(tok, doc["query"], " " + choice, add_bos=False)
+                ctx, cont = evaluation.encode_pair(tok, doc["query"], " " + choice, add_bos=False)
                 ids = torch.tensor([ctx + cont])
                 logp = torch.log_softmax(model(ids[:, :-1])[0].double(), -1)
                 lls.append(logp[len(ctx) - 1:].gather(-1, ids[0, len(ctx):, None]).sum().item())

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import evaluation
 import hellaswag_utils as hs
 import load_hellaswag_dataset as lhd
 from errors import UserError
@@ -88,9 +89,9 @@ def test_encode_pair_follows_lm_eval_split() -> None:
     # lm-eval HFLM._encode_pair: trailing context spaces move to the continuation; continuation tokens are
     # encode(context + continuation)[len(encode(context)):], even when a merge crosses the boundary.
     tok = ByteTokenizer(merges=(". T",))
-    ctx, cont = hs.encode_pair(tok, "x.", " Ty", add_bos=False)
+    ctx, cont = evaluation.encode_pair(tok, "x.", " Ty", add_bos=False)
     assert ctx == [ord("x"), ord(".")] and cont == [ord("y")]  # whole = [x, ". T", y]
-    ctx, cont = hs.encode_pair(tok, "ab ", " c", add_bos=True)
+    ctx, cont = evaluation.encode_pair(tok, "ab ", " c", add_bos=True)
     assert ctx == [256, ord("a"), ord("b")] and cont == [32, 32, ord("c")]
 
 
@@ -142,7 +143,7 @@ def test_batched_equals_one_forward_per_ending(add_bos: bool) -> None:
     exs = hs.load_examples(GOLDEN)
     with torch.no_grad():
         ref = reference_scores(model, tok, exs, add_bos)
-    encoded = [hs._encode(tok, e, add_bos, 1) for e in exs]
+    encoded = [hs._encode(tok, e, add_bos) for e in exs]
     got = hs.score_batch(model, encoded, torch.device("cpu"), None, 512, tok.pad_id)  # one forward, 12 rows
     for (lls, ntoks), rows in zip(got, ref, strict=True):
         assert ntoks == [n for _, n in rows]
@@ -196,11 +197,11 @@ def test_tree_rows_with_one_token_endings() -> None:
     with torch.no_grad():
         ref = reference_scores(model, tok, exs, True)
     assert ref[0][0][1] == 1  # a one-token continuation
-    enc = [hs._encode(tok, e, True, 1) for e in exs]
+    enc = [hs._encode(tok, e, True) for e in exs]
     for (lls, _), rows in zip(hs.score_batch_tree(model, enc, torch.device("cpu"), None), ref,
                               strict=True):
         assert lls == pytest.approx([ll for ll, _ in rows], abs=1e-4)
-    one = [hs._encode(tok, hs.Example("Ctx.", ["x", "x", "x", "x"], 0), True, 1)]  # every ending 1 token
+    one = [hs._encode(tok, hs.Example("Ctx.", ["x", "x", "x", "x"], 0), True)]  # every ending 1 token
     lls, _ = hs.score_batch_tree(model, one, torch.device("cpu"), None)[0]
     assert lls == pytest.approx([reference_scores(model, tok, [hs.Example("Ctx.", ["x"] * 4, 0)], True)[0][0][0]] * 4,
                                 abs=1e-4)
@@ -230,10 +231,10 @@ def test_add_bos_convention() -> None:
     class Flagged(Tokenizer):
         bos_id, add_bos = 1, False
 
-    assert hs.resolve_add_bos(ByteTokenizer(), None) is True
-    assert hs.resolve_add_bos(NoBos(), None) is False
-    assert hs.resolve_add_bos(Flagged(), None) is False
-    assert hs.resolve_add_bos(Flagged(), True) is True
+    assert evaluation.resolve_add_bos(ByteTokenizer(), None) is True
+    assert evaluation.resolve_add_bos(NoBos(), None) is False
+    assert evaluation.resolve_add_bos(Flagged(), None) is False
+    assert evaluation.resolve_add_bos(Flagged(), True) is True
 
 
 # ---- distributed: 2 gloo ranks == 1 process on 5 examples (not divisible by 2) -----------------------------
@@ -322,6 +323,15 @@ def test_loader_cli_local_file_and_errors(tmp_path: Path) -> None:
 
     r = run("--out", str(tmp_path / "never.jsonl"))  # default = official URL; no network here
     assert r.returncode == 2 and "--source FILE" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_clis_start_from_another_directory_without_pythonpath(tmp_path: Path) -> None:
+    """`python /path/to/FILE.py` puts the repository on sys.path itself: no PYTHONPATH, any working directory."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for script in ("hellaswag_utils.py", "load_hellaswag_dataset.py"):
+        r = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, env=env,
+                           cwd=tmp_path, timeout=120)
+        assert r.returncode == 0 and r.stdout.startswith("usage:"), (script, r.stderr[-2000:])
 
 
 def test_hf_layout_via_datasets(tmp_path: Path) -> None:

@@ -24,11 +24,14 @@ LAYERS: dict[str, tuple[str, ...]] = {
              "load_pretrain_dataset", "load_instruct_dataset", "load_dpo_dataset"),
     "model": ("model_formats", "lora", "checkpoint", "model_utils"),
     "objectives": ("objective_caches", "objectives"),
+    "evaluation": ("evaluation",),
     "eval/export": ("generate", "hellaswag_utils", "winogrande_utils", "load_hellaswag_dataset", "evaluate"),
     "loop": ("train",),
 }
 LAYER_OF = {m: i for i, mods in enumerate(LAYERS.values()) for m in mods}
 NAMES = list(LAYERS)
+# The evaluation tasks: each a definition over evaluation.py, which holds what they share.
+TASKS = ("hellaswag_utils", "winogrande_utils", "evaluate")
 
 
 def project_modules() -> set[str]:
@@ -91,6 +94,26 @@ def test_no_dataset_cli_imports_another():
     g = graph()
     clis = {m for m in g if m.startswith("load_") and m.endswith("_dataset")}
     assert {m: sorted(g[m] & clis) for m in sorted(clis) if g[m] & clis} == {}
+
+
+def task_imports(g: dict[str, set[str]]) -> dict[str, list[str]]:
+    """Task modules that import another task module (what tasks share belongs in evaluation.py)."""
+    return {m: sorted(g[m] & set(TASKS)) for m in TASKS if g.get(m, set()) & set(TASKS)}
+
+
+def test_no_task_imports_another():
+    assert set(TASKS) <= set(LAYERS["eval/export"]) and LAYER_OF["evaluation"] < LAYER_OF["hellaswag_utils"]
+    assert task_imports({"winogrande_utils": {"hellaswag_utils", "evaluation"}}) == {
+        "winogrande_utils": ["hellaswag_utils"]}
+    assert task_imports(graph()) == {}
+
+
+def test_no_module_touches_sys_path():
+    """The CLIs run as `python FILE.py`, which puts the repository on sys.path already."""
+    edits = [f"{p.name}:{n.lineno}" for p in sorted(ROOT.glob("*.py")) for n in ast.walk(ast.parse(p.read_text()))
+             if isinstance(n, ast.Attribute) and n.attr == "path" and isinstance(n.value, ast.Name)
+             and n.value.id == "sys"]
+    assert edits == []
 
 
 def test_the_checks_catch_a_cycle_and_an_upward_import():

@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import TOKENIZER, run_inprocess
 
-import hellaswag_utils as hs
+import evaluation
 import tokenizer as tk
 import winogrande_utils as wg
 from errors import UserError
@@ -55,7 +55,7 @@ def _by_hand(model: Bigram, tok, item: wg.Item) -> list[float]:
     logp = torch.log_softmax(model.table.double(), -1)
     out = []
     for ctx_text in item.contexts:
-        ctx, cont = hs.encode_pair(tok, ctx_text, item.continuation, add_bos=False)
+        ctx, cont = evaluation.encode_pair(tok, ctx_text, item.continuation, add_bos=False)
         prev, total = ctx[-1], 0.0
         for t in cont:
             total += logp[prev, t].item()
@@ -71,8 +71,8 @@ def test_scores_equal_hand_computed_bigram_log_likelihoods(batch_size):
     items = [wg.render(r) for r in RECORDS]
     want = [_by_hand(model, tok, it) for it in items]
     for it, lls in zip(items, want, strict=True):
-        pairs = [hs.encode_pair(tok, c, it.continuation, False) for c in it.contexts]
-        got = hs.score_pairs(model, pairs, torch.device("cpu"), None, 0)
+        pairs = [evaluation.encode_pair(tok, c, it.continuation, False) for c in it.contexts]
+        got = evaluation.score_pairs(model, pairs, torch.device("cpu"), None, 0)
         assert got == pytest.approx(lls, abs=1e-4)
     # labels set from the hand-computed winners, wrong on purpose for items 1 and 3: acc must be exactly 3/5
     for i, (it, lls) in enumerate(zip(items, want, strict=True)):
