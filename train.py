@@ -398,7 +398,8 @@ def validate(model, objective, val_loader, steps: int, device, autocast,
     return total / max(units, 1)
 
 
-def sample_prompts(model: nn.Module, tok: tk.Tokenizer, cfg: config.Config, log: Logger, stop_check: Callable[[], None] | None = None,
+def sample_prompts(model: nn.Module, tok: tk.Tokenizer, cfg: config.Config, log: Logger,
+                   stop_check: Callable[[], None] | None = None,
                    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
     """Continue the stage's test prompts (a str = plain text, a list = chat messages) on every rank, under the
     run's autocast. The ranks decode together (an FSDP2 block gathers its weights in every forward), so they stop
@@ -609,7 +610,7 @@ def build_trained_model(cfg: config.Config, start: Start, tok: tk.Tokenizer, obj
 
 
 def open_logger(cfg: config.Config, args: argparse.Namespace, start: Start, state: ckpt.TrainerState) -> Logger:
-    """metrics.jsonl (continued by a resumed run) and W&B (a resumed run continues its W&B run)."""
+    """metrics.jsonl and W&B; a resumed run continues both (its metrics after the resumed step dropped)."""
     lg, continues = cfg.logging, start.resume_dir is not None
     return Logger(run_dir_of(cfg), D.is_main(), cfg.to_dict(), lg.wandb_enabled, lg.wandb_project_name,
                   lg.wandb_run_name, lg.wandb_entity, resume=continues,
@@ -636,17 +637,17 @@ def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) ->
     train_loader, val_loader = build_loaders(cfg, objective, tok, info, G)
     if start.resume_dir is not None and not args.reset_optimizer:
         restore_training(start.resume_dir, model, optimizer, numerics.scaler, train_loader, state, device)
+    max_steps = planned_steps(cfg, train_loader.samples_per_epoch, G)  # before the logger writes anything
+    log = open_logger(cfg, args, start, state)
     c = cfg.checkpoint
+    checkpointer = ckpt.Checkpointer(ckpt.stage_root(cfg, t.training_stage), c.max_number_checkpoints,
+                                     c.checkpoint_async)
+    throughput = Throughput(model_utils.flops_per_token(margs, cfg.model.max_seq_len),
+                            *precision.peak_flops(device, prec.name, cfg.system.peak_flops), info.world_size)
     run = Run(cfg=cfg, info=info, tok=tok, model=model, margs=margs, wrapped=wrapped, objective=objective,
               optimizer=optimizer, numerics=numerics, train_loader=train_loader, val_loader=val_loader, G=G,
-              accum=accum, max_steps=planned_steps(cfg, train_loader.samples_per_epoch, G),
-              init_source=start.init_source, resume_dir=start.resume_dir, state=state,
-              checkpointer=ckpt.Checkpointer(ckpt.stage_root(cfg, t.training_stage),
-                                             c.max_number_checkpoints, c.checkpoint_async),
-              log=open_logger(cfg, args, start, state), run_dir=run_dir_of(cfg),
-              throughput=Throughput(model_utils.flops_per_token(margs, cfg.model.max_seq_len),
-                                    *precision.peak_flops(device, prec.name, cfg.system.peak_flops),
-                                    info.world_size))
+              accum=accum, max_steps=max_steps, init_source=start.init_source, resume_dir=start.resume_dir,
+              state=state, checkpointer=checkpointer, log=log, run_dir=run_dir_of(cfg), throughput=throughput)
     print_banner(run, setup_facts)
     return run
 
