@@ -213,7 +213,8 @@ def builds_sharded(cfg: config.Config) -> bool:
     return cfg.system.use_fsdp and D.is_dist()
 
 
-def build_meta_model(cfg: config.Config, tok: tk.Tokenizer, init_source: str) -> tuple[Transformer, ModelArgs, Any]:
+def build_meta_model(cfg: config.Config, tok: tk.Tokenizer,
+                     init_source: str) -> tuple[Transformer, ModelArgs, Any]:
     """-> (the model on the meta device, its args, the weights to fill it from or None for random init). The
     weights are opened, not read (model_utils.open_weights): materialize_model reads them after sharding."""
     weights = None
