@@ -23,17 +23,16 @@ files, renames and moves the pointers. Only tensors go to DCP, so its safetensor
 value (the save plan is checked for byte items), and loading reads the safetensors headers for the layout,
 never DCP's pickled `.metadata`. DCP reshards on load: a checkpoint written by N ranks (DDP or FSDP2) loads
 on M ranks or into one unwrapped model. `iter_model_tensors` gives whole tensors one at a time (the export).
-With `async_save=True` the shards are staged in memory and written in the background (dcp.async_save over a
-CPU group of its own); `latest` moves when that write is complete, which `poll_pending` / `wait_pending`
-check (the next save and the end of the run wait for it).
+A run saves through a `Checkpointer`, which owns the pointers, retention and, with async saves, the one
+save in flight: the shards are staged in memory and written in the background (dcp.async_save over a CPU
+group of its own); `latest` moves when that write is complete, which `Checkpointer.poll` / `wait` check (the
+next save and the end of the run wait for it). `save` writes one checkpoint outside a run.
 
 Format version 1 (no `format_version` in config.json): full tensors in `model.safetensors` and
 `optimizer.safetensors`; such checkpoints still load.
 
 `TrainerState` is the loop's state as trainer_state.json stores it; `config_json` builds config.json;
 `parent_source` names the weights a checkpointed run started from.
-
-Test-only: FAULT_INJECT_KILL_IN_CHECKPOINT_WRITE (see _inject_kill) kills the process inside a save.
 """
 
 from __future__ import annotations
@@ -45,7 +44,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -509,50 +507,143 @@ class _PendingSave:
     tmp: Path
 
 
-_PENDING: _PendingSave | None = None
+def save_phase(step: int, phase: str) -> None:
+    """The save of `step` has reached `phase`: `tmp` (this rank's model shards are in the temp dir, the rest is
+    not) or `renamed` (rank 0: the step dir is complete, `latest` not moved yet). Does nothing; it names the
+    two moments a kill must never leave `latest` on a partial checkpoint, and tests/train_with_faults.py
+    replaces it to kill the process there."""
 
 
-def wait_pending() -> None:
-    """Block until this process's async save is written; rank 0 then renames it and moves `latest`. Call it
-    on every rank before a new save and before exiting."""
-    global _PENDING
-    pending, _PENDING = _PENDING, None
-    if pending is None:
-        return
-    try:
-        for f in pending.futures:
-            f.result()
-    except BaseException:
+class Checkpointer:
+    """A run's checkpoints in its stage directory `root`. Each save is written atomically (into a hidden temp
+    dir, then renamed) and published by rank 0: `latest` (and `best`) moved to it, then retention applied
+    (the newest `keep` step dirs and the one `best` names stay). With async_save the shards are staged in
+    memory and written in the background; this object holds that one save in flight until its write is
+    complete (`poll`, `wait`), and only then publishes it. Every method that writes is collective."""
+
+    def __init__(self, root: Path, keep: int = 2, async_save: bool = False) -> None:
+        self.root, self.keep, self.async_save = root, keep, async_save
+        self.saved_step: int | None = None  # the step this process last saved (published or in flight)
+        self._pending: _PendingSave | None = None
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
+             trainer_state: dict, config: dict, lora: bool = False, best: bool = False,
+             extra_optimizer_json: dict | None = None, peft_adapter: bool = False) -> Path | None:
+        """Write `<root>/step_NNNNNNN`, move `latest` (and `best` when best) to it, apply retention.
+        peft_adapter (a LoRA run): also write the adapters in PEFT's format into `<step dir>/peft_adapter/`.
+        Collective: every rank calls it and writes its shards; rank 0 writes the JSON files and publishes.
+        -> the path on rank 0 once published (None elsewhere, and for an async save, which a later
+        poll / wait / save publishes)."""
+        self.wait()  # one save in flight at a time; its temp dir must not be taken for a leftover
+        name = step_name(step)
+        tmp = self.root / f".tmp-{name}"  # the same name on every rank: all write into it
+        futures = _write(tmp, step, model, optimizer, trainer_state=trainer_state, config=config, lora=lora,
+                         extra_optimizer_json=extra_optimizer_json, peft_adapter=peft_adapter,
+                         async_save=self.async_save)
+        self.saved_step = step
+
+        def publish() -> None:
+            self._publish(tmp, step, best)
+
+        if self.async_save:
+            self._pending = _PendingSave(futures, publish if D.is_main() else None, tmp)
+            return None
+        # DCP returns on every rank once all ranks' shards are written (the coordinator collects their results)
+        if D.is_main():
+            publish()
+        D.barrier()
+        return self.root / name if D.is_main() else None
+
+    def wait(self) -> None:
+        """Block until this process's async save is written; rank 0 then publishes it. Every rank calls it
+        before a new save and before the run ends."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            for f in pending.futures:
+                f.result()
+        except BaseException:
+            if pending.publish is not None:
+                shutil.rmtree(pending.tmp, ignore_errors=True)
+            raise
         if pending.publish is not None:
-            shutil.rmtree(pending.tmp, ignore_errors=True)
-        raise
-    if pending.publish is not None:
-        pending.publish()
+            pending.publish()
 
+    def poll(self) -> bool:
+        """Publish this process's async save if its write has finished (no waiting). -> True while one is in
+        flight."""
+        if self._pending is None:
+            return False
+        if all(f.done() for f in self._pending.futures):
+            self.wait()
+            return False
+        return True
 
-def poll_pending() -> bool:
-    """Publish this process's async save if its write has finished (no waiting). -> True while one is in flight."""
-    if _PENDING is None:
-        return False
-    if all(f.done() for f in _PENDING.futures):
-        wait_pending()
-        return False
-    return True
+    def latest(self) -> Path | None:
+        """The step dir `latest` names (None: no complete checkpoint yet). Read it on rank 0 (the writer) or
+        after a barrier."""
+        name = latest_name(self.root)
+        return self.root / name if name else None
+
+    def apply_retention(self) -> list[Path]:
+        """Keep the newest `keep` step dirs plus the ones the pointers name; delete the rest. -> deleted."""
+        ckpts = list_checkpoints(self.root)
+        protected = {p.name for _, p in ckpts[-self.keep:]}
+        for ptr in POINTERS:
+            if (self.root / ptr).is_file():
+                protected.add((self.root / ptr).read_text().strip())
+        deleted = [p for _, p in ckpts if p.name not in protected]
+        for p in deleted:  # rename first: a kill during the delete leaves a hidden .tmp-* dir, never a partial step_*
+            doomed = p.with_name(f".tmp-del-{p.name}")
+            os.replace(p, doomed)
+            shutil.rmtree(doomed)
+        return deleted
+
+    def _publish(self, tmp: Path, step: int, best: bool) -> None:
+        """Rank 0, all shards written: fsync, rename the temp dir to its step name, then move the pointers."""
+        name = step_name(step)
+        try:
+            for f in tmp.rglob("*"):
+                if f.is_dir():
+                    fsync_dir(f)
+                else:
+                    fsync_file(f)
+            fsync_dir(tmp)
+            out = self.root / name
+            if out.exists():  # re-saving a step (e.g. after --start-step): replace the old copy
+                old = self.root / f".tmp-old-{name}-{os.getpid()}"
+                os.replace(out, old)
+                shutil.rmtree(old)
+            os.replace(tmp, out)
+            fsync_dir(self.root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        save_phase(step, "renamed")
+        write_text_atomic(self.root / "latest", name + "\n")  # last: only complete checkpoints are pointed at
+        if best:
+            write_text_atomic(self.root / "best", name + "\n")
+        self.apply_retention()
 
 
 def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
-         trainer_state: dict, config: dict, lora: bool = False, best: bool = False,
-         keep: int = 2, extra_optimizer_json: dict | None = None, peft_adapter: bool = False,
-         async_save: bool = False) -> Path | None:
-    """Write `<root>/step_NNNNNNN` atomically, move `latest` (and `best` when best) to it, apply retention.
-    peft_adapter (a LoRA run): also write the adapters in PEFT's format into `<step dir>/peft_adapter/`.
-    Collective: every rank calls it and writes its shards; rank 0 writes the JSON files and publishes.
-    async_save: returns once the state is staged in memory; the directory is published by a later
-    poll_pending / wait_pending (None is returned). Otherwise -> the path on rank 0 (None elsewhere)."""
-    global _PENDING
-    wait_pending()  # one save in flight at a time; its temp dir must not be taken for a leftover
-    name = step_name(step)
-    tmp = root / f".tmp-{name}"  # the same name on every rank: all write into it
+         trainer_state: dict, config: dict, lora: bool = False, best: bool = False, keep: int = 2,
+         extra_optimizer_json: dict | None = None, peft_adapter: bool = False) -> Path | None:
+    """One checkpoint written and published now (Checkpointer.save of a checkpointer with nothing in flight):
+    a model saved once, outside a training run. Collective."""
+    return Checkpointer(root, keep).save(step, model, optimizer, trainer_state=trainer_state, config=config,
+                                         lora=lora, best=best, extra_optimizer_json=extra_optimizer_json,
+                                         peft_adapter=peft_adapter)
+
+
+def _write(tmp: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
+           trainer_state: dict, config: dict, lora: bool, extra_optimizer_json: dict | None, peft_adapter: bool,
+           async_save: bool) -> list[Future]:
+    """Write a checkpoint's files into the temp dir `tmp` (made anew; rank 0 first removes what killed saves
+    left in its parent): every rank its shards, rank 0 the JSON files and the PEFT adapters. -> the futures
+    of the shards' background writes (async_save; none otherwise). A failure removes the temp dir."""
+    root = tmp.parent
     if D.is_main():
         root.mkdir(parents=True, exist_ok=True)
         for stale in [*root.glob(".tmp-*"), *root.glob(".*.tmp-*")]:  # leftovers of a killed save
@@ -564,7 +655,7 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
     try:
         f = _dcp_write(model_state(model, trainable_only=lora), tmp / MODEL_DIR, async_save)
         futures += [f] if f is not None else []
-        _inject_kill(step, "tmp")
+        save_phase(step, "tmp")
         # FSDP2: collective, each rank hashes its own rows; whole tensors (DDP, one process): rank 0, which
         # writes config.json, hashes them alone
         fingerprint = None if lora or not (D.is_fsdp(model) or D.is_main()) else model_fingerprint(model)
@@ -586,45 +677,7 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
         if D.is_main():
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-    def publish() -> None:
-        _publish(root, tmp, step, best, keep)
-
-    if async_save:
-        _PENDING = _PendingSave(futures, publish if D.is_main() else None, tmp)
-        return None
-    # DCP returns on every rank once all ranks' shards are written (the coordinator collects their results)
-    if D.is_main():
-        publish()
-    D.barrier()
-    return root / name if D.is_main() else None
-
-
-def _publish(root: Path, tmp: Path, step: int, best: bool, keep: int) -> None:
-    """Rank 0, all shards written: fsync, rename the temp dir to its step name, then move the pointers."""
-    name = step_name(step)
-    try:
-        for f in tmp.rglob("*"):
-            if f.is_dir():
-                fsync_dir(f)
-            else:
-                fsync_file(f)
-        fsync_dir(tmp)
-        out = root / name
-        if out.exists():  # re-saving a step (e.g. after --start-step): replace the old copy
-            old = root / f".tmp-old-{name}-{os.getpid()}"
-            os.replace(out, old)
-            shutil.rmtree(old)
-        os.replace(tmp, out)
-        fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _inject_kill(step, "renamed")  # complete dir, `latest` not moved yet
-    write_text_atomic(root / "latest", name + "\n")  # last: only complete checkpoints are pointed at
-    if best:
-        write_text_atomic(root / "best", name + "\n")
-    apply_retention(root, keep)
+    return futures
 
 
 def latest_name(root: Path) -> str | None:
@@ -633,35 +686,10 @@ def latest_name(root: Path) -> str | None:
     return ptr.read_text().strip() if ptr.is_file() else None
 
 
-def _inject_kill(step: int, phase: str) -> None:
-    """TEST-ONLY fault injection: FAULT_INJECT_KILL_IN_CHECKPOINT_WRITE="<step>:<phase>" SIGKILLs this process
-    inside the save of that step — phase `tmp` (model shards written into the temp dir, the rest not) or
-    `renamed` (step dir complete, `latest` not yet moved) — so tests can prove a kill never leaves `latest` on
-    a partial checkpoint. Read only here; never set it in a real run."""
-    spec = os.environ.get("FAULT_INJECT_KILL_IN_CHECKPOINT_WRITE", "")
-    if spec and spec == f"{step}:{phase}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_RE.match(p.name))] \
         if root.is_dir() else []
     return sorted(found)
-
-
-def apply_retention(root: Path, keep: int) -> list[Path]:
-    """Keep the newest `keep` step dirs plus the one `best` names; delete the rest. Returns deleted."""
-    ckpts = list_checkpoints(root)
-    protected = {p.name for _, p in ckpts[-keep:]}
-    for ptr in POINTERS:
-        if (root / ptr).is_file():
-            protected.add((root / ptr).read_text().strip())
-    deleted = [p for _, p in ckpts if p.name not in protected]
-    for p in deleted:  # rename first: a kill during the delete leaves a hidden .tmp-* dir, never a partial step_*
-        doomed = p.with_name(f".tmp-del-{p.name}")
-        os.replace(p, doomed)
-        shutil.rmtree(doomed)
-    return deleted
 
 
 # ---- loading -------------------------------------------------------------------------------------------

@@ -102,11 +102,9 @@ def _tcp_store(rank: int, world: int, timeout_s: float) -> dist.Store:
 
 
 def destroy() -> None:
-    global _FLAG_GROUP
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-    _FLAG_GROUP = None
-    _CHECKPOINT_GROUPS.clear()
+    _CPU_GROUPS.clear()  # they belonged to the destroyed default group
 
 
 # ---- rank helpers -------------------------------------------------------------------------------------
@@ -150,9 +148,6 @@ def sum_floats(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-_FLAG_GROUP: Any = None  # a CPU (gloo) group for flags, created on first use
-
-
 def any_rank(flag: bool) -> bool:
     """True on every rank if it is True on any (e.g. 'a signal arrived'): all ranks then act together.
     Collective. The flag travels over a CPU (gloo) group, so asking never waits for the GPU's queued work:
@@ -178,15 +173,20 @@ def on_rank0(compute: Callable[[], str]) -> str:
     return bytes(data.tolist()).decode()
 
 
+# The CPU (gloo) groups made over the default group, by purpose ("flags", "checkpoint/<name>"), each made on
+# first use. Process-wide because torch's process groups are: the default group belongs to the process
+# (init_process_group / destroy_process_group), every group made from it lives until it is destroyed, and
+# making one is a collective that every rank must call in the same order. Each group is therefore made once
+# per process and shared by whoever asks for it (the flag all-reduces of run_control, train and the
+# evaluation hooks; the checkpoint writes); destroy() forgets them with the default group.
+_CPU_GROUPS: dict[str, Any] = {}
+
+
 def _cpu_group() -> dist.ProcessGroup:
     """The default group when it is gloo, else a gloo group over the same ranks (made once)."""
-    global _FLAG_GROUP
-    if _FLAG_GROUP is None:
-        _FLAG_GROUP = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-    return _FLAG_GROUP
-
-
-_CHECKPOINT_GROUPS: dict[str, Any] = {}  # CPU (gloo) groups for checkpoint writes, created on first use
+    if "flags" not in _CPU_GROUPS:
+        _CPU_GROUPS["flags"] = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return _CPU_GROUPS["flags"]
 
 
 def checkpoint_group(name: str) -> Any:
@@ -195,9 +195,10 @@ def checkpoint_group(name: str) -> Any:
     their collectives with each other's or the training step's. Collective on first use of a name."""
     if not is_dist() or dist.get_world_size() == 1:
         return None
-    if name not in _CHECKPOINT_GROUPS:
-        _CHECKPOINT_GROUPS[name] = dist.new_group(backend="gloo")
-    return _CHECKPOINT_GROUPS[name]
+    key = f"checkpoint/{name}"
+    if key not in _CPU_GROUPS:
+        _CPU_GROUPS[key] = dist.new_group(backend="gloo")
+    return _CPU_GROUPS[key]
 
 
 # ---- wrapping -----------------------------------------------------------------------------------------

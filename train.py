@@ -20,7 +20,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -133,7 +133,7 @@ def auto_resume_checkpoint(cfg: config.Config) -> Path | None:
     the stage's checkpoint dir already holds a run; require: latest, an error when there is none."""
     stage, mode = cfg.training.training_stage, cfg.checkpoint.resume
     root = ckpt.stage_root(cfg, stage)
-    run_dir = Path(cfg.logging.run_dir or f"runs/{stage}")
+    run_dir = run_dir_of(cfg)
     if mode == "never":
         for d in (run_dir, root):
             if d.is_dir() and any(d.iterdir()):
@@ -158,7 +158,7 @@ def auto_resume_checkpoint(cfg: config.Config) -> Path | None:
     return latest
 
 
-def load_tokenizer(cfg: config.Config, init_source: str):
+def load_tokenizer(cfg: config.Config, init_source: str) -> tk.Tokenizer:
     src = cfg.tokenizer.tokenizer_checkpoint_path
     if src == "model":
         if not init_source:
@@ -167,7 +167,7 @@ def load_tokenizer(cfg: config.Config, init_source: str):
     return tk.load_tokenizer(src)
 
 
-def check_moe_settings(cfg: config.Config, margs, init_source: str) -> None:
+def check_moe_settings(cfg: config.Config, margs: ModelArgs, init_source: str) -> None:
     """The router losses and metrics follow MOE_NUM_EXPERTS / MOE_TOP_K: they must describe the loaded model."""
     m = cfg.model
     have = (margs.moe_num_experts, margs.moe_top_k if margs.moe_num_experts else m.moe_top_k)
@@ -180,7 +180,7 @@ def check_moe_settings(cfg: config.Config, margs, init_source: str) -> None:
                         f" MOE_TOP_K={m.moe_top_k}: set {fix} (the model's), or start from another model")
 
 
-def adopt_source_args(cfg: config.Config, tok, margs: ModelArgs, init_source: str) -> None:
+def adopt_source_args(cfg: config.Config, tok: tk.Tokenizer, margs: ModelArgs, init_source: str) -> None:
     """The loaded model's args as this run uses them: checked against the tokenizer and the MoE settings, the
     context grown to MAX_SEQ_LEN, routing (capacity, implementation) taken from the run's settings."""
     check_vocab(margs, tok, init_source)
@@ -189,7 +189,8 @@ def adopt_source_args(cfg: config.Config, tok, margs: ModelArgs, init_source: st
     margs.moe_capacity_factor, margs.moe_impl = cfg.model.moe_capacity_factor, cfg.system.moe_impl
 
 
-def build_model(cfg: config.Config, tok, init_source: str, device: torch.device):
+def build_model(cfg: config.Config, tok: tk.Tokenizer, init_source: str,
+                device: torch.device) -> tuple[Transformer, ModelArgs]:
     if init_source:
         model, margs = model_utils.load_model(init_source, device="cpu", dtype=torch.float32,
                                               rope_scaling_factor=cfg.model.rope_scaling_factor)
@@ -212,7 +213,8 @@ def builds_sharded(cfg: config.Config) -> bool:
     return cfg.system.use_fsdp and D.is_dist()
 
 
-def build_meta_model(cfg: config.Config, tok, init_source: str) -> tuple[Transformer, ModelArgs, Any]:
+def build_meta_model(cfg: config.Config, tok: tk.Tokenizer,
+                     init_source: str) -> tuple[Transformer, ModelArgs, Any]:
     """-> (the model on the meta device, its args, the weights to fill it from or None for random init). The
     weights are opened, not read (model_utils.open_weights): materialize_model reads them after sharding."""
     weights = None
@@ -287,7 +289,7 @@ def materialize_model(model: Transformer, weights: Any, seed: int, device: torch
     D.materialize(model, device, init_value)
 
 
-def check_vocab(margs: ModelArgs, tok, init_source: str) -> None:
+def check_vocab(margs: ModelArgs, tok: tk.Tokenizer, init_source: str) -> None:
     if margs.vocab_size < tok.vocab_size:
         raise UserError(f"INIT_FROM={init_source} has vocab {margs.vocab_size} < the tokenizer's "
                         f"{tok.vocab_size}: use the tokenizer that model was trained with")
@@ -335,7 +337,8 @@ def planned_steps(cfg: config.Config, samples_per_epoch: int, G: int) -> int:
     return steps
 
 
-def build_loaders(cfg, objective, tok, info: D.DistInfo, G: int):
+def build_loaders(cfg: config.Config, objective: objectives.Objective, tok: tk.Tokenizer, info: D.DistInfo,
+                  G: int) -> tuple[dataloaders.Loader, dataloaders.Loader | None]:
     stage, t = cfg.training.training_stage, cfg.training
     root = cfg[f"{stage.upper()}_DATALOADER_ROOT_PATH"]
     pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
@@ -371,29 +374,6 @@ class SpikeGuard:
             self.history = (self.history + [loss])[-self.window:]
 
 
-def inject_rank_exit(step: int, rank: int) -> None:
-    """TEST-ONLY fault injection: FAULT_INJECT_RANK_EXIT_AT_STEP="<rank>:<step>" makes that rank die (exit 1,
-    no cleanup) during that step, on the first attempt only (TORCHELASTIC_RESTART_COUNT == 0), so a test can
-    check that torchrun --max-restarts resumes from the latest checkpoint. Never set it in a real run."""
-    spec = os.environ.get("FAULT_INJECT_RANK_EXIT_AT_STEP", "")
-    if spec and D.elastic_restart_count() == 0:
-        r, s = (int(x) for x in spec.split(":"))
-        if (r, s) == (rank, step + 1):
-            print(f"fault injection: rank {rank} exits during step {step + 1}", file=sys.stderr, flush=True)
-            os._exit(1)
-
-
-def inject_step_sleep(step: int) -> None:
-    """TEST-ONLY fault injection: FAULT_INJECT_STEP_SLEEP="<step>:<seconds>" stalls that step (on every rank)
-    without a heartbeat, as a hung collective would, so a test can check the watchdog. Never set it in a
-    real run."""
-    spec = os.environ.get("FAULT_INJECT_STEP_SLEEP", "")
-    if spec:
-        s, seconds = spec.split(":")
-        if int(s) == step + 1:
-            time.sleep(float(seconds))
-
-
 # ---- evaluation --------------------------------------------------------------------------------------
 
 
@@ -419,7 +399,8 @@ def validate(model, objective, val_loader, steps: int, device, autocast,
     return total / max(units, 1)
 
 
-def sample_prompts(model, tok, cfg, log: Logger, stop_check: Callable[[], None] | None = None,
+def sample_prompts(model: nn.Module, tok: tk.Tokenizer, cfg: config.Config, log: Logger,
+                   stop_check: Callable[[], None] | None = None,
                    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
     """Continue the stage's test prompts (a str = plain text, a list = chat messages) on every rank, under the
     run's autocast. The ranks decode together (an FSDP2 block gathers its weights in every forward), so they stop
@@ -443,42 +424,109 @@ def sample_prompts(model, tok, cfg, log: Logger, stop_check: Callable[[], None] 
 # ---- building a run ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Start:
+    """Where a run starts: the checkpoint it continues (None: a fresh state) and the weights its model is
+    built from."""
+
+    resume_dir: Path | None
+    requested: str  # the weights as named (a flag, INIT_FROM, the previous stage's `latest`); '' = random init
+    init_source: str  # the same resolved to a directory or file, not a pointer that moves on
+    verify_parent: bool  # a resumed run whose recorded parent must still hold the weights it started from
+
+
+def find_start(cfg: config.Config, args: argparse.Namespace) -> Start:
+    resume_dir, requested = starting_point(cfg, args)
+    # the parent recorded by a resumed run must still hold the same weights; weights INIT_FROM names under
+    # another name than the recorded one are the user's explicit choice
+    verify = resume_dir is not None and bool(requested) and cfg.model.init_from in (
+        "", ckpt.parent_requested(resume_dir))
+    init_source = str(model_utils.resolve_source(requested)[1]) if requested else ""
+    return Start(resume_dir, requested, init_source, verify)
+
+
+@dataclass
+class Numerics:
+    """What the training step computes in: the run's precision (name, dtype, why), fp16's GradScaler (None
+    under bf16 / fp32) and the forward's autocast."""
+
+    precision: precision.Choice
+    device_type: str
+    scaler: torch.amp.GradScaler | None = None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return precision.autocast(self.device_type, self.precision.dtype)
+
+    @property
+    def eval_dtype(self) -> torch.dtype | None:
+        """The dtype the evaluation hooks compute in (None: fp32, no autocast)."""
+        return None if self.precision.dtype == torch.float32 else self.precision.dtype
+
+
+@dataclass
+class Throughput:
+    """The run's work and its rate: training FLOPs per position of a full MAX_SEQ_LEN row (the banner's
+    figure), one device's peak FLOP/s in the run's precision for MFU, and this process's steps so far."""
+
+    flops_per_position: float
+    peak: float | None  # None: MFU not reported
+    peak_source: str  # where the peak comes from, or why there is none
+    world_size: int
+    done: objectives.Work = field(default_factory=objectives.Work)  # this process's steps, all ranks
+    seconds: float = 0.0  # time in those steps
+
+    def add(self, work: objectives.Work, seconds: float) -> None:
+        self.done, self.seconds = self.done + work, self.seconds + seconds
+
+    def mfu(self, flops: float, seconds: float) -> float | None:
+        """Model FLOPs utilization: the FLOPs computed on all ranks over what their devices' peak allows in
+        `seconds`. Never clamped: it stays below 1 because the FLOPs are the ones computed."""
+        return flops / (seconds * self.peak * self.world_size) if self.peak and seconds > 0 else None
+
+    def summary(self) -> str:
+        """This process's training steps (all ranks): positions computed (the B x T fed to the model, after
+        trimming) and loss tokens (targets with loss), their rates over the steps' time, and MFU."""
+        w, sec = self.done, self.seconds
+        if sec <= 0:
+            return "no training step"
+        util = self.mfu(w.flops, sec)
+        return (f"steps: {w.positions:,} positions computed ({w.positions / sec:,.0f}/s), {w.loss_tokens:,} loss "
+                f"tokens ({w.loss_tokens / sec:,.0f}/s)" + (f", mfu {util:.1%}" if util is not None else ""))
+
+
 @dataclass
 class Run:
-    """Everything the loop works with, built once by build_run()."""
+    """Everything the loop works with, built once by build_run(): the model and what trains it, the data,
+    where the run started and its counters, and where its outputs go."""
 
     cfg: config.Config
     info: D.DistInfo
-    tok: Any
+    tok: tk.Tokenizer
     model: nn.Module  # unwrapped: state dicts, optimizer, checkpoints
     margs: ModelArgs
     wrapped: nn.Module  # what the training forward calls (DDP / FSDP2 / compiled blocks)
-    eval_model: nn.Module  # FSDP2 forwards gather; DDP's module does not sync
     objective: objectives.Objective
     optimizer: torch.optim.Optimizer
-    params: list[nn.Parameter]  # the trainable ones
-    precision: precision.Choice  # what the run computes in, and why
-    scaler: torch.amp.GradScaler | None
-    ptdtype: torch.dtype
-    autocast: Callable[[], contextlib.AbstractContextManager]
-    train_loader: Any
-    val_loader: Any
+    numerics: Numerics
+    train_loader: dataloaders.Loader
+    val_loader: dataloaders.Loader | None
     G: int  # global batch in sequences
     accum: int  # micro-steps per optimizer step on each rank
     max_steps: int
-    state: ckpt.TrainerState
     init_source: str
     resume_dir: Path | None
-    save_root: Path
-    run_dir: Path
+    state: ckpt.TrainerState
+    checkpointer: ckpt.Checkpointer
     log: Logger
-    fpt: float  # training FLOPs per position of a full MAX_SEQ_LEN row (the banner's figure)
-    peak: float | None  # peak FLOP/s of one device in the run's precision (None: MFU not reported)
-    peak_source: str  # where that figure comes from, or why there is none
+    run_dir: Path
+    throughput: Throughput
     stop_check: Callable[[], None] = lambda: None  # raises StopRequested on every rank (set by train())
-    saved_step: int | None = None  # the step this process last checkpointed
-    done: objectives.Work = field(default_factory=objectives.Work)  # this process's steps, all ranks
-    step_seconds: float = 0.0  # time in those steps
+    params: list[nn.Parameter] = field(init=False)  # the trainable ones
+    eval_model: nn.Module = field(init=False)  # FSDP2 forwards gather; DDP's module does not sync
+
+    def __post_init__(self) -> None:
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.eval_model = self.wrapped if D.is_fsdp(self.wrapped) else self.model
 
 
 @dataclass
@@ -491,23 +539,26 @@ class StepResult:
     work: objectives.Work = field(default_factory=objectives.Work)  # what the step computed, all ranks
 
 
-def initial_state(cfg: config.Config, args: argparse.Namespace, resume_dir: Path | None, init_source: str,
-                  model: nn.Module, margs: ModelArgs, init_fingerprint: str | None = None,
-                  requested: str = "") -> ckpt.TrainerState:
+def run_dir_of(cfg: config.Config) -> Path:
+    return Path(cfg.logging.run_dir or f"runs/{cfg.training.training_stage}")
+
+
+def initial_state(cfg: config.Config, args: argparse.Namespace, start: Start,
+                  init_fingerprint: str | None = None) -> ckpt.TrainerState:
     """A fresh state, or the checkpoint's (its weights are loaded after parallelize, so each FSDP2 rank reads
     only its shards); --reset-optimizer takes only the weights, --start-step overrides the step counter."""
-    state = ckpt.TrainerState(stage=cfg.training.training_stage, parent=init_source or None,
-                              parent_fingerprint=init_fingerprint, parent_requested=requested or None)
-    if resume_dir is not None and not args.reset_optimizer:
-        state = ckpt.read_trainer_state(resume_dir)
+    state = ckpt.TrainerState(stage=cfg.training.training_stage, parent=start.init_source or None,
+                              parent_fingerprint=init_fingerprint, parent_requested=start.requested or None)
+    if start.resume_dir is not None and not args.reset_optimizer:
+        state = ckpt.read_trainer_state(start.resume_dir)
     if args.start_step is not None:
         state.step = args.start_step
     return state
 
 
 def restore_training(resume_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     scaler: torch.amp.GradScaler | None, train_loader: Any, state: ckpt.TrainerState,
-                     device: torch.device | None = None) -> None:
+                     scaler: torch.amp.GradScaler | None, train_loader: dataloaders.Loader,
+                     state: ckpt.TrainerState, device: torch.device | None = None) -> None:
     """Optimizer moments, loss scale, data position and this rank's RNG streams of a checkpoint."""
     extra = ckpt.load_optimizer(resume_dir, model, optimizer)
     if scaler is not None and extra.get("grad_scaler"):
@@ -516,99 +567,111 @@ def restore_training(resume_dir: Path, model: nn.Module, optimizer: torch.optim.
     ckpt.set_rng_state(ckpt.own_rng_state(state, D.rank()), device)
 
 
-def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) -> Run:
-    """settings -> tokenizer -> objective -> model -> frozen helpers -> LoRA -> state -> parallelize (-> the
-    sharded model's weights, see builds_sharded) -> optimizer -> data -> resume -> logger + banner."""
-    t, device = cfg.training, info.device
-    random.seed(t.seed)
-    np.random.seed(t.seed)
-    resume_dir, requested = starting_point(cfg, args)
-    prec = training_precision(cfg, device, resume_dir)
-    # the parent recorded by a resumed run must still hold the same weights; weights INIT_FROM names under
-    # another name than the recorded one are the user's explicit choice
-    verify_parent = resume_dir is not None and bool(requested) and cfg.model.init_from in (
-        "", ckpt.parent_requested(resume_dir))
-    init_source = str(model_utils.resolve_source(requested)[1]) if requested else ""  # not a moving `latest`
-    tok = load_tokenizer(cfg, init_source)
-    objective = objectives.build_objective(cfg)
-    sharded = builds_sharded(cfg)
-    if sharded:
+def starting_model(cfg: config.Config, tok: tk.Tokenizer, init_source: str, device: torch.device
+                   ) -> tuple[Transformer, ModelArgs, Any, Callable[[], Mapping[str, torch.Tensor]]]:
+    """-> (the model with its starting weights, or on the meta device under builds_sharded; its args; the
+    weights materialize_model fills a meta model from (None: built whole, or random init); the starting
+    weights as a state dict, read when asked for)."""
+    if builds_sharded(cfg):
         model, margs, weights = build_meta_model(cfg, tok, init_source)
-        source_weights = lambda: model_utils.module_state_view(weights, margs)  # noqa: E731
-        # our checkpoints store their fingerprint; another source is read for it by one rank, not all
-        init_fingerprint = D.on_rank0(lambda: ckpt.source_fingerprint(init_source, source_weights)) \
-            if init_source else None
-    else:
-        model, margs = build_model(cfg, tok, init_source, device)
-        source_weights = model.state_dict
-        # every rank holds the same whole weights: one hashes them
-        init_fingerprint = D.on_rank0(lambda: ckpt.source_fingerprint(init_source, source_weights)) \
-            if init_source else None
-    if verify_parent:
-        ckpt.check_parent(resume_dir, init_source, init_fingerprint, weights=source_weights)
-    setup_facts = objective.setup(model, tok, device) or {}
+        return model, margs, weights, lambda: model_utils.module_state_view(weights, margs)
+    model, margs = build_model(cfg, tok, init_source, device)
+    return model, margs, None, model.state_dict
+
+
+def build_trained_model(cfg: config.Config, start: Start, tok: tk.Tokenizer, objective: objectives.Objective,
+                        prec: precision.Choice, info: D.DistInfo
+                        ) -> tuple[Transformer, ModelArgs, nn.Module, str | None, dict[str, Any]]:
+    """model -> the objective's frozen helpers -> LoRA -> parallelize (-> the sharded model's weights, see
+    builds_sharded) -> a resumed run's weights. -> (the model, its args, what the training forward calls, the
+    fingerprint of the starting weights, the facts the objective's setup adds to the banner)."""
+    seed, device, sharded = cfg.training.seed, info.device, builds_sharded(cfg)
+    model, margs, weights, source_weights = starting_model(cfg, tok, start.init_source, device)
+    # our checkpoints store their fingerprint; the weights of another source are hashed by one rank, not all
+    init_fingerprint = D.on_rank0(lambda: ckpt.source_fingerprint(start.init_source, source_weights)) \
+        if start.init_source else None
+    if start.verify_parent:
+        ckpt.check_parent(start.resume_dir, start.init_source, init_fingerprint, weights=source_weights)
+    facts = objective.setup(model, tok, device) or {}
     if sharded:
-        setup_facts["model build"] = "meta device, each rank fills its FSDP2 shards"
+        facts["model build"] = "meta device, each rank fills its FSDP2 shards"
     if cfg.lora.lora_enabled:
-        apply_lora(cfg, model, t.seed)
+        apply_lora(cfg, model, seed)
         hold_frozen_base_in(model, prec)
-    state = initial_state(cfg, args, resume_dir, init_source, model, margs, init_fingerprint, requested)
-    state.precision = prec.name  # recorded in every checkpoint: a resume computes in it
     wrapped = D.parallelize(model, cfg, device, compute_dtype=prec.dtype)
     if sharded:
-        materialize_model(model, weights, t.seed, device, init_source)
+        materialize_model(model, weights, seed, device, start.init_source)
         objective.fill_frozen(model, device, prec.dtype)
     # the weights are drawn, the same on every rank; from here each rank draws its own stream (dropout masks
     # differ across data-parallel ranks)
-    torch.manual_seed(t.seed + info.rank)
-    if resume_dir is not None:
-        ckpt.load_model_weights(resume_dir, model, base_config_sha=ckpt.config_sha(margs.to_dict()))
+    torch.manual_seed(seed + info.rank)
+    if start.resume_dir is not None:
+        ckpt.load_model_weights(start.resume_dir, model, base_config_sha=ckpt.config_sha(margs.to_dict()))
+    return model, margs, wrapped, init_fingerprint, facts
+
+
+def open_logger(cfg: config.Config, args: argparse.Namespace, start: Start, state: ckpt.TrainerState) -> Logger:
+    """metrics.jsonl and W&B; a resumed run continues both (its metrics after the resumed step dropped)."""
+    lg, continues = cfg.logging, start.resume_dir is not None
+    return Logger(run_dir_of(cfg), D.is_main(), cfg.to_dict(), lg.wandb_enabled, lg.wandb_project_name,
+                  lg.wandb_run_name, lg.wandb_entity, resume=continues,
+                  resume_step=state.step if continues and not args.reset_optimizer else None)
+
+
+def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) -> Run:
+    """settings -> starting point -> precision -> tokenizer -> objective -> the trained model
+    (build_trained_model) -> state -> optimizer -> data -> resume -> logger + banner."""
+    t, device = cfg.training, info.device
+    random.seed(t.seed)
+    np.random.seed(t.seed)
+    start = find_start(cfg, args)
+    prec = training_precision(cfg, device, start.resume_dir)
+    tok = load_tokenizer(cfg, start.init_source)
+    objective = objectives.build_objective(cfg)
+    model, margs, wrapped, init_fingerprint, setup_facts = build_trained_model(cfg, start, tok, objective, prec,
+                                                                               info)
+    state = initial_state(cfg, args, start, init_fingerprint)
+    state.precision = prec.name  # recorded in every checkpoint: a resume computes in it
     optimizer = optim.build_optimizer(model, cfg, device)
-    scaler = torch.amp.GradScaler(device.type) if prec.name == "fp16" else None
-    ptdtype = prec.dtype
-
-    def autocast():
-        return precision.autocast(device.type, ptdtype)
-
+    numerics = Numerics(prec, device.type, torch.amp.GradScaler(device.type) if prec.name == "fp16" else None)
     G, accum = cfg.batch_geometry(info.world_size)
     train_loader, val_loader = build_loaders(cfg, objective, tok, info, G)
-    if resume_dir is not None and not args.reset_optimizer:
-        restore_training(resume_dir, model, optimizer, scaler, train_loader, state, device)
-    max_steps = planned_steps(cfg, train_loader.samples_per_epoch, G)
-    run_dir = Path(cfg.logging.run_dir or f"runs/{t.training_stage}")
-    log = Logger(run_dir, D.is_main(), cfg.to_dict(), cfg.logging.wandb_enabled, cfg.logging.wandb_project_name,
-                 cfg.logging.wandb_run_name, cfg.logging.wandb_entity, resume=resume_dir is not None,
-                 resume_step=state.step if resume_dir is not None and not args.reset_optimizer else None)
-    peak, peak_source = precision.peak_flops(device, prec.name, cfg.system.peak_flops)
-    run = Run(cfg=cfg, info=info, tok=tok, model=model, margs=margs, wrapped=wrapped,
-              eval_model=wrapped if D.is_fsdp(wrapped) else model, objective=objective, optimizer=optimizer,
-              params=[p for p in model.parameters() if p.requires_grad], precision=prec, scaler=scaler, ptdtype=ptdtype,
-              autocast=autocast, train_loader=train_loader, val_loader=val_loader, G=G, accum=accum,
-              max_steps=max_steps, state=state,
-              init_source=init_source, resume_dir=resume_dir, save_root=ckpt.stage_root(cfg, t.training_stage),
-              run_dir=run_dir, log=log, fpt=model_utils.flops_per_token(margs, cfg.model.max_seq_len),
-              peak=peak, peak_source=peak_source)
+    if start.resume_dir is not None and not args.reset_optimizer:
+        restore_training(start.resume_dir, model, optimizer, numerics.scaler, train_loader, state, device)
+    max_steps = planned_steps(cfg, train_loader.samples_per_epoch, G)  # before the logger writes anything
+    log = open_logger(cfg, args, start, state)
+    c = cfg.checkpoint
+    checkpointer = ckpt.Checkpointer(ckpt.stage_root(cfg, t.training_stage), c.max_number_checkpoints,
+                                     c.checkpoint_async)
+    throughput = Throughput(model_utils.flops_per_token(margs, cfg.model.max_seq_len),
+                            *precision.peak_flops(device, prec.name, cfg.system.peak_flops), info.world_size)
+    run = Run(cfg=cfg, info=info, tok=tok, model=model, margs=margs, wrapped=wrapped, objective=objective,
+              optimizer=optimizer, numerics=numerics, train_loader=train_loader, val_loader=val_loader, G=G,
+              accum=accum, max_steps=max_steps, init_source=start.init_source, resume_dir=start.resume_dir,
+              state=state, checkpointer=checkpointer, log=log, run_dir=run_dir_of(cfg), throughput=throughput)
     print_banner(run, setup_facts)
     return run
 
 
 def print_banner(run: Run, setup_facts: dict[str, Any]) -> None:
     cfg, t, info, G, T = run.cfg, run.cfg.training, run.info, run.G, run.cfg.model.max_seq_len
+    tp = run.throughput
     run.log.banner({"commit": git_commit(), "stage": f"{t.training_stage} (objective "
                     f"{type(run.objective).__name__}, loader {run.objective.batch_format})",
                     "world size": info.world_size, "device": str(info.device),
-                    "precision": run.precision.describe(),
+                    "precision": run.numerics.precision.describe(),
                     "batch per step": f"{G} sequences of up to {T} positions (tokens/s counts those fed)",
                     "grad accumulation": f"{run.accum} = {G} / ({t.max_batch_size} x {info.world_size} ranks)",
                     "parameters": f"{model_utils.count_parameters(run.model):,} "
                                   f"({sum(p.numel() for p in run.params):,} trainable)",
-                    "FLOPs per position": f"{run.fpt:.3e} at T={T} (MFU counts each micro-batch at its own T)",
-                    "MFU peak": f"{run.peak:.3g} FLOP/s per device ({run.peak_source})" if run.peak
-                    else run.peak_source,
+                    "FLOPs per position": f"{tp.flops_per_position:.3e} at T={T} (MFU counts each micro-batch "
+                                          "at its own T)",
+                    "MFU peak": f"{tp.peak:.3g} FLOP/s per device ({tp.peak_source})" if tp.peak
+                    else tp.peak_source,
                     "steps": f"{run.state.step} -> {run.max_steps}",
                     "start": f"continuing {run.resume_dir} at step {run.state.step}" if run.resume_dir
                     else str(run.init_source or "random init"),
-                    "checkpoints": str(run.save_root), "run dir": str(run.run_dir), **setup_facts})
+                    "checkpoints": str(run.checkpointer.root), "run dir": str(run.run_dir), **setup_facts})
     run.log.print("\n".join(f"  {line}" for line in cfg.summary().splitlines() if line.endswith(")")))
 
 
@@ -617,19 +680,17 @@ def print_banner(run: Run, setup_facts: dict[str, Any]) -> None:
 
 def save_checkpoint(run: Run, best: bool = False) -> None:
     """Collective: the training state at run.state.step (every rank calls it)."""
-    cfg, t = run.cfg, run.cfg.training
+    cfg, t, scaler = run.cfg, run.cfg.training, run.numerics.scaler
     lora_config = lora.lora_config(run.model) if cfg.lora.lora_enabled else None
     conf = ckpt.config_json(run.margs.to_dict(), cfg.to_dict(), lora_config, run.init_source,
                             run.state.parent_fingerprint)
     state = replace(run.state, dataloader=run.train_loader.state_dict(), rng=None,
                     rng_ranks=ckpt.rank_rng_states(run.info.device), world_size=run.info.world_size)
     extra = {"schedule": {"kind": t.lr_schedule, "step": state.step, "max_steps": run.max_steps},
-             "grad_scaler": run.scaler.state_dict() if run.scaler is not None else None}
-    ckpt.save(run.save_root, state.step, run.model, run.optimizer, trainer_state=state.to_dict(), config=conf,
-              lora=cfg.lora.lora_enabled, best=best, keep=cfg.checkpoint.max_number_checkpoints,
-              extra_optimizer_json=extra, peft_adapter=cfg.lora.lora_save_peft_adapter,
-              async_save=cfg.checkpoint.checkpoint_async)
-    run.saved_step = state.step
+             "grad_scaler": scaler.state_dict() if scaler is not None else None}
+    run.checkpointer.save(state.step, run.model, run.optimizer, trainer_state=state.to_dict(), config=conf,
+                          lora=cfg.lora.lora_enabled, best=best, extra_optimizer_json=extra,
+                          peft_adapter=cfg.lora.lora_save_peft_adapter)
 
 
 def record_validation(state: ckpt.TrainerState, val: float, c: Any) -> tuple[bool, bool]:
@@ -681,24 +742,24 @@ def run_hooks(run: Run, last_step: bool) -> bool:
     c, e = cfg.checkpoint, cfg.eval
     improved = stop_early = False
     if run.val_loader is not None and due(e.validate_every_x_steps, step, last_step):
-        val = validate(run.eval_model, run.objective, run.val_loader, e.val_steps, run.info.device, run.autocast,
-                       run.stop_check)
+        val = validate(run.eval_model, run.objective, run.val_loader, e.val_steps, run.info.device,
+                       run.numerics.autocast, run.stop_check)
         log.log({"step": step, "val_loss": val}, console=True)
         improved, stop_early = record_validation(state, val, c)
     if due(e.hellaswag_every_x_steps, step, last_step):
         hs = hellaswag_utils.hellaswag_hook(run.eval_model, run.tok, e.hellaswag_path,
                                             limit=e.hellaswag_number_of_examples,
-                                            dtype=None if run.ptdtype == torch.float32 else run.ptdtype,
+                                            dtype=run.numerics.eval_dtype,
                                             stop_check=run.stop_check)
         log.log({"step": step, "hellaswag_acc": hs["acc"], "hellaswag_acc_norm": hs["acc_norm"]}, console=True)
     if due(e.winogrande_every_x_steps, step, last_step):
         wg = winogrande_utils.winogrande_hook(run.eval_model, run.tok, e.winogrande_path,
                                               limit=e.winogrande_number_of_examples,
-                                              dtype=None if run.ptdtype == torch.float32 else run.ptdtype,
+                                              dtype=run.numerics.eval_dtype,
                                               stop_check=run.stop_check)
         log.log({"step": step, "winogrande_acc": wg["acc"]}, console=True)
     if due(e.generate_every_x_steps, step, last_step):
-        sample_prompts(run.eval_model, run.tok, cfg, log, run.stop_check, run.autocast)
+        sample_prompts(run.eval_model, run.tok, cfg, log, run.stop_check, run.numerics.autocast)
     if wants_checkpoint(c, step, improved, last_step):
         save_checkpoint(run, best=improved)
     if stop_early:
@@ -746,10 +807,11 @@ def forward_backward(run: Run) -> tuple[torch.Tensor, list[str], float, objectiv
         batch = objectives.batch_to_device(batch, device)
         with D.gradient_sync(run.wrapped, sync=m == run.accum - 1,
                              unsharded_accumulation=run.cfg.system.fsdp_unsharded_accumulation):
-            with run.autocast():
+            with run.numerics.autocast():
                 micro_sum, micro_metrics = objective.loss(run.wrapped, batch)
             loss = micro_sum * scale
-            (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
+            scaler = run.numerics.scaler
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += micro_sum.detach()
         for k, v in (micro_metrics or {}).items():
             metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().double()
@@ -761,7 +823,7 @@ def apply_update(run: Run, spikes: SpikeGuard, loss: float, norm: float) -> str 
     """optimizer.step() unless the loss / gradient norm is non-finite or a loss spike; a skipped step keeps the
     weights and moments of the last good one. -> the reason for a skip, or None. Too many skips in a row stop
     the run (UserError) without saving."""
-    state, scaler, t = run.state, run.scaler, run.cfg.training
+    state, scaler, t = run.state, run.numerics.scaler, run.cfg.training
     finite = math.isfinite(loss) and (math.isfinite(norm) or scaler is not None)
     spike = finite and spikes.is_spike(loss)
     if finite and not spike:
@@ -778,11 +840,11 @@ def apply_update(run: Run, spikes: SpikeGuard, loss: float, norm: float) -> str 
     run.log.print(f"step {state.step}: {kind} (loss {loss} / grad norm {norm}): update skipped "
                   f"({state.nonfinite_in_a_row} in a row)")
     if state.nonfinite_in_a_row >= t.max_nonfinite_steps:
-        ckpt.wait_pending()  # an async save in flight is the last good checkpoint once written
-        kept = ckpt.latest_name(run.save_root) if D.is_main() else None
+        run.checkpointer.wait()  # an async save in flight is the last good checkpoint once written
+        kept = run.checkpointer.latest() if D.is_main() else None
         raise UserError(f"loss or gradients were {kind} for {state.nonfinite_in_a_row} steps in a row "
                         f"(step {state.step}); stopped without saving, last good checkpoint kept: "
-                        f"{run.save_root / kept if kept else 'none'}; lower MAX_LR, enable GRAD_CLIP or use "
+                        f"{kept or 'none'}; lower MAX_LR, enable GRAD_CLIP or use "
                         "TRAINING_PRECISION=bf16/fp32, then resume from it")
     return kind
 
@@ -791,10 +853,8 @@ def optimizer_step(run: Run, spikes: SpikeGuard) -> StepResult:
     """micro-steps -> clip -> step (or skip) -> zero grads; advances run.state by one step."""
     t0 = time.time()
     reduced, names, n_units, work = forward_backward(run)
-    inject_rank_exit(run.state.step, run.info.rank)
-    inject_step_sleep(run.state.step)
-    if run.scaler is not None:
-        run.scaler.unscale_(run.optimizer)
+    if run.numerics.scaler is not None:
+        run.numerics.scaler.unscale_(run.optimizer)
     norm_t = D.grad_norm_and_clip(run.params, run.cfg.training.grad_clip)
     # one host sync for the loss, the metrics and the gradient norm together
     *sums, norm = torch.cat([reduced, norm_t.detach().reshape(1).to(reduced)]).tolist()
@@ -807,15 +867,9 @@ def optimizer_step(run: Run, spikes: SpikeGuard) -> StepResult:
     run.state.tokens_seen += work.positions
     run.state.loss_tokens_seen += work.loss_tokens
     dt = time.time() - t0
-    run.done, run.step_seconds = run.done + work, run.step_seconds + dt
+    run.throughput.add(work, dt)
     return StepResult(loss, norm, {k: v / max(n_units, 1) for k, v in zip(names, sums[1:], strict=True)},
                       dt, skipped, work)
-
-
-def mfu(run: Run, flops: float, seconds: float) -> float | None:
-    """Model FLOPs utilization: the FLOPs computed on all ranks over what their devices' peak allows in
-    `seconds`. Never clamped: it stays below 1 because the FLOPs are the ones computed."""
-    return flops / (seconds * run.peak * run.info.world_size) if run.peak and seconds > 0 else None
 
 
 def log_step(run: Run, r: StepResult, lr: float) -> None:
@@ -825,7 +879,7 @@ def log_step(run: Run, r: StepResult, lr: float) -> None:
     t, state = run.cfg.training, run.state
     run.log.log({"step": state.step, "loss": r.loss, "lr": lr, "tokens": state.tokens_seen,
                  "tokens_per_s": r.work.positions / r.dt, "loss_tokens": state.loss_tokens_seen,
-                 "loss_tokens_per_s": r.work.loss_tokens / r.dt, "mfu": mfu(run, r.work.flops, r.dt),
+                 "loss_tokens_per_s": r.work.loss_tokens / r.dt, "mfu": run.throughput.mfu(r.work.flops, r.dt),
                  "grad_norm": r.grad_norm, "dt_ms": r.dt * 1000, "nonfinite_steps": state.nonfinite_total,
                  **r.metrics, **({"spike_steps": state.spike_steps} if t.loss_spike_zscore > 0 else {})},
                 console=True)
@@ -857,7 +911,7 @@ def train(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) -> int
                 if last_step or stop_early:
                     break
                 result = optimizer_step(run, spikes)
-                ckpt.poll_pending()  # an async save whose write finished is published now
+                run.checkpointer.poll()  # an async save whose write finished is published now
                 control.step_done(result.dt)
                 loss = result.loss
                 if prof is not None:
@@ -868,7 +922,7 @@ def train(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) -> int
             stopped = True
             stop_and_checkpoint(run, str(e))
         finally:
-            ckpt.wait_pending()  # `latest` names the last save before the run ends, also when it fails
+            run.checkpointer.wait()  # `latest` names the last save before the run ends, also when it fails
     if prof is not None:
         prof.stop()
     finish(run, loss, time.time() - t_start, stopped)
@@ -881,7 +935,7 @@ def stop_and_checkpoint(run: Run, why: str) -> None:
     step, save = run.state.step, run.cfg.checkpoint.save_checkpoints
     run.log.print(f"stop requested ({why}): {'checkpointing' if save else 'not checkpointing (SAVE_CHECKPOINTS=false)'} "
                   f"step {step}, exit code {RESUMABLE_EXIT} (run the same command again to continue)")
-    if save and run.saved_step != step:
+    if save and run.checkpointer.saved_step != step:
         save_checkpoint(run)
     if D.is_main() and os.environ.get("TORCHELASTIC_RUN_ID"):
         run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -895,7 +949,7 @@ def stopped_by_signal_before(cfg: config.Config) -> bool:
     """Under torchrun --max-restarts a worker group that a signal stopped (exit RESUMABLE_EXIT) would be
     restarted and train on; a restarted worker whose previous attempt of the same torchrun job was stopped
     exits again instead. A crash leaves no marker, so a restart after one resumes as usual."""
-    marker = Path(cfg.logging.run_dir or f"runs/{cfg.training.training_stage}") / STOP_MARKER
+    marker = run_dir_of(cfg) / STOP_MARKER
     if D.elastic_restart_count() == 0 or not marker.is_file():
         return False
     try:
@@ -916,23 +970,12 @@ def finish(run: Run, loss: float, seconds: float, stopped: bool) -> None:
     plot = log.plot_loss()
     best = f", best val {state.best_val:.4f} @ {state.best_step}" if state.best_val is not None else ""
     log.print(f"{'stopped' if stopped else 'done'}: {run.cfg.training.training_stage} step {state.step}/"
-              f"{run.max_steps}, loss {loss:.4f}{best}, {seconds:.1f} s; {throughput_summary(run)}")
-    kept = ckpt.latest_name(run.save_root) if D.is_main() and run.save_root.is_dir() else None
-    log.print(f"  checkpoint: {run.save_root / kept if kept else 'none saved'}")
+              f"{run.max_steps}, loss {loss:.4f}{best}, {seconds:.1f} s; {run.throughput.summary()}")
+    kept = run.checkpointer.latest() if D.is_main() else None
+    log.print(f"  checkpoint: {kept or 'none saved'}")
     log.print(f"  metrics:    {run.run_dir / 'metrics.jsonl'}")
     log.print(f"  loss plot:  {plot if plot else 'none (no losses logged)'}")
     log.close()
-
-
-def throughput_summary(run: Run) -> str:
-    """This process's training steps (all ranks): positions computed (the B x T fed to the model, after
-    trimming) and loss tokens (targets with loss), their rates over the steps' time, and MFU."""
-    w, sec = run.done, run.step_seconds
-    if sec <= 0:
-        return "no training step"
-    util = mfu(run, w.flops, sec)
-    return (f"steps: {w.positions:,} positions computed ({w.positions / sec:,.0f}/s), {w.loss_tokens:,} loss "
-            f"tokens ({w.loss_tokens / sec:,.0f}/s)" + (f", mfu {util:.1%}" if util is not None else ""))
 
 
 def make_profiler(cfg: config.Config, run_dir: Path):

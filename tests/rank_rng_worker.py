@@ -21,7 +21,6 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import checkpoint as ckpt  # noqa: E402
 import distributed as D  # noqa: E402
 import lora  # noqa: E402
 import train  # noqa: E402
@@ -42,7 +41,7 @@ def main() -> None:
     if run.resume_dir is None:
         torch.rand(info.rank + 1), random.random(), np.random.rand(info.rank + 1)
         train.save_checkpoint(run)
-        ckpt.wait_pending()
+        run.checkpointer.wait()
         result["next"] = next_values()
         layer = next(m for m in run.model.modules() if isinstance(m, lora.LoRALinear))
         result["mask"] = (layer.dropout(torch.ones(256)) > 0).tolist()

@@ -140,6 +140,36 @@ def test_retention_keeps_newest_and_best(tmp_path):
     assert (root / "latest").read_text().strip() == "step_0000005"
 
 
+def test_each_checkpointer_holds_its_own_save_in_flight(tmp_path):
+    """The async save in flight belongs to the Checkpointer that started it: another checkpointer's saves and
+    waits neither publish nor wait for it; its own wait publishes it."""
+    from model import ModelArgs, Transformer
+
+    model = Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=32))
+    kw = dict(trainer_state={"step": 1}, config={"model_args": model.args.to_dict()})
+    a = ckpt.Checkpointer(tmp_path / "a", async_save=True)
+    b = ckpt.Checkpointer(tmp_path / "b", async_save=True)
+    assert a.save(1, model, None, **kw) is None and b.save(1, model, None, **kw) is None
+    b.wait()
+    assert b.latest() == tmp_path / "b" / "step_0000001" and a.latest() is None
+    assert ckpt.save(tmp_path / "c", 1, model, None, **kw) == tmp_path / "c" / "step_0000001"
+    assert a.latest() is None and a.saved_step == 1
+    a.wait()
+    assert a.latest() == tmp_path / "a" / "step_0000001" and not a.poll()
+
+
+def test_checkpoint_and_loop_modules_rebind_no_module_globals():
+    """The state of a run lives on objects the loop holds (Checkpointer, Run, RunControl), not in module
+    globals one module rebinds for another."""
+    import ast
+
+    from helpers import ROOT
+
+    for name in ("checkpoint", "train", "distributed", "run_control"):
+        tree = ast.parse((ROOT / f"{name}.py").read_text())
+        assert not [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Global)], name
+
+
 def test_rng_state_round_trip():
     st = ckpt.rng_state()
     json.dumps(st)  # JSON-serializable

@@ -46,13 +46,17 @@ def data(tmp_path_factory) -> Path:
     return make_pretrain_data(tmp_path_factory.mktemp("rdata") / "pretrain", n_docs=200)
 
 
-def _cmd(tmp: Path, data: Path, *flags: str, **kw) -> list[str]:
-    return [sys.executable, str(ROOT / "train.py"), *settings(tmp, data, **kw), *flags]
+FAULTS = ROOT / "tests" / "train_with_faults.py"  # train.py with a fault injected (its flags, then `--`)
 
 
-def _run(tmp: Path, data: Path, *flags: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+def _cmd(tmp: Path, data: Path, *flags: str, faults: tuple[str, ...] = (), **kw) -> list[str]:
+    script = [str(FAULTS), *faults, "--"] if faults else [str(ROOT / "train.py")]
+    return [sys.executable, *script, *settings(tmp, data, **kw), *flags]
+
+
+def _run(tmp: Path, data: Path, *flags: str, faults: tuple[str, ...] = (), **kw) -> subprocess.CompletedProcess:
     tmp.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(_cmd(tmp, data, *flags, **kw), cwd=tmp, env={**subprocess_env(), **(env or {})},
+    return subprocess.run(_cmd(tmp, data, *flags, faults=faults, **kw), cwd=tmp, env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
 
 
@@ -120,9 +124,9 @@ def test_kill9_at_a_random_moment_then_resume_equals_uninterrupted(tmp_path, dat
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", ["tmp", "renamed"])
 def test_kill9_inside_a_checkpoint_write(tmp_path, data, reference, phase):
-    """The test-only hook SIGKILLs the process inside the save of step 4: after the weights went into the
+    """The fault launcher SIGKILLs the process inside the save of step 4: after the weights went into the
     temp dir (`tmp`), or after the complete dir was renamed but before `latest` moved (`renamed`)."""
-    p = _run(tmp_path, data, env={"FAULT_INJECT_KILL_IN_CHECKPOINT_WRITE": f"4:{phase}"}, **KILL)
+    p = _run(tmp_path, data, faults=("--kill-in-save", f"4:{phase}"), **KILL)
     assert p.returncode == -signal.SIGKILL
     root = tmp_path / "ck" / "pretrain"
     assert ckpt.latest_name(root) == "step_0000003"  # never the step being written
@@ -251,8 +255,8 @@ def test_torchrun_max_restarts_resumes_from_latest_after_a_rank_dies(tmp_path, d
     workers, which resume from the latest checkpoint (step 4) by themselves and finish."""
     kw = {**DIST, "MAX_STEPS": 8, "SAVE_EVERY_X_STEPS": 2}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-           "--monitor-interval=0.5", str(ROOT / "train.py"), *settings(tmp_path, data, **kw)]
-    p = _run_group(cmd, tmp_path, {**subprocess_env(), "FAULT_INJECT_RANK_EXIT_AT_STEP": "1:5"}, timeout=240)
+           "--monitor-interval=0.5", str(FAULTS), "--rank-exit", "1:5", "--", *settings(tmp_path, data, **kw)]
+    p = _run_group(cmd, tmp_path, subprocess_env(), timeout=240)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-3000:]
     assert "fault injection: rank 1 exits during step 5" in out

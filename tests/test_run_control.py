@@ -29,8 +29,10 @@ from errors import UserError
 from run_control import RESUMABLE_EXIT
 
 
-def _train_cmd(tmp: Path, data: Path, **kw) -> list[str]:
-    return [sys.executable, str(ROOT / "train.py"), *settings(tmp, data, **kw)]
+def _train_cmd(tmp: Path, data: Path, faults: tuple[str, ...] = (), **kw) -> list[str]:
+    """train.py, or with `faults` the launcher that injects them (tests/train_with_faults.py)."""
+    script = [str(ROOT / "tests" / "train_with_faults.py"), *faults, "--"] if faults else [str(ROOT / "train.py")]
+    return [sys.executable, *script, *settings(tmp, data, **kw)]
 
 
 def _start(tmp: Path, data: Path, **kw) -> subprocess.Popen:
@@ -95,14 +97,14 @@ def test_sigterm_inside_a_long_step_abandons_it_and_resume_is_exact(tmp_path, pr
 
 
 def test_watchdog_dumps_stacks_and_exits_resumable(tmp_path, pretrain_data):
-    env = {**subprocess_env(), "FAULT_INJECT_STEP_SLEEP": "4:120"}
-    cmd = _train_cmd(tmp_path, pretrain_data, MAX_STEPS=6, VALIDATE_EVERY_X_STEPS=0, SAVE_EVERY_X_STEPS=0,
-                     STEP_WATCHDOG_FACTOR=3, STEP_WATCHDOG_MIN_SECONDS=2)
+    """Step 4 stalls for 120 s (the fault launcher sleeps inside it, without a heartbeat)."""
+    cmd = _train_cmd(tmp_path, pretrain_data, faults=("--stall-step", "4:120"), MAX_STEPS=6, VALIDATE_EVERY_X_STEPS=0,
+                     SAVE_EVERY_X_STEPS=0, STEP_WATCHDOG_FACTOR=3, STEP_WATCHDOG_MIN_SECONDS=2)
     t0 = time.time()
-    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=100)
+    r = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=100)
     assert r.returncode == RESUMABLE_EXIT, r.stdout[-2000:] + r.stderr[-2000:]
     assert time.time() - t0 < 60  # not the injected 120 s
-    assert "watchdog: no progress" in r.stderr and "inject_step_sleep" in r.stderr  # the stuck frame is named
+    assert "watchdog: no progress" in r.stderr and "stall_in_step" in r.stderr  # the stuck frame is named
     assert sorted(train_losses(read_metrics(tmp_path / "run"))) == [1, 2, 3]
 
 

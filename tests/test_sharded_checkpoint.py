@@ -165,10 +165,10 @@ def test_one_process_checkpoint_resumes_on_two_fsdp2_ranks_saving_async(tmp_path
 def test_kill9_inside_a_sharded_save_leaves_latest_complete(tmp_path, pretrain_data, reference):
     """Both ranks SIGKILL themselves inside the save of step 5, after their model shards are written: `latest`
     stays on step 3, which resumes (2 -> 1) with the uninterrupted losses."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "train_with_faults.py"), "--kill-in-save", "5:tmp", "--",
            *settings(tmp_path, pretrain_data, USE_FSDP="true", **COMMON)]
-    env = {**subprocess_env(), "FAULT_INJECT_KILL_IN_CHECKPOINT_WRITE": "5:tmp"}
-    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and "SIGKILL" in p.stderr, p.stderr[-2000:]
     root = tmp_path / "ck" / "pretrain"
     assert ckpt.latest_name(root) == "step_0000003"
@@ -180,8 +180,9 @@ def test_kill9_inside_a_sharded_save_leaves_latest_complete(tmp_path, pretrain_d
 
 
 def test_an_async_save_is_published_only_when_written(tmp_path, monkeypatch):
-    """The write is held back: save() returns with the state staged, training changes the weights, `latest`
-    does not move; once the write is released, wait_pending publishes the staged (pre-change) weights."""
+    """The write is held back: Checkpointer.save returns with the state staged, training changes the weights,
+    `latest` does not move; once the write is released, Checkpointer.wait publishes the staged (pre-change)
+    weights."""
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
     release = threading.Event()
@@ -197,14 +198,15 @@ def test_an_async_save_is_published_only_when_written(tmp_path, monkeypatch):
     root = tmp_path / "pretrain"
     before = {k: v.clone() for k, v in model.state_dict().items()}
     kw = dict(trainer_state={"step": 1}, config={"model_args": model.args.to_dict()})
-    assert ckpt.save(root, 1, model, opt, async_save=True, **kw) is None
+    checkpointer = ckpt.Checkpointer(root, async_save=True)
+    assert checkpointer.save(1, model, opt, **kw) is None
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)  # the next training step, while the save is in flight
-    assert ckpt.poll_pending() and ckpt.latest_name(root) is None and not (root / "step_0000001").exists()
+    assert checkpointer.poll() and ckpt.latest_name(root) is None and not (root / "step_0000001").exists()
     release.set()
-    ckpt.wait_pending()
-    assert ckpt.latest_name(root) == "step_0000001" and not ckpt.poll_pending()
+    checkpointer.wait()
+    assert ckpt.latest_name(root) == "step_0000001" and not checkpointer.poll()
     saved = ckpt.read_model_tensors(root / "step_0000001")
     for k, v in saved.items():
         assert torch.equal(v, before[k]), k

@@ -169,3 +169,12 @@ def test_the_entry_points_start_without_loading_torch_dynamo():
     code = "import sys, train, generate, evaluate, model_utils; print('torch._dynamo' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr[-2000:]
+
+
+def test_no_fault_injection_in_production_modules():
+    """Faults are injected by test-only launchers (tests/train_with_faults.py) that replace a production
+    function, never by settings or environment variables the production code reads."""
+    files = [*ROOT.glob("*.py"), *ROOT.glob("scripts/*")]
+    hits = [f"{p.name}:{i}" for p in files if p.is_file()
+            for i, line in enumerate(p.read_text().splitlines(), 1) if "FAULT_INJECT" in line]
+    assert hits == []

@@ -98,8 +98,8 @@ def test_resume_from_stored_checkpoint_continues_exactly(tmp_path, pretrain_data
 def test_build_run_fresh(tmp_path, pretrain_data):
     run = make_run(tmp_path, pretrain_data, VALIDATE_EVERY_X_STEPS=0)
     assert (run.G, run.accum, run.max_steps, run.state.step, run.state.stage) == (4, 2, 6, 0, "pretrain")
-    assert run.val_loader is None and run.resume_dir is None and run.scaler is None
-    assert run.save_root == tmp_path / "ck" / "pretrain"
+    assert run.val_loader is None and run.resume_dir is None and run.numerics.scaler is None
+    assert run.checkpointer.root == tmp_path / "ck" / "pretrain"
     assert run.params and all(p.requires_grad for p in run.params)
     run.log.close()
 
@@ -168,8 +168,8 @@ def test_evaluate_and_save_validates_records_and_checkpoints(tmp_path, pretrain_
     run = make_run(tmp_path, pretrain_data, EARLY_STOPPING_PATIENCE=1)
     run.state.step = 3
     assert train.evaluate_and_save(run, last_step=False) is False
-    assert run.state.best_step == 3 and (run.save_root / "step_0000003").is_dir()
-    assert (run.save_root / "best").read_text().strip() == "step_0000003"
+    assert run.state.best_step == 3 and (run.checkpointer.root / "step_0000003").is_dir()
+    assert (run.checkpointer.root / "best").read_text().strip() == "step_0000003"
     run.state.best_val = -1.0  # nothing can improve on it: patience 1 stops at the next validation
     run.state.step = 6
     assert train.evaluate_and_save(run, last_step=False) is True
@@ -182,12 +182,12 @@ def test_save_checkpoint_writes_state_at_the_current_step(tmp_path, pretrain_dat
     run = make_run(tmp_path, pretrain_data)
     run.state.step, run.state.tokens_seen = 2, 256
     train.save_checkpoint(run)
-    state = ckpt.read_trainer_state(run.save_root / "step_0000002")
+    state = ckpt.read_trainer_state(run.checkpointer.root / "step_0000002")
     assert (state.step, state.tokens_seen, state.world_size) == (2, 256, 1)
     assert state.dataloader == run.train_loader.state_dict() and len(state.rng_ranks) == 1
-    conf = json.loads((run.save_root / "step_0000002" / ckpt.CONFIG_FILE).read_text())
+    conf = json.loads((run.checkpointer.root / "step_0000002" / ckpt.CONFIG_FILE).read_text())
     assert conf["model_args"]["dim"] == 16 and "lora" not in conf
-    extra = json.loads((run.save_root / "step_0000002" / ckpt.OPTIM_JSON).read_text())
+    extra = json.loads((run.checkpointer.root / "step_0000002" / ckpt.OPTIM_JSON).read_text())
     assert extra["schedule"]["max_steps"] == 6
     run.log.close()
 
@@ -259,7 +259,7 @@ def test_log_step_writes_the_step_record(tmp_path, pretrain_data, capsys):
     assert rec["step"] == 4 and rec["loss"] == 2.5 and rec["tokens"] == 512 and rec["lr"] == 1e-3
     assert rec["tokens_per_s"] == pytest.approx(96 / 0.5) and rec["ce"] == 2.5 and rec["grad_norm"] == 0.5
     assert rec["loss_tokens"] == 300 and rec["loss_tokens_per_s"] == pytest.approx(40 / 0.5)
-    assert rec["mfu"] == pytest.approx(3e9 / 0.5 / run.peak)  # unclamped, all model FLOPs of the step
+    assert rec["mfu"] == pytest.approx(3e9 / 0.5 / run.throughput.peak)  # unclamped, all model FLOPs of the step
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step      4"))
     assert "| 192 tok/s | 80 loss tok/s |" in line
 

@@ -14,11 +14,11 @@ import checkpoint
 import train
 from errors import run_cli
 
-_save = checkpoint.save
+_save = checkpoint.Checkpointer.save
 
 
 def save_gathering_adapters_only(*args, **kw):
-    model = args[2]
+    model = args[2]  # (checkpointer, step, model, ...)
     # a state dict's DTensors are detached views of the parameters: their local shards share the storage
     adapters = {p.to_local().data_ptr(): name for name, p in model.named_parameters()
                 if name.endswith((".lora_a", ".lora_b"))}
@@ -47,5 +47,5 @@ def save_gathering_adapters_only(*args, **kw):
 
 
 if __name__ == "__main__":
-    checkpoint.save = save_gathering_adapters_only
+    checkpoint.Checkpointer.save = save_gathering_adapters_only
     run_cli(lambda: train.main(sys.argv[1:]))

@@ -12,14 +12,14 @@ import checkpoint
 import train
 from errors import run_cli
 
-_save = checkpoint.save
+_save = checkpoint.Checkpointer.save
 
 
 def _refuse(*_args, **_kw):
     raise AssertionError("a DTensor was gathered during a checkpoint save")
 
 
-def save_without_gathers(*args, **kw):
+def save_without_gathers(*args, **kw):  # (checkpointer, step, ...)
     real = DTensor.full_tensor, DTensor.redistribute
     DTensor.full_tensor = DTensor.redistribute = _refuse
     try:
@@ -31,5 +31,5 @@ def save_without_gathers(*args, **kw):
 
 
 if __name__ == "__main__":
-    checkpoint.save = save_without_gathers
+    checkpoint.Checkpointer.save = save_without_gathers
     run_cli(lambda: train.main(sys.argv[1:]))
