@@ -22,7 +22,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
                    "rewards"),
     "settings": ("config",),
     "data": ("tokenizer", "data_manifest", "data_preparation_utils", "data_sources", "dataloaders",
-             "load_pretrain_dataset", "load_instruct_dataset", "load_dpo_dataset"),
+             "load_pretrain_dataset", "load_instruct_dataset", "load_dpo_dataset", "load_rl_dataset"),
     "model": ("model_formats", "lora", "checkpoint", "model_utils"),
     "objectives": ("objective_caches", "objectives"),
     "eval/export": ("generate", "hellaswag_utils", "winogrande_utils", "load_hellaswag_dataset", "evaluate"),
