@@ -324,7 +324,8 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
     N defaults to this batch's rows B and T to this batch's completion tokens: then the result is TRL's loss
     for the batch in one process without accumulation. A caller that splits a generation batch into
     micro-batches or over ranks passes the totals (T summed over ranks before the first backward) and sums
-    the returned losses. old_logps are constants (detached here); with old_logps == logps.detach() the ratio
+    the returned losses (TRL instead divides each micro-batch's grpo / dr_grpo loss by the accumulation steps:
+    the same when every micro-batch holds equally many completions). old_logps are constants (detached here); with old_logps == logps.detach() the ratio
     is exactly 1 and the loss is the plain policy gradient -A_i logp_it (the clip is inactive).
 
     The metrics are sums over this batch's completion tokens ("tokens" is their count): "clip_low" (rho <

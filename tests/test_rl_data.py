@@ -109,6 +109,17 @@ def test_gsm8k_columns_map_to_prompt_and_final_answer(tmp_path):
                         answer=[r["answer"] for r in recs]) == [1.0, 1.0]
 
 
+def test_mix_file_interleaves_sources(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"a{i}", "answer": "1"} for i in range(30)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"question": f"b{i}", "answer": "x\n#### 2"} for i in range(10)])
+    mix = tmp_path / "mix.json"
+    mix.write_text(json.dumps({"datasets": [{"id": str(a), "weight": 3}, {"id": str(b)}], "seed": 1}))
+    recs = read(run(tmp_path, "--mix", str(mix)))
+    assert sorted(r["prompt"] for r in recs) == sorted([f"a{i}" for i in range(30)] + [f"b{i}" for i in range(10)])
+    assert {r["answer"] for r in recs if r["prompt"][0] == "b"} == {"2"}
+    assert [r["prompt"] for r in recs][:40] != [f"a{i}" for i in range(30)] + [f"b{i}" for i in range(10)]
+
+
 def test_prompt_field_flag(tmp_path):
     src = write_jsonl(tmp_path / "p.jsonl", [{"problem": "Solve x + 1 = 3.", "solution": "x = 2"}])
     assert read(run(tmp_path, "--dataset", str(src), "--prompt-field", "problem")) == [
