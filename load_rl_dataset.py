@@ -63,12 +63,13 @@ def messages_prompt(value: Any) -> list[dict[str, str]] | None:
         return None
     out = []
     for m in value:
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+        if not isinstance(m, dict):
             return None
-        role = str(m.get("role", m.get("from", ""))).lower()
-        if role not in dpu.ROLES:
+        role = str(m.get("role", m.get("from", ""))).lower()  # ShareGPT's from / value also read
+        content = m.get("content", m.get("value"))
+        if role not in dpu.ROLES or not isinstance(content, str):
             return None
-        out.append({"role": dpu.ROLES[role], "content": m["content"]})
+        out.append({"role": dpu.ROLES[role], "content": content})
     if out[-1]["role"] == "assistant" or not any(m["role"] == "user" and m["content"].strip() for m in out):
         return None
     return out

@@ -23,7 +23,7 @@ RECORDS = [
     {"prompt": "What is 2 + 2?", "answer": "4", "level": 1},
     {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a prime."}],
      "answer": None, "level": 2},
-    {"messages": [{"role": "Human", "content": "Say hi."}], "level": 3},  # the SFT name, a sharegpt-style role
+    {"messages": [{"from": "Human", "value": "Say hi."}], "level": 3},  # the SFT name, ShareGPT's keys
     {"prompt": "", "answer": "1"},  # empty prompt: invalid
     {"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},  # ends with a reply
     {"prompt": [{"role": "wizard", "content": "q"}]},  # unknown role
