@@ -330,7 +330,10 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
 
     The metrics are sums over this batch's completion tokens ("tokens" is their count): "clip_low" (rho <
     1 - epsilon with A < 0), "clip_high" (rho > 1 + epsilon_high with A > 0), "clip_region" (either), and
-    "kl" (the KL term above, rho-weighted if corrected) when beta != 0; divide by the tokens for means."""
+    "kl" (the KL term above, rho-weighted if corrected) when beta != 0; divide by the tokens for means.
+
+    TRL 1.16's GRPOConfig defaults: loss_type "dapo", beta 0.0, epsilon 0.2, epsilon_high = epsilon,
+    use_bias_correction_kl True (loss_type has no default here: the caller's setting chooses it)."""
     if loss_type not in GRPO_LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r}: expected one of {', '.join(GRPO_LOSS_TYPES)}")
     if loss_type == "dr_grpo" and not max_completion_length:
