@@ -8,6 +8,8 @@ documentation of X; nothing measured on them says anything about model quality.
 - `demo_preference_set()` -> [{"prompt": str, "chosen": str, "rejected": str}]: chosen = the asked topic's
   text, rejected = another topic's text (picked by a seeded RNG, never the same topic)
 - `demo_test_prompts()`  -> {"pretrain": [...], "instruct": [...], "dpo": [...]} (test_prompts.json's keys)
+- `demo_arithmetic_set()` -> {"train": [...], "test": [...]} of {"prompt": "What is 37 + 48?", "answer": "85"}:
+  questions with exact integer answers for RL with a verifiable reward (not from the corpus; seeded)
 Everything is deterministic for a given Python version (the corpus ships with Python).
 """
 
@@ -111,3 +113,25 @@ def demo_test_prompts() -> dict[str, list[str]]:
     return {"pretrain": [" ".join(a.split()[:6]) for _, a in picks],
             "instruct": [q for q, _ in picks],
             "dpo": [q for q, _ in picks]}
+
+
+def demo_arithmetic_set(n_train: int = 2000, n_test: int = 200, seed: int = 0) -> dict[str, list[dict]]:
+    """Distinct questions "What is a + b?" / "a - b" / "a * b" with exact integer answers (as strings), drawn by
+    a seeded RNG (a, b in 10..99 for + and -, a - b >= 0; a in 2..12, b in 10..99 for *); the test questions
+    never occur in train. Deterministic for a given seed on any Python 3."""
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    out: list[dict] = []
+    while len(out) < n_train + n_test:
+        op = rng.choice("+-*")
+        if op == "*":
+            a, b = rng.randint(2, 12), rng.randint(10, 99)
+        else:
+            a, b = rng.randint(10, 99), rng.randint(10, 99)
+            if op == "-" and a < b:
+                a, b = b, a
+        q = f"What is {a} {op} {b}?"
+        if q not in seen:
+            seen.add(q)
+            out.append({"prompt": q, "answer": str(a + b if op == "+" else a - b if op == "-" else a * b)})
+    return {"test": out[:n_test], "train": out[n_test:]}

@@ -238,3 +238,139 @@ def topk_distillation_loss_sum(student_logits: torch.Tensor, teacher_topk_logps:
         rows = (*rows, teacher_tail_logps)
     fn = _topk_kl_rows(temperature, teacher_tail_logps is not None)
     return temperature**2 * row_chunked_sum(fn, student_logits, *rows)
+
+
+# ---- GRPO: group-relative advantages and the clipped-ratio policy loss ------------------------------------------
+# Shapes: per-token log-probs of the sampled completion tokens (B, L), right-padded; mask (B, L) True / 1 on
+# completion tokens; advantages (B,), one per completion. A generation batch holds P prompts x G completions,
+# the G completions of a prompt next to each other.
+#
+# TRL 1.16's GRPOConfig defaults, for comparison: loss_type="dapo", beta=0.0 (no reference model),
+# epsilon=0.2, epsilon_high=None (= epsilon), scale_rewards="group", use_bias_correction_kl=True,
+# num_generations=8, num_iterations=1. The functions below compute what its GRPOTrainer computes for these
+# settings (token-level importance sampling, sum-then-normalize reward aggregation, no vLLM correction, no
+# entropy masking or bonus, no two-sided `delta` clip).
+
+GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+GRPO_SCALE_REWARDS = ("group", "batch", "none")
+GRPO_STD_EPS = 1e-4  # added to the std before dividing, as TRL does
+
+
+def _nanstd(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Bessel-corrected std over the non-NaN entries (NaN where fewer than two)."""
+    mean = torch.nanmean(x, dim=dim, keepdim=True) if dim is not None else torch.nanmean(x)
+    count = (~torch.isnan(x)).sum(dim=dim) if dim is not None else (~torch.isnan(x)).sum()
+    sq = torch.nanmean((x - mean) ** 2, dim=dim) if dim is not None else torch.nanmean((x - mean) ** 2)
+    var = torch.where(count > 1, sq * count / (count - 1).clamp(min=1), torch.full_like(sq, float("nan")))
+    return var.sqrt()
+
+
+def group_advantages(rewards: torch.Tensor, num_generations: int, scale: str = "group",
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group-relative advantages of a generation batch (Shao et al. 2024, GRPO outcome supervision):
+
+        A_i = (r_i - mean(r of i's group)) / (std + 1e-4)
+
+    rewards (N,) with N = prompts x num_generations, groups contiguous; the WHOLE generation batch (gathered
+    over ranks: the group statistics and the batch std are exact only over all of it). std is Bessel-corrected
+    (n - 1); scale: "group" = std of the sample's group, "batch" = std of all N rewards (Hu et al. 2025,
+    REINFORCE++ / "PPO Lite"), "none" = no division (Liu et al. 2025, Dr. GRPO). A NaN reward (no reward
+    function judged that sample) is left out of the mean and std, and its advantage is 0; a group with a single
+    judged sample has NaN std and advantages 0 (TRL's `nanstd` and `nan_to_num`).
+
+    -> (advantages (N,), std (N,): the std each sample was scaled by, the group's for "none" (logging),
+        zero_std (N,) bool: that std is 0, i.e. every judged sample of the group had the same reward)."""
+    if scale not in GRPO_SCALE_REWARDS:
+        raise ValueError(f"scale={scale!r}: expected one of {', '.join(GRPO_SCALE_REWARDS)}")
+    n = rewards.numel()
+    if num_generations < 1 or n % num_generations:
+        raise ValueError(f"{n} rewards do not split into groups of {num_generations}")
+    grouped = rewards.view(-1, num_generations)
+    mean = torch.nanmean(grouped, dim=1).repeat_interleave(num_generations)
+    if scale == "batch":
+        std = _nanstd(rewards).expand_as(rewards) if n > 1 else torch.zeros_like(rewards)
+    elif num_generations > 1:
+        std = _nanstd(grouped, dim=1).repeat_interleave(num_generations)
+    else:
+        std = torch.zeros_like(rewards)
+    advantages = rewards - mean
+    if scale != "none":
+        advantages = advantages / (std + GRPO_STD_EPS)
+    zero_std = torch.isclose(std, torch.zeros_like(std))
+    return torch.nan_to_num(advantages, nan=0.0), std, zero_std
+
+
+def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+              loss_type: str, epsilon: float = 0.2, epsilon_high: float | None = None, beta: float = 0.0,
+              ref_logps: torch.Tensor | None = None, use_bias_correction_kl: bool = True,
+              max_completion_length: int | None = None, num_sequences: int | torch.Tensor | None = None,
+              num_tokens: int | torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The GRPO policy loss of a batch of completions -> (loss [], token sums for the metrics).
+
+    Per completion token t of completion i, with the ratio rho = exp(logp - old_logp):
+
+        l_it = -min(rho A_i, clip(rho, 1 - epsilon, 1 + epsilon_high) A_i) + beta KL_it
+        KL_it = exp(ref - logp) - (ref - logp) - 1      (k3 estimator of KL(pi || ref), Schulman 2020)
+        KL_it *= rho                                      when use_bias_correction_kl (TRL's option,
+                                                          DeepSeek-V3.2: the unbiased reverse-KL gradient)
+
+    epsilon_high None = epsilon (DAPO's "clip-higher" sets it above epsilon). The token losses are aggregated
+    by `loss_type` (|o_i| = completion i's tokens, N = num_sequences, T = num_tokens):
+      grpo:    1/N sum_i 1/|o_i| sum_t l_it    (Shao et al. 2024: each completion's token mean, then their mean)
+      dapo:    1/T sum_i sum_t l_it            (Yu et al. 2025, DAPO: token-level, T = the completion tokens
+                                                of the whole generation batch)
+      dr_grpo: 1/(N L_max) sum_i sum_t l_it    (Liu et al. 2025, Dr. GRPO: a constant, L_max =
+                                                max_completion_length)
+    N defaults to this batch's rows B and T to this batch's completion tokens: then the result is TRL's loss
+    for the batch in one process without accumulation. A caller that splits a generation batch into
+    micro-batches or over ranks passes the totals (T summed over ranks before the first backward) and sums
+    the returned losses (TRL instead divides each micro-batch's grpo / dr_grpo loss by the accumulation steps:
+    the same when every micro-batch holds equally many completions). old_logps are constants (detached here); with old_logps == logps.detach() the ratio
+    is exactly 1 and the loss is the plain policy gradient -A_i logp_it (the clip is inactive).
+
+    The metrics are sums over this batch's completion tokens ("tokens" is their count): "clip_low" (rho <
+    1 - epsilon with A < 0), "clip_high" (rho > 1 + epsilon_high with A > 0), "clip_region" (either), and
+    "kl" (the KL term above, rho-weighted if corrected) when beta != 0; divide by the tokens for means.
+
+    TRL 1.16's GRPOConfig defaults: loss_type "dapo", beta 0.0, epsilon 0.2, epsilon_high = epsilon,
+    use_bias_correction_kl True (loss_type has no default here: the caller's setting chooses it)."""
+    if loss_type not in GRPO_LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r}: expected one of {', '.join(GRPO_LOSS_TYPES)}")
+    if loss_type == "dr_grpo" and not max_completion_length:
+        raise ValueError("loss_type='dr_grpo' needs max_completion_length")
+    if beta != 0.0 and ref_logps is None:
+        raise ValueError("beta != 0 needs ref_logps")
+    eps_low, eps_high = epsilon, epsilon if epsilon_high is None else epsilon_high
+    keep = mask.bool()
+    fmask = keep.to(logps.dtype)
+    # Padding positions may hold anything (even non-finite values): zero them before any arithmetic so that
+    # neither the loss nor its gradient sees them.
+    logps = torch.where(keep, logps, 0.0)
+    old = torch.where(keep, old_logps.detach().to(logps.dtype), 0.0)
+    adv = advantages.detach().to(logps.dtype).unsqueeze(1)  # (B, 1)
+    ratio = torch.exp(logps - old)
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    metrics: dict[str, torch.Tensor] = {}
+    if beta != 0.0:
+        ref = torch.where(keep, ref_logps.detach().to(logps.dtype), 0.0)
+        kl = torch.exp(ref - logps) - (ref - logps) - 1
+        if use_bias_correction_kl:
+            kl = kl * ratio
+        per_token = per_token + beta * kl
+        metrics["kl"] = (kl.detach() * fmask).sum()
+    per_token = per_token * fmask
+    rows = logps.shape[0] if num_sequences is None else num_sequences
+    if loss_type == "grpo":
+        loss = (per_token.sum(-1) / fmask.sum(-1).clamp(min=1.0)).sum() / rows
+    elif loss_type == "dr_grpo":
+        loss = per_token.sum() / (rows * max_completion_length)
+    else:
+        tokens = fmask.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=logps.dtype)
+        loss = per_token.sum() / tokens.clamp(min=1.0)
+    r = ratio.detach()
+    low = (r < 1 - eps_low) & (adv < 0) & keep
+    high = (r > 1 + eps_high) & (adv > 0) & keep
+    metrics.update(tokens=fmask.sum().detach(), clip_low=low.sum().to(logps.dtype),
+                   clip_high=high.sum().to(logps.dtype), clip_region=(low | high).sum().to(logps.dtype))
+    return loss, metrics

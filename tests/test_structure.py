@@ -18,10 +18,11 @@ ROOT = Path(__file__).resolve().parent.parent
 # Lowest first. A module may import modules of its own layer or of a lower one.
 LAYERS: dict[str, tuple[str, ...]] = {
     "foundation": ("errors", "fileio", "settings_table", "precision", "moe", "model", "losses", "bpe", "fused_ce",
-                   "distributed", "run_control", "logger", "optim", "demo_data", "memory_plan", "quantize"),
+                   "distributed", "run_control", "logger", "optim", "demo_data", "memory_plan", "quantize",
+                   "rewards"),
     "settings": ("config",),
     "data": ("tokenizer", "data_manifest", "data_preparation_utils", "data_sources", "dataloaders",
-             "load_pretrain_dataset", "load_instruct_dataset", "load_dpo_dataset"),
+             "load_pretrain_dataset", "load_instruct_dataset", "load_dpo_dataset", "load_rl_dataset"),
     "model": ("model_formats", "lora", "checkpoint", "model_utils"),
     "objectives": ("objective_caches", "objectives"),
     "evaluation": ("evaluation",),
