@@ -24,6 +24,7 @@ Built-ins:
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import re
 import sys
@@ -127,6 +128,26 @@ def make_format_reward(pattern: str, setting: str = "GRPO_FORMAT_REGEX") -> Rewa
 # ---- loading -------------------------------------------------------------------------------------------------
 
 
+def _import_from_path_or_cwd(module_name: str) -> Any:
+    """Import `module_name` from sys.path or, when its top-level package is not found there, from the current
+    directory (where a user keeps the rewards file of an experiment), without adding the directory to sys.path."""
+    top = module_name.split(".")[0]
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        spec = importlib.machinery.PathFinder.find_spec(top, [str(Path.cwd())]) if e.name == top else None
+        if spec is None or spec.loader is None:
+            raise
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[top] = package
+    try:
+        spec.loader.exec_module(package)
+        return importlib.import_module(module_name)
+    except BaseException:
+        sys.modules.pop(top, None)
+        raise
+
+
 def load_user_function(path: str, setting: str = "GRPO_REWARDS") -> RewardFn:
     """`package.module:function` (importable, the current directory included) or `file.py:function`."""
     module_name, _, attr = path.rpartition(":")
@@ -142,9 +163,7 @@ def load_user_function(path: str, setting: str = "GRPO_REWARDS") -> RewardFn:
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
         else:
-            if "" not in sys.path and str(Path.cwd()) not in sys.path:
-                sys.path.append(str(Path.cwd()))
-            module = importlib.import_module(module_name)
+            module = _import_from_path_or_cwd(module_name)
     except UserError:
         raise
     except Exception as e:

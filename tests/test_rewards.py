@@ -96,16 +96,17 @@ not_a_function = 3
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
     (tmp_path / "my_rewards.py").write_text(USER_MODULE)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # found in the current directory, which is not on sys.path
     yield "my_rewards"
     sys.modules.pop("my_rewards", None)
 
 
 def test_load_builtins_and_user_functions(user_module, tmp_path):
+    path_before = list(sys.path)
     fns = load_reward_functions("exact_answer, format,my_rewards:length_penalty", format_regex="x")
     assert [f.name for f in fns] == ["exact_answer", "format", "my_rewards:length_penalty"]
     assert fns[2].fn(prompts=["p"], completions=["c"], completion_ids=[[1, 2]]) == [pytest.approx(-0.2)]
+    assert sys.path == path_before
     by_file = load_reward_functions([f"{tmp_path / 'my_rewards.py'}:judges_even"])
     assert by_file[0].fn(prompts=["p", "q"], completions=["c", "d"], prompt_id=[2, 3]) == [1.0, None]
 
