@@ -13,7 +13,7 @@ import torch
 
 import tokenizer as tokenizer_mod
 from errors import UserError
-from generate import ChatSession, TextStream, chat_loop, fit_dialog, generate, left_pad, sample_next
+from generate import ChatSession, Sampling, TextStream, chat_loop, fit_dialog, generate, left_pad
 from model import ModelArgs, Transformer
 from model_utils import load_model, smollm2_gguf
 
@@ -39,14 +39,14 @@ def test_top_k_and_top_p_keep_exactly_the_expected_tokens():
     probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])  # sorted: 1 (0.5), 3 (0.3), 2 (0.15), 0 (0.05)
     logits = probs.log()
     g = torch.Generator().manual_seed(0)
-    draw = lambda **kw: {int(sample_next(logits, 1.0, generator=g, **{"top_k": None, "top_p": None, **kw}))
+    draw = lambda **kw: {int(Sampling(1.0, generator=g, **{"top_k": None, "top_p": None, **kw}).pick(logits))
                          for _ in range(300)}
     assert draw(top_k=2) == {1, 3}
     assert draw(top_p=0.75) == {1, 3}  # 0.5 < 0.75 <= 0.8: the nucleus is the first two
     assert draw(top_p=0.81) == {1, 3, 2}
     assert draw(top_p=0.3) == {1}  # the most likely token is always kept
     assert draw() == {0, 1, 2, 3}
-    assert int(sample_next(logits, 0.0, None, None, None)) == 1  # greedy
+    assert int(Sampling(0.0).pick(logits)) == 1  # greedy
 
 
 def test_batched_generation_equals_one_prompt_at_a_time(tiny):
