@@ -2,7 +2,9 @@
 
 Prompts are left-padded to a common length so every row decodes at the same cache index; a key mask
 hides the padding from attention and each row's RoPE positions start at 0 at its first real token,
-so a padded row computes exactly what it would alone (tests/test_model.py checks this).
+so a padded row computes exactly what it would alone (tests/test_model.py checks this). generate() runs
+`prefill` (the prompts fill the KV cache) and then `decode_n_tokens`: the `Sampling` policy picks each row's token,
+`RowStops` tracks the rows that sampled a stop id, and `Decoder.decode_one_token` computes the next logits.
 
     python generate.py --model SOURCE [--tokenizer SRC] --prompt "..." [--prompt "..."] [--chat]
                        [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
