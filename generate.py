@@ -240,7 +240,7 @@ def decode_n_tokens(decoder: Decoder, logits: torch.Tensor, n: int, sampling: Sa
                     stop_check: Callable[[], None] | None = None,
                     seen_logits: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Sample up to n tokens per row, the first from `logits` (B, V) (the prefill's), each next one from the
-    decoder's step on the last -> (B, m) the sampled tokens, m < n when rows.update says every row is done.
+    decoder's step on the last -> (B, m) the sampled tokens, m < n only when rows.update said every row is done.
     stop_check() runs before each token (it may raise to abandon the generation); seen_logits collects the fp32
     logits each token was sampled from."""
     out = torch.empty(logits.shape[0], n, dtype=torch.long, device=logits.device)
