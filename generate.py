@@ -2,7 +2,9 @@
 
 Prompts are left-padded to a common length so every row decodes at the same cache index; a key mask
 hides the padding from attention and each row's RoPE positions start at 0 at its first real token,
-so a padded row computes exactly what it would alone (tests/test_model.py checks this).
+so a padded row computes exactly what it would alone (tests/test_model.py checks this). generate() runs
+`prefill` (the prompts fill the KV cache) and then `decode_n_tokens`: the `Sampling` policy picks each row's token,
+`RowStops` tracks the rows that sampled a stop id, and `Decoder.decode_one_token` computes the next logits.
 
     python generate.py --model SOURCE [--tokenizer SRC] --prompt "..." [--prompt "..."] [--chat]
                        [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
@@ -23,6 +25,7 @@ import contextlib
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -33,7 +36,7 @@ from model import Transformer, project
 from model_utils import load_model, tokenizer_source
 from moe import moe_layers
 from quantize import int8_weights
-from tokenizer import ChatFormat, load_tokenizer
+from tokenizer import ChatFormat, Tokenizer, load_tokenizer
 
 
 def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -51,28 +54,55 @@ def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torc
     return tokens, key_mask, positions
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """logits (B, V) -> next ids (B,). temperature 0 is greedy (argmax)."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        # nucleus: keep the smallest prefix of the sorted distribution whose mass reaches top_p
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p  # mass before this token already enough
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+@dataclass
+class Sampling:
+    """The sampling policy: how the next token of each row is drawn from its logits. temperature 0 is greedy
+    (argmax); otherwise a draw from softmax(logits / temperature) kept to the top_k most likely tokens and to the
+    nucleus (the smallest set of most likely tokens whose mass reaches top_p), with `generator` (None: torch's
+    global one) as the source of randomness."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        if self.top_k is not None and self.top_k < 1:
+            raise UserError(f"top_k={self.top_k} must be >= 1")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"top_p={self.top_p} must be in (0, 1]")
+
+    @classmethod
+    def seeded(cls, temperature: float, top_k: int | None, top_p: float | None, seed: int | None,
+               device: torch.device) -> Sampling:
+        """The policy with its own generator on `device` seeded with `seed` (None: torch's global generator)."""
+        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        return cls(temperature, top_k, top_p, generator)
+
+    def filtered(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (B, V) -> fp32 logits / temperature with -inf outside the top_k and the top_p nucleus: the
+        distribution pick() draws from is their softmax (temperature > 0)."""
+        logits = logits.float() / self.temperature
+        if self.top_k is not None and self.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, self.top_k, dim=-1).values[:, -1:]  # (B, 1)
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p is not None and self.top_p < 1.0:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+            drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= self.top_p  # the mass before it already reaches
+            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+            logits = logits.masked_fill(drop, float("-inf"))
+        return logits
+
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (B, V) -> the next id of each row (B,)."""
+        if self.temperature <= 0:
+            return logits.argmax(dim=-1)
+        probs = self.filtered(logits).softmax(dim=-1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
 
 
 CACHE_MIN = 64  # a compiled decode step's KV cache length: a power of two, at least this
-_compiled_step = None
 
 
 def compiled_cache_len(total: int) -> int:
@@ -107,16 +137,13 @@ def _inductor_keeping_matvec(gm, example_inputs):
                       else None, decompositions={k: v for k, v in select_decomp_table().items() if k not in keep})
 
 
-def compiled_decode_step():
-    """Transformer.decode_step through torch.compile, created once per process (a new torch.compile wrapper would
-    compile again). Static shapes: one graph per (model, batch, cache length), reused by every step. The small
-    ops of a step (norms, RoPE, residuals, the cache write, the mask, one-query attention) fuse into a few
-    kernels between the weight products, which is what is left of a step."""
-    global _compiled_step
-    if _compiled_step is None:
-        _compiled_step = torch.compile(Transformer.decode_step, fullgraph=True, dynamic=False,
-                                       backend=_inductor_keeping_matvec)
-    return _compiled_step
+def compiled_decode_step() -> Callable[..., torch.Tensor]:
+    """Transformer.decode_step through torch.compile. Static shapes: one graph per (model, batch, cache length),
+    reused by every step. The small ops of a step (norms, RoPE, residuals, the cache write, the mask, one-query
+    attention) fuse into a few kernels between the weight products, which is what is left of a step. Dynamo keeps
+    the compiled graphs on decode_step's code, guarded by the backend: a later wrapper (the next generation, chat
+    turn or in-training sample) reuses them without compiling again."""
+    return torch.compile(Transformer.decode_step, fullgraph=True, dynamic=False, backend=_inductor_keeping_matvec)
 
 
 def has_sharded_weights(model: torch.nn.Module) -> bool:
@@ -124,6 +151,126 @@ def has_sharded_weights(model: torch.nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def prefill(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    """The left-padded prompts tokens (B, L) (positions, key_mask from left_pad) through the model, filling the KV
+    cache's first L slots -> the logits of each row's next token (B, V)."""
+    h = model(tokens, 0, positions=positions, key_mask=key_mask, return_hidden=True)  # (B, L, dim)
+    return project(model.output, h[:, -1])  # (B, V): only the last prompt position needs the head
+
+
+class Decoder:
+    """The decode steps after a prefill of L prompt tokens: each step writes one token per row at the next KV cache
+    slot (the same for every row: prompts are left-padded) through Transformer.decode_step, whose shapes never
+    change. With compile the step is compiled (compiled_decode_step); past torch's recompile limit it decodes
+    eagerly. A context manager: leaving it restores torch.compile's guard checks."""
+
+    def __init__(self, model: Transformer, prompt_positions: torch.Tensor, prompt_mask: torch.Tensor,
+                 compile: bool):
+        B, L = prompt_mask.shape
+        device = prompt_mask.device
+        self.model, self.compile = model, compile
+        self.step = compiled_decode_step() if compile else Transformer.decode_step
+        self.key_mask = torch.ones(B, model.cache_len, dtype=torch.bool, device=device)  # (B, cache_len)
+        self.key_mask[:, :L] = prompt_mask
+        self.positions = prompt_positions[:, -1:] + 1  # (B, 1): the next token's RoPE position
+        self.slot = torch.tensor([L], device=device)  # the cache slot the next token is written to
+        self.steps = 0
+        self.guards = contextlib.ExitStack()
+
+    def __enter__(self) -> Decoder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.guards.close()
+
+    def decode_one_token(self, token: torch.Tensor) -> torch.Tensor:
+        """token (B,) -> the logits of the token after it (B, V)."""
+        args = (self.model, token[:, None], self.slot, self.positions, self.key_mask)
+        try:
+            logits = self.step(*args)[:, -1]
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            # this process compiled as many decode graphs as torch allows: the rest decodes eagerly
+            # (same values; raised before the step ran, so nothing was written to the cache)
+            print("generate: torch.compile's recompile limit is reached in this process; decoding eagerly",
+                  file=sys.stderr)
+            self.step = Transformer.decode_step
+            logits = self.step(*args)[:, -1]
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"compile=True (--compile): torch.compile could not build the decode step "
+                            f"({first[:200]}); generate without it") from None
+        if self.compile and logits.device.type == "cuda":
+            logits = logits.clone()  # a CUDA graph's replay overwrites its output buffer
+        self.positions, self.slot = self.positions + 1, self.slot + 1
+        if self.compile and self.steps == 0:
+            # the first step checked the compiled graph's guards; the same model and shapes follow, so later
+            # steps evaluate only the guards that tell cached graphs apart
+            self.guards.enter_context(torch.compiler.set_stance("default", skip_guard_eval_unsafe=True))
+        self.steps += 1
+        return logits
+
+
+class RowStops:
+    """Which rows are done: a row is done from the first stop id it samples on. on_token(row, token_id) sees each
+    token sampled by a row that is not done, i.e. exactly the tokens generate() returns, in order;
+    all_ranks_done(this process's rows are all done) -> whether every process's are (processes that decode
+    together stop at the same step)."""
+
+    def __init__(self, batch: int, stop_ids: Sequence[int], device: torch.device,
+                 on_token: Callable[[int, int], None] | None = None,
+                 all_ranks_done: Callable[[bool], bool] | None = None):
+        self.stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.on_token, self.all_ranks_done = on_token, all_ranks_done
+
+    def update(self, token: torch.Tensor) -> bool:
+        """token (B,) sampled -> whether generation is finished."""
+        stopped = torch.isin(token, self.stop)
+        if self.on_token is not None:
+            for row in (~self.done & ~stopped).nonzero().flatten().tolist():
+                self.on_token(row, int(token[row]))
+        self.done |= stopped
+        finished = bool(self.done.all())
+        return self.all_ranks_done(finished) if self.all_ranks_done is not None else finished
+
+
+def decode_n_tokens(decoder: Decoder, logits: torch.Tensor, n: int, sampling: Sampling, rows: RowStops,
+                    stop_check: Callable[[], None] | None = None,
+                    seen_logits: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Sample up to n tokens per row, the first from `logits` (B, V) (the prefill's), each next one from the
+    decoder's step on the last -> (B, m) the sampled tokens, m < n only when rows.update said every row is done.
+    stop_check() runs before each token (it may raise to abandon the generation); seen_logits collects the fp32
+    logits each token was sampled from."""
+    out = torch.empty(logits.shape[0], n, dtype=torch.long, device=logits.device)
+    for i in range(n):
+        if stop_check is not None:
+            stop_check()
+        if seen_logits is not None:
+            seen_logits.append(logits.float())
+        token = sampling.pick(logits)  # (B,)
+        out[:, i] = token
+        if rows.update(token) or i == n - 1:
+            return out[:, : i + 1]
+        logits = decoder.decode_one_token(token)
+    return out
+
+
+def cut_at_stop(rows: list[list[int]], stop_ids: Sequence[int]) -> list[list[int]]:
+    """Each row up to (not including) its first stop id."""
+    stop_set = set(stop_ids)
+    return [row[: next((i for i, t in enumerate(row) if t in stop_set), len(row))] for row in rows]
+
+
+def check_compile(model: Transformer, compile: bool, int8: bool) -> None:
+    """The combinations compiled generation refuses, as UserErrors."""
+    if compile and int8:
+        raise UserError("compile=True (--compile) and int8=True (--int8) do not combine (inductor cannot build "
+                        "the int8 decode step here): use one of them")
+    if compile and moe_layers(model):
+        raise UserError("compile=True (--compile) does not take Mixture-of-Experts models (their expert dispatch "
+                        "runs outside torch.compile): generate without it")
 
 
 @torch.inference_mode()
@@ -147,115 +294,53 @@ def generate(
 ) -> list[list[int]] | tuple[list[list[int]], torch.Tensor]:
     """Continue each prompt; returns the new tokens per row, cut before the first stop id (the stop
     token itself is not included). Uses a KV cache sized to the longest prompt + max_new_tokens.
+    temperature, top_k, top_p: the Sampling policy, seeded with `seed` (None: torch's global generator).
     return_logits: also return the fp32 logits (B, n_steps, V) each new token was sampled from
     (for tests and debugging). stop_check: called before every new token; it may raise to abandon the
     generation (the training loop's stop signal). on_token(row, token_id): called as each token of the
     result is sampled (streaming), so exactly the returned tokens, in order. int8: decode with weight-only
     int8 copies of the linear layers (quantize.int8_weights; half the bytes per token of bf16). compile: run
-    the decode step through torch.compile (compiled_decode_step; the first call per model, batch and cache
-    length compiles, and the cache length is rounded up to a power of two; dense models, not with int8).
+    the decode step through torch.compile (Decoder; the first call per model, batch and cache length compiles,
+    and the cache length is rounded up to a power of two; dense models, not with int8).
     fuse_projections: decode with wq|wk|wv and w1|w3 concatenated per block (temporary copies, about two thirds
-    of a block's weights at Llama 3 shapes, dropped on return); never for sharded (FSDP2 DTensor) weights, whose blocks all-gather their own
-    weights in every forward. all_ranks_done(this process's rows are all done) -> whether every process's are:
-    processes that decode together (FSDP2 all-gathers in every step) must stop at the same step.
-    The caller's autocast applies; the KV cache is then kept in the autocast dtype."""
+    of a block's weights at Llama 3 shapes, dropped on return); never for sharded (FSDP2 DTensor) weights, whose
+    blocks all-gather their own weights in every forward. all_ranks_done(this process's rows are all done) ->
+    whether every process's are: processes that decode together (FSDP2 all-gathers in every step) must stop at the
+    same step. The caller's autocast applies; the KV cache is then kept in the autocast dtype."""
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens={max_new_tokens} must be >= 0")
-    if top_k is not None and top_k < 1:
-        raise UserError(f"top_k={top_k} must be >= 1")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise UserError(f"top_p={top_p} must be in (0, 1]")
-    B = len(prompt_ids)
     device = model.tok_embeddings.weight.device
+    sampling = Sampling.seeded(temperature, top_k, top_p, seed, device)
     tokens, key_mask, positions = (t.to(device) for t in left_pad(prompt_ids, pad_id))
-    L = tokens.shape[1]
-    total = L + max_new_tokens
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-    if compile and int8:
-        raise UserError("compile=True (--compile) and int8=True (--int8) do not combine (inductor cannot build "
-                        "the int8 decode step here): use one of them")
-    if compile and moe_layers(model):
-        raise UserError("compile=True (--compile) does not take Mixture-of-Experts models (their expert dispatch "
-                        "runs outside torch.compile): generate without it")
+    check_compile(model, compile, int8)
+    total = tokens.shape[1] + max_new_tokens
     # compiled steps reuse their graph for any generation whose cache rounds up to the same length
     cache_len = compiled_cache_len(total) if compile else total
-    full_mask = torch.ones(B, cache_len, dtype=torch.bool, device=device)
-    full_mask[:, :L] = key_mask
-    stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
-    out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
-    step_logits: list[torch.Tensor] = []
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    next_pos = positions[:, -1:] + 1  # (B, 1)
-    slot = torch.tensor([L], device=device)  # the cache slot the next token is written to
+    rows = RowStops(len(prompt_ids), stop_ids, device, on_token, all_ranks_done)
+    seen_logits: list[torch.Tensor] | None = [] if return_logits else None
     was_training = model.training
     model.eval()
     cache_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
     with int8_weights(model) if int8 else contextlib.nullcontext():
         # frozen weights during generation; int8 keeps the projections apart (each one is an Int8Linear)
-        model.setup_caches(B, cache_len, dtype=cache_dtype,
+        model.setup_caches(len(prompt_ids), cache_len, dtype=cache_dtype,
                            fuse_projections=fuse_projections and not int8 and not has_sharded_weights(model))
-        step = compiled_decode_step() if compile else Transformer.decode_step
-        guards = contextlib.ExitStack()
         try:
-            h = model(tokens, 0, positions=positions, key_mask=key_mask, return_hidden=True)  # (B, L, dim)
-            logits = project(model.output, h[:, -1])  # (B, V): only the last prompt position needs the head
-            n = 0
-            for n in range(max_new_tokens):
-                if stop_check is not None:
-                    stop_check()
-                if return_logits:
-                    step_logits.append(logits.float())
-                nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
-                out[:, n] = nxt
-                if on_token is not None:
-                    for row in (~done & ~torch.isin(nxt, stop)).nonzero().flatten().tolist():
-                        on_token(row, int(nxt[row]))
-                done |= torch.isin(nxt, stop)
-                finished = bool(done.all())
-                if all_ranks_done is not None:
-                    finished = all_ranks_done(finished)
-                if finished or n == max_new_tokens - 1:
-                    n += 1
-                    break
-                try:
-                    logits = step(model, nxt[:, None], slot, next_pos, full_mask)[:, -1]
-                except torch._dynamo.exc.FailOnRecompileLimitHit:
-                    # this process compiled as many decode graphs as torch allows: the rest decodes eagerly
-                    # (same values; raised before the step ran, so nothing was written to the cache)
-                    print("generate: torch.compile's recompile limit is reached in this process; decoding "
-                          "eagerly", file=sys.stderr)
-                    step = Transformer.decode_step
-                    logits = step(model, nxt[:, None], slot, next_pos, full_mask)[:, -1]
-                except torch._dynamo.exc.BackendCompilerFailed as e:
-                    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                    raise UserError(f"compile=True (--compile): torch.compile could not build the decode step "
-                                    f"({first[:200]}); generate without it") from None
-                if compile and device.type == "cuda":
-                    logits = logits.clone()  # a CUDA graph's replay overwrites its output buffer
-                next_pos, slot = next_pos + 1, slot + 1
-                if compile and n == 0:
-                    # the first step checked the compiled graph's guards; the same model and shapes follow, so
-                    # later steps evaluate only the guards that tell cached graphs apart
-                    guards.enter_context(torch.compiler.set_stance("default", skip_guard_eval_unsafe=True))
+            with Decoder(model, positions, key_mask, compile) as decoder:
+                logits = prefill(model, tokens, positions, key_mask)
+                new = decode_n_tokens(decoder, logits, max_new_tokens, sampling, rows, stop_check, seen_logits)
         finally:
-            guards.close()
             model.clear_caches()
             model.train(was_training)
-    results = []
-    stop_set = set(stop_ids)
-    for row in out[:, :n].tolist():
-        cut = next((i for i, t in enumerate(row) if t in stop_set), len(row))
-        results.append(row[:cut])
+    results = cut_at_stop(new.tolist(), stop_ids)
     if return_logits:
         V = model.args.vocab_size
-        return results, torch.stack(step_logits, 1) if step_logits else torch.empty(B, 0, V)
+        return results, torch.stack(seen_logits, 1) if seen_logits else torch.empty(len(results), 0, V)
     return results
 
 
 # ---- CLI --------------------------------------------------------------------------------------------
-def _load_tokenizer(source: str):
+def _load_tokenizer(source: str) -> Tokenizer:
     try:
         return load_tokenizer(source)
     except UserError:
@@ -265,7 +350,7 @@ def _load_tokenizer(source: str):
                         "pass --tokenizer PATH (tokenizer.model, HF dir or .gguf)") from e
 
 
-def encode_prompt(tok, text: str, chat: bool, system: str | None = None) -> list[int]:
+def encode_prompt(tok: Tokenizer, text: str, chat: bool, system: str | None = None) -> list[int]:
     """Plain prompts start with BOS when the tokenizer's convention says so (`Tokenizer.wants_bos`); chat
     prompts go through ChatFormat."""
     if chat:
@@ -283,7 +368,7 @@ class TextStream:
     the new characters are written, held back while the text ends in U+FFFD: the bytes of a multi-byte UTF-8
     character can span several tokens, and decoding a part of them gives the replacement character."""
 
-    def __init__(self, tok, write: Callable[[str], object]):
+    def __init__(self, tok: Tokenizer, write: Callable[[str], object]):
         self.tok, self.write = tok, write
         self.ids: list[int] = []
         self.shown = ""
@@ -325,7 +410,7 @@ def fit_dialog(messages: list[Message], n_tokens: Callable[[list[Message]], int]
 class ChatSession:
     """A multi-turn dialog with one model: `reply(text, write)` streams the answer and keeps the history."""
 
-    def __init__(self, model: Transformer, tok, *, system: str | None, max_new_tokens: int,
+    def __init__(self, model: Transformer, tok: Tokenizer, *, system: str | None, max_new_tokens: int,
                  sampling: dict, stop_ids: Sequence[int], pad_id: int):
         self.model, self.tok, self.fmt = model, tok, ChatFormat(tok)
         self.system, self.max_new_tokens, self.sampling = system, max_new_tokens, sampling
@@ -429,9 +514,8 @@ def main() -> int:
     config.export_library_settings(a.env_file)  # before anything may reach the hub
     tok = _load_tokenizer(a.tokenizer or tokenizer_source(a.model))
     model, _ = load_model(a.model, device=a.device, dtype=precision.inference_dtype(a.dtype, a.device))
-    stop = [i for i in (getattr(tok, "eos_id", None), getattr(tok, "eot_id", None)) if i is not None]
-    pad = getattr(tok, "pad_id", None)
-    pad = pad if pad is not None and pad >= 0 else 0
+    stop = tok.stop_ids
+    pad = tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else 0
     if not a.prompt:
         session = ChatSession(model, tok, system=a.system, max_new_tokens=a.max_new_tokens, stop_ids=stop,
                               pad_id=pad, sampling=dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,

@@ -13,6 +13,7 @@ Architecture only: no process groups, no devices, no logging, no checkpoint poli
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import asdict, dataclass, field
@@ -252,18 +253,20 @@ def document_block_mask(doc_ids: torch.Tensor) -> BlockMask:
     return create_block_mask(same_document_causal, B, None, T, T, device=doc_ids.device)
 
 
-_compiled_flex = None
+@functools.cache
+def _compiled_flex_attention():
+    """torch.compile(flex_attention), one wrapper for the process: building a wrapper costs about 0.3 ms of CPU
+    time, too much to repeat in every layer's forward, and flex_attention is stateless (every input is an
+    argument), so one wrapper serves every model and layer."""
+    return torch.compile(flex_attention)
 
 
 def flex(q, k, v, block_mask: BlockMask, enable_gqa: bool) -> torch.Tensor:
-    """flex_attention, compiled once on CUDA (eager flex_attention is an unfused reference that materializes
-    the scores); eager elsewhere, where only a no-grad forward works (CPU tests)."""
-    global _compiled_flex
+    """flex_attention, compiled on CUDA (eager flex_attention is an unfused reference that materializes the
+    scores); eager elsewhere, where only a no-grad forward works (CPU tests)."""
     if q.device.type != "cuda" or torch.compiler.is_compiling():
         return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention)
-    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    return _compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
 def causal_bias(mask: torch.Tensor | None, T: int, S: int, device: torch.device) -> torch.Tensor:
@@ -319,6 +322,79 @@ def single_query_attention(q, k, v, bias: torch.Tensor) -> torch.Tensor:
     probs = torch.softmax(scores + bias.float().reshape(-1, 1, 1, S), dim=-1)
     out = (probs[..., None] * v.float()[:, :, None]).sum(-2)  # (B, Hkv, n_rep, hd)
     return out.view(B, H, 1, hd).to(q.dtype)
+
+
+# ---- masks and positions ---------------------------------------------------------------------------
+# Built once per forward (not once per layer) and handed to every block.
+
+
+def attention_mask(B: int, T: int, start_pos: int, cache_len: int, impl: str, device: torch.device, *,
+                   doc_ids: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+                   attn_mask: torch.Tensor | None = None) -> torch.Tensor | BlockMask | None:
+    """The mask Transformer.forward gives every layer for T queries at cache index start_pos (arguments as there):
+
+    - None: plain causal attention (SDPA's is_causal), the training case;
+    - a BlockMask of doc_ids (impl "flex", no key_mask, no KV cache): block-sparse document masking;
+    - otherwise an additive bias (B|1, 1, T, start_pos + T) from causal_bias, in the autocast dtype for SDPA:
+      key_mask over the causal prefix of the cache (a padding query sees itself), or the queries filling a cache
+      causally, or attn_mask, or same-document-and-causal for doc_ids; impl "math" always takes a bias.
+    """
+    if attn_mask is not None and (doc_ids is not None or key_mask is not None or start_pos or cache_len):
+        raise ValueError("attn_mask excludes doc_ids, key_mask, start_pos and a KV cache")
+    allowed = None  # bool (B|1, 1, T, S), True = attend
+    if key_mask is not None or (cache_len and attn_mask is None and doc_ids is None and (start_pos > 0 or T > 1)):
+        allowed = _cache_prefix_mask(B, T, start_pos, device, key_mask)
+    elif attn_mask is not None:
+        allowed = attn_mask[:, None]  # (B, 1, T, T)
+    elif doc_ids is not None and impl == "flex" and not cache_len:
+        return document_block_mask(doc_ids)  # block-sparse, never (B, T, T)
+    elif doc_ids is not None:
+        same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
+        allowed = (same_doc & torch.ones(T, T, dtype=torch.bool, device=device).tril())[:, None]  # (B, 1, T, T)
+    if allowed is None and impl != "math":
+        return None
+    bias = causal_bias(allowed, T, start_pos + T, device)
+    if impl != "math" and torch.is_autocast_enabled(device.type):
+        # SDPA wants the bias in the compute dtype: one lossless (0 / -inf) cast here instead of one per layer,
+        # each of which autograd would keep for backward (n_layers copies of B * T * S)
+        bias = bias.to(torch.get_autocast_dtype(device.type))
+    return bias
+
+
+def _cache_prefix_mask(B: int, T: int, start_pos: int, device: torch.device,
+                       key_mask: torch.Tensor | None) -> torch.Tensor:
+    """T queries at cache index start_pos over the S = start_pos + T keys before and at them -> (B, 1, T, S) bool:
+    causal, and with key_mask (B, >= S) only the real keys, except that a query that is itself padding (it would
+    see no key at all) sees itself."""
+    S = start_pos + T
+    mask = torch.ones(T, S, dtype=torch.bool, device=device).tril(start_pos)[None, None].expand(B, 1, T, S)
+    if key_mask is None:
+        return mask
+    own = torch.zeros(T, S, dtype=torch.bool, device=device)
+    own[torch.arange(T), start_pos + torch.arange(T)] = True
+    return (mask & key_mask[:, None, None, :S]) | own[None, None]
+
+
+def cache_slots_mask(slots: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    """Transformer.decode_step's mask: queries written at cache `slots` (T,) attend the slots up to their own where
+    key_mask (B, S) is True, and themselves (a padding query) -> additive bias (B, 1, T, S)."""
+    index = torch.arange(key_mask.shape[1], device=slots.device)
+    visible = (index[None, :] <= slots[:, None])[None, None] & key_mask[:, None, None, :]  # (B, 1, T, S)
+    visible = visible | (index[None, :] == slots[:, None])[None, None]
+    return causal_bias(visible, slots.shape[0], key_mask.shape[1], slots.device)
+
+
+def default_positions(B: int, T: int, start_pos: int, device: torch.device,
+                      doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Transformer.forward's RoPE positions (B, T) when none are given: start_pos + arange(T), or with doc_ids
+    (non-decreasing along T) each token's index inside its document."""
+    idx = torch.arange(start_pos, start_pos + T, device=device).expand(B, T)
+    if doc_ids is None:
+        return idx
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    start_idx = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - start_idx
 
 
 class FeedForward(nn.Module):
@@ -458,11 +534,7 @@ class Transformer(nn.Module):
         whole cache from the first step on (masked), which costs little next to the weight reads at decode
         lengths. The embedding and head are called directly, not through forward(): under FSDP2 the root's
         parameters stay unsharded after the prefill's forward, which is what generation runs first."""
-        S = self.cache_len
-        index = torch.arange(S, device=tokens.device)
-        visible = (index[None, :] <= slots[:, None])[None, None] & key_mask[:, None, None, :]  # (B, 1, T, S)
-        visible = visible | (index[None, :] == slots[:, None])[None, None]  # a padding query sees itself
-        bias = causal_bias(visible, tokens.shape[1], S, tokens.device)
+        bias = cache_slots_mask(slots, key_mask)
         rot = rope_rotations(self.inv_freq, positions)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
@@ -499,41 +571,11 @@ class Transformer(nn.Module):
                    the root's forward, so every wrapper (DDP, FSDP2, compile) runs its hooks around it.
         """
         B, T = tokens.shape
-        device = tokens.device
-        impl = resolve_attn_impl(self.args.attn_impl, device)
-        mask = None
-        if attn_mask is not None:
-            if doc_ids is not None or key_mask is not None or start_pos or self.cache_len:
-                raise ValueError("attn_mask excludes doc_ids, key_mask, start_pos and a KV cache")
-            mask = attn_mask[:, None]  # (B, 1, T, T)
-        if doc_ids is not None and impl == "flex" and key_mask is None and not self.cache_len:
-            mask = document_block_mask(doc_ids)  # block-sparse, never (B, T, T)
-        elif doc_ids is not None:
-            same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
-            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-            mask = (same_doc & causal)[:, None]  # (B, 1, T, T)
-        if doc_ids is not None:
-            if positions is None:
-                positions = _positions_within_documents(doc_ids)
+        impl = resolve_attn_impl(self.args.attn_impl, tokens.device)
+        mask = attention_mask(B, T, start_pos, self.cache_len, impl, tokens.device, doc_ids=doc_ids,
+                              key_mask=key_mask, attn_mask=attn_mask)
         if positions is None:
-            positions = torch.arange(start_pos, start_pos + T, device=device).expand(B, T)
-        if key_mask is not None or (self.cache_len and mask is None and (start_pos > 0 or T > 1)):
-            S = start_pos + T
-            causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(start_pos)  # (T, S)
-            mask = causal[None, None].expand(B, 1, T, S)
-            if key_mask is not None:
-                mask = mask & key_mask[:, None, None, :S]
-                # a query that is itself padding would see no key at all: let it see itself
-                own = torch.zeros(T, S, dtype=torch.bool, device=device)
-                own[torch.arange(T), start_pos + torch.arange(T)] = True
-                mask = mask | own[None, None]
-        if not isinstance(mask, BlockMask) and (mask is not None or impl == "math"):
-            # additive bias, built once per forward rather than once per layer (None = causal for SDPA)
-            mask = causal_bias(mask, T, start_pos + T, device)
-            if impl != "math" and torch.is_autocast_enabled(device.type):
-                # SDPA wants the bias in the compute dtype: one lossless (0 / -inf) cast here instead of one per
-                # layer, each of which autograd would keep for backward (n_layers copies of B * T * S)
-                mask = mask.to(torch.get_autocast_dtype(device.type))
+            positions = default_positions(B, T, start_pos, tokens.device, doc_ids)
         rot = rope_rotations(self.inv_freq, positions)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
@@ -544,13 +586,3 @@ class Transformer(nn.Module):
         if labels is not None:
             return head_loss(h, self.output, labels, per_row)  # () or (B,) fp32
         return self.output(h)  # (B, T, V)
-
-
-def _positions_within_documents(doc_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) document ids (non-decreasing along T) -> position of each token inside its document."""
-    B, T = doc_ids.shape
-    idx = torch.arange(T, device=doc_ids.device).expand(B, T)
-    starts = torch.ones_like(doc_ids, dtype=torch.bool)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    start_idx = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
-    return idx - start_idx

@@ -13,7 +13,19 @@ import torch
 
 import tokenizer as tokenizer_mod
 from errors import UserError
-from generate import ChatSession, TextStream, chat_loop, fit_dialog, generate, left_pad, sample_next
+from generate import (
+    ChatSession,
+    Decoder,
+    RowStops,
+    Sampling,
+    TextStream,
+    chat_loop,
+    decode_n_tokens,
+    fit_dialog,
+    generate,
+    left_pad,
+    prefill,
+)
 from model import ModelArgs, Transformer
 from model_utils import load_model, smollm2_gguf
 
@@ -39,14 +51,87 @@ def test_top_k_and_top_p_keep_exactly_the_expected_tokens():
     probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])  # sorted: 1 (0.5), 3 (0.3), 2 (0.15), 0 (0.05)
     logits = probs.log()
     g = torch.Generator().manual_seed(0)
-    draw = lambda **kw: {int(sample_next(logits, 1.0, generator=g, **{"top_k": None, "top_p": None, **kw}))
+    draw = lambda **kw: {int(Sampling(1.0, generator=g, **{"top_k": None, "top_p": None, **kw}).pick(logits))
                          for _ in range(300)}
     assert draw(top_k=2) == {1, 3}
     assert draw(top_p=0.75) == {1, 3}  # 0.5 < 0.75 <= 0.8: the nucleus is the first two
     assert draw(top_p=0.81) == {1, 3, 2}
     assert draw(top_p=0.3) == {1}  # the most likely token is always kept
     assert draw() == {0, 1, 2, 3}
-    assert int(sample_next(logits, 0.0, None, None, None)) == 1  # greedy
+    assert int(Sampling(0.0).pick(logits)) == 1  # greedy
+
+
+def _truncated_distribution(logits: torch.Tensor, temperature: float, top_k: int | None,
+                            top_p: float | None) -> torch.Tensor:
+    """The distribution top-k then top-p sampling draws from, one row at a time in float64: the top_k most likely
+    tokens, then of those (renormalized) the most likely ones until their mass reaches top_p."""
+    out = torch.zeros(logits.shape, dtype=torch.float64)
+    for b, row in enumerate(logits.double()):
+        probs = torch.softmax(row / temperature, dim=-1)
+        kept = sorted(range(len(row)), key=lambda i: -float(probs[i]))[: top_k or len(row)]
+        mass = sum(float(probs[i]) for i in kept)
+        if top_p is not None:
+            nucleus, acc = [], 0.0
+            for i in kept:
+                nucleus.append(i)
+                acc += float(probs[i]) / mass
+                if acc >= top_p:
+                    break
+            kept = nucleus
+        for i in kept:
+            out[b, i] = probs[i] / sum(float(probs[j]) for j in kept)
+    return out
+
+
+def test_sampling_filter_equals_a_direct_computation():
+    logits = torch.randn(4, 40, generator=torch.Generator().manual_seed(3)) * 2
+    for temperature, top_k, top_p in [(1.0, None, None), (0.7, 5, None), (1.3, None, 0.6), (1.0, 12, 0.9),
+                                      (2.0, 40, 1.0), (0.5, 1, 0.5)]:
+        got = Sampling(temperature, top_k, top_p).filtered(logits).softmax(dim=-1)
+        torch.testing.assert_close(got.double(), _truncated_distribution(logits, temperature, top_k, top_p),
+                                   atol=1e-6, rtol=1e-5)
+    with pytest.raises(UserError, match="top_k=0"):
+        Sampling(1.0, top_k=0)
+    with pytest.raises(UserError, match="top_p=1.5"):
+        Sampling(1.0, top_p=1.5)
+
+
+def test_row_stops_report_live_rows_and_finish_when_all_rows_stopped():
+    seen: list[tuple[int, int]] = []
+    rows = RowStops(3, [7, 9], torch.device("cpu"), on_token=lambda row, t: seen.append((row, t)))
+    assert not rows.update(torch.tensor([1, 7, 2]))
+    assert not rows.update(torch.tensor([9, 3, 4]))  # row 0 stops; row 1's token comes after its stop
+    assert rows.update(torch.tensor([5, 5, 7]))
+    assert seen == [(0, 1), (2, 2), (2, 4)]
+    # processes decoding together finish together: the agreement decides, not this process's rows
+    together = RowStops(1, [7], torch.device("cpu"), all_ranks_done=lambda mine: False)
+    assert not together.update(torch.tensor([7]))
+
+
+def test_prefill_and_decode_n_tokens_equal_generate_and_a_full_forward(tiny):
+    """The pieces generate() runs (prefill, then decode_n_tokens over the Decoder's steps with a seeded Sampling)
+    give generate()'s tokens and logits, and each step's logits equal a forward of the prompt plus the tokens so
+    far without a KV cache."""
+    prompts = [[3, 14, 15, 92, 65], [35], [89, 79, 32]]
+    want, want_logits = generate(tiny, prompts, 6, temperature=1.0, top_k=20, seed=5, return_logits=True)
+    tokens, key_mask, positions = left_pad(prompts)
+    sampling = Sampling.seeded(1.0, 20, None, 5, torch.device("cpu"))
+    seen: list[torch.Tensor] = []
+    tiny.setup_caches(3, 5 + 6, fuse_projections=True)
+    try:
+        with torch.no_grad(), Decoder(tiny, positions, key_mask, compile=False) as decoder:
+            logits = prefill(tiny, tokens, positions, key_mask)
+            new = decode_n_tokens(decoder, logits, 6, sampling, RowStops(3, (), torch.device("cpu")),
+                                  seen_logits=seen)
+    finally:
+        tiny.clear_caches()
+    assert new.tolist() == want
+    assert torch.equal(torch.stack(seen, 1), want_logits)
+    for n in range(6):
+        full_tokens, full_mask, full_positions = left_pad([p + r[:n] for p, r in zip(prompts, want, strict=True)])
+        with torch.no_grad():
+            ref = tiny(full_tokens, positions=full_positions, key_mask=full_mask)[:, -1]
+        torch.testing.assert_close(seen[n], ref, atol=1e-5, rtol=1e-5)
 
 
 def test_batched_generation_equals_one_prompt_at_a_time(tiny):

@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import model as model_module
 from generate import generate, left_pad
 from model import ModelArgs, Transformer
 from model_utils import export_hf, load_model
@@ -114,6 +115,75 @@ def test_doc_ids_packing_equals_separate_forwards():
         got = model(packed, doc_ids=doc_ids)[0]
         ref = torch.cat([model(d[None])[0] for d in docs])
     assert (got - ref).abs().max().item() < 1e-5
+
+
+def _bias(allowed: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+
+
+def test_mask_and_position_builders_equal_direct_constructions():
+    """attention_mask / cache_slots_mask / default_positions against masks and positions written out element by
+    element: a left-padded query block in a KV cache, documents, a given pattern, plain causal attention."""
+    B, T, start = 2, 3, 4
+    S = start + T
+    key_mask = torch.ones(B, S + 2, dtype=torch.bool)
+    key_mask[1, :5] = False  # row 1 is padding up to slot 4, which holds its first query
+    allowed = torch.zeros(B, 1, T, S, dtype=torch.bool)
+    for b in range(B):
+        for t in range(T):
+            for s in range(S):
+                allowed[b, 0, t, s] = (s <= start + t and bool(key_mask[b, s])) or s == start + t
+    got = model_module.attention_mask(B, T, start, 16, "sdpa", torch.device("cpu"), key_mask=key_mask)
+    assert torch.equal(got, _bias(allowed))
+    # the decode step's mask over the whole cache: the same rule, keys past the query hidden
+    whole = torch.zeros(B, 1, T, S + 2, dtype=torch.bool)
+    whole[..., :S] = allowed
+    assert torch.equal(model_module.cache_slots_mask(torch.arange(start, S), key_mask), _bias(whole))
+
+    doc_ids = torch.tensor([[0, 0, 1, 1, 1, 2], [0, 0, 0, 0, 1, 1]])
+    same_doc_causal = torch.tensor([[[[doc_ids[b, t] == doc_ids[b, s] and s <= t for s in range(6)]
+                                      for t in range(6)]] for b in range(2)])
+    got = model_module.attention_mask(2, 6, 0, 0, "sdpa", torch.device("cpu"), doc_ids=doc_ids)
+    assert torch.equal(got, _bias(same_doc_causal))
+    assert model_module.default_positions(2, 6, 0, torch.device("cpu"), doc_ids).tolist() == [
+        [0, 1, 0, 1, 2, 0], [0, 1, 2, 3, 0, 1]]
+    assert model_module.default_positions(2, 3, 5, torch.device("cpu")).tolist() == [[5, 6, 7], [5, 6, 7]]
+
+    pattern = torch.rand(2, 6, 6, generator=torch.Generator().manual_seed(0)) > 0.5
+    got = model_module.attention_mask(2, 6, 0, 0, "sdpa", torch.device("cpu"), attn_mask=pattern)
+    assert torch.equal(got, _bias(pattern[:, None]))
+    with pytest.raises(ValueError, match="attn_mask excludes"):
+        model_module.attention_mask(2, 6, 0, 0, "sdpa", torch.device("cpu"), attn_mask=pattern, key_mask=key_mask)
+
+    # plain causal: SDPA's is_causal (no tensor), an explicit bias for the math path
+    assert model_module.attention_mask(2, 6, 0, 0, "sdpa", torch.device("cpu")) is None
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()[None, None]
+    assert torch.equal(model_module.attention_mask(2, 6, 0, 0, "math", torch.device("cpu")), _bias(causal))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # SDPA's bias comes in the compute dtype
+        assert model_module.attention_mask(2, 6, 0, 0, "sdpa", torch.device("cpu"),
+                                           doc_ids=doc_ids).dtype == torch.bfloat16
+
+
+def test_forward_gives_every_block_the_mask_and_rotations_built_once(monkeypatch):
+    """Transformer.forward builds the mask (attention_mask) and the RoPE positions (default_positions) once and
+    hands the same objects to every block."""
+    model = random_ours(ModelArgs(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=61, multiple_of=16))
+    built: dict[str, list] = {"mask": [], "positions": []}
+    for name, key in (("attention_mask", "mask"), ("default_positions", "positions")):
+        real = getattr(model_module, name)
+        monkeypatch.setattr(model_module, name, lambda *a, real=real, key=key, **kw: built[key].append(
+            real(*a, **kw)) or built[key][-1])
+    seen = []
+    block_forward = model_module.TransformerBlock.forward
+    monkeypatch.setattr(model_module.TransformerBlock, "forward",
+                        lambda self, x, rot, mask, start_pos=0: seen.append((rot, mask)) or block_forward(
+                            self, x, rot, mask, start_pos))
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1]])
+    with torch.no_grad():
+        model(torch.tensor([[3, 1, 4, 1, 5]]), doc_ids=doc_ids)
+    assert len(built["mask"]) == len(built["positions"]) == 1 and len(seen) == 3
+    assert all(mask is built["mask"][0] and rot is seen[0][0] for rot, mask in seen)
+    assert torch.equal(built["positions"][0], torch.tensor([[0, 1, 2, 0, 1]]))
 
 
 def test_rope_frequencies_stay_fp32_after_dtype_casts_and_meta_init():
