@@ -27,7 +27,6 @@ import json
 import os
 import random
 import re
-import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -221,5 +220,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     run_cli(main)

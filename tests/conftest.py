@@ -1,6 +1,7 @@
 import os
-import sys
 from pathlib import Path
+
+import pytest
 
 # Tests never touch the network: the hub and W&B stay offline.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -8,13 +9,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-
-import pytest  # noqa: E402  (after the environment and sys.path set-up above)
 
 
 @pytest.fixture(scope="session")
