@@ -99,8 +99,8 @@ def main() -> int:
     for mode, accum in CASES:
         with tempfile.TemporaryDirectory() as d:
             subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                            f"--nproc_per_node={a.procs}", "-m", "bench.accumulation_memory", "--preset", a.preset, "--seq", str(a.seq),
-                            "--worker", d, mode, str(accum)], check=True, cwd=ROOT,
+                            f"--nproc_per_node={a.procs}", "-m", "bench.accumulation_memory", "--preset", a.preset,
+                            "--seq", str(a.seq), "--worker", d, mode, str(accum)], check=True, cwd=ROOT,
                            env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
             ranks = [json.loads((Path(d) / f"rank{r}.json").read_text()) for r in range(a.procs)]
         rows.append({"mode": mode, "micro_batches": accum, **ranks[0]})

@@ -516,8 +516,8 @@ def main() -> int:
     facts: dict = {"precision": "fp32"}
     if specs:
         print("[prepare]", file=sys.stderr, flush=True)
-        res = measure([PY, "-m", "bench.jobs", "--work", str(work), "--prepare", json.dumps(specs)], ROOT, work / "log_prepare.txt",
-                      a.timeout)
+        res = measure([PY, "-m", "bench.jobs", "--work", str(work), "--prepare", json.dumps(specs)], ROOT,
+                      work / "log_prepare.txt", a.timeout)
         facts = parse_result(res["stdout"])
         if facts is None:
             print(res["stdout"][-3000:], file=sys.stderr)

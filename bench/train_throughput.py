@@ -177,10 +177,11 @@ def main() -> int:
     res["ratio_ours_over_hf"] = res["ours_tokens_per_s"] / res["hf_tokens_per_s"]
     del ours, hf, steps
     for name in ("ours", "hf"):
-        cmd = [sys.executable, "-m", "bench.train_throughput", "--memory-probe", name, "--preset", a.preset, "--precision", a.precision,
-               "--vocab", str(a.vocab), "--batch", str(a.batch), "--device", a.device,
+        cmd = [sys.executable, "-m", "bench.train_throughput", "--memory-probe", name, "--preset", a.preset,
+               "--precision", a.precision, "--vocab", str(a.vocab), "--batch", str(a.batch), "--device", a.device,
                *(["--seq", str(a.seq)] if a.seq else []), *(["--compile"] if a.compile else [])]
-        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        probe = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+        out = probe.stdout.strip().splitlines()[-1]
         res[f"{name}_peak_memory_mb"] = int(out) / 2**20
     if a.json:
         print(json.dumps(res))
