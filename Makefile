@@ -45,7 +45,7 @@ demo-posttrain: setup
 	PY=$(PY) bash scripts/demo_posttrain.sh
 
 bench: setup
-	$(PY) bench/run_all.py --save run_all
+	$(PY) -m bench.run_all --save run_all
 
 lint: setup
 	$(VENV)/bin/ruff check .

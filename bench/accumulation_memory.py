@@ -2,7 +2,7 @@
 one optimizer step's micro-batches, with gradients reduce-scattered after every micro-batch (the default) or
 accumulated unsharded (FSDP_UNSHARDED_ACCUMULATION=true), for 1 and 4 micro-batches.
 
-    python bench/accumulation_memory.py [--preset 125m] [--procs 2] [--seq 128]
+    python -m bench.accumulation_memory [--preset 125m] [--procs 2] [--seq 128]
 
 Each case is its own launch (torchrun --standalone): the model is built as train.py builds it under FSDP2 (meta
 device -> fully_shard -> each rank fills its shards), then one step's micro-batches (one row of `seq` tokens
@@ -27,12 +27,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import config
+import distributed as D
+import train
 
-import config  # noqa: E402
-import distributed as D  # noqa: E402
-import train  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 MIB = 2**20
 CASES = [("sharded", 1), ("sharded", 4), ("unsharded", 4)]
@@ -100,18 +99,17 @@ def main() -> int:
     for mode, accum in CASES:
         with tempfile.TemporaryDirectory() as d:
             subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                            f"--nproc_per_node={a.procs}", __file__, "--preset", a.preset, "--seq", str(a.seq),
-                            "--worker", d, mode, str(accum)], check=True, cwd=ROOT,
+                            f"--nproc_per_node={a.procs}", "-m", "bench.accumulation_memory", "--preset", a.preset,
+                            "--seq", str(a.seq), "--worker", d, mode, str(accum)], check=True, cwd=ROOT,
                            env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
             ranks = [json.loads((Path(d) / f"rank{r}.json").read_text()) for r in range(a.procs)]
         rows.append({"mode": mode, "micro_batches": accum, **ranks[0]})
         print(f"{mode:>9} x{accum}: step raised the peak RSS by {ranks[0]['step_peak_above_build'] / MIB:7.1f} MiB; "
               f"gradients held {ranks[0]['held_gradient_bytes'] / MIB:6.1f} MiB "
               f"(parameter shards {ranks[0]['parameter_bytes'] / MIB:.1f} MiB)", flush=True)
-    sys.path.insert(0, str(ROOT / "bench"))
-    import results_file
+    from bench import results_file
 
-    print(results_file.write("accumulation_memory", "python bench/accumulation_memory.py " + " ".join(sys.argv[1:]),
+    print(results_file.write("accumulation_memory", "python -m bench.accumulation_memory " + " ".join(sys.argv[1:]),
                              {"preset": a.preset, "procs": a.procs, "seq": a.seq, "rows": rows}))
     return 0
 

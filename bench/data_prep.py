@@ -1,6 +1,6 @@
 """Data pipeline throughput: our prep (tokenize + shard writing + hashes) vs raw tiktoken, and loader time.
 
-    python bench/data_prep.py [--mb 50] [--workers 1 2]
+    python -m bench.data_prep [--mb 50] [--workers 1 2]
 
 1. Text: the embedded corpus repeated to >= --mb MB. For each worker count W the same run times
    raw `tiktoken.Encoding.encode_ordinary_batch(docs, num_threads=W)` (no BOS/EOS, no files) and
@@ -19,14 +19,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+import data_preparation_utils as dpu
+import dataloaders
+import tokenizer
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-import data_preparation_utils as dpu  # noqa: E402
-import dataloaders  # noqa: E402
-import tokenizer  # noqa: E402
 
 
 def corpus(min_mb: float) -> list[str]:

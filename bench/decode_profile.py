@@ -1,6 +1,6 @@
 """Where a greedy decode step of SmolLM2-135M-Instruct spends its time, and what bounds it.
 
-    python bench/decode_profile.py [--dtype bf16|fp32] [--new-tokens 64] [--rows 12]
+    python -m bench.decode_profile [--dtype bf16|fp32] [--new-tokens 64] [--rows 12]
 
 1. Memory: read bandwidth (a 1 GiB sum, every thread) and the bytes a step must read (every weight once,
    the tied head counted once), so the fastest possible step is bytes / bandwidth.
@@ -16,22 +16,19 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+import model_utils
+import precision
+from bench.run_all import host_line
+from errors import run_cli
+from generate import generate
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from run_all import host_line  # noqa: E402
-
-import model_utils  # noqa: E402
-import precision  # noqa: E402
-from errors import run_cli  # noqa: E402
-from generate import generate  # noqa: E402
 
 
 def read_bandwidth(nbytes: int = 2**30) -> float:

@@ -12,7 +12,7 @@ The training data goes the production way: documents -> pretrain shards (data_pr
 dataloaders.build_loader (batches with sample_index) -> objective. Reports held-out cross-entropy
 (documents never trained on) and time per step; writes a JSON next to it.
 
-    python bench/distill_pays.py [--steps 60] [--batch 8] [--seq-len 64] [--top-k 64] [--alpha 0.5] [--temperature 1]
+    python -m bench.distill_pays [--steps 60] [--batch 8] [--seq-len 64] [--top-k 64] [--alpha 0.5] [--temperature 1]
 """
 
 from __future__ import annotations
@@ -30,17 +30,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import config  # noqa: E402
-import data_preparation_utils as dpu  # noqa: E402
-import dataloaders  # noqa: E402
-import losses  # noqa: E402
-import model_utils  # noqa: E402
-import objectives  # noqa: E402
-import precision  # noqa: E402
-import tokenizer as tk  # noqa: E402
-from model import Transformer  # noqa: E402
+import config
+import data_preparation_utils as dpu
+import dataloaders
+import losses
+import model_utils
+import objectives
+import precision
+import tokenizer as tk
+from model import Transformer
 
 
 def smollm2_gguf() -> str:
@@ -218,10 +216,9 @@ def main() -> int:
         for r in cached:
             results[r]["share_of_live_kd_gain"] = (results["ce"]["held_out_ce"] - results[r]["held_out_ce"]) / gain
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import results_file
+    from bench import results_file
 
-    results_file.write(Path(args.out).stem, "python bench/distill_pays.py " + " ".join(sys.argv[1:]), results,
+    results_file.write(Path(args.out).stem, "python -m bench.distill_pays " + " ".join(sys.argv[1:]), results,
                        out_dir=Path(args.out).parent)
     line = ", ".join(f"{r} {results[r]['held_out_ce']:.4f} ({results[r]['ms_per_step']:.0f} ms/step)"
                      for r in runs if r in results)

@@ -3,7 +3,7 @@ vs building the model and exporting it (load_model + export_hf). Each path runs 
 the peak anonymous resident memory (RssAnon, sampled every 5 ms) above the level after the imports, so the
 checkpoint's memory-mapped file pages do not count. Linux only.
 
-    python bench/export_memory.py [--preset 125m]
+    python -m bench.export_memory [--preset 125m]
 
 Writes bench/results/export_memory_<preset>.json (bench/results_file.py's form) too.
 """
@@ -21,7 +21,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 _CHILD = r"""
 import json, sys, threading, time
-sys.path.insert(0, sys.argv[1])
 import model_utils
 
 def anon():
@@ -36,7 +35,7 @@ def sample():
         peak[0] = max(peak[0], anon())
         time.sleep(0.005)
 
-step, out, how = sys.argv[2], sys.argv[3], sys.argv[4]
+step, out, how = sys.argv[1], sys.argv[2], sys.argv[3]
 base = anon()
 t = threading.Thread(target=sample)
 t.start()
@@ -55,7 +54,6 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="125m")
     a = ap.parse_args()
-    sys.path.insert(0, str(ROOT))
     import torch
 
     import checkpoint as ckpt
@@ -73,16 +71,15 @@ def main() -> int:
         step = Path(tmp) / "ck" / ckpt.step_name(1)
         rows = {}
         for how in ("streamed", "load_model + export_hf"):
-            p = subprocess.run([sys.executable, "-c", _CHILD, str(ROOT), str(step), str(Path(tmp) / how.split()[0]),
-                                how], capture_output=True, text=True, check=True)
+            p = subprocess.run([sys.executable, "-c", _CHILD, str(step), str(Path(tmp) / how.split()[0]), how],
+                               cwd=ROOT, capture_output=True, text=True, check=True)  # cwd: -c imports from it
             rows[how] = json.loads(p.stdout.strip().splitlines()[-1])["peak_mib"]
     print(f"preset {a.preset}: {sum(sizes) / 2**20:.0f} MiB of fp32 weights, largest tensor {max(sizes) / 2**20:.0f} MiB")
     for how, mib in rows.items():
         print(f"  {how:<24} peak memory above the imports: {mib:.0f} MiB")
-    sys.path.insert(0, str(ROOT / "bench"))
-    import results_file
+    from bench import results_file
 
-    print(results_file.write(f"export_memory_{a.preset}", f"python bench/export_memory.py --preset {a.preset}",
+    print(results_file.write(f"export_memory_{a.preset}", f"python -m bench.export_memory --preset {a.preset}",
                              {"preset": a.preset, "weights_mib": sum(sizes) / 2**20,
                               "largest_tensor_mib": max(sizes) / 2**20, "peak_mib_streamed": rows["streamed"],
                               "peak_mib_load_model": rows["load_model + export_hf"]}))

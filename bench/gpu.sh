@@ -66,7 +66,7 @@ launch() {
     shift 2
     mkdir -p "$run"
     set +e
-    "$PY" -m torch.distributed.run --standalone --nproc_per_node "$ranks" bench/gpu_run.py "$run" "$@" \
+    "$PY" -m torch.distributed.run --standalone --nproc_per_node "$ranks" -m bench.gpu_run "$run" "$@" \
         > "$run/train.log" 2>&1
     echo $? > "$run/rc"
     set -e
@@ -82,7 +82,7 @@ for name in $CONFIGS; do
     dir=$OUT/$name
     mkdir -p "$dir"
     echo "$STEPS" > "$dir/steps"
-    vars=$("$PY" bench/gpu_report.py plan "$env_file" "$NGPU" "$dir/plan.json" "${DEVICE_SETTINGS[@]}")
+    vars=$("$PY" -m bench.gpu_report plan "$env_file" "$NGPU" "$dir/plan.json" "${DEVICE_SETTINGS[@]}")
     eval "$vars"  # RANKS FITS SEQ MB PREC
     if [ "$FITS" != 1 ]; then
         echo "[$name] skipped: its memory plan does not fit the GPUs here ($dir/plan.json)" >&2
@@ -90,7 +90,7 @@ for name in $CONFIGS; do
     fi
     hs=()
     if [ "$DRY" != 1 ]; then
-        hs_path=$("$PY" -c "import sys; sys.path.insert(0, '.'); import config; \
+        hs_path=$("$PY" -c "import config; \
 print(config.load_config('$env_file', use_environ=False)['HELLASWAG_PATH'])")
         if [ -f "$hs_path" ]; then
             hs=(HELLASWAG_EVERY_X_STEPS="$STEPS" HELLASWAG_NUMBER_OF_EXAMPLES=64)
@@ -110,7 +110,7 @@ print(config.load_config('$env_file', use_environ=False)['HELLASWAG_PATH'])")
     echo "[$name] resume to step $((STEPS + 2))" >&2
     launch "$dir/b" "$RANKS" "${common[@]}" MAX_STEPS=$((STEPS + 2)) RESUME=require \
         PRETRAIN_SAVE_CHECKPOINTS_PATH="$dir/a/ck" RUN_DIR="$dir/b/run"
-    one_fits=$("$PY" bench/gpu_report.py plan "$env_file" 1 "$dir/plan_one.json" "${DEVICE_SETTINGS[@]}" | \
+    one_fits=$("$PY" -m bench.gpu_report plan "$env_file" 1 "$dir/plan_one.json" "${DEVICE_SETTINGS[@]}" | \
                sed -n 's/.*FITS=\([01]\).*/\1/p')
     if [ "$RANKS" -ge 2 ] && [ "$one_fits" = 1 ]; then
         echo "[$name] the same global batch on 1 rank" >&2
@@ -123,7 +123,7 @@ done
     echo "bench/gpu.sh: $(date -u '+%Y-%m-%d %H:%M UTC'), $([ "$DRY" = 1 ] && echo "dry run on CPU (debug preset)" \
         || "$PY" -c 'import torch; print(torch.cuda.device_count(), "x", torch.cuda.get_device_name(0), "| torch", torch.__version__)')"
     echo
-    "$PY" bench/gpu_report.py table "$OUT"
+    "$PY" -m bench.gpu_report table "$OUT"
 } > "$OUT/table.md" && status=0 || status=1
 cat "$OUT/table.md"
 echo

@@ -1,7 +1,7 @@
 """bench/gpu.sh's helper: what each shipped GPU config runs as here, and the one table at the end.
 
-    python bench/gpu_report.py plan ENV_FILE GPUS OUT_JSON [KEY=VALUE ...]   # shell variables on stdout
-    python bench/gpu_report.py table OUT_DIR                                  # the markdown table
+    python -m bench.gpu_report plan ENV_FILE GPUS OUT_JSON [KEY=VALUE ...]   # shell variables on stdout
+    python -m bench.gpu_report table OUT_DIR                                  # the markdown table
 
 `plan` resolves the config (with the bench's overrides): ranks to use (FSDP2 configs: up to 8 GPUs, others 1),
 micro-batch geometry, precision, and memory_plan's per-GPU peak for exactly that (the figure `python
@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 # relative loss difference allowed between FSDP2 on 2 ranks and 1 rank: fp32 sums in another order; bf16
 # autocast also rounds the all-reduced gradients' inputs differently per shard layout

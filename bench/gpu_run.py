@@ -1,6 +1,6 @@
 """train.py with each rank's peak memory recorded, for bench/gpu.sh:
 
-    torchrun ... bench/gpu_run.py OUT_DIR [train.py arguments ...]
+    torchrun ... -m bench.gpu_run OUT_DIR [train.py arguments ...]
 
 When the run ends (finished or failed) every rank writes OUT_DIR/peak_memory_rank<R>.json: on CUDA the
 allocator's peak (torch.cuda.max_memory_allocated, what memory_plan models), on CPU the process's peak
@@ -19,10 +19,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import train  # noqa: E402
-from errors import run_cli  # noqa: E402
+import train
+from errors import run_cli
 
 SYNC_WARNING = "synchronizing CUDA operation"  # the text of set_sync_debug_mode's warning
 

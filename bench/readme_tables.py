@@ -8,8 +8,8 @@ form: host, CPU profile, date, command, figures). Each table sits in README.md (
 and ends with a line naming the files it came from, their host, date and command. Ratios are computed from
 the recorded figures unless the measuring script printed its own from unrounded values (then that one).
 
-    python bench/readme_tables.py           # rewrite the documents' tables from the files
-    python bench/readme_tables.py --check   # exit 1 when a document differs from what the files give
+    python -m bench.readme_tables           # rewrite the documents' tables from the files
+    python -m bench.readme_tables --check   # exit 1 when a document differs from what the files give
 """
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-if str(Path(__file__).resolve().parent) not in sys.path:  # appended: bench/ must not shadow the project's modules
-    sys.path.append(str(Path(__file__).resolve().parent))
-import results_file  # noqa: E402
+from bench import results_file
 
 README = results_file.ROOT / "README.md"
 DOCUMENTS = (README, results_file.ROOT / "bench" / "README.md")
@@ -376,7 +374,7 @@ def main() -> int:
             if not a.check:
                 doc.write_text(new)
     if a.check and stale:
-        print(f"{', '.join(stale)}: the measured tables differ from bench/results/: run python bench/readme_tables.py",
+        print(f"{', '.join(stale)}: the measured tables differ from bench/results/: run python -m bench.readme_tables",
               file=sys.stderr)
         return 1
     return 0

@@ -1,6 +1,6 @@
 """Memory and FLOPs of a LoRA recipe config on its real model shape, without the weights or a GPU.
 
-    python bench/recipe_memory.py configs/llama3.2-1b-sft-lora.env configs/llama3.2-1b-dpo-lora.env
+    python -m bench.recipe_memory configs/llama3.2-1b-sft-lora.env configs/llama3.2-1b-dpo-lora.env
 
 For each config: the model shape of MODEL_PRESET (default llama3.2-1b; the recipe's INIT_FROM is not read),
 the config's LoRA adapters, precision (bf16 autocast), activation checkpointing and stage (SFT or DPO with
@@ -30,18 +30,17 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import config
+import distributed
+import lora
+import model_utils
+import objectives
+import precision
+import train
+from fused_ce import CHUNK_ROWS
+from model import Transformer
 
-import config  # noqa: E402
-import distributed  # noqa: E402
-import lora  # noqa: E402
-import model_utils  # noqa: E402
-import objectives  # noqa: E402
-import precision  # noqa: E402
-import train  # noqa: E402
-from fused_ce import CHUNK_ROWS  # noqa: E402
-from model import Transformer  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 GB = 1e9
 
@@ -183,10 +182,9 @@ def main() -> int:
     peaks = {name: p["bf16"] / 1e12 for name, p in precision.GPU_PEAKS if name in ("A100", "L4", "H100")}
     torch.set_num_threads(max(1, torch.get_num_threads()))
     results = {Path(f).name: report(f, peaks, a.mfu) for f in a.env_files}
-    sys.path.insert(0, str(ROOT / "bench"))
-    import results_file
+    from bench import results_file
 
-    print(results_file.write("recipe_memory", "python bench/recipe_memory.py " + " ".join(sys.argv[1:]),
+    print(results_file.write("recipe_memory", "python -m bench.recipe_memory " + " ".join(sys.argv[1:]),
                              {"assumed_mfu": a.mfu, "gpu_bf16_tflops": peaks, "configs": results}))
     return 0
 

@@ -38,7 +38,6 @@ def cpu_profile() -> str:
     """ATen's kernel capability and the precision rule's bf16-vs-fp32 measurement on this host."""
     import torch
 
-    sys.path.insert(0, str(ROOT))
     import precision
 
     return (f"ATen capability {torch.backends.cpu.get_cpu_capability()}, precision "
@@ -55,7 +54,6 @@ def write(name: str, command: str, figures: dict[str, Any], out_dir: Path = RESU
           host_and_profile: tuple[str, str] | None = None) -> Path:
     """bench/results/<name>.json for a measurement this process just made (machine-written). host_and_profile:
     given by a caller that measured them in another process (one that must not import torch itself)."""
-    sys.path.insert(0, str(ROOT))
     from fileio import write_text_atomic
 
     where, profile = host_and_profile or (host(), cpu_profile())

@@ -1,6 +1,6 @@
 """Run every benchmark and print ONE markdown table (also written to bench/results.md).
 
-    python bench/run_all.py [--quick] [--timeout 300] [--out bench/results.md] [--save run_all]
+    python -m bench.run_all [--quick] [--timeout 300] [--out bench/results.md] [--save run_all]
 
 Jobs (each in its own subprocess, each with a timeout so one slow job cannot eat the budget):
 training step vs transformers (bench/train_throughput.py) on `small` and `smollm2-135m`: in bf16 eager and
@@ -26,17 +26,16 @@ import sys
 import time
 from pathlib import Path
 
+import precision
+from fileio import write_text_atomic
+
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
-sys.path.insert(0, str(ROOT))
-
-import precision  # noqa: E402
-from fileio import write_text_atomic  # noqa: E402
 
 
 def host_line() -> str:
     """CPU model, ATen's kernel capability and what the precision rule measured on this host."""
-    import results_file
+    from bench import results_file
 
     return f"{results_file.host()}, {results_file.cpu_profile()}"
 
@@ -93,7 +92,7 @@ def train_rows(a: argparse.Namespace, table: list[tuple]) -> None:
     for preset in ("small", "smollm2-135m"):
         for prec, compile_ in settings:
             vocab = "32000" if preset == "small" else "49152"
-            cmd = [PY, "bench/train_throughput.py", "--preset", preset, "--precision", prec, "--vocab", vocab,
+            cmd = [PY, "-m", "bench.train_throughput", "--preset", preset, "--precision", prec, "--vocab", vocab,
                    "--json", "--batch", "1" if a.quick else "2", "--rounds", "2" if a.quick else "3",
                    "--steps", "1" if a.quick else "2", *(["--seq", "128"] if a.quick else []),
                    *(["--seq", "512"] if preset == "smollm2-135m" and not a.quick else []),
@@ -116,7 +115,7 @@ def train_rows(a: argparse.Namespace, table: list[tuple]) -> None:
 
 
 def generate_rows(a: argparse.Namespace, table: list[tuple]) -> None:
-    cmd = [PY, "bench/generate_throughput.py", "--json", "--models", "smollm2", "tiny", "--dtypes", *precisions(),
+    cmd = [PY, "-m", "bench.generate_throughput", "--json", "--models", "smollm2", "tiny", "--dtypes", *precisions(),
            "--new-tokens", "16" if a.quick else "64", "--rounds", "2" if a.quick else "3"]
     out, status = run(cmd, a.timeout * 3)
     rows = json_lines(out)
@@ -130,7 +129,7 @@ def generate_rows(a: argparse.Namespace, table: list[tuple]) -> None:
 
 
 def data_prep_rows(a: argparse.Namespace, table: list[tuple]) -> None:
-    out, status = run([PY, "bench/data_prep.py", "--mb", "2" if a.quick else "10"], a.timeout)
+    out, status = run([PY, "-m", "bench.data_prep", "--mb", "2" if a.quick else "10"], a.timeout)
     rows = md_rows(out)
     if not rows:
         table.append(("data prep MB/s", "", status, "", "", "", verdict(None)))
@@ -139,7 +138,7 @@ def data_prep_rows(a: argparse.Namespace, table: list[tuple]) -> None:
 
 
 def hellaswag_rows(a: argparse.Namespace, table: list[tuple]) -> None:
-    out, status = run([PY, "bench/hellaswag_throughput.py", "--skip-lm-eval", "--repeats", "1",
+    out, status = run([PY, "-m", "bench.hellaswag_throughput", "--skip-lm-eval", "--repeats", "1",
                        "--limit", "8" if a.quick else "32"], a.timeout)
     rows = md_rows(out)
     if not rows:
@@ -153,7 +152,7 @@ def hellaswag_rows(a: argparse.Namespace, table: list[tuple]) -> None:
 def jobs_rows(a: argparse.Namespace, table: list[tuple]) -> None:
     """bench/jobs.py: whole jobs against TRL / transformers Trainer / generate / lm-eval; its table's rows."""
     save = ["--save", "jobs"] if a.save and not a.quick else []  # the README's whole-job table reads jobs.json
-    out, status = run([PY, "bench/jobs.py", *(["--quick"] if a.quick else []), *save], a.timeout * 12)
+    out, status = run([PY, "-m", "bench.jobs", *(["--quick"] if a.quick else []), *save], a.timeout * 12)
     rows = [r for r in md_rows(out) if len(r) == 7 and r[0] != "job"]
     if not rows:
         table.append(("whole jobs (bench/jobs.py)", "", status, "", "", "", verdict(None)))
@@ -189,10 +188,10 @@ def main() -> int:
     print(text)
     write_text_atomic(a.out, text)
     if a.save:
-        import results_file
+        from bench import results_file
 
         keys = ("benchmark", "setting", "ours", "reference", "ratio", "target", "met")
-        results_file.write(a.save, "python bench/run_all.py " + " ".join(sys.argv[1:]),
+        results_file.write(a.save, "python -m bench.run_all " + " ".join(sys.argv[1:]),
                            {"rows": [dict(zip(keys, (str(c) for c in row), strict=True)) for row in table]},
                            host_and_profile=results_file.split_host_line(host_line()))
     return 0

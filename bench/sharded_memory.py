@@ -1,6 +1,6 @@
 """Per-rank memory of FSDP2 training on CPU (gloo) over 1, 2 and 4 processes, measured, beside the memory plan.
 
-    python bench/sharded_memory.py [--preset small] [--procs 1,2,4] [--batch 2] [--seq 512] [--precision bf16]
+    python -m bench.sharded_memory [--preset small] [--procs 1,2,4] [--batch 2] [--seq 512] [--precision bf16]
 
 Each launch (torchrun --standalone) builds the model as train.py does under FSDP2 (meta device -> fully_shard
 -> each rank fills its shards), then runs two AdamW training steps (`model(x, labels=y)` under the run's autocast,
@@ -23,15 +23,14 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import config
+import distributed as D
+import memory_plan
+import optim
+import precision
+import train
 
-import config  # noqa: E402
-import distributed as D  # noqa: E402
-import memory_plan  # noqa: E402
-import optim  # noqa: E402
-import precision  # noqa: E402
-import train  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 MIB = 2**20
 
@@ -88,9 +87,9 @@ def worker(out: Path, preset: str, batch: int, seq: int, prec: str) -> None:
 def launch(nproc: int, a: argparse.Namespace, tmp: Path) -> list[dict]:
     out = tmp / f"n{nproc}"
     out.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", __file__,
-           "--worker", str(out), "--preset", a.preset, "--batch", str(a.batch), "--seq", str(a.seq),
-           "--precision", a.precision]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+           "bench.sharded_memory", "--worker", str(out), "--preset", a.preset, "--batch", str(a.batch), "--seq",
+           str(a.seq), "--precision", a.precision]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     if p.returncode != 0:
@@ -127,10 +126,9 @@ def main() -> int:
             print(f"| {n} | {r['params'] / MIB:.1f} | {r['grads'] / MIB:.1f} | {r['optimizer'] / MIB:.1f} | "
                   f"{(r['params'] + r['optimizer']) * n / MIB:.1f} | {r['tracked_peak'] / MIB:.1f} | "
                   f"{plan.peak / MIB:.1f} | {r['vm_hwm'] / MIB:.0f} |", flush=True)
-    sys.path.insert(0, str(ROOT / "bench"))
-    import results_file
+    from bench import results_file
 
-    command = (f"python bench/sharded_memory.py --preset {a.preset} --procs {a.procs} --batch {a.batch} "
+    command = (f"python -m bench.sharded_memory --preset {a.preset} --procs {a.procs} --batch {a.batch} "
                f"--seq {a.seq} --precision {a.precision}")
     print(results_file.write("sharded_memory", command, {"preset": a.preset, "batch": a.batch, "seq": a.seq,
                                                          "precision": a.precision, "mib_per_rank": rows}))

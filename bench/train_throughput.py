@@ -1,6 +1,6 @@
 """Training-step throughput: our Transformer vs transformers' LlamaForCausalLM, same config and weights.
 
-    python bench/train_throughput.py --preset small [--precision auto|bf16|fp32] [--compile] [--batch 2] [--rounds 3]
+    python -m bench.train_throughput --preset small [--precision auto|bf16|fp32] [--compile] [--batch 2] [--rounds 3]
 
 One training step = forward (autocast for bf16) -> summed CE / targets -> backward -> fused AdamW step
 -> zero_grad, identical for both models. The models alternate A B A B in one process (so drifting
@@ -25,15 +25,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import config
+import model_formats
+import model_utils
+import objectives
+import precision as precision_mod
+from errors import run_cli
+from model import ModelArgs, Transformer
 
-import config  # noqa: E402
-import model_formats  # noqa: E402
-import model_utils  # noqa: E402
-import objectives  # noqa: E402
-import precision as precision_mod  # noqa: E402
-from errors import run_cli  # noqa: E402
-from model import ModelArgs, Transformer  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def model_args(preset: str, vocab: int, seq: int | None) -> ModelArgs:
@@ -177,10 +177,11 @@ def main() -> int:
     res["ratio_ours_over_hf"] = res["ours_tokens_per_s"] / res["hf_tokens_per_s"]
     del ours, hf, steps
     for name in ("ours", "hf"):
-        cmd = [sys.executable, __file__, "--memory-probe", name, "--preset", a.preset, "--precision", a.precision,
-               "--vocab", str(a.vocab), "--batch", str(a.batch), "--device", a.device,
+        cmd = [sys.executable, "-m", "bench.train_throughput", "--memory-probe", name, "--preset", a.preset,
+               "--precision", a.precision, "--vocab", str(a.vocab), "--batch", str(a.batch), "--device", a.device,
                *(["--seq", str(a.seq)] if a.seq else []), *(["--compile"] if a.compile else [])]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        probe = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+        out = probe.stdout.strip().splitlines()[-1]
         res[f"{name}_peak_memory_mb"] = int(out) / 2**20
     if a.json:
         print(json.dumps(res))

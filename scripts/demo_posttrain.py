@@ -7,7 +7,7 @@
 Each stage prints the metric that should move and whether it did. Everything goes under --work
 (default runs/demo-posttrain). The demo sets are for running the code, not for judging models.
 
-    python scripts/demo_posttrain.py [--work DIR] [--quick]
+    python -m scripts.demo_posttrain [--work DIR] [--quick]   # from the repo root
 """
 
 from __future__ import annotations
@@ -51,7 +51,6 @@ def metrics(run_dir: Path) -> tuple[list[float], list[float]]:
 def held_out_loss(settings: dict[str, str], model_source: str) -> float:
     """The validation loss train.py would report (same loader, VAL_STEPS, objective) for a model source; used
     for the value BEFORE training, since the loop validates after updates only."""
-    sys.path.insert(0, str(ROOT))
     import torch
 
     import config

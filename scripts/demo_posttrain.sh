@@ -7,4 +7,4 @@ PY="${PY:-}"
 if [ -z "$PY" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
-exec "$PY" scripts/demo_posttrain.py "$@"
+exec "$PY" -m scripts.demo_posttrain "$@"

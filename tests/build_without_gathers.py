@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 
+from helpers import dtensor_gathers_refused
 from torch.distributed.tensor import DTensor
 
 import distributed as D
@@ -20,10 +21,6 @@ import train
 from errors import run_cli
 
 _build_run = train.build_run
-
-
-def _refuse(*_args, **_kw):
-    raise AssertionError("a DTensor was gathered while the run was built")
 
 
 def _whole_model(*_args, **_kw):
@@ -43,12 +40,8 @@ def held(module) -> dict:
 
 def build_without_gathers():
     def build(*args, **kw):
-        real = DTensor.full_tensor, DTensor.redistribute
-        DTensor.full_tensor = DTensor.redistribute = _refuse
-        try:
+        with dtensor_gathers_refused("while the run was built"):
             run = _build_run(*args, **kw)
-        finally:
-            DTensor.full_tensor, DTensor.redistribute = real
         reference = getattr(run.objective, "reference", None)
         record = {"policy": held(run.model), "reference": held(reference) if reference is not None else None}
         run.run_dir.mkdir(parents=True, exist_ok=True)

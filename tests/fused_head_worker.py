@@ -20,14 +20,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import distributed as D  # noqa: E402
-import fused_ce  # noqa: E402
-import model as model_mod  # noqa: E402
-import train  # noqa: E402
-from losses import cross_entropy_sum, sequence_logps  # noqa: E402
+import distributed as D
+import fused_ce
+import model as model_mod
+import train
+from losses import cross_entropy_sum, sequence_logps
 
 STEPS = 2
 CHUNK_ROWS = 16  # the fused head's chunk, well under one micro-batch forward's positions

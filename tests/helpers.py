@@ -1,20 +1,44 @@
-"""Helpers shared by the test files: synthetic data through the real data pipeline, the in-process and
-torchrun training runners, metrics readers and a parent checkpoint that differs from random init."""
+"""Helpers shared by the test files: the tiny model most unit tests build, synthetic data through the real data
+pipeline, the in-process and torchrun training runners, metrics readers and a parent checkpoint that differs from
+random init."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import socket
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
+from model import ModelArgs, Transformer
+
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = str(ROOT / "tokenizer.model")
+
+# The unit tests' Llama: two layers, grouped-query attention (4 query heads sharing 2 KV heads, head_dim 16), a
+# vocabulary of 97; milliseconds per forward on CPU. Tests override what they exercise (vocab, dim, tying...).
+TINY_ARGS = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 97, "multiple_of": 32}
+
+
+def tiny_args(**overrides) -> ModelArgs:
+    return ModelArgs(**{**TINY_ARGS, **overrides})
+
+
+def tiny_model(seed: int = 0, std: float = 0.02, global_seed: bool = False, **overrides) -> Transformer:
+    """Transformer(tiny_args(**overrides)), init_weights(std) drawn from a generator seeded with `seed` (values set
+    by the seed and the parameter names alone); with global_seed, from torch's global stream after
+    torch.manual_seed(seed), which the construction draws from first. Left in training mode."""
+    if global_seed:
+        torch.manual_seed(seed)
+    model = Transformer(tiny_args(**overrides))
+    model.init_weights(std=std, generator=None if global_seed else torch.Generator().manual_seed(seed))
+    return model
 
 # A fixed vocabulary and a near-deterministic successor rule: documents are predictable, so the loss
 # falls visibly in a few steps, and the data does not depend on the Python version (unlike docstrings).
@@ -170,6 +194,28 @@ def wandb_records(path: Path) -> list[bytes]:
         if kind in (1, 4):
             out.append(parts)
     return out
+
+
+@contextlib.contextmanager
+def dtensor_gathers_refused(during: str, allowed: Callable | None = None) -> Iterator[None]:
+    """DTensor.full_tensor and DTensor.redistribute (the gathers of a whole tensor onto a rank) raise inside the
+    block, naming `during`, unless `allowed(dtensor)` says that one may be gathered; restored on exit."""
+    from torch.distributed.tensor import DTensor
+
+    real = DTensor.full_tensor, DTensor.redistribute
+
+    def guard(fn):
+        def checked(self, *args, **kw):
+            if allowed is None or not allowed(self):
+                raise AssertionError(f"a DTensor of shape {tuple(self.shape)} was gathered {during}")
+            return fn(self, *args, **kw)
+        return checked
+
+    DTensor.full_tensor, DTensor.redistribute = guard(real[0]), guard(real[1])
+    try:
+        yield
+    finally:
+        DTensor.full_tensor, DTensor.redistribute = real
 
 
 def flop_counter():

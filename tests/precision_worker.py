@@ -13,13 +13,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import config
+import distributed as D
+import precision
+import train
 
-import config  # noqa: E402
-import distributed as D  # noqa: E402
-import precision  # noqa: E402
-import train  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def main(out: Path) -> None:

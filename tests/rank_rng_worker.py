@@ -18,12 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import distributed as D  # noqa: E402
-import lora  # noqa: E402
-import train  # noqa: E402
+import distributed as D
+import lora
+import train
 
 
 def next_values() -> dict:

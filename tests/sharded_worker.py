@@ -31,15 +31,14 @@ from pathlib import Path
 import safetensors
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import config
+import distributed as D
+import optim
+import tokenizer
+import train
+from losses import cross_entropy_sum
 
-import config  # noqa: E402
-import distributed as D  # noqa: E402
-import optim  # noqa: E402
-import tokenizer  # noqa: E402
-import train  # noqa: E402
-from losses import cross_entropy_sum  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class CountingWeights(Mapping):

@@ -34,6 +34,6 @@ def test_gpu_bench_dry_run_runs_a_config_saves_resumes_and_reports(tmp_path):
     assert (out / "table.md").read_text().count("| gpu-125m") == 1
     # a resume that did not continue is a failure of the table and of its exit code
     (run / "b" / "run" / "metrics.jsonl").unlink()
-    t = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_report.py"), "table", str(out)], cwd=ROOT,
+    t = subprocess.run([sys.executable, "-m", "bench.gpu_report", "table", str(out)], cwd=ROOT,
                        env=env, capture_output=True, text=True)
     assert t.returncode == 1 and "**fail**: resume" in t.stdout, t.stdout

@@ -18,12 +18,10 @@ import demo_data
 import load_instruct_dataset as lid
 import objectives
 import tokenizer
+from bench import jobs_common
 from model import Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-
-import jobs_common  # noqa: E402
 
 T = 256
 
@@ -86,6 +84,6 @@ def test_bench_tables_are_written_whole_and_the_orchestrator_stays_torch_free(tm
     write_text_atomic(out, "old\n")
     write_text_atomic(out, "| new |\n")
     assert out.read_text() == "| new |\n" and [p.name for p in tmp_path.iterdir()] == ["table.md"]
-    code = "import sys; sys.path.insert(0, 'bench'); import jobs; print('torch' in sys.modules)"
+    code = "import sys; import bench.jobs; print('torch' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "False"

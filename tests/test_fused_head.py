@@ -32,21 +32,6 @@ def sft_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def dpo_data(tmp_path_factory) -> Path:
-    import data_preparation_utils as dpu
-    import demo_data
-    import tokenizer
-    from load_dpo_dataset import DPOEncoder
-
-    tok = tokenizer.load_tokenizer(TOKENIZER)
-    out = tmp_path_factory.mktemp("dpo") / "dpo"
-    dpu.prepare("dpo", demo_data.demo_preference_set(max_chars=100), out, DPOEncoder(tok, "", T),
-                tokenizer_identity=tok.identity(), source="demo pairs", seed=0, val_fraction=0.0,
-                shard_size=1 << 20, workers=1, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
 def data(tmp_path_factory, pretrain_data, sft_data, dpo_data) -> dict[str, Path]:
     return {"pretrain": pretrain_data, "instruct": sft_data, "dpo": dpo_data,
             "parent": make_parent(tmp_path_factory.mktemp("parent") / "parent")}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_model
 
 import tokenizer as tokenizer_mod
 from errors import UserError
@@ -26,7 +27,7 @@ from generate import (
     left_pad,
     prefill,
 )
-from model import ModelArgs, Transformer
+from model import Transformer
 from model_utils import load_model, smollm2_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,9 +36,7 @@ QUESTION = "What is the capital of France?"
 
 @pytest.fixture(scope="module")
 def tiny() -> Transformer:
-    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=32))
-    model.init_weights(std=0.3, generator=torch.Generator().manual_seed(0))
-    return model.eval()
+    return tiny_model(std=0.3).eval()
 
 
 def test_left_pad_layout():
@@ -368,9 +367,7 @@ def test_generate_cli_compile_flag_decodes_the_same_tokens(monkeypatch, capsys):
     import generate as generate_mod
 
     tok = tokenizer_mod.load_tokenizer(ROOT / "tokenizer.model")
-    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.n_words,
-                                  multiple_of=32, max_seq_len=128))
-    model.init_weights(std=0.3, generator=torch.Generator().manual_seed(0))
+    model = tiny_model(std=0.3, vocab_size=tok.n_words, max_seq_len=128)
     monkeypatch.setattr(generate_mod, "load_model", lambda *a, **kw: (model, model.args))
     calls = []
     real = generate_mod.generate

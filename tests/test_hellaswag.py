@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ import evaluation
 import hellaswag_utils as hs
 import load_hellaswag_dataset as lhd
 from errors import UserError
-from model import ModelArgs, Transformer
+from model import Transformer
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,11 +48,8 @@ class ByteTokenizer(Tokenizer):
 
 
 def tiny_model(seed: int = 0) -> Transformer:
-    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=264, multiple_of=16,
-                     max_seq_len=512)
-    m = Transformer(args)
-    m.init_weights(std=0.3, generator=torch.Generator().manual_seed(seed))  # large std: confident, varied
-    return m.eval()
+    # large std: confident, varied
+    return helpers.tiny_model(seed, std=0.3, dim=32, multiple_of=16, vocab_size=264, max_seq_len=512).eval()
 
 
 # ---- rendering: expected strings derived by hand from lm-eval's preprocess / process_docs -----------------
@@ -364,10 +362,8 @@ def test_cli_end_to_end_matches_in_process(tmp_path: Path) -> None:
     import tokenizer as tokenizer_mod
 
     tok = tokenizer_mod.load_tokenizer(ROOT / "tokenizer.model")
-    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size, multiple_of=16,
-                     max_seq_len=256)
-    model = Transformer(args)
-    model.init_weights(std=0.3, generator=torch.Generator().manual_seed(0))
+    model = helpers.tiny_model(std=0.3, dim=32, multiple_of=16, vocab_size=tok.vocab_size, max_seq_len=256)
+    args = model.args
     model_utils.export_hf(model, args, tmp_path / "hf")
     loaded, _ = model_utils.load_model(tmp_path / "hf")
     want = hs.evaluate(loaded, tok, hs.load_examples(GOLDEN), batch_size=2, progress=False)

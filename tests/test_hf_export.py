@@ -17,13 +17,14 @@ import jinja2
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_args
 from safetensors.torch import save_model
 
 import tokenizer as T
 from bpe import embedded_corpus
 from errors import UserError
 from generate import generate
-from model import ModelArgs, Transformer
+from model import Transformer
 from model_formats import export_hf
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,11 +52,6 @@ DIALOGS = [
 ]
 
 
-def tiny_args(vocab_size: int, seq_len: int = 128) -> ModelArgs:
-    return ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size, multiple_of=32,
-                     max_seq_len=seq_len)
-
-
 @pytest.fixture(scope="module")
 def own() -> T.Tokenizer:
     return T.load_tokenizer(ROOT / "tokenizer.model")
@@ -63,7 +59,7 @@ def own() -> T.Tokenizer:
 
 @pytest.fixture(scope="module")
 def exported(own, tmp_path_factory) -> Path:
-    args = tiny_args(own.vocab_size)
+    args = tiny_args(vocab_size=own.vocab_size, max_seq_len=128)
     model = Transformer(args)
     model.init_weights(generator=torch.Generator().manual_seed(0))
     return export_hf(model, args, tmp_path_factory.mktemp("hf") / "model", tokenizer=own)
@@ -102,7 +98,7 @@ def test_export_writes_a_complete_hf_tokenizer(own, exported, hf_tok):
 
 
 def test_export_refuses_a_tokenizer_larger_than_the_model(own, tmp_path):
-    args = tiny_args(vocab_size=8192)  # the BPE ranks without the 256 specials
+    args = tiny_args(vocab_size=8192, max_seq_len=128)  # the BPE ranks without the 256 specials
     with pytest.raises(UserError, match="8448 tokens but the model only 8192 embeddings"):
         export_hf(Transformer(args), args, tmp_path / "hf", tokenizer=own)
     assert list(tmp_path.iterdir()) == []
@@ -237,7 +233,7 @@ def trained(own, tmp_path_factory) -> tuple[Transformer, Path]:
     """A tiny model trained until it answers QUESTION with ANSWER, saved as our checkpoint (stage root with a
     `latest` pointer, naming its tokenizer)."""
     torch.manual_seed(0)
-    args = tiny_args(own.vocab_size)
+    args = tiny_args(vocab_size=own.vocab_size, max_seq_len=128)
     model = Transformer(args)
     model.init_weights(generator=torch.Generator().manual_seed(1))
     ids, _ = T.ChatFormat(own).encode_dialog([*QUESTION, {"role": "assistant", "content": ANSWER}])
@@ -321,7 +317,7 @@ def _checkpoint_recording(train_dir: Path, tok_record: str, extra: dict | None =
     `tok_record` (as a run that ran in train_dir with TOKENIZER_CHECKPOINT_PATH=tok_record wrote it)."""
     import shutil
 
-    args = tiny_args(T.load_tokenizer(ROOT / "tokenizer.model").vocab_size)
+    args = tiny_args(vocab_size=T.load_tokenizer(ROOT / "tokenizer.model").vocab_size, max_seq_len=128)
     torch.manual_seed(0)
     model = Transformer(args)
     train_dir.mkdir(parents=True)

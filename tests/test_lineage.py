@@ -122,7 +122,6 @@ WORKER = '''
 import json, sys
 from pathlib import Path
 import torch
-sys.path.insert(0, sys.argv[2])
 import checkpoint as ckpt, config, distributed as D, train
 
 out, root = Path(sys.argv[1]), Path(sys.argv[2])

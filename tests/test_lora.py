@@ -6,28 +6,24 @@ from __future__ import annotations
 import json
 import math
 
+import helpers
 import pytest
 import torch
 from torch import nn
 
 import lora
 from errors import UserError
-from model import ModelArgs, Transformer
+from model import Transformer
 
 TARGETS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
 
 
-def tiny_args(**kw) -> ModelArgs:
-    # GQA (4 query heads, 2 KV heads), head_dim 8 so the RoPE permutation of q/k rows is non-trivial.
-    base = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16, max_seq_len=64)
-    return ModelArgs(**(base | kw))
+# head_dim 8 (dim 32, 4 query heads over 2 KV heads) so the RoPE permutation of q/k rows is non-trivial
+SHAPE = {"dim": 32, "multiple_of": 16, "max_seq_len": 64}
 
 
 def tiny_model(seed: int = 0, **kw) -> Transformer:
-    torch.manual_seed(seed)
-    m = Transformer(tiny_args(**kw))
-    m.init_weights(std=0.1)
-    return m
+    return helpers.tiny_model(seed, std=0.1, global_seed=True, **(SHAPE | kw))
 
 
 def randomize_b(model: nn.Module, seed: int = 1, std: float = 0.1) -> None:
@@ -193,7 +189,7 @@ def test_peft_loads_our_adapter_on_our_hf_export(tmp_path):
 
     import model_utils
 
-    args = tiny_args()
+    args = helpers.tiny_args(**SHAPE)
     model = tiny_model(seed=7)
     model_utils.export_hf(model, args, tmp_path / "base")
     lora.apply_lora(model, TARGETS + ["output"], rank=4, alpha=8, dropout=0.05)

@@ -3,6 +3,7 @@ KV-cache decoding and document packing against plain full forwards."""
 
 import pytest
 import torch
+from helpers import tiny_args
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import model as model_module
@@ -82,8 +83,7 @@ def test_export_hf_reloads_in_transformers_with_same_logits(name, tmp_path):
 
 
 def test_kv_cache_decoding_equals_full_forward():
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=32, rope_theta=10000.0)
-    model = random_ours(args, seed=3)
+    model = random_ours(tiny_args(rope_theta=10000.0), seed=3)
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(1, 97, (11,), generator=g).tolist(), torch.randint(1, 97, (4,), generator=g).tolist()]
     steps = 32
@@ -105,8 +105,7 @@ def test_kv_cache_decoding_equals_full_forward():
 
 
 def test_doc_ids_packing_equals_separate_forwards():
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=32)
-    model = random_ours(args, seed=5)
+    model = random_ours(tiny_args(), seed=5)
     g = torch.Generator().manual_seed(6)
     docs = [torch.randint(0, 97, (n,), generator=g) for n in (7, 12, 5)]
     packed = torch.cat(docs)[None]  # (1, 24)

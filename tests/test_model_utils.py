@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 from safetensors.torch import save_model
@@ -20,13 +21,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def tiny_model(tie: bool = False, scaling: bool = True, seed: int = 0) -> tuple[Transformer, ModelArgs]:
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, multiple_of=32, max_seq_len=64,
-                     tie_embeddings=tie, rope_theta=10000.0,
-                     rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                   "original_max_position_embeddings": 8192} if scaling else None)
-    model = Transformer(args)
-    model.init_weights(std=0.1, generator=torch.Generator().manual_seed(seed))
-    return model.eval(), args
+    model = helpers.tiny_model(seed, std=0.1, vocab_size=96, max_seq_len=64, tie_embeddings=tie, rope_theta=10000.0,
+                               rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                             "original_max_position_embeddings": 8192} if scaling else None)
+    return model.eval(), model.args
 
 
 def same_weights(a: Transformer, b: Transformer) -> bool:

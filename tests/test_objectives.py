@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
@@ -58,11 +59,8 @@ def ref_kl_sum(student, teacher, mask, T):
 
 
 def tiny_model(seed: int = 0, vocab: int = 32) -> Transformer:
-    torch.manual_seed(seed)
-    m = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, multiple_of=16,
-                              max_seq_len=16, rope_theta=10000.0))
-    m.init_weights(std=0.2)
-    return m
+    return helpers.tiny_model(seed, std=0.2, global_seed=True, dim=32, multiple_of=16, vocab_size=vocab,
+                              max_seq_len=16, rope_theta=10000.0)
 
 
 def dpo_batch(B: int = 3, T: int = 10, vocab: int = 32, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -338,9 +336,8 @@ def test_language_modeling_fused_head_equals_plain_cross_entropy(tied):
     # LanguageModeling.loss fuses the LM head with the loss for our bare Transformer; the loss and every
     # gradient must equal torch's cross-entropy over the full logits (IGNORE_INDEX positions excluded)
     torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32, multiple_of=16,
-                                  max_seq_len=16, tie_embeddings=tied))
-    model.init_weights(std=0.3, generator=torch.Generator().manual_seed(3))
+    model = helpers.tiny_model(3, std=0.3, dim=32, multiple_of=16, vocab_size=32, max_seq_len=16,
+                               tie_embeddings=tied)
     assert obj.is_ours(model)
     batch = lm_batch()
     loss, _ = obj.Pretrain().loss(model, batch)

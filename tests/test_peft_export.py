@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, make_parent, run_inprocess, shift_model_weights, subprocess_env, torchrun
+from helpers import (
+    ROOT,
+    make_parent,
+    run_inprocess,
+    shift_model_weights,
+    subprocess_env,
+    tiny_model,
+    torchrun,
+)
 from safetensors.torch import load_file, save_file
 
 import checkpoint as ckpt
@@ -257,10 +265,8 @@ def test_export_refuses_a_base_changed_since_training(lora_run, tmp_path):
 def test_tied_embeddings_with_an_output_adapter_export_unmerged(tmp_path):
     """A tied output layer with an adapter cannot be merged (the embedding would change too); unmerged, as
     PEFT keeps it, the export gives our logits."""
-    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16, max_seq_len=64,
-                     tie_embeddings=True)
-    model = Transformer(args)
-    model.init_weights(std=0.1, generator=torch.Generator().manual_seed(3))
+    model = tiny_model(3, std=0.1, dim=32, multiple_of=16, max_seq_len=64, tie_embeddings=True)
+    args = model.args
     model_utils.export_meta(model, args, tmp_path / "base")
     lora.apply_lora(model, TARGETS.split(","), rank=4, alpha=8.0)
     with torch.no_grad():

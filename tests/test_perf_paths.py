@@ -18,6 +18,7 @@
 import math
 import weakref
 
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
@@ -104,10 +105,7 @@ def test_rope_matches_the_published_pairwise_rotation():
 
 @pytest.fixture(scope="module")
 def tiny_model() -> Transformer:
-    m = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=257, multiple_of=32,
-                              tie_embeddings=True, max_seq_len=64))
-    m.init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
-    return m
+    return helpers.tiny_model(std=0.2, vocab_size=257, tie_embeddings=True, max_seq_len=64)
 
 
 @pytest.mark.parametrize("mask_kind", ["causal", "docs", "padded"])

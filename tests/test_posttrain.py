@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import objective_steps
+from helpers import objective_steps, tiny_model
 
 import config
 import data_preparation_utils as dpu
@@ -19,7 +19,7 @@ import objectives as obj
 import precision
 import tokenizer as tk
 from load_instruct_dataset import SFTEncoder
-from model import ModelArgs, Transformer
+from model import Transformer
 from objective_caches import concat_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,11 +73,8 @@ def sft_data(tmp_path_factory):
 
 
 def tiny(vocab: int) -> Transformer:
-    torch.manual_seed(0)
-    m = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, multiple_of=16,
-                              max_seq_len=T, rope_theta=10000.0))
-    m.init_weights()
-    return m
+    return tiny_model(0, global_seed=True, dim=32, multiple_of=16, vocab_size=vocab, max_seq_len=T,
+                      rope_theta=10000.0)
 
 
 @pytest.mark.parametrize("packed", [False, True])

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from helpers import tiny_args
 from torch import nn
 
 from generate import generate
@@ -32,8 +33,7 @@ def test_int8_linear_equals_the_dequantized_weight(dtype, tol):
 
 def test_int8_generate_equals_greedy_with_dequantized_weights():
     torch.manual_seed(0)
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=32, max_seq_len=64,
-                     tie_embeddings=True)
+    args = tiny_args(max_seq_len=64, tie_embeddings=True)
     model = Transformer(args).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ref = copy.deepcopy(model)

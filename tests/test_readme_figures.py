@@ -7,16 +7,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.append(str(ROOT / "bench"))  # appended: bench/memory_plan.py must not shadow the project's memory_plan
+from bench import readme_tables, results_file
 
-import readme_tables  # noqa: E402
-import results_file  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 README = (ROOT / "README.md").read_text()
 
@@ -25,7 +22,7 @@ README = (ROOT / "README.md").read_text()
 def test_tables_are_the_result_files_rendered(doc):
     text = doc.read_text()
     assert readme_tables.render(text) == text, f"{doc.name}'s tables differ from bench/results/: run " \
-                                               "python bench/readme_tables.py"
+                                               "python -m bench.readme_tables"
 
 
 def test_every_table_is_placed_in_a_document():

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from helpers import ROOT, TOKENIZER, make_parent, read_metrics, run_inprocess, torchrun, train_losses
+from helpers import ROOT, make_parent, read_metrics, run_inprocess, torchrun, train_losses
 
 import config
 import lora
@@ -18,21 +18,6 @@ import train
 from model import Transformer
 
 NO_GATHER_BUILD = ROOT / "tests" / "build_without_gathers.py"
-
-
-@pytest.fixture(scope="module")
-def dpo_data(tmp_path_factory):
-    import data_preparation_utils as dpu
-    import demo_data
-    import tokenizer
-    from load_dpo_dataset import DPOEncoder
-
-    tok = tokenizer.load_tokenizer(TOKENIZER)
-    out = tmp_path_factory.mktemp("dpo") / "dpo"
-    dpu.prepare("dpo", demo_data.demo_preference_set(max_chars=100), out, DPOEncoder(tok, "", 64),
-                tokenizer_identity=tok.identity(), source="demo pairs", seed=0, val_fraction=0.0,
-                shard_size=1 << 20, workers=1, progress=False)
-    return out
 
 
 def _two_ranks_equal_one(tmp_path, data, **kw) -> list[dict]:

@@ -333,21 +333,6 @@ def test_eval_hooks_hellaswag_and_samples(tmp_path, pretrain_data, capsys):
 # ---- objective metrics in the step record; DPO resume keeps the reference ---------------------------------
 
 
-@pytest.fixture(scope="module")
-def dpo_data(tmp_path_factory) -> Path:
-    import data_preparation_utils as dpu
-    import demo_data
-    import tokenizer
-    from load_dpo_dataset import DPOEncoder
-
-    tok = tokenizer.load_tokenizer(TOKENIZER)
-    out = tmp_path_factory.mktemp("dpo") / "dpo"
-    dpu.prepare("dpo", demo_data.demo_preference_set(max_chars=100), out, DPOEncoder(tok, "", 64),
-                tokenizer_identity=tok.identity(), source="demo pairs", seed=0, val_fraction=0.0,
-                shard_size=1 << 20, workers=1, progress=False)
-    return out
-
-
 def test_distillation_metrics_logged_per_target(tmp_path, pretrain_data):
     """ce and kd are logged per target token; with the teacher = the student's starting weights the step-1 KL
     is 0 and ce is the parent's plain cross-entropy on the step's 8 sequences (computed here independently)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 
-from torch.distributed.tensor import DTensor
+from helpers import dtensor_gathers_refused
 
 import checkpoint
 import train
@@ -23,22 +23,15 @@ def save_gathering_adapters_only(*args, **kw):
     adapters = {p.to_local().data_ptr(): name for name, p in model.named_parameters()
                 if name.endswith((".lora_a", ".lora_b"))}
     gathered: list[str] = []
-    real = DTensor.full_tensor, DTensor.redistribute
 
-    def guard(fn):
-        def checked(self, *a, **k):
-            ptr = self._local_tensor.data_ptr()
-            if ptr not in adapters:
-                raise AssertionError(f"a DTensor that is not an adapter weight was gathered: shape {tuple(self.shape)}")
-            gathered.append(adapters[ptr])
-            return fn(self, *a, **k)
-        return checked
+    def adapter(dtensor) -> bool:
+        name = adapters.get(dtensor._local_tensor.data_ptr())
+        if name is not None:
+            gathered.append(name)
+        return name is not None
 
-    DTensor.full_tensor, DTensor.redistribute = guard(real[0]), guard(real[1])
-    try:
+    with dtensor_gathers_refused("during a checkpoint save (not an adapter weight)", allowed=adapter):
         out = _save(*args, **kw)
-    finally:
-        DTensor.full_tensor, DTensor.redistribute = real
     # one write per line: the ranks share the launcher's stdout, and print() writes the text and its newline
     # separately, so two ranks' lines could interleave
     os.write(sys.stdout.fileno(), f"saved step {args[1]} gathering {len(set(gathered))} of {len(adapters)} adapter "

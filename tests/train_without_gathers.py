@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from torch.distributed.tensor import DTensor
+from helpers import dtensor_gathers_refused
 
 import checkpoint
 import train
@@ -15,17 +15,9 @@ from errors import run_cli
 _save = checkpoint.Checkpointer.save
 
 
-def _refuse(*_args, **_kw):
-    raise AssertionError("a DTensor was gathered during a checkpoint save")
-
-
 def save_without_gathers(*args, **kw):  # (checkpointer, step, ...)
-    real = DTensor.full_tensor, DTensor.redistribute
-    DTensor.full_tensor = DTensor.redistribute = _refuse
-    try:
+    with dtensor_gathers_refused("during a checkpoint save"):
         out = _save(*args, **kw)
-    finally:
-        DTensor.full_tensor, DTensor.redistribute = real
     print(f"saved step {args[1]} with DTensor gathers refused", flush=True)
     return out
 
