@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS: dict[str, tuple[str, ...]] = {
     "foundation": ("errors", "fileio", "settings_table", "precision", "moe", "model", "losses", "bpe", "fused_ce",
                    "distributed", "run_control", "logger", "optim", "demo_data", "memory_plan", "quantize"),
-    "settings": ("config",),
+    "settings": ("config", "config_sections"),
     "data": ("tokenizer", "data_manifest", "data_preparation_utils", "data_sources", "dataloaders",
              "load_pretrain_dataset", "load_instruct_dataset", "load_dpo_dataset"),
     "model": ("model_formats", "lora", "checkpoint", "model_utils"),
