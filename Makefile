@@ -47,8 +47,11 @@ demo-posttrain: setup
 bench: setup
 	$(PY) -m bench.run_all --save run_all
 
+# mypy checks the modules [tool.mypy] in pyproject.toml lists (their types, with the typed settings groups of
+# config_sections.py).
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	bash -n bench/gpu.sh scripts/demo_posttrain.sh
 	if command -v shellcheck >/dev/null; then shellcheck bench/gpu.sh scripts/demo_posttrain.sh; fi
 

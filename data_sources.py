@@ -89,7 +89,7 @@ def open_dataset(spec: str, name: str | None = None, split: str = "train") -> tu
     return iter_hub(spec, name, split), f"hf {spec} name={name} split={split}"
 
 
-def with_text_field(records: Iterator[Any], text_field: str, where: str) -> Iterator[Any]:
+def with_text_field(records: Iterable[Any], text_field: str, where: str) -> Iterator[Any]:
     """dict records -> their text; a record without a string text field becomes dpu.Malformed (skipped)."""
     for n, rec in enumerate(records):
         if isinstance(rec, dict):
@@ -173,19 +173,20 @@ def parse_cli(parser: argparse.ArgumentParser, argv: list[str] | None):
     return args, config.load_config(args.env_file, overrides)
 
 
-def shard_size_for(cfg: Any, mix: dict[str, Any] | None) -> int:
+def shard_size_for(cfg: config.Config, mix: dict[str, Any] | None) -> int:
     if mix and mix.get("shard_size") and cfg.source("SHARD_SIZE") in ("", "default", None):
         return int(mix["shard_size"])
     return int(cfg["SHARD_SIZE"])
 
 
-def prepare_from_cli(kind: str, args: argparse.Namespace, cfg: Any, *, mix_key: str, out_key: str,
-                     demo: Callable[[], tuple[Iterable[Any], str]], make_encoder: Callable[[Any], Any],
+def prepare_from_cli(kind: str, args: argparse.Namespace, cfg: config.Config, *, mix_key: str, out_key: str,
+                     demo: Callable[[], tuple[Iterable[Any], str]], make_encoder: Callable[[tokenizer.Tokenizer], Any],
                      text_field: str | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the three dataset CLIs share after parsing: pick the records (--dataset, else --mix or the `mix_key`
     setting, else the offline demo set), load the tokenizer, write the shards. text_field None keeps dict
     records (SFT/DPO); the demo set gets at least DEMO_MIN_VAL_FRACTION."""
     mix_file = args.mix or cfg[mix_key]
+    records: Iterable[Any]
     mix, val_fraction = None, cfg["VAL_FRACTION"]
     if args.dataset:
         records, desc = open_dataset(args.dataset, args.name, args.split)

@@ -32,6 +32,7 @@ import data_preparation_utils as dpu
 import demo_data
 from data_sources import common_args, parse_cli, prepare_from_cli
 from errors import run_cli
+from tokenizer import Tokenizer
 
 FORMATS = ("auto", "messages", "sharegpt", "alpaca")
 
@@ -90,7 +91,7 @@ class SFTEncoder(dpu.ChatEncoder):
 
     kind = "sft"
 
-    def __init__(self, tok: Any, system_prompt: str, max_turns: int, max_seq_len: int, fmt: str = "auto"):
+    def __init__(self, tok: Tokenizer, system_prompt: str, max_turns: int, max_seq_len: int, fmt: str = "auto"):
         super().__init__(tok, system_prompt, max_seq_len)
         self.max_turns, self.fmt = max_turns, fmt
 

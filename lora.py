@@ -21,6 +21,7 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -300,7 +301,7 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
 
 def _rope_heads(model: nn.Module, attr: str) -> int | None:
     """How many heads the rows of wq / wk hold (they need the RoPE permutation); None for others."""
-    args = getattr(unwrap(model), "args", None)
+    args: Any = getattr(unwrap(model), "args", None)
     if attr == "wq":
         return args.n_heads
     if attr == "wk":

@@ -138,7 +138,7 @@ def hf_to_ours(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str
         if ours.endswith("attention.wq.weight"):
             t = unpermute_rotate_half(t, args.n_heads)
         elif ours.endswith("attention.wk.weight"):
-            t = unpermute_rotate_half(t, args.n_kv_heads)
+            t = unpermute_rotate_half(t, args.n_kv_heads)  # type: ignore[arg-type]  # ModelArgs.__post_init__ sets n_kv_heads
         out[ours] = t
     if args.tie_embeddings:
         out.pop("output.weight", None)
@@ -162,7 +162,7 @@ def _to_hf(name: str, t: torch.Tensor, args: ModelArgs, to_hf: dict[str, str]) -
     if name.endswith("attention.wq.weight"):
         t = permute_rotate_half(t, args.n_heads)
     elif name.endswith("attention.wk.weight"):
-        t = permute_rotate_half(t, args.n_kv_heads)
+        t = permute_rotate_half(t, args.n_kv_heads)  # type: ignore[arg-type]  # ModelArgs.__post_init__ sets n_kv_heads
     return [(to_hf[name], t)]
 
 
@@ -211,7 +211,7 @@ def _args_from_hf_config(cfg: dict, where: Path) -> ModelArgs:
     if cfg.get("head_dim") not in (None, dim // n_heads):
         raise UserError(f"{where}/config.json has head_dim={cfg['head_dim']} but hidden_size/num_heads="
                         f"{dim // n_heads}; model.py requires head_dim == dim / n_heads")
-    rope = dict(cfg.get("rope_parameters") or {})  # transformers >= 5 keeps theta and scaling here
+    rope: dict[str, Any] = dict(cfg.get("rope_parameters") or {})  # transformers >= 5 keeps theta and scaling here
     scaling = cfg.get("rope_scaling") or rope
     rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
     if rope_type not in ("default", "llama3"):
@@ -318,7 +318,7 @@ def open_hf(path: Path) -> tuple[ModelArgs, Mapping[str, torch.Tensor]]:
             t = h.get_tensor(to_hf[name])
         return hf_to_ours({to_hf[name]: t}, replace(args, tie_embeddings=False))[name]
 
-    def read_rows(name: str, start: int, stop: int) -> torch.Tensor:
+    def read_rows(name: str, start: int, stop: int) -> tuple[tuple[int, ...], torch.Tensor]:
         heads = (args.n_heads if name.endswith("attention.wq.weight") else
                  args.n_kv_heads if name.endswith("attention.wk.weight") else None)
         with safe_open(where[to_hf[name]], framework="pt") as h:
@@ -625,7 +625,7 @@ def export_meta(model: Transformer, args: ModelArgs, out_dir: str | os.PathLike,
     if args.moe_num_experts:
         raise UserError("cannot export a Mixture-of-Experts model in Meta's Llama format (it has no experts): "
                         "use --format hf (a MixtralForCausalLM directory)")
-    if n_shards < 1 or args.n_kv_heads % n_shards or args.vocab_size % n_shards or args.hidden_dim % n_shards:
+    if n_shards < 1 or args.n_kv_heads % n_shards or args.vocab_size % n_shards or args.hidden_dim % n_shards:  # type: ignore[operator]  # ModelArgs.__post_init__ sets n_kv_heads
         raise UserError(f"n_shards={n_shards} must divide n_kv_heads={args.n_kv_heads}, "
                         f"vocab_size={args.vocab_size} and the FFN size {args.hidden_dim}")
     sd = _cpu_state(model)  # Meta's checkpoints always hold output.weight, tied or not

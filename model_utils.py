@@ -58,7 +58,7 @@ from model_formats import (
     open_meta,
 )
 from settings_table import PRESETS
-from tokenizer import load_tokenizer
+from tokenizer import Tokenizer, load_tokenizer
 
 
 # ---- building -------------------------------------------------------------------------------------
@@ -344,7 +344,7 @@ _LOADERS: dict[str, Callable[[Path], tuple[ModelArgs, dict[str, torch.Tensor]]]]
 
 # ---- HF export of a checkpoint without building the model ---------------------------------------------
 def export_hf_from_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike,
-                              dtype: torch.dtype = torch.float32, tokenizer=None) -> Path:
+                              dtype: torch.dtype = torch.float32, tokenizer: Tokenizer | None = None) -> Path:
     """A checkpoint of ours (written by any number of ranks; not a LoRA one) -> an HF directory like export_hf's,
     assembled and written one tensor at a time: no rank's full model in memory, no gather."""
     kind, path = resolve_source(source)
@@ -381,7 +381,8 @@ def _lora_checkpoint(source: str | os.PathLike) -> Path:
 
 
 def export_peft(source: str | os.PathLike, out_dir: str | os.PathLike, base_out: str | os.PathLike | None = None,
-                base_id: str | None = None, dtype: torch.dtype = torch.float32, tokenizer=None) -> Path:
+                base_id: str | None = None, dtype: torch.dtype = torch.float32,
+                tokenizer: Tokenizer | None = None) -> Path:
     """A LoRA checkpoint of ours -> `out_dir` with adapter_config.json + adapter_model.safetensors in PEFT's
     format (the adapters unmerged), and its base (loaded through load_model, fingerprint-checked) as an HF
     directory at `base_out` (default `<out_dir>/base`, with `tokenizer`), whose absolute path the config names
@@ -430,7 +431,7 @@ def _check_base_id(base_id: str, path: Path, model: Transformer, dtype: torch.dt
 
 
 # ---- counting ---------------------------------------------------------------------------------------
-def count_parameters(model: torch.nn.Module, exclude_embeddings: bool = False) -> int:
+def count_parameters(model: Transformer, exclude_embeddings: bool = False) -> int:
     """Unique parameters (a tied output/embedding matrix counts once). exclude_embeddings drops the
     input embedding table (Kaplan et al.'s "non-embedding" N), even when the output shares it."""
     n = sum(p.numel() for p in model.parameters())  # parameters() already yields shared tensors once
@@ -447,7 +448,7 @@ def matmul_weights(args: ModelArgs) -> tuple[int, int]:
     ffn = 3 * args.dim * args.hidden_dim
     if args.moe_num_experts:
         ffn = args.dim * args.moe_num_experts + (args.moe_top_k + args.moe_shared_expert) * ffn
-    per_layer = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads) + ffn
+    per_layer = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads) + ffn  # type: ignore[operator]  # ModelArgs.__post_init__ sets n_kv_heads
     return args.n_layers * per_layer, args.vocab_size * args.dim
 
 
@@ -622,14 +623,16 @@ def _plan_cli(a: argparse.Namespace) -> int:
           f"{'on' if ac else 'off'}, micro-batch {B} x {T} tokens, grad accumulation {accum}"
           f"{f' ({mode})' if accum > 1 else ''}{f', from {a.env_file}' if a.env_file else ''}")
     full_copy = next(iter(plans.values())).unsharded_accumulation
-    rows = [("parameters (fp32 shard)", lambda p: _size(p.parameters)),
-            (f"gradients (fp32 {'full copy' if full_copy else 'shard'})", lambda p: _size(p.gradients)),
-            ("optimizer state", lambda p: _size(p.optimizer)),
-            ("activations", lambda p: _size(p.activations)),
-            ("transient at peak", lambda p: _size(p.transient)),
-            ("peak", lambda p: _size(p.peak)),
-            ("peak at", lambda p: p.peak_at)]
-    rows += [(f"fits {gb} GB", lambda p, gb=gb: "yes" if p.fits(gb) else "no") for gb in memory_plan.GPU_SIZES_GB]
+    rows: list[tuple[str, Callable[[memory_plan.MemoryPlan], str]]] = [
+        ("parameters (fp32 shard)", lambda p: _size(p.parameters)),
+        (f"gradients (fp32 {'full copy' if full_copy else 'shard'})", lambda p: _size(p.gradients)),
+        ("optimizer state", lambda p: _size(p.optimizer)),
+        ("activations", lambda p: _size(p.activations)),
+        ("transient at peak", lambda p: _size(p.transient)),
+        ("peak", lambda p: _size(p.peak)),
+        ("peak at", lambda p: p.peak_at)]
+    rows += [(f"fits {gb} GB", lambda p, gb=gb: "yes" if p.fits(gb) else "no")  # type: ignore[misc]  # mypy infers no lambda with a default
+             for gb in memory_plan.GPU_SIZES_GB]
     print(f"{'per GPU':<26}" + "".join(f"{o:>18}" for o in names))
     for label, cell in rows:
         print(f"{label:<26}" + "".join(f"{cell(plans[o]):>18}" for o in names))
@@ -655,7 +658,7 @@ def _is_full_checkpoint(source: str) -> bool:
     return kind == "ours" and not read_json(path / ckpt.CONFIG_FILE).get("lora")
 
 
-def _export_tokenizer(a: argparse.Namespace):
+def _export_tokenizer(a: argparse.Namespace) -> Tokenizer | None:
     """The tokenizer an HF export writes: --tokenizer, else the model's; none with --no-tokenizer. Not finding
     it is an error (an HF directory without its tokenizer fails in transformers later, far from the cause)."""
     if a.no_tokenizer:

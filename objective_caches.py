@@ -42,7 +42,7 @@ def logits_of(model: nn.Module, input_ids: torch.Tensor, doc_ids: torch.Tensor |
 
 def vocab_size_of(model: nn.Module) -> int:
     m = unwrap(model)
-    args: Any = getattr(m, "args", None) or getattr(m, "config", None)  # ModelArgs, or a transformers config
+    args: Any = getattr(m, "args", None) or getattr(m, "config", None)  # ModelArgs, or an HF model's config
     return int(args.vocab_size)
 
 

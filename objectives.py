@@ -132,12 +132,12 @@ class Objective:
     def __init__(self, cfg: Any = None):
         self.cfg = cfg
 
-    def setup(self, model: nn.Module, tokenizer: Any, device: torch.device) -> dict[str, Any]:
+    def setup(self, model: nn.Module, tokenizer: tokenizer.Tokenizer, device: torch.device) -> dict[str, Any]:
         """Build frozen helpers (teacher, reference) from the UNWRAPPED model, before parallelizing.
         Returns banner facts for the loop to print (empty when there are no helpers)."""
         return {}
 
-    def loader_options(self, tokenizer: Any) -> dict[str, Any]:
+    def loader_options(self, tokenizer: tokenizer.Tokenizer) -> dict[str, Any]:
         """Extra keyword arguments for dataloaders.build_loader (how this objective's batches are cut)."""
         return {}
 
@@ -152,7 +152,8 @@ class Objective:
 
     def shape(self, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
         """(rows, width) of the trained model's forward on this micro-batch: its B x T as fed to the model."""
-        return tuple(batch["input_ids"].shape)
+        rows, width = batch["input_ids"].shape
+        return rows, width
 
     def loss_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         """Targets that carry loss in this micro-batch (labels other than IGNORE_INDEX)."""
@@ -237,7 +238,7 @@ class Pretrain(LanguageModeling):
 
     name, batch_format = "pretrain", "pretrain"
 
-    def loader_options(self, tokenizer):
+    def loader_options(self, tokenizer: tokenizer.Tokenizer) -> dict[str, Any]:
         if self.cfg is None or not self.cfg.data.pretrain_doc_masking:
             return {}
         return {"doc_delimiters": (tokenizer.bos_id, tokenizer.eos_id),
@@ -263,17 +264,17 @@ class Distillation(Objective):
 
     requires_language_modeling = True
 
-    def __init__(self, cfg: Any, base: LanguageModeling, teacher: nn.Module | None = None):
+    def __init__(self, cfg: config.Config, base: LanguageModeling, teacher: nn.Module | None = None):
         super().__init__(cfg)
         self.base = base
         self.name, self.batch_format = f"{base.name}+distill", base.batch_format
         d = cfg.distill
         self.alpha, self.temperature = float(d.distillation_alpha), float(d.distillation_temperature)
         self.teacher: nn.Module | None = teacher
-        self.cache = None
+        self.cache: TeacherCache | None = None
         self.teacher_memory_bytes = 0
 
-    def setup(self, model, tokenizer, device):
+    def setup(self, model: nn.Module, tokenizer: tokenizer.Tokenizer, device: torch.device) -> dict[str, Any]:
         _require_unwrapped(model)
         d = self.cfg.distill
         student_vocab = vocab_size_of(model)
@@ -301,7 +302,7 @@ class Distillation(Objective):
                                     "or use the cache's")
             teacher_vocab, where = self.cache.vocab_size, f"TEACHER_CACHE_PATH={d.teacher_cache_path}"
             self.teacher_memory_bytes = 0
-            info = {"teacher": f"cache {d.teacher_cache_path} (top-{self.cache.top_k})"}
+            info: dict[str, Any] = {"teacher": f"cache {d.teacher_cache_path} (top-{self.cache.top_k})"}
         else:
             dtype = precision.inference_dtype(d.teacher_precision, device)
             if self.teacher is None:
@@ -323,7 +324,7 @@ class Distillation(Objective):
     def units(self, batch):
         return self.base.units(batch)
 
-    def loader_options(self, tokenizer):
+    def loader_options(self, tokenizer: tokenizer.Tokenizer) -> dict[str, Any]:
         return self.base.loader_options(tokenizer)
 
     def frozen_flops(self, batch):
@@ -348,6 +349,7 @@ class Distillation(Objective):
                 raise UserError(f"teacher cache rows hold {logps.shape[1]} positions, batches {student_logits.shape[1]}"
                                 ": rebuild the cache with the same MAX_SEQ_LEN")
             return topk_distillation_loss_sum(student_logits, logps, ids, mask, self.temperature, tail)
+        assert self.teacher is not None, "setup() loads the teacher when there is no cache"
         with torch.no_grad():
             teacher_logits = logits_of(self.teacher, batch["input_ids"], batch.get("doc_ids"), batch.get("positions"))
         return distillation_loss_sum(student_logits, teacher_logits, mask, self.temperature)
@@ -386,15 +388,15 @@ class DirectPreferenceOptimization(Objective):
 
     name, batch_format = "dpo", "dpo"
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: config.Config):
         super().__init__(cfg)
         d = cfg.dpo
         self.beta, self.label_smoothing, self.loss_type = float(d.dpo_beta), float(d.dpo_label_smoothing), d.dpo_loss_type
         self.reference: nn.Module | None = None
         self.base_model: nn.Module | None = None  # the unwrapped policy, for the adapters-off reference pass
-        self.ref_cache = None
+        self.ref_cache: ReferenceCache | None = None
 
-    def setup(self, model, tokenizer, device):
+    def setup(self, model: nn.Module, tokenizer: tokenizer.Tokenizer, device: torch.device) -> dict[str, Any]:
         _require_unwrapped(model)
         path = self.cfg.dpo.dpo_reference_logps_path
         if path:
@@ -406,7 +408,7 @@ class DirectPreferenceOptimization(Objective):
             self.base_model = model
             return {"reference": "policy with LoRA adapters disabled", "reference_memory_mb": 0.0}
         self.reference = freeze(copy.deepcopy(model))  # on the meta device too: fill_frozen fills it
-        if self.reference.tok_embeddings.weight.is_meta:
+        if self.reference.tok_embeddings.weight.is_meta:  # type: ignore[union-attr]  # a Transformer's nn.Embedding
             return {"reference": "frozen copy of the initial policy, sharded like it (FSDP2)",
                     "reference_memory_mb": round(_memory_bytes(self.reference) / world_size() / 2**20, 1)}
         return {"reference": "frozen copy of the initial policy",
@@ -491,7 +493,7 @@ class ReferenceFreePreference(Objective):
 
     batch_format = "dpo"
 
-    def setup(self, model, tokenizer, device):
+    def setup(self, model: nn.Module, tokenizer: tokenizer.Tokenizer, device: torch.device) -> dict[str, Any]:
         _require_unwrapped(model)
         return {"reference": "none (reference-free)", "reference_memory_mb": 0.0}
 
@@ -563,17 +565,17 @@ class RouterLosses(Objective):
     Frozen helpers (a teacher, a DPO reference) run without gradients and leave the router state alone.
     """
 
-    def __init__(self, cfg: Any, base: Objective):
+    def __init__(self, cfg: config.Config, base: Objective):
         super().__init__(cfg)
         self.base = base
         self.name, self.batch_format = f"{base.name}+moe", base.batch_format
         self.lb_weight, self.z_weight = cfg.training.moe_load_balance_weight, cfg.training.moe_z_loss_weight
         self.top_k = cfg.model.moe_top_k
 
-    def setup(self, model, tokenizer, device):
+    def setup(self, model: nn.Module, tokenizer: tokenizer.Tokenizer, device: torch.device) -> dict[str, Any]:
         return self.base.setup(model, tokenizer, device)
 
-    def loader_options(self, tokenizer):
+    def loader_options(self, tokenizer: tokenizer.Tokenizer) -> dict[str, Any]:
         return self.base.loader_options(tokenizer)
 
     def fill_frozen(self, model, device, compute_dtype):
@@ -620,7 +622,7 @@ WRAPPERS: dict[tuple[str, str], type[Objective]] = {
 }
 
 
-def build_objective(cfg: Any) -> Objective:
+def build_objective(cfg: config.Config) -> Objective:
     """The objective for cfg.training.training_stage, wrapped by every enabled term (table lookups)."""
     stage = cfg.training.training_stage
     if stage not in OBJECTIVES:
@@ -631,14 +633,14 @@ def build_objective(cfg: Any) -> Objective:
         if getattr(getattr(cfg, group), key):
             if wrapper.requires_language_modeling and not isinstance(objective, LanguageModeling):
                 raise UserError(f"{key.upper()}=true combines with pretrain or instruct, not TRAINING_STAGE={stage}")
-            objective = wrapper(cfg, objective)
+            objective = wrapper(cfg, objective)  # type: ignore[call-arg]  # a wrapper takes (cfg, base)
     return objective
 
 
 # ---- CLI: precompute frozen-model outputs ----------------------------------------------------------
 
 
-def document_attention(cfg: Any, batch_format: str) -> dict[str, bool]:
+def document_attention(cfg: config.Config, batch_format: str) -> dict[str, bool]:
     """What a pretraining teacher's outputs depend on besides the tokens: per-document attention and
     positions (PRETRAIN_DOC_MASKING / PRETRAIN_DOC_RESET_POSITIONS); recorded in a teacher cache's manifest."""
     pretrain = batch_format == "pretrain"
@@ -647,14 +649,15 @@ def document_attention(cfg: Any, batch_format: str) -> dict[str, bool]:
             and bool(cfg["PRETRAIN_DOC_RESET_POSITIONS"])}
 
 
-def _cache_loader(cfg: Any, kind: str, data: str, batch_size: int, tok: Any, options: dict[str, Any]):
+def _cache_loader(cfg: config.Config, kind: str, data: str, batch_size: int, tok: tokenizer.Tokenizer,
+                  options: dict[str, Any]):
     return dataloaders.build_loader(
         kind, data, "train", seq_len=cfg["MAX_SEQ_LEN"], micro_batch=batch_size, global_batch=batch_size,
         rank=0, world_size=1, seed=cfg["SEED"], pad_id=tok.pad_id,
         packed=kind == "sft" and cfg["SFT_BATCHING"] == "packed", tokenizer_identity=tok.identity(), **options)
 
 
-def build_cache(kind: str, cfg: Any, model_source: str, data: str, out: str, top_k: int = 64,
+def build_cache(kind: str, cfg: config.Config, model_source: str, data: str, out: str, top_k: int = 64,
                 batch_size: int = 8, device: str = "cpu") -> dict[str, Any]:
     """Run a frozen model once over one epoch of the train shards (the loader's own samples, world size 1)
     and store its outputs per `sample_index` (see write_cache). Returns the manifest."""

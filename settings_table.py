@@ -15,7 +15,7 @@ from typing import Any
 class Setting:
     key: str
     group: str
-    kind: str  # int | float | bool | str | list | floats | json | optint
+    kind: str  # int | float | bool | str | list | floats | json (config.convert reads it; config_sections types it)
     default: Any
     help: str
     choices: tuple | None = None

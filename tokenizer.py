@@ -97,7 +97,8 @@ def _may_hold_long_run(text: str, max_run: int = MAX_NO_WHITESPACES_CHARS) -> bo
     h = max(max_run // 2, 1)
     for p in range(0, len(text) - h, h):
         run = _SPACE_RUN if text[p].isspace() else _WORD_RUN
-        if run.match(text, p, p + h + 1).end() > p + h:
+        m = run.match(text, p, p + h + 1)  # `\s*` and `\S*` match (maybe empty) at every position
+        if m is not None and m.end() > p + h:
             return True
     return False
 
@@ -504,7 +505,7 @@ def _from_gguf(path: Path) -> HFTokenizer:
     model = meta.get("tokenizer.ggml.model")
     if model != "gpt2":  # SentencePiece-style vocabularies: let transformers' converter handle them
         return _from_transformers(str(path.parent), "gguf", prepends_bos=add_bos, gguf_file=path.name)
-    tokens: list[str] = meta.get("tokenizer.ggml.tokens")
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
     types: list[int] = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     pre = meta.get("tokenizer.ggml.pre", "default")
@@ -539,6 +540,7 @@ def save_hf_tokenizer(tok: Tokenizer, out_dir: str | Path, model_max_length: int
     tiktoken: tokenizer.json is `to_hf_backend()`, the chat template LLAMA3_CHAT_TEMPLATE (ChatFormat's
     format). HF / GGUF: their own backend and chat template."""
     out = Path(out_dir)
+    template: str | None
     if isinstance(tok, TiktokenTokenizer):
         backend, template = tok.to_hf_backend(), LLAMA3_CHAT_TEMPLATE
     elif isinstance(tok, HFTokenizer):
@@ -622,7 +624,7 @@ def _render_template(template: str, messages: list[Message], add_generation_prom
                                         extensions=["jinja2.ext.loopcontrols", GenerationBlock])
     env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
-    names = {v: k for k, v in tok.special_tokens.items()}
+    names: dict[int | None, str] = {v: k for k, v in tok.special_tokens.items()}
     try:
         return env.from_string(template).render(
             messages=messages, add_generation_prompt=add_generation_prompt,

@@ -3,13 +3,16 @@ import os
 import re
 import subprocess
 import sys
+import types
+import typing
 from pathlib import Path
 
 import pytest
 
 import config
+import config_sections
 from errors import UserError
-from settings_table import BY_KEY, PRESETS
+from settings_table import BY_KEY, GROUPS, PRESETS, SETTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,6 +122,60 @@ def test_env_example_lists_every_key_and_is_current():
     assert text.strip() == config.env_example().strip(), "regenerate: python config.py example > .env.example"
     for key in BY_KEY:
         assert f"\n{key}=" in text
+
+
+def test_config_sections_module_is_current():
+    text = (ROOT / "config_sections.py").read_text()
+    assert text == config.sections_module(), "regenerate: python config.py sections > config_sections.py"
+
+
+def test_config_sections_cli_prints_the_module():
+    r = subprocess.run([sys.executable, "config.py", "sections"], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == config.sections_module()
+
+
+def _conforms(value, hint) -> bool:
+    """`value` is of the annotated type: exactly int / float / bool / str (a bool is no int here), a list of
+    such items, a dict, or None where the annotation allows it."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, a) for a in args)
+    if origin is list:
+        return type(value) is list and all(_conforms(v, args[0]) for v in value)
+    if origin is dict:
+        return type(value) is dict
+    if hint is type(None):
+        return value is None
+    return type(value) is hint
+
+
+@pytest.mark.parametrize("overrides", [{}, {"ROPE_SCALING": '{"factor": 8}', "FFN_DIM_MULTIPLIER": "2"},
+                                       *({"MODEL_PRESET": name} for name in PRESETS)])
+def test_each_group_is_its_typed_section_and_every_value_has_the_declared_type(overrides):
+    cfg = config.load_config(None, overrides)
+    for group in GROUPS:
+        section = getattr(cfg, group)
+        cls = config_sections.SECTIONS[group]
+        assert type(section) is cls and cls.__name__ == config.section_class(group)
+        hints = typing.get_type_hints(cls)
+        assert set(hints) == {s.key.lower() for s in SETTINGS if s.group == group}
+        for name, hint in hints.items():
+            value = getattr(section, name)
+            assert value == cfg[name.upper()]
+            assert _conforms(value, hint), f"{group}.{name} = {value!r} is not a {hint}"
+    assert typing.get_type_hints(config_sections.Sections) == {
+        g: config_sections.SECTIONS[g] for g in GROUPS}
+
+
+def test_section_types_follow_the_kinds():
+    hints = typing.get_type_hints(config_sections.TrainingSettings)
+    assert hints["max_lr"] is float and hints["max_steps"] is int and hints["adamw_use_fused"] is bool
+    assert hints["adamw_betas"] == list[float] and hints["optimizer"] is str
+    assert typing.get_type_hints(config_sections.LoraSettings)["lora_target_modules"] == list[str]
+    assert typing.get_type_hints(config_sections.ModelSettings)["rope_scaling"] == dict[str, typing.Any] | None
+    assert "hf_x" not in repr(config_sections.SecretsSettings(wandb_api_key="k", hf_token="hf_x"))
 
 
 def test_importing_reads_no_env(tmp_path):

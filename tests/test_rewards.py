@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import subprocess_env
 
 import rewards
 from errors import UserError
@@ -220,17 +221,16 @@ def test_score_refuses_a_weight_count_that_does_not_match():
 
 
 def test_a_failing_reward_is_one_line_and_exit_2(user_module, tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = textwrap.dedent(f"""
-        import sys; sys.path[:0] = [{str(tmp_path)!r}, {root!r}]
+    script = textwrap.dedent("""
         from errors import run_cli
         import rewards
         def main():
             fns = rewards.load_reward_functions("my_rewards:boom")
-            rewards.score(fns, None, ["p"], ["c"], [[1]], [{{"answer": "0", "prompt_id": 7}}])
+            rewards.score(fns, None, ["p"], ["c"], [[1]], [{"answer": "0", "prompt_id": 7}])
         run_cli(main)
     """)
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                       env=subprocess_env())  # the repo root on PYTHONPATH; my_rewards found in the cwd
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["error: reward function 'my_rewards:boom' raised ZeroDivisionError on "
                                              "sample 0 (prompt_id 7): float division by zero; fix the function or its "
