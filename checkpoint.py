@@ -540,18 +540,19 @@ class Checkpointer:
         futures = _write(tmp, step, model, optimizer, trainer_state=trainer_state, config=config, lora=lora,
                          extra_optimizer_json=extra_optimizer_json, peft_adapter=peft_adapter,
                          async_save=self.async_save)
-        self.saved_step = step
 
         def publish() -> None:
             self._publish(tmp, step, best)
 
         if self.async_save:
             self._pending = _PendingSave(futures, publish if D.is_main() else None, tmp)
+            self.saved_step = step
             return None
         # DCP returns on every rank once all ranks' shards are written (the coordinator collects their results)
         if D.is_main():
             publish()
         D.barrier()
+        self.saved_step = step
         return self.root / name if D.is_main() else None
 
     def wait(self) -> None:

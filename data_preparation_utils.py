@@ -218,6 +218,8 @@ def record_key(record: Any) -> str:
     return record if isinstance(record, str) else json.dumps(record, sort_keys=True, ensure_ascii=False)
 
 
+# Each pool worker process's encoder and split settings, set once by the pool's initializer (`_init_worker`), so
+# the tasks sent to a worker carry only their records.
 _WORKER: dict[str, Any] = {}
 
 

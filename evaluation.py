@@ -41,9 +41,15 @@ E = TypeVar("E")  # an example as the task's scorer reads it (token ids)
 
 
 # ---- tokenization ----------------------------------------------------------------------------------------
+NO_BOS = "add_bos is on but the tokenizer has no BOS token; pass add_bos=False"
+
+
 def resolve_add_bos(tokenizer: Tokenizer, add_bos: bool | None) -> bool:
     """add_bos=None means the tokenizer's own convention (`Tokenizer.wants_bos`), which is also lm-eval
-    0.4.13's default: its HF backend calls tokenizer.encode with the tokenizer's default add_special_tokens."""
+    0.4.13's default: its HF backend calls tokenizer.encode with the tokenizer's default add_special_tokens.
+    Refused before any example is encoded: add_bos=True for a tokenizer without a BOS token."""
+    if add_bos and getattr(tokenizer, "bos_id", None) is None:
+        raise UserError(NO_BOS)
     return tokenizer.wants_bos if add_bos is None else add_bos
 
 
@@ -59,7 +65,7 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str,
     cont = whole[len(ctx):]
     if add_bos:
         if tokenizer.bos_id is None:
-            raise UserError("add_bos is on but the tokenizer has no BOS token; pass add_bos=False")
+            raise UserError(NO_BOS)
         ctx = [tokenizer.bos_id, *ctx]
     return ctx, cont
 

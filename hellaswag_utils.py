@@ -251,8 +251,6 @@ def evaluate(
         raise UserError(f"batch_size={batch_size}; expected >= 1")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     bos = evaluation.resolve_add_bos(tokenizer, add_bos)
-    if bos and getattr(tokenizer, "bos_id", None) is None:
-        raise UserError("add_bos=True but the tokenizer has no BOS token; pass add_bos=False")
     task = hellaswag_task(model, tokenizer, bos, device, dtype, shared_context)
     sums, n = evaluation.run(model, task, examples, batch_size=batch_size, rank=rank, world_size=world_size,
                              device=device, stop_check=stop_check, progress=progress)

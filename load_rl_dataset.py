@@ -173,14 +173,20 @@ def _jsonl(records: list[dict]) -> bytes:
     return "".join(line + "\n" for line in lines).encode("utf-8")
 
 
+def check_out(out: Path, overwrite: bool) -> bool:
+    """-> whether `out` holds something (which only --overwrite may replace)."""
+    taken = out.exists() and (not out.is_dir() or any(out.iterdir()))
+    if taken and not overwrite:
+        raise UserError(f"output {out} already exists and is not empty; choose another --out, or pass "
+                        "--overwrite to replace the RL prompts there")
+    return taken
+
+
 def write(out: Path, splits: dict[str, list[dict]], manifest: dict[str, Any], overwrite: bool) -> None:
     """Both splits and the manifest into a temp dir, renamed to `out`; with overwrite, an existing RL dataset
     at `out` is replaced only once the new one is complete."""
     replace = None
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise UserError(f"output {out} already exists and is not empty; choose another --out, or pass "
-                            "--overwrite to replace the RL prompts there")
+    if check_out(out, overwrite):
         old = read_json(out / "manifest.json") if (out / "manifest.json").is_file() else None
         if not isinstance(old, dict) or old.get("kind") != KIND:
             raise UserError(f"--overwrite: {out} is not an RL prompt dir written by load_rl_dataset.py (no "
@@ -233,9 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0.0 <= val_fraction <= 1.0:
         raise UserError(f"--val-fraction {val_fraction} must be between 0 and 1")
     out = Path(args.out)
-    if out.exists() and not args.overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"output {out} already exists and is not empty; choose another --out, or pass "
-                        "--overwrite to replace the RL prompts there")
+    check_out(out, args.overwrite)  # before the source is read
     records, desc, demo = open_source(args)
     if demo is not None:
         splits = {"train": demo["train"], "val": demo["test"]}

@@ -233,7 +233,7 @@ def topk_distillation_loss_sum(student_logits: torch.Tensor, teacher_topk_logps:
     ids (the same ids as at T = 1: scaling by 1/T keeps the order); teacher_tail_logps (B, T): log p_tail if
     known exactly (the cache stores it), else log(1 - sum p_i) clamped at 0 mass. student_logits (B, T, V) raw.
     """
-    rows = (teacher_topk_logps, teacher_topk_ids, mask)
+    rows: tuple[torch.Tensor, ...] = (teacher_topk_logps, teacher_topk_ids, mask)
     if teacher_tail_logps is not None:
         rows = (*rows, teacher_tail_logps)
     fn = _topk_kl_rows(temperature, teacher_tail_logps is not None)
@@ -325,7 +325,9 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
     for the batch in one process without accumulation. A caller that splits a generation batch into
     micro-batches or over ranks passes the totals (T summed over ranks before the first backward) and sums
     the returned losses (TRL instead divides each micro-batch's grpo / dr_grpo loss by the accumulation steps:
-    the same when every micro-batch holds equally many completions). old_logps are constants (detached here); with old_logps == logps.detach() the ratio
+    the same when every micro-batch holds equally many completions). Under DDP / FSDP2, which average
+    gradients over ranks, the sum over ranks is the whole batch's loss only once each rank's loss is scaled by
+    the world size, as the loop does for its other summed losses. old_logps are constants (detached here); with old_logps == logps.detach() the ratio
     is exactly 1 and the loss is the plain policy gradient -A_i logp_it (the clip is inactive).
 
     The metrics are sums over this batch's completion tokens ("tokens" is their count): "clip_low" (rho <
@@ -353,6 +355,7 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
     per_token = -torch.min(ratio * adv, clipped * adv)
     metrics: dict[str, torch.Tensor] = {}
     if beta != 0.0:
+        assert ref_logps is not None  # refused above
         ref = torch.where(keep, ref_logps.detach().to(logps.dtype), 0.0)
         kl = torch.exp(ref - logps) - (ref - logps) - 1
         if use_bias_correction_kl:
@@ -364,6 +367,7 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
     if loss_type == "grpo":
         loss = (per_token.sum(-1) / fmask.sum(-1).clamp(min=1.0)).sum() / rows
     elif loss_type == "dr_grpo":
+        assert max_completion_length is not None  # refused above
         loss = per_token.sum() / (rows * max_completion_length)
     else:
         tokens = fmask.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=logps.dtype)

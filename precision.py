@@ -121,7 +121,7 @@ def _cpu_reason(slowdown: float) -> str:
     return f"bf16 matmul {slowdown:.1f}x slower than fp32 on this CPU"
 
 
-_warned: set[str] = set()
+_warned: set[str] = set()  # the warnings this process has printed: each is printed once per process
 
 
 def _warn_once(key: str, message: str) -> None:

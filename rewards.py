@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib
 import importlib.machinery
 import importlib.util
+import numbers
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -148,6 +149,22 @@ def _import_from_path_or_cwd(module_name: str) -> Any:
         raise
 
 
+def _import_file(file: Path) -> Any:
+    """A reward file imported as a module registered in sys.modules (dataclasses and pickling look it up)."""
+    name = f"_reward_{file.stem}"
+    spec = importlib.util.spec_from_file_location(name, file)
+    if spec is None or spec.loader is None:
+        raise UserError(f"reward file {file} is not a Python module; name a .py file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
 def load_user_function(path: str, setting: str = "GRPO_REWARDS") -> RewardFn:
     """`package.module:function` (importable, the current directory included) or `file.py:function`."""
     module_name, _, attr = path.rpartition(":")
@@ -159,9 +176,7 @@ def load_user_function(path: str, setting: str = "GRPO_REWARDS") -> RewardFn:
             file = Path(module_name)
             if not file.is_file():
                 raise UserError(f"{setting}: reward file {module_name} not found (relative to {Path.cwd()})")
-            spec = importlib.util.spec_from_file_location(f"_reward_{file.stem}", file)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
+            module = _import_file(file)
         else:
             module = _import_from_path_or_cwd(module_name)
     except UserError:
@@ -268,7 +283,7 @@ def score(functions: Sequence[RewardFunction], weights: Sequence[float] | None, 
                 continue
             if isinstance(v, torch.Tensor) and v.numel() == 1:
                 v = v.item()
-            if not isinstance(v, int | float):
+            if not isinstance(v, numbers.Real):  # bools, ints and numpy scalars included, as TRL takes them
                 raise UserError(f"reward function {f.name!r} returned {type(v).__name__} {str(v)[:40]!r} for "
                                 f"{_sample_label(i, fields)}; return a float or None")
             per_function[i, k] = float(v)

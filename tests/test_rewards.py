@@ -235,3 +235,30 @@ def test_a_failing_reward_is_one_line_and_exit_2(user_module, tmp_path):
     assert r.stderr.strip().splitlines() == ["error: reward function 'my_rewards:boom' raised ZeroDivisionError on "
                                              "sample 0 (prompt_id 7): float division by zero; fix the function or its "
                                              "inputs"]
+
+
+DATACLASS_FILE = '''
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Judge:
+    target: str
+
+
+def numpy_scores(prompts, completions, answer, **kwargs):
+    return [np.float32(Judge(a).target == c) for a, c in zip(answer, completions, strict=True)]
+'''
+
+
+def test_a_reward_file_with_dataclasses_loads_and_numpy_scores_count(tmp_path):
+    file = tmp_path / "judge_rewards.py"
+    file.write_text(DATACLASS_FILE)
+    fns = load_reward_functions([f"{file}:numpy_scores"])
+    totals, per_function = score(fns, None, ["p", "q"], ["5", "7"], [[1], [2]],
+                                 [{"answer": "5", "prompt_id": 0}, {"answer": "6", "prompt_id": 1}])
+    assert totals.tolist() == [1.0, 0.0] and per_function[:, 0].tolist() == [1.0, 0.0]

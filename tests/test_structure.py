@@ -173,11 +173,6 @@ def test_no_fault_injection_in_production_modules():
     assert hits == []
 
 
-# Modules whose tokenizer parameters are not annotated yet (each must still have one: a module that no longer
-# does leaves this set, so the check covers it).
-UNTYPED_TOKENIZER_PARAMETERS: set[str] = set()
-
-
 def untyped_tokenizer_parameters(source: str) -> list[str]:
     """Parameters named `tok` / `tokenizer` not annotated with a Tokenizer class (missing, Any, ...)."""
     found = []
@@ -193,7 +188,6 @@ def untyped_tokenizer_parameters(source: str) -> list[str]:
 
 def test_tokenizer_parameters_are_typed():
     found = {m: untyped_tokenizer_parameters((ROOT / f"{m}.py").read_text()) for m in sorted(project_modules())}
-    assert {m: f for m, f in found.items() if f and m not in UNTYPED_TOKENIZER_PARAMETERS} == {}
-    assert sorted(m for m in UNTYPED_TOKENIZER_PARAMETERS if not found[m]) == [], "typed now: drop from the set"
+    assert {m: f for m, f in found.items() if f} == {}
     src = "def f(tok: Any, tokenizer, b: tk.Tokenizer | None, c: Tokenizer, token_id: int): pass"
     assert untyped_tokenizer_parameters(src) == ["f(tok) line 1", "f(tokenizer) line 1"]
