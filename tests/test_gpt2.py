@@ -1,0 +1,230 @@
+"""GPT-2 (gpt2.py) against transformers' GPT2LMHeadModel on random weights: an HF directory loads through
+model_utils.load_model (Conv1D (in, out) weights, fused c_attn, files with or without the `transformer.` prefix
+and with the attn.bias / attn.masked_bias buffers) with equal logits and loss, and exports back to a directory
+transformers loads with equal logits. Also: the settings (MODEL_FAMILY, DROPOUT, the gpt2-* presets), the init,
+the length limit, dropout, and KV-cache decoding against a full forward."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import config
+import families
+from errors import UserError
+from gpt2 import GPT2, GPT2Args
+from losses import IGNORE_INDEX
+from model_utils import count_parameters, export_hf, load_model
+
+SHAPES = [  # (n_embd, n_layer, n_head, vocab, n_positions, n_inner)
+    (64, 2, 4, 97, 32, None),
+    (48, 3, 3, 130, 40, 80),
+    (32, 1, 8, 50, 16, None),
+]
+
+
+def hf_gpt2(shape, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    n_embd, n_layer, n_head, vocab, n_pos, n_inner = shape
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_embd=n_embd, n_layer=n_layer, n_head=n_head, vocab_size=vocab, n_positions=n_pos,
+                     n_inner=n_inner, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # HF zero-initialises biases and sets LayerNorms to 1/0: make every tensor matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.normal_(0.0, 0.1)
+    return model
+
+
+def save_hub_style(model, out: Path) -> Path:
+    """What an older hub upload holds (openai-community/gpt2): no `transformer.` prefix, the causal-mask buffers
+    attn.bias (1, 1, n, n) and attn.masked_bias, no lm_head."""
+    model.save_pretrained(out)
+    sd = {k.removeprefix("transformer."): v for k, v in load_file(out / "model.safetensors").items()
+          if k != "lm_head.weight"}
+    n = model.config.n_positions
+    for i in range(model.config.n_layer):
+        sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n, n)).view(1, 1, n, n)
+        sd[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("hub_style", [False, True])
+def test_hf_gpt2_loads_with_equal_logits_and_loss(tmp_path, shape, hub_style):
+    hf = hf_gpt2(shape)
+    if hub_style:
+        save_hub_style(hf, tmp_path / "hf")
+    else:
+        hf.save_pretrained(tmp_path / "hf")
+    model, args = load_model(tmp_path / "hf")
+    assert isinstance(model, GPT2) and isinstance(args, GPT2Args)
+    assert (args.dim, args.n_layers, args.n_heads, args.vocab_size, args.max_seq_len) == shape[:5]
+    assert args.hidden_dim == (shape[5] or 4 * shape[0]) and args.dropout == 0.1
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, shape[3], (3, shape[4]), generator=g)
+    with torch.no_grad():
+        ref = hf(tokens)
+        got = model(tokens)
+    assert (got - ref.logits).abs().max().item() < 1e-4
+
+    labels = tokens.clone()
+    labels[0, :5] = -100  # HF's ignore index, ours too
+    with torch.no_grad():
+        ref_loss = hf(tokens, labels=labels).loss  # mean over the shifted targets
+        shifted = torch.cat([labels[:, 1:], torch.full((3, 1), IGNORE_INDEX)], dim=1)
+        summed = model(tokens, labels=shifted)
+        rows = model(tokens, labels=shifted, per_row=True)
+    n = (shifted != IGNORE_INDEX).sum()
+    assert abs(summed.item() / n.item() - ref_loss.item()) < 1e-5
+    assert torch.allclose(-rows.sum() / n, ref_loss, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:2])
+def test_export_to_hf_gpt2_loads_in_transformers_with_equal_logits(tmp_path, shape):
+    from transformers import GPT2LMHeadModel
+
+    args = GPT2Args(dim=shape[0], n_layers=shape[1], n_heads=shape[2], vocab_size=shape[3], max_seq_len=shape[4],
+                    ffn_hidden_dim=shape[5], dropout=0.1)
+    model = GPT2(args)
+    model.init_weights(std=0.1, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name or name.startswith("ln_f"):
+                p.normal_(0.0, 0.1)
+    model.eval()
+    out = export_hf(model, args, tmp_path / "out")
+    hf = GPT2LMHeadModel.from_pretrained(out).eval()
+    assert hf.config.resid_pdrop == 0.1 and hf.config.n_positions == shape[4]
+    tokens = torch.randint(0, shape[3], (2, shape[4]), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (hf(tokens).logits - model(tokens)).abs().max().item() < 1e-4
+    again, again_args = load_model(out)  # and back: the same tensors
+    assert again_args.to_dict() | {"extra": {}} == args.to_dict() | {"extra": {}}
+    assert again.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_unsupported_gpt2_configs_are_refused_in_one_line(tmp_path):
+    hf = hf_gpt2(SHAPES[0])
+    hf.config.activation_function = "relu"
+    hf.save_pretrained(tmp_path / "relu")
+    with pytest.raises(UserError, match="activation_function='relu'.*gelu_new"):
+        load_model(tmp_path / "relu")
+    hf.config.activation_function = "gelu_new"
+    hf.config.scale_attn_by_inverse_layer_idx = True
+    hf.save_pretrained(tmp_path / "scaled")
+    with pytest.raises(UserError, match="scale_attn_by_inverse_layer_idx"):
+        load_model(tmp_path / "scaled")
+
+
+def test_sequences_longer_than_n_positions_are_refused():
+    model = GPT2(GPT2Args(dim=32, n_layers=1, n_heads=4, vocab_size=50, max_seq_len=16))
+    model(torch.zeros(1, 16, dtype=torch.long))  # exactly n_positions is fine
+    with pytest.raises(UserError, match="17 positions is longer than this GPT-2 model's 16") as e:
+        model(torch.zeros(1, 17, dtype=torch.long))
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="n_positions"):
+        model.setup_caches(1, 32)
+
+
+def test_init_follows_gpt2():
+    args = GPT2Args(dim=256, n_layers=8, n_heads=4, vocab_size=1000, max_seq_len=64)
+    model = GPT2(args)
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    sd = model.state_dict()
+    resid = 0.02 / math.sqrt(2 * args.n_layers)
+    for name, t in sd.items():
+        if name.endswith(".bias"):
+            assert not t.any(), name
+        elif t.ndim == 1:
+            assert torch.equal(t, torch.ones_like(t)), name
+        elif name.endswith(("attn.c_proj.weight", "mlp.c_proj.weight")):
+            assert abs(t.std().item() / resid - 1) < 0.05, name
+        else:
+            assert abs(t.std().item() / 0.02 - 1) < 0.05, name
+    assert model.lm_head.weight is model.wte.weight
+
+
+def test_dropout_is_active_in_training_only():
+    model = GPT2(GPT2Args(dim=32, n_layers=2, n_heads=4, vocab_size=50, max_seq_len=16, dropout=0.1))
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(1))
+    model.train()
+    assert not torch.equal(model(tokens), model(tokens))
+    model.eval()
+    assert torch.equal(model(tokens), model(tokens))
+    no_dropout = GPT2(GPT2Args(dim=32, n_layers=2, n_heads=4, vocab_size=50, max_seq_len=16))
+    no_dropout.load_state_dict(model.state_dict())
+    no_dropout.train()
+    assert torch.equal(no_dropout(tokens), model(tokens))
+
+
+def test_kv_cache_prefill_and_decode_steps_equal_a_full_forward():
+    model = GPT2(GPT2Args(dim=32, n_layers=2, n_heads=4, vocab_size=50, max_seq_len=24)).eval()
+    model.init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(tokens)
+        model.setup_caches(2, 16)
+        prefill = model(tokens[:, :8])
+        steps = []
+        key_mask = torch.ones(2, 16, dtype=torch.bool)
+        for t in range(8, 12):
+            slots = torch.tensor([t])
+            steps.append(model.decode_step(tokens[:, t:t + 1], slots, slots.expand(2, 1), key_mask))
+        model.clear_caches()
+    assert torch.allclose(prefill, full[:, :8], atol=1e-5)
+    assert torch.allclose(torch.cat(steps, dim=1), full[:, 8:], atol=1e-5)
+
+
+# ---- settings and the family registry -------------------------------------------------------------------
+def test_gpt2_presets_build_gpt2_of_the_published_sizes():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    # OpenAI's released sizes (n_embd, n_layer, n_head), as transformers' configs of the hub checkpoints give them
+    released = {"gpt2-124m": (768, 12, 12), "gpt2-350m": (1024, 24, 16), "gpt2-774m": (1280, 36, 20),
+                "gpt2-1.5b": (1600, 48, 25)}
+    for preset, (n_embd, n_layer, n_head) in released.items():
+        cfg = config.load_config(None, {"MODEL_PRESET": preset}, use_environ=False)
+        args = cfg.model_args(vocab_size=1)
+        assert isinstance(args, GPT2Args) and args.vocab_size == 50257 and args.dropout == 0.1
+        assert (args.dim, args.n_layers, args.n_heads, args.max_seq_len) == (n_embd, n_layer, n_head, 1024)
+        with torch.device("meta"):
+            ours = count_parameters(families.build(args))
+            hf = GPT2LMHeadModel(GPT2Config(n_embd=n_embd, n_layer=n_layer, n_head=n_head)).num_parameters()
+        assert ours == hf, preset
+    debug = config.load_config(None, {"MODEL_PRESET": "gpt2-debug"}, use_environ=False).model_args(vocab_size=300)
+    assert isinstance(debug, GPT2Args) and (debug.dim, debug.n_layers, debug.vocab_size) == (64, 2, 300)
+
+
+def test_model_family_setting():
+    llama = config.load_config(None, {}, use_environ=False)
+    assert llama.model.model_family == "llama" and type(llama.model_args(100)).__name__ == "ModelArgs"
+    cfg = config.load_config(None, {"MODEL_FAMILY": "gpt2", "N_KV_HEADS": "3", "DROPOUT": "0.2"}, use_environ=False)
+    args = cfg.model_args(100)  # GPT-2 has no grouped-query attention: N_KV_HEADS is not read
+    assert isinstance(args, GPT2Args) and args.dropout == 0.2 and args.n_kv_heads == args.n_heads
+    with pytest.raises(UserError, match="DROPOUT=0.1 .*MODEL_FAMILY=llama: the Llama architecture has no dropout"):
+        config.load_config(None, {"DROPOUT": "0.1"}, use_environ=False)
+    with pytest.raises(UserError, match="MOE_NUM_EXPERTS=4 .*Mixture of Experts is part of the llama family only"):
+        config.load_config(None, {"MODEL_FAMILY": "gpt2", "MOE_NUM_EXPERTS": "4"}, use_environ=False)
+    with pytest.raises(UserError, match="MODEL_FAMILY='bert'"):
+        config.load_config(None, {"MODEL_FAMILY": "bert"}, use_environ=False)
+
+
+def test_family_registry_round_trips_model_args():
+    g = GPT2Args(dim=32, n_layers=1, n_heads=4, vocab_size=50, max_seq_len=16, dropout=0.1)
+    assert families.args_from_dict(g.to_dict()) == g and families.of_args(g).name == "gpt2"
+    from model import ModelArgs
+
+    m = ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=50)
+    assert families.args_from_dict(m.to_dict()) == m and families.of_args(m).name == "llama"
+    assert families.for_hf_model_type("gpt2") is families.FAMILIES["gpt2"]
+    assert families.for_hf_model_type("mixtral") is families.FAMILIES["llama"]
