@@ -25,6 +25,7 @@ class Family:
     hf_model_types: tuple[str, ...]  # the config.json model_type values this family loads
     embedding: str  # the token embedding's module (the tied head's tensor lives there)
     head: str  # the output head's module
+    learned_positions: bool = False  # a position table of max_seq_len rows: the context cannot grow
 
     def tie(self, model: nn.Module) -> None:
         """Point the head's weight at the embedding's (after to_empty(), which gives each module its own)."""
@@ -41,7 +42,7 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", ModelArgs, Transformer, ("llama", "mixtral"), "tok_embeddings", "output"),
-    "gpt2": Family("gpt2", GPT2Args, GPT2, ("gpt2",), "wte", "lm_head"),
+    "gpt2": Family("gpt2", GPT2Args, GPT2, ("gpt2",), "wte", "lm_head", learned_positions=True),
 }
 
 

@@ -151,6 +151,11 @@ class GPT2(nn.Module):
         self.lm_head.weight = self.wte.weight
         self.cache_len = 0
 
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The blocks, under the name generic code (distributed.parallelize) wraps them by: h itself."""
+        return self.h
+
     # ---- initialization -------------------------------------------------------------------------
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
         """GPT-2's init: N(0, std) for the embeddings and projections, the residual projections (attn.c_proj,
@@ -175,9 +180,9 @@ class GPT2(nn.Module):
     # ---- KV cache ---------------------------------------------------------------------------------
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype=None, device=None,
                      fuse_projections: bool = False) -> None:
-        """A static KV cache of max_seq_len slots per layer; forward() then writes at start_pos. The projections
-        are fused already (c_attn), so fuse_projections changes nothing."""
-        self._check_length(max_seq_len)
+        """A static KV cache of max_seq_len slots per layer; forward() then writes at start_pos. The cache may be
+        longer than the position table (compiled generation rounds it up); the positions written may not. The
+        projections are fused already (c_attn), so fuse_projections changes nothing."""
         w = self.wte.weight
         for block in self.h:
             block.attn.cache = KVCache(max_batch_size, self.args.n_heads, max_seq_len, self.args.head_dim,
@@ -200,7 +205,9 @@ class GPT2(nn.Module):
             h = block(h, bias, slots)
         return self.lm_head(self.ln_f(h))
 
-    def _check_length(self, length: int) -> None:
+    def check_length(self, length: int) -> None:
+        """A sequence of `length` positions (prompt + new tokens in generation) fits the position table, else a
+        UserError."""
         if length > self.args.max_seq_len:
             raise UserError(f"a sequence of {length} positions is longer than this GPT-2 model's {self.args.max_seq_len} "
                             "learned positions (n_positions): use at most that many (MAX_SEQ_LEN, prompt + new tokens)")
@@ -222,7 +229,7 @@ class GPT2(nn.Module):
         """tokens (B, T) -> logits (B, T, V); the arguments are Transformer.forward's. Positions index the
         learned table, so start_pos + T (or the largest given position) must stay below max_seq_len."""
         B, T = tokens.shape
-        self._check_length(start_pos + T)
+        self.check_length(start_pos + T)
         mask = attention_mask(B, T, start_pos, self.cache_len, "sdpa", tokens.device, doc_ids=doc_ids,
                               key_mask=key_mask, attn_mask=attn_mask)
         if positions is None:

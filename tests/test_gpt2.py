@@ -131,8 +131,6 @@ def test_sequences_longer_than_n_positions_are_refused():
     with pytest.raises(UserError, match="17 positions is longer than this GPT-2 model's 16") as e:
         model(torch.zeros(1, 17, dtype=torch.long))
     assert "\n" not in str(e.value)
-    with pytest.raises(UserError, match="n_positions"):
-        model.setup_caches(1, 32)
 
 
 def test_init_follows_gpt2():
@@ -228,3 +226,72 @@ def test_family_registry_round_trips_model_args():
     assert families.args_from_dict(m.to_dict()) == m and families.of_args(m).name == "llama"
     assert families.for_hf_model_type("gpt2") is families.FAMILIES["gpt2"]
     assert families.for_hf_model_type("mixtral") is families.FAMILIES["llama"]
+
+
+# ---- the loop ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_pretrain_resume_and_export_with_model_family_gpt2(tmp_path):
+    """MODEL_PRESET=gpt2-debug (dropout 0.1) through train.py: the loss falls, a run resumed from its step-2
+    checkpoint equals the uninterrupted one (dropout draws included), and the final checkpoint exports (one
+    tensor at a time) to a directory transformers' GPT2LMHeadModel loads with the checkpoint's logits."""
+    from helpers import make_pretrain_data, run_inprocess, train_losses
+    from transformers import GPT2LMHeadModel
+
+    import checkpoint as ckpt
+    from model_utils import export_hf_from_checkpoint
+
+    data = make_pretrain_data(tmp_path / "data", n_docs=120)
+    common = dict(MODEL_PRESET="gpt2-debug", MAX_STEPS=4, SAVE_EVERY_X_STEPS=2, VALIDATE_EVERY_X_STEPS=2)
+    straight = train_losses(run_inprocess(tmp_path / "a", data, **common))
+    assert straight[4] < straight[1]
+    step2 = tmp_path / "a" / "ck" / "pretrain" / "step_0000002"
+    resumed = train_losses(run_inprocess(tmp_path / "b", data, "--pretrain_checkpoint", str(step2), **common))
+    assert sorted(resumed) == [3, 4]
+    for s in resumed:
+        assert resumed[s] == pytest.approx(straight[s], abs=1e-6), s
+    final = tmp_path / "a" / "ck" / "pretrain" / "step_0000004"
+    wa, wb = ckpt.read_model_tensors(final), ckpt.read_model_tensors(tmp_path / "b" / "ck" / "pretrain" / "step_0000004")
+    assert "lm_head.weight" not in wa  # the tied head is stored once, as wte
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
+
+    model, args = load_model(final)
+    assert isinstance(model, GPT2) and args.dropout == 0.1 and args.max_seq_len == 64
+    out = export_hf_from_checkpoint(final, tmp_path / "hf")
+    hf = GPT2LMHeadModel.from_pretrained(out).eval()
+    tokens = torch.randint(0, args.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (hf(tokens).logits - model(tokens)).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_greedy_generation_equals_transformers_generate(tmp_path, compile):
+    """generate.generate (prefill + decode_step over the KV cache, eager and compiled) on an HF GPT-2 loaded through
+    load_model gives the tokens GPT2LMHeadModel.generate gives greedily; a prompt + new tokens longer than
+    n_positions is refused."""
+    from generate import generate
+
+    hf = hf_gpt2(SHAPES[0], seed=5)
+    hf.save_pretrained(tmp_path / "hf")
+    model, _ = load_model(tmp_path / "hf")
+    prompt = torch.randint(1, 97, (1, 7), generator=torch.Generator().manual_seed(2))
+    ours = generate(model, [prompt[0].tolist()], max_new_tokens=12, compile=compile)
+    with torch.no_grad():
+        ref = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert ours == [ref[0, 7:].tolist()]
+    with pytest.raises(UserError, match="longer than this GPT-2 model's 32 learned positions"):
+        generate(model, [prompt[0].tolist()], max_new_tokens=26)
+
+
+def test_the_objectives_call_gpt2_with_labels_for_the_fused_loss():
+    """The training objectives hand a GPT-2 model its labels (the fused head and loss of fused_ce), as they do
+    the Transformer, instead of asking it for (B, T, V) logits."""
+    import objectives
+
+    model = GPT2(GPT2Args(dim=32, n_layers=1, n_heads=4, vocab_size=50, max_seq_len=16))
+    assert objectives.is_ours(model)
+    ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
+    labels = torch.cat([ids[:, 1:], torch.full((2, 1), IGNORE_INDEX)], dim=1)
+    rows = objectives.response_logps(model, ids, labels)
+    logp = torch.log_softmax(model(ids).float(), -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1).sum(1)
+    assert torch.allclose(rows, logp, atol=1e-5)
