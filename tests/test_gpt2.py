@@ -295,3 +295,50 @@ def test_the_objectives_call_gpt2_with_labels_for_the_fused_loss():
     rows = objectives.response_logps(model, ids, labels)
     logp = torch.log_softmax(model(ids).float(), -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1).sum(1)
     assert torch.allclose(rows, logp, atol=1e-5)
+
+
+def test_lora_on_gpt2_loads_in_peft_with_fan_in_fan_out(tmp_path):
+    """LoRA on GPT-2's c_attn / c_proj / c_fc: the adapter in PEFT's format (fan_in_fan_out for HF's Conv1D) on the
+    HF export of the base gives, in peft, the logits of our unmerged model, and our merged model equals both; the
+    adapter loads back into a fresh GPT-2."""
+    import json
+
+    from peft import PeftModel
+    from transformers import GPT2LMHeadModel
+
+    import lora
+
+    args = GPT2Args(dim=32, n_layers=2, n_heads=4, vocab_size=50, max_seq_len=16)
+    model = GPT2(args)
+    model.init_weights(std=0.1, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(UserError, match=r"valid names are \['c_attn', 'c_fc', 'c_proj'\]"):
+        lora.apply_lora(model, ["wq"], rank=4, alpha=8.0)
+    lora.apply_lora(model, list(lora.GPT2_TARGETS), rank=4, alpha=8.0)
+    assert len(list(lora.lora_modules(model))) == 2 * 4  # c_attn, attn.c_proj, c_fc, mlp.c_proj per block
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".lora_b"):
+                p.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    model.eval()
+    tokens = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(tokens)
+    lora.save_peft_adapter(model, tmp_path / "adapter")
+    conf = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert conf["fan_in_fan_out"] is True and conf["target_modules"] == ["c_attn", "c_fc", "c_proj"]
+
+    fresh = GPT2(args)
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if not lora.is_adapter(k)}, strict=False)
+    lora.load_peft_adapter(fresh, tmp_path / "adapter")
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(tokens), ours)
+
+    lora.unload_lora(model, merge=False)
+    export_hf(model, args, tmp_path / "base")
+    peft_model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    with torch.no_grad():
+        theirs = peft_model.eval()(tokens).logits
+        assert (theirs - ours).abs().max().item() < 1e-4
+        lora.unload_lora(fresh, merge=True)
+        assert (fresh(tokens) - ours).abs().max().item() < 1e-4
