@@ -342,3 +342,24 @@ def test_lora_on_gpt2_loads_in_peft_with_fan_in_fan_out(tmp_path):
         assert (theirs - ours).abs().max().item() < 1e-4
         lora.unload_lora(fresh, merge=True)
         assert (fresh(tokens) - ours).abs().max().item() < 1e-4
+
+
+def test_hellaswag_scores_gpt2_with_shared_context_rows(monkeypatch):
+    """HellaSwag's tree rows (each context once for its 4 endings, attn_mask + positions, the head on the scored
+    positions only) serve GPT-2 as they serve the Transformer, with the numbers of the 4 full rows."""
+    from test_hellaswag import GOLDEN, ByteTokenizer
+
+    import hellaswag_utils as hs
+
+    model = GPT2(GPT2Args(dim=32, n_layers=2, n_heads=4, vocab_size=264, max_seq_len=512))
+    model.init_weights(std=0.3, generator=torch.Generator().manual_seed(0))
+    model.eval()
+    tok, exs = ByteTokenizer(), hs.load_examples(GOLDEN)
+    full = hs.evaluate(model, tok, exs, batch_size=2, progress=False, shared_context=False)
+
+    def refuse(*a, **k):
+        raise AssertionError("full rows scored")
+
+    monkeypatch.setattr(hs, "score_batch", refuse)
+    tree = hs.evaluate(model, tok, exs, batch_size=2, progress=False)
+    assert tree == full and full["n"] == len(exs)
