@@ -634,6 +634,9 @@ def export_meta(model: Transformer, args: ModelArgs, out_dir: str | os.PathLike,
     """Write Meta's layout: params.json + consolidated.NN.pth, split into n_shards model-parallel
     shards the way Meta's fairscale layers split them (Llama 3: tok_embeddings on the vocab dim).
     model_args.json keeps fields params.json has no key for (max_seq_len, explicit ffn size, tying)."""
+    if isinstance(args, GPT2Args):
+        raise UserError("cannot export a GPT-2 model in Meta's Llama format: use --format hf (a GPT2LMHeadModel "
+                        "directory)")
     if args.moe_num_experts:
         raise UserError("cannot export a Mixture-of-Experts model in Meta's Llama format (it has no experts): "
                         "use --format hf (a MixtralForCausalLM directory)")

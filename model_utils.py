@@ -615,6 +615,9 @@ def _plan_cli(a: argparse.Namespace) -> int:
         raise UserError(f"--shard-group {shard} does not divide --gpus {a.gpus}: use the GPUs per node")
     vocab = j["vocab_size"] or PRESETS[preset].get("VOCAB_SIZE") or LLAMA3_VOCAB
     args = config.load_config(None, {"MODEL_PRESET": preset}, use_environ=False).model_args(vocab)
+    if families.of_args(args).name != "llama":
+        raise UserError(f"--preset {preset} is a {families.of_args(args).name} model; the memory plan models the "
+                        "llama family's shapes only: pick a llama preset of a similar size")
     if args.moe_num_experts:
         raise UserError(f"--preset {preset} is a Mixture-of-Experts model; the memory plan models dense "
                         "models only (expert weights and routing buffers are not counted): pick a dense preset")

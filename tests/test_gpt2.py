@@ -363,3 +363,38 @@ def test_hellaswag_scores_gpt2_with_shared_context_rows(monkeypatch):
     monkeypatch.setattr(hs, "score_batch", refuse)
     tree = hs.evaluate(model, tok, exs, batch_size=2, progress=False)
     assert tree == full and full["n"] == len(exs)
+
+
+def test_what_gpt2_does_not_support_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    import sys
+
+    import model_utils
+    from model_formats import export_meta
+
+    args = GPT2Args(dim=32, n_layers=1, n_heads=4, vocab_size=50, max_seq_len=16)
+    with pytest.raises(UserError, match="GPT-2 model in Meta's Llama format: use --format hf"):
+        export_meta(GPT2(args), args, tmp_path / "meta")
+    assert not (tmp_path / "meta").exists()
+    monkeypatch.setattr(sys, "argv", ["model_utils.py", "plan", "--preset", "gpt2-124m", "--gpus", "8"])
+    with pytest.raises(UserError, match="gpt2-124m is a gpt2 model; the memory plan models the llama family"):
+        model_utils.main()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_gpt2_two_processes_match_one(tmp_path, fsdp):
+    """MODEL_FAMILY=gpt2 under DDP and FSDP2 (the meta-device build filled shard by shard from init_parameter)
+    over 2 gloo processes: the single process's losses and grad norms (dropout off: the ranks draw their own)."""
+    from helpers import make_pretrain_data, read_metrics, run_inprocess, torchrun
+
+    data = make_pretrain_data(tmp_path / "data", n_docs=120)
+    common = dict(MODEL_PRESET="gpt2-debug", DROPOUT=0.0, MAX_STEPS=3, GRAD_CLIP=0.5, VALIDATE_EVERY_X_STEPS=0,
+                  SAVE_EVERY_X_STEPS=0)
+    one = {e["step"]: e for e in run_inprocess(tmp_path / "one", data, **common) if "loss" in e}
+    (tmp_path / "two").mkdir()
+    torchrun(tmp_path / "two", data, 2, USE_FSDP=str(fsdp).lower(), **common)
+    two = {e["step"]: e for e in read_metrics(tmp_path / "two" / "run") if "loss" in e}
+    assert sorted(two) == [1, 2, 3]
+    for s in two:
+        assert two[s]["loss"] == pytest.approx(one[s]["loss"], abs=1e-4), s
+        assert two[s]["grad_norm"] == pytest.approx(one[s]["grad_norm"], rel=1e-4), s
