@@ -271,6 +271,9 @@ def check_compile(model: Transformer, compile: bool, int8: bool) -> None:
     if compile and int8:
         raise UserError("compile=True (--compile) and int8=True (--int8) do not combine (inductor cannot build "
                         "the int8 decode step here): use one of them")
+    if int8 and any(isinstance(m, torch.nn.Linear) and m.bias is not None for m in model.modules()):
+        raise UserError("int8=True (--int8) takes bias-free linear layers (the llama family); this model's have "
+                        "biases (GPT-2): generate without it")
     if compile and moe_layers(model):
         raise UserError("compile=True (--compile) does not take Mixture-of-Experts models (their expert dispatch "
                         "runs outside torch.compile): generate without it")

@@ -281,6 +281,8 @@ def test_greedy_generation_equals_transformers_generate(tmp_path, compile):
     assert ours == [ref[0, 7:].tolist()]
     with pytest.raises(UserError, match="longer than this GPT-2 model's 32 learned positions"):
         generate(model, [prompt[0].tolist()], max_new_tokens=26)
+    with pytest.raises(UserError, match="int8=True .* bias-free linear layers"):
+        generate(model, [prompt[0].tolist()], max_new_tokens=2, int8=True)
 
 
 def test_the_objectives_call_gpt2_with_labels_for_the_fused_loss():
