@@ -400,3 +400,24 @@ def test_gpt2_two_processes_match_one(tmp_path, fsdp):
     for s in two:
         assert two[s]["loss"] == pytest.approx(one[s]["loss"], abs=1e-4), s
         assert two[s]["grad_norm"] == pytest.approx(one[s]["grad_norm"], rel=1e-4), s
+
+
+def test_init_from_an_hf_gpt2_builds_it_and_refuses_a_longer_context(tmp_path):
+    """INIT_FROM an HF GPT-2 directory: train.py's builds (whole and FSDP2's meta build) make the GPT-2 it holds
+    whatever MODEL_FAMILY says; a MAX_SEQ_LEN beyond its learned positions is refused in one line."""
+    import types
+
+    import train
+
+    hf_gpt2(SHAPES[0]).save_pretrained(tmp_path / "hf")
+    tok = types.SimpleNamespace(vocab_size=97)
+    cfg = config.load_config(None, {"MODEL_PRESET": "debug", "MAX_SEQ_LEN": "32"}, use_environ=False)
+    model, margs = train.build_model(cfg, tok, str(tmp_path / "hf"), torch.device("cpu"))
+    assert isinstance(model, GPT2) and model.training and margs.max_seq_len == 32
+    meta, margs, weights = train.build_meta_model(cfg, tok, str(tmp_path / "hf"))
+    assert isinstance(meta, GPT2) and set(weights) == set(meta.state_dict()) - {"lm_head.weight"}
+    longer = config.load_config(None, {"MODEL_PRESET": "debug", "MAX_SEQ_LEN": "64"}, use_environ=False)
+    for build in (lambda: train.build_model(longer, tok, str(tmp_path / "hf"), torch.device("cpu")),
+                  lambda: train.build_meta_model(longer, tok, str(tmp_path / "hf"))):
+        with pytest.raises(UserError, match="MAX_SEQ_LEN=64 but INIT_FROM=.* has 32 learned positions: set MAX_SEQ_LEN <= 32"):
+            build()
