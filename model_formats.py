@@ -9,6 +9,9 @@ and the interleaved-pair RoPE layout Meta uses for wq/wk). Conversions:
   Meta's layout already and load by rename only (tests/test_model_utils.py proves it against
   transformers' own GGUF loader).
 - Meta model-parallel shards are concatenated along the dimension each layer was split on.
+- An HF GPT-2 directory (model_type gpt2) loads as (gpt2.GPT2Args, gpt2.py's names): the `transformer.` prefix
+  and the attention-mask buffers dropped, HF's Conv1D weights transposed to nn.Linear's (out, in); its export is
+  the reverse, a GPT2LMHeadModel directory.
 """
 
 from __future__ import annotations

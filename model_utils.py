@@ -2,7 +2,8 @@
 parameter and FLOP counts.
 
 `load_model` detects the source kind and ends every load in the same place: a state dict with Meta's
-parameter names (model.py) and the interleaved-pair RoPE layout Meta uses for wq/wk. The foreign formats
+parameter names (model.py) and the interleaved-pair RoPE layout Meta uses for wq/wk, or for a GPT-2 source
+gpt2.py's names; the model is built through families.py from the args' family. The foreign formats
 (HF, Meta, GGUF readers, the q/k permutation, HF and Meta export) are model_formats.py's; `export_hf` and
 `export_meta` are part of this module's public surface as well.
 
