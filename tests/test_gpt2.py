@@ -215,6 +215,14 @@ def test_model_family_setting():
         config.load_config(None, {"MODEL_FAMILY": "gpt2", "MOE_NUM_EXPERTS": "4"}, use_environ=False)
     with pytest.raises(UserError, match="MODEL_FAMILY='bert'"):
         config.load_config(None, {"MODEL_FAMILY": "bert"}, use_environ=False)
+    # LoRA targets are named per family
+    lora_on = {"MODEL_FAMILY": "gpt2", "LORA_ENABLED": "true"}
+    with pytest.raises(UserError, match=r"LORA_TARGET_MODULES has \['wq'.*expected names from c_attn c_fc c_proj"):
+        config.load_config(None, lora_on, use_environ=False)
+    ok = config.load_config(None, {**lora_on, "LORA_TARGET_MODULES": "c_attn,c_proj,c_fc"}, use_environ=False)
+    assert ok.lora.lora_target_modules == ["c_attn", "c_proj", "c_fc"]
+    with pytest.raises(UserError, match=r"LORA_TARGET_MODULES has \['c_attn'\].*MODEL_FAMILY=llama"):
+        config.load_config(None, {"LORA_TARGET_MODULES": "c_attn"}, use_environ=False)
 
 
 def test_family_registry_round_trips_model_args():
