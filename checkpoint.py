@@ -57,6 +57,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import distributed as D
+import families
 from errors import UserError
 from fileio import fsync_dir, fsync_file, read_json, write_text_atomic
 from lora import save_peft_adapter
@@ -219,9 +220,19 @@ def model_fingerprint(model: nn.Module) -> str:
     """weights_fingerprint of a model (FSDP2-sharded or not) under the names Transformer.state_dict() has (a tied
     head under both of its names), from the rows each rank holds. Collective under FSDP2."""
     sd = dict(model_state(model))
-    if getattr(getattr(model, "args", None), "tie_embeddings", False) and "tok_embeddings.weight" in sd:
-        sd["output.weight"] = sd["tok_embeddings.weight"]
+    tied = tied_names(model)
+    if tied is not None and tied[0] in sd:
+        sd[tied[1]] = sd[tied[0]]
     return weights_fingerprint(sd)
+
+
+def tied_names(model: nn.Module) -> tuple[str, str] | None:
+    """(embedding, head) weight names of a model whose head is its token embedding (families.py), else None."""
+    args = getattr(model, "args", None)
+    if not getattr(args, "tie_embeddings", False):
+        return None
+    family = families.of_args(args)
+    return family.embedding_weight, family.head_weight
 
 
 def source_fingerprint(source: str, weights: Callable[[], Mapping[str, torch.Tensor]]) -> str:
@@ -301,8 +312,9 @@ def model_state(model: nn.Module, trainable_only: bool = False, full: bool = Fal
 
     options = StateDictOptions(**_DCP_FULL, ignore_frozen_params=trainable_only) if full else None
     sd = get_model_state_dict(model, options=options)
-    if getattr(getattr(model, "args", None), "tie_embeddings", False):
-        sd.pop("output.weight", None)
+    tied = tied_names(model)
+    if tied is not None:
+        sd.pop(tied[1], None)
     if trainable_only:
         keep = {n for n, p in model.named_parameters() if p.requires_grad}
         sd = {k: v for k, v in sd.items() if k in keep}

@@ -92,13 +92,20 @@ class Config(Sections):
         return Config(values, {**self._sources, **{k: "code" for k in updates}}, self._overridden)
 
     def model_args(self, vocab_size: int | None = None):
-        """ModelArgs from the model group; VOCAB_SIZE=0 takes `vocab_size` (the tokenizer's)."""
+        """The model arguments of MODEL_FAMILY from the model group (model.ModelArgs for llama, gpt2.GPT2Args for
+        gpt2); VOCAB_SIZE=0 takes `vocab_size` (the tokenizer's)."""
         from model import ModelArgs
 
         m = self.model
         vocab = m.vocab_size or vocab_size
         if not vocab:
             raise UserError("VOCAB_SIZE is 0 and no tokenizer vocabulary was given: set VOCAB_SIZE or a tokenizer")
+        if m.model_family == "gpt2":
+            from gpt2 import GPT2Args
+
+            return GPT2Args(dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads, vocab_size=vocab,
+                            max_seq_len=m.max_seq_len, norm_eps=m.norm_eps, dropout=m.dropout,
+                            attn_impl=self.system.attn_impl)
         try:
             return ModelArgs(
                 dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, vocab_size=vocab,
@@ -424,11 +431,19 @@ def _cross_check(v: dict[str, Any], src: dict[str, str]) -> None:
     if v["DIM"] % v["N_HEADS"]:
         raise UserError(f"DIM={v['DIM']} ({where('DIM')}) is not divisible by N_HEADS={v['N_HEADS']} "
                         f"({where('N_HEADS')}): choose DIM a multiple of N_HEADS")
-    if v["N_HEADS"] % v["N_KV_HEADS"]:
+    llama = v["MODEL_FAMILY"] == "llama"
+    if llama and v["N_HEADS"] % v["N_KV_HEADS"]:
         raise UserError(f"N_HEADS={v['N_HEADS']} is not divisible by N_KV_HEADS={v['N_KV_HEADS']} "
                         f"({where('N_KV_HEADS')}): N_KV_HEADS must divide N_HEADS")
-    if (v["DIM"] // v["N_HEADS"]) % 2:
+    if llama and (v["DIM"] // v["N_HEADS"]) % 2:
         raise UserError(f"head size DIM/N_HEADS={v['DIM'] // v['N_HEADS']} is odd: RoPE needs an even head size")
+    if llama and v["DROPOUT"]:
+        raise UserError(f"DROPOUT={v['DROPOUT']} ({where('DROPOUT')}) with MODEL_FAMILY=llama: the Llama architecture "
+                        "has no dropout; set DROPOUT=0 or MODEL_FAMILY=gpt2")
+    if not llama and v["MOE_NUM_EXPERTS"]:
+        raise UserError(f"MOE_NUM_EXPERTS={v['MOE_NUM_EXPERTS']} ({where('MOE_NUM_EXPERTS')}) with MODEL_FAMILY="
+                        f"{v['MODEL_FAMILY']}: Mixture of Experts is part of the llama family only; set "
+                        "MOE_NUM_EXPERTS=0")
     if v["MOE_NUM_EXPERTS"] and v["MOE_TOP_K"] > v["MOE_NUM_EXPERTS"]:
         raise UserError(f"MOE_TOP_K={v['MOE_TOP_K']} ({where('MOE_TOP_K')}) is above MOE_NUM_EXPERTS="
                         f"{v['MOE_NUM_EXPERTS']} ({where('MOE_NUM_EXPERTS')}): route to at most every expert")
@@ -457,11 +472,11 @@ def _cross_check(v: dict[str, Any], src: dict[str, str]) -> None:
         raise UserError(f"FSDP_UNSHARDED_ACCUMULATION=true ({where('FSDP_UNSHARDED_ACCUMULATION')}) but USE_FSDP=false: "
                         "it chooses how FSDP2 accumulates gradients (DDP always accumulates locally); set "
                         "USE_FSDP=true or remove it")
-    allowed = {"wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"}
+    allowed = {"wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"} if llama else {"c_attn", "c_proj", "c_fc"}
     bad = [t for t in v["LORA_TARGET_MODULES"] if t not in allowed]
-    if bad:
+    if bad and (llama or v["LORA_ENABLED"]):
         raise UserError(f"LORA_TARGET_MODULES has {bad} ({where('LORA_TARGET_MODULES')}): expected names from "
-                        + " ".join(sorted(allowed)))
+                        + " ".join(sorted(allowed)) + f" (MODEL_FAMILY={v['MODEL_FAMILY']})")
 
 
 # ---- command line ----------------------------------------------------------------------------------

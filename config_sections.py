@@ -33,6 +33,8 @@ class ModelSettings:
     moe_capacity_factor: float
     moe_shared_expert: bool
     init_from: str
+    model_family: str
+    dropout: float
 
 
 @dataclass

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 import distributed as D
+import families
 from errors import UserError
-from model import Transformer
 from tokenizer import Tokenizer
 
 T = TypeVar("T")  # an example as the task renders it
@@ -88,9 +88,11 @@ def first_argmax(values: Sequence[float]) -> int:
 
 
 def output_head(model: torch.nn.Module) -> torch.nn.Module | None:
-    """Our plain Transformer can return hidden states: project only the scored positions (the LM head
-    over all positions is most of the memory at vocab 128k). Wrapped models take the generic path."""
-    return model.output if type(model) is Transformer else None
+    """Our plain models (families.py: the Transformer, GPT-2) can return hidden states: project only the scored
+    positions (the LM head over all positions is most of the memory at vocab 128k). Wrapped models take the
+    generic path."""
+    family = next((f for f in families.FAMILIES.values() if type(model) is f.module_class), None)
+    return model.get_submodule(family.head) if family is not None else None
 
 
 HEAD_CHUNK = 1024  # positions per LM-head matmul: bounds the (positions, vocab) logits in memory

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 import config
+import families
 import precision
 from errors import UserError, run_cli
 from model import Transformer, project
@@ -137,13 +138,14 @@ def _inductor_keeping_matvec(gm, example_inputs):
                       else None, decompositions={k: v for k, v in select_decomp_table().items() if k not in keep})
 
 
-def compiled_decode_step() -> Callable[..., torch.Tensor]:
-    """Transformer.decode_step through torch.compile. Static shapes: one graph per (model, batch, cache length),
+def compiled_decode_step(decode_step: Callable[..., torch.Tensor] = Transformer.decode_step
+                         ) -> Callable[..., torch.Tensor]:
+    """Transformer.decode_step (or another family's decode_step, families.py) through torch.compile. Static shapes: one graph per (model, batch, cache length),
     reused by every step. The small ops of a step (norms, RoPE, residuals, the cache write, the mask, one-query
     attention) fuse into a few kernels between the weight products, which is what is left of a step. Dynamo keeps
     the compiled graphs on decode_step's code, guarded by the backend: a later wrapper (the next generation, chat
     turn or in-training sample) reuses them without compiling again."""
-    return torch.compile(Transformer.decode_step, fullgraph=True, dynamic=False, backend=_inductor_keeping_matvec)
+    return torch.compile(decode_step, fullgraph=True, dynamic=False, backend=_inductor_keeping_matvec)
 
 
 def has_sharded_weights(model: torch.nn.Module) -> bool:
@@ -157,7 +159,8 @@ def prefill(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, k
     """The left-padded prompts tokens (B, L) (positions, key_mask from left_pad) through the model, filling the KV
     cache's first L slots -> the logits of each row's next token (B, V)."""
     h = model(tokens, 0, positions=positions, key_mask=key_mask, return_hidden=True)  # (B, L, dim)
-    return project(model.output, h[:, -1])  # (B, V): only the last prompt position needs the head
+    head = model.get_submodule(families.of_model(model).head)
+    return project(head, h[:, -1])  # (B, V): only the last prompt position needs the head
 
 
 class Decoder:
@@ -171,7 +174,7 @@ class Decoder:
         B, L = prompt_mask.shape
         device = prompt_mask.device
         self.model, self.compile = model, compile
-        self.step = compiled_decode_step() if compile else Transformer.decode_step
+        self.step = compiled_decode_step(type(model).decode_step) if compile else type(model).decode_step
         self.key_mask = torch.ones(B, model.cache_len, dtype=torch.bool, device=device)  # (B, cache_len)
         self.key_mask[:, :L] = prompt_mask
         self.positions = prompt_positions[:, -1:] + 1  # (B, 1): the next token's RoPE position
@@ -195,7 +198,7 @@ class Decoder:
             # (same values; raised before the step ran, so nothing was written to the cache)
             print("generate: torch.compile's recompile limit is reached in this process; decoding eagerly",
                   file=sys.stderr)
-            self.step = Transformer.decode_step
+            self.step = type(self.model).decode_step
             logits = self.step(*args)[:, -1]
         except torch._dynamo.exc.BackendCompilerFailed as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -268,6 +271,9 @@ def check_compile(model: Transformer, compile: bool, int8: bool) -> None:
     if compile and int8:
         raise UserError("compile=True (--compile) and int8=True (--int8) do not combine (inductor cannot build "
                         "the int8 decode step here): use one of them")
+    if int8 and any(isinstance(m, torch.nn.Linear) and m.bias is not None for m in model.modules()):
+        raise UserError("int8=True (--int8) takes bias-free linear layers (the llama family); this model's have "
+                        "biases (GPT-2): generate without it")
     if compile and moe_layers(model):
         raise UserError("compile=True (--compile) does not take Mixture-of-Experts models (their expert dispatch "
                         "runs outside torch.compile): generate without it")
@@ -309,11 +315,13 @@ def generate(
     same step. The caller's autocast applies; the KV cache is then kept in the autocast dtype."""
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens={max_new_tokens} must be >= 0")
-    device = model.tok_embeddings.weight.device
+    device = model.get_submodule(families.of_model(model).embedding).weight.device
     sampling = Sampling.seeded(temperature, top_k, top_p, seed, device)
     tokens, key_mask, positions = (t.to(device) for t in left_pad(prompt_ids, pad_id))
     check_compile(model, compile, int8)
     total = tokens.shape[1] + max_new_tokens
+    if families.of_model(model).learned_positions:
+        model.check_length(total)
     # compiled steps reuse their graph for any generation whose cache rounds up to the same length
     cache_len = compiled_cache_len(total) if compile else total
     rows = RowStops(len(prompt_ids), stop_ids, device, on_token, all_ranks_done)

@@ -210,7 +210,7 @@ def score_batch_tree(model: torch.nn.Module, batch: list[_Encoded], device: torc
     with torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
         h = model(tokens.to(device), positions=positions.to(device), attn_mask=mask.to(device),
                   return_hidden=True)  # (k, T, dim)
-        logp = evaluation.target_logprobs(model.output, h.reshape(k * T, -1)[uniq.to(device)],
+        logp = evaluation.target_logprobs(evaluation.output_head(model), h.reshape(k * T, -1)[uniq.to(device)],
                                            torch.tensor(targets, device=device), inverse.to(device))
     per_row = torch.zeros(4 * k, dtype=torch.float64, device=device)
     per_row.index_add_(0, torch.tensor(owner, device=device), logp.double())

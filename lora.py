@@ -29,7 +29,8 @@ from torch import nn
 
 from distributed import unwrap
 from errors import UserError
-from model_formats import permute_rotate_half, unpermute_rotate_half
+from gpt2 import GPT2Args
+from model_formats import GPT2_PREFIX, permute_rotate_half, unpermute_rotate_half
 
 # Our (Meta) attribute name -> (HF parent module, HF projection name). Used for PEFT export/import.
 HF_NAMES: dict[str, tuple[str, str]] = {
@@ -42,6 +43,10 @@ HF_NAMES: dict[str, tuple[str, str]] = {
     "w3": ("mlp", "up_proj"),
 }
 DEFAULT_TARGETS: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+# GPT-2 (gpt2.py): the fused q/k/v projection, both residual projections (attn.c_proj, mlp.c_proj) and the MLP's
+# first layer, named as in HF's GPT2LMHeadModel; its Conv1D layers store (in, out) weights, so PEFT marks the
+# adapter fan_in_fan_out (the adapter tensors themselves have the nn.Linear layout either way).
+GPT2_TARGETS: tuple[str, ...] = ("c_attn", "c_proj", "c_fc")
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 _PEFT_PREFIX = "base_model.model."
@@ -166,8 +171,8 @@ def apply_lora(
     missing = [t for t in targets if t not in found]
     if missing:
         raise UserError(
-            f"LoRA: target(s) {missing} match no nn.Linear in the model; "
-            f"valid names are {sorted(set(DEFAULT_TARGETS) | {'output'})}"
+            f"LoRA: target(s) {missing} match no nn.Linear in the model; valid names are "
+            f"{sorted(GPT2_TARGETS) if _is_gpt2(root) else sorted(set(DEFAULT_TARGETS) | {'output'})}"
         )
     for parent, child_name, child in swaps:
         setattr(parent, child_name, LoRALinear(child, rank, alpha, dropout))
@@ -309,6 +314,15 @@ def _rope_heads(model: nn.Module, attr: str) -> int | None:
     return None
 
 
+def _is_gpt2(model: nn.Module) -> bool:
+    return isinstance(getattr(unwrap(model), "args", None), GPT2Args)
+
+
+def _peft_module_name(model: nn.Module, name: str) -> str:
+    """A LoRA module's name in PEFT's files: HF's name of the layer (GPT-2: ours under `transformer.`)."""
+    return _PEFT_PREFIX + (GPT2_PREFIX + name if _is_gpt2(model) else _hf_module_name(name))
+
+
 def _hf_module_name(name: str) -> str:
     """`layers.3.attention.wq` -> `model.layers.3.self_attn.q_proj`; `output` -> `lm_head`."""
     if name == "output":
@@ -343,7 +357,7 @@ def save_peft_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model: 
     sd = lora_state_dict(model) if state_dict is None else state_dict
     tensors: dict[str, torch.Tensor] = {}
     for name, _ in lora_modules(model):
-        hf = _PEFT_PREFIX + _hf_module_name(name)
+        hf = _peft_module_name(model, name)
         a, b = sd[f"{name}.lora_a"].detach(), sd[f"{name}.lora_b"].detach()
         heads = _rope_heads(model, name.rsplit(".", 1)[-1])
         if heads is not None:
@@ -357,9 +371,9 @@ def save_peft_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model: 
         "r": cfg["rank"],
         "lora_alpha": cfg["alpha"],
         "lora_dropout": cfg["dropout"],
-        "target_modules": sorted(_hf_target_name(t) for t in cfg["targets"]),
+        "target_modules": sorted(t if _is_gpt2(model) else _hf_target_name(t) for t in cfg["targets"]),
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": _is_gpt2(model),  # GPT-2's Conv1D layers
         "inference_mode": True,
         "init_lora_weights": True,
         "use_rslora": False,
@@ -408,6 +422,8 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Mo
     if cfg.get("bias", "none") != "none":
         raise UserError(f"LoRA: {where} has bias={cfg['bias']!r}; only bias='none' is supported")
     hf_to_attr = {proj: attr for attr, (_, proj) in HF_NAMES.items()} | {"lm_head": "output"}
+    if _is_gpt2(model):
+        hf_to_attr = {t: t for t in GPT2_TARGETS}
     tm = cfg.get("target_modules")
     if not isinstance(tm, list) or any(t not in hf_to_attr for t in tm):
         raise UserError(f"LoRA: {where} has target_modules={tm!r}; expected a list of {sorted(hf_to_attr)}")
@@ -427,7 +443,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Mo
     peft_sd = load_file(str(d / PEFT_WEIGHTS))
     sd: dict[str, torch.Tensor] = {}
     for name, m in lora_modules(model):
-        hf = _PEFT_PREFIX + _hf_module_name(name)
+        hf = _peft_module_name(model, name)
         heads = _rope_heads(model, name.rsplit(".", 1)[-1])
         for ours, theirs in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
             key = f"{hf}.{theirs}.weight"

@@ -9,6 +9,9 @@ and the interleaved-pair RoPE layout Meta uses for wq/wk). Conversions:
   Meta's layout already and load by rename only (tests/test_model_utils.py proves it against
   transformers' own GGUF loader).
 - Meta model-parallel shards are concatenated along the dimension each layer was split on.
+- An HF GPT-2 directory (model_type gpt2) loads as (gpt2.GPT2Args, gpt2.py's names): the `transformer.` prefix
+  and the attention-mask buffers dropped, HF's Conv1D weights transposed to nn.Linear's (out, in); its export is
+  the reverse, a GPT2LMHeadModel directory.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from errors import UserError
 from fileio import atomic_dir, read_json
+from gpt2 import GPT2, GPT2Args
 from model import ModelArgs, Transformer, rope_frequencies
 from tokenizer import Tokenizer, save_hf_tokenizer
 
@@ -278,7 +283,9 @@ def _hf_weight_files(path: Path) -> list[Path]:
     return files
 
 
-def load_hf(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+def load_hf(path: Path) -> tuple[Any, dict[str, torch.Tensor]]:
+    if _is_gpt2(path):
+        return load_hf_gpt2(path)
     args = _args_from_hf_config(read_json(path / "config.json"), path)
     sd: dict[str, torch.Tensor] = {}
     for f in _hf_weight_files(path):
@@ -289,12 +296,14 @@ def load_hf(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     return args, hf_to_ours(sd, args)
 
 
-def open_hf(path: Path) -> tuple[ModelArgs, Mapping[str, torch.Tensor]]:
+def open_hf(path: Path) -> tuple[Any, Mapping[str, torch.Tensor]]:
     """load_hf without reading the weights up front: safetensors shards are opened (memory-mapped) and each
-    tensor is read, renamed and un-permuted when looked up. pytorch_model*.bin weights and MoE models are read
-    eagerly."""
+    tensor is read, renamed and un-permuted when looked up. pytorch_model*.bin weights, MoE and GPT-2 models
+    are read eagerly."""
     from safetensors import SafetensorError, safe_open
 
+    if _is_gpt2(path):
+        return load_hf_gpt2(path)
     args = _args_from_hf_config(read_json(path / "config.json"), path)
     files = _hf_weight_files(path)
     if args.moe_num_experts or any(f.suffix != ".safetensors" for f in files):
@@ -493,25 +502,29 @@ def _rope_scaling_from_factors(args: ModelArgs, factors: torch.Tensor, path: Pat
 
 
 # ---- export --------------------------------------------------------------------------------------
-def _cpu_state(model: Transformer) -> dict[str, torch.Tensor]:
+def _cpu_state(model: nn.Module, args: ModelArgs) -> dict[str, torch.Tensor]:
     """The plain Llama weights on CPU; anything else (LoRA adapters, wrappers) is a clear error."""
     sd = model.state_dict()
-    extra = sorted(set(sd) - _ours_state_names(model.args))
+    extra = sorted(set(sd) - _ours_state_names(args))
     if extra:
         raise UserError(f"cannot export: the model has non-Llama tensors {extra[:3]}; merge LoRA adapters "
                         "first (lora.unload_lora(model)) and export the unwrapped model")
     return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
 
 
-def export_hf(model: Transformer, args: ModelArgs, out_dir: str | os.PathLike,
+def export_hf(model: nn.Module, args: Any, out_dir: str | os.PathLike,
               tokenizer: Tokenizer | None = None) -> Path:
     """Write an HF LlamaForCausalLM (MixtralForCausalLM with MoE) directory that transformers loads with the
-    same logits: config.json,
+    same logits (a GPT2LMHeadModel directory for a GPT-2 model): config.json,
     model.safetensors, generation_config.json (greedy; stops at the tokenizer's end-of-text and end-of-turn
     ids) and, with a tokenizer, its HF files (tokenizer.save_hf_tokenizer: tokenizer.json,
     tokenizer_config.json with the chat template, special_tokens_map.json)."""
+    if isinstance(args, GPT2Args):
+        sd = _gpt2_cpu_state(model, args)
+        return export_hf_tensors(args, {k: (tuple(v.shape), v.dtype) for k, v in sd.items()}, iter(sd.items()),
+                                 out_dir, tokenizer)
     _check_hf_exportable(args)
-    sd = _cpu_state(model)
+    sd = _cpu_state(model, args)
     return export_hf_tensors(args, {k: (tuple(v.shape), v.dtype) for k, v in sd.items()}, iter(sd.items()), out_dir,
                              tokenizer)
 
@@ -522,12 +535,14 @@ def _check_hf_exportable(args: ModelArgs) -> None:
                         "in our checkpoint format")
 
 
-def export_hf_tensors(args: ModelArgs, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+def export_hf_tensors(args: Any, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
                       tensors: Iterator[tuple[str, torch.Tensor]], out_dir: str | os.PathLike,
                       tokenizer: Tokenizer | None = None, dtype: torch.dtype | None = None) -> Path:
     """export_hf from a stream of our tensors: `specs` {name: (shape, dtype)} in the order `tensors` yields
     (name, tensor). Each tensor is renamed, q/k-permuted, cast to `dtype` (None: kept) and written before the
     next is asked for, so memory holds one tensor, not the model (a sharded checkpoint exports this way)."""
+    if isinstance(args, GPT2Args):
+        return _export_gpt2_tensors(args, specs, tensors, out_dir, tokenizer, dtype)
     _check_hf_exportable(args)
     to_hf = _hf_name_map(args)
     extra = sorted(set(specs) - _ours_state_names(args))
@@ -622,13 +637,16 @@ def export_meta(model: Transformer, args: ModelArgs, out_dir: str | os.PathLike,
     """Write Meta's layout: params.json + consolidated.NN.pth, split into n_shards model-parallel
     shards the way Meta's fairscale layers split them (Llama 3: tok_embeddings on the vocab dim).
     model_args.json keeps fields params.json has no key for (max_seq_len, explicit ffn size, tying)."""
+    if isinstance(args, GPT2Args):
+        raise UserError("cannot export a GPT-2 model in Meta's Llama format: use --format hf (a GPT2LMHeadModel "
+                        "directory)")
     if args.moe_num_experts:
         raise UserError("cannot export a Mixture-of-Experts model in Meta's Llama format (it has no experts): "
                         "use --format hf (a MixtralForCausalLM directory)")
     if n_shards < 1 or args.n_kv_heads % n_shards or args.vocab_size % n_shards or args.hidden_dim % n_shards:  # type: ignore[operator]  # ModelArgs.__post_init__ sets n_kv_heads
         raise UserError(f"n_shards={n_shards} must divide n_kv_heads={args.n_kv_heads}, "
                         f"vocab_size={args.vocab_size} and the FFN size {args.hidden_dim}")
-    sd = _cpu_state(model)  # Meta's checkpoints always hold output.weight, tied or not
+    sd = _cpu_state(model, args)  # Meta's checkpoints always hold output.weight, tied or not
     params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
               "vocab_size": args.vocab_size, "multiple_of": args.multiple_of,
               "ffn_dim_multiplier": args.ffn_dim_multiplier, "norm_eps": args.norm_eps, "rope_theta": args.rope_theta}
@@ -646,3 +664,127 @@ def export_meta(model: Transformer, args: ModelArgs, out_dir: str | os.PathLike,
         extra = {k: v for k, v in args.to_dict().items() if k != "extra"}
         (tmp / "model_args.json").write_text(json.dumps(extra, indent=2) + "\n")
     return Path(out_dir)
+
+
+# ---- GPT-2 (gpt2.py) -------------------------------------------------------------------------------
+# HF's GPT2LMHeadModel: our names under `transformer.`, the projections as Conv1D modules whose weights are
+# stored (in, out), the transpose of nn.Linear's. Hub files may lack the prefix (OpenAI's own upload) and may
+# carry the causal-mask buffers attn.bias / attn.masked_bias, which hold no weights.
+GPT2_PREFIX = "transformer."
+_GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+_GPT2_BUFFERS = (".attn.bias", ".attn.masked_bias")  # not c_attn.bias, a weight
+_GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # the same tanh approximation
+
+
+def _is_gpt2(path: Path) -> bool:
+    return read_json(path / "config.json").get("model_type") == "gpt2"
+
+
+def _gpt2_args_from_hf_config(cfg: dict, where: Path) -> GPT2Args:
+    act = cfg.get("activation_function", "gelu_new")
+    if act not in _GPT2_ACTIVATIONS:
+        raise UserError(f"{where}/config.json has activation_function={act!r}; gpt2.py implements gelu_new "
+                        "(GPT-2's tanh-approximated GELU) only")
+    for key, supported in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                           ("add_cross_attention", False), ("tie_word_embeddings", True)):
+        if bool(cfg.get(key, supported)) != supported:
+            raise UserError(f"{where}/config.json sets {key}={cfg[key]}; gpt2.py implements GPT-2 as released "
+                            f"({key}={str(supported).lower()})")
+    return GPT2Args(dim=cfg["n_embd"], n_layers=cfg["n_layer"], n_heads=cfg["n_head"], vocab_size=cfg["vocab_size"],
+                    max_seq_len=cfg["n_positions"], ffn_hidden_dim=cfg.get("n_inner") or None,
+                    norm_eps=cfg.get("layer_norm_epsilon", 1e-5), dropout=float(cfg.get("resid_pdrop", 0.1)))
+
+
+def gpt2_from_hf(state_dict: Mapping[str, torch.Tensor], where: str = "") -> dict[str, torch.Tensor]:
+    """An HF GPT-2 state dict (with or without the `transformer.` prefix, with or without the mask buffers and
+    a tied lm_head.weight) -> gpt2.py's names and nn.Linear layout. The head is stored once, as wte."""
+    out = {}
+    for name, t in state_dict.items():
+        ours = name.removeprefix(GPT2_PREFIX)
+        if ours.endswith(_GPT2_BUFFERS) or ours == "lm_head.weight":
+            continue
+        out[ours] = t.t().contiguous() if ours.endswith(_GPT2_CONV1D) else t
+    head = state_dict.get("lm_head.weight")
+    if head is not None and "wte.weight" in out and not torch.equal(head, out["wte.weight"]):
+        raise UserError(f"{where}: lm_head.weight differs from the token embedding; GPT-2's head is tied to it")
+    return out
+
+
+def gpt2_to_hf(name: str, t: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """One tensor of gpt2.py -> its name and layout in HF's GPT2LMHeadModel."""
+    return GPT2_PREFIX + name, (t.t() if name.endswith(_GPT2_CONV1D) else t)
+
+
+def load_hf_gpt2(path: Path) -> tuple[GPT2Args, dict[str, torch.Tensor]]:
+    args = _gpt2_args_from_hf_config(read_json(path / "config.json"), path)
+    sd: dict[str, torch.Tensor] = {}
+    for f in _hf_weight_files(path):
+        sd.update(load_safetensors(f) if f.suffix == ".safetensors" else _torch_load(f))
+    return args, gpt2_from_hf(sd, str(path))
+
+
+def _gpt2_names(args: GPT2Args) -> set[str]:
+    with torch.device("meta"):
+        return set(GPT2(args).state_dict()) - {"lm_head.weight"}
+
+
+def _gpt2_cpu_state(model: nn.Module, args: GPT2Args) -> dict[str, torch.Tensor]:
+    sd = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    extra = sorted(set(sd) - _gpt2_names(args))
+    if extra:
+        raise UserError(f"cannot export: the model has tensors GPT-2 does not have {extra[:3]}; merge LoRA adapters "
+                        "first (lora.unload_lora(model)) and export the unwrapped model")
+    return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+
+
+def _export_gpt2_tensors(args: GPT2Args, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                         tensors: Iterator[tuple[str, torch.Tensor]], out_dir: str | os.PathLike,
+                         tokenizer: Tokenizer | None, dtype: torch.dtype | None) -> Path:
+    """export_hf_tensors for GPT-2: a GPT2LMHeadModel directory (the tied head stored once, as wte)."""
+    specs = {k: v for k, v in specs.items() if k != "lm_head.weight"}
+    extra = sorted(set(specs) - _gpt2_names(args))
+    if extra:
+        raise UserError(f"cannot export: the model has tensors GPT-2 does not have {extra[:3]}; merge LoRA adapters "
+                        "first (lora.unload_lora(model)) and export the unwrapped model")
+    header = []
+    for k, (shape, dt) in specs.items():
+        hf, m = gpt2_to_hf(k, torch.empty(shape, dtype=dt, device="meta"))
+        header.append((hf, tuple(m.shape), dtype or dt))
+    config, gen = _gpt2_hf_config(args, header[0][2], tokenizer)
+
+    def converted() -> Iterator[torch.Tensor]:
+        for name, t in tensors:
+            if name != "lm_head.weight":
+                yield gpt2_to_hf(name, t)[1].to(dtype or t.dtype)
+
+    with atomic_dir(out_dir) as tmp:
+        write_safetensors(tmp / "model.safetensors", header, converted(), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        if tokenizer is not None:
+            save_hf_tokenizer(tokenizer, tmp, model_max_length=args.max_seq_len)
+    return Path(out_dir)
+
+
+def _gpt2_hf_config(args: GPT2Args, dtype: torch.dtype, tokenizer: Tokenizer | None) -> tuple[dict, dict]:
+    """-> (config.json, generation_config.json) of an HF GPT2LMHeadModel export."""
+    if tokenizer is not None and tokenizer.vocab_size > args.vocab_size:
+        raise UserError(f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens but the model only "
+                        f"{args.vocab_size} embeddings; export with the tokenizer the model was trained with")
+    bos = tokenizer.bos_id if tokenizer is not None else None
+    stops = tokenizer.stop_ids if tokenizer is not None else []
+    eos = stops[0] if len(stops) == 1 else (stops or None)
+    config = {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "n_embd": args.dim, "n_layer": args.n_layers, "n_head": args.n_heads, "n_positions": args.max_seq_len,
+        "n_ctx": args.max_seq_len, "n_inner": args.ffn_hidden_dim, "vocab_size": args.vocab_size,
+        "layer_norm_epsilon": args.norm_eps, "activation_function": "gelu_new",
+        "resid_pdrop": args.dropout, "embd_pdrop": args.dropout, "attn_pdrop": args.dropout,
+        "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": True, "bos_token_id": bos, "eos_token_id": eos,
+        "torch_dtype": str(dtype).removeprefix("torch."), "dtype": str(dtype).removeprefix("torch."),
+    }
+    gen = {"bos_token_id": bos, "eos_token_id": eos, "do_sample": False}
+    if tokenizer is not None and tokenizer.pad_id is not None:
+        gen["pad_token_id"] = tokenizer.pad_id
+    return config, gen

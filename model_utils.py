@@ -2,7 +2,8 @@
 parameter and FLOP counts.
 
 `load_model` detects the source kind and ends every load in the same place: a state dict with Meta's
-parameter names (model.py) and the interleaved-pair RoPE layout Meta uses for wq/wk. The foreign formats
+parameter names (model.py) and the interleaved-pair RoPE layout Meta uses for wq/wk, or for a GPT-2 source
+gpt2.py's names; the model is built through families.py from the args' family. The foreign formats
 (HF, Meta, GGUF readers, the q/k permutation, HF and Meta export) are model_formats.py's; `export_hf` and
 `export_meta` are part of this module's public surface as well.
 
@@ -34,12 +35,15 @@ import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 import checkpoint as ckpt
 import config
 import distributed as D
+import families
 import lora
 import memory_plan
 import precision
@@ -62,27 +66,29 @@ from tokenizer import Tokenizer, load_tokenizer
 
 
 # ---- building -------------------------------------------------------------------------------------
-def build_model(args: ModelArgs, state_dict: dict[str, torch.Tensor], device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32, where: str = "", lora_spec: dict | None = None) -> Transformer:
-    """Allocate the model without a random init (meta device), then fill it from state_dict. lora_spec
-    ({"targets", "rank", "alpha", "dropout"}, lora.lora_config's form): the model gets LoRA adapters first and
-    state_dict holds the base weights and the adapters."""
+def build_model(args: Any, state_dict: dict[str, torch.Tensor], device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32, where: str = "", lora_spec: dict | None = None) -> nn.Module:
+    """Allocate the model of args' family (families.py) without a random init (meta device), then fill it from
+    state_dict. lora_spec ({"targets", "rank", "alpha", "dropout"}, lora.lora_config's form): the model gets
+    LoRA adapters first and state_dict holds the base weights and the adapters."""
+    family = families.of_args(args)
+    head, emb = family.head_weight, family.embedding_weight
     with torch.device("meta"):
-        model = Transformer(args)
+        model = family.module_class(args)
         if lora_spec:
             lora.apply_lora(model, lora_spec["targets"], lora_spec["rank"], lora_spec["alpha"], lora_spec["dropout"])
     model = model.to(dtype=dtype).to_empty(device=device)
     if args.tie_embeddings:  # to_empty() gives each module its own tensor: re-tie
-        model.output.weight = model.tok_embeddings.weight
+        family.tie(model)
         state_dict = dict(state_dict)
-        out = state_dict.pop("output.weight", None)  # safetensors' save_model may keep only this name
-        if "tok_embeddings.weight" not in state_dict and out is not None:
-            state_dict["tok_embeddings.weight"] = out
-    expected = {k for k in model.state_dict() if not (args.tie_embeddings and k == "output.weight")}
+        out = state_dict.pop(head, None)  # safetensors' save_model may keep only this name
+        if emb not in state_dict and out is not None:
+            state_dict[emb] = out
+    expected = {k for k in model.state_dict() if not (args.tie_embeddings and k == head)}
     missing, unexpected = sorted(expected - state_dict.keys()), sorted(state_dict.keys() - expected)
     if missing or unexpected:
         raise UserError(f"weights in {where} do not match the model: missing {missing[:4]}, "
-                        f"unexpected {unexpected[:4]}; is this a Llama-architecture checkpoint?")
+                        f"unexpected {unexpected[:4]}; is this a {family.name}-architecture checkpoint?")
     for k, p in model.state_dict().items():
         if k in state_dict and tuple(state_dict[k].shape) != tuple(p.shape):
             raise UserError(f"tensor {k} in {where} has shape {tuple(state_dict[k].shape)}, the config "
@@ -226,8 +232,10 @@ def _download_hub(repo_id: str) -> Path:
 # ---- loaders ----------------------------------------------------------------------------------------
 def load_model(source: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                rope_scaling_factor: float | None = None, lora_base: str | None = None,
-               merge_lora: bool = True) -> tuple[Transformer, ModelArgs]:
-    """Load any supported source (see module docstring) -> (model in eval mode, its ModelArgs).
+               merge_lora: bool = True) -> tuple[Any, Any]:
+    """Load any supported source (see module docstring) -> (model in eval mode, its args): a model.Transformer
+    and its ModelArgs, or for a GPT-2 source (HF GPT-2, a checkpoint of a MODEL_FAMILY=gpt2 run) a gpt2.GPT2 and
+    its GPT2Args (families.py).
     rope_scaling_factor (the ROPE_SCALING_FACTOR setting) overrides the Llama 3 RoPE scaling factor of a Meta
     params.json with use_scaled_rope; other formats state their factor in their own config.
     lora_base: for a LoRA checkpoint of ours, the base to merge its adapters into instead of the recorded one
@@ -250,7 +258,7 @@ def _load_ours(path: Path, lora_base: str | None = None,
                merge_lora: bool = True) -> tuple[ModelArgs, dict[str, torch.Tensor], dict | None]:
     """-> (args, state dict, LoRA spec when the state dict holds unmerged adapters, else None)."""
     cfg = read_json(path / ckpt.CONFIG_FILE)
-    args = ModelArgs.from_dict(cfg["model_args"])
+    args = families.args_from_dict(cfg["model_args"])
     sd = ckpt.read_model_tensors(path)
     if not cfg.get("lora"):
         return args, sd, None
@@ -304,12 +312,14 @@ def open_weights(source: str | os.PathLike, rope_scaling_factor: float | None = 
     return args, sd
 
 
-def _open_ours(path: Path) -> tuple[ModelArgs, Mapping[str, torch.Tensor]]:
-    args = ModelArgs.from_dict(read_json(path / ckpt.CONFIG_FILE)["model_args"])
+def _open_ours(path: Path) -> tuple[Any, Mapping[str, torch.Tensor]]:
+    args = families.args_from_dict(read_json(path / ckpt.CONFIG_FILE)["model_args"])
+    family = families.of_args(args)
+    head, emb = family.head_weight, family.embedding_weight
     stored, read = ckpt.model_tensor_reader(path)
     # a tied model may be stored under either name of its one matrix
-    alias = {"tok_embeddings.weight": "output.weight"} if args.tie_embeddings and "tok_embeddings.weight" not in stored else {}
-    names = [n for n in stored if not (args.tie_embeddings and n == "output.weight")] + list(alias)
+    alias = {emb: head} if args.tie_embeddings and emb not in stored else {}
+    names = [n for n in stored if not (args.tie_embeddings and n == head)] + list(alias)
     read_rows = ckpt.model_tensor_row_reader(path)
     return args, LazyStateDict(sorted(names), lambda name: read(alias.get(name, name)),
                                lambda name, start, stop: read_rows(alias.get(name, name), start, stop), str(path))
@@ -318,10 +328,11 @@ def _open_ours(path: Path) -> tuple[ModelArgs, Mapping[str, torch.Tensor]]:
 def module_state_view(weights: Mapping[str, torch.Tensor], args: ModelArgs) -> Mapping[str, torch.Tensor]:
     """`weights` under the names Transformer.state_dict() has: a tied head is listed under both of its names
     (so checkpoint.weights_fingerprint of the view equals that of the loaded model)."""
-    if not args.tie_embeddings or "output.weight" in weights:
+    family = families.of_args(args)
+    head, emb = family.head_weight, family.embedding_weight
+    if not args.tie_embeddings or head in weights:
         return weights
-    return LazyStateDict([*weights, "output.weight"],
-                         lambda name: weights["tok_embeddings.weight" if name == "output.weight" else name])
+    return LazyStateDict([*weights, head], lambda name: weights[emb if name == head else name])
 
 
 def load_sharded(model: Transformer, weights: Mapping[str, torch.Tensor], device: torch.device,
@@ -351,7 +362,7 @@ def export_hf_from_checkpoint(source: str | os.PathLike, out_dir: str | os.PathL
     conf = read_json(path / ckpt.CONFIG_FILE) if kind == "ours" else {}
     if kind != "ours" or conf.get("lora"):
         raise UserError(f"{source} is not a full-weight checkpoint of ours; export it with export_hf(load_model(...))")
-    args = ModelArgs.from_dict(conf["model_args"])
+    args = families.args_from_dict(conf["model_args"])
     specs = ckpt.model_tensor_specs(path)
     expected = _param_names(args)
     missing, unexpected = sorted(expected - specs.keys()), sorted(specs.keys() - expected)
@@ -361,11 +372,11 @@ def export_hf_from_checkpoint(source: str | os.PathLike, out_dir: str | os.PathL
     return export_hf_tensors(args, specs, ckpt.iter_model_tensors(path), out_dir, tokenizer=tokenizer, dtype=dtype)
 
 
-def _param_names(args: ModelArgs) -> set[str]:
+def _param_names(args: Any) -> set[str]:
     """The state-dict names of a model with these args (built on the meta device: no memory)."""
     with torch.device("meta"):
-        names = set(Transformer(args).state_dict())
-    return names - ({"output.weight"} if args.tie_embeddings else set())
+        names = set(families.build(args).state_dict())
+    return names - ({families.of_args(args).head_weight} if args.tie_embeddings else set())
 
 
 # ---- PEFT export ------------------------------------------------------------------------------------
@@ -431,12 +442,12 @@ def _check_base_id(base_id: str, path: Path, model: Transformer, dtype: torch.dt
 
 
 # ---- counting ---------------------------------------------------------------------------------------
-def count_parameters(model: Transformer, exclude_embeddings: bool = False) -> int:
+def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
     """Unique parameters (a tied output/embedding matrix counts once). exclude_embeddings drops the
     input embedding table (Kaplan et al.'s "non-embedding" N), even when the output shares it."""
     n = sum(p.numel() for p in model.parameters())  # parameters() already yields shared tensors once
     if exclude_embeddings:
-        n -= model.tok_embeddings.weight.numel()
+        n -= dict(model.named_parameters())[families.of_model(model).embedding_weight].numel()
     return n
 
 
@@ -445,7 +456,7 @@ def matmul_weights(args: ModelArgs) -> tuple[int, int]:
     layer counts, not the embedding lookup and not norms; a Mixture-of-Experts FFN counts the weights a token
     is routed through: the router, its top-k experts and the shared expert (the active parameters, as MoE
     papers report them)."""
-    ffn = 3 * args.dim * args.hidden_dim
+    ffn = (2 if families.of_args(args).name == "gpt2" else 3) * args.dim * args.hidden_dim  # GELU MLP / SwiGLU
     if args.moe_num_experts:
         ffn = args.dim * args.moe_num_experts + (args.moe_top_k + args.moe_shared_expert) * ffn
     per_layer = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads) + ffn  # type: ignore[operator]  # ModelArgs.__post_init__ sets n_kv_heads
@@ -605,6 +616,9 @@ def _plan_cli(a: argparse.Namespace) -> int:
         raise UserError(f"--shard-group {shard} does not divide --gpus {a.gpus}: use the GPUs per node")
     vocab = j["vocab_size"] or PRESETS[preset].get("VOCAB_SIZE") or LLAMA3_VOCAB
     args = config.load_config(None, {"MODEL_PRESET": preset}, use_environ=False).model_args(vocab)
+    if families.of_args(args).name != "llama":
+        raise UserError(f"--preset {preset} is a {families.of_args(args).name} model; the memory plan models the "
+                        "llama family's shapes only: pick a llama preset of a similar size")
     if args.moe_num_experts:
         raise UserError(f"--preset {preset} is a Mixture-of-Experts model; the memory plan models dense "
                         "models only (expert weights and routing buffers are not counted): pick a dense preset")

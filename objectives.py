@@ -42,6 +42,7 @@ from torch import nn
 
 import config
 import dataloaders
+import families
 import lora
 import model_utils
 import moe
@@ -63,7 +64,7 @@ from losses import (
     topk_distillation_loss_sum,
 )
 from losses import dpo_loss as _dpo_loss
-from model import ModelArgs, Transformer
+from model import ModelArgs
 from objective_caches import (
     ReferenceCache,
     TeacherCache,
@@ -200,9 +201,10 @@ def document_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def is_ours(model: nn.Module) -> bool:
-    """Whether the model (bare, under DDP / torch.compile, or FSDP2's subclass of it) is our Transformer, whose
-    forward takes `labels` and returns the loss with the LM head fused into it (fused_ce.head_loss)."""
-    return isinstance(unwrap(model), Transformer)
+    """Whether the model (bare, under DDP / torch.compile, or FSDP2's subclass of it) is one of our families'
+    (families.py: the Transformer, GPT-2), whose forward takes `labels` and returns the loss with the LM head
+    fused into it (fused_ce.head_loss)."""
+    return isinstance(unwrap(model), tuple(f.module_class for f in families.FAMILIES.values()))
 
 
 def response_logps(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

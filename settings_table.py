@@ -29,8 +29,9 @@ S = Setting
 SETTINGS: list[Setting] = [
     # ---- model -------------------------------------------------------------------------------
     S("MODEL_PRESET", "model", "str", "", "named size (debug, tiny, small, 125m, 350m, 1b, smollm2-135m, "
-      "llama3.2-1b, llama3.2-3b, llama3.1-8b, llama3.1-70b; Mixture of Experts: moe-debug, moe-small); explicit "
-      "model keys below override it"),
+      "llama3.2-1b, llama3.2-3b, llama3.1-8b, llama3.1-70b; Mixture of Experts: moe-debug, moe-small; GPT-2 "
+      "(MODEL_FAMILY=gpt2): gpt2-debug, gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b); explicit model keys below "
+      "override it"),
     S("DIM", "model", "int", 768, "model width", min=8),
     S("N_LAYERS", "model", "int", 16, "number of transformer blocks", min=1),
     S("N_HEADS", "model", "int", 16, "attention heads", min=1),
@@ -59,6 +60,13 @@ SETTINGS: list[Setting] = [
       "(DeepSeekMoE); such a model has no HF Mixtral export"),
     S("INIT_FROM", "model", "str", "", "start weights: empty = random init (pretrain) or the previous stage's "
       "latest checkpoint; else a checkpoint dir, Meta dir, HF dir/hub id or .gguf file"),
+    S("MODEL_FAMILY", "model", "str", "llama", "architecture: llama (model.py: Llama 3, RoPE, RMSNorm, SwiGLU or "
+      "MoE) | gpt2 (gpt2.py: learned positions up to MAX_SEQ_LEN, LayerNorm, GELU MLP of 4*DIM, biases, tied head; "
+      "reads DIM N_LAYERS N_HEADS VOCAB_SIZE MAX_SEQ_LEN NORM_EPS DROPOUT and ignores the RoPE, FFN and KV-head keys; MoE is "
+      "llama only); a model loaded from INIT_FROM keeps its own family", choices=("llama", "gpt2")),
+    S("DROPOUT", "model", "float", 0.0, "gpt2: dropout on the embeddings, the attention weights and each residual "
+      "branch while training (GPT-2 was trained with 0.1, which its presets set); llama has no dropout and refuses "
+      "a non-zero value", min=0.0, max=0.9),
     # ---- tokenizer / chat --------------------------------------------------------------------
     S("TOKENIZER_CHECKPOINT_PATH", "tokenizer", "str", "./tokenizer.model",
       "tiktoken-format file, HF tokenizer dir/hub id, or .gguf; 'model' = the tokenizer of INIT_FROM"),
@@ -300,6 +308,17 @@ PRESETS: dict[str, dict[str, Any]] = {
                          MAX_SEQ_LEN=8192,
                          ROPE_SCALING={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                        "original_max_position_embeddings": 8192}),
+    # GPT-2 (MODEL_FAMILY=gpt2) as OpenAI released it: GPT-2's own 50257-token vocabulary, 1024 positions
+    "gpt2-debug": dict(MODEL_FAMILY="gpt2", DIM=64, N_LAYERS=2, N_HEADS=4, N_KV_HEADS=4, MAX_SEQ_LEN=64,
+                       TIE_EMBEDDINGS=True, DROPOUT=0.1),
+    "gpt2-124m": dict(MODEL_FAMILY="gpt2", DIM=768, N_LAYERS=12, N_HEADS=12, N_KV_HEADS=12, VOCAB_SIZE=50257,
+                      MAX_SEQ_LEN=1024, TIE_EMBEDDINGS=True, DROPOUT=0.1),
+    "gpt2-350m": dict(MODEL_FAMILY="gpt2", DIM=1024, N_LAYERS=24, N_HEADS=16, N_KV_HEADS=16, VOCAB_SIZE=50257,
+                      MAX_SEQ_LEN=1024, TIE_EMBEDDINGS=True, DROPOUT=0.1),
+    "gpt2-774m": dict(MODEL_FAMILY="gpt2", DIM=1280, N_LAYERS=36, N_HEADS=20, N_KV_HEADS=20, VOCAB_SIZE=50257,
+                      MAX_SEQ_LEN=1024, TIE_EMBEDDINGS=True, DROPOUT=0.1),
+    "gpt2-1.5b": dict(MODEL_FAMILY="gpt2", DIM=1600, N_LAYERS=48, N_HEADS=25, N_KV_HEADS=25, VOCAB_SIZE=50257,
+                      MAX_SEQ_LEN=1024, TIE_EMBEDDINGS=True, DROPOUT=0.1),
 }
 
 # Keys of the predecessor repo that are no longer settings. An old `.env` still loads: each prints one note

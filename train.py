@@ -33,6 +33,7 @@ import checkpoint as ckpt
 import config
 import dataloaders
 import distributed as D
+import families
 import generate
 import hellaswag_utils
 import lora
@@ -184,6 +185,9 @@ def adopt_source_args(cfg: config.Config, tok: tk.Tokenizer, margs: ModelArgs, i
     """The loaded model's args as this run uses them: checked against the tokenizer and the MoE settings, the
     context grown to MAX_SEQ_LEN, routing (capacity, implementation) taken from the run's settings."""
     check_vocab(margs, tok, init_source)
+    if families.of_args(margs).learned_positions and cfg.model.max_seq_len > margs.max_seq_len:
+        raise UserError(f"MAX_SEQ_LEN={cfg.model.max_seq_len} but INIT_FROM={init_source} has {margs.max_seq_len} "
+                        f"learned positions: set MAX_SEQ_LEN <= {margs.max_seq_len}")
     margs.max_seq_len = max(margs.max_seq_len, cfg.model.max_seq_len)
     check_moe_settings(cfg, margs, init_source)
     margs.moe_capacity_factor, margs.moe_impl = cfg.model.moe_capacity_factor, cfg.system.moe_impl
@@ -200,7 +204,7 @@ def build_model(cfg: config.Config, tok: tk.Tokenizer, init_source: str,
         margs = cfg.model_args(tok.vocab_size)
         torch.manual_seed(cfg.training.seed)
         with torch.device(device):  # drawn where it trains: a GPU draws the values the sharded build draws
-            model = Transformer(margs)
+            model = families.build(margs)
         model.init_weights(generator=torch.Generator(device).manual_seed(cfg.training.seed))
     return model.to(device).train(), margs
 
@@ -225,7 +229,7 @@ def build_meta_model(cfg: config.Config, tok: tk.Tokenizer,
         margs = cfg.model_args(tok.vocab_size)
         torch.manual_seed(cfg.training.seed)
     with torch.device("meta"):
-        model = Transformer(margs)
+        model = families.build(margs)
     return model.train(), margs, weights
 
 
@@ -248,7 +252,7 @@ def hold_frozen_base_in(model: Transformer, prec: precision.Choice) -> None:
     the base in fp32 (fp16 weights would need GradScaler-free overflow care)."""
     if prec.name != "bf16":
         return
-    embedding = model.tok_embeddings.weight
+    embedding = dict(model.named_parameters())[families.of_model(model).embedding_weight]
     for m in model.modules():
         if isinstance(m, nn.Linear) and not m.weight.requires_grad and m.weight is not embedding:
             m.weight.data = m.weight.data.to(torch.bfloat16)

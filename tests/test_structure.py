@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS: dict[str, tuple[str, ...]] = {
     "foundation": ("errors", "fileio", "settings_table", "precision", "moe", "model", "losses", "bpe", "fused_ce",
                    "distributed", "run_control", "logger", "optim", "demo_data", "memory_plan", "quantize",
-                   "rewards"),
+                   "rewards", "gpt2", "families"),
     "settings": ("config", "config_sections"),
     "data": ("tokenizer", "data_manifest", "data_preparation_utils", "data_sources", "dataloaders",
              "load_pretrain_dataset", "load_instruct_dataset", "load_dpo_dataset", "load_rl_dataset"),
@@ -107,6 +107,19 @@ def test_no_task_imports_another():
     assert task_imports({"winogrande_utils": {"hellaswag_utils", "evaluation"}}) == {
         "winogrande_utils": ["hellaswag_utils"]}
     assert task_imports(graph()) == {}
+
+
+# The model families' own modules (families.py maps MODEL_FAMILY and a checkpoint's or HF config's family to them).
+# model.py is the llama family's and still lends the loop its ModelArgs / tensor_generator names.
+FAMILY_MODULES = ("gpt2",)
+
+
+def test_the_loop_imports_no_family_module():
+    import families
+
+    assert {f.module_class.__module__ for f in families.FAMILIES.values()} == {"model", *FAMILY_MODULES}
+    assert sorted(graph()["train"] & set(FAMILY_MODULES)) == []
+    assert "families" in graph()["model_utils"]
 
 
 def test_the_checks_catch_a_cycle_and_an_upward_import():
