@@ -339,6 +339,9 @@ def planned_steps(cfg: config.Config, samples_per_epoch: int, G: int) -> int:
 
 def build_loaders(cfg: config.Config, objective: objectives.Objective, tok: tk.Tokenizer, info: D.DistInfo,
                   G: int) -> tuple[dataloaders.Loader, dataloaders.Loader | None]:
+    own = objective.own_loaders(tok, info.rank, info.world_size)
+    if own is not None:
+        return own
     stage, t = cfg.training.training_stage, cfg.training
     root = cfg[f"{stage.upper()}_DATALOADER_ROOT_PATH"]
     pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
@@ -649,6 +652,8 @@ def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) ->
               optimizer=optimizer, numerics=numerics, train_loader=train_loader, val_loader=val_loader, G=G,
               accum=accum, max_steps=max_steps, init_source=start.init_source, resume_dir=start.resume_dir,
               state=state, checkpointer=checkpointer, log=log, run_dir=run_dir_of(cfg), throughput=throughput)
+    objective.bind(objectives.Policy(wrapped, run.eval_model, device, numerics.autocast, lambda: run.stop_check(),
+                                     generate.rollout))
     print_banner(run, setup_facts)
     return run
 
