@@ -1,0 +1,216 @@
+"""TRAINING_STAGE=grpo: the settings, the keyed-noise rollouts, the objective's first update (ratio exactly 1),
+gradient accumulation and DDP(2) against one process, resume (the same completions), LoRA with the KL term."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import ROOT, make_parent, read_metrics, run_inprocess, tiny_model, torchrun
+
+import config
+import generate
+import load_rl_dataset
+import objectives as obj
+from errors import UserError
+
+ID_REWARD = f"{ROOT / 'tests' / 'grpo_rewards.py'}:id_reward"
+# a few seconds per step on the debug model: 2 prompts x 4 completions of at most 8 tokens
+SMALL = dict(TRAINING_STAGE="grpo", GRPO_PROMPTS_PER_STEP=2, GRPO_NUM_GENERATIONS=4, GRPO_MAX_COMPLETION_LEN=8,
+             MAX_SEQ_LEN=64, MAX_BATCH_SIZE=4, VALIDATE_EVERY_X_STEPS=0, LR_SCHEDULE="constant", WARMUP_STEPS=0,
+             MAX_LR=1e-3, GRPO_REWARDS=ID_REWARD, SAVE_CHECKPOINTS="false")
+
+
+@pytest.fixture(scope="module")
+def rl(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("grpo")
+    assert load_rl_dataset.main(["--out", str(tmp / "rl")]) == 0
+    return {"data": tmp / "rl", "parent": make_parent(tmp / "parent")}
+
+
+def grpo_run(tmp: Path, rl: dict, *flags: str, **kw) -> list[dict]:
+    kv = {**SMALL, "INIT_FROM": rl["parent"], "GRPO_DATA_PATH": rl["data"],
+          "GRPO_SAVE_CHECKPOINTS_PATH": tmp / "ck", **kw}
+    return run_inprocess(tmp, rl["data"], *flags, **kv)
+
+
+def steps(metrics: list[dict]) -> dict[int, dict]:
+    return {e["step"]: e for e in metrics if "loss" in e}
+
+
+# ---- settings ---------------------------------------------------------------------------------------------
+
+
+def grpo_cfg(**kv) -> config.Config:
+    return config.load_config(None, {"TRAINING_STAGE": "grpo", **{k: str(v) for k, v in kv.items()}})
+
+
+def test_settings_defaults_and_refusals():
+    cfg = grpo_cfg()
+    g = cfg.grpo
+    # TRL 1.16's GRPOConfig defaults where it has one
+    assert (g.grpo_num_generations, g.grpo_temperature, g.grpo_top_p, g.grpo_max_completion_len) == (8, 1.0, 1.0, 256)
+    assert (g.grpo_loss_type, g.grpo_beta, g.grpo_epsilon, g.grpo_scale_rewards) == ("dapo", 0.0, 0.2, "group")
+    assert g.grpo_num_iterations == 1
+    # a step = the generation batch: prompts x G completions, in micro-batches of MAX_BATCH_SIZE per rank
+    assert grpo_cfg(GRPO_PROMPTS_PER_STEP=4, GRPO_NUM_GENERATIONS=4, MAX_BATCH_SIZE=2).batch_geometry(2) == (16, 4)
+    with pytest.raises(UserError, match="GRPO_PROMPTS_PER_STEP=3 must be a multiple of the world size 2"):
+        grpo_cfg(GRPO_PROMPTS_PER_STEP=3).batch_geometry(2)
+    for kv, msg in [({"GRPO_TEMPERATURE": 0}, "GRPO_TEMPERATURE=0.0"),
+                    ({"GRPO_REWARD_WEIGHTS": "[1, 2]"}, "GRPO_REWARD_WEIGHTS has 2 weights"),
+                    ({"GRPO_NUM_ITERATIONS": 2, "SAVE_EVERY_X_STEPS": 5}, "SAVE_EVERY_X_STEPS=5"),
+                    ({"GRPO_LOSS_TYPE": "ppo"}, "GRPO_LOSS_TYPE")]:
+        with pytest.raises(UserError, match=msg):
+            grpo_cfg(**kv)
+
+
+# ---- rollouts ---------------------------------------------------------------------------------------------
+
+
+def test_rollout_noise_is_keyed_not_shared_by_the_batch():
+    model = tiny_model(seed=0, std=0.2)
+    prompts, keys = [[1, 5, 9], [2, 7], [3, 3, 3, 3, 3, 8]], [10, 11, 12]
+    kw = dict(temperature=1.0, top_p=0.95, stop_ids=[4, 6], seed=1, step=3)
+    batch = generate.rollout(model, prompts, keys, 3, 12, **kw)
+    assert len(batch) == 9 and len({tuple(c) for c in batch}) == 9  # sampled, not greedy: all differ
+    for i in range(3):  # each prompt alone gives its rows of the batch
+        assert generate.rollout(model, [prompts[i]], [keys[i]], 3, 12, **kw) == batch[3 * i:3 * i + 3]
+    assert generate.rollout(model, prompts[::-1], keys[::-1], 3, 12, **kw) == batch[6:] + batch[3:6] + batch[:3]
+    # another step (or seed) draws other completions of the same prompt
+    assert generate.rollout(model, [prompts[1]], [11], 3, 12, **{**kw, "step": 4}) != batch[3:6]
+    # a completion ends with (and includes) its first stop id
+    for c in batch:
+        stops = [t for t in c if t in (4, 6)]
+        assert stops == [] or (c[-1] in (4, 6) and len(stops) == 1)
+
+
+def test_keyed_sampling_draws_the_filtered_distribution():
+    """The inverse-CDF draw at keyed uniforms follows softmax(logits / T) (2000 keys, chi-square-like bound) and
+    never picks a token outside the top-p nucleus."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -8.0]])
+    s = generate.KeyedSampling(temperature=1.0, top_p=0.9, seed=0, step=0, keys=[(0, 0)])
+    want = s.filtered(logits).softmax(-1)[0]
+    counts = torch.zeros(5)
+    for k in range(2000):
+        s.keys, s.position = [(k, 0)], 0
+        counts[s.pick(logits)] += 1
+    assert counts[want == 0].sum() == 0
+    assert torch.allclose(counts / 2000, want, atol=0.035)
+
+
+# ---- the objective ----------------------------------------------------------------------------------------
+
+
+def test_ratio_is_exactly_one_at_the_first_update():
+    """The old log-probs (a no-grad forward of the training model on the same micro-batch) equal the training
+    forward's log-probs bit for bit, so the ratio is exactly 1 at the first update of a generation batch."""
+    model = tiny_model(seed=0, std=0.2)
+    ids = torch.randint(0, 97, (3, 10), generator=torch.Generator().manual_seed(0))
+    labels = torch.full_like(ids, -100)
+    labels[:, 4:] = ids[:, 4:]
+    labels[1, 7:] = -100
+    with torch.no_grad():
+        old, _ = obj.token_logps(model, ids, labels, 0.7)
+    new, _ = obj.token_logps(model, ids, labels, 0.7)
+    assert new.requires_grad and torch.equal(old, new.detach())
+    assert (old[labels == -100] == 0).all() and (old[labels != -100] < 0).all()
+    # log-probs at the temperature: log_softmax(logits / T) of the next token
+    logits = model(ids)[:, :-1].float() / 0.7
+    want = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(new[:, 1:][labels[:, 1:] != -100], want[labels[:, 1:] != -100])
+
+
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_short_run_writes_the_metrics_and_clips_nothing_at_the_first_update(tmp_path, rl, iterations):
+    m = steps(grpo_run(tmp_path, rl, MAX_STEPS=2, GRPO_NUM_ITERATIONS=iterations,
+                       GRPO_REWARDS=f"exact_answer,{ID_REWARD}", SAVE_EVERY_X_STEPS=2))
+    assert sorted(m) == [1, 2]
+    first = m[1]
+    for key in ("reward", "reward_exact_answer", "reward_id_reward", "reward_std", "frac_reward_zero_std",
+                "completion_length", "clip_ratio", "entropy"):
+        assert key in first and first[key] == first[key], key
+    assert first["clip_ratio"] == 0.0  # ratio exactly 1 at the first update
+    assert 0 < first["completion_length"] <= 8 and 0 <= first["frac_reward_zero_std"] <= 1
+    assert first["reward"] == pytest.approx(first["reward_exact_answer"] + first["reward_id_reward"])
+    assert first["grad_norm"] > 0
+    if iterations == 2:  # the second step reuses the first's completions: the same generation statistics
+        assert {k: m[2][k] for k in ("reward", "completion_length")} == \
+            {k: first[k] for k in ("reward", "completion_length")}
+
+
+# ---- injected rollouts: accumulation, resume ---------------------------------------------------------------
+
+
+def fake_rollout(model, prompt_ids, prompt_keys, num_generations, max_new_tokens, **kw):
+    """Completions fixed by (prompt key, sample index, step), of 2..6 tokens: the model does not sample them."""
+    step = kw["step"]
+    return [[(k * 7 + j * 3 + t + step) % 50 + 10 for t in range(2 + (k + j + step) % 5)][:max_new_tokens]
+            for k in prompt_keys for j in range(num_generations)]
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_accumulation_gives_the_single_micro_batch_step(tmp_path, rl, monkeypatch, loss_type):
+    monkeypatch.setattr(generate, "rollout", fake_rollout)
+    runs = {mb: steps(grpo_run(tmp_path / str(mb), rl, MAX_STEPS=2, MAX_BATCH_SIZE=mb, GRPO_LOSS_TYPE=loss_type))
+            for mb in (8, 4)}
+    for s in (1, 2):
+        one, two = runs[8][s], runs[4][s]
+        assert one["grad_norm"] > 0
+        assert two["loss"] == pytest.approx(one["loss"], abs=1e-6)
+        assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)
+        assert (two["reward"], two["completion_length"]) == pytest.approx((one["reward"], one["completion_length"]))
+
+
+def test_resume_samples_the_same_completions(tmp_path, rl, monkeypatch):
+    seen: dict[str, list] = {}
+
+    def recording(tag):
+        def rollout(model, prompt_ids, prompt_keys, *args, **kw):
+            out = real(model, prompt_ids, prompt_keys, *args, **kw)
+            seen.setdefault(tag, []).append((kw["step"], list(prompt_keys), out))
+            return out
+        return rollout
+
+    real = generate.rollout
+    kw = dict(MAX_STEPS=4, SAVE_CHECKPOINTS="true", SAVE_EVERY_X_STEPS=2)
+    monkeypatch.setattr(generate, "rollout", recording("whole"))
+    whole = steps(grpo_run(tmp_path / "a", rl, **kw))
+    monkeypatch.setattr(generate, "rollout", recording("resumed"))
+    resumed = steps(grpo_run(tmp_path / "b", rl, f"--grpo_checkpoint={tmp_path / 'a' / 'ck' / 'grpo' / 'step_0000002'}",
+                             **kw))
+    assert sorted(resumed) == [3, 4]
+    assert [s for s, _, _ in seen["resumed"]] == [2, 3]  # generation batches 2 and 3 (steps 3 and 4)
+    assert seen["resumed"] == seen["whole"][2:]
+    for s in (3, 4):
+        assert resumed[s]["loss"] == pytest.approx(whole[s]["loss"], abs=1e-6)
+        assert resumed[s]["grad_norm"] == pytest.approx(whole[s]["grad_norm"], rel=1e-5)
+
+
+def test_lora_with_the_kl_to_the_adapters_off_reference(tmp_path, rl):
+    m = steps(grpo_run(tmp_path, rl, MAX_STEPS=2, LORA_ENABLED="true", LORA_DROPOUT=0.0, GRPO_BETA=0.1,
+                       MAX_LR=1e-2))
+    # the adapters start at zero: the policy is its reference at step 1, and moves away from it after
+    assert m[1]["kl"] == 0.0 and m[2]["kl"] > 0.0
+    assert m[1]["grad_norm"] > 0
+
+
+# ---- DDP --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_equal_one_process(tmp_path, rl):
+    """Real rollouts: each rank samples its share of the prompts with the keyed noise, so the completions, the
+    group statistics (rewards summed over ranks), the dapo token count and the update are one process's."""
+    kv = {**SMALL, "INIT_FROM": rl["parent"], "GRPO_DATA_PATH": rl["data"], "MAX_STEPS": 2,
+          "GRPO_PROMPTS_PER_STEP": 4, "MAX_BATCH_SIZE": 2, "GRPO_SCALE_REWARDS": "batch"}
+    one = steps(run_inprocess(tmp_path / "one", rl["data"], **kv, GRPO_SAVE_CHECKPOINTS_PATH=tmp_path / "one" / "ck"))
+    (tmp_path / "two").mkdir()
+    torchrun(tmp_path / "two", rl["data"], 2, **kv, GRPO_SAVE_CHECKPOINTS_PATH=tmp_path / "two" / "ck")
+    two = steps(read_metrics(tmp_path / "two" / "run"))
+    for s in (1, 2):
+        assert one[s]["grad_norm"] > 0
+        for k in ("reward", "reward_std", "completion_length", "frac_reward_zero_std"):
+            assert two[s][k] == pytest.approx(one[s][k], abs=1e-6), (s, k)
+        assert two[s]["loss"] == pytest.approx(one[s]["loss"], abs=1e-5)
+        assert two[s]["grad_norm"] == pytest.approx(one[s]["grad_norm"], rel=1e-4)
