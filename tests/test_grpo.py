@@ -199,14 +199,17 @@ def test_lora_with_the_kl_to_the_adapters_off_reference(tmp_path, rl):
 
 
 @pytest.mark.slow
-def test_ddp_two_ranks_equal_one_process(tmp_path, rl):
-    """Real rollouts: each rank samples its share of the prompts with the keyed noise, so the completions, the
-    group statistics (rewards summed over ranks), the dapo token count and the update are one process's."""
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_two_ranks_equal_one_process(tmp_path, rl, fsdp):
+    """DDP and FSDP2 with real rollouts: each rank samples its share of the prompts with the keyed noise (the
+    ranks decode until all are done), so the completions, the group statistics (rewards summed over ranks), the
+    dapo token count and the update are one process's."""
     kv = {**SMALL, "INIT_FROM": rl["parent"], "GRPO_DATA_PATH": rl["data"], "MAX_STEPS": 2,
           "GRPO_PROMPTS_PER_STEP": 4, "MAX_BATCH_SIZE": 2, "GRPO_SCALE_REWARDS": "batch"}
     one = steps(run_inprocess(tmp_path / "one", rl["data"], **kv, GRPO_SAVE_CHECKPOINTS_PATH=tmp_path / "one" / "ck"))
     (tmp_path / "two").mkdir()
-    torchrun(tmp_path / "two", rl["data"], 2, **kv, GRPO_SAVE_CHECKPOINTS_PATH=tmp_path / "two" / "ck")
+    torchrun(tmp_path / "two", rl["data"], 2, **kv, USE_FSDP=str(fsdp).lower(),
+             GRPO_SAVE_CHECKPOINTS_PATH=tmp_path / "two" / "ck")
     two = steps(read_metrics(tmp_path / "two" / "run"))
     for s in (1, 2):
         assert one[s]["grad_norm"] > 0
