@@ -389,7 +389,9 @@ class KeyedSampling(Sampling):
         return torch.where(token < cdf.shape[-1], token, probs.argmax(dim=-1))
 
 
-@torch.inference_mode()
+# no_grad, not inference mode: under FSDP2 the parameters all-gathered here would become inference tensors, which
+# the training forward that follows cannot write into
+@torch.no_grad()
 def rollout(model: Transformer, prompt_ids: Sequence[Sequence[int]], prompt_keys: Sequence[int],
             num_generations: int, max_new_tokens: int, *, temperature: float, top_p: float | None = None,
             top_k: int | None = None, stop_ids: Sequence[int] = (), seed: int = 0, step: int = 0, pad_id: int = 0,
