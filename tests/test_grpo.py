@@ -3,6 +3,7 @@ gradient accumulation and DDP(2) against one process, resume (the same completio
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -187,6 +188,50 @@ def test_resume_samples_the_same_completions(tmp_path, rl, monkeypatch):
         assert resumed[s]["grad_norm"] == pytest.approx(whole[s]["grad_norm"], rel=1e-5)
 
 
+def test_a_stop_during_generation_checkpoints_the_last_step_and_resumes_with_the_same_completions(
+        tmp_path, rl, monkeypatch):
+    """A stop request that arrives while generation batch 2 is sampled (the loop's stop check runs before every
+    token) abandons it: exit 75 with the checkpoint of step 2; run again, the run samples generation batches 2
+    and 3 exactly as an uninterrupted run did, and trains the same steps."""
+    from helpers import settings
+
+    import train
+    from run_control import RESUMABLE_EXIT, StopRequested
+
+    real, seen = generate.rollout, {}
+
+    def recording(tag, stop_at=None):
+        def rollout(model, prompt_ids, prompt_keys, *args, **kw):
+            if kw["step"] == stop_at:
+                calls = []
+
+                def check():
+                    calls.append(1)
+                    if len(calls) > 3:
+                        raise StopRequested("stop requested during generation")
+                kw = {**kw, "stop_check": check}
+            out = real(model, prompt_ids, prompt_keys, *args, **kw)
+            seen.setdefault(tag, []).append((kw["step"], list(prompt_keys), out))
+            return out
+        return rollout
+
+    kw = dict(MAX_STEPS=4, SAVE_CHECKPOINTS="true", SAVE_EVERY_X_STEPS=100)
+    monkeypatch.setattr(generate, "rollout", recording("whole"))
+    whole = steps(grpo_run(tmp_path / "a", rl, **kw))
+    b = {**SMALL, "INIT_FROM": rl["parent"], "GRPO_DATA_PATH": rl["data"],
+         "GRPO_SAVE_CHECKPOINTS_PATH": tmp_path / "b" / "ck", **kw}
+    monkeypatch.setattr(generate, "rollout", recording("b", stop_at=2))
+    assert train.main(settings(tmp_path / "b", rl["data"], **b)) == RESUMABLE_EXIT
+    assert (tmp_path / "b" / "ck" / "grpo" / "step_0000002").is_dir()
+    monkeypatch.setattr(generate, "rollout", recording("b"))
+    resumed = steps(grpo_run(tmp_path / "b", rl, **kw))
+    assert [s for s, _, _ in seen["b"]] == [0, 1, 2, 3]
+    assert seen["b"] == seen["whole"]
+    for s in (3, 4):
+        assert resumed[s]["loss"] == pytest.approx(whole[s]["loss"], abs=1e-6)
+        assert resumed[s]["grad_norm"] == pytest.approx(whole[s]["grad_norm"], rel=1e-5)
+
+
 def test_lora_with_the_kl_to_the_adapters_off_reference(tmp_path, rl):
     m = steps(grpo_run(tmp_path, rl, MAX_STEPS=2, LORA_ENABLED="true", LORA_DROPOUT=0.0, GRPO_BETA=0.1,
                        MAX_LR=1e-2))
@@ -217,3 +262,36 @@ def test_two_ranks_equal_one_process(tmp_path, rl, fsdp):
             assert two[s][k] == pytest.approx(one[s][k], abs=1e-6), (s, k)
         assert two[s]["loss"] == pytest.approx(one[s]["loss"], abs=1e-5)
         assert two[s]["grad_norm"] == pytest.approx(one[s]["grad_norm"], rel=1e-4)
+
+
+# ---- learning -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_small_model_learns_a_prompt_dependent_reward_and_the_control_stays_flat(tmp_path, rl, monkeypatch):
+    """16 prompts "item i", each asking for a first completion token congruent to i mod 4 (residue_reward): about
+    1 in 4 at the start. GRPO raises the mean reward of the last 10 of 40 steps well above the first 10; the same
+    run with the advantages zeroed (no policy gradient, the same prompts and keyed noise) stays where it began.
+    Measured here (debug model, CPU): 0.23 -> 0.41 learning, 0.28 -> 0.26 control."""
+    src = tmp_path / "tasks.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"item {i}", "target": i % 4}) + "\n" for i in range(16)))
+    assert load_rl_dataset.main(["--dataset", str(src), "--out", str(tmp_path / "rl"), "--val-fraction", "0"]) == 0
+    kv = dict(TRAINING_STAGE="grpo", INIT_FROM=rl["parent"], GRPO_DATA_PATH=tmp_path / "rl",
+              SAVE_CHECKPOINTS="false", GRPO_PROMPTS_PER_STEP=8, GRPO_NUM_GENERATIONS=8, GRPO_MAX_COMPLETION_LEN=1,
+              MAX_SEQ_LEN=32, MAX_BATCH_SIZE=64, VALIDATE_EVERY_X_STEPS=0, LR_SCHEDULE="constant", WARMUP_STEPS=0,
+              MAX_LR=5e-2, MAX_STEPS=40, GRPO_REWARDS=f"{ROOT / 'tests' / 'grpo_rewards.py'}:residue_reward")
+
+    def curve(tag: str) -> tuple[float, float]:
+        r = [e["reward"] for e in run_inprocess(tmp_path / tag, tmp_path / "rl", **kv,
+                                                GRPO_SAVE_CHECKPOINTS_PATH=tmp_path / tag / "ck") if "reward" in e]
+        assert len(r) == 40
+        return sum(r[:10]) / 10, sum(r[-10:]) / 10
+
+    first, last = curve("learn")
+    assert 0.05 <= first <= 0.5
+    assert last >= first + 0.1, (first, last)
+    real = obj.group_advantages
+    monkeypatch.setattr(obj, "group_advantages", lambda r, g, scale: (lambda a: (torch.zeros_like(a[0]), *a[1:]))(
+        real(r, g, scale)))
+    c_first, c_last = curve("control")
+    assert abs(c_last - c_first) < 0.08, (c_first, c_last)
