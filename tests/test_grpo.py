@@ -100,6 +100,32 @@ def test_keyed_sampling_draws_the_filtered_distribution():
     assert torch.allclose(counts / 2000, want, atol=0.035)
 
 
+# ---- the rollout source -----------------------------------------------------------------------------------
+
+
+def test_generation_batches_name_the_same_prompts_on_any_world_size_and_resume_only_between_them():
+    cfg = grpo_cfg(GRPO_PROMPTS_PER_STEP=4, GRPO_NUM_ITERATIONS=2, SAVE_EVERY_X_STEPS=2)
+    objective = obj.build_objective(cfg)
+    records = [{"prompt_id": i, "prompt": f"q{i}", "answer": str(i)} for i in range(10)]
+
+    def source(rank, world):
+        return obj.RolloutSource(objective, None, records, rank, world, accum=1)
+
+    for k in range(6):  # 24 prompts: every epoch (10 prompts) a permutation of all of them
+        one = source(0, 1).rank_records(k)
+        assert source(0, 2).rank_records(k) + source(1, 2).rank_records(k) == one
+        assert len(one) == 4
+    stream = [r["prompt_id"] for k in range(5) for r in source(0, 1).rank_records(k)]
+    assert sorted(stream[:10]) == sorted(stream[10:20]) == list(range(10)) and stream[:10] != stream[10:20]
+    s = source(0, 1)
+    assert s.samples_per_epoch == 10 * 8 * 2
+    s.load_state_dict({"kind": "grpo", "consumed": 1})  # inside generation batch 0 (2 iterations of 1 micro-batch)
+    with pytest.raises(UserError, match="inside a generation batch"):
+        s.next_batch()
+    with pytest.raises(UserError, match="not a GRPO one"):
+        s.load_state_dict({"epoch": 0, "cursor": 3})
+
+
 # ---- the objective ----------------------------------------------------------------------------------------
 
 
