@@ -135,8 +135,8 @@ def args_of(model: nn.Module | None) -> ModelArgs | None:
 class Policy:
     """What the loop hands an objective in bind(): the model as the training forward calls it (DDP / FSDP2
     wrapper), the model generation runs on (the FSDP2 wrapper, else the bare model), the device, the run's
-    autocast, its stop check (raises StopRequested on every rank) and the sampler (generate.rollout's
-    signature: generation lives above this layer)."""
+    autocast, its stop check (raises StopRequested on every rank), the sampler (generate.rollout's
+    signature: generation lives above this layer) and the run's console (prints on the main rank)."""
 
     train_model: nn.Module
     sample_model: nn.Module
@@ -144,6 +144,7 @@ class Policy:
     autocast: Callable[[], contextlib.AbstractContextManager]
     stop_check: Callable[[], None]
     rollout: Callable[..., list[list[int]]]
+    note: Callable[[str], None] = print
 
 
 class Objective:
@@ -739,7 +740,8 @@ class GroupRelativePolicyOptimization(Objective):
 
     units: completions (grpo), completion tokens (dapo: the loop sums them over micro-batches and ranks before
     the first backward) or completions x GRPO_MAX_COMPLETION_LEN (dr_grpo); loss() returns the matching sums.
-    Metrics are scaled so that the loop's division by the step's units gives: reward (mean), reward_<fn>
+    The first completions of each logging interval are printed with their rewards. Metrics are scaled so that
+    the loop's division by the step's units gives: reward (mean), reward_<fn>
     (each function's mean over the samples it judged), reward_std (the mean group std), frac_reward_zero_std
     (groups whose rewards are all equal), completion_length (tokens, the stop token included), clip_ratio
     (+ _low / _high; completion tokens in the clipped region), entropy (per completion token) and kl (GRPO_BETA
@@ -839,6 +841,11 @@ class GroupRelativePolicyOptimization(Objective):
         samples = [r for r in records for _ in range(G)]
         total, per_fn = rewards.score(self.functions, self.weights, [r["prompt"] for r in samples], texts,
                                       completions, samples)
+        if (k * self.iterations) % self.cfg.logging.log_every_x_steps == 0:  # a few samples per logging interval
+            for i in range(min(2, len(samples))):
+                p = samples[i]["prompt"]
+                shown = p if isinstance(p, str) else p[-1]["content"]
+                policy.note(f"  rollout | {shown[:200]!r} -> {texts[i][:200]!r} | reward {float(total[i]):.4g}")
         # the whole generation batch on every rank: group and batch statistics exact over all of it
         n, K = len(samples), len(self.functions)
         full = torch.zeros(n * world, 2 + K, dtype=torch.float64)

@@ -653,7 +653,7 @@ def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) ->
               accum=accum, max_steps=max_steps, init_source=start.init_source, resume_dir=start.resume_dir,
               state=state, checkpointer=checkpointer, log=log, run_dir=run_dir_of(cfg), throughput=throughput)
     objective.bind(objectives.Policy(wrapped, run.eval_model, device, numerics.autocast, lambda: run.stop_check(),
-                                     generate.rollout))
+                                     generate.rollout, log.print))
     print_banner(run, setup_facts)
     return run
 

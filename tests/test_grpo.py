@@ -149,9 +149,11 @@ def test_ratio_is_exactly_one_at_the_first_update():
 
 
 @pytest.mark.parametrize("iterations", [1, 2])
-def test_short_run_writes_the_metrics_and_clips_nothing_at_the_first_update(tmp_path, rl, iterations):
+def test_short_run_writes_the_metrics_and_clips_nothing_at_the_first_update(tmp_path, rl, iterations, capsys):
     m = steps(grpo_run(tmp_path, rl, MAX_STEPS=2, GRPO_NUM_ITERATIONS=iterations,
                        GRPO_REWARDS=f"exact_answer,{ID_REWARD}", SAVE_EVERY_X_STEPS=2))
+    shown = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  rollout | ")]
+    assert len(shown) == 2 * (3 - iterations) and "What is" in shown[0] and "| reward " in shown[0]
     assert sorted(m) == [1, 2]
     first = m[1]
     for key in ("reward", "reward_exact_answer", "reward_id_reward", "reward_std", "frac_reward_zero_std",
