@@ -705,10 +705,16 @@ class RolloutSource:
 
     def rank_records(self, k: int) -> list[dict[str, Any]]:
         """This rank's prompts of generation batch k."""
+        return [r for r, _ in self.rank_prompts(k)]
+
+    def rank_prompts(self, k: int) -> list[tuple[dict[str, Any], int]]:
+        """This rank's prompts of generation batch k, each with its sampling key: epoch x prompts + prompt_id,
+        so a prompt that occurs twice in one batch (across an epoch boundary) draws other completions."""
         n, share = len(self.records), self.prompts // self.world
         out = []
         for i in range(k * self.prompts + self.rank * share, k * self.prompts + (self.rank + 1) * share):
-            out.append(self.records[self._order(i // n)[i % n]])
+            record = self.records[self._order(i // n)[i % n]]
+            out.append((record, (i // n) * n + int(record["prompt_id"])))
         return out
 
     def next_batch(self) -> dict[str, torch.Tensor]:
@@ -718,7 +724,7 @@ class RolloutSource:
                 raise UserError(f"this checkpoint lies inside a generation batch (step {self.consumed // self.accum},"
                                 f" GRPO_NUM_ITERATIONS={self.iterations}), whose completions were not saved: resume "
                                 "from a checkpoint at a multiple of GRPO_NUM_ITERATIONS steps")
-            self.buffer = (k, self.objective.generation_batch(k, self.rank_records(k), self.tok, self.rank,
+            self.buffer = (k, self.objective.generation_batch(k, self.rank_prompts(k), self.tok, self.rank,
                                                                self.world, self.accum))
         batch = self.buffer[1][within % self.accum]
         self.consumed += 1
@@ -821,10 +827,12 @@ class GroupRelativePolicyOptimization(Objective):
                             "raise MAX_SEQ_LEN or drop the long prompts")
         return ids
 
-    def generation_batch(self, k: int, records: list[dict[str, Any]], tok: tokenizer.Tokenizer, rank: int,
-                         world: int, accum: int) -> list[dict[str, torch.Tensor]]:
-        """Rollouts of this rank's prompts of generation batch k -> its `accum` micro-batches. Collective."""
+    def generation_batch(self, k: int, prompts: list[tuple[dict[str, Any], int]], tok: tokenizer.Tokenizer,
+                         rank: int, world: int, accum: int) -> list[dict[str, torch.Tensor]]:
+        """Rollouts of this rank's prompts of generation batch k ((record, sampling key) pairs) -> its `accum`
+        micro-batches. Collective."""
         policy = self.policy
+        records = [r for r, _ in prompts]
         if policy is None:
             raise RuntimeError("GroupRelativePolicyOptimization.bind() was not called before the first batch")
         G = self.num_generations
@@ -832,7 +840,7 @@ class GroupRelativePolicyOptimization(Objective):
         pad = tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else 0
         with policy.autocast():
             completions = policy.rollout(
-                policy.sample_model, prompt_ids, [int(r["prompt_id"]) for r in records], G, self.max_completion,
+                policy.sample_model, prompt_ids, [key for _, key in prompts], G, self.max_completion,
                 temperature=self.temperature, top_p=self.cfg.grpo.grpo_top_p, stop_ids=tok.stop_ids,
                 seed=self.cfg.training.seed, step=k, pad_id=pad, stop_check=policy.stop_check,
                 all_ranks_done=lambda done: not D.any_rank(not done))

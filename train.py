@@ -330,7 +330,8 @@ def planned_steps(cfg: config.Config, samples_per_epoch: int, G: int) -> int:
     if steps == 0:
         stage = t.training_stage
         raise UserError(f"MAX_STEPS=-1 (one pass over the data) trains 0 steps: "
-                        f"{cfg[f'{stage.upper()}_DATALOADER_ROOT_PATH']} holds {samples_per_epoch} training "
+                        f"{cfg.get(f'{stage.upper()}_DATALOADER_ROOT_PATH') or 'the training data'} holds "
+                        f"{samples_per_epoch} training "
                         f"sequences, fewer than one step's {G} (TOTAL_BATCH_SIZE={t.total_batch_size} / "
                         f"MAX_SEQ_LEN={cfg.model.max_seq_len}): prepare more data, lower TOTAL_BATCH_SIZE or "
                         "set MAX_STEPS")

@@ -117,6 +117,9 @@ def test_generation_batches_name_the_same_prompts_on_any_world_size_and_resume_o
         assert len(one) == 4
     stream = [r["prompt_id"] for k in range(5) for r in source(0, 1).rank_records(k)]
     assert sorted(stream[:10]) == sorted(stream[10:20]) == list(range(10)) and stream[:10] != stream[10:20]
+    # the sampling keys are unique along the stream, also for a prompt met twice in one batch (epoch boundary)
+    keys = [key for k in range(5) for _, key in source(0, 1).rank_prompts(k)]
+    assert len(set(keys)) == 20 and keys[:10] == stream[:10]
     s = source(0, 1)
     assert s.samples_per_epoch == 10 * 8 * 2
     s.load_state_dict({"kind": "grpo", "consumed": 1})  # inside generation batch 0 (2 iterations of 1 micro-batch)
