@@ -389,6 +389,28 @@ class KeyedSampling(Sampling):
         return torch.where(token < cdf.shape[-1], token, probs.argmax(dim=-1))
 
 
+@contextlib.contextmanager
+def gathered_once(model: torch.nn.Module):
+    """Inside, every FSDP2 module of `model` holds its whole parameters: all-gathered once on entry and kept
+    across forwards (no reshard after each), resharded on exit with each module's own reshard-after-forward
+    setting restored. A rollout then gathers once, not once per token. No-op for a model without FSDP2."""
+    from torch.distributed.fsdp import FSDPModule
+
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    groups = [m._get_fsdp_state()._fsdp_param_group for m in mods]
+    # a module reshards after forward when its param group has a post-forward mesh (the root's lazy init clears it)
+    before = [g is not None and g.post_forward_mesh_info is not None for g in groups]
+    for m in mods:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m, b in zip(mods, before, strict=True):
+            m.reshard()
+            m.set_reshard_after_forward(b, recurse=False)
+
+
 # no_grad, not inference mode: under FSDP2 the parameters all-gathered here would become inference tensors, which
 # the training forward that follows cannot write into
 @torch.no_grad()
@@ -402,7 +424,8 @@ def rollout(model: Transformer, prompt_ids: Sequence[Sequence[int]], prompt_keys
     id (a completion that reached max_new_tokens has none). Sample j of the prompt keyed k draws its noise
     from (seed, step, k, j, position) (KeyedSampling), so it is the same alone, in any batch, on any number of
     ranks and after a resume. all_ranks_done as in generate(): processes that decode together stop at the same
-    step (FSDP2's all-gathers and the check itself are collectives). The caller's autocast applies."""
+    step (the check is a collective). Under FSDP2 the parameters are gathered once for the whole rollout
+    (gathered_once). The caller's autocast applies."""
     if len(prompt_ids) != len(prompt_keys):
         raise ValueError(f"rollout: {len(prompt_ids)} prompts, {len(prompt_keys)} keys")
     rows = [list(p) for p in prompt_ids for _ in range(num_generations)]
@@ -417,7 +440,7 @@ def rollout(model: Transformer, prompt_ids: Sequence[Sequence[int]], prompt_keys
     model.setup_caches(len(rows), tokens.shape[1] + max_new_tokens, dtype=cache_dtype,
                        fuse_projections=not has_sharded_weights(model))
     try:
-        with Decoder(model, positions, key_mask, compile=False) as decoder:
+        with gathered_once(model), Decoder(model, positions, key_mask, compile=False) as decoder:
             logits = prefill(model, tokens, positions, key_mask)
             new = decode_n_tokens(decoder, logits, max_new_tokens, sampling, stops, stop_check)
     finally:

@@ -4,11 +4,14 @@ gradient accumulation and DDP(2) against one process, resume (the same completio
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, make_parent, read_metrics, run_inprocess, tiny_model, torchrun
+from helpers import ROOT, make_parent, read_metrics, run_inprocess, subprocess_env, tiny_model, torchrun
 
 import config
 import generate
@@ -87,6 +90,20 @@ def test_rollout_noise_is_keyed_not_shared_by_the_batch():
     for c in batch:
         stops = [t for t in c if t in (4, 6)]
         assert stops == [] or (c[-1] in (4, 6) and len(stops) == 1)
+
+
+def test_a_rollout_under_fsdp2_gathers_each_module_once_and_samples_the_unsharded_completions(tmp_path):
+    """2 gloo ranks with different numbers of rows: each FSDP2 module (2 blocks + the root) all-gathers once
+    for the whole 12-token rollout, not once per token; the completions are the unsharded model's; a training
+    forward and backward afterwards gathers again as usual."""
+    out = tmp_path / "gathers.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "rollout_gather_worker.py"), str(out)]
+    env = {**subprocess_env(), "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    for rank in json.loads(out.read_text()):
+        assert rank["gathers"] == 3 and rank["same"] and rank["after_training_gathers"] > 0, rank
 
 
 def test_keyed_sampling_draws_the_filtered_distribution():
