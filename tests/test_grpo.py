@@ -323,7 +323,7 @@ def test_a_small_model_learns_a_prompt_dependent_reward_and_the_control_stays_fl
     """16 prompts "item i", each asking for a first completion token congruent to i mod 4 (residue_reward): about
     1 in 4 at the start. GRPO raises the mean reward of the last 10 of 40 steps well above the first 10; the same
     run with the advantages zeroed (no policy gradient, the same prompts and keyed noise) stays where it began.
-    Measured here (debug model, CPU): 0.23 -> 0.41 learning, 0.28 -> 0.26 control."""
+    Measured here (debug model, CPU, 19 s + 13 s): 0.22 -> 0.48 learning, 0.24 -> 0.28 control."""
     src = tmp_path / "tasks.jsonl"
     src.write_text("".join(json.dumps({"prompt": f"item {i}", "target": i % 4}) + "\n" for i in range(16)))
     assert load_rl_dataset.main(["--dataset", str(src), "--out", str(tmp_path / "rl"), "--val-fraction", "0"]) == 0
