@@ -492,6 +492,9 @@ def _check_grpo(v: dict[str, Any], where: Callable[[str], str]) -> None:
     if mu > 1 and every % mu:
         raise UserError(f"SAVE_EVERY_X_STEPS={every} ({where('SAVE_EVERY_X_STEPS')}) is not a multiple of "
                         f"GRPO_NUM_ITERATIONS={mu}: checkpoints must fall between generation batches; make it one")
+    if mu > 1 and v["MAX_STEPS"] > 0 and v["MAX_STEPS"] % mu:
+        raise UserError(f"MAX_STEPS={v['MAX_STEPS']} ({where('MAX_STEPS')}) is not a multiple of GRPO_NUM_ITERATIONS="
+                        f"{mu}: the last checkpoint must fall between generation batches; make it one")
     if v["IS_MODEL_DISTILLATION"]:
         raise UserError("IS_MODEL_DISTILLATION=true with TRAINING_STAGE=grpo: distillation combines with "
                         "pretrain or instruct only")

@@ -64,6 +64,7 @@ def test_settings_defaults_and_refusals():
     for kv, msg in [({"GRPO_TEMPERATURE": 0}, "GRPO_TEMPERATURE=0.0"),
                     ({"GRPO_REWARD_WEIGHTS": "[1, 2]"}, "GRPO_REWARD_WEIGHTS has 2 weights"),
                     ({"GRPO_NUM_ITERATIONS": 2, "SAVE_EVERY_X_STEPS": 5}, "SAVE_EVERY_X_STEPS=5"),
+                    ({"GRPO_NUM_ITERATIONS": 2, "SAVE_EVERY_X_STEPS": 4, "MAX_STEPS": 5}, "MAX_STEPS=5"),
                     ({"GRPO_LOSS_TYPE": "ppo"}, "GRPO_LOSS_TYPE"),
                     ({"MOE_NUM_EXPERTS": 4}, "Mixture-of-Experts"),
                     ({"USE_TORCH_COMPILE": "true"}, "USE_TORCH_COMPILE"),
