@@ -34,6 +34,7 @@ import os
 import re
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,16 @@ class Config(Sections):
         """-> (global batch in sequences, grad accumulation steps per rank) on `world` ranks, asserted exact
         (llm.c style): TOTAL_BATCH_SIZE tokens = MAX_SEQ_LEN x MAX_BATCH_SIZE x world x accumulation."""
         t, T = self.training, self.model.max_seq_len
+        if t.training_stage == "grpo":  # a step is a generation batch: prompts x completions, not tokens
+            g = self.grpo
+            if g.grpo_prompts_per_step % world or (g.grpo_prompts_per_step // world * g.grpo_num_generations
+                                                   ) % t.max_batch_size:
+                raise UserError(f"GRPO_PROMPTS_PER_STEP={g.grpo_prompts_per_step} must be a multiple of the world "
+                                f"size {world}, and each rank's completions (its prompts x GRPO_NUM_GENERATIONS="
+                                f"{g.grpo_num_generations}) a multiple of MAX_BATCH_SIZE={t.max_batch_size}; "
+                                "adjust one of them")
+            rows = g.grpo_prompts_per_step * g.grpo_num_generations
+            return rows, rows // world // t.max_batch_size
         G = t.total_batch_size // T
         if G == 0 or t.total_batch_size % T or G % (t.max_batch_size * world):
             raise UserError(f"TOTAL_BATCH_SIZE={t.total_batch_size} tokens must be a multiple of MAX_SEQ_LEN={T} "
@@ -472,11 +483,41 @@ def _cross_check(v: dict[str, Any], src: dict[str, str]) -> None:
         raise UserError(f"FSDP_UNSHARDED_ACCUMULATION=true ({where('FSDP_UNSHARDED_ACCUMULATION')}) but USE_FSDP=false: "
                         "it chooses how FSDP2 accumulates gradients (DDP always accumulates locally); set "
                         "USE_FSDP=true or remove it")
+    if v["TRAINING_STAGE"] == "grpo":
+        _check_grpo(v, where)
     allowed = {"wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"} if llama else {"c_attn", "c_proj", "c_fc"}
     bad = [t for t in v["LORA_TARGET_MODULES"] if t not in allowed]
     if bad and (llama or v["LORA_ENABLED"]):
         raise UserError(f"LORA_TARGET_MODULES has {bad} ({where('LORA_TARGET_MODULES')}): expected names from "
                         + " ".join(sorted(allowed)) + f" (MODEL_FAMILY={v['MODEL_FAMILY']})")
+
+
+def _check_grpo(v: dict[str, Any], where: Callable[[str], str]) -> None:
+    if v["GRPO_TEMPERATURE"] <= 0:
+        raise UserError(f"GRPO_TEMPERATURE={v['GRPO_TEMPERATURE']} ({where('GRPO_TEMPERATURE')}) must be above 0: "
+                        "GRPO samples its completions (1.0 samples the model's own distribution)")
+    if v["GRPO_TOP_P"] <= 0:
+        raise UserError(f"GRPO_TOP_P={v['GRPO_TOP_P']} ({where('GRPO_TOP_P')}) must be in (0, 1]; 1 = off")
+    n_rewards = len([r for r in v["GRPO_REWARDS"].split(",") if r.strip()])
+    if v["GRPO_REWARD_WEIGHTS"] and len(v["GRPO_REWARD_WEIGHTS"]) != n_rewards:
+        raise UserError(f"GRPO_REWARD_WEIGHTS has {len(v['GRPO_REWARD_WEIGHTS'])} weights "
+                        f"({where('GRPO_REWARD_WEIGHTS')}) for {n_rewards} GRPO_REWARDS: give one weight per reward "
+                        "function, or none")
+    mu, every = v["GRPO_NUM_ITERATIONS"], v["SAVE_EVERY_X_STEPS"]
+    if mu > 1 and every % mu:
+        raise UserError(f"SAVE_EVERY_X_STEPS={every} ({where('SAVE_EVERY_X_STEPS')}) is not a multiple of "
+                        f"GRPO_NUM_ITERATIONS={mu}: checkpoints must fall between generation batches; make it one")
+    if mu > 1 and v["MAX_STEPS"] > 0 and v["MAX_STEPS"] % mu:
+        raise UserError(f"MAX_STEPS={v['MAX_STEPS']} ({where('MAX_STEPS')}) is not a multiple of GRPO_NUM_ITERATIONS="
+                        f"{mu}: the last checkpoint must fall between generation batches; make it one")
+    if v["IS_MODEL_DISTILLATION"]:
+        raise UserError("IS_MODEL_DISTILLATION=true with TRAINING_STAGE=grpo: distillation combines with "
+                        "pretrain or instruct only")
+    if v["MOE_NUM_EXPERTS"]:
+        raise UserError("TRAINING_STAGE=grpo does not train Mixture-of-Experts models yet (MOE_NUM_EXPERTS="
+                        f"{v['MOE_NUM_EXPERTS']}): use a dense model")
+    if v["USE_TORCH_COMPILE"]:
+        raise UserError("TRAINING_STAGE=grpo does not run with USE_TORCH_COMPILE=true yet: set it to false")
 
 
 # ---- command line ----------------------------------------------------------------------------------

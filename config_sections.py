@@ -113,9 +113,11 @@ class CheckpointSettings:
     pretrain_save_checkpoints_path: str
     instruct_save_checkpoints_path: str
     dpo_save_checkpoints_path: str
+    grpo_save_checkpoints_path: str
     pretrain_load_checkpoints_path: str
     instruct_load_checkpoints_path: str
     dpo_load_checkpoints_path: str
+    grpo_load_checkpoints_path: str
 
 
 @dataclass
@@ -154,6 +156,25 @@ class DpoSettings:
     orpo_lambda: float
     simpo_beta: float
     simpo_gamma: float
+
+
+@dataclass
+class GrpoSettings:
+    grpo_data_path: str
+    grpo_prompts_per_step: int
+    grpo_num_generations: int
+    grpo_temperature: float
+    grpo_top_p: float
+    grpo_max_completion_len: int
+    grpo_rewards: str
+    grpo_reward_weights: list[float]
+    grpo_format_regex: str
+    grpo_scale_rewards: str
+    grpo_epsilon: float
+    grpo_epsilon_high: float
+    grpo_loss_type: str
+    grpo_beta: float
+    grpo_num_iterations: int
 
 
 @dataclass
@@ -216,6 +237,7 @@ class Sections:
     eval: EvalSettings
     distill: DistillSettings
     dpo: DpoSettings
+    grpo: GrpoSettings
     lora: LoraSettings
     system: SystemSettings
     logging: LoggingSettings
@@ -231,6 +253,7 @@ SECTIONS: dict[str, type] = {
     "eval": EvalSettings,
     "distill": DistillSettings,
     "dpo": DpoSettings,
+    "grpo": GrpoSettings,
     "lora": LoraSettings,
     "system": SystemSettings,
     "logging": LoggingSettings,

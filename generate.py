@@ -347,6 +347,117 @@ def generate(
     return results
 
 
+# ---- rollouts: keyed sampling noise -------------------------------------------------------------------
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """SplitMix64's finalizer (Steele et al. 2014): a bijection of 64-bit ints whose outputs look independent."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def keyed_uniform(*key: int) -> float:
+    """A uniform number in [0, 1) that depends on the integers of `key` alone (53 bits, like random.random)."""
+    h = _mix64(0)
+    for v in key:
+        h = _mix64(h ^ (v & _MASK64))
+    return (h >> 11) / float(1 << 53)
+
+
+@dataclass
+class KeyedSampling(Sampling):
+    """Sampling whose randomness is a function of each row's key and position: the token at position t of row
+    i is the inverse-CDF draw, from the row's filtered distribution, at keyed_uniform(seed, step, *keys[i], t).
+    A row's tokens therefore depend on its own logits and key only, not on its batch-mates, the batch size or
+    a generator's history (a resumed run, or a row sampled alone, draws the same). pick() is called once per
+    position, in order (decode_n_tokens does)."""
+
+    seed: int = 0
+    step: int = 0
+    keys: Sequence[tuple[int, ...]] = ()
+    position: int = 0
+
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:
+        if len(self.keys) != logits.shape[0]:
+            raise ValueError(f"KeyedSampling: {len(self.keys)} keys for {logits.shape[0]} rows")
+        t, self.position = self.position, self.position + 1
+        if self.temperature <= 0:
+            return logits.argmax(dim=-1)
+        probs = self.filtered(logits).softmax(dim=-1)
+        cdf = probs.cumsum(dim=-1)
+        u = torch.tensor([keyed_uniform(self.seed, self.step, *k, t) for k in self.keys], dtype=cdf.dtype,
+                         device=cdf.device)
+        # the first token whose cumulative mass exceeds u: never one of probability 0 (right=True); a u that
+        # rounding puts past the total mass takes the most likely token
+        token = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+        return torch.where(token < cdf.shape[-1], token, probs.argmax(dim=-1))
+
+
+@contextlib.contextmanager
+def gathered_once(model: torch.nn.Module):
+    """Inside, every FSDP2 module of `model` holds its whole parameters: all-gathered once on entry and kept
+    across forwards (no reshard after each), resharded on exit with each module's own reshard-after-forward
+    setting restored. A rollout then gathers once, not once per token. No-op for a model without FSDP2."""
+    from torch.distributed.fsdp import FSDPModule
+
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    groups = [m._get_fsdp_state()._fsdp_param_group for m in mods]
+    # a module reshards after forward when its param group has a post-forward mesh (the root's lazy init clears it)
+    before = [g is not None and g.post_forward_mesh_info is not None for g in groups]
+    for m in mods:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m, b in zip(mods, before, strict=True):
+            m.reshard()
+            m.set_reshard_after_forward(b, recurse=False)
+
+
+# no_grad, not inference mode: under FSDP2 the parameters all-gathered here would become inference tensors, which
+# the training forward that follows cannot write into
+@torch.no_grad()
+def rollout(model: Transformer, prompt_ids: Sequence[Sequence[int]], prompt_keys: Sequence[int],
+            num_generations: int, max_new_tokens: int, *, temperature: float, top_p: float | None = None,
+            top_k: int | None = None, stop_ids: Sequence[int] = (), seed: int = 0, step: int = 0, pad_id: int = 0,
+            stop_check: Callable[[], None] | None = None,
+            all_ranks_done: Callable[[bool], bool] | None = None) -> list[list[int]]:
+    """num_generations completions of each prompt with the KV cache -> one token list per (prompt, sample), the
+    samples of a prompt contiguous ([p0 s0, p0 s1, ..., p1 s0, ...]), each up to AND including its first stop
+    id (a completion that reached max_new_tokens has none). Sample j of the prompt keyed k draws its noise
+    from (seed, step, k, j, position) (KeyedSampling), so it is the same alone, in any batch, on any number of
+    ranks and after a resume. all_ranks_done as in generate(): processes that decode together stop at the same
+    step (the check is a collective). Under FSDP2 the parameters are gathered once for the whole rollout
+    (gathered_once). The caller's autocast applies."""
+    if len(prompt_ids) != len(prompt_keys):
+        raise ValueError(f"rollout: {len(prompt_ids)} prompts, {len(prompt_keys)} keys")
+    rows = [list(p) for p in prompt_ids for _ in range(num_generations)]
+    keys = [(int(k), j) for k in prompt_keys for j in range(num_generations)]
+    device = model.tok_embeddings.weight.device
+    sampling = KeyedSampling(temperature, top_k, top_p, None, seed=seed, step=step, keys=keys)
+    tokens, key_mask, positions = (t.to(device) for t in left_pad(rows, pad_id))
+    stops = RowStops(len(rows), stop_ids, device, all_ranks_done=all_ranks_done)
+    was_training = model.training
+    model.eval()
+    cache_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    model.setup_caches(len(rows), tokens.shape[1] + max_new_tokens, dtype=cache_dtype,
+                       fuse_projections=not has_sharded_weights(model))
+    try:
+        with gathered_once(model), Decoder(model, positions, key_mask, compile=False) as decoder:
+            logits = prefill(model, tokens, positions, key_mask)
+            new = decode_n_tokens(decoder, logits, max_new_tokens, sampling, stops, stop_check)
+    finally:
+        model.clear_caches()
+        model.train(was_training)
+    stop_set = set(stop_ids)
+    return [row[: next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row))] for row in new.tolist()]
+
+
 # ---- CLI --------------------------------------------------------------------------------------------
 def _load_tokenizer(source: str) -> Tokenizer:
     try:

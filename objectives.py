@@ -32,21 +32,28 @@ CLI (precompute frozen-model outputs once, keyed by the loader's `sample_index`)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import random
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import config
 import dataloaders
+import distributed as D
 import families
+import load_rl_dataset
 import lora
 import model_utils
 import moe
 import precision
+import rewards
 import tokenizer
 from distributed import shard_frozen_copy, unwrap, world_size
 from errors import UserError, run_cli
@@ -57,6 +64,8 @@ from losses import (
     cross_entropy_sum,
     distillation_loss,  # noqa: F401  (public here too: objectives.distillation_loss)
     distillation_loss_sum,
+    group_advantages,
+    grpo_loss,
     orpo_loss,
     response_lengths,
     sequence_logps,
@@ -123,6 +132,22 @@ def args_of(model: nn.Module | None) -> ModelArgs | None:
     return args if isinstance(args, ModelArgs) else None
 
 
+@dataclass
+class Policy:
+    """What the loop hands an objective in bind(): the model as the training forward calls it (DDP / FSDP2
+    wrapper), the model generation runs on (the FSDP2 wrapper, else the bare model), the device, the run's
+    autocast, its stop check (raises StopRequested on every rank), the sampler (generate.rollout's
+    signature: generation lives above this layer) and the run's console (prints on the main rank)."""
+
+    train_model: nn.Module
+    sample_model: nn.Module
+    device: torch.device
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    stop_check: Callable[[], None]
+    rollout: Callable[..., list[list[int]]]
+    note: Callable[[str], None] = print
+
+
 class Objective:
     """Base: a batch format, optional frozen helpers, a loss step."""
 
@@ -141,6 +166,16 @@ class Objective:
     def loader_options(self, tokenizer: tokenizer.Tokenizer) -> dict[str, Any]:
         """Extra keyword arguments for dataloaders.build_loader (how this objective's batches are cut)."""
         return {}
+
+    def own_loaders(self, tokenizer: tokenizer.Tokenizer, rank: int, world_size: int) -> tuple[Any, Any] | None:
+        """(train, val) sources of micro-batches when the objective makes its own (they answer next_batch(),
+        state_dict(), load_state_dict(), reset() and samples_per_epoch like a dataloaders.Loader; val may be
+        None), or None: the loop reads `batch_format` shards with dataloaders.build_loader."""
+        return None
+
+    def bind(self, policy: Policy) -> None:
+        """The training run's model, handed over once the run is built (before the first step): an objective
+        whose batches come from the model itself (rollouts) samples with it."""
 
     def fill_frozen(self, model: nn.Module, device: torch.device, compute_dtype: torch.dtype | None) -> None:
         """After a meta-device build: `model` is sharded (FSDP2, gathering in `compute_dtype`) and filled; shard
@@ -605,12 +640,313 @@ class RouterLosses(Objective):
         return self.base.eval_loss(model, batch)
 
 
+# ---- GRPO: rollouts are the data ----------------------------------------------------------------------
+
+
+def token_logps(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, temperature: float,
+                with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(token_t | tokens_<t) at `temperature` (log_softmax of logits / T, as TRL takes them) for every
+    position t whose label is not IGNORE_INDEX -> ((B, T) fp32, 0 elsewhere and at t = 0; with_entropy: the
+    entropy of the distribution each such token was drawn from, (B, T), no gradient)."""
+    logits = logits_of(model, ids)[:, :-1].float() / temperature  # (B, T-1, V): position t-1 predicts t
+    logp = torch.log_softmax(logits, dim=-1)
+    target = labels[:, 1:]
+    picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    picked = F.pad(torch.where(target != IGNORE_INDEX, picked, 0.0), (1, 0))
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = F.pad(-(logp.exp() * logp).sum(-1), (1, 0))
+    return picked, entropy
+
+
+class RolloutSource:
+    """GRPO's micro-batches, built from the policy's own completions (the objective's `train` loader).
+
+    Generation batch k holds GRPO_PROMPTS_PER_STEP prompts: positions k*P .. k*P+P-1 of an endless sequence
+    of epochs, each a permutation of the train prompts drawn from (SEED, epoch), so it names the same prompts
+    for any world size; rank r samples the r-th of world_size equal slices (whole groups). Every optimizer
+    step trains on the whole generation batch (`accum` micro-batches per rank) and GRPO_NUM_ITERATIONS steps
+    reuse it. The state is the count of micro-batches handed out: a resumed run regenerates its batch with
+    the same keyed noise (generate.KeyedSampling), so it samples the same completions."""
+
+    def __init__(self, objective: GroupRelativePolicyOptimization, tok: tokenizer.Tokenizer,
+                 records: list[dict[str, Any]], rank: int, world_size: int, accum: int):
+        g = objective.cfg.grpo
+        self.objective, self.tok, self.records = objective, tok, records
+        self.rank, self.world, self.accum = rank, world_size, accum
+        self.prompts, self.iterations = g.grpo_prompts_per_step, g.grpo_num_iterations
+        self.seed = objective.cfg.training.seed
+        self.consumed = 0
+        self.buffer: tuple[int, list[dict[str, torch.Tensor]]] | None = None
+        self._orders: dict[int, list[int]] = {}
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Completions trained on per pass over the prompts (each generation batch counts once per iteration)."""
+        return len(self.records) * self.objective.num_generations * self.iterations
+
+    def reset(self) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "grpo", "consumed": self.consumed}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        if d.get("kind") != "grpo":
+            raise UserError("the checkpoint's data position is not a GRPO one (another stage's checkpoint): "
+                            "start TRAINING_STAGE=grpo from it with INIT_FROM instead of resuming it")
+        self.consumed = int(d["consumed"])
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            order = list(range(len(self.records)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._orders = {epoch: order}
+        return self._orders[epoch]
+
+    def rank_records(self, k: int) -> list[dict[str, Any]]:
+        """This rank's prompts of generation batch k."""
+        return [r for r, _ in self.rank_prompts(k)]
+
+    def rank_prompts(self, k: int) -> list[tuple[dict[str, Any], int]]:
+        """This rank's prompts of generation batch k, each with its sampling key: epoch x prompts + prompt_id,
+        so a prompt that occurs twice in one batch (across an epoch boundary) draws other completions."""
+        n, share = len(self.records), self.prompts // self.world
+        out = []
+        for i in range(k * self.prompts + self.rank * share, k * self.prompts + (self.rank + 1) * share):
+            record = self.records[self._order(i // n)[i % n]]
+            out.append((record, (i // n) * n + int(record["prompt_id"])))
+        return out
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        k, within = divmod(self.consumed, self.accum * self.iterations)
+        if self.buffer is None or self.buffer[0] != k:
+            if within:
+                raise UserError(f"this checkpoint lies inside a generation batch (step {self.consumed // self.accum},"
+                                f" GRPO_NUM_ITERATIONS={self.iterations}), whose completions were not saved: resume "
+                                "from a checkpoint at a multiple of GRPO_NUM_ITERATIONS steps")
+            self.buffer = (k, self.objective.generation_batch(k, self.rank_prompts(k), self.tok, self.rank,
+                                                               self.world, self.accum))
+        batch = self.buffer[1][within % self.accum]
+        self.consumed += 1
+        return batch
+
+
+class GroupRelativePolicyOptimization(Objective):
+    """GRPO (Shao et al. 2024) with the DAPO / Dr. GRPO aggregations: online RL on the policy's own samples.
+
+    Per generation batch (RolloutSource): GRPO_NUM_GENERATIONS completions of each prompt (generate.rollout,
+    KV cache, GRPO_TEMPERATURE / GRPO_TOP_P, stop at end of turn), scored by the reward functions (rewards.py,
+    TRL's calling convention), group-relative advantages over the whole batch (losses.group_advantages; the
+    rewards are summed over ranks first so group and batch statistics are exact), then the clipped-ratio loss
+    (losses.grpo_loss) on prompt + completion rows with the completion tokens as targets. Log-probs are taken at
+    the sampling temperature. The "old" log-probs are the training model's own no-grad forward of the same
+    micro-batch when GRPO_NUM_ITERATIONS > 1, and the current log-probs detached when it is 1 (the ratio is then
+    exactly 1, as in TRL). The reference (GRPO_BETA > 0) is the starting model: adapters off under LoRA, else
+    a frozen copy; none when GRPO_BETA = 0.
+
+    units: completions (grpo), completion tokens (dapo: the loop sums them over micro-batches and ranks before
+    the first backward) or completions x GRPO_MAX_COMPLETION_LEN (dr_grpo); loss() returns the matching sums.
+    The first completions of each logging interval are printed with their rewards. Metrics are scaled so that
+    the loop's division by the step's units gives: reward (mean), reward_<fn>
+    (each function's mean over the samples it judged), reward_std (the mean group std), frac_reward_zero_std
+    (groups whose rewards are all equal), completion_length (tokens, the stop token included), clip_ratio
+    (+ _low / _high; completion tokens in the clipped region), entropy (per completion token) and kl (GRPO_BETA
+    > 0, per completion token)."""
+
+    name, batch_format = "grpo", "grpo"
+
+    def __init__(self, cfg: config.Config):
+        super().__init__(cfg)
+        g = cfg.grpo
+        self.num_generations, self.temperature = g.grpo_num_generations, float(g.grpo_temperature)
+        self.loss_type, self.scale = g.grpo_loss_type, g.grpo_scale_rewards
+        self.epsilon = float(g.grpo_epsilon)
+        self.epsilon_high = float(g.grpo_epsilon_high) or None
+        self.beta, self.iterations = float(g.grpo_beta), g.grpo_num_iterations
+        self.max_completion = g.grpo_max_completion_len
+        self.functions = rewards.load_reward_functions(g.grpo_rewards, g.grpo_format_regex)
+        self.weights = list(g.grpo_reward_weights) or None
+        self.stat_names = ["reward", *(f"reward_{_metric_name(f.name)}" for f in self.functions), "reward_std",
+                           "frac_reward_zero_std", "completion_length"]
+        self.reference: nn.Module | None = None
+        self.base_model: nn.Module | None = None
+        self.policy: Policy | None = None
+
+    def setup(self, model: nn.Module, tokenizer: tokenizer.Tokenizer, device: torch.device) -> dict[str, Any]:
+        _require_unwrapped(model)
+        if self.beta == 0.0:
+            return {"reference": "none (GRPO_BETA=0)", "reference_memory_mb": 0.0}
+        if self.cfg.lora.lora_enabled or any(True for _ in lora.lora_modules(model)):
+            self.base_model = model
+            return {"reference": "policy with LoRA adapters disabled", "reference_memory_mb": 0.0}
+        self.reference = freeze(copy.deepcopy(model))
+        per_rank = world_size() if self.reference.tok_embeddings.weight.is_meta else 1  # type: ignore[union-attr]
+        return {"reference": "frozen copy of the initial policy",
+                "reference_memory_mb": round(_memory_bytes(self.reference) / per_rank / 2**20, 1)}
+
+    def fill_frozen(self, model, device, compute_dtype):
+        if self.reference is not None and self.reference.tok_embeddings.weight.is_meta:
+            shard_frozen_copy(self.reference, model, device, compute_dtype)
+
+    def own_loaders(self, tokenizer: tokenizer.Tokenizer, rank: int, world_size: int) -> tuple[Any, Any] | None:
+        records = load_rl_dataset.read_split(self.cfg.grpo.grpo_data_path, "train")
+        if not records:
+            raise UserError(f"GRPO_DATA_PATH={self.cfg.grpo.grpo_data_path} has no train prompts; prepare them "
+                            "with load_rl_dataset.py")
+        _, accum = self.cfg.batch_geometry(world_size)
+        return RolloutSource(self, tokenizer, records, rank, world_size, accum), None
+
+    def bind(self, policy: Policy) -> None:
+        self.policy = policy
+
+    def units(self, batch):
+        rows = int(batch["input_ids"].shape[0])
+        if self.loss_type == "dapo":
+            return count_targets(batch["labels"])
+        return rows * self.max_completion if self.loss_type == "dr_grpo" else rows
+
+    def frozen_flops(self, batch):
+        args = args_of(self.reference if self.reference is not None else self.base_model)
+        if self.beta == 0.0 or args is None:
+            return 0.0
+        rows, width = self.shape(batch)
+        return model_utils.model_flops(args, rows, width, backward=False)
+
+    # -- the generation batch --
+
+    def encode(self, tok: tokenizer.Tokenizer, record: dict[str, Any]) -> list[int]:
+        prompt = record["prompt"]
+        if isinstance(prompt, list):
+            ids = list(tokenizer.ChatFormat(tok).encode_dialog(prompt, add_generation_prompt=True)[0])
+        else:
+            ids = list(tok.encode(prompt, bos=tok.wants_bos))
+        room = self.cfg.model.max_seq_len - self.max_completion
+        if len(ids) > room:
+            raise UserError(f"GRPO prompt_id {record.get('prompt_id')} has {len(ids)} tokens, more than MAX_SEQ_LEN="
+                            f"{self.cfg.model.max_seq_len} - GRPO_MAX_COMPLETION_LEN={self.max_completion} leaves; "
+                            "raise MAX_SEQ_LEN or drop the long prompts")
+        return ids
+
+    def generation_batch(self, k: int, prompts: list[tuple[dict[str, Any], int]], tok: tokenizer.Tokenizer,
+                         rank: int, world: int, accum: int) -> list[dict[str, torch.Tensor]]:
+        """Rollouts of this rank's prompts of generation batch k ((record, sampling key) pairs) -> its `accum`
+        micro-batches. Collective."""
+        policy = self.policy
+        records = [r for r, _ in prompts]
+        if policy is None:
+            raise RuntimeError("GroupRelativePolicyOptimization.bind() was not called before the first batch")
+        G = self.num_generations
+        prompt_ids = [self.encode(tok, r) for r in records]
+        pad = tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else 0
+        with policy.autocast():
+            completions = policy.rollout(
+                policy.sample_model, prompt_ids, [key for _, key in prompts], G, self.max_completion,
+                temperature=self.temperature, top_p=self.cfg.grpo.grpo_top_p, stop_ids=tok.stop_ids,
+                seed=self.cfg.training.seed, step=k, pad_id=pad, stop_check=policy.stop_check,
+                all_ranks_done=lambda done: not D.any_rank(not done))
+        stops = set(tok.stop_ids)
+        texts = [tok.decode(c[:-1] if c and c[-1] in stops else c) for c in completions]
+        samples = [r for r in records for _ in range(G)]
+        total, per_fn = rewards.score(self.functions, self.weights, [r["prompt"] for r in samples], texts,
+                                      completions, samples)
+        if (k * self.iterations) % self.cfg.logging.log_every_x_steps == 0:  # a few samples per logging interval
+            for i in range(min(2, len(samples))):
+                p = samples[i]["prompt"]
+                shown = p if isinstance(p, str) else p[-1]["content"]
+                policy.note(f"  rollout | {shown[:200]!r} -> {texts[i][:200]!r} | reward {float(total[i]):.4g}")
+        # the whole generation batch on every rank: group and batch statistics exact over all of it
+        n, K = len(samples), len(self.functions)
+        full = torch.zeros(n * world, 2 + K, dtype=torch.float64)
+        full[rank * n:(rank + 1) * n] = torch.cat(
+            [total.double()[:, None], torch.tensor([float(len(c)) for c in completions],
+                                                   dtype=torch.float64)[:, None], per_fn.double()], dim=1)
+        full = D.all_reduce_sum(full.to(policy.device)).cpu()
+        all_rewards, lengths = full[:, 0].float(), full[:, 1]
+        advantages, _, _ = group_advantages(all_rewards, G, self.scale)
+        _, group_std, zero_std = group_advantages(all_rewards, G, "group")
+        stats = torch.stack([torch.nanmean(full[:, 0]), *(torch.nanmean(full[:, 2 + j]) for j in range(K)),
+                             torch.nanmean(group_std.double()), zero_std.view(-1, G)[:, 0].double().mean(),
+                             lengths.mean()])
+        N, T = float(n * world), float(lengths.sum())
+        U = T if self.loss_type == "dapo" else N * self.max_completion if self.loss_type == "dr_grpo" else N
+        mine = advantages[rank * n:(rank + 1) * n]
+        rows = [p + c for p, c in zip([p for p in prompt_ids for _ in range(G)], completions, strict=True)]
+        micro = n // accum
+        batches = []
+        for m in range(accum):
+            idx = range(m * micro, (m + 1) * micro)
+            width = max(len(rows[i]) for i in idx)
+            ids = torch.full((micro, width), pad, dtype=torch.long)
+            labels = torch.full((micro, width), IGNORE_INDEX, dtype=torch.long)
+            for b, i in enumerate(idx):
+                ids[b, :len(rows[i])] = torch.tensor(rows[i])
+                start = len(rows[i]) - len(completions[i])
+                labels[b, start:len(rows[i])] = torch.tensor(completions[i], dtype=torch.long)
+            batches.append({"input_ids": ids, "labels": labels, "advantages": mine[m * micro:(m + 1) * micro],
+                            "stats": stats * (U * micro / N), "token_scale": torch.tensor(U / max(T, 1.0),
+                                                                                          dtype=torch.float64)})
+        self._frozen_logps(batches)
+        return batches
+
+    @torch.no_grad()
+    def _frozen_logps(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        """The old (GRPO_NUM_ITERATIONS > 1) and reference (GRPO_BETA > 0) log-probs of each micro-batch, from
+        forwards of the same micro-batches the training step runs."""
+        policy = self.policy
+        assert policy is not None
+        for batch in batches:
+            ids, labels = batch["input_ids"].to(policy.device), batch["labels"].to(policy.device)
+            with policy.autocast():
+                if self.iterations > 1:
+                    batch["old_logps"] = token_logps(policy.train_model, ids, labels, self.temperature)[0]
+                if self.beta != 0.0:
+                    if self.reference is not None:
+                        batch["ref_logps"] = token_logps(self.reference, ids, labels, self.temperature)[0]
+                    else:
+                        assert self.base_model is not None
+                        with lora.disable_lora(self.base_model):
+                            batch["ref_logps"] = token_logps(self.base_model, ids, labels, self.temperature)[0]
+
+    # -- the loss --
+
+    def loss(self, model, batch):
+        labels = batch["labels"]
+        logps, entropy = token_logps(model, batch["input_ids"], labels, self.temperature, with_entropy=True)
+        mask = labels != IGNORE_INDEX
+        old = batch.get("old_logps", logps.detach())
+        # num_sequences / num_tokens / max_completion_length 1: sums; the loop divides by the step's units
+        loss_sum, m = grpo_loss(logps, old, batch["advantages"], mask, loss_type=self.loss_type,
+                                epsilon=self.epsilon, epsilon_high=self.epsilon_high, beta=self.beta,
+                                ref_logps=batch.get("ref_logps"), max_completion_length=1, num_sequences=1,
+                                num_tokens=1)
+        per_token = batch["token_scale"]
+        assert entropy is not None
+        metrics = {"clip_ratio": m["clip_region"] * per_token, "clip_ratio_low": m["clip_low"] * per_token,
+                   "clip_ratio_high": m["clip_high"] * per_token,
+                   "entropy": (entropy * mask).sum() * per_token,
+                   **dict(zip(self.stat_names, batch["stats"].unbind(), strict=True))}
+        if "kl" in m:
+            metrics["kl"] = m["kl"] * per_token
+        return loss_sum, metrics
+
+    def eval_loss(self, model, batch):
+        raise UserError("TRAINING_STAGE=grpo has no validation loss: set VALIDATE_EVERY_X_STEPS=0")
+
+
+def _metric_name(name: str) -> str:
+    """A reward function's name as a metric key: module:function -> function."""
+    return name.rsplit(":", 1)[-1].replace(".", "_")
+
+
 OBJECTIVES: dict[str, type[Objective]] = {
     "pretrain": Pretrain,
     "instruct": SupervisedFineTuning,
     "dpo": DirectPreferenceOptimization,
     "orpo": OddsRatioPreference,
     "simpo": SimplePreference,
+    "grpo": GroupRelativePolicyOptimization,
 }
 # Stages whose objective a setting picks among the entries above: stage -> (cfg group, attribute).
 CHOSEN_BY: dict[str, tuple[str, str]] = {

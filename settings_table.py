@@ -106,8 +106,8 @@ SETTINGS: list[Setting] = [
     S("VERIFY_DATA", "data", "bool", False, "check every shard's sha256 against its manifest before training "
       "starts (reads the whole dataset once)"),
     # ---- training ------------------------------------------------------------------------------
-    S("TRAINING_STAGE", "training", "str", "pretrain", "pretrain | instruct | dpo",
-      choices=("pretrain", "instruct", "dpo")),
+    S("TRAINING_STAGE", "training", "str", "pretrain", "pretrain | instruct | dpo | grpo",
+      choices=("pretrain", "instruct", "dpo", "grpo")),
     S("SEED", "training", "int", 42, "seed for init, data order and dropout"),
     S("TRAINING_PRECISION", "training", "str", "auto", "auto (bf16 where the device does it natively, else fp16 + "
       "GradScaler on CUDA, else fp32) | bf16 (autocast, fp32 master weights) | fp16 (GradScaler) | fp32",
@@ -159,10 +159,12 @@ SETTINGS: list[Setting] = [
     S("PRETRAIN_SAVE_CHECKPOINTS_PATH", "checkpoint", "str", "checkpoints", "root; pretrain/ is appended"),
     S("INSTRUCT_SAVE_CHECKPOINTS_PATH", "checkpoint", "str", "checkpoints", "root; instruct/ is appended"),
     S("DPO_SAVE_CHECKPOINTS_PATH", "checkpoint", "str", "checkpoints", "root; dpo/ is appended"),
+    S("GRPO_SAVE_CHECKPOINTS_PATH", "checkpoint", "str", "checkpoints", "root; grpo/ is appended"),
     S("PRETRAIN_LOAD_CHECKPOINTS_PATH", "checkpoint", "str", "", "predecessor compatibility: root to resume pretraining "
       "from; empty = the save path"),
     S("INSTRUCT_LOAD_CHECKPOINTS_PATH", "checkpoint", "str", "", "root to resume SFT from; empty = save path"),
     S("DPO_LOAD_CHECKPOINTS_PATH", "checkpoint", "str", "", "root to resume DPO from; empty = save path"),
+    S("GRPO_LOAD_CHECKPOINTS_PATH", "checkpoint", "str", "", "root to resume GRPO from; empty = save path"),
     # ---- evaluation ----------------------------------------------------------------------------
     S("VALIDATE_EVERY_X_STEPS", "eval", "int", 200, "validation cadence (and after the last step); 0 = off",
       min=0),
@@ -201,6 +203,39 @@ SETTINGS: list[Setting] = [
       "authors use 2.0 to 2.5, far above DPO_BETA)", min=0.0),
     S("SIMPO_GAMMA", "dpo", "float", 1.0, "SimPO: target reward margin gamma (the authors' Llama 3 Base setting: "
       "gamma / beta = 0.5; they suggest tuning the ratio in [0, 1])", min=0.0),
+    S("GRPO_DATA_PATH", "grpo", "str", "data/rl", "RL prompts read by TRAINING_STAGE=grpo: the directory "
+      "load_rl_dataset.py writes (train.jsonl, val.jsonl, manifest.json)"),
+    S("GRPO_PROMPTS_PER_STEP", "grpo", "int", 8, "prompts per generation batch over all ranks (a multiple of the "
+      "world size; each rank samples its share); a step trains on GRPO_PROMPTS_PER_STEP x GRPO_NUM_GENERATIONS "
+      "completions, in micro-batches of MAX_BATCH_SIZE (TOTAL_BATCH_SIZE is not read)", min=1),
+    S("GRPO_NUM_GENERATIONS", "grpo", "int", 8, "completions sampled per prompt (the group; TRL's default 8)",
+      min=2),
+    S("GRPO_TEMPERATURE", "grpo", "float", 1.0, "sampling temperature of the rollouts; the log-probs are taken at it "
+      "too (TRL's default 1.0)", min=0.0),
+    S("GRPO_TOP_P", "grpo", "float", 1.0, "nucleus sampling of the rollouts, in (0, 1] (TRL's default 1.0 = off)",
+      min=0.0, max=1.0),
+    S("GRPO_MAX_COMPLETION_LEN", "grpo", "int", 256, "tokens sampled per completion at most; a completion ends at the "
+      "tokenizer's end of turn / end of text (TRL's default 256)", min=1),
+    S("GRPO_REWARDS", "grpo", "str", "exact_answer", "comma list of reward functions: exact_answer (the completion's "
+      "final number equals the record's answer), format (GRPO_FORMAT_REGEX matches), or module:function with TRL's "
+      "convention fn(prompts, completions, completion_ids, **fields) -> list[float | None]"),
+    S("GRPO_REWARD_WEIGHTS", "grpo", "floats", [], "one weight per GRPO_REWARDS entry as a JSON list; empty = all "
+      "1.0 (TRL's default)"),
+    S("GRPO_FORMAT_REGEX", "grpo", "str", "", "the regex the `format` reward searches for in a completion"),
+    S("GRPO_SCALE_REWARDS", "grpo", "str", "group", "advantage = (reward - group mean) / std: group = the group's "
+      "std (TRL's default) | batch = the std of the whole generation batch over all ranks | none = no division "
+      "(Dr. GRPO)", choices=("group", "batch", "none")),
+    S("GRPO_EPSILON", "grpo", "float", 0.2, "clip range below (and above, unless GRPO_EPSILON_HIGH) the ratio 1 "
+      "(TRL's default 0.2)", min=0.0),
+    S("GRPO_EPSILON_HIGH", "grpo", "float", 0.0, "upper clip range (DAPO's clip-higher, e.g. 0.28); 0 = "
+      "GRPO_EPSILON (TRL's default)", min=0.0),
+    S("GRPO_LOSS_TYPE", "grpo", "str", "dapo", "token aggregation: grpo (each completion's token mean, then their "
+      "mean) | dapo (sum over the generation batch's completion tokens, all ranks; TRL's default) | dr_grpo "
+      "(sum / (completions x GRPO_MAX_COMPLETION_LEN))", choices=("grpo", "dapo", "dr_grpo")),
+    S("GRPO_BETA", "grpo", "float", 0.0, "weight of the k3 KL to the reference model (the starting policy: adapters "
+      "off under LoRA, else a frozen copy); 0 = no reference model is built (TRL's default)", min=0.0),
+    S("GRPO_NUM_ITERATIONS", "grpo", "int", 1, "optimizer steps per generation batch (each step trains on the "
+      "whole batch; TRL's default 1); above 1, SAVE_EVERY_X_STEPS must be a multiple of it", min=1),
     S("LORA_ENABLED", "lora", "bool", False, "train low-rank adapters instead of all weights"),
     S("LORA_RANK", "lora", "int", 16, "adapter rank r", min=1),
     S("LORA_ALPHA", "lora", "float", 8.0, "adapter scaling is alpha / r", min=0.0),

@@ -334,7 +334,8 @@ def planned_steps(cfg: config.Config, samples_per_epoch: int, G: int) -> int:
     if steps == 0:
         stage = t.training_stage
         raise UserError(f"MAX_STEPS=-1 (one pass over the data) trains 0 steps: "
-                        f"{cfg[f'{stage.upper()}_DATALOADER_ROOT_PATH']} holds {samples_per_epoch} training "
+                        f"{cfg.get(f'{stage.upper()}_DATALOADER_ROOT_PATH') or 'the training data'} holds "
+                        f"{samples_per_epoch} training "
                         f"sequences, fewer than one step's {G} (TOTAL_BATCH_SIZE={t.total_batch_size} / "
                         f"MAX_SEQ_LEN={cfg.model.max_seq_len}): prepare more data, lower TOTAL_BATCH_SIZE or "
                         "set MAX_STEPS")
@@ -343,6 +344,9 @@ def planned_steps(cfg: config.Config, samples_per_epoch: int, G: int) -> int:
 
 def build_loaders(cfg: config.Config, objective: objectives.Objective, tok: tk.Tokenizer, info: D.DistInfo,
                   G: int) -> tuple[dataloaders.Loader, dataloaders.Loader | None]:
+    own = objective.own_loaders(tok, info.rank, info.world_size)
+    if own is not None:
+        return own
     stage, t = cfg.training.training_stage, cfg.training
     root = cfg[f"{stage.upper()}_DATALOADER_ROOT_PATH"]
     pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
@@ -653,6 +657,8 @@ def build_run(cfg: config.Config, args: argparse.Namespace, info: D.DistInfo) ->
               optimizer=optimizer, numerics=numerics, train_loader=train_loader, val_loader=val_loader, G=G,
               accum=accum, max_steps=max_steps, init_source=start.init_source, resume_dir=start.resume_dir,
               state=state, checkpointer=checkpointer, log=log, run_dir=run_dir_of(cfg), throughput=throughput)
+    objective.bind(objectives.Policy(wrapped, run.eval_model, device, numerics.autocast, lambda: run.stop_check(),
+                                     generate.rollout, log.print))
     print_banner(run, setup_facts)
     return run
 
