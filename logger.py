@@ -161,10 +161,10 @@ def format_event(e: dict[str, Any]) -> str:
     for k, f in fmt.items():
         if k in e and e[k] is not None and not isinstance(e[k], str):
             parts.append(f.format(e[k]))
-    # anything else numeric (an objective's metrics: ce, kd, rewards_chosen, reward_accuracy, ...), except a
-    # metric that is the loss itself (plain LM: ce == loss)
+    # anything else numeric (an objective's metrics: ce, kd, rewards_chosen, reward_accuracy, ...), except the
+    # cross-entropy when it is the loss itself (plain LM: ce == loss)
     for k, v in e.items():
-        if k not in fmt and k not in _NOT_ON_CONSOLE and isinstance(v, float) and v != e.get("loss"):
+        if k not in fmt and k not in _NOT_ON_CONSOLE and isinstance(v, float) and not (k == "ce" and v == e.get("loss")):
             parts.append(f"{k} {v:.4g}")
     return " | ".join(parts)
 
