@@ -163,9 +163,8 @@ def row_kernel(dtype: torch.dtype) -> str:
     or BLAS). Neither wins everywhere: on an AVX-512-BF16 host with AMX torch.mv streamed bf16 weights ~1.4x faster,
     on one without AMX (AMD EPYC) F.linear ~2x faster (bench/README.md, "Decoding"). So it is measured, once per
     process, dtype and thread count: both calls alternate over 16 MiB of decode-shaped weights (more than a core's
-    caches, so they stream as in decoding), best of three each (fewer when one is over 2x faster); F.linear keeps
-    a tie. The answer is cached in ROW_KERNELS, which the compiled decode step reads while it is traced (never
-    measured there)."""
+    caches, so they stream as in decoding), best of five to seven rounds each; F.linear keeps a tie. The answer is
+    cached in ROW_KERNELS, which the compiled decode step reads while it is traced (never measured there)."""
     threads = torch.get_num_threads()
     if ROW_KERNELS.get(dtype, (None,))[0] != threads:
         import time
@@ -175,16 +174,18 @@ def row_kernel(dtype: torch.dtype) -> str:
         x = torch.full((1, 1024), 0.5, dtype=dtype)
         calls = {"mv": lambda w: torch.mv(w, x[0]), "linear": lambda w: F.linear(x, w)}
         best = dict.fromkeys(calls, float("inf"))
+        start = time.perf_counter()
         with torch.inference_mode():
-            for i in range(4):  # the first round warms up both calls and is not counted
+            for i in range(8):  # the first round warms up both calls and is not counted
                 for name, call in calls.items():
                     t0 = time.perf_counter()
                     for w in ws:
                         call(w)
                     if i:
                         best[name] = min(best[name], time.perf_counter() - t0)
-                if i and max(best.values()) > 2 * min(best.values()):
-                    break  # a clear winner: no more rounds
+                if i >= 5 and time.perf_counter() - start > 0.25:
+                    break  # five rounds each at least; more while they are cheap (a round another process
+                    # preempted does not decide: the best of each counts)
         ROW_KERNELS[dtype] = (threads, "mv" if best["mv"] < 0.95 * best["linear"] else "linear")
     return ROW_KERNELS[dtype][1]
 
