@@ -176,7 +176,8 @@ def hellaswag_rows(a: argparse.Namespace, table: list[tuple]) -> None:
 
 def jobs_rows(a: argparse.Namespace, table: list[tuple]) -> None:
     """bench/jobs.py: whole jobs against TRL / transformers Trainer / generate / lm-eval; its table's rows."""
-    save = ["--save", "jobs"] if a.save and not a.quick else []  # the README's whole-job table reads jobs.json
+    # the README's whole-job table reads jobs.json; a profile's run keeps its own file
+    save = ["--save", f"jobs_{a.isa}" if a.isa else "jobs"] if a.save and not a.quick else []
     out, status = run([PY, "-m", "bench.jobs", *(["--quick"] if a.quick else []), *save], a.timeout * 12)
     rows = [r for r in md_rows(out) if len(r) == 7 and r[0] != "job"]
     if not rows:
