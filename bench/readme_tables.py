@@ -142,10 +142,10 @@ def performance(load: Load) -> list[str]:
 
 
 def generation_profiles(load: Load) -> list[str]:
-    """Greedy decoding of SmolLM2-135M-Instruct at batch 1 on each CPU profile measured (bench/generate_throughput.py
-    --save generate_<profile>), ours against transformers in the same process."""
-    recs = {n: load(n) for n in ("generate_native", "generate_native_repeat", "generate_native_eager",
-                                 "generate_avx2", "generate_avx2_repeat")}
+    """Greedy decoding of SmolLM2-135M-Instruct at batch 1, every run on each CPU profile (bench/generate_throughput.py
+    --save generate_<profile>[_<run>]), ours against transformers in the same process."""
+    recs = {n: load(n) for n in ("generate_native_2threads", "generate_native", "generate_native_repeat",
+                                 "generate_native_eager", "generate_avx2", "generate_avx2_repeat")}
     lines = _head("run: profile, dtype", "ours eager / transformers `generate`", "ours compiled / transformers' faster",
                   "of the bandwidth bound: ours eager / compiled", "one-row kernel: picked (torch.mv / F.linear)")
     for name, rec in recs.items():
