@@ -45,7 +45,7 @@ demo-posttrain: setup
 	PY=$(PY) bash scripts/demo_posttrain.sh
 
 bench: setup
-	$(PY) -m bench.run_all --save run_all
+	$(PY) -m bench.run_all $(if $(ISA),--isa $(ISA) --save run_all_$(ISA),--save run_all)
 
 # mypy checks the modules [tool.mypy] in pyproject.toml lists (their types, with the typed settings groups of
 # config_sections.py).

@@ -154,13 +154,51 @@ def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(out).flatten(-2).type_as(x)
 
 
+ROW_KERNELS: dict[torch.dtype, tuple[int, str]] = {}  # weight dtype -> (threads, "mv" or "linear"), see row_kernel
+
+
+def row_kernel(dtype: torch.dtype) -> str:
+    """Which ATen call multiplies one row by a weight matrix faster on this CPU, for weights of `dtype` at the
+    current thread count: "mv" (ATen's matrix-vector kernel) or "linear" (F.linear's matrix-multiply call, oneDNN
+    or BLAS). Neither wins everywhere: on an AVX-512-BF16 host with AMX torch.mv streamed bf16 weights ~1.4x faster,
+    on one without AMX (AMD EPYC) F.linear ~2x faster (bench/README.md, "Decoding"). So it is measured, once per
+    process, dtype and thread count: both calls alternate over 16 MiB of decode-shaped weights (more than a core's
+    caches, so they stream as in decoding), best of five to seven rounds each; F.linear keeps a tie. The answer is
+    cached in ROW_KERNELS, which the compiled decode step reads while it is traced (never measured there)."""
+    threads = torch.get_num_threads()
+    if ROW_KERNELS.get(dtype, (None,))[0] != threads:
+        import time
+
+        n = max(1, (16 << 20) // (2048 * 1024 * torch.finfo(dtype).bits // 8))
+        ws = [torch.full((2048, 1024), 0.01, dtype=dtype) for _ in range(n)]
+        x = torch.full((1, 1024), 0.5, dtype=dtype)
+        calls = {"mv": lambda w: torch.mv(w, x[0]), "linear": lambda w: F.linear(x, w)}
+        best = dict.fromkeys(calls, float("inf"))
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for i in range(8):  # the first round warms up both calls and is not counted
+                for name, call in calls.items():
+                    t0 = time.perf_counter()
+                    for w in ws:
+                        call(w)
+                    if i:
+                        best[name] = min(best[name], time.perf_counter() - t0)
+                if i >= 5 and time.perf_counter() - start > 0.25:
+                    break  # five rounds each at least; more while they are cheap (a round another process
+                    # preempted does not decide: the best of each counts)
+        ROW_KERNELS[dtype] = (threads, "mv" if best["mv"] < 0.95 * best["linear"] else "linear")
+    return ROW_KERNELS[dtype][1]
+
+
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, w) (no bias). A single row on CPU (one token at batch 1: decoding) goes through torch.mv,
-    ATen's matrix-vector kernel: the same values bit for bit, and on bf16 weights it streams them ~1.4x faster
-    than the matrix-multiply call F.linear makes (bench/README.md, "Decoding"). generate's compiled decode step
-    keeps these calls whole."""
+    """F.linear(x, w) (no bias). A single row on CPU (one token at batch 1: decoding) goes through the faster of
+    torch.mv and F.linear on this host (row_kernel; in fp32 both give the same values, in bf16 they may differ in
+    the last bit). Under torch.compile the choice made eagerly before (the prefill's head) is used, and generate's
+    compiled decode step keeps these calls whole."""
     if x.device.type == "cpu" and x.numel() == x.shape[-1] and not torch.is_autocast_enabled("cpu"):
-        return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])
+        kernel = ROW_KERNELS.get(w.dtype, (0, "mv"))[1] if torch.compiler.is_compiling() else row_kernel(w.dtype)
+        if kernel == "mv":
+            return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])
     return F.linear(x, w)  # (autocast casts F.linear's operands, not torch.mv's)
 
 

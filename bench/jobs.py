@@ -2,7 +2,7 @@
 effective batch and step count, run A/B in one invocation.
 
     python -m bench.jobs [--jobs sft dpo pretrain generate hellaswag] [--quick] [--rounds 1] [--work DIR]
-                         [--peer-venv DIR] [--json] [--save NAME]
+                         [--peer-venv DIR] [--json] [--save NAME] [--isa native|avx512_bf16|avx2] [--dry-run]
 
 | job | ours | peer |
 |---|---|---|
@@ -26,7 +26,10 @@ checkpointing; that is part of "its defaults").
 
 The peer runs in a bench-only venv (default ~/.cache/llama3-train/jobs-trl-<ver>) created on first use with
 `pip install trl==<ver> torch==<ours>` and this environment's packages visible through a .pth file, so the
-CPU torch is reused, never replaced by a CUDA build. --quick shrinks every job to a smoke run.
+CPU torch is reused, never replaced by a CUDA build. --quick shrinks every job to a smoke run. --isa runs every
+side under an instruction-set profile (bench/isa.py: this process re-executes itself with the profile's
+environment, which every side inherits; the header and the result file name the profile, verified in a child).
+--dry-run prints that header and the jobs, runs nothing.
 The orchestrator itself never imports torch: a child forked from a process holding a model would inherit
 its peak RSS.
 """
@@ -44,6 +47,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench import isa
 from bench.jobs_common import loss_tokens, parse_result, print_result, sft_labels, shard_examples
 from fileio import write_text_atomic
 
@@ -484,9 +488,13 @@ ROWS = {"sft": sft_rows, "dpo": dpo_rows, "pretrain": pretrain_rows, "generate":
 
 
 def host_line() -> str:
-    r = subprocess.run([PY, "-c", "from bench import run_all; print(run_all.host_line())"],
-                       cwd=ROOT, capture_output=True, text=True)
-    return r.stdout.strip() or "unknown host"
+    """The host and its CPU profile as a child process sees them (this process never imports torch)."""
+    r = subprocess.run([PY, "-m", "bench.results_file"], cwd=ROOT, capture_output=True, text=True)
+    try:
+        rec = json.loads(r.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        return "unknown host"
+    return f"{rec['host']}, {rec['cpu_profile']}"
 
 
 def main() -> int:
@@ -502,7 +510,13 @@ def main() -> int:
     p.add_argument("--save", default=None, metavar="NAME",
                    help="also write every figure to bench/results/NAME.json (read by bench/readme_tables.py)")
     p.add_argument("--prepare", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--dry-run", action="store_true", help="print the host line and the jobs, run nothing")
+    isa.add_argument(p)
     a = p.parse_args()
+    isa.relaunch(a.isa, "bench.jobs")
+    if a.dry_run:
+        print(f"bench/jobs.py --dry-run: jobs {' '.join(a.jobs)}\n\nhost: {host_line()}")
+        return 0
     if a.prepare:  # child mode: build model + data, print facts
         print_result(prepare(Path(a.work), json.loads(a.prepare)))
         return 0

@@ -141,6 +141,33 @@ def performance(load: Load) -> list[str]:
     return lines + ["", _sources(recs)]
 
 
+def generation_profiles(load: Load) -> list[str]:
+    """Greedy decoding of SmolLM2-135M-Instruct at batch 1, every run on each CPU profile (bench/generate_throughput.py
+    --save generate_<profile>[_<run>]), ours against transformers in the same process."""
+    recs = {n: load(n) for n in ("generate_native_2threads", "generate_native", "generate_native_repeat",
+                                 "generate_native_eager", "generate_avx2", "generate_avx2_repeat")}
+    lines = _head("run: profile, dtype", "ours eager / transformers `generate`", "ours compiled / transformers' faster",
+                  "of the bandwidth bound: ours eager / compiled", "one-row kernel: picked (torch.mv / F.linear)")
+    for name, rec in recs.items():
+        parts = rec["cpu_profile"].split(", ")  # "ATen capability X", "<name> profile (...)", "oneDNN isa ...", ...
+        profile = f"{parts[1].split(' (')[0]}, ATen {parts[0].split()[-1]}"
+        for r in rec["figures"]["rows"]:
+            mv, lin = r.get("ours_mv_tokens_per_s"), r.get("ours_linear_tokens_per_s")
+            kernels = f"{r['row_kernel']} ({mv:.1f} / {lin:.1f} tok/s)" if mv and lin else r["row_kernel"]
+            compiled, fraction = "not run", f"{r['ours_fraction_of_bound']:.0%}"
+            if "compiled_ratio" in r:
+                compiled = (f"{r['ours_compiled_tokens_per_s']:.1f} / {r[r['hf_best'] + '_tokens_per_s']:.1f} tok/s = "
+                            f"{_x(r['compiled_ratio'])} ({_target(r['compiled_ratio'], 1.5)})")
+                fraction += f" / {r['ours_compiled_fraction_of_bound']:.0%}"
+            lines.append(_row(
+                f"`{name}` ({r['rounds']} rounds): {profile}; {r['dtype']}, {r['threads']} "
+                f"thread{'s' if r['threads'] > 1 else ''}",
+                f"{r['ours_tokens_per_s']:.1f} / {r['hf_tokens_per_s']:.1f} tok/s = {_x(r['ratio'])} "
+                f"({_target(r['ratio'], 1.3)})", compiled,
+                f"{fraction} of {r['bound_tokens_per_s']:.0f} tok/s (≥ 40%)", kernels))
+    return lines + ["", _sources(recs)]
+
+
 def _pretrain_ratio(figures: dict[str, Any]) -> float:
     sides = figures["pretrain"]["sides"]
     return sides["ours"]["tok_s"] / sides["hf"]["tok_s"]
@@ -336,7 +363,8 @@ def recipe_time(load: Load) -> list[str]:
 
 
 TABLES: dict[str, Callable[[Load], list[str]]] = {
-    "demo": demo, "performance": performance, "jobs": jobs, "distill": distill, "plan_vs_tracker": plan_vs_tracker,
+    "demo": demo, "performance": performance, "jobs": jobs, "generation_profiles": generation_profiles,
+    "distill": distill, "plan_vs_tracker": plan_vs_tracker,
     "sharded_memory": sharded_memory, "export_memory": export_memory, "posttrain_demo": posttrain_demo,
     "hellaswag_cli": hellaswag_cli, "sharded_memory_full": sharded_memory_full, "recipe_memory": recipe_memory,
     "recipe_time": recipe_time}

@@ -35,12 +35,14 @@ def host() -> str:
 
 
 def cpu_profile() -> str:
-    """ATen's kernel capability and the precision rule's bf16-vs-fp32 measurement on this host."""
+    """ATen's kernel capability, the instruction-set profile this process runs under (bench/isa.py: checked to be
+    in effect, with what oneDNN dispatches to) and the precision rule's bf16-vs-fp32 measurement on this host."""
     import torch
 
     import precision
+    from bench import isa
 
-    return (f"ATen capability {torch.backends.cpu.get_cpu_capability()}, precision "
+    return (f"ATen capability {torch.backends.cpu.get_cpu_capability()}, {isa.verified()}, precision "
             f"{precision.resolve('auto', 'cpu').describe()}")
 
 
@@ -64,6 +66,13 @@ def write(name: str, command: str, figures: dict[str, Any], out_dir: Path = RESU
     return path
 
 
+def main() -> int:
+    """Print this process's host and CPU profile as one JSON object (the line a bench that must not import torch
+    asks a child for)."""
+    print(json.dumps({"host": host(), "cpu_profile": cpu_profile()}))
+    return 0
+
+
 def load(name: str, root: Path = RESULTS) -> dict[str, Any]:
     """A result file, checked to hold every key of the form."""
     record = json.loads((root / f"{name}.json").read_text())
@@ -71,3 +80,7 @@ def load(name: str, root: Path = RESULTS) -> dict[str, Any]:
     if missing:
         raise ValueError(f"bench/results/{name}.json lacks {', '.join(missing)}")
     return record
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -9,6 +9,10 @@ and `tiny`; data preparation vs raw tiktoken (bench/data_prep.py); HellaSwag eva
 loop (bench/hellaswag_throughput.py, lm-eval skipped: it needs its own venv); whole jobs against TRL,
 transformers Trainer / generate and lm-eval (bench/jobs.py, peers in bench-only venvs). --quick shrinks every job
 (shorter sequences, fewer rounds) for a smoke run; the targets are only judged on the full settings.
+--isa native|avx512_bf16|avx2 runs everything as a host with at most that instruction set (bench/isa.py: this
+process re-executes itself under the profile's environment, which every job inherits; the result file records
+the profile, verified in a child). --dry-run prints the host line (from a child, as the jobs would see it) and
+the commands without running them.
 --save NAME also writes the rows to bench/results/NAME.json and, on a full run, the whole-job figures to
 bench/results/jobs.json: the files bench/readme_tables.py renders the README's tables from.
 Figures are ratios measured side by side inside one process; absolute numbers drift with machine load.
@@ -19,6 +23,7 @@ figure can be read against the host it was measured on.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -27,17 +32,35 @@ import time
 from pathlib import Path
 
 import precision
+from bench import isa
 from fileio import write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
+DRY_RUN = False  # --dry-run: run() prints the commands instead of running them
 
 
 def host_line() -> str:
-    """CPU model, ATen's kernel capability and what the precision rule measured on this host."""
+    """CPU model, ATen's kernel capability, the instruction-set profile and what the precision rule measured on
+    this host, in this process."""
     from bench import results_file
 
     return f"{results_file.host()}, {results_file.cpu_profile()}"
+
+
+@functools.cache
+def child_host_line() -> str:
+    """host_line() as a child process started like the jobs reports it (their environment: the --isa profile)."""
+    r = subprocess.run([PY, "-m", "bench.results_file"], cwd=ROOT, capture_output=True, text=True, env=child_env())
+    if r.returncode:
+        raise RuntimeError(f"bench/results_file.py failed: {r.stderr.strip()[-500:]}")
+    rec = json.loads(r.stdout.strip().splitlines()[-1])
+    return f"{rec['host']}, {rec['cpu_profile']}"
+
+
+def child_env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
+            "TOKENIZERS_PARALLELISM": "false"}
 
 
 def precisions() -> list[str]:
@@ -47,8 +70,10 @@ def precisions() -> list[str]:
 
 def run(cmd: list[str], timeout: float) -> tuple[str, str]:
     """-> (stdout, status) where status is "ok", "timeout" or "failed (rc N)"."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
-           "TOKENIZERS_PARALLELISM": "false"}
+    if DRY_RUN:
+        print(f"  would run: {' '.join(cmd[1:])}", flush=True)
+        return "", "dry run"
+    env = child_env()
     t0 = time.perf_counter()
     try:
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
@@ -151,7 +176,8 @@ def hellaswag_rows(a: argparse.Namespace, table: list[tuple]) -> None:
 
 def jobs_rows(a: argparse.Namespace, table: list[tuple]) -> None:
     """bench/jobs.py: whole jobs against TRL / transformers Trainer / generate / lm-eval; its table's rows."""
-    save = ["--save", "jobs"] if a.save and not a.quick else []  # the README's whole-job table reads jobs.json
+    # the README's whole-job table reads jobs.json; a profile's run keeps its own file
+    save = ["--save", f"jobs_{a.isa}" if a.isa else "jobs"] if a.save and not a.quick else []
     out, status = run([PY, "-m", "bench.jobs", *(["--quick"] if a.quick else []), *save], a.timeout * 12)
     rows = [r for r in md_rows(out) if len(r) == 7 and r[0] != "job"]
     if not rows:
@@ -168,7 +194,13 @@ def main() -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "results.md"))
     p.add_argument("--save", default=None, metavar="NAME",
                    help="also write the table's rows to bench/results/NAME.json (read by bench/readme_tables.py)")
+    p.add_argument("--results-dir", default=None, help=argparse.SUPPRESS)  # --save's directory (tests)
+    p.add_argument("--dry-run", action="store_true", help="print the host line and the commands, run nothing")
+    isa.add_argument(p)
     a = p.parse_args()
+    isa.relaunch(a.isa, "bench.run_all")
+    global DRY_RUN
+    DRY_RUN = a.dry_run
     t0 = time.perf_counter()
     table: list[tuple] = []
     jobs = {"train": train_rows, "generate": generate_rows, "data_prep": data_prep_rows, "hellaswag": hellaswag_rows,
@@ -183,17 +215,19 @@ def main() -> int:
              "|---|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in table]
     header = (f"bench/run_all.py{' --quick' if a.quick else ''}: {time.strftime('%Y-%m-%d %H:%M')}, "
-              f"{time.perf_counter() - t0:.0f}s total\n\nhost: {host_line()}")
+              f"{time.perf_counter() - t0:.0f}s total\n\nhost: {child_host_line()}")
     text = header + "\n\n" + "\n".join(lines) + "\n"
     print(text)
-    write_text_atomic(a.out, text)
+    if not a.dry_run:
+        write_text_atomic(a.out, text)
     if a.save:
         from bench import results_file
 
         keys = ("benchmark", "setting", "ours", "reference", "ratio", "target", "met")
         results_file.write(a.save, "python -m bench.run_all " + " ".join(sys.argv[1:]),
                            {"rows": [dict(zip(keys, (str(c) for c in row), strict=True)) for row in table]},
-                           host_and_profile=results_file.split_host_line(host_line()))
+                           out_dir=Path(a.results_dir) if a.results_dir else results_file.RESULTS,
+                           host_and_profile=results_file.split_host_line(child_host_line()))
     return 0
 
 

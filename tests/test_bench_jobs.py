@@ -1,9 +1,11 @@
 """bench/jobs.py's shared measurements: one useful-token count for both label conventions, a held-out loss
 equal to the training loop's validation, the GPU script is valid bash (it cannot run here), tables are
-written whole."""
+written whole, and `--isa` reaches the benches' children and their result files."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +20,7 @@ import demo_data
 import load_instruct_dataset as lid
 import objectives
 import tokenizer
-from bench import jobs_common
+from bench import isa, jobs_common
 from model import Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,3 +89,30 @@ def test_bench_tables_are_written_whole_and_the_orchestrator_stays_torch_free(tm
     code = "import sys; import bench.jobs; print('torch' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "False"
+
+
+@pytest.mark.slow
+def test_isa_profile_reaches_the_children_and_the_result_file(tmp_path):
+    """`python -m bench.run_all --isa avx2` re-executes itself under the AVX2 limits; the child it starts (as it
+    starts every bench) runs ATen's AVX2 kernels and oneDNN's AVX2 code, and the saved result file records that
+    profile, checked in that child."""
+    if "avx2" not in isa.cpu_flags():
+        pytest.fail("this test needs an x86 CPU with AVX2 (every host the bench targets has it)")
+    env = {k: v for k, v in os.environ.items() if k not in (*isa.LIMITS, isa.MARK)}
+    r = subprocess.run([sys.executable, "-m", "bench.run_all", "--isa", "avx2", "--dry-run", "--only", "generate",
+                        "--save", "probe", "--results-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                       env=env, check=True)
+    assert "would run: -m bench.generate_throughput" in r.stdout
+    rec = json.loads((tmp_path / "probe.json").read_text())
+    profile = rec["cpu_profile"]
+    assert profile.startswith("ATen capability AVX2, avx2 profile (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 "
+                              "MKL_ENABLE_INSTRUCTIONS=AVX2), oneDNN isa Intel AVX2,"), profile
+    assert "python -m bench.run_all --isa avx2" in rec["command"]
+    # each profile compiles into its own inductor cache; native drops limits a user left in the environment
+    assert isa.environment("avx2", {})["TORCHINDUCTOR_CACHE_DIR"] != isa.environment("avx512_bf16", {}).get(
+        "TORCHINDUCTOR_CACHE_DIR")
+    assert not set(isa.LIMITS) & set(isa.environment("native", {"ATEN_CPU_CAPABILITY": "avx2"}))
+    # a process marked with a profile whose limits it does not hold is refused where the profile is recorded
+    bad = {**env, isa.MARK: "avx2"}
+    r = subprocess.run([sys.executable, "-m", "bench.results_file"], cwd=ROOT, capture_output=True, text=True, env=bad)
+    assert r.returncode != 0 and "the profile wants" in r.stderr

@@ -367,11 +367,13 @@ def test_single_query_attention_is_attention():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])
-def test_compiled_decode_equals_eager_and_compiles_once(tiny_model, dtype, tol):
+def test_compiled_decode_equals_eager_and_compiles_once(tiny_model, dtype, tol, monkeypatch):
     """generate(compile=True) (static cache of a rounded length, torch.compile'd Transformer.decode_step whose
     one-row products at batch 1 stay ATen matrix-vector calls) == eager generate(): tokens (fp32),
     logits within tol; left padding and a stop id behave alike; a second generation whose cache rounds up to the
-    same length reuses the compiled graph."""
+    same length reuses the compiled graph. (One-row products through torch.mv, whatever this host measures:
+    the F.linear choice has its own test below.)"""
+    monkeypatch.setitem(model_mod.ROW_KERNELS, dtype, (torch.get_num_threads(), "mv"))
     m = tiny_model.to(dtype)
     try:
         for prompts, steps in [([[5, 9, 11, 200, 3], [17, 4]], 7), ([[42, 7, 19]], 9)]:
@@ -400,6 +402,34 @@ def test_compiled_decode_equals_eager_and_compiles_once(tiny_model, dtype, tol):
                 assert again[0] == eager[0][:2]
     finally:
         tiny_model.to(torch.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel", ["mv", "linear"])
+def test_row_kernel_choice_gives_the_same_decode_eager_and_compiled(tiny_model, kernel, monkeypatch):
+    """Whichever one-row kernel row_kernel picks on a host (torch.mv or F.linear), greedy decoding in fp32 gives
+    the same tokens and logits as the other, eager and compiled, and the compiled step runs that ATen call for
+    every projection and the head (no inductor reduction in its place). The measured choice is one of the two and
+    is cached for the process."""
+    assert model_mod.row_kernel(torch.float32) in ("mv", "linear")
+    assert model_mod.ROW_KERNELS[torch.float32][0] == torch.get_num_threads()
+    prompts, steps = [[42, 7, 19]], 9
+    monkeypatch.setitem(model_mod.ROW_KERNELS, torch.float32, (torch.get_num_threads(), "mv"))
+    ref, ref_logits = generate(tiny_model, prompts, steps, return_logits=True)
+    monkeypatch.setitem(model_mod.ROW_KERNELS, torch.float32, (torch.get_num_threads(), kernel))
+    for compile in (False, True):
+        got, logits = generate(tiny_model, prompts, steps, return_logits=True, compile=compile)
+        assert got == ref
+        torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    with torch.profiler.profile() as prof:
+        generate(tiny_model, prompts, steps, compile=True)
+    count = {e.key: e.count for e in prof.key_averages()}
+    n_layers = len(tiny_model.layers)
+    if kernel == "mv":  # every decode product and the prefill's head
+        assert count["aten::mv"] == (steps - 1) * (4 * n_layers + 1) + 1
+    else:  # the same through aten::mm, plus the prefill's 4 products per block (several rows)
+        assert "aten::mv" not in count
+        assert count["aten::mm"] == (steps - 1) * (4 * n_layers + 1) + 1 + 4 * n_layers
 
 
 def test_compiled_cache_lengths_are_few_and_the_recompile_limit_falls_back_to_eager(tiny_model, capsys):
