@@ -321,17 +321,21 @@ def test_two_ranks_equal_one_process(tmp_path, rl, fsdp):
 
 @pytest.mark.slow
 def test_a_small_model_learns_a_prompt_dependent_reward_and_the_control_stays_flat(tmp_path, rl, monkeypatch):
-    """16 prompts "item i", each asking for a first completion token congruent to i mod 4 (residue_reward): about
+    """16 prompts, each asking for a first completion token congruent to its index mod 4 (residue_reward): about
     1 in 4 at the start. GRPO raises the mean reward of the last 10 of 40 steps well above the first 10; the same
     run with the advantages zeroed (no policy gradient, the same prompts and keyed noise) stays where it began.
-    Measured here (debug model, CPU, 19 s + 13 s): 0.22 -> 0.48 learning, 0.24 -> 0.28 control."""
+    The prompts end in different tokens (prompts that share their last token but want other residues, as "item 1"
+    and "item 11" would, leave a random-init model little to tell them apart by), and groups of 16 completions
+    keep the gradient's noise low: over seeds 1-3 on the native and AVX2 profiles the gain was 0.18-0.46."""
+    prompts = ["The cat", "A dog", "My house", "Your car", "One tree", "Big river", "Old man", "New book",
+               "Red apple", "Blue sky", "Hot tea", "Cold water", "Fast train", "Slow boat", "Green grass", "White snow"]
     src = tmp_path / "tasks.jsonl"
-    src.write_text("".join(json.dumps({"prompt": f"item {i}", "target": i % 4}) + "\n" for i in range(16)))
+    src.write_text("".join(json.dumps({"prompt": p, "target": i % 4}) + "\n" for i, p in enumerate(prompts)))
     assert load_rl_dataset.main(["--dataset", str(src), "--out", str(tmp_path / "rl"), "--val-fraction", "0"]) == 0
     kv = dict(TRAINING_STAGE="grpo", INIT_FROM=rl["parent"], GRPO_DATA_PATH=tmp_path / "rl",
-              SAVE_CHECKPOINTS="false", GRPO_PROMPTS_PER_STEP=8, GRPO_NUM_GENERATIONS=8, GRPO_MAX_COMPLETION_LEN=1,
-              MAX_SEQ_LEN=32, MAX_BATCH_SIZE=64, VALIDATE_EVERY_X_STEPS=0, LR_SCHEDULE="constant", WARMUP_STEPS=0,
-              MAX_LR=5e-2, MAX_STEPS=40, GRPO_REWARDS=f"{ROOT / 'tests' / 'grpo_rewards.py'}:residue_reward")
+              SAVE_CHECKPOINTS="false", GRPO_PROMPTS_PER_STEP=8, GRPO_NUM_GENERATIONS=16, GRPO_MAX_COMPLETION_LEN=1,
+              MAX_SEQ_LEN=32, MAX_BATCH_SIZE=128, VALIDATE_EVERY_X_STEPS=0, LR_SCHEDULE="constant", WARMUP_STEPS=0,
+              MAX_LR=2e-2, MAX_STEPS=40, GRPO_REWARDS=f"{ROOT / 'tests' / 'grpo_rewards.py'}:residue_reward")
 
     def curve(tag: str) -> tuple[float, float]:
         r = [e["reward"] for e in run_inprocess(tmp_path / tag, tmp_path / "rl", **kv,
