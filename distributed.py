@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -429,7 +429,7 @@ def gradient_sync(model: nn.Module, sync: bool, unsharded_accumulation: bool = F
     yield
 
 
-def grad_norm_and_clip(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+def grad_norm_and_clip(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
     """The global L2 norm of all gradients (before clipping), clipping to max_norm when > 0.
 
     FSDP2 gradients are DTensors sharded over ranks: get_total_norm returns a DTensor holding a partial

@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol, cast
 
 import torch
 
@@ -38,6 +39,12 @@ from model_utils import load_model, tokenizer_source
 from moe import moe_layers
 from quantize import int8_weights
 from tokenizer import ChatFormat, Tokenizer, load_tokenizer
+
+
+class _LearnedPositions(Protocol):
+    """A model of a family with a position table (Family.learned_positions): its context cannot grow."""
+
+    def check_length(self, length: int) -> None: ...
 
 
 def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -315,13 +322,13 @@ def generate(
     same step. The caller's autocast applies; the KV cache is then kept in the autocast dtype."""
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens={max_new_tokens} must be >= 0")
-    device = model.get_submodule(families.of_model(model).embedding).weight.device
+    device = cast(torch.Tensor, model.get_submodule(families.of_model(model).embedding).weight).device
     sampling = Sampling.seeded(temperature, top_k, top_p, seed, device)
     tokens, key_mask, positions = (t.to(device) for t in left_pad(prompt_ids, pad_id))
     check_compile(model, compile, int8)
     total = tokens.shape[1] + max_new_tokens
     if families.of_model(model).learned_positions:
-        model.check_length(total)
+        cast(_LearnedPositions, model).check_length(total)
     # compiled steps reuse their graph for any generation whose cache rounds up to the same length
     cache_len = compiled_cache_len(total) if compile else total
     rows = RowStops(len(prompt_ids), stop_ids, device, on_token, all_ranks_done)
@@ -650,8 +657,9 @@ def main() -> int:
         return chat_loop(session, interactive)
     prompts = [encode_prompt(tok, p, a.chat, a.system) for p in a.prompt]
     t0 = time.perf_counter()
-    outs = generate(model, prompts, a.max_new_tokens, a.temperature, a.top_k, a.top_p, stop, a.seed,
-                    pad_id=pad, int8=a.int8, compile=a.compile)
+    outs = cast(list[list[int]],  # no return_logits: the tokens alone
+                generate(model, prompts, a.max_new_tokens, a.temperature, a.top_k, a.top_p, stop, a.seed,
+                         pad_id=pad, int8=a.int8, compile=a.compile))
     dt = time.perf_counter() - t0
     for i, ids in enumerate(outs):
         if len(outs) > 1:

@@ -18,7 +18,9 @@ init_parameter, and `args`. Architecture only: no devices, no process groups, no
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +101,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, T, hd)
         if isinstance(start_pos, torch.Tensor):
+            assert self.cache is not None  # decode steps (cache slots) run after setup_caches
             k, v = self.cache.write_at(start_pos, k, v)
         elif self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)
@@ -184,13 +187,13 @@ class GPT2(nn.Module):
         longer than the position table (compiled generation rounds it up); the positions written may not. The
         projections are fused already (c_attn), so fuse_projections changes nothing."""
         w = self.wte.weight
-        for block in self.h:
+        for block in cast(Iterable[Block], self.h):
             block.attn.cache = KVCache(max_batch_size, self.args.n_heads, max_seq_len, self.args.head_dim,
                                        dtype or w.dtype, device or w.device)
         self.cache_len = max_seq_len
 
     def clear_caches(self) -> None:
-        for block in self.h:
+        for block in cast(Iterable[Block], self.h):
             del block.attn.cache
             block.attn.cache = None
         self.cache_len = 0

@@ -242,7 +242,7 @@ class LazyStateDict(Mapping):
     layout: a loader that must never hold the whole model (FSDP2's rank-local loading) walks it name by name."""
 
     def __init__(self, names: list[str], read: Callable[[str], torch.Tensor],
-                 read_rows: Callable[[str, int, int], tuple[tuple[int, ...], torch.Tensor]] | None = None,
+                 read_rows: Callable[[str, int, int], tuple[tuple[int, ...], torch.Tensor | None]] | None = None,
                  where: str = ""):
         self._names, self._read, self._read_rows, self._where = list(names), read, read_rows, where
 

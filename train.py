@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ from model_formats import LazyStateDict
 from run_control import RESUMABLE_EXIT, RunControl, StopRequested
 from settings_table import BY_KEY
 
-STAGES: tuple[str, ...] = BY_KEY["TRAINING_STAGE"].choices
+STAGES: tuple[str, ...] = cast(tuple[str, ...], BY_KEY["TRAINING_STAGE"].choices)
 
 
 def parse_args(argv: list[str]) -> tuple[config.Config, argparse.Namespace]:
@@ -204,7 +204,7 @@ def build_model(cfg: config.Config, tok: tk.Tokenizer, init_source: str,
         margs = cfg.model_args(tok.vocab_size)
         torch.manual_seed(cfg.training.seed)
         with torch.device(device):  # drawn where it trains: a GPU draws the values the sharded build draws
-            model = families.build(margs)
+            model = cast(Transformer, families.build(margs))
         model.init_weights(generator=torch.Generator(device).manual_seed(cfg.training.seed))
     return model.to(device).train(), margs
 
@@ -229,7 +229,7 @@ def build_meta_model(cfg: config.Config, tok: tk.Tokenizer,
         margs = cfg.model_args(tok.vocab_size)
         torch.manual_seed(cfg.training.seed)
     with torch.device("meta"):
-        model = families.build(margs)
+        model = cast(Transformer, families.build(margs))
     return model.train(), margs, weights
 
 
@@ -392,6 +392,7 @@ def validate(model, objective, val_loader, steps: int, device, autocast,
     batch and may raise to abandon the validation."""
     model.eval()
     val_loader.reset()
+    units: float  # an int until summed over ranks (D.sum_floats)
     total, units = 0.0, 0
     try:
         for _ in range(steps):
@@ -421,9 +422,11 @@ def sample_prompts(model: nn.Module, tok: tk.Tokenizer, cfg: config.Config, log:
         return
     stops = [i for i in {tok.eos_id, tok.eot_id} if i is not None]
     with autocast():
-        outs = generate.generate(model, ids, cfg.eval.max_test_gen_len, temperature=0.0, stop_ids=stops,
-                                 pad_id=tok.pad_id or 0, stop_check=stop_check, fuse_projections=False,
-                                 all_ranks_done=lambda done: not D.any_rank(not done))
+        # the model, or the same object under FSDP2 (fully_shard keeps its class); no return_logits: tokens alone
+        outs = cast(list[list[int]], generate.generate(
+            cast(Transformer, model), ids, cfg.eval.max_test_gen_len, temperature=0.0, stop_ids=stops,
+            pad_id=tok.pad_id or 0, stop_check=stop_check, fuse_projections=False,
+            all_ranks_done=lambda done: not D.any_rank(not done)))
     for p, o in zip(prompts, outs, strict=True):
         shown = p if isinstance(p, str) else p[-1]["content"]
         log.print(f"  sample | {shown!r} -> {tok.decode(o)!r}")
@@ -571,6 +574,7 @@ def restore_training(resume_dir: Path, model: nn.Module, optimizer: torch.optim.
     extra = ckpt.load_optimizer(resume_dir, model, optimizer)
     if scaler is not None and extra.get("grad_scaler"):
         scaler.load_state_dict(extra["grad_scaler"])
+    assert state.dataloader is not None  # every checkpoint records the loader's position
     train_loader.load_state_dict(state.dataloader)
     ckpt.set_rng_state(ckpt.own_rng_state(state, D.rank()), device)
 
@@ -598,7 +602,8 @@ def build_trained_model(cfg: config.Config, start: Start, tok: tk.Tokenizer, obj
     # our checkpoints store their fingerprint; the weights of another source are hashed by one rank, not all
     init_fingerprint = D.on_rank0(lambda: ckpt.source_fingerprint(start.init_source, source_weights)) \
         if start.init_source else None
-    if start.verify_parent:
+    if start.verify_parent:  # only for a resumed run started from named weights (find_start)
+        assert start.resume_dir is not None and init_fingerprint is not None
         ckpt.check_parent(start.resume_dir, start.init_source, init_fingerprint, weights=source_weights)
     facts = objective.setup(model, tok, device) or {}
     if sharded:
@@ -837,7 +842,11 @@ def apply_update(run: Run, spikes: SpikeGuard, loss: float, norm: float) -> str 
     finite = math.isfinite(loss) and (math.isfinite(norm) or scaler is not None)
     spike = finite and spikes.is_spike(loss)
     if finite and not spike:
-        (scaler.step(run.optimizer), scaler.update()) if scaler is not None else run.optimizer.step()
+        if scaler is not None:
+            scaler.step(run.optimizer)
+            scaler.update()
+        else:
+            run.optimizer.step()
         state.nonfinite_in_a_row = 0
         spikes.accept(loss)
         return None
