@@ -560,12 +560,19 @@ def export_hf_tensors(args: Any, specs: dict[str, tuple[tuple[int, ...], torch.d
             for _, x in _to_hf(name, t, args, to_hf):
                 yield x.to(dtype or x.dtype)
 
+    return _write_hf_dir(out_dir, header, converted(), config, gen, tokenizer, args.max_seq_len)
+
+
+def _write_hf_dir(out_dir: str | os.PathLike, header: list[tuple[str, tuple[int, ...], torch.dtype]], tensors: Iterator[torch.Tensor], config: dict,
+                  gen: dict, tokenizer: Tokenizer | None, max_seq_len: int) -> Path:
+    """An HF model directory, complete or absent: model.safetensors streamed from `tensors` (in `header`'s
+    order), config.json, generation_config.json and, with a tokenizer, its HF files."""
     with atomic_dir(out_dir) as tmp:
-        write_safetensors(tmp / "model.safetensors", header, converted(), metadata={"format": "pt"})
+        write_safetensors(tmp / "model.safetensors", header, tensors, metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         if tokenizer is not None:
-            save_hf_tokenizer(tokenizer, tmp, model_max_length=args.max_seq_len)
+            save_hf_tokenizer(tokenizer, tmp, model_max_length=max_seq_len)
     return Path(out_dir)
 
 
@@ -757,13 +764,7 @@ def _export_gpt2_tensors(args: GPT2Args, specs: dict[str, tuple[tuple[int, ...],
             if name != "lm_head.weight":
                 yield gpt2_to_hf(name, t)[1].to(dtype or t.dtype)
 
-    with atomic_dir(out_dir) as tmp:
-        write_safetensors(tmp / "model.safetensors", header, converted(), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        if tokenizer is not None:
-            save_hf_tokenizer(tokenizer, tmp, model_max_length=args.max_seq_len)
-    return Path(out_dir)
+    return _write_hf_dir(out_dir, header, converted(), config, gen, tokenizer, args.max_seq_len)
 
 
 def _gpt2_hf_config(args: GPT2Args, dtype: torch.dtype, tokenizer: Tokenizer | None) -> tuple[dict, dict]:
